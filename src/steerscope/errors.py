@@ -1,0 +1,39 @@
+"""One error hierarchy. Every message says what is wrong and how to fix it.
+
+The CLI prints ``error: <message>`` for any :class:`SteerscopeError` and exits with code 2,
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SteerscopeError(Exception):
+    """Base class for user-facing errors (bad input, incompatible files, missing extras)."""
+
+
+class UnsupportedModelError(SteerscopeError):
+    """The model's architecture has no adapter table."""
+
+
+class ModelLoadError(SteerscopeError):
+    """A model name, path or file could not be loaded."""
+
+
+class SiteError(SteerscopeError):
+    """A site name, layer or head index is invalid for this model."""
+
+
+class VectorError(SteerscopeError):
+    """A steering vector is malformed, corrupt, or made for another model."""
+
+
+class DataError(SteerscopeError):
+    """Prompt data is missing, empty or malformed."""
+
+
+class StudyError(SteerscopeError):
+    """A study run folder or configuration is inconsistent."""
+
+
+class FingerprintWarning(UserWarning):
+    """A vector was made on a model with other weights than the one it is applied to."""

@@ -1,0 +1,94 @@
+"""Pure math of contrast extraction: activations in, direction out. No model here.
+
+All functions take ``pos`` [n d_model] and ``neg`` [m d_model] (one row per example, positions
+already averaged) and return a direction [d_model].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from steerscope.errors import DataError
+
+
+def diff_in_means(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """mean(pos) - mean(neg) (Arditi et al.; paper A's DIM)."""
+    return pos.double().mean(0).float() - neg.double().mean(0).float()
+
+
+def _paired(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    if pos.shape != neg.shape:
+        raise DataError(f"paired methods need as many positives as negatives, got {pos.shape[0]} and {neg.shape[0]}")
+    return pos - neg
+
+
+def mean_paired_difference(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """CAA: the mean over pairs of (matching - non-matching) activations (Rimsky et al.)."""
+    return _paired(pos, neg).double().mean(0).float()
+
+
+def _scale_like_dim(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Orient ``u`` so positives project higher, and scale it to the DIM vector's projection on it."""
+    dim = diff_in_means(pos, neg)
+    proj = float(dim @ u)
+    if proj < 0:
+        u, proj = -u, -proj
+    return u * proj
+
+
+def _top_direction(x: torch.Tensor) -> torch.Tensor:
+    _, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return vh[0].float()
+
+
+def pca_diff(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """First principal direction (uncentred SVD) of the paired differences, oriented and scaled
+    so its projection equals the DIM vector's (repeng's ``pca_diff``; paper C's PCA variant)."""
+    return _scale_like_dim(_top_direction(_paired(pos, neg)), pos, neg)
+
+
+def pca_center(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """First principal direction of both sides after centring each pair on its own mean."""
+    d = _paired(pos, neg)
+    centred = torch.cat([d / 2, -d / 2])
+    return _scale_like_dim(_top_direction(centred), pos, neg)
+
+
+def logistic_probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> torch.Tensor:
+    """Logistic-regression weight direction separating pos (1) from neg (0), L-BFGS with an L2
+    penalty on standardised features, mapped back to the raw basis, oriented and scaled like DIM."""
+    x = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w @ w)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    raw = (w.detach() / sd).float()
+    return _scale_like_dim(raw / raw.norm(), pos, neg)
+
+
+def actadd(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """ActAdd (Turner et al.): the activation difference of a single prompt pair."""
+    if pos.shape[0] != 1 or neg.shape[0] != 1:
+        raise DataError(f"actadd takes exactly one positive and one negative prompt, got {pos.shape[0]} and {neg.shape[0]}")
+    return (pos - neg)[0]
+
+
+METHODS = {
+    "dim": diff_in_means,
+    "caa": mean_paired_difference,
+    "pca": pca_diff,
+    "pca_diff": pca_diff,
+    "pca_center": pca_center,
+    "probe": logistic_probe,
+    "actadd": actadd,
+}

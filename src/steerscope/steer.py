@@ -1,0 +1,276 @@
+"""Interventions on the residual stream: steering, directional ablation, clamping, patching.
+
+Each is a context manager built on :func:`steerscope.hooks.attached`; hooks are removed on exit,
+on exception too. The math is in small pure functions (``add_at``, ``project_out``, ``clamp_along``).
+
+Positions (``positions=``):
+    ``"all"``        every position of every forward call, generated tokens included (paper A).
+    ``"prompt"``     positions of the prefill call only.
+    ``"generated"``  positions after the prefill (each decoded token).
+    ``"last-k"``     the last k real (non-pad) prompt tokens of each row, e.g. ``"last-4"``.
+    ``[i, j, ...]``  explicit prompt indices per row, negative from the end of the real prompt,
+                     non-negative from its first real token (padding on either side handled).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Mapping, Sequence, Union
+
+import torch
+
+from steerscope.errors import SiteError, VectorError
+from steerscope.hooks import Call, attached
+from steerscope.models.load import LM
+from steerscope.sites import Site
+from steerscope.vector import SteeringVector, check_finite
+
+Positions = Union[str, Sequence[int]]
+_LAST = re.compile(r"^last[-:](\d+)$")
+
+
+def check_positions(positions: Positions) -> Positions:
+    """Validate a positions spec; raise :class:`SiteError` with the accepted forms."""
+    if isinstance(positions, str):
+        if positions in ("all", "prompt", "generated") or _LAST.match(positions):
+            return positions
+        raise SiteError(f"positions {positions!r} not understood; use all, prompt, generated, last-K or a list of ints")
+    try:
+        return [int(i) for i in positions]
+    except (TypeError, ValueError):
+        raise SiteError(f"positions must be a string or a list of ints, got {positions!r}") from None
+
+
+def position_mask(call: Call, positions: Positions) -> torch.Tensor | None:
+    """Which positions of the current call to touch: bool [batch pos], or None for all of them."""
+    if positions == "all":
+        return None
+    assert call.mask is not None and call.prompt_mask is not None
+    b, n, past = call.mask.shape[0], call.n_new, call.past
+    P = call.prompt_mask.shape[1]
+    cols = torch.arange(past, past + n, device=call.mask.device)
+    in_prompt = (cols < P).expand(b, n)
+    if positions == "prompt":
+        return in_prompt
+    if positions == "generated":
+        return ~in_prompt
+    pm = call.prompt_mask.bool()
+    real_len = pm.sum(1)  # [batch]
+    start = pm.float().argmax(1)  # first real column (left padding)
+    if isinstance(positions, str):
+        k = int(_LAST.match(positions).group(1))  # type: ignore[union-attr]
+        idx = torch.arange(-k, 0, device=pm.device)
+    else:
+        idx = torch.tensor(list(positions), device=pm.device)
+    rel = torch.where(idx[None] < 0, real_len[:, None] + idx[None], idx[None].expand(b, -1))  # [batch k]
+    ok = (rel >= 0) & (rel < real_len[:, None])
+    absolute = torch.where(ok, start[:, None] + rel, torch.full_like(rel, -1))  # column in prompt coords
+    mask = (absolute[:, :, None] == cols[None, None, :]).any(1)  # [batch n]
+    return mask
+
+
+def add_at(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x + delta at masked positions. x [batch pos d_model]; delta [d_model] or [batch d_model]."""
+    d = delta if delta.dim() == 1 else delta[:, None, :]
+    if mask is None:
+        return x + d
+    return x + mask[..., None].to(x.dtype) * d
+
+
+def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
+    """Remove the component along unit ``r_hat``: x - (x·r̂) r̂. x [... d_model]."""
+    return x - (x @ r_hat)[..., None] * r_hat
+
+
+def clamp_along(x: torch.Tensor, r_hat: torch.Tensor, value: float) -> torch.Tensor:
+    """Set the component along unit ``r_hat`` to ``value``."""
+    return x + (value - x @ r_hat)[..., None] * r_hat
+
+
+def _per_row(vectors: SteeringVector | Sequence[SteeringVector], alpha: float | Sequence[float] | torch.Tensor,
+             lm: LM) -> tuple[str, dict[int, torch.Tensor]]:
+    """Deltas per layer: [d_model] when shared, [batch d_model] when per row."""
+    vecs = [vectors] if isinstance(vectors, SteeringVector) else list(vectors)
+    if not vecs:
+        raise VectorError("no steering vector given")
+    for v in vecs:
+        v.check_compatible(lm)
+    sites = {v.site for v in vecs}
+    if len(sites) > 1:
+        raise VectorError(f"all per-row vectors must share one site, got {sorted(sites)}")
+    if isinstance(alpha, (int, float)):
+        alphas = torch.tensor([check_finite(float(alpha), "alpha")])
+    else:
+        alphas = torch.as_tensor(alpha, dtype=torch.float32).flatten()
+        if not torch.isfinite(alphas).all():
+            raise VectorError("alpha contains NaN or inf")
+    rows = max(len(vecs), len(alphas))
+    if len(vecs) not in (1, rows) or len(alphas) not in (1, rows):
+        raise VectorError(f"got {len(vecs)} vectors and {len(alphas)} alphas; give one, or one per batch row")
+    layers = sorted({k for v in vecs for k in v.layers})
+    out = {}
+    for layer in layers:
+        per = torch.stack([v.directions.get(layer, torch.zeros(v.d_model)) for v in vecs])  # [n d]
+        delta = per * alphas[:, None]
+        out[layer] = (delta[0] if rows == 1 else delta.expand(rows, -1)).to(lm.device, lm.dtype)
+    return vecs[0].site, out
+
+
+@contextmanager
+def steering(
+    lm: LM,
+    vector: SteeringVector | Sequence[SteeringVector],
+    alpha: float | Sequence[float] | torch.Tensor = 1.0,
+    positions: Positions = "all",
+) -> Iterator[Call]:
+    """Add ``alpha * vector[l]`` at the vector's site of every layer l it has.
+
+    Args:
+        lm: the model.
+        vector: one vector, or one per batch row (rows steered differently in one batch).
+        alpha: scale; a float, or one per batch row.
+        positions: see the module docstring.
+
+    Example:
+        >>> with steering(lm, vec, alpha=-1.0):
+        ...     out = lm.model.generate(**batch, max_new_tokens=32)
+    """
+    positions = check_positions(positions)
+    site, deltas = _per_row(vector, alpha, lm)
+    hooks = {}
+    for layer, delta in deltas.items():
+        def fn(x: torch.Tensor, call: Call, delta: torch.Tensor = delta) -> torch.Tensor:
+            if delta.dim() == 2 and delta.shape[0] != x.shape[0]:
+                raise VectorError(f"{delta.shape[0]} per-row vectors/alphas for a batch of {x.shape[0]} rows")
+            return add_at(x, delta, position_mask(call, positions))
+        hooks[Site(layer, site)] = fn
+    with attached(lm, hooks) as call:
+        yield call
+
+
+def _unit(direction: torch.Tensor | SteeringVector, lm: LM) -> torch.Tensor:
+    if isinstance(direction, SteeringVector):
+        if len(direction) != 1:
+            raise VectorError("directional ablation takes one direction; select a single layer of the vector")
+        direction.check_compatible(lm)
+        direction = direction[direction.layers[0]]
+    d = torch.as_tensor(direction).float()
+    if d.shape != (lm.d_model,):
+        raise VectorError(f"direction has shape {tuple(d.shape)}, the model needs [{lm.d_model}]")
+    if not torch.isfinite(d).all() or d.norm() == 0:
+        raise VectorError("direction must be finite and non-zero")
+    return (d / d.norm()).to(lm.device, lm.dtype)
+
+
+@contextmanager
+def ablation(lm: LM, direction: torch.Tensor | SteeringVector, layers: Sequence[int] | None = None) -> Iterator[Call]:
+    """Directional ablation (Arditi et al.): project r̂ out of resid_pre, attn_out and mlp_out
+    at every layer (or ``layers``), all positions.
+
+    Example:
+        >>> with ablation(lm, refusal_vec):
+        ...     lm.model.generate(**batch)
+    """
+    r = _unit(direction, lm)
+    fn = lambda x, _c: project_out(x, r)  # noqa: E731
+    hooks = {Site(l, p): fn for l in (layers if layers is not None else range(lm.n_layers))
+             for p in ("resid_pre", "attn_out", "mlp_out")}
+    with attached(lm, hooks) as call:
+        yield call
+
+
+@contextmanager
+def clamping(lm: LM, vector: SteeringVector, value: float, positions: Positions = "all") -> Iterator[Call]:
+    """Clamp the component along each layer's unit direction to ``value`` at the vector's site."""
+    positions = check_positions(positions)
+    check_finite(float(value), "clamp value")
+    vector.check_compatible(lm)
+    hooks = {}
+    for layer in vector.layers:
+        r = _unit(vector[layer], lm)
+
+        def fn(x: torch.Tensor, call: Call, r: torch.Tensor = r) -> torch.Tensor:
+            m = position_mask(call, positions)
+            new = clamp_along(x, r, value)
+            return new if m is None else torch.where(m[..., None], new, x)
+        hooks[Site(layer, vector.site)] = fn
+    with attached(lm, hooks) as call:
+        yield call
+
+
+@contextmanager
+def patching(lm: LM, values: Mapping[str | Site, torch.Tensor], positions: Sequence[int] | None = None) -> Iterator[Call]:
+    """Activation patching: replace sites with values from another run's cache.
+
+    Args:
+        values: site -> tensor of the site's shape in the patched call (e.g. from :func:`recording`).
+        positions: optional indices of the ``pos`` axis to patch; others keep their own values.
+    """
+    hooks = {}
+    for name, val in values.items():
+        site = Site.parse(name)
+
+        def fn(x: torch.Tensor, _c: Call, val: torch.Tensor = val, site: Site = site) -> torch.Tensor:
+            if val.shape != x.shape:
+                raise SiteError(f"patch for {site} has shape {tuple(val.shape)} but the run has {tuple(x.shape)}; "
+                                "record the source run with the same tokens")
+            v = val.to(x.device, x.dtype)
+            if positions is None:
+                return v
+            out = x.clone()
+            out[:, list(positions)] = v[:, list(positions)]
+            return out
+        hooks[site] = fn
+    with attached(lm, hooks) as call:
+        yield call
+
+
+def orthogonalize(lm: LM, direction: torch.Tensor | SteeringVector) -> LM:
+    """Weight orthogonalisation (Arditi et al.): a new LM whose writes to the residual stream have
+    no component along r̂: W ← W − r̂r̂ᵀW for the embeddings, every attention output projection and
+    every MLP output projection (biases too). Equals :func:`ablation` at every layer.
+
+    Families with norms after attention/MLP (Gemma 2/3) are refused: the direction is not removed
+    by orthogonalising the projection in front of a norm.
+    """
+    if lm.family.post_attn_norm or lm.family.post_mlp_norm:
+        raise SiteError(f"weight orthogonalisation is exact only without post-sublayer norms; "
+                        f"{lm.model.config.model_type} has them. Use steerscope.ablation instead.")
+    r = _unit(direction, lm).float()
+    model = copy.deepcopy(lm.model)
+    new = LM(model=model, tokenizer=lm.tokenizer, name=f"{lm.name}+orthogonalized", family=lm.family)
+
+    def ortho_out(w: torch.Tensor, out_dim_first: bool) -> torch.Tensor:
+        wf = w.float()
+        if out_dim_first:  # Linear [out=d_model, in]
+            return (wf - torch.outer(r, r @ wf)).to(w.dtype)
+        return (wf - torch.outer(wf @ r, r)).to(w.dtype)  # [.., d_model] rows
+
+    with torch.no_grad():
+        emb = new.module(None, lm.family.embed)
+        unemb = new.module(None, lm.family.unembed)
+        if unemb.weight is emb.weight:  # tied (SmolLM2, Gemma): untie so the readout is unchanged
+            unemb.weight = torch.nn.Parameter(emb.weight.detach().clone())
+            new.model.config.tie_word_embeddings = False
+        emb.weight.copy_(ortho_out(emb.weight, out_dim_first=False))
+        if lm.model.config.model_type == "gpt2":
+            wpe = new.model.transformer.wpe
+            wpe.weight.copy_(ortho_out(wpe.weight, out_dim_first=False))
+        for layer in range(new.n_layers):
+            for path in (lm.family.o_proj, lm.family.down_proj):
+                m = new.module(layer, path)
+                m.weight.copy_(ortho_out(m.weight, out_dim_first=not lm.family.conv1d))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(project_out(m.bias.float(), r).to(m.bias.dtype))
+    return new
+
+
+@contextmanager
+def stacked(*contexts: object) -> Iterator[None]:
+    """Enter several intervention contexts at once (all exited, in reverse, on the way out)."""
+    with ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)  # type: ignore[arg-type]
+        yield

@@ -1,0 +1,1 @@
+"""Studies: thin, resumable compositions of the core library. The core never imports them."""

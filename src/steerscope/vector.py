@@ -1,0 +1,318 @@
+"""Steering vectors: per-layer directions with provenance, stored as safetensors.
+
+A :class:`SteeringVector` maps layer -> direction [d_model] at one site (default ``resid_pre``).
+Files are safetensors with a JSON ``steerscope`` metadata entry; nothing is ever unpickled.
+llama.cpp control vectors (GGUF) can be exported and imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import torch
+
+from steerscope.errors import FingerprintWarning, SiteError, VectorError
+from steerscope.sites import RESIDUAL_POINTS
+
+if TYPE_CHECKING:
+    from steerscope.models.load import LM
+
+FORMAT_VERSION = 1
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("steerscope")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0+unknown"
+
+
+def dataset_hash(items: Iterable[Any]) -> str:
+    """A short stable hash of a dataset (list of strings or pairs)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps(it, sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Provenance:
+    """Where a vector came from. Every field is optional; a hand-made vector has none."""
+
+    model: str | None = None
+    fingerprint: str | None = None
+    d_model: int | None = None
+    n_layers: int | None = None
+    method: str | None = None
+    positions: list[int] | str | None = None
+    dataset_hash: str | None = None
+    n_examples: int | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    library_version: str = field(default_factory=_version)
+
+    @classmethod
+    def for_model(cls, lm: LM, **kw: Any) -> Provenance:
+        return cls(model=lm.name, fingerprint=lm.fingerprint, d_model=lm.d_model, n_layers=lm.n_layers, **kw)
+
+
+class SteeringVector:
+    """Per-layer directions at one site.
+
+    Args:
+        directions: ``{layer: tensor[d_model]}``.
+        site: the site point the directions are added at (``resid_pre`` by default).
+        provenance: optional :class:`Provenance`.
+
+    Example:
+        >>> v = SteeringVector({12: torch.randn(576)})
+        >>> (2 * v - v)[12].shape
+        torch.Size([576])
+    """
+
+    def __init__(
+        self,
+        directions: Mapping[int, torch.Tensor],
+        site: str = "resid_pre",
+        provenance: Provenance | None = None,
+    ) -> None:
+        if not directions:
+            raise VectorError("a steering vector needs at least one layer: SteeringVector({layer: tensor})")
+        if site not in RESIDUAL_POINTS:
+            raise SiteError(f"steering site must be one of {', '.join(RESIDUAL_POINTS)}, not {site!r}")
+        dirs: dict[int, torch.Tensor] = {}
+        dims = set()
+        for layer, t in directions.items():
+            t = torch.as_tensor(t).detach()
+            if t.dim() != 1:
+                raise VectorError(f"layer {layer}: a direction must be 1-D [d_model], got shape {tuple(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise VectorError(f"layer {layer}: the direction contains NaN or inf; re-extract it or drop the layer")
+            if int(layer) < 0:
+                raise VectorError(f"layer {layer}: layers are non-negative block indices")
+            dirs[int(layer)] = t.float().cpu()
+            dims.add(t.shape[0])
+        if len(dims) > 1:
+            raise VectorError(f"all directions must have one size, got {sorted(dims)}")
+        self.directions = dict(sorted(dirs.items()))
+        self.site = site
+        self.provenance = provenance or Provenance()
+
+    # -- access ------------------------------------------------------------------------------
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        try:
+            return self.directions[layer]
+        except KeyError:
+            raise VectorError(f"this vector has no layer {layer}; it has layers {self.layers}") from None
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self.directions
+
+    def __iter__(self) -> Any:
+        return iter(self.directions)
+
+    def __len__(self) -> int:
+        return len(self.directions)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.directions)
+
+    @property
+    def d_model(self) -> int:
+        return next(iter(self.directions.values())).shape[0]
+
+    def __repr__(self) -> str:
+        norms = ", ".join(f"{k}: {v.norm():.3g}" for k, v in self.directions.items())
+        return f"SteeringVector(site={self.site!r}, norms={{{norms}}}, method={self.provenance.method!r})"
+
+    # -- arithmetic --------------------------------------------------------------------------
+    def _like(self, dirs: dict[int, torch.Tensor], method: str) -> SteeringVector:
+        prov = Provenance(**{**asdict(self.provenance), "method": method})
+        return SteeringVector(dirs, self.site, prov)
+
+    def _check_other(self, other: SteeringVector) -> None:
+        if other.site != self.site:
+            raise VectorError(f"cannot combine a {self.site} vector with a {other.site} vector")
+        if other.d_model != self.d_model:
+            raise VectorError(f"cannot combine vectors of size {self.d_model} and {other.d_model}")
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        self._check_other(other)
+        keys = sorted(set(self.directions) | set(other.directions))
+        z = torch.zeros(self.d_model)
+        return self._like({k: self.directions.get(k, z) + other.directions.get(k, z) for k in keys}, "sum")
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self + (-1.0) * other
+
+    def __mul__(self, c: float) -> SteeringVector:
+        return self._like({k: v * float(c) for k, v in self.directions.items()},
+                          self.provenance.method or "scaled")
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def norms(self) -> dict[int, float]:
+        return {k: float(v.norm()) for k, v in self.directions.items()}
+
+    def normalize(self) -> SteeringVector:
+        """Unit-norm direction at every layer."""
+        out = {}
+        for k, v in self.directions.items():
+            n = v.norm()
+            if n == 0:
+                raise VectorError(f"layer {k} is the zero vector and cannot be normalised")
+            out[k] = v / n
+        return self._like(out, self.provenance.method or "normalized")
+
+    def select(self, layers: Iterable[int]) -> SteeringVector:
+        """A vector with only ``layers``."""
+        return SteeringVector({k: self[k] for k in layers}, self.site, self.provenance)
+
+    def cosine(self, other: SteeringVector) -> dict[int, float]:
+        """Cosine similarity per shared layer."""
+        self._check_other(other)
+        shared = [k for k in self.directions if k in other.directions]
+        if not shared:
+            raise VectorError(f"no shared layers: {self.layers} vs {other.layers}")
+        return {k: float(torch.nn.functional.cosine_similarity(self[k], other[k], dim=0)) for k in shared}
+
+    # -- compatibility -----------------------------------------------------------------------
+    def check_compatible(self, lm: LM, strict_fingerprint: bool = False) -> None:
+        """Raise :class:`VectorError` if the vector cannot be applied to ``lm``; warn on another fingerprint."""
+        if self.d_model != lm.d_model:
+            raise VectorError(
+                f"vector has size {self.d_model} but model {lm.name} has d_model {lm.d_model}: "
+                f"it was made for another model ({self.provenance.model or 'unknown'}); re-extract it on this model"
+            )
+        bad = [k for k in self.layers if k >= lm.n_layers]
+        if bad:
+            raise VectorError(f"vector layers {bad} are out of range: {lm.name} has layers 0..{lm.n_layers - 1}")
+        fp = self.provenance.fingerprint
+        if fp and fp != lm.fingerprint:
+            msg = (f"vector was made on weights with fingerprint {fp} ({self.provenance.model}), "
+                   f"not {lm.fingerprint} ({lm.name}); results may not transfer")
+            if strict_fingerprint:
+                raise VectorError(msg + "; pass strict_fingerprint=False to apply it anyway")
+            warnings.warn(msg, FingerprintWarning, stacklevel=2)
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file with tensors ``layer.{l}`` and JSON metadata ``steerscope``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "site": self.site, "provenance": asdict(self.provenance)}
+        tensors = {f"layer.{k}": v.contiguous() for k, v in self.directions.items()}
+        save_file(tensors, str(path), metadata={"steerscope": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> SteeringVector:
+        """Load from a ``.safetensors`` file, a ``.gguf`` control vector, or a shipped name
+        ``"<model-alias>/<name>"`` (e.g. ``"smollm2-135m-safe/refusal-dim"``)."""
+        from safetensors import safe_open
+
+        path = Path(path_or_name)
+        if not path.exists() and not str(path_or_name).endswith((".safetensors", ".gguf")):
+            shipped = resources.files("steerscope") / "data" / "vectors" / f"{path_or_name}.safetensors"
+            if not shipped.is_file():
+                raise VectorError(f"no vector file or shipped vector named {str(path_or_name)!r}; "
+                                  f"shipped: {', '.join(shipped_vectors()) or 'none'}")
+            path = Path(str(shipped))
+        if not path.is_file():
+            raise VectorError(f"vector file not found: {path}")
+        if path.suffix == ".gguf":
+            return import_gguf(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("steerscope")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - any parse error means a corrupt or foreign file
+            raise VectorError(f"{path} is not a readable safetensors file ({str(e)[:120]}); re-save the vector") from None
+        if raw is None:
+            raise VectorError(f"{path} has no 'steerscope' metadata; it was not written by SteeringVector.save")
+        try:
+            meta = json.loads(raw)
+            prov = Provenance(**meta.get("provenance", {}))
+            dirs = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
+        except (ValueError, TypeError) as e:
+            raise VectorError(f"{path} has malformed metadata ({e}); re-save the vector") from None
+        return cls(dirs, meta.get("site", "resid_pre"), prov)
+
+    def export_gguf(self, path: str | Path, model_hint: str | None = None) -> Path:
+        """Write a llama.cpp control vector (``--control-vector``), as repeng does.
+
+        llama.cpp adds ``direction.{n}`` to the output of block ``n`` (our ``resid_post`` of
+        block n, which is ``resid_pre`` of block n+1); resid_pre layers are shifted by one.
+        """
+        import gguf
+
+        shift = {"resid_pre": -1, "resid_post": 0}.get(self.site)
+        if shift is None:
+            raise VectorError(f"only resid_pre / resid_post vectors map onto llama.cpp control vectors, not {self.site}")
+        if shift == -1 and 0 in self.directions:
+            raise VectorError("a resid_pre vector at layer 0 has no llama.cpp equivalent; select other layers")
+        path = Path(path)
+        w = gguf.GGUFWriter(str(path), "controlvector")
+        w.add_string("controlvector.model_hint", model_hint or self.provenance.model or "unknown")
+        w.add_uint32("controlvector.layer_count", len(self.directions))
+        for k, v in self.directions.items():
+            w.add_tensor(f"direction.{k + shift}", v.numpy().astype("float32"))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+
+def import_gguf(path: str | Path) -> SteeringVector:
+    """Read a llama.cpp control vector into a ``resid_pre`` :class:`SteeringVector`."""
+    import gguf
+
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise VectorError(f"{path} is not a readable GGUF file ({str(e)[:120]})") from None
+    hint_field = r.fields.get("controlvector.model_hint")
+    hint = None
+    if hint_field is not None:
+        hint = bytes(hint_field.parts[hint_field.data[0]]).decode("utf-8", "replace")
+    dirs = {}
+    for t in r.tensors:
+        if t.name.startswith("direction."):
+            dirs[int(t.name.split(".")[1]) + 1] = torch.tensor(t.data.copy()).flatten()
+    if not dirs:
+        raise VectorError(f"{path} has no direction.N tensors; it is not a control vector")
+    return SteeringVector(dirs, "resid_pre", Provenance(model=hint, method="gguf-import"))
+
+
+def shipped_vectors() -> list[str]:
+    """Names of vectors shipped inside the package, as ``"<alias>/<name>"``."""
+    root = resources.files("steerscope") / "data" / "vectors"
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir():
+                out += [f"{d.name}/{f.name[:-12]}" for f in d.iterdir() if f.name.endswith(".safetensors")]
+    return sorted(out)
+
+
+def check_finite(x: float, what: str) -> float:
+    """Raise :class:`VectorError` if a scalar such as alpha is NaN or infinite."""
+    if not math.isfinite(x):
+        raise VectorError(f"{what} must be a finite number, got {x}")
+    return x

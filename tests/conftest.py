@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random-weight models of every supported family (no download)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("STEERSCOPE_NO_PROGRESS", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+VOCAB = 49152  # SmolLM2's tokenizer, so tiny models can share it
+
+
+def tiny_config(family: str, vocab: int = VOCAB):
+    """A 4-layer, d_model 64 config of ``family`` (model_type)."""
+    import transformers as tr
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        cls = {"llama": tr.LlamaConfig, "mistral": tr.MistralConfig, "qwen2": tr.Qwen2Config,
+               "qwen3": tr.Qwen3Config}[family]
+        kw = dict(common, num_key_value_heads=2, tie_word_embeddings=False)
+        if family == "qwen3":
+            kw["head_dim"] = 16
+        return cls(**kw)
+    if family == "gemma":
+        return tr.GemmaConfig(**common, num_key_value_heads=2, head_dim=16)
+    if family == "gemma2":
+        return tr.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                               query_pre_attn_scalar=16)
+    if family == "gemma3_text":
+        return tr.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                   query_pre_attn_scalar=16)
+    if family == "gpt2":
+        return tr.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=256,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if family == "gpt_neox":
+        return tr.GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                num_attention_heads=4, max_position_embeddings=256, use_parallel_residual=True,
+                                rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0)
+    raise KeyError(family)
+
+
+FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox"]
+
+
+def make_tiny(family: str, seed: int = 0, tokenizer=None, vocab: int = VOCAB):
+    """A tiny random LM wrapped as steerscope.LM (weights scaled up so norms matter)."""
+    import transformers as tr
+
+    import steerscope as ss
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, vocab)
+    model = tr.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # random norm weights so Gemma's (1 + w) and gamma-scaling are exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return ss.from_hf(model.eval(), tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The real embedded model (SmolLM2-135M-Instruct)."""
+    import steerscope as ss
+
+    return ss.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol):
+    return smol.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smol_tokenizer):
+    return make_tiny("llama", tokenizer=smol_tokenizer)
+
+
+def batch_ids(n: int = 2, length: int = 7, vocab: int = 1000, seed: int = 0, left_pad: int = 0):
+    """Random token ids and a mask; the first row is left-padded by ``left_pad`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    if left_pad:
+        mask[0, :left_pad] = 0
+        ids[0, :left_pad] = 0
+    return {"input_ids": ids, "attention_mask": mask}
