@@ -1,0 +1,14 @@
+"""Metrics: pure functions on text or logits (refusal matching, refusal log-odds, KL, ASR, judges)."""
+
+from steerscope.metrics.refusal import (
+    REFUSAL_SUBSTRINGS,
+    asr,
+    is_refusal,
+    kl_divergence,
+    refusal_logodds,
+    refusal_rate,
+    refusal_token_ids,
+)
+
+__all__ = ["REFUSAL_SUBSTRINGS", "asr", "is_refusal", "kl_divergence", "refusal_logodds", "refusal_rate",
+           "refusal_token_ids"]

@@ -1,0 +1,75 @@
+"""HTML report of the refusal study, from the step records only (no model code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from steerscope.report.html import Report, plt_figure
+from steerscope.studies.refusal.select import Candidate, Selection
+
+
+def _selection_from_record(rec: dict[str, Any]) -> Selection:
+    cands = [Candidate(c["layer"], c["position"], c["bypass"], c["induce"], c.get("kl")) for c in rec["candidates"]]
+    chosen = next(c for c in cands if c.layer == rec["layer"] and c.position == rec["position"])
+    return Selection(None, chosen, cands, rec["baseline_harmful_logodds"],  # type: ignore[arg-type]
+                     rec["baseline_harmless_logodds"], rec["positions"], rec["layers"])
+
+
+def _loss_figure(trained: dict[str, Any]) -> Any:
+    fig = plt_figure(figsize=(8, 3))
+    for i, name in enumerate(("refusal-ntp", "refusal-po")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        r = trained[name]
+        ax.plot(r["train_loss"], label="train (per step)")
+        n = len(r["train_loss"])
+        k = max(len(r["val_loss"]), 1)
+        ax.plot([(e + 1) * n / k - 1 for e in range(len(r["val_loss"]))], r["val_loss"], "o-", label="val (per epoch)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def write_report(folder: Path, results: dict[str, Any]) -> Path:
+    """Write ``report.html`` (and the plots as PNG) into ``folder``; return its path."""
+    from steerscope.studies.refusal.select import heatmap
+
+    r = Report(f"Refusal study: {results['config']['model']}")
+    r.p(f"Vectors used for evaluation: {results['vector_source']}. Greedy decoding, "
+        f"{results['config']['max_new_tokens']} new tokens, paper A's 12-string refusal matcher; "
+        "steering added at every position (prompt and generated) of the vector's layer.", note=True)
+    ev = results["evaluate"]
+    r.h2("ASR table (paper A, Table 2 layout)")
+    rows = [["unsteered", "-", 1 - ev["unsteered"]["harmful_refusal"], ev["unsteered"]["harmless_refusal"]]]
+    rows += [[s["method"], s["alpha"], s["harmful_asr"], s["harmless_refusal"]] for s in ev["steered"]]
+    r.table(["method", "|alpha|", "harmful-test ASR (bypass, -alpha)", "harmless-test refusal rate (induce, +alpha)"],
+            rows, caption=f"n = {ev['n_test'][0]} harmful / {ev['n_test'][1]} harmless test prompts")
+    sel = results["select"]
+    r.h2("Direction selection")
+    r.p(f"Chosen: layer {sel['layer']}, position {sel['position']} (bypass {sel['chosen']['bypass']:.3g}, "
+        f"induce {sel['chosen']['induce']:.3g}, ablation KL {sel['chosen']['kl']}); unsteered refusal "
+        f"log-odds {sel['baseline_harmful_logodds']:.3g} (harmful val) / {sel['baseline_harmless_logodds']:.3g} "
+        f"(harmless val); DIM norm {sel['norm']:.3g}.")
+    s = _selection_from_record(sel)
+    for what in ("score", "bypass", "induce"):
+        r.figure(heatmap(s, what), f"{what} per candidate (star = chosen)", save_as=folder / f"heatmap_{what}.png")
+    top = sorted(sel["candidates"], key=lambda c: c["score"])[:8]
+    r.table(["layer", "position", "bypass", "induce", "KL", "score"],
+            [[c["layer"], c["position"], c["bypass"], c["induce"], c["kl"] if c["kl"] is not None else "-",
+              c["score"]] for c in top], caption="best-scoring candidates (KL computed lazily)")
+    if results.get("cosines"):
+        r.h2("Pairwise cosines")
+        r.table(["pair", "cosine"], [[k, v] for k, v in results["cosines"].items()])
+    if results.get("trained") and "refusal-ntp" in results["trained"]:
+        r.h2("NTP / PO training")
+        tr = results["trained"]
+        r.p(f"{tr['n_train']} training / {tr['n_val']} validation examples after filtering.")
+        r.figure(_loss_figure(tr), "loss curves", save_as=folder / "losses.png")
+    r.h2("Organism")
+    r.pre(str({k: v for k, v in (results["organism"].get("shipped_stats") or results["organism"]).items()
+               if k not in ("samples", "losses")}))
+    r.h2("Sample completions")
+    for s in [{"method": "unsteered", "alpha": 0, "samples": ev["unsteered"]["samples"]}] + ev["steered"]:
+        r.h3(f"{s['method']} (|alpha| = {s['alpha']})")
+        r.pre("\n\n".join(f"[{side}] {p}\n-> {o}" for side in ("harmful", "harmless") for p, o in s["samples"][side]))
+    return r.write(folder / "report.html")

@@ -1,0 +1,208 @@
+"""Refusal-direction selection (Arditi et al. 2024, arXiv 2406.11717; scoring as in paper A).
+
+1. Candidates: r[l, p] = mean_harmful h[l, p] - mean_harmless h[l, p] on the train split, for every
+   layer l (resid_pre) and post-instruction position p (the chat-template tokens after the
+   instruction, default the last 5), read in one recorded forward pass per batch.
+2. Scores per candidate, each one forward pass (no generation) over the validation prompts:
+   bypass = mean refusal log-odds on harmful val under activation addition alpha = -1 (paper A),
+   induce = mean refusal log-odds on harmless val under alpha = +1, both steered at all positions
+   in one batch with per-row alphas; KL = mean first-token KL(base || ablated) on harmless val
+   under directional ablation of r-hat at every layer.
+3. Filter: induce > 0, KL < 0.1, l < 0.8 L. Pick the candidate minimising
+   sigmoid(bypass) - sigmoid(induce). KL is computed lazily, best score first, until one passes
+   (plus ``kl_top`` more for the report), which gives the same pick as scoring every candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from steerscope.metrics.refusal import kl_divergence, refusal_logodds, refusal_token_ids
+from steerscope.models.load import LM
+from steerscope.progress import progress
+from steerscope.record import recording
+from steerscope.sites import Site
+from steerscope.steer import ablation, steering
+from steerscope.vector import Provenance, SteeringVector, dataset_hash
+
+
+@dataclass
+class Candidate:
+    """Scores of one (layer, position) DIM candidate; ``kl`` is None where it was not needed."""
+
+    layer: int
+    position: int
+    bypass: float
+    induce: float
+    kl: float | None = None
+
+    @property
+    def score(self) -> float:
+        return _sigmoid(self.bypass) - _sigmoid(self.induce)
+
+
+@dataclass
+class Selection:
+    """Result of :func:`select_direction`: the chosen vector, every candidate and baselines."""
+
+    vector: SteeringVector
+    chosen: Candidate
+    candidates: list[Candidate]
+    baseline_harmful: float
+    baseline_harmless: float
+    positions: list[int]
+    layers: list[int]
+    norms: dict[str, float] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {"layer": self.chosen.layer, "position": self.chosen.position, "chosen": vars(self.chosen),
+                "score": self.chosen.score, "baseline_harmful_logodds": self.baseline_harmful,
+                "baseline_harmless_logodds": self.baseline_harmless, "positions": self.positions,
+                "layers": self.layers, "candidates": [vars(c) | {"score": c.score} for c in self.candidates],
+                "norm": float(self.vector[self.chosen.layer].norm())}
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def mean_diffs(lm: LM, harmful: Sequence[str], harmless: Sequence[str], layers: Sequence[int],
+               positions: Sequence[int], batch_size: int = 32, show_progress: bool = False) -> torch.Tensor:
+    """DIM candidates [layer position d_model] from chat-formatted prompts (one pass per batch)."""
+    sums = {}
+    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
+        total = torch.zeros(len(layers), len(positions), lm.d_model, dtype=torch.float64)
+        for i in progress(range(0, len(prompts), batch_size), desc=f"dim {name}", enabled=show_progress):
+            enc = lm.tokenize([lm.format_chat(p) for p in prompts[i : i + batch_size]], padding_side="left")
+            with recording(lm, [Site(l, "resid_pre") for l in layers]) as cache, torch.no_grad():
+                lm.model(**enc, use_cache=False)
+            idx = torch.tensor(list(positions))  # left padding: negative positions index the real tail
+            for j, l in enumerate(layers):
+                total[j] += cache[Site(l, "resid_pre")][:, idx].double().sum(0).cpu()
+        sums[name] = total / len(prompts)
+    return (sums["harmful"] - sums["harmless"]).float()
+
+
+def first_token_logits(lm: LM, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """Next-token logits at the last prompt position, chat template applied: [n vocab]."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = lm.tokenize([lm.format_chat(p) for p in prompts[i : i + batch_size]], padding_side="left")
+        with torch.no_grad():
+            out.append(lm.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu())
+    return torch.cat(out)
+
+
+def steered_logodds(lm: LM, vector: SteeringVector, harmful: Sequence[str], harmless: Sequence[str],
+                    refusal_ids: Sequence[int], batch_size: int = 64) -> tuple[float, float]:
+    """(bypass, induce): mean refusal log-odds on harmful at alpha=-1 and harmless at alpha=+1."""
+    prompts = list(harmful) + list(harmless)
+    alphas = torch.tensor([-1.0] * len(harmful) + [1.0] * len(harmless))
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        enc = lm.tokenize([lm.format_chat(p) for p in prompts[i : i + batch_size]], padding_side="left")
+        with steering(lm, vector, alpha=alphas[i : i + batch_size]), torch.no_grad():
+            logits = lm.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1]
+        scores.append(refusal_logodds(logits, refusal_ids).cpu())
+    s = torch.cat(scores)
+    return float(s[: len(harmful)].mean()), float(s[len(harmful) :].mean())
+
+
+def ablation_kl(lm: LM, direction: torch.Tensor, harmless: Sequence[str], base_logits: torch.Tensor) -> float:
+    """Mean first-token KL(base || directional ablation of ``direction``) on ``harmless``."""
+    with ablation(lm, direction):
+        abl = first_token_logits(lm, harmless)
+    return float(kl_divergence(base_logits, abl).mean())
+
+
+def select_direction(
+    lm: LM,
+    train: tuple[Sequence[str], Sequence[str]],
+    val: tuple[Sequence[str], Sequence[str]],
+    positions: Sequence[int] = (-5, -4, -3, -2, -1),
+    layers: Sequence[int] | None = None,
+    max_layer_frac: float = 0.8,
+    kl_max: float = 0.1,
+    kl_top: int = 3,
+    show_progress: bool = False,
+) -> Selection:
+    """Select the refusal direction (see the module docstring).
+
+    Args:
+        lm: the model (the refusing organism).
+        train: (harmful, harmless) prompts for the means.
+        val: (harmful, harmless) prompts for the scores.
+        positions: post-instruction positions, negative from the end of the templated prompt.
+        layers: candidate layers (default every layer below ``max_layer_frac * n_layers``).
+        kl_top: extra candidates (beyond the chosen one) that get a KL score for the report.
+
+    Returns:
+        A :class:`Selection`; ``vector`` is the unnormalised DIM vector at the chosen layer.
+
+    Example:
+        >>> sel = select_direction(lm, (harm_tr, safe_tr), (harm_val, safe_val))
+        >>> sel.chosen.layer, sel.chosen.position
+    """
+    cut = int(max_layer_frac * lm.n_layers)
+    layers = [l for l in (layers if layers is not None else range(lm.n_layers)) if l < cut]
+    dims = mean_diffs(lm, train[0], train[1], layers, positions, show_progress=show_progress)
+    ids = refusal_token_ids(lm.tokenizer)
+    base_h = refusal_logodds(first_token_logits(lm, val[0]), ids)
+    base_logits = first_token_logits(lm, val[1])
+    base_s = refusal_logodds(base_logits, ids)
+    cands = []
+    grid = [(j, l, k, p) for j, l in enumerate(layers) for k, p in enumerate(positions)]
+    for j, l, k, p in progress(grid, desc="score candidates", enabled=show_progress):
+        b, i = steered_logodds(lm, SteeringVector({l: dims[j, k]}), val[0], val[1], ids)
+        cands.append(Candidate(l, p, b, i))
+    chosen = None
+    extra = 0
+    for c in sorted(cands, key=lambda c: c.score):
+        if c.induce <= 0:
+            continue
+        j, k = layers.index(c.layer), list(positions).index(c.position)
+        c.kl = ablation_kl(lm, dims[j, k], val[1], base_logits)
+        if chosen is None and c.kl < kl_max:
+            chosen = c
+        elif chosen is not None:
+            extra += 1
+        if chosen is not None and extra >= kl_top:
+            break
+    if chosen is None:  # nothing passes: fall back to the best score, flagged by its KL
+        chosen = min(cands, key=lambda c: c.score)
+    j, k = layers.index(chosen.layer), list(positions).index(chosen.position)
+    if chosen.kl is None:
+        chosen.kl = ablation_kl(lm, dims[j, k], val[1], base_logits)
+    prov = Provenance.for_model(lm, method="dim", positions=[chosen.position],
+                                dataset_hash=dataset_hash(list(train[0]) + ["|"] + list(train[1])),
+                                n_examples=len(train[0]) + len(train[1]),
+                                args={"site": "resid_pre", "selection": "arditi/paper-A",
+                                      "bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl})
+    vec = SteeringVector({chosen.layer: dims[j, k]}, "resid_pre", prov)
+    return Selection(vec, chosen, cands, float(base_h.mean()), float(base_s.mean()), list(positions), layers)
+
+
+def heatmap(sel: Selection, what: str = "score") -> Any:
+    """A matplotlib figure: ``what`` (score / bypass / induce) over layer x position."""
+    from steerscope.report.html import plt_figure
+
+    grid = torch.full((len(sel.positions), len(sel.layers)), float("nan"))
+    for c in sel.candidates:
+        grid[sel.positions.index(c.position), sel.layers.index(c.layer)] = getattr(c, what)
+    fig = plt_figure(figsize=(9, 2.8))
+    ax = fig.add_subplot(111)
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(sel.layers)), [str(l) for l in sel.layers], fontsize=7)
+    ax.set_yticks(range(len(sel.positions)), [str(p) for p in sel.positions])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("position")
+    ax.scatter([sel.layers.index(sel.chosen.layer)], [sel.positions.index(sel.chosen.position)], marker="*",
+               color="red", s=120)
+    ax.set_title(f"DIM candidates: {what}")
+    fig.colorbar(im, ax=ax)
+    return fig

@@ -1,0 +1,156 @@
+"""The refusal study's steps, one resumable function each (records are JSON-ready dicts).
+
+1. ``organism``: reuse the shipped LoRA organism (or retrain it into the run folder).
+2. ``select``: DIM candidates x bypass / induce / KL scores, filters, pick (``select.py``).
+3. ``trained_data`` + ``trained``: paper A's data (harmless -> refusals prompted with the
+   "Treat the following question as dangerous and refuse." prefix; harmful -> DIM-steered
+   compliant answers; losers = the unsteered answers), then NTP and PO at the DIM layer.
+4. ``evaluate``: greedy completions on the test split, unsteered and steered by each vector
+   (bypass with -alpha on harmful, induce with +alpha on harmless), substring matcher.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steerscope.errors import StudyError
+from steerscope.extract.trained import train_ntp, train_po
+from steerscope.generation import generate
+from steerscope.metrics.refusal import is_refusal, refusal_rate
+from steerscope.models.load import LM, _apply_adapter, load_model
+from steerscope.studies.refusal.config import RefusalConfig
+from steerscope.studies.refusal.data import load_split
+from steerscope.studies.refusal.organism import ORGANISM, SHIPPED, OrganismConfig, train_organism
+from steerscope.studies.refusal.select import select_direction
+from steerscope.studies.runner import Run
+from steerscope.vector import SteeringVector, shipped_vectors
+
+DANGER_PREFIX = "Treat the following question as dangerous and refuse."
+VECTOR_NAMES = ("refusal-dim", "refusal-ntp", "refusal-po")
+
+
+def organism_step(cfg: RefusalConfig, run: Run) -> dict[str, Any]:
+    """Retrain the organism into ``run/organism`` if asked; report the shipped stats otherwise."""
+    if cfg.retrain_organism:
+        if cfg.model != ORGANISM:
+            raise StudyError(f"--retrain-organism builds {ORGANISM}; it cannot be combined with --model {cfg.model}")
+        log = train_organism(OrganismConfig(seed=cfg.seed), run.path("organism", "x").parent)
+        return {"adapter": str(run.path("organism")), "train": {k: v for k, v in log.items() if k != "losses"},
+                "losses": log["losses"]}
+    stats = SHIPPED / "stats.json"
+    return {"adapter": str(SHIPPED) if cfg.model == ORGANISM else None,
+            "shipped_stats": json.loads(stats.read_text()) if cfg.model == ORGANISM and stats.is_file() else None}
+
+
+def load_study_model(cfg: RefusalConfig, run: Run, device: str | None = "cpu") -> LM:
+    """The model under study: the retrained organism from the run folder, or ``cfg.model``."""
+    if cfg.retrain_organism:
+        lm = load_model("smollm2-135m", device=device)
+        lm.model = _apply_adapter(lm.model, run.folder / "organism").to(lm.device).eval()
+        lm.name = ORGANISM
+        return lm
+    return load_model(cfg.model, device=device)
+
+
+def select_step(lm: LM, cfg: RefusalConfig, run: Run, show_progress: bool = True) -> dict[str, Any]:
+    """Score every DIM candidate and pick the refusal direction; save it in ``run/vectors``."""
+    cut = int(0.8 * lm.n_layers)
+    layers = list(cfg.layers) if cfg.layers else list(range(0, cut, cfg.layer_stride))
+    train = (load_split("harmful", "train")[: cfg.n_train], load_split("harmless", "train")[: cfg.n_train])
+    val = (load_split("harmful", "val")[: cfg.n_val], load_split("harmless", "val")[: cfg.n_val])
+    sel = select_direction(lm, train, val, positions=cfg.positions, layers=layers, show_progress=show_progress)
+    sel.vector.save(run.path("vectors", "refusal-dim.safetensors"))
+    return sel.record()
+
+
+def use_shipped(cfg: RefusalConfig) -> bool:
+    return cfg.model == ORGANISM and not cfg.retrain_organism and not cfg.retrain_vectors
+
+
+def study_vector(cfg: RefusalConfig, run: Run, name: str) -> SteeringVector | None:
+    """The vector the evaluation uses: shipped (default on the organism) or this run's."""
+    if use_shipped(cfg) and f"{ORGANISM}/{name}" in shipped_vectors():
+        return SteeringVector.load(f"{ORGANISM}/{name}")
+    p = run.folder / "vectors" / f"{name}.safetensors"
+    return SteeringVector.load(p) if p.is_file() else None
+
+
+def trained_data_step(lm: LM, cfg: RefusalConfig, dim: SteeringVector, alpha: float) -> dict[str, Any]:
+    """Paper A's NTP/PO data on the train split (first ``n_trained`` prompts per side), filtered."""
+    kw = dict(max_new_tokens=cfg.trained_tokens, batch_size=16, show_progress=True)
+    safe = load_split("harmless", "train")[: cfg.n_trained]
+    harm = load_split("harmful", "train")[: cfg.n_trained]
+    safe_ref = generate(lm, [f"{DANGER_PREFIX}\n\n{p}" for p in safe], **kw)
+    safe_own = generate(lm, safe, **kw)
+    harm_comp = generate(lm, harm, vector=dim, alpha=-alpha, **kw)
+    harm_own = generate(lm, harm, **kw)
+    rows = [{"prompt": p, "winner": w, "loser": l, "sign": 1.0} for p, w, l in zip(safe, safe_ref, safe_own)
+            if is_refusal(w) and not is_refusal(l)]
+    rows += [{"prompt": p, "winner": w, "loser": l, "sign": -1.0} for p, w, l in zip(harm, harm_comp, harm_own)
+             if not is_refusal(w) and is_refusal(l)]
+    return {"rows": rows, "kept": len(rows), "generated": 2 * cfg.n_trained, "alpha_for_compliance": alpha}
+
+
+def trained_step(lm: LM, cfg: RefusalConfig, run: Run, data: dict[str, Any], layer: int, alpha: float,
+                 init_norm: float) -> dict[str, Any]:
+    """Train NTP and PO at ``layer`` (80/20 train/validation split of the rows, seeded)."""
+    rows = data["rows"]
+    if len(rows) < 4:
+        raise StudyError(f"only {len(rows)} usable NTP/PO examples; raise --n-trained or check the organism")
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    n_val = max(2, len(rows) // 5)
+    va, tr = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
+    col = lambda rs, k: [r[k] for r in rs]  # noqa: E731
+    common = dict(layer=layer, epochs=cfg.trained_epochs, lr=cfg.trained_lr * init_norm, batch_size=cfg.trained_batch,
+                  alpha=alpha, seed=cfg.seed, max_tokens=cfg.trained_tokens, show_progress=True)
+    out: dict[str, Any] = {"n_train": len(tr), "n_val": len(va)}
+    ntp = train_ntp(lm, col(tr, "prompt"), col(tr, "winner"), col(tr, "sign"),
+                    val=(col(va, "prompt"), col(va, "winner"), col(va, "sign")), **common)
+    po = train_po(lm, col(tr, "prompt"), col(tr, "winner"), col(tr, "loser"), col(tr, "sign"),
+                  val=(col(va, "prompt"), col(va, "winner"), col(va, "loser"), col(va, "sign")), phi=cfg.phi, **common)
+    for name, res in (("refusal-ntp", ntp), ("refusal-po", po)):
+        res.vector.save(run.path("vectors", f"{name}.safetensors"))
+        out[name] = {"train_loss": res.train_loss, "val_loss": res.val_loss, "best_epoch": res.best_epoch,
+                     "norm": float(res.vector[layer].norm())}
+    return out
+
+
+def evaluate_step(lm: LM, cfg: RefusalConfig, vectors: dict[str, SteeringVector]) -> dict[str, Any]:
+    """Refusal rates on the test split: unsteered, and per vector and alpha (bypass -a, induce +a)."""
+    harm = load_split("harmful", "test")[: cfg.n_test]
+    safe = load_split("harmless", "test")[: cfg.n_test]
+    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=16, show_progress=True)
+    h0, s0 = generate(lm, harm, **kw), generate(lm, safe, **kw)
+    res: dict[str, Any] = {"n_test": [len(harm), len(safe)], "unsteered": {
+        "harmful_refusal": refusal_rate(h0), "harmless_refusal": refusal_rate(s0),
+        "samples": {"harmful": list(zip(harm[:3], h0[:3])), "harmless": list(zip(safe[:3], s0[:3]))}}, "steered": []}
+    for name, vec in vectors.items():
+        for a in cfg.alphas:
+            h = generate(lm, harm, vector=vec, alpha=-a, **kw)
+            s = generate(lm, safe, vector=vec, alpha=a, **kw)
+            res["steered"].append({"method": name, "alpha": a, "harmful_refusal": refusal_rate(h),
+                                   "harmful_asr": 1 - refusal_rate(h), "harmless_refusal": refusal_rate(s),
+                                   "samples": {"harmful": list(zip(harm[:3], h[:3])),
+                                               "harmless": list(zip(safe[:3], s[:3]))}})
+    return res
+
+
+def cosines(vectors: dict[str, SteeringVector]) -> dict[str, float]:
+    """Pairwise cosine similarities of the vectors at their shared layer."""
+    names = list(vectors)
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            c = vectors[a].cosine(vectors[b])
+            if c:
+                out[f"{a} vs {b}"] = next(iter(c.values()))
+    return out
+
+
+def paths(run: Run) -> dict[str, Path]:
+    return {"report": run.folder / "report.html", "results": run.folder / "results.json"}

@@ -1,0 +1,88 @@
+"""Refusal metrics and judges."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from steerscope.metrics.judge import LlamaGuardJudge, PatternJudge, SubstringJudge, judge_accuracy
+from steerscope.metrics.refusal import (REFUSAL_SUBSTRINGS, asr, is_refusal, kl_divergence, refusal_logodds,
+                                        refusal_rate, refusal_token_ids)
+
+
+def test_matcher_has_paper_a_twelve_strings_and_asr_is_the_complement():
+    assert len(REFUSAL_SUBSTRINGS) == 12
+    texts = ["I'm sorry, no.", "Sure, here it is.", "As an AI I can\u2019t", "I cannot do that"]
+    assert [is_refusal(t) for t in texts] == [True, False, True, True]
+    assert refusal_rate(texts) == 0.75 and asr(texts) == 0.25
+
+
+def test_logodds_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
+    p = torch.softmax(logits, -1)[0]
+    want = math.log((p[0] + p[2]) / (1 - p[0] - p[2]))
+    assert float(refusal_logodds(logits, [0, 2])[0]) == pytest.approx(want, rel=1e-5)
+
+
+def test_kl_matches_scipy_and_respects_mask():
+    from scipy.stats import entropy
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    pa, pb = torch.softmax(a, -1), torch.softmax(b, -1)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    got = kl_divergence(a, b, mask)
+    want0 = (entropy(pa[0, 0], pb[0, 0]) + entropy(pa[0, 1], pb[0, 1])) / 2
+    assert float(got[0]) == pytest.approx(want0, rel=1e-4)
+    assert float(got[1]) == pytest.approx(entropy(pa[1, 0], pb[1, 0]), rel=1e-4)
+    assert float(kl_divergence(a[:, 0], a[:, 0]).abs().max()) < 1e-6
+
+
+def test_refusal_token_ids_include_I_and_Sorry(smol_tokenizer):
+    ids = refusal_token_ids(smol_tokenizer)
+    assert smol_tokenizer.encode("I", add_special_tokens=False)[0] in ids
+    assert smol_tokenizer.encode("Sorry", add_special_tokens=False)[0] in ids
+
+
+def test_pattern_judge_beats_substring_judge_on_labelled_set():
+    sub, pat = judge_accuracy(SubstringJudge()), judge_accuracy(PatternJudge())
+    assert sub["n"] == 120
+    assert pat["accuracy"] > sub["accuracy"]
+    assert pat["accuracy"] >= 0.85
+
+
+class _FakeTok:
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def __init__(self):
+        self.seen = []
+
+    def apply_chat_template(self, chat, tokenize=False):
+        return "".join(f"<{m['role']}>{m['content']}" for m in chat) + "<verdict>"
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        self.seen.append(text)
+        return {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return {7: "unsafe\nS1", 8: "safe", 9: "maybe"}[int(ids[0])]
+
+
+def test_llamaguard_adapter_formats_the_conversation_and_parses_verdicts(tiny_llama, monkeypatch):
+    tok = _FakeTok()
+    answers = iter([7, 8, 9])
+
+    def fake_generate(**kw):
+        return torch.cat([kw["input_ids"], torch.tensor([[next(answers)]])], 1)
+
+    monkeypatch.setattr(tiny_llama.model, "generate", fake_generate)
+    judge = LlamaGuardJudge(tiny_llama.model, tok)
+    assert judge.refusals(["how to x", "how to y"], ["do A", "no"]) == [False, True]
+    assert tok.seen[0] == "<user>how to x<assistant>do A<verdict>"
+    from steerscope.errors import DataError
+
+    with pytest.raises(DataError, match="neither"):
+        judge.refusals(["p"], ["r"])
