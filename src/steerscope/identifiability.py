@@ -1,0 +1,352 @@
+"""Identifiability of steering vectors: is ``v`` the only vector that does what ``v`` does?
+
+Algorithm (paper C's question, made measurable):
+  1. Orthogonal perturbations: sample ``v_perp`` uniformly from the unit sphere of the orthogonal
+     complement of ``v`` (Gaussian, project out ``v``, normalise) and rescale it to ``|v|``; for a
+     k-dimensional test, sample an orthonormal basis of a random k-dim subspace of ``v``'s
+     complement (QR of a projected Gaussian matrix).
+  2. Behavioural equivalence: score generations under ``v``, ``v + v_perp``, ``v_perp`` and no
+     steering with a trait classifier; compare the score samples with Cohen's d (pooled SD) and a
+     percentile bootstrap 95% CI, the Pearson correlation of paired scores, and the Jensen-Shannon
+     divergence of score histograms on shared bins.
+  3. Next-token equivalence: L2 distance of next-token logits, top-1 agreement, top-k overlap.
+  4. Null space: effective rank of a spectrum, two ways: the count of singular values above
+     ``0.05 * sigma_max`` (paper C) and the entropy effective rank ``exp(H(p))``, ``p = s / sum s``
+     (Roy & Vetterli 2007); null fraction ``1 - rank / d``. Spectra come from the activation
+     covariance across prompts and from the Jacobian of last-token logits with respect to the
+     residual stream (``J = W_U @ d(final normed hidden)/d(resid)``; its singular values equal those
+     of ``R @ J_f`` where ``W_U = Q R``, so the vocab x d_model matrix is never formed).
+
+Citations: paper C (identifiability of steering vectors; see docs/identifiability.md); Cohen (1988);
+Roy & Vetterli, "The effective rank" (EUSIPCO 2007).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from steerscope.errors import SteerscopeError, VectorError
+from steerscope.hooks import Call, attached
+from steerscope.models.load import LM
+from steerscope.sites import Site
+
+
+# -- 1. orthogonal perturbations ----------------------------------------------------------------
+def orthogonal_subspace(v: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """Orthonormal basis of a uniformly random k-dim subspace orthogonal to ``v``.
+
+    Args:
+        v: [d_model] non-zero direction.
+        k: subspace dimension, 1 <= k <= d_model - 1.
+        seed: random seed.
+
+    Returns:
+        [k d_model] with orthonormal rows, each orthogonal to ``v``.
+
+    Example:
+        >>> U = orthogonal_subspace(torch.randn(576), 5)
+        >>> U.shape
+        torch.Size([5, 576])
+    """
+    v = torch.as_tensor(v).double().flatten()
+    d = v.shape[0]
+    if not (1 <= k <= d - 1):
+        raise VectorError(f"subspace dimension k={k} must be between 1 and d_model-1={d - 1}")
+    if not torch.isfinite(v).all() or v.norm() == 0:
+        raise VectorError("the direction must be finite and non-zero")
+    u = v / v.norm()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, k, generator=g, dtype=torch.float64)
+    x = x - torch.outer(u, u @ x)  # project out v
+    q, _ = torch.linalg.qr(x)
+    q = q - torch.outer(u, u @ q)  # re-orthogonalise against round-off
+    q, _ = torch.linalg.qr(q)
+    return q.T.float().contiguous()
+
+
+def random_orthogonal(v: torch.Tensor, seed: int = 0, norm: float | None = None) -> torch.Tensor:
+    """A random vector orthogonal to ``v``, rescaled to ``norm`` (default ``|v|``). [d_model]."""
+    v = torch.as_tensor(v).float()
+    u = orthogonal_subspace(v, 1, seed)[0]
+    return u * (float(v.norm()) if norm is None else norm)
+
+
+def random_direction(d: int, norm: float, seed: int = 0) -> torch.Tensor:
+    """A uniformly random direction in R^d scaled to ``norm``. [d]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, generator=g)
+    return x / x.norm() * norm
+
+
+# -- 2. behavioural statistics ------------------------------------------------------------------
+def cohens_d(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Cohen's d of ``a`` over ``b``: (mean a - mean b) / pooled SD (ddof=1). 0.0 when both are constant."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        raise SteerscopeError("Cohen's d needs at least two scores per group; use more prompts or seeds")
+    na, nb = len(a), len(b)
+    pooled = np.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2))
+    diff = a.mean() - b.mean()
+    if pooled == 0:
+        return 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
+    return float(diff / pooled)
+
+
+def bootstrap_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
+                 stat: Callable[[np.ndarray, np.ndarray], float] = cohens_d, n_boot: int = 2000,
+                 level: float = 0.95, seed: int = 0, paired: bool = False) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``stat(a, b)``; groups resampled independently (or jointly if paired).
+
+    Returns:
+        (low, high) at ``level``.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if paired and len(a) != len(b):
+        raise SteerscopeError("a paired bootstrap needs groups of equal length")
+    rng = np.random.default_rng(seed)
+    vals = np.empty(n_boot)
+    for i in range(n_boot):
+        ia = rng.integers(0, len(a), len(a))
+        ib = ia if paired else rng.integers(0, len(b), len(b))
+        vals[i] = stat(a[ia], b[ib])
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return float("nan"), float("nan")
+    q = (1 - level) / 2
+    return float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))
+
+
+def jsd(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
+    """Jensen-Shannon divergence (base 2, in [0, 1]) of two histograms (normalised here)."""
+    p, q = np.asarray(p, float), np.asarray(q, float)
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(x: np.ndarray, y: np.ndarray) -> float:
+        nz = x > 0
+        return float(np.sum(x[nz] * np.log2(x[nz] / y[nz])))
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def score_jsd(a: Sequence[float], b: Sequence[float], bins: int = 10,
+              value_range: tuple[float, float] | None = None) -> float:
+    """JSD of the histograms of two score samples on shared bins (range: both samples together)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    lo, hi = value_range if value_range is not None else (min(a.min(), b.min()), max(a.max(), b.max()))
+    if hi <= lo:
+        return 0.0
+    ha, edges = np.histogram(a, bins=bins, range=(lo, hi))
+    hb, _ = np.histogram(b, bins=edges)
+    return jsd(ha, hb)
+
+
+@dataclass
+class Comparison:
+    """Two score samples compared: Cohen's d with a bootstrap CI, paired correlation, histogram JSD."""
+
+    d: float
+    ci_low: float
+    ci_high: float
+    mean_a: float
+    mean_b: float
+    n: int
+    corr: float | None
+    jsd: float
+
+    @property
+    def real_effect(self) -> bool:
+        """|d| >= 0.5 with a CI that excludes 0."""
+        return abs(self.d) >= 0.5 and (self.ci_low > 0 or self.ci_high < 0)
+
+
+def compare(a: Sequence[float], b: Sequence[float], paired: bool = False, n_boot: int = 2000,
+            seed: int = 0, bins: int = 10) -> Comparison:
+    """Compare score samples ``a`` (treatment) and ``b`` (reference); ``paired``: same prompts/seeds."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    lo, hi = bootstrap_ci(a, b, cohens_d, n_boot=n_boot, seed=seed, paired=paired)
+    corr = None
+    if paired and a.std() > 0 and b.std() > 0:
+        corr = float(np.corrcoef(a, b)[0, 1])
+    return Comparison(cohens_d(a, b), lo, hi, float(a.mean()), float(b.mean()), len(a), corr,
+                      score_jsd(a, b, bins=bins))
+
+
+# -- 3. next-token agreement --------------------------------------------------------------------
+@dataclass
+class LogitAgreement:
+    """Agreement of two sets of next-token logits over prompts (means over rows)."""
+
+    l2: float
+    top1: float
+    topk_overlap: float
+    k: int
+
+
+def logit_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> LogitAgreement:
+    """Mean L2 distance, top-1 agreement and top-k overlap (|top_k(a) ∩ top_k(b)| / k).
+
+    Args:
+        a, b: [batch vocab] logits.
+    """
+    a, b = a.float(), b.float()
+    if a.shape != b.shape or a.dim() != 2:
+        raise SteerscopeError(f"logits must both be [batch vocab], got {tuple(a.shape)} and {tuple(b.shape)}")
+    l2 = (a - b).norm(dim=-1).mean()
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean()
+    ta, tb = a.topk(k, dim=-1).indices, b.topk(k, dim=-1).indices
+    overlap = (ta[:, :, None] == tb[:, None, :]).any(-1).float().sum(-1).mean() / k
+    return LogitAgreement(float(l2), float(top1), float(overlap), k)
+
+
+def next_token_logits(lm: LM, prompts: Sequence[str], deltas: dict[int, torch.Tensor] | None = None,
+                      batch_size: int = 32) -> torch.Tensor:
+    """Last-token logits [n vocab] of chat-formatted prompts, adding ``deltas[layer]`` at resid_pre
+    of each layer (all positions; [d_model] shared or [n d_model] per prompt)."""
+    texts = [lm.format_chat(p) for p in prompts]
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = lm.tokenize(texts[i:i + batch_size], padding_side="left")
+        hooks = {}
+        for layer, dl in (deltas or {}).items():
+            d = dl if dl.dim() == 1 else dl[i:i + batch_size]
+            d = d.to(lm.device, lm.dtype)
+            hooks[Site(layer, "resid_pre")] = (lambda x, _c, d=d: x + (d if d.dim() == 1 else d[:, None, :]))
+        with attached(lm, hooks), torch.no_grad():
+            out.append(lm.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu())
+    return torch.cat(out)
+
+
+# -- 4. null space ------------------------------------------------------------------------------
+@dataclass
+class Spectrum:
+    """Singular values with both effective ranks and null fractions."""
+
+    sigma: list[float]
+    rank_threshold: int
+    rank_entropy: float
+    null_fraction_threshold: float
+    null_fraction_entropy: float
+    d: int
+
+
+def effective_rank_threshold(sigma: Sequence[float] | np.ndarray, frac: float = 0.05) -> int:
+    """#{sigma_i > frac * sigma_max} (paper C's definition)."""
+    s = np.asarray(sigma, float)
+    return int((s > frac * s.max()).sum()) if s.size and s.max() > 0 else 0
+
+
+def effective_rank_entropy(sigma: Sequence[float] | np.ndarray) -> float:
+    """exp(H(p)), p_i = sigma_i / sum sigma (Roy & Vetterli 2007). In [1, len(sigma)]."""
+    s = np.asarray(sigma, float)
+    s = s[s > 0]
+    if s.size == 0:
+        return 0.0
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def spectrum(sigma: Sequence[float] | np.ndarray, d: int, frac: float = 0.05) -> Spectrum:
+    """Bundle a spectrum with both effective ranks; ``d`` is the ambient dimension."""
+    s = np.sort(np.asarray(sigma, float))[::-1]
+    rt, re = effective_rank_threshold(s, frac), effective_rank_entropy(s)
+    return Spectrum([float(x) for x in s], rt, re, 1 - rt / d, 1 - re / d, d)
+
+
+def covariance_singular_values(x: torch.Tensor) -> torch.Tensor:
+    """Singular values of the sample covariance of rows of ``x`` [n d_model] (= squared singular
+    values of the centred data / (n-1)). Returns [min(n, d)]."""
+    x = x.double()
+    xc = x - x.mean(0)
+    return (torch.linalg.svdvals(xc) ** 2 / max(len(x) - 1, 1)).float()
+
+
+def final_jacobian(lm: LM, text: str, layer: int, chunk: int = 64) -> torch.Tensor:
+    """Jacobian of the final normed hidden state of the last token with respect to the residual
+    stream entering ``layer`` (resid_pre) at the last token. [d_model(out) d_model(in)].
+
+    The prompt minus its last token runs once without grad; the last token then runs on the KV
+    cache, so each of the d_model vector-Jacobian products (batched, ``chunk`` at a time) costs one
+    token's backward pass.
+
+    The logit Jacobian is ``lm.W_U @ final_jacobian(...)`` (W_U: [vocab d_model])."""
+    enc = lm.tokenize([text], padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    past = None
+    if ids.shape[1] > 1:
+        with torch.no_grad():  # the prefix without grad: the Jacobian graph then holds one token only
+            past = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+    h = torch.zeros(lm.d_model, dtype=lm.dtype, device=lm.device, requires_grad=True)
+
+    def add(x: torch.Tensor, call: Call) -> torch.Tensor:
+        return x + h  # x: [1 1 d_model], the last token
+
+    with attached(lm, {Site(layer, "resid_pre"): add}), torch.enable_grad():
+        out = lm.model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=past, use_cache=True,
+                       output_hidden_states=True)
+        y = out.hidden_states[-1][0, -1]  # [d_model], after the final norm
+        if not _is_normed(lm, out):
+            y = lm.module(None, lm.family.final_norm)(out.hidden_states[-1])[0, -1]
+        eye = torch.eye(lm.d_model, dtype=y.dtype, device=y.device)
+        rows = []
+        for i in range(0, lm.d_model, chunk):
+            g, = torch.autograd.grad(y, h, grad_outputs=eye[i:i + chunk], retain_graph=True, is_grads_batched=True)
+            rows.append(_hi(g).cpu())
+    return torch.cat(rows)  # [d_out d_in]
+
+
+def _hi(x: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64; anything else becomes float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _is_normed(lm: LM, out: object) -> bool:
+    """Whether hidden_states[-1] already has the final norm applied (HF Llama/Gemma: yes)."""
+    with torch.no_grad():
+        hs = out.hidden_states[-1][:, -1:]  # type: ignore[attr-defined]
+        ref = out.logits[:, -1:].float()  # type: ignore[attr-defined]
+        return bool(torch.allclose(lm.module(None, lm.family.unembed)(hs).float(), ref, atol=1e-3, rtol=1e-3))
+
+
+def unembed_r(lm: LM) -> torch.Tensor:
+    """R of the reduced QR of W_U [vocab d_model]: ``sigma(W_U @ A) = sigma(R @ A)``. [d_model d_model]."""
+    return torch.linalg.qr(lm.W_U().double(), mode="r").R.float()
+
+
+def logit_jacobian_spectrum(lm: LM, text: str, layer: int, r: torch.Tensor | None = None) -> torch.Tensor:
+    """Singular values [d_model] of d(last-token logits)/d(resid_pre[layer], last token)."""
+    jf = final_jacobian(lm, text, layer)
+    r = unembed_r(lm) if r is None else r
+    return torch.linalg.svdvals(r.double() @ jf.double()).float()
+
+
+def logits_with_delta(lm: LM, text: str, layer: int, delta: torch.Tensor) -> torch.Tensor:
+    """Last-token logits [vocab] with ``delta`` added to resid_pre[layer] at the last token only."""
+    enc = lm.tokenize([text], padding_side="left")
+    dl = delta.to(lm.device, lm.dtype)
+
+    def add(x: torch.Tensor, call: Call) -> torch.Tensor:
+        x = x.clone()
+        x[:, -1] = x[:, -1] + dl
+        return x
+
+    with attached(lm, {Site(layer, "resid_pre"): add}), torch.no_grad():
+        return _hi(lm.model(**enc, use_cache=False).logits[0, -1]).cpu()
+
+
+def finite_difference_check(lm: LM, text: str, layer: int, directions: torch.Tensor, eps: float = 1e-2,
+                            jf: torch.Tensor | None = None) -> list[float]:
+    """Relative error of ``J @ u`` (autograd) against central differences ``(f(+eps u) - f(-eps u)) / 2 eps``
+    for each row ``u`` of ``directions`` [k d_model]."""
+    jf = final_jacobian(lm, text, layer) if jf is None else jf
+    wu = _hi(lm.W_U()).cpu()
+    errs = []
+    for u in directions.to(jf.dtype):
+        jv = wu @ (jf @ u)
+        fd = (logits_with_delta(lm, text, layer, eps * u) - logits_with_delta(lm, text, layer, -eps * u)) / (2 * eps)
+        errs.append(float((jv - fd).norm() / fd.norm().clamp_min(1e-12)))
+    return errs

@@ -1,0 +1,1 @@
+"""Identifiability study: are orthogonal perturbations of a steering vector behaviourally equivalent to it?"""

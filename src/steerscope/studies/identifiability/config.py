@@ -1,0 +1,82 @@
+"""Configuration of the identifiability study (a frozen dataclass; defaults sized for ~20 min on 2 cores)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from steerscope.errors import StudyError
+from steerscope.metrics.classifiers import TRAITS
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of ``steerscope study identifiability``.
+
+    Args:
+        model: model alias or path.
+        traits: traits to steer (subset of formality, sentiment, politeness).
+        layer: extraction layer (``hidden_states[layer]``); None = n_layers // 2.
+        offset: injection layer = layer + offset (1 reproduces paper C's code, which reads
+            hidden_states[L//2] but adds at the output of layers[L//2]).
+        methods: extraction methods used in the behavioural experiment (dim, pca).
+        alphas: steering scales swept (0 = no steering is always run as "none").
+        seeds: sampling seeds; each seed also draws a fresh v_perp.
+        n_prompts: neutral prompts per condition.
+        max_new_tokens, temperature: sampling settings.
+        ks: dimensions of the random orthogonal subspaces in the next-token test.
+        n_k_prompts: prompts used in the k-subspace test.
+        k_traits: the first N traits get the k-subspace test.
+        n_shift_prompts: shift prompts (even stride over topic/genre/safety).
+        shift: run the behavioural test on shift_prompts too (at ``shift_alpha``).
+        shift_alpha: alpha of the shift test and the k-subspace test; None = middle alpha.
+        n_cov_prompts: prompts whose token activations form the covariance.
+        n_jac_prompts: prompts whose logit Jacobians are computed (per layer).
+    """
+
+    model: str = "smollm2-135m"
+    traits: tuple[str, ...] = TRAITS
+    layer: int | None = None
+    offset: int = 0
+    methods: tuple[str, ...] = ("dim",)
+    alphas: tuple[float, ...] = (2.0, 4.0, 6.0)
+    seeds: tuple[int, ...] = (0, 1)
+    n_prompts: int = 16
+    max_new_tokens: int = 32
+    temperature: float = 0.8
+    ks: tuple[int, ...] = (1, 5, 10, 20, 50)
+    n_k_prompts: int = 4
+    k_traits: int = 1
+    n_shift_prompts: int = 15
+    shift: bool = True
+    shift_alpha: float | None = None
+    n_cov_prompts: int = 120
+    n_jac_prompts: int = 2
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.traits if t not in TRAITS]
+        if bad or not self.traits:
+            raise StudyError(f"unknown traits {bad}; use --traits with some of {','.join(TRAITS)}")
+        if self.offset not in (0, 1):
+            raise StudyError(f"--offset must be 0 or 1, got {self.offset}")
+        if [m for m in self.methods if m not in ("dim", "pca")] or not self.methods:
+            raise StudyError(f"--methods takes dim and/or pca, got {','.join(self.methods)}")
+        if not self.alphas or any(a <= 0 for a in self.alphas):
+            raise StudyError("--alphas must be positive numbers (alpha 0 is always run as 'none')")
+        if not self.seeds:
+            raise StudyError("--seeds needs at least one seed")
+        if self.n_prompts < 2 or self.n_prompts > 40:
+            raise StudyError("--n-prompts must be between 2 and 40 (the neutral set has 40 prompts)")
+        if self.max_new_tokens < 1:
+            raise StudyError("--max-new-tokens must be at least 1")
+        if any(k < 1 or k > 200 for k in self.ks):
+            raise StudyError("--ks must be between 1 and 200")
+
+    @property
+    def probe_alpha(self) -> float:
+        return self.shift_alpha if self.shift_alpha is not None else sorted(self.alphas)[len(self.alphas) // 2]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

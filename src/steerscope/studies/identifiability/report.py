@@ -1,0 +1,165 @@
+"""HTML report and JSON summary of the identifiability study (from step records only; no model code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from steerscope.metrics.classifiers import MIN_ACCURACY
+from steerscope.report.html import Report, plt_figure
+from steerscope.studies.identifiability.config import Config
+from steerscope.studies.runner import Run
+
+
+def _dci(c: dict[str, Any]) -> str:
+    return f"{c['d']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+
+
+def conclusions(eff: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows that count: usable primary scorer; one line each with the verdict."""
+    out = []
+    for pset, rows in eff.items():
+        if pset.startswith("_"):
+            continue
+        for r in rows:
+            if r["primary"]:
+                out.append({"prompts": pset, "trait": r["trait"], "method": r["method"], "alpha": r["alpha"],
+                            "scorer": r["scorer"], "d_v_vs_none": _dci(r["v_vs_none"]),
+                            "v_real_effect": r["v_vs_none"]["real_effect"],
+                            "d_vsum_vs_v": _dci(r["vperp_sum_vs_v"]), "d_vperp_vs_none": _dci(r["vperp_vs_none"]),
+                            "corr": r["vperp_sum_vs_v"]["corr"], "jsd": r["vperp_sum_vs_v"]["jsd"],
+                            "verdict": r["verdict"]})
+    return out
+
+
+def summary(cfg: Config, vrec: dict, srec: dict, eff: dict, lrec: dict, nrec: dict) -> dict[str, Any]:
+    """The ``--json`` summary: vectors, scorer validity, verdicts, next-token agreement, null space."""
+    concl = conclusions(eff)
+    counted = [c for c in concl if c["v_real_effect"] and c["prompts"] == "neutral"]
+    equiv = [c for c in counted if c["verdict"].startswith(("equivalent", "no detected"))]
+    return {
+        "layer": vrec["layer"], "inject_layer": vrec["inject_layer"], "norms": vrec["norms"],
+        "scorers": srec["scorers"], "primary_scorer": srec["primary"],
+        "conclusions": concl,
+        "n_conditions_with_real_effect": len(counted),
+        "n_without_detected_difference": len(equiv),
+        "logit_vsum_vs_v": [r for r in lrec["agreement"] if r["vs"] == "v+v_perp" and r["prompts"] == "neutral"],
+        "subspaces": lrec["subspaces"],
+        "nullspace": {
+            kind: {l: {"rank_threshold": s["rank_threshold"], "rank_entropy": round(s["rank_entropy"], 1),
+                       "null_fraction_threshold": round(s["null_fraction_threshold"], 3),
+                       "null_fraction_entropy": round(s["null_fraction_entropy"], 3)}
+                   for l, s in nrec[kind].items()} for kind in ("covariance", "jacobian")},
+        "fd_check_rel_err": nrec.get("fd_check", {}).get("rel_err"),
+        "J_vperp_over_J_v": nrec.get("J_vperp_over_J_v"),
+    }
+
+
+def _hist_figure(cfg: Config, scores: dict, srec: dict, trait: str, alpha: float) -> Any:
+    kind = srec["primary"][trait]
+    fig = plt_figure(figsize=(6, 3.2))
+    ax = fig.add_subplot(111)
+    m = cfg.methods[0]
+    series: dict[str, list[float]] = {}
+    for seed in cfg.seeds:
+        none = scores.get(f"{trait}|none|{seed}|neutral")
+        cell = scores.get(f"{trait}|{m}|{seed}|neutral")
+        if none is None or cell is None:
+            continue
+        series.setdefault("none", []).extend(none[kind]["none@0"])
+        for c in ("v", "v+v_perp", "v_perp"):
+            series.setdefault(c, []).extend(cell[kind][f"{c}@{alpha:g}"])
+    allv = np.concatenate([np.array(v) for v in series.values()]) if series else np.zeros(1)
+    bins = np.linspace(allv.min(), allv.max() + 1e-9, 12)
+    for name, vals in series.items():
+        ax.hist(vals, bins=bins, histtype="step", linewidth=1.6, label=name)
+    ax.set_xlabel(f"{trait} score ({kind})")
+    ax.set_ylabel("count")
+    ax.set_title(f"{trait}, {m}, alpha={alpha:g}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _spectra_figure(nrec: dict) -> Any:
+    fig = plt_figure(figsize=(9, 3.4))
+    for i, kind in enumerate(("covariance", "jacobian")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for l, s in nrec[kind].items():
+            sig = np.array(s["sigma"])
+            ax.semilogy(sig / sig.max(), label=f"layer {l}")
+        ax.axhline(0.05, color="k", linestyle=":", linewidth=1)
+        ax.set_title(f"{kind} spectrum (sigma / sigma_max)")
+        ax.set_xlabel("index")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def write(run: Run, cfg: Config, vrec: dict, srec: dict, gens: dict, scores: dict, eff: dict, lrec: dict,
+          nrec: dict) -> Path:
+    """Write ``report.html`` in the run folder and return its path."""
+    r = Report("Identifiability of steering vectors")
+    r.p(f"Model {cfg.model}; vectors extracted at hidden_states[{vrec['layer']}] (last prompt token), injected at "
+        f"resid_pre of block {vrec['inject_layer']} (offset {cfg.offset}), all positions. Conditions: v, v + v_perp, "
+        f"v_perp (random, orthogonal to v, |v_perp| = |v|, a fresh one per seed), none. Seeds {list(cfg.seeds)}, "
+        f"{cfg.n_prompts} neutral prompts, {cfg.max_new_tokens} new tokens, temperature {cfg.temperature}.")
+    r.h2("Vectors")
+    r.table(["vector", "norm"], [[k, v] for k, v in vrec["norms"].items()])
+    r.table(["trait", "cos(DIM, PCA)"], [[k, v] for k, v in vrec["cos_dim_pca"].items()])
+    r.table(["pair", "cos(DIM, DIM)"], [[k, v] for k, v in vrec["cos_traits"].items()])
+    r.h2("Classifier validation")
+    r.p(f"Each scorer is validated on the shipped labelled texts (80 per trait). Lexicon and zero-shot scorers are not "
+        f"fitted to them; the probe's accuracy is 5-fold cross-validated. Scorers under {MIN_ACCURACY:.0%} are NOT used "
+        f"for conclusions (enforced). Primary scorer per trait = most accurate usable one: {srec['primary']}.")
+    r.table(["trait", "scorer", "accuracy", "validation", "used for conclusions"],
+            [[t, s["kind"], s["accuracy"], s["validation"], "yes" if s["usable"] else "NO (< 80%)"]
+             for t, rows in srec["scorers"].items() for s in rows])
+    r.h2("Behavioural equivalence (primary scorer)")
+    r.p("Cohen's d with percentile-bootstrap 95% CIs (2000 resamples, rows paired by prompt and seed); corr = Pearson "
+        "correlation of paired scores of v+v_perp and v; JSD of 10-bin score histograms. Guard: an equivalence claim "
+        "counts only where v has a real effect (d >= 0.5, CI excluding 0) with a usable scorer.")
+    concl = conclusions(eff)
+    r.table(["prompts", "trait", "method", "alpha", "scorer", "d(v vs none)", "d(v+v_perp vs v)", "d(v_perp vs none)",
+             "corr", "JSD", "verdict"],
+            [[c["prompts"], c["trait"], c["method"], c["alpha"], c["scorer"], c["d_v_vs_none"], c["d_vsum_vs_v"],
+              c["d_vperp_vs_none"], "-" if c["corr"] is None else c["corr"], c["jsd"], c["verdict"]] for c in concl])
+    r.h3("All scorers (including unusable ones, for reference)")
+    r.table(["prompts", "trait", "alpha", "scorer", "usable", "d(v vs none)", "d(v+v_perp vs v)", "d(v_perp vs none)"],
+            [[p, x["trait"], x["alpha"], x["scorer"], x["usable"], _dci(x["v_vs_none"]), _dci(x["vperp_sum_vs_v"]),
+              _dci(x["vperp_vs_none"])] for p, rows in eff.items() if not p.startswith("_") for x in rows])
+    for t in cfg.traits:
+        if srec["primary"][t]:
+            r.figure(_hist_figure(cfg, scores, srec, t, cfg.probe_alpha), f"score histograms, {t}")
+    r.h2("Next-token agreement")
+    r.p("Last-token logits of chat-formatted prompts with a*v added, compared with a*(other vector): L2 distance, "
+        "top-1 agreement, top-10 overlap (means over prompts; v+v_perp and random over seeds).")
+    r.table(["trait", "prompts", "alpha", "v vs", "L2", "top-1", "top-10"],
+            [[x["trait"], x["prompts"], x["alpha"], x["vs"], x["l2"], x["top1"], x["top10"]] for x in lrec["agreement"]])
+    r.h3("Random k-dim orthogonal subspaces")
+    r.p(f"For each k, a random k-dim subspace orthogonal to v; each basis direction u_i gives v + |v| u_i. Mean and "
+        f"worst case over the k directions ({cfg.n_k_prompts} prompts).")
+    r.table(["trait", "alpha", "k", "mean top-1", "worst top-1", "worst top-10", "mean L2", "max L2"],
+            [[x["trait"], x["alpha"], x["k"], x["mean_top1"], x["worst_top1"], x["worst_top10"], x["mean_l2"],
+              x["max_l2"]] for x in lrec["subspaces"]])
+    r.h2("Null space")
+    r.p(f"Activation covariance of resid_pre over {nrec['n_tokens']} prompt tokens (first token of each text dropped); "
+        f"Jacobian of last-token logits w.r.t. resid_pre at the last token (mean singular values over "
+        f"{cfg.n_jac_prompts} prompts). Effective rank: #sigma > 0.05 sigma_max (paper C) and exp(entropy) of "
+        f"sigma / sum sigma; null fraction = 1 - rank / d_model.")
+    r.table(["method", "layer", "rank (>5% max)", "null frac", "entropy rank", "null frac (entropy)"],
+            [[k, l, s["rank_threshold"], s["null_fraction_threshold"], s["rank_entropy"], s["null_fraction_entropy"]]
+             for k in ("covariance", "jacobian") for l, s in nrec[k].items()])
+    r.figure(_spectra_figure(nrec), "normalised spectra; dotted line = 5% threshold")
+    if nrec.get("fd_check"):
+        r.p(f"Finite-difference check at layer {nrec['fd_check']['layer']}: relative error of J u vs central "
+            f"differences for 3 random unit probes: {[round(e, 4) for e in nrec['fd_check']['rel_err']]}.")
+    if nrec.get("J_vperp_over_J_v"):
+        r.table(["trait", "|J v|", "|J v_perp|", "ratio"],
+                [[t, x["J_v"], x["J_vperp"], x["ratio"]] for t, x in nrec["J_vperp_over_J_v"].items()],
+                caption="first-order logit change: orthogonal perturbation vs v (Jacobian at the extraction layer)")
+    r.h2("Samples")
+    for key, conds in list(gens.items())[:4]:
+        r.h3(key)
+        r.pre("\n\n".join(f"[{c}] {texts[0].strip()[:300]}" for c, texts in conds.items()))
+    return r.write(run.path("report.html"))

@@ -1,0 +1,295 @@
+"""The identifiability study's steps: one function per resumable step, each returning a JSON record.
+
+Steps: ``vectors`` (DIM/PCA per trait), ``scorers`` (validate classifiers), ``gen_*`` (sampled
+generations per trait/method/seed, all conditions batched in one generate call), ``scores``,
+``effects`` (Cohen's d, CIs, correlation, JSD), ``logits`` (next-token agreement, k-subspaces),
+``nullspace`` (activation covariance and logit-Jacobian spectra, finite-difference check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import steerscope as ss
+from steerscope import identifiability as idf
+from steerscope.data import data_path, read_jsonl
+from steerscope.extract import METHODS
+from steerscope.metrics.classifiers import Embedder, Scorer, best_scorer, build_scorers
+from steerscope.models.load import LM
+from steerscope.progress import progress
+from steerscope.record import recording
+from steerscope.sites import Site
+from steerscope.studies.identifiability.config import Config
+from steerscope.studies.runner import Run
+from steerscope.vector import dataset_hash
+
+CONDITIONS = ("v", "v+v_perp", "v_perp")
+
+
+def layer_of(cfg: Config, lm: LM) -> int:
+    """Extraction layer (default n_layers // 2); injection is at layer + offset."""
+    layer = cfg.layer if cfg.layer is not None else lm.n_layers // 2
+    if not (0 <= layer and layer + cfg.offset < lm.n_layers):
+        raise ss.SteerscopeError(f"--layer {layer} with --offset {cfg.offset} is outside 0..{lm.n_layers - 1}")
+    return layer
+
+
+def neutral_prompts(n: int) -> list[str]:
+    return [r["prompt"] for r in read_jsonl(data_path("traits", "neutral_prompts.jsonl"))][:n]
+
+
+def shift_prompts(n: int | None = None) -> list[dict[str, str]]:
+    """Shift prompts (topic / genre / safety); ``n`` of them taken with an even stride over the file."""
+    rows = read_jsonl(data_path("traits", "shift_prompts.jsonl"))
+    if n is None or n >= len(rows):
+        return rows
+    return rows[::-(-len(rows) // n)][:n]
+
+
+# -- vectors ------------------------------------------------------------------------------------
+def vectors(run: Run, lm: LM, cfg: Config) -> dict[str, Any]:
+    """Extract DIM and PCA vectors per trait at the layer; save them; norms and cosines."""
+    layer = layer_of(cfg, lm)
+    out: dict[str, Any] = {"layer": layer, "inject_layer": layer + cfg.offset, "norms": {}, "files": {}}
+    vecs = {}
+    for trait in cfg.traits:
+        pairs = read_jsonl(data_path("traits", f"{trait}.jsonl"))
+        pos, neg = [p["positive"] for p in pairs], [p["negative"] for p in pairs]
+        # one activation pass serves both methods (what ss.extract does, without running it twice)
+        acts = ss.collect(lm, [lm.format_chat(p) for p in pos + neg], [layer], positions=[-1])[layer]
+        for method in ("dim", "pca"):
+            prov = ss.Provenance.for_model(lm, method=method, positions=[-1], n_examples=len(pos) + len(neg),
+                                           dataset_hash=dataset_hash(pos + ["|"] + neg),
+                                           args={"site": "resid_pre", "trait": trait, "study": "identifiability"})
+            v = ss.SteeringVector({layer: METHODS[method](acts[:len(pos)], acts[len(pos):])}, "resid_pre", prov)
+            path = run.path("vectors", f"{trait}_{method}.safetensors")
+            v.save(path)
+            vecs[(trait, method)] = v[layer]
+            out["files"][f"{trait}_{method}"] = str(path)
+            out["norms"][f"{trait}_{method}"] = float(v[layer].norm())
+    out["cos_dim_pca"] = {t: float(torch.cosine_similarity(vecs[(t, "dim")], vecs[(t, "pca")], 0)) for t in cfg.traits}
+    out["cos_traits"] = {f"{a}~{b}": float(torch.cosine_similarity(vecs[(a, "dim")], vecs[(b, "dim")], 0))
+                         for i, a in enumerate(cfg.traits) for b in cfg.traits[i + 1:]}
+    return out
+
+
+def load_vectors(rec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """{"trait_method": [d_model]} from the vectors record."""
+    layer = rec["layer"]
+    return {k: ss.SteeringVector.load(p)[layer] for k, p in rec["files"].items()}
+
+
+def as_vector(direction: torch.Tensor, inject_layer: int) -> ss.SteeringVector:
+    return ss.SteeringVector({inject_layer: direction})
+
+
+def v_perp(v: torch.Tensor, trait: str, seed: int) -> torch.Tensor:
+    """The seed's random orthogonal perturbation of ``v`` (|v_perp| = |v|)."""
+    return idf.random_orthogonal(v, seed=10_000 + 97 * seed + sum(map(ord, trait)))
+
+
+# -- scorers ------------------------------------------------------------------------------------
+def scorers(cfg: Config, embedder: Embedder) -> tuple[dict[str, list[Scorer]], dict[str, Any]]:
+    """Build and validate every scorer; the record lists accuracies and which are usable."""
+    built = {t: build_scorers(t, embedder, seed=cfg.seed) for t in cfg.traits}
+    rec = {t: [{"kind": s.kind, "accuracy": s.accuracy, "validation": s.validation, "usable": s.usable}
+               for s in ss_] for t, ss_ in built.items()}
+    primary = {t: (b.kind if (b := best_scorer(s)) else None) for t, s in built.items()}
+    return built, {"scorers": rec, "primary": primary}
+
+
+# -- generations --------------------------------------------------------------------------------
+def generate_cell(lm: LM, cfg: Config, prompts: Sequence[str], v: torch.Tensor | None, trait: str, seed: int,
+                  inject_layer: int, alphas: Sequence[float], conditions: Sequence[str] = CONDITIONS
+                  ) -> dict[str, Any]:
+    """Sample completions for every (condition, alpha) x prompt in one batched generate call.
+
+    ``v=None`` generates the unsteered condition only. Returns {"condition@alpha": [texts]}.
+    """
+    if v is None:
+        texts = ss.generate(lm, prompts, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                            temperature=cfg.temperature, seed=seed, batch_size=len(prompts))
+        return {"none@0": texts}
+    p = v_perp(v, trait, seed)
+    dirs = {"v": v, "v+v_perp": v + p, "v_perp": p}
+    keys, vecs, alph, rows = [], [], [], []
+    for c in conditions:
+        for a in alphas:
+            keys.append(f"{c}@{a:g}")
+            for q in prompts:
+                rows.append(q)
+                vecs.append(as_vector(dirs[c], inject_layer))
+                alph.append(float(a))
+    texts = ss.generate(lm, rows, vector=vecs, alpha=alph, max_new_tokens=cfg.max_new_tokens,  # type: ignore[arg-type]
+                        do_sample=True, temperature=cfg.temperature, seed=seed, batch_size=len(rows))
+    n = len(prompts)
+    return {k: texts[i * n:(i + 1) * n] for i, k in enumerate(keys)}
+
+
+def score_texts(built: dict[str, list[Scorer]], gens: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+    """Score each generation cell with each scorer of its trait: {cell: {kind: {cond: [scores]}}}.
+
+    ``gens`` maps a cell name ``trait|method|seed|prompts`` to {"cond@alpha": texts}; the "none"
+    cells (``*|none|seed|prompts``) are scored with every trait's scorers."""
+    out: dict[str, Any] = {}
+    for cell, conds in gens.items():
+        trait = cell.split("|")[0]
+        traits = list(built) if trait == "*" else [trait]
+        for t in traits:
+            key = cell.replace("*", t, 1)
+            out[key] = {s.kind: {c: [float(x) for x in s(texts)] for c, texts in conds.items()} for s in built[t]}
+    return out
+
+
+# -- effects ------------------------------------------------------------------------------------
+def effects(cfg: Config, scores: dict[str, Any], primary: dict[str, str | None], usable: dict[str, dict[str, bool]],
+            prompts: str = "neutral", alphas: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """Compare conditions per trait/method/alpha/scorer, seeds pooled (rows paired by prompt and seed)."""
+    alphas = list(alphas if alphas is not None else cfg.alphas)
+    rows = []
+    for trait in cfg.traits:
+        for method in cfg.methods:
+            for kind in usable[trait]:
+                def pooled(cond: str, m: str = method) -> np.ndarray:
+                    vals: list[float] = []
+                    for seed in cfg.seeds:
+                        cell = scores.get(f"{trait}|{'none' if cond == 'none@0' else m}|{seed}|{prompts}")
+                        if cell is None:
+                            continue
+                        vals += cell[kind][cond]
+                    return np.array(vals)
+                none = pooled("none@0")
+                if len(none) < 2:
+                    continue
+                for a in alphas:
+                    s = {c: pooled(f"{c}@{a:g}") for c in CONDITIONS}
+                    if any(len(x) < 2 for x in s.values()):
+                        continue
+                    r = {"trait": trait, "method": method, "alpha": a, "scorer": kind, "prompts": prompts,
+                         "usable": usable[trait][kind], "primary": primary[trait] == kind}
+                    r["v_vs_none"] = idf.compare(s["v"], none, paired=True, seed=cfg.seed)
+                    r["vperp_sum_vs_v"] = idf.compare(s["v+v_perp"], s["v"], paired=True, seed=cfg.seed)
+                    r["vperp_sum_vs_none"] = idf.compare(s["v+v_perp"], none, paired=True, seed=cfg.seed)
+                    r["vperp_vs_none"] = idf.compare(s["v_perp"], none, paired=True, seed=cfg.seed)
+                    r.update(verdict(r))
+                    for key in ("v_vs_none", "vperp_sum_vs_v", "vperp_sum_vs_none", "vperp_vs_none"):
+                        c = r[key]
+                        r[key] = {**asdict(c), "real_effect": c.real_effect}
+                    rows.append(r)
+    return rows
+
+
+def verdict(r: dict[str, Any]) -> dict[str, Any]:
+    """Equivalence verdict of one row: counts only where v has a real effect and the scorer is usable."""
+    eff, diff, alone = r["v_vs_none"], r["vperp_sum_vs_v"], r["vperp_vs_none"]
+    if not r["usable"]:
+        return {"verdict": "scorer below 80% accuracy: not used"}
+    if not eff.real_effect:
+        return {"verdict": "no real effect of v (d < 0.5 or CI includes 0): no equivalence claim"}
+    diff_ci_in = diff.ci_low <= 0 <= diff.ci_high
+    strict = -0.5 < diff.ci_low and diff.ci_high < 0.5
+    retained = r["vperp_sum_vs_none"].d / eff.d if eff.d else float("nan")
+    if strict:
+        v = "equivalent (CI of d[v+v_perp vs v] inside (-0.5, 0.5))"
+    elif diff_ci_in and abs(diff.d) < 0.5:
+        v = "no detected difference (CI includes 0, but too wide to show equivalence)"
+    else:
+        v = "not equivalent (v+v_perp differs from v)"
+    return {"verdict": v, "effect_retained": retained, "vperp_alone_effect": alone.real_effect}
+
+
+# -- next-token agreement -----------------------------------------------------------------------
+def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int) -> dict[str, Any]:
+    """Next-token agreement of v with v+v_perp, a random direction, another trait's vector, PCA, none;
+    and the worst case over random k-dim orthogonal subspaces."""
+    sets = {"neutral": neutral_prompts(cfg.n_prompts), "shift": [r["prompt"] for r in shift_prompts(cfg.n_shift_prompts)]}
+    base = {name: idf.next_token_logits(lm, ps) for name, ps in sets.items()}
+    rows, krows = [], []
+    for ti, trait in enumerate(cfg.traits):
+        v = vecs[f"{trait}_dim"]
+        other_name = cfg.traits[(ti + 1) % len(cfg.traits)] if len(cfg.traits) > 1 else None
+        refs = {"v+v_perp": lambda s: v + v_perp(v, trait, s),
+                "random": lambda s: idf.random_direction(v.numel(), float(v.norm()), seed=500 + s),
+                "pca": lambda s: vecs[f"{trait}_pca"]}
+        if other_name:
+            o = vecs[f"{other_name}_dim"]
+            refs[f"other ({other_name})"] = lambda s, o=o: o / o.norm() * v.norm()
+        for name, ps in sets.items():
+            for a in (cfg.alphas if name == "neutral" else (cfg.probe_alpha,)):
+                lv = idf.next_token_logits(lm, ps, {inject_layer: a * v})
+                cmp = {"none": [idf.logit_agreement(lv, base[name])]}
+                for ref, make in refs.items():
+                    cmp[ref] = [idf.logit_agreement(lv, idf.next_token_logits(lm, ps, {inject_layer: a * make(s)}))
+                                for s in (cfg.seeds if ref in ("v+v_perp", "random") else cfg.seeds[:1])]
+                for ref, agg in cmp.items():
+                    rows.append({"trait": trait, "prompts": name, "alpha": a, "vs": ref,
+                                 "l2": float(np.mean([x.l2 for x in agg])), "top1": float(np.mean([x.top1 for x in agg])),
+                                 "top10": float(np.mean([x.topk_overlap for x in agg]))})
+        if ti >= cfg.k_traits:
+            continue
+        ps = sets["neutral"][:cfg.n_k_prompts]
+        a = cfg.probe_alpha
+        lv = idf.next_token_logits(lm, ps, {inject_layer: a * v})
+        for k in progress(cfg.ks, desc=f"k-subspaces {trait}"):
+            U = idf.orthogonal_subspace(v, k, seed=cfg.seed + k)
+            dirs = v[None] + U * v.norm()  # [k d]: v + |v| u_i
+            n = len(ps)
+            big = idf.next_token_logits(lm, [p for _ in range(k) for p in ps], {inject_layer: a * dirs.repeat_interleave(n, 0)})
+            ags = [idf.logit_agreement(lv, big[i * n:(i + 1) * n]) for i in range(k)]
+            krows.append({"trait": trait, "alpha": a, "k": k, "mean_top1": float(np.mean([x.top1 for x in ags])),
+                          "worst_top1": float(min(x.top1 for x in ags)), "mean_l2": float(np.mean([x.l2 for x in ags])),
+                          "max_l2": float(max(x.l2 for x in ags)), "worst_top10": float(min(x.topk_overlap for x in ags))})
+    return {"agreement": rows, "subspaces": krows}
+
+
+# -- null space ---------------------------------------------------------------------------------
+def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) -> dict[str, Any]:
+    """Activation-covariance and logit-Jacobian spectra at L/4, L/2, 3L/4 (+ a finite-difference check)."""
+    L = lm.n_layers
+    layers = sorted({L // 4, L // 2, 3 * L // 4})
+    prompts = [r["prompt"] for r in read_jsonl(data_path("traits", "neutral_prompts.jsonl"))]
+    prompts += [r["prompt"] for r in shift_prompts()]
+    for t in cfg.traits:
+        for r in read_jsonl(data_path("traits", f"{t}.jsonl")):
+            prompts += [r["positive"], r["negative"]]
+    prompts = prompts[:cfg.n_cov_prompts]
+    rows: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    for i in progress(range(0, len(prompts), 16), desc="covariance"):
+        enc = lm.tokenize([lm.format_chat(p) for p in prompts[i:i + 16]], padding_side="left")
+        m = enc["attention_mask"].bool().clone()
+        m[torch.arange(len(m)), m.float().argmax(1)] = False  # drop each text's first token (attention sink)
+        with recording(lm, [Site(l, "resid_pre") for l in layers]) as cache, torch.no_grad():
+            lm.model(**enc, use_cache=False)
+        for l in layers:
+            rows[l].append(cache[Site(l, "resid_pre")][m].float().cpu())
+    out: dict[str, Any] = {"layers": layers, "covariance": {}, "jacobian": {}, "n_tokens": 0}
+    for l in layers:
+        x = torch.cat(rows[l])
+        out["n_tokens"] = len(x)
+        out["covariance"][str(l)] = asdict(idf.spectrum(idf.covariance_singular_values(x).numpy(), lm.d_model))
+    r = idf.unembed_r(lm)
+    jp = [lm.format_chat(p) for p in neutral_prompts(cfg.n_jac_prompts)]
+    ratios = {}
+    for l in progress(layers, desc="jacobians"):
+        sig, jfs = [], []
+        for text in jp:
+            jf = idf.final_jacobian(lm, text, l)
+            jfs.append(jf)
+            sig.append(torch.linalg.svdvals(r.double() @ jf.double()).float().numpy())
+        out["jacobian"][str(l)] = asdict(idf.spectrum(np.mean(sig, 0), lm.d_model))
+        if l == layer:
+            for t in cfg.traits:
+                v = vecs[f"{t}_dim"]
+                jv = float(np.mean([(r @ (jf @ v)).norm() for jf in jfs]))
+                jp_ = float(np.mean([(r @ (jf @ v_perp(v, t, s))).norm() for jf in jfs for s in cfg.seeds]))
+                ratios[t] = {"J_v": jv, "J_vperp": jp_, "ratio": jp_ / jv}
+            g = torch.Generator().manual_seed(cfg.seed)
+            probes = torch.randn(3, lm.d_model, generator=g)
+            probes = probes / probes.norm(dim=1, keepdim=True)
+            out["fd_check"] = {"layer": l, "rel_err": idf.finite_difference_check(lm, jp[0], l, probes, eps=0.05, jf=jfs[0])}
+    out["J_vperp_over_J_v"] = ratios
+    return out

@@ -1,0 +1,98 @@
+"""The identifiability study's logic without a model: config checks, the equivalence guard, effects
+on synthetic scores, CLI parsing, the report from records."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from steerscope.errors import StudyError
+from steerscope.studies.identifiability import cli, report, steps
+from steerscope.studies.identifiability.config import Config
+from steerscope.studies.runner import Run
+
+
+def test_config_rejects_bad_options_with_fix_it_messages():
+    with pytest.raises(StudyError, match="--traits"):
+        Config(traits=("humour",))
+    with pytest.raises(StudyError, match="--offset"):
+        Config(offset=2)
+    with pytest.raises(StudyError, match="--alphas"):
+        Config(alphas=(0.0,))
+    assert Config(alphas=(2.0, 4.0, 6.0)).probe_alpha == 4.0
+
+
+def test_cli_parses_lists_into_the_config():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="m")
+    p.add_argument("--seed", type=int, default=0)
+    cli.add_arguments(p)
+    cfg = cli.config_from(p.parse_args(["--traits", "formality", "--alphas", "1,8", "--seeds", "3", "--offset", "1"]))
+    assert cfg.traits == ("formality",) and cfg.alphas == (1.0, 8.0) and cfg.seeds == (3,) and cfg.offset == 1
+    with pytest.raises(StudyError, match="numbers"):
+        cli.config_from(p.parse_args(["--alphas", "a,b"]))
+
+
+def _scores(effect_v: float, effect_sum: float, n: int = 40, seeds=(0, 1)) -> dict:
+    rng = np.random.default_rng(0)
+    out = {}
+    for s in seeds:
+        out[f"formality|none|{s}|neutral"] = {"probe": {"none@0": list(rng.normal(0, 1, n))}}
+        base = rng.normal(0, 1, n)
+        out[f"formality|dim|{s}|neutral"] = {"probe": {
+            "v@4": list(base + effect_v), "v+v_perp@4": list(base + effect_sum + rng.normal(0, 0.05, n)),
+            "v_perp@4": list(rng.normal(0, 1, n))}}
+    return out
+
+
+def test_effects_say_equivalent_only_when_v_has_a_real_effect():
+    cfg = Config(traits=("formality",), alphas=(4.0,), seeds=(0, 1))
+    usable = {"formality": {"probe": True}}
+    rows = steps.effects(cfg, _scores(2.0, 2.0), {"formality": "probe"}, usable)
+    (r,) = rows
+    assert r["v_vs_none"]["real_effect"] and r["v_vs_none"]["d"] > 1.5
+    assert r["verdict"].startswith("equivalent") and r["vperp_sum_vs_v"]["corr"] > 0.95
+    assert r["effect_retained"] == pytest.approx(1.0, abs=0.1)
+    (r,) = steps.effects(cfg, _scores(2.0, 0.0), {"formality": "probe"}, usable)
+    assert r["verdict"].startswith("not equivalent")
+    (r,) = steps.effects(cfg, _scores(0.0, 0.0), {"formality": "probe"}, usable)
+    assert r["verdict"].startswith("no real effect")
+    (r,) = steps.effects(cfg, _scores(2.0, 2.0), {"formality": None}, {"formality": {"probe": False}})
+    assert "not used" in r["verdict"]
+
+
+def test_v_perp_is_orthogonal_same_norm_and_differs_by_seed():
+    import torch
+
+    v = torch.randn(576)
+    a, b = steps.v_perp(v, "formality", 0), steps.v_perp(v, "formality", 1)
+    assert abs(float(a @ v)) < 1e-2 and float(a.norm()) == pytest.approx(float(v.norm()), rel=1e-5)
+    assert not torch.allclose(a, b)
+
+
+def test_shift_prompts_cover_all_kinds():
+    kinds = {r["shift"] for r in steps.shift_prompts(9)}
+    assert kinds == {"topic", "genre", "safety"}
+
+
+def test_report_renders_from_records(tmp_path):
+    cfg = Config(traits=("formality",), alphas=(4.0,), seeds=(0, 1), shift=False)
+    usable = {"formality": {"probe": True}}
+    scores = _scores(2.0, 2.0)
+    eff = {"neutral": steps.effects(cfg, scores, {"formality": "probe"}, usable), "shift": []}
+    vrec = {"layer": 15, "inject_layer": 15, "norms": {"formality_dim": 13.0}, "cos_dim_pca": {"formality": 0.9},
+            "cos_traits": {}}
+    srec = {"scorers": {"formality": [{"kind": "probe", "accuracy": 0.96, "validation": "cv", "usable": True}]},
+            "primary": {"formality": "probe"}}
+    spec = {"sigma": [3.0, 1.0, 0.1], "rank_threshold": 3, "rank_entropy": 2.2, "null_fraction_threshold": 0.0,
+            "null_fraction_entropy": 0.27, "d": 3}
+    nrec = {"n_tokens": 10, "covariance": {"15": spec}, "jacobian": {"15": spec}, "fd_check": {"layer": 15, "rel_err": [0.01]},
+            "J_vperp_over_J_v": {"formality": {"J_v": 2.0, "J_vperp": 1.0, "ratio": 0.5}}}
+    lrec = {"agreement": [{"trait": "formality", "prompts": "neutral", "alpha": 4.0, "vs": "v+v_perp", "l2": 1.0,
+                           "top1": 1.0, "top10": 0.9}], "subspaces": []}
+    gens = {"formality|dim|0|neutral": {"v@4": ["Dear Sir"]}}
+    path = report.write(Run(tmp_path), cfg, vrec, srec, gens, scores, eff, lrec, nrec)
+    html = path.read_text()
+    assert "equivalent" in html and "Null space" in html and "<img" in html
+    s = report.summary(cfg, vrec, srec, eff, lrec, nrec)
+    assert s["n_conditions_with_real_effect"] == 1 and s["n_without_detected_difference"] == 1
