@@ -54,25 +54,31 @@ def pca_center(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return _scale_like_dim(_top_direction(centred), pos, neg)
 
 
-def logistic_probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> torch.Tensor:
-    """Logistic-regression weight direction separating pos (1) from neg (0), L-BFGS with an L2
-    penalty on standardised features, mapped back to the raw basis, oriented and scaled like DIM."""
-    x = torch.cat([pos, neg]).double()
-    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu) / sd
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> tuple[torch.Tensor, float]:
+    """L2-regularised logistic regression by L-BFGS (float64). x [n e], y [n] in {0,1} -> (w [e], b)."""
+    xt, yt = x.double(), y.double()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w @ w)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w @ w)
         loss.backward()
         return loss
 
     opt.step(closure)
-    raw = (w.detach() / sd).float()
+    return w.detach(), float(b.detach())
+
+
+def logistic_probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> torch.Tensor:
+    """Logistic-regression weight direction separating pos (1) from neg (0), L-BFGS with an L2
+    penalty on standardised features, mapped back to the raw basis, oriented and scaled like DIM."""
+    x = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    w, _ = fit_logistic((x - mu) / sd, y, l2, steps)
+    raw = (w / sd).float()
     return _scale_like_dim(raw / raw.norm(), pos, neg)
 
 

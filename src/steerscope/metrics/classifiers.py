@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from steerscope.extract.aggregate import fit_logistic as _fit_logistic
+
 from steerscope.data import data_path, read_jsonl
 from steerscope.errors import DataError, SteerscopeError
 
@@ -150,19 +152,8 @@ def zero_shot_scores(emb: np.ndarray, pos_desc: np.ndarray, neg_desc: np.ndarray
 # -- 3. logistic probe --------------------------------------------------------------------------
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 100) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression by L-BFGS. x [n e], y [n] in {0,1} -> (w [e], b)."""
-    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w @ w)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach().numpy(), float(b.detach())
+    w, b = _fit_logistic(torch.as_tensor(x), torch.as_tensor(y), l2, steps)
+    return w.numpy(), b
 
 
 def stratified_folds(y: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
