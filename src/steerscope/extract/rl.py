@@ -1,0 +1,284 @@
+"""RLOO: train a steering bias (or any small policy) with a verifiable reward.
+
+Algorithm (REINFORCE leave-one-out, Ahmadian et al., 2024; the setting of Sinii et al., 2025,
+"Small Vectors, Big Effects", arXiv 2509.06608 -- no KL term, no ratio clipping):
+    1. Each step draws ``prompts_per_step`` training prompts (order fixed by the seed).
+    2. For each prompt, ``k`` completions are sampled with ``model.generate`` (temperature 1,
+       top-k / top-p off) while the policy is applied (steering hook / enabled adapter).
+    3. Rewards r_i = reward(prompt, completion, answer); leave-one-out advantages
+       A_i = r_i - mean_{j≠i} r_j within each group of k.
+    4. Log-probs log π(y_it) are recomputed in a teacher-forced pass with the trainable
+       parameters in the graph; loss = -Σ_i A_i Σ_t log π(y_it) / N, where N is the number of
+       generated tokens in the batch (EOS included, padding excluded). Rows with A_i = 0
+       contribute nothing and are skipped (exactly).
+    5. AdamW with linear warm-up then a constant learning rate; gradient-norm clipping.
+    6. Every ``checkpoint_every`` steps the policy and optimizer tensors are saved as
+       safetensors and the counters / history as JSON; :func:`train_rloo` resumes from there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Protocol, Sequence
+
+import torch
+
+from steerscope.errors import StudyError
+from steerscope.models.load import LM
+from steerscope.progress import progress
+
+Reward = Callable[[str, str, str], float]
+
+
+class Policy(Protocol):
+    """What the trainer needs: trainable parameters and a context that applies them."""
+
+    def parameters(self) -> Any: ...
+    def named_parameters(self) -> Any: ...
+    def active(self) -> ContextManager[Any]: ...
+
+
+@dataclass(frozen=True)
+class RLOOConfig:
+    """Hyper-parameters of :func:`train_rloo` (defaults follow Sinii et al. where they apply)."""
+
+    steps: int = 50
+    prompts_per_step: int = 4
+    k: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.03
+    grad_clip: float = 2.0
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    micro_batch: int = 16
+    checkpoint_every: int = 10
+    seed: int = 0
+    system: str | None = None
+
+
+@dataclass
+class StepLog:
+    """One training step."""
+
+    step: int
+    reward: float
+    accuracy: float
+    loss: float
+    grad_norm: float
+    gen_tokens: float
+    n_active: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`train_rloo`."""
+
+    history: list[StepLog] = field(default_factory=list)
+    n_trainable: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out advantages A_i = r_i - mean_{j≠i} r_j per group.
+
+    Args:
+        rewards: [group k] (k ≥ 2).
+
+    Returns:
+        [group k].
+    """
+    k = rewards.shape[-1]
+    if k < 2:
+        raise StudyError("RLOO needs at least k=2 samples per prompt")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+
+
+def completion_mask(gen: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
+    """Which generated tokens count: everything up to and including the first EOS. [batch gen] bool."""
+    is_eos = torch.zeros_like(gen, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= gen == e
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return ~after
+
+
+def sequence_logprobs(lm: LM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: torch.Tensor,
+                      gen_mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t log π(y_t | prompt, y_<t) per row, teacher-forced (gradients flow to active parameters).
+
+    Args:
+        prompt_ids, prompt_mask: left-padded prompts [batch P].
+        gen, gen_mask: generated tokens and which of them count [batch T].
+
+    Returns:
+        [batch] summed log-probs of the counted tokens.
+    """
+    ids = torch.cat([prompt_ids, gen], 1)
+    mask = torch.cat([prompt_mask, torch.ones_like(gen)], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    T = gen.shape[1]
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, :-1]
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # [batch T vocab]: position P-1+t predicts gen[t]
+    lp = torch.log_softmax(logits, -1).gather(-1, gen[..., None])[..., 0]
+    return (lp * gen_mask.to(lp.dtype)).sum(-1)
+
+
+def surrogate_backward(lm: LM, policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                       gen: torch.Tensor, gen_mask: torch.Tensor, adv: torch.Tensor, micro_batch: int = 16) -> float:
+    """Accumulate ∇ of -Σ_i A_i Σ_t log π(y_it) / N into the policy's ``.grad``; return the loss value.
+
+    Rows with A_i = 0 are skipped (their term is exactly zero); N counts every row's tokens.
+    """
+    n_tok = float(gen_mask.sum().clamp(min=1))
+    rows = torch.nonzero(adv != 0).flatten().tolist()
+    total = 0.0
+    with policy.active():
+        for i in range(0, len(rows), micro_batch):
+            r = rows[i : i + micro_batch]
+            lp = sequence_logprobs(lm, prompt_ids[r], prompt_mask[r], gen[r], gen_mask[r])
+            loss = -(adv[r].to(lp.dtype) * lp).sum() / n_tok
+            loss.backward()
+            total += float(loss.detach())
+    return total
+
+
+def sample(lm: LM, policy: Policy, texts: list[str], k: int, max_new_tokens: int, temperature: float,
+           seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """k sampled completions per text under the policy: (prompt_ids, prompt_mask, gen, gen_mask, completions)."""
+    enc = lm.tokenize([t for t in texts for _ in range(k)], padding_side="left")
+    torch.manual_seed(seed)
+    with policy.active(), torch.no_grad():
+        ids = lm.model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id)
+    P = enc["input_ids"].shape[1]
+    gen = ids[:, P:]
+    eos = lm.model.generation_config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [lm.tokenizer.eos_token_id])
+    gmask = completion_mask(gen, eos_ids)
+    texts_out = [lm.tokenizer.decode(g[m], skip_special_tokens=True) for g, m in zip(gen, gmask)]
+    return enc["input_ids"], enc["attention_mask"], gen, gmask, texts_out
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(folder: Path, policy: Policy, opt: torch.optim.Optimizer, step: int,
+                    history: list[StepLog], config: RLOOConfig) -> None:
+    """Write policy.safetensors, optim.safetensors and state.json (atomically, state last)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pol = {n: p.detach().cpu().contiguous() for n, p in policy.named_parameters()}
+    names = {id(p): n for n, p in policy.named_parameters()}
+    optt, steps = {}, {}
+    for p, st in opt.state.items():
+        n = names[id(p)]
+        for key in ("exp_avg", "exp_avg_sq"):
+            optt[f"{n}::{key}"] = st[key].detach().cpu().contiguous()
+        steps[n] = float(st["step"])
+    for name, tensors in (("policy", pol), ("optim", optt)):
+        save_file(tensors, str(folder / f"{name}.safetensors.tmp"))
+        os.replace(folder / f"{name}.safetensors.tmp", folder / f"{name}.safetensors")
+    state = {"step": step, "config": asdict(config), "adam_steps": steps, "history": [asdict(h) for h in history]}
+    (folder / "state.json.tmp").write_text(json.dumps(state))
+    os.replace(folder / "state.json.tmp", folder / "state.json")
+
+
+def load_checkpoint(folder: Path, policy: Policy, opt: torch.optim.Optimizer) -> tuple[int, list[StepLog]]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; (0, []) when there is none."""
+    from safetensors.torch import load_file
+
+    if not (folder / "state.json").is_file():
+        return 0, []
+    state = json.loads((folder / "state.json").read_text())
+    pol = load_file(str(folder / "policy.safetensors"))
+    optt = load_file(str(folder / "optim.safetensors"))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if n not in pol:
+                raise StudyError(f"checkpoint {folder} does not match this policy (no {n}); use a new folder")
+            p.copy_(pol[n].to(p.device, p.dtype))
+            if f"{n}::exp_avg" in optt:
+                opt.state[p] = {"step": torch.tensor(state["adam_steps"][n]),
+                                "exp_avg": optt[f"{n}::exp_avg"].to(p.device),
+                                "exp_avg_sq": optt[f"{n}::exp_avg_sq"].to(p.device)}
+    return int(state["step"]), [StepLog(**h) for h in state["history"]]
+
+
+def _lr_factor(step: int, total: int, warmup_frac: float) -> float:
+    warm = max(1, math.ceil(warmup_frac * total))
+    return min(1.0, (step + 1) / warm)
+
+
+def train_rloo(lm: LM, policy: Policy, prompts: Sequence[str], answers: Sequence[str], reward: Reward,
+               config: RLOOConfig = RLOOConfig(), checkpoint_dir: str | Path | None = None,
+               show_progress: bool = True, on_step: Callable[[StepLog], None] | None = None) -> TrainResult:
+    """Train ``policy`` with RLOO on (prompt, answer) pairs; resume from ``checkpoint_dir`` if present.
+
+    Args:
+        lm: the model (its weights are frozen here).
+        policy: e.g. :class:`steerscope.trainable.SteeringBias`.
+        prompts, answers: training problems (prompts get the chat template).
+        reward: ``reward(prompt, completion, answer) -> float``.
+        config: :class:`RLOOConfig`.
+        checkpoint_dir: folder for periodic checkpoints (and resume).
+
+    Returns:
+        :class:`TrainResult` with one :class:`StepLog` per step (resumed steps included).
+
+    Example:
+        >>> bias = SteeringBias(lm, [29])
+        >>> res = train_rloo(lm, bias, prompts, answers, math_reward, RLOOConfig(steps=20, k=8))
+        >>> vec = bias.vector()
+    """
+    if len(prompts) != len(answers) or not prompts:
+        raise StudyError("give as many answers as prompts, and at least one prompt")
+    for p in lm.model.parameters():
+        if not any(p is q for q in policy.parameters()):
+            p.requires_grad_(False)
+    params = [p for p in policy.parameters()]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, history = load_checkpoint(ckpt, policy, opt) if ckpt is not None else (0, [])
+    n_trainable = sum(p.numel() for p in params)
+    gen = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    need = config.steps * config.prompts_per_step
+    while len(order) < need:
+        order += torch.randperm(len(prompts), generator=gen).tolist()
+    texts = [lm.format_chat(p, config.system) for p in prompts]
+    t_all = time.time()
+    bar = progress(range(start, config.steps), desc="rloo", enabled=show_progress, total=config.steps - start)
+    for step in bar:
+        t0 = time.time()
+        idx = order[step * config.prompts_per_step : (step + 1) * config.prompts_per_step]
+        pid, pmask, g, gmask, comps = sample(lm, policy, [texts[i] for i in idx], config.k, config.max_new_tokens,
+                                             config.temperature, seed=config.seed * 1_000_003 + step)
+        r = torch.tensor([reward(prompts[i], comps[j * config.k + m], answers[i])
+                          for j, i in enumerate(idx) for m in range(config.k)], dtype=torch.float32)
+        adv = rloo_advantages(r.view(-1, config.k)).flatten()
+        for pg in opt.param_groups:
+            pg["lr"] = config.lr * _lr_factor(step, config.steps, config.warmup_frac)
+        opt.zero_grad(set_to_none=True)
+        loss = surrogate_backward(lm, policy, pid, pmask, g, gmask, adv.to(lm.device), config.micro_batch)
+        gn = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if any(p.grad is not None for p in params) else 0.0
+        if any(p.grad is not None for p in params):
+            opt.step()
+        log = StepLog(step, float(r.mean()), float((r > 0).float().mean()), loss, gn,
+                      float(gmask.sum(1).float().mean()), int((adv != 0).sum()), round(time.time() - t0, 2))
+        history.append(log)
+        if on_step is not None:
+            on_step(log)
+        if hasattr(bar, "set_postfix"):
+            recent = history[-10:]
+            bar.set_postfix(reward=f"{sum(h.reward for h in recent) / len(recent):.3f}")
+        if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            save_checkpoint(ckpt, policy, opt, step + 1, history, config)
+    return TrainResult(history, n_trainable, round(time.time() - t_all, 2), start)

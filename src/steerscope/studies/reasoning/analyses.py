@@ -1,0 +1,198 @@
+"""Analyses of trained reasoning vectors (Sinii et al., 2025, "Small Vectors, Big Effects").
+
+1. Accuracy with a 95% Wilson interval, and the paired difference to the base model.
+2. First-token ΔP: mean over prompts of P_steered(v | prompt) - P_base(v | prompt) at the first
+   generated position, for the last-layer vector.
+3. Per-head q / k / v path patching of the penultimate-layer vector: in the last layer, one head's
+   q, k or v is set to its unsteered value; KL(steered ‖ patched) over completion tokens and the
+   fraction of the steering effect on the completions' log-prob that the patch removes.
+4. Persistence: per-token Δh_t = h_steered - h_base at resid_post of each later layer;
+   mean_t cos(Δh_t, mean Δh) and mean_t cos(Δh_t, s).
+5. Layer-pair gain: (acc_pair - max single) / (acc_all - max single).
+6. Transfer: copy per-layer vectors into another model of the same depth and width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from steerscope.errors import VectorError
+from steerscope.hooks import attached
+from steerscope.models.load import LM
+from steerscope.record import recording
+from steerscope.steer import steering
+from steerscope.vector import Provenance, SteeringVector
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / den
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def paired_diff(a: Sequence[int], b: Sequence[int], z: float = 1.96) -> tuple[float, float, float]:
+    """Mean of b - a over paired items and its normal-approximation 95% interval."""
+    d = torch.tensor([float(y) - float(x) for x, y in zip(a, b)])
+    n = len(d)
+    m = float(d.mean()) if n else 0.0
+    se = float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("inf")
+    return m, m - z * se, m + z * se
+
+
+def mcnemar_p(a: Sequence[int], b: Sequence[int]) -> float:
+    """Exact two-sided McNemar p-value of paired 0/1 outcomes (binomial test on the discordant pairs)."""
+    n01 = sum(1 for x, y in zip(a, b) if x == 0 and y == 1)
+    n10 = sum(1 for x, y in zip(a, b) if x == 1 and y == 0)
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(0, min(n01, n10) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def layer_pair_gain(acc_pair: float, acc_a: float, acc_b: float, acc_all: float) -> float:
+    """(acc_pair - max single) / (acc_all - max single); NaN when the denominator is 0."""
+    best = max(acc_a, acc_b)
+    den = acc_all - best
+    return (acc_pair - best) / den if den != 0 else float("nan")
+
+
+def _batch(lm: LM, texts: Sequence[str], completions: Sequence[str]) -> tuple[dict, torch.Tensor]:
+    """Left-padded teacher-forcing batch and a bool mask of completion tokens [batch pos]."""
+    full = [t + c for t, c in zip(texts, completions)]
+    enc = lm.tokenize(list(full), padding_side="left")
+    lens = [len(lm.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
+    pos = torch.arange(enc["input_ids"].shape[1])
+    T = enc["input_ids"].shape[1]
+    mask = torch.stack([pos >= T - n for n in lens]) & enc["attention_mask"].bool().cpu()
+    return enc, mask.to(enc["input_ids"].device)
+
+
+def _completion_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [batch pos-1] of the next tokens, the matching mask [batch pos-1])."""
+    lp = torch.log_softmax(logits[:, :-1].float(), -1)
+    tok = lp.gather(-1, ids[:, 1:, None])[..., 0]
+    return lp, tok, mask[:, 1:]  # type: ignore[return-value]
+
+
+def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int = 10) -> dict:
+    """Mean change of next-token probabilities at the first generated position; top k up and down."""
+    enc = lm.tokenize(list(texts), padding_side="left")
+    with torch.no_grad():
+        p0 = torch.softmax(lm.model(**enc).logits[:, -1].float(), -1)
+        with steering(lm, vec, 1.0):
+            p1 = torch.softmax(lm.model(**enc).logits[:, -1].float(), -1)
+    d = (p1 - p0).mean(0)
+    up, down = d.topk(k), (-d).topk(k)
+    dec = lm.tokenizer.decode
+    return {"up": [[dec([i]), float(v), float(p0[:, i].mean()), float(p1[:, i].mean())]
+                   for v, i in zip(up.values.tolist(), up.indices.tolist())],
+            "down": [[dec([i]), -float(v), float(p0[:, i].mean()), float(p1[:, i].mean())]
+                     for v, i in zip(down.values.tolist(), down.indices.tolist())],
+            "total_variation": float(0.5 * (p1 - p0).abs().sum(-1).mean())}
+
+
+def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions: Sequence[str]) -> list[dict]:
+    """Per-head q/k/v path patching of ``vec`` (applied at all positions) in the last layer.
+
+    Returns one record per (which, head) and per (which, "all"): KL(steered ‖ patched) averaged over
+    completion tokens, the completions' mean summed log-prob, and the fraction of the steering effect
+    on it that the patch removes, (lp_steered - lp_patched) / (lp_steered - lp_base).
+    """
+    L = lm.n_layers - 1
+    enc, mask = _batch(lm, texts, completions)
+    ids = enc["input_ids"]
+    sites = [f"blocks.{L}.attn.{w}" for w in "qkv"]
+    with torch.no_grad():
+        with recording(lm, sites) as base_cache:
+            base = lm.model(**enc).logits
+        with steering(lm, vec, 1.0):
+            steer = lm.model(**enc).logits
+    _, tok_b, m = _completion_stats(base, ids, mask)
+    lp_s, tok_s, _ = _completion_stats(steer, ids, mask)
+    mf = m.float()
+    lpb, lps = float((tok_b * mf).sum(1).mean()), float((tok_s * mf).sum(1).mean())
+    out = []
+    for w in "qkv":
+        clean = base_cache[f"blocks.{L}.attn.{w}"]
+        n = clean.shape[2]
+        for h in [*range(n), "all"]:
+            def fn(x: torch.Tensor, _c: object, h: int | str = h, clean: torch.Tensor = clean) -> torch.Tensor:
+                y = x.clone()
+                if h == "all":
+                    return clean.to(x.dtype)
+                y[:, :, h] = clean[:, :, h]
+                return y
+
+            with torch.no_grad(), steering(lm, vec, 1.0), attached(lm, {f"blocks.{L}.attn.{w}": fn}):
+                pl = lm.model(**enc).logits
+            lp_p, tok_p, _ = _completion_stats(pl, ids, mask)
+            kl = (lp_s.exp() * (lp_s - lp_p)).sum(-1)
+            lpp = float((tok_p * mf).sum(1).mean())
+            eff = (lps - lpp) / (lps - lpb) if abs(lps - lpb) > 1e-9 else float("nan")
+            out.append({"which": w, "head": h, "kl": float((kl * mf).sum() / mf.sum()), "logprob": lpp,
+                        "effect_removed": eff, "logprob_base": lpb, "logprob_steered": lps})
+    return out
+
+
+def persistence(lm: LM, vec: SteeringVector, layer: int, texts: Sequence[str], completions: Sequence[str]) -> list[dict]:
+    """Per later layer m ≥ layer: mean_t cos(Δh_t, mean Δh) and mean_t cos(Δh_t, s) at resid_post m."""
+    enc, _ = _batch(lm, texts, completions)
+    real = enc["attention_mask"].bool()
+    sites = [f"blocks.{m}.resid_post" for m in range(layer, lm.n_layers)]
+    one = vec.select([layer])
+    with torch.no_grad():
+        with recording(lm, sites) as c0:
+            lm.model(**enc)
+        with recording(lm, sites) as c1, steering(lm, one, 1.0):
+            lm.model(**enc)
+    s = one[layer].to(lm.device)
+    out = []
+    for m, site in zip(range(layer, lm.n_layers), sites):
+        dh = (c1[site] - c0[site]).float()[real]  # [tokens d_model]
+        mean = dh.mean(0)
+        cm = torch.nn.functional.cosine_similarity(dh, mean[None], dim=-1)
+        cs = torch.nn.functional.cosine_similarity(dh, s[None].float(), dim=-1)
+        out.append({"layer": m, "cos_mean": float(cm.mean()), "cos_s": float(cs.mean()),
+                    "norm": float(dh.norm(dim=-1).mean())})
+    return out
+
+
+def transfer_vector(vec: SteeringVector, target: LM) -> SteeringVector:
+    """The same per-layer directions for ``target``, which must have the same depth and width."""
+    src_layers, src_d = vec.provenance.n_layers, vec.d_model
+    if src_d != target.d_model:
+        raise VectorError(f"cannot transfer a vector of size {src_d} to a model with d_model {target.d_model}; "
+                          "transfer needs a model of the same width")
+    if src_layers is not None and src_layers != target.n_layers:
+        raise VectorError(f"cannot transfer from a {src_layers}-layer model to a {target.n_layers}-layer one; "
+                          "transfer needs a model of the same depth")
+    prov = Provenance.for_model(target, method="transfer", args={"source_model": vec.provenance.model,
+                                                                  "source_fingerprint": vec.provenance.fingerprint})
+    return SteeringVector(dict(vec.directions), vec.site, prov)
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of one condition on the test set."""
+
+    name: str
+    greedy: list[int]
+    sampled: list[int]
+    examples: list[str]
+
+    def summary(self) -> dict:
+        g, s = self.greedy, self.sampled
+        return {"name": self.name, "greedy_acc": sum(g) / max(1, len(g)), "greedy_ci": wilson(sum(g), len(g)),
+                "sampled_acc": sum(s) / max(1, len(s)) if s else None,
+                "sampled_ci": wilson(sum(s), len(s)) if s else None, "n": len(g), "n_sampled": len(s),
+                "greedy": g, "sampled": s, "examples": self.examples[:6]}

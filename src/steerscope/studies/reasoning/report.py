@@ -1,0 +1,131 @@
+"""HTML report of the reasoning study: accuracy with 95% intervals, training curves, lens tables,
+first-token ΔP, prefix control, q/k/v patching bars, persistence, layer pairs, transfer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from steerscope.report.html import Report, plt_figure
+from steerscope.studies.reasoning.config import ReasoningConfig
+from steerscope.studies.runner import Run, write_json
+
+
+def _ci(ci: Any) -> str:
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _acc_table(r: Report, evals: dict, summary: dict, trained: dict) -> None:
+    rows = []
+    for n, e in evals.items():
+        pd = summary["paired_vs_base"].get(n, {}) or {}
+        g = pd.get("greedy")
+        s = pd.get("sampled")
+        rows.append([n, trained.get(n, {}).get("n_trainable", 0), e["greedy_acc"], _ci(e["greedy_ci"]),
+                     "" if g is None else f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]",
+                     "" if e["sampled_acc"] is None else e["sampled_acc"], _ci(e["sampled_ci"]),
+                     "" if s is None else f"{s[0]:+.3f} [{s[1]:+.3f}, {s[2]:+.3f}]",
+                     "" if n == "base" else summary.get("mcnemar_p_vs_base", {}).get(n, "")])
+    r.table(["condition", "trainable params", "greedy acc", "95% CI", "Δ vs base (paired 95% CI)",
+             "sampled acc (T=1)", "95% CI", "Δ vs base (paired 95% CI)", "McNemar p (greedy)"], rows,
+            caption="Held-out accuracy. Intervals: Wilson for accuracies, normal approximation for paired differences.")
+
+
+def _curves(r: Report, trained: dict, run: Run) -> None:
+    fig = plt_figure(figsize=(7, 3.5))
+    ax = fig.add_subplot(111)
+    for n, t in trained.items():
+        h = t.get("history", [])
+        if h:
+            ys = [x["accuracy"] for x in h]
+            sm = [sum(ys[max(0, i - 3): i + 1]) / len(ys[max(0, i - 3): i + 1]) for i in range(len(ys))]
+            ax.plot([x["step"] for x in h], sm, label=n)
+    ax.set_xlabel("RLOO step")
+    ax.set_ylabel("sampled accuracy (running mean of 4)")
+    ax.legend(fontsize=8)
+    r.figure(fig, "Training reward curves (fraction of the k samples per prompt that were correct).",
+             save_as=run.path("figures", "curves.png"))
+
+
+def _patching(r: Report, rows: list[dict], run: Run) -> None:
+    fig = plt_figure(figsize=(9, 3.2))
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    for ax, w in zip(axes, "qkv"):
+        sub = [x for x in rows if x["which"] == w]
+        ax.bar([str(x["head"]) for x in sub], [x["kl"] for x in sub], color="#4477aa")
+        ax.set_title(f"patch {w} (last layer)")
+        ax.set_xlabel("head")
+    axes[0].set_ylabel("KL(steered ‖ patched)")
+    r.figure(fig, "Per-head q/k/v path patching of the penultimate-layer vector.", save_as=run.path("figures", "patching.png"))
+    r.table(["which", "head", "KL", "completion log-prob", "fraction of steering effect removed"],
+            [[x["which"], x["head"], x["kl"], x["logprob"], x["effect_removed"]] for x in rows])
+
+
+def write_report(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: dict, res: dict, summary: dict) -> Path:
+    r = Report("Reasoning study: RL-trained steering vectors")
+    r.p(f"Model {cfg.model} ({lm.n_layers} layers, d_model {lm.d_model}); task '{cfg.difficulty}', "
+        f"{cfg.n_train} train / {cfg.n_test} test problems; RLOO with k={cfg.k}, {cfg.prompts_per_step} prompts "
+        f"per step, {cfg.steps} steps, lr {cfg.lr} (LoRA rank {cfg.lora_rank}, lr {cfg.lora_lr}); "
+        f"{cfg.max_new_tokens} new tokens; wall time {summary['seconds']} s (this invocation).")
+    r.h2("Accuracy")
+    _acc_table(r, evals, summary, trained)
+    r.h2("Training curves")
+    _curves(r, trained, run)
+    r.h2("Logit lens of each trained vector (top 10 of W_U·s)")
+    lens = run.load("lens")["rows"] if run.done("lens") else []
+    r.table(["vector", "layer", "final norm", "top tokens"],
+            [[x["vector"], x["layer"], x["final_norm"], " | ".join(repr(t) for t in x["tokens"])] for x in lens
+             if x["vector"] != "all" or x["layer"] >= lm.n_layers - 3 or x["layer"] % 5 == 0])
+    if "first_token" in res:
+        ft = res["first_token"]
+        r.h2("First generated token: change in probabilities caused by the last-layer vector")
+        r.p(f"Mean total-variation distance: {ft['total_variation']:.4f}.")
+        r.table(["token", "mean ΔP", "P base", "P steered"], ft["up"] + ft["down"])
+    if "prefix" in res:
+        pr = res["prefix"]
+        r.h2("Prefix control")
+        last = f"L{lm.n_layers - 1}"
+        gain_v = evals[last]["greedy_acc"] - evals["base"]["greedy_acc"] if last in evals else float("nan")
+        gain_p = pr["eval"]["greedy_acc"] - evals["base"]["greedy_acc"]
+        r.p(f"Prepending the last-layer vector's top logit-lens token {pr['token']!r} to the response instead of "
+            f"steering: greedy gain {gain_p:+.3f} vs {gain_v:+.3f} with the vector "
+            f"(ratio {gain_p / gain_v if gain_v else float('nan'):.2f}).")
+    if "patching" in res:
+        r.h2(f"q/k/v path patching of the layer-{res['patching']['layer']} vector")
+        _patching(r, res["patching"]["rows"], run)
+    if "persistence" in res:
+        r.h2("Persistence of the per-token residual change")
+        fig = plt_figure(figsize=(7, 3.2))
+        ax = fig.add_subplot(111)
+        rows = []
+        for v in res["persistence"]["vectors"]:
+            ax.plot([x["layer"] for x in v["rows"]], [x["cos_mean"] for x in v["rows"]], label=f"{v['vector']} cos(Δh, mean Δh)")
+            ax.plot([x["layer"] for x in v["rows"]], [x["cos_s"] for x in v["rows"]], "--", label=f"{v['vector']} cos(Δh, s)")
+            rows += [[v["vector"], x["layer"], x["cos_mean"], x["cos_s"], x["norm"]] for x in v["rows"]]
+        ax.set_xlabel("layer (resid_post)")
+        ax.legend(fontsize=7)
+        r.figure(fig, "Mean per-token cosines of Δh with its mean and with s.", save_as=run.path("figures", "persistence.png"))
+        r.table(["vector", "layer", "cos(Δh, mean)", "cos(Δh, s)", "|Δh|"], rows)
+    if "pairs" in res:
+        r.h2("Layer pairs (independently trained single-layer vectors applied together)")
+        r.table(["pair", "greedy acc", "95% CI", "gain (acc_pair - max single)/(acc_all - max single)"],
+                [[f"{p['pair'][0]}+{p['pair'][1]}", p["eval"]["greedy_acc"], _ci(p["eval"]["greedy_ci"]), p["gain"]]
+                 for p in res["pairs"]["pairs"]])
+    r.h2("Transfer")
+    tr = res.get("transfer", {})
+    if tr.get("done"):
+        r.table(["vector", "greedy acc", "95% CI"], [[x["name"], x["greedy_acc"], _ci(x["greedy_ci"])] for x in tr["rows"]])
+    else:
+        r.p(tr.get("note", "not run"))
+    r.h2("Examples (greedy)")
+    for n, e in evals.items():
+        r.pre(f"{n}:\n" + "\n".join(e["examples"][:4]))
+    r.h2("Steps")
+    r.pre("\n".join(run.log))
+    write_json(run.path("summary.json"), summary)
+    return r.write(run.path("report.html"))
+
+
+def load_summary(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / "summary.json").read_text())

@@ -1,0 +1,130 @@
+"""The resumable steps of the reasoning study; each returns a JSON-serialisable record."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from itertools import combinations
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+
+from steerscope.extract.rl import RLOOConfig, train_rloo
+from steerscope.lens import logit_lens
+from steerscope.metrics.math import is_correct, math_reward
+from steerscope.models.load import LM, load_model
+from steerscope.steer import steering
+from steerscope.studies.reasoning import analyses as an
+from steerscope.studies.reasoning.config import ReasoningConfig
+from steerscope.studies.reasoning.task import Problem, split
+from steerscope.studies.runner import Run
+from steerscope.trainable import LoRAPolicy, SteeringBias
+from steerscope.vector import SteeringVector
+
+
+def problems(cfg: ReasoningConfig) -> tuple[list[Problem], list[Problem]]:
+    return split(cfg.n_train, cfg.n_test, cfg.difficulty, cfg.seed)
+
+
+def _generate(lm: LM, texts: Sequence[str], ctx: Callable[[], ContextManager[Any]], max_new_tokens: int,
+              do_sample: bool, seed: int, batch_size: int = 50) -> list[str]:
+    out: list[str] = []
+    for i in range(0, len(texts), batch_size):
+        enc = lm.tokenize(list(texts[i : i + batch_size]), padding_side="left")
+        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  pad_token_id=lm.tokenizer.pad_token_id)
+        if do_sample:
+            kw.update(temperature=1.0, top_k=0, top_p=1.0)
+        torch.manual_seed(seed + i)
+        with ctx(), torch.no_grad():
+            ids = lm.model.generate(**enc, **kw)
+        out += lm.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str,
+             ctx: Callable[[], ContextManager[Any]] = nullcontext, prefix: str = "") -> dict:
+    """Greedy accuracy (and ``eval_samples`` samples at T=1 per problem) on the test set."""
+    texts = [lm.format_chat(p.prompt, cfg.system) + prefix for p in test]
+    greedy = [prefix + c for c in _generate(lm, texts, ctx, cfg.max_new_tokens, False, cfg.seed)]
+    g = [int(is_correct(c, p.answer)) for c, p in zip(greedy, test)]
+    s: list[int] = []
+    for r in range(cfg.eval_samples):
+        comp = _generate(lm, texts, ctx, cfg.max_new_tokens, True, cfg.seed + 7919 * (r + 1))
+        s += [int(is_correct(prefix + c, p.answer)) for c, p in zip(comp, test)]
+    return an.EvalResult(name, g, s, [f"{p.prompt} -> {c!r}" for p, c in zip(test, greedy)]).summary()
+
+
+def _rloo_cfg(cfg: ReasoningConfig, lr: float) -> RLOOConfig:
+    return RLOOConfig(steps=cfg.steps, prompts_per_step=cfg.prompts_per_step, k=cfg.k, lr=lr,
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, checkpoint_every=2,
+                      seed=cfg.seed, system=cfg.system)
+
+
+def train_vector(run: Run, lm: LM, cfg: ReasoningConfig, name: str, layers: list[int] | str) -> dict:
+    """Train a steering bias with RLOO (checkpointed under ckpt/<name>); save vectors/<name>.safetensors."""
+    train, _ = problems(cfg)
+    bias = SteeringBias(lm, layers, gate=cfg.gate)
+    res = train_rloo(lm, bias, [p.prompt for p in train], [p.answer for p in train], math_reward,
+                     _rloo_cfg(cfg, cfg.lr), checkpoint_dir=run.path("ckpt", name, "x").parent)
+    vec = bias.vector(train_steps=cfg.steps, difficulty=cfg.difficulty, k=cfg.k, lr=cfg.lr)
+    vec.save(run.path("vectors", f"{name}.safetensors"))
+    return {"name": name, "layers": bias.layers, "n_trainable": res.n_trainable, "train_seconds": res.seconds,
+            "history": [h.__dict__ for h in res.history], "norms": vec.norms(), "resumed_from": res.resumed_from}
+
+
+def load_vector(run: Run, name: str) -> SteeringVector:
+    return SteeringVector.load(run.path("vectors", f"{name}.safetensors"))
+
+
+def train_and_eval_lora(run: Run, cfg: ReasoningConfig, device: str) -> dict:
+    """The LoRA baseline: same trainer and budget, on its own copy of the model; evaluated at the end."""
+    lm = load_model(cfg.model, device=device)
+    train, test = problems(cfg)
+    pol = LoRAPolicy(lm, r=cfg.lora_rank, seed=cfg.seed)
+    res = train_rloo(lm, pol, [p.prompt for p in train], [p.answer for p in train], math_reward,
+                     _rloo_cfg(cfg, cfg.lora_lr), checkpoint_dir=run.path("ckpt", "lora", "x").parent)
+    ev = evaluate(lm, test, cfg, "LoRA", pol.active)
+    return {"name": "lora", "n_trainable": res.n_trainable, "train_seconds": res.seconds,
+            "history": [h.__dict__ for h in res.history], "eval": ev, "resumed_from": res.resumed_from}
+
+
+def lens_step(lm: LM, vecs: dict[str, SteeringVector], k: int = 10) -> dict:
+    rows = []
+    for name, v in vecs.items():
+        for layer in v.layers:
+            for fn in (False, True):
+                top = logit_lens(lm, v[layer][None].to(lm.device), k=k, final_norm=fn)[0]
+                rows.append({"vector": name, "layer": layer, "final_norm": fn, "tokens": top.tokens,
+                             "scores": [round(x, 3) for x in top.scores]})
+    return {"rows": rows}
+
+
+def analysis_texts(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> tuple[list[str], list[str], list[Problem]]:
+    """Prompts of the first ``n_analysis`` test problems and the steered model's greedy completions."""
+    _, test = problems(cfg)
+    test = test[: cfg.n_analysis]
+    texts = [lm.format_chat(p.prompt, cfg.system) for p in test]
+    comps = _generate(lm, texts, lambda: steering(lm, vec, 1.0), cfg.max_new_tokens, False, cfg.seed)
+    return texts, [c if c else " " for c in comps], test
+
+
+def pairs_step(lm: LM, run: Run, cfg: ReasoningConfig, singles: list[int], acc: dict[str, float]) -> dict:
+    """Apply two independently trained single-layer vectors together; layer-pair gain per pair."""
+    _, test = problems(cfg)
+    out = []
+    for a, b in combinations(singles, 2):
+        v = load_vector(run, f"L{a}") + load_vector(run, f"L{b}")
+        ev = evaluate(lm, test, cfg, f"L{a}+L{b}", lambda v=v: steering(lm, v, 1.0))
+        gain = an.layer_pair_gain(ev["greedy_acc"], acc[f"L{a}"], acc[f"L{b}"], acc["all"]) if "all" in acc else None
+        out.append({"pair": [a, b], "eval": ev, "gain": gain})
+    return {"pairs": out}
+
+
+def random_control(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int) -> dict:
+    """A random direction with the trained vector's norm at the same layer, evaluated like the vector."""
+    _, test = problems(cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    r = torch.randn(lm.d_model, generator=g)
+    rv = SteeringVector({layer: r / r.norm() * vec[layer].norm()}, "mlp_out")
+    ev = evaluate(lm, test, cfg, f"random L{layer}", lambda: steering(lm, rv, 1.0))
+    return {"layer": layer, "norm": float(vec[layer].norm()), "eval": ev}

@@ -1,0 +1,1 @@
+"""Refusal study, part 2: why steering works (EAP-IG circuits, frozen attention, svv, sparsification)."""

@@ -1,0 +1,75 @@
+"""Configuration of the refusal-mechanisms study (a frozen dataclass, stored in the run folder)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steerscope.errors import StudyError
+
+SHIPPED = {"dim": "smollm2-135m-safe/refusal-dim", "ntp": "smollm2-135m-safe/refusal-ntp",
+           "po": "smollm2-135m-safe/refusal-po"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that determines the study's numbers.
+
+    ``vectors`` maps a method name (dim, ntp, po) to a shipped name or a .safetensors path.
+    ``alpha_bypass`` (< 0, harmful prompts) and ``alpha_induce`` (> 0, harmless prompts) follow
+    paper A's Appendix B.1 signs.
+    """
+
+    model: str = "smollm2-135m-safe"
+    vectors: dict[str, str] = field(default_factory=lambda: dict(SHIPPED))
+    alpha_bypass: float = -1.0
+    alpha_induce: float = 1.0
+    n_attr: int = 8  # prompts per attribution set (before the behaviour-flip filter)
+    attr_tokens: int = 24  # teacher-forced response length for EAP-IG
+    steps: int = 10  # IG midpoint steps T
+    n_check: int = 4  # prompts for the EAP-IG vs exact patching check
+    circuit_fracs: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+    threshold: float = 0.85
+    bisect_steps: int = 4  # refine the minimal faithful circuit between grid sizes
+    n_eval: int = 32  # prompts per ASR measurement
+    eval_tokens: int = 32
+    sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
+    batch_size: int = 16
+    seed: int = 0
+    eval_offset: int = 200  # evaluation prompts are taken from here on; extraction used the first 64
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["circuit_fracs"], d["sparsities"] = list(self.circuit_fracs), list(self.sparsities)
+        return d
+
+
+def vectors_from_dir(folder: str | Path) -> dict[str, str]:
+    """Find dim / ntp / po vectors (``*.safetensors`` whose name contains the method) in a refusal run folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StudyError(f"--vector-dir {folder} is not a folder; give a refusal run folder holding *.safetensors")
+    found: dict[str, str] = {}
+    files = sorted(folder.rglob("*.safetensors"))
+    for method in ("dim", "ntp", "po"):
+        hits = [f for f in files if method in f.stem.lower().replace("-", "_").split("_") or f.stem.lower() == method
+                or f.stem.lower().endswith(f"-{method}")]
+        if hits:
+            found[method] = str(hits[0])
+    if "dim" not in found:
+        raise StudyError(f"no DIM vector (a *.safetensors named like 'dim' or 'refusal-dim') under {folder}")
+    return found
+
+
+def parse_vectors(spec: str) -> dict[str, str]:
+    """``"dim=path.safetensors,po=smollm2-135m-safe/refusal-po"`` -> dict."""
+    out = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise StudyError(f"--vectors takes name=path pairs separated by commas, got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    if "dim" not in out:
+        raise StudyError("--vectors must include dim=... (the ablation table uses the DIM vector)")
+    return out

@@ -1,0 +1,173 @@
+"""HTML report of the refusal-mechanisms study: tables and figures from the step records only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from steerscope.report.html import Report, plt_figure
+from steerscope.studies.refusal_mechanisms.config import Config
+from steerscope.studies.runner import Run
+
+SETTINGS = ("bypass", "induce")
+MODES = (("none", "steered"), ("qk", "QK frozen"), ("ov", "OV frozen"), ("svv", "svv removed"),
+         ("mlp", "MLP input s removed"))
+
+
+def _faithfulness_fig(recs: dict[str, dict[str, Any]], threshold: float) -> Any:
+    fig = plt_figure(figsize=(6, 3.6))
+    ax = fig.add_subplot(111)
+    for name, r in recs.items():
+        frac = [n / r["n_edges_total"] for n in r["n_edges_pruned"]]
+        ax.plot(frac, r["faithfulness"], marker="o", label=f"{name} ({r['setting']})")
+    ax.axhline(threshold, color="grey", ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("circuit size (fraction of edges, after pruning)")
+    ax.set_ylabel("faithfulness")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _circuit_fig(run: Run, name: str, setting: str) -> Any:
+    """Layered drawing of the minimal circuit: nodes per layer (heads, MLP), edges as lines."""
+    import torch
+
+    from steerscope.attribution import Graph
+
+    circ = torch.load(run.path("tensors", f"circuit_{name}_{setting}.pt"))
+    rec = run.load(f"circuits_{name}_{setting}")
+    gi = rec["graph"]
+    g = Graph.build(gi["layer0"], gi["n_layers"], gi["n_heads"], gi["n_kv"])
+    per_up, l0, n_layers = g.n_heads, g.layer0, g.n_layers
+
+    def up_xy(i: int) -> tuple[float, float]:
+        n = g.upstream[i]
+        if n == "s":
+            return per_up / 2, l0 - 0.6
+        layer = int(n.split(".")[0][1:])
+        return (per_up + 0.8 if n.endswith("MLP") else int(n.split(".H")[1])), layer + (0.45 if n.endswith("MLP") else 0)
+
+    def recv_xy(j: int) -> tuple[float, float]:
+        r = g.receivers[j]
+        if r == "logits":
+            return per_up / 2, n_layers + 0.3
+        layer = int(r.split(".")[0][1:])
+        if r.endswith("MLP"):
+            return per_up + 0.8, layer + 0.45
+        if ".H" in r:
+            return int(r.split(".H")[1].split(".")[0]), layer
+        grp = int(r.split(".KV")[1].split(".")[0])
+        return (grp + 0.5) * per_up / g.n_kv, layer
+    fig = plt_figure(figsize=(7, 0.35 * (n_layers - l0) + 2))
+    ax = fig.add_subplot(111)
+    colors = {"q": "tab:blue", "k": "tab:green", "v": "tab:red", "P": "tab:purple", "s": "tab:orange"}
+    for u, v in circ.nonzero().tolist():
+        (x0, y0), (x1, y1) = up_xy(u), recv_xy(v)
+        r = g.receivers[v]
+        c = colors.get(r[-1], "tab:gray") if r != "logits" else "black"
+        ax.plot([x0, x1], [y0, y1], color=c, lw=0.5, alpha=0.5)
+    used = circ.any(1).nonzero()[:, 0].tolist()
+    ax.scatter([up_xy(i)[0] for i in used], [up_xy(i)[1] for i in used], s=12, color="k", zorder=3)
+    ax.set_xlabel("head index (MLP at right)")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{name} {setting}: {rec['minimal_edges']} edges (blue q, green k, red v, purple MLP, black logits)",
+                 fontsize=9)
+    return fig
+
+
+def _ablation_fig(recs: dict[str, dict[str, Any]]) -> Any:
+    fig = plt_figure(figsize=(7, 3.4))
+    ax = fig.add_subplot(111)
+    w = 0.38
+    for i, (setting, r) in enumerate(recs.items()):
+        vals = [r["unsteered"]] + [r[m] for m, _ in MODES]
+        ax.bar([j + i * w for j in range(len(vals))], vals, width=w, label=setting)
+    ax.set_xticks([j + w / 2 for j in range(len(MODES) + 1)])
+    ax.set_xticklabels(["unsteered"] + [lab for _, lab in MODES], rotation=20, fontsize=8)
+    ax.set_ylabel("ASR (non-refusal rate)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _sparsity_fig(rec: dict[str, Any]) -> Any:
+    fig = plt_figure(figsize=(6, 3.6))
+    ax = fig.add_subplot(111)
+    for method, vals in rec["asr"].items():
+        ax.plot(rec["sparsities"], vals, marker="o", label=method)
+    if rec.get("dense_asr") is not None:
+        ax.axhline(rec["dense_asr"], color="grey", ls="--", lw=1, label="dense")
+    ax.set_xlabel("sparsity (fraction of dimensions zeroed)")
+    ax.set_ylabel("ASR")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
+    """Build ``report.html`` in the run folder from the step records."""
+    r = Report("Refusal mechanisms: why steering works")
+    r.p(f"Model {cfg.model}; vectors {cfg.vectors}; alpha bypass {cfg.alpha_bypass}, induce {cfg.alpha_induce}; "
+        f"{cfg.n_eval} prompts x {cfg.eval_tokens} tokens per ASR; EAP-IG on {cfg.n_attr} prompts x "
+        f"{cfg.attr_tokens} tokens with T={cfg.steps}.", note=True)
+    if run.done("exact_check"):
+        e = run.load("exact_check")
+        r.h2("EAP-IG vs exact activation patching (real model)")
+        r.table(["measure", "value"], [[k, v] for k, v in e.items() if not k.startswith("_")])
+    r.h2("Attribution")
+    rows = []
+    for n in names:
+        for s in SETTINGS:
+            if run.done(f"attribution_{n}_{s}"):
+                a = run.load(f"attribution_{n}_{s}")
+                rows.append([f"{n} {s}", a["n_flipped"], len(a["rows_used"]), a["scored_positions"], a["m_clean"],
+                             a["m_corrupt"], a["s_node"], ", ".join(f"{k} {v:.2f}" for k, v in a["top_nodes"][:5])])
+    r.table(["vector/setting", "flipped", "used", "scored pos", "m clean", "m base", "IE(s)", "top nodes"], rows)
+    r.h2("Circuits (exact edge-level patching)")
+    crec = {f"{n}/{s}": run.load(f"circuits_{n}_{s}") for n in names for s in SETTINGS if run.done(f"circuits_{n}_{s}")}
+    if crec:
+        r.figure(_faithfulness_fig(crec, cfg.threshold), "faithfulness vs circuit size", run.path("fig_faith.png"))
+        r.table(["vector/setting", "minimal edges", "of", "fraction", "reached 0.85", "q/k/v/mlp/logits edges"],
+                [[k, c["minimal_edges"], c["n_edges_total"], c["minimal_fraction"], c["reached_threshold"],
+                  "/".join(str(c["edge_kinds"][x]) for x in ("q", "k", "v", "mlp", "logits"))] for k, c in crec.items()])
+    for s in SETTINGS:
+        if run.done(f"circuit_compare_{s}"):
+            cc = run.load(f"circuit_compare_{s}")
+            r.h3(f"Circuit overlap and controls ({s})")
+            r.table(["pair", "overlap |C1∩C2|/min"], [[k, v] for k, v in cc["overlap"].items()])
+            r.table(["vector", "own size", "random 2x (two seeds)", "complement", "swapped"],
+                    [[n, c["own_size"], ", ".join(f"{x:.3f}" for x in c["random_2x"]), c["complement"],
+                      ", ".join(f"{o}: {v:.3f}" for o, v in c["swapped"].items())] for n, c in cc["controls"].items()])
+    if run.done("circuits_dim_bypass"):
+        r.figure(_circuit_fig(run, "dim", "bypass"), "minimal DIM bypass circuit", run.path("fig_circuit.png"))
+    arec = {s: run.load(f"ablations_{s}") for s in SETTINGS if run.done(f"ablations_{s}")}
+    if arec:
+        r.h2("Frozen attention and path ablations (DIM; paper A Table 1)")
+        r.figure(_ablation_fig(arec), "ASR per ablation", run.path("fig_ablations.png"))
+        hdr = ["ablation"] + [f"{s} ASR (change, pts)" for s in arec]
+        body = [["unsteered"] + [f"{a['unsteered']:.3f}" for a in arec.values()]]
+        for m, lab in MODES:
+            body.append([lab] + [f"{a[m]:.3f} ({100 * abs(a[m] - a['none']):.1f})" for a in arec.values()])
+        r.table(hdr, body)
+    r.h2("Steering value vectors: logit lens of the top heads")
+    for n in names:
+        if run.done(f"svv_{n}"):
+            sv = run.load(f"svv_{n}")
+            r.h3(f"{n}: raw vector top: {' | '.join(sv['raw_vector']['top'][:8])}")
+            r.table(["head", "node IE", "|svv|", "top tokens", "bottom tokens (sign flipped)"],
+                    [[h["head"], h["score"], h["norm"], " | ".join(h["top"][:8]), " | ".join(h["bottom"][:8])]
+                     for h in sv["heads"]])
+    if run.done("sparsity_dim_bypass"):
+        sp = run.load("sparsity_dim_bypass")
+        r.h2("Sparsification (DIM, bypass)")
+        r.figure(_sparsity_fig(sp), "ASR vs sparsity", run.path("fig_sparsity.png"))
+        r.table(["method"] + [f"{x:.2f}" for x in sp["sparsities"]],
+                [[m] + [f"{v:.3f}" for v in vals] for m, vals in sp["asr"].items()],
+                caption=f"dense ASR {sp.get('dense_asr')}")
+    if run.done("iou_bypass"):
+        iou = run.load("iou_bypass")
+        r.h3("IoU of kept dimensions (hypergeometric p-value; expected IoU if independent)")
+        r.table(["pair"] + [f"{a['sparsity']:.2f}" for a in next(iter(iou["pairs"].values()), [])],
+                [[k] + [f"{a['iou']:.3f} (p={a['p_value']:.1e}; {a['expected_iou']:.3f})" for a in v]
+                 for k, v in iou["pairs"].items()])
+    r.h2("Run log")
+    r.pre("\n".join(run.log))
+    return r.write(run.path("report.html"))

@@ -1,0 +1,246 @@
+"""Resumable steps of the refusal-mechanisms study: each returns a JSON record; tensors go beside it.
+
+Settings: ``bypass`` = harmful prompts steered with alpha_bypass (< 0), ``induce`` = harmless
+prompts steered with alpha_induce (> 0). ASR = fraction of completions that are not refusals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from scipy.stats import spearmanr
+
+from steerscope import attribution as A
+from steerscope import circuits as C
+from steerscope import freeze as F
+from steerscope import ov
+from steerscope import sparsify as S
+from steerscope.data import data_path, read_jsonl
+from steerscope.generation import generate
+from steerscope.metrics.refusal import asr, is_refusal
+from steerscope.models.load import LM
+from steerscope.progress import progress
+from steerscope.studies.refusal_mechanisms.config import Config
+from steerscope.studies.runner import Run
+from steerscope.vector import SteeringVector
+
+SETTINGS = ("bypass", "induce")
+
+
+def prompts(kind: str) -> list[str]:
+    """Shipped harmful / harmless instructions."""
+    name = "harmful" if kind == "bypass" else "harmless"
+    return [r["instruction"] for r in read_jsonl(data_path("refusal", f"{name}.jsonl"))]
+
+
+def alpha_of(cfg: Config, setting: str) -> float:
+    return cfg.alpha_bypass if setting == "bypass" else cfg.alpha_induce
+
+
+def eval_prompts(cfg: Config, setting: str) -> list[str]:
+    return prompts(setting)[cfg.eval_offset : cfg.eval_offset + cfg.n_eval]
+
+
+def attr_prompts(cfg: Config, setting: str) -> list[str]:
+    start = cfg.eval_offset + cfg.n_eval
+    return prompts(setting)[start : start + cfg.n_attr]
+
+
+def _tensor_path(run: Run, name: str) -> str:
+    return str(run.path("tensors", f"{name}.pt"))
+
+
+def step_attribution(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector, setting: str) -> dict[str, Any]:
+    """EAP-IG on prompts whose refusal behaviour the steering flips (all prompts if fewer than 2 flip)."""
+    alpha = alpha_of(cfg, setting)
+    ps = attr_prompts(cfg, setting)
+    base = generate(lm, ps, max_new_tokens=cfg.attr_tokens, batch_size=cfg.batch_size)
+    pb = A.prepare(lm, ps, vec, alpha, max_new_tokens=cfg.attr_tokens)
+    flipped = [i for i, (b, s) in enumerate(zip(base, pb.texts)) if is_refusal(b) != is_refusal(s)]
+    rows = flipped if len(flipped) >= 2 else list(range(len(ps)))
+    rows = [i for i in rows if pb.mask[i].any()] or list(range(len(ps)))
+    pb = _select(pb, rows)
+    att = A.eap_ig(lm, pb, vec, alpha, steps=cfg.steps, batch_size=4)
+    torch.save({"edges": att.edges, "nodes": att.nodes, "ie_vec": att.ie_vec, "mean_grad": att.mean_grad,
+                "rows": rows, "batch": {k: getattr(pb, k) for k in ("ids", "attn", "pos_ids", "y_steer", "y_base", "mask")}},
+               _tensor_path(run, f"attr_{name}_{setting}"))
+    return {"vector": name, "setting": setting, "alpha": alpha, "n_prompts": len(ps), "n_flipped": len(flipped),
+            "rows_used": rows, "scored_positions": int(pb.mask.sum()), "m_clean": att.m_clean,
+            "m_corrupt": att.m_corrupt, "s_node": float(att.nodes[0]), "n_edges": att.graph.n_edges,
+            "n_nodes": len(att.graph.upstream), "top_nodes": att.top_nodes(15),
+            "steered_texts": [pb.texts[i] for i in range(len(pb.texts))][:4]}
+
+
+def _select(pb: A.PatchBatch, rows: list[int]) -> A.PatchBatch:
+    idx = torch.tensor(rows)
+    return A.PatchBatch(pb.ids[idx], pb.attn[idx], pb.pos_ids[idx], pb.y_steer[idx], pb.y_base[idx],
+                        pb.mask[idx], [pb.texts[i] for i in rows])
+
+
+def load_attr(run: Run, name: str, setting: str) -> dict[str, Any]:
+    return torch.load(_tensor_path(run, f"attr_{name}_{setting}"))
+
+
+def step_exact_check(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting: str = "bypass") -> dict[str, Any]:
+    """EAP-IG node scores vs exact activation patching (one forward per node) on the real model."""
+    import time
+
+    alpha = alpha_of(cfg, setting)
+    ps = attr_prompts(cfg, setting)[: cfg.n_check]
+    pb = A.prepare(lm, ps, vec, alpha, max_new_tokens=min(cfg.attr_tokens, 16))
+    t0 = time.perf_counter()
+    att = A.eap_ig(lm, pb, vec, alpha, steps=cfg.steps, batch_size=cfg.n_check)
+    t_eap = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exact = C.node_patching(lm, pb, vec, alpha, att.graph)
+    t_exact = time.perf_counter() - t0
+    out: dict[str, Any] = {"setting": setting, "n_prompts": len(ps), "scored_positions": int(pb.mask.sum()),
+                           "t_eapig_s": round(t_eap, 2), "t_exact_nodes_s": round(t_exact, 2),
+                           "time_ratio_nodes": round(t_exact / t_eap, 2),
+                           "s_node_eap": float(att.nodes[0]), "s_node_exact": float(exact[0])}
+    for k in (10, 20, 50):
+        top = exact.abs().argsort(descending=True)[:k]
+        out[f"spearman_top{k}"] = round(float(spearmanr(exact[top].numpy(), att.nodes[top].numpy()).statistic), 3)
+    out["spearman_all"] = round(float(spearmanr(exact.numpy(), att.nodes.numpy()).statistic), 3)
+    return out
+
+
+def _graph(lm: LM, vec: SteeringVector) -> A.Graph:
+    return A.Graph.build(vec.layers[0], lm.n_layers, lm.n_heads, lm.n_kv_heads)
+
+
+def _attr_batch(att: dict[str, Any]) -> A.PatchBatch:
+    """The teacher-forced batch the attribution step used (stored beside its scores)."""
+    return A.PatchBatch(**att["batch"])
+
+
+def step_circuits(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector, setting: str) -> dict[str, Any]:
+    """Faithfulness vs circuit size (exact edge-level patching); the minimal faithful circuit."""
+    att = load_attr(run, name, setting)
+    g = _graph(lm, vec)
+    pb = _attr_batch(att)
+    sizes = sorted({max(1, int(round(f * g.n_edges))) for f in cfg.circuit_fracs})
+    fc = C.faithfulness_curve(lm, pb, vec, alpha_of(cfg, setting), att["edges"], g, sizes)
+    minimal = next((n for n, f in zip(sizes, fc.values) if f >= cfg.threshold), sizes[-1])
+    i = sizes.index(minimal)
+    lo, hi = (sizes[i - 1] if i > 0 else 0), minimal
+    for _ in range(cfg.bisect_steps if any(f >= cfg.threshold for f in fc.values) else 0):  # refine between grid points
+        if hi - lo <= max(1, hi // 50):
+            break
+        mid = (lo + hi) // 2
+        (f_mid,), _, _ = C.faithfulness_of(lm, pb, vec, alpha_of(cfg, setting), g, [C.greedy_circuit(att["edges"], g, mid)])
+        lo, hi = (lo, mid) if f_mid >= cfg.threshold else (mid, hi)
+    minimal = hi
+    circ = C.greedy_circuit(att["edges"], g, minimal)
+    torch.save(circ, _tensor_path(run, f"circuit_{name}_{setting}"))
+    return {"vector": name, "setting": setting, "sizes": sizes, "n_edges_pruned": fc.n_edges,
+            "faithfulness": fc.values, "m_full": fc.m_full, "m_empty": fc.m_empty, "n_edges_total": g.n_edges,
+            "minimal_top_n": minimal, "minimal_edges": int(circ.sum()),
+            "minimal_fraction": int(circ.sum()) / g.n_edges,
+            "reached_threshold": any(f >= cfg.threshold for f in fc.values),
+            "edge_kinds": _edge_kinds(circ, g),
+            "graph": {"layer0": g.layer0, "n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv": g.n_kv}}
+
+
+def _edge_kinds(circ: torch.Tensor, g: A.Graph) -> dict[str, int]:
+    kinds: dict[str, int] = {"q": 0, "k": 0, "v": 0, "mlp": 0, "logits": 0}
+    for j in circ.any(0).nonzero()[:, 0].tolist():
+        r = g.receivers[j]
+        key = "logits" if r == "logits" else "mlp" if r.endswith("MLP") else r[-1]
+        kinds[key] += int(circ[:, j].sum())
+    return kinds
+
+
+def step_circuit_compare(run: Run, lm: LM, cfg: Config, vecs: dict[str, SteeringVector], setting: str
+                         ) -> dict[str, Any]:
+    """Overlap of the methods' minimal circuits; swapped-circuit and 2x random-circuit controls."""
+    names = [n for n in vecs if run.done(f"circuits_{n}_{setting}")]
+    circs = {n: torch.load(_tensor_path(run, f"circuit_{n}_{setting}")) for n in names}
+    overlap = {f"{a}-{b}": C.overlap(circs[a], circs[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
+    controls: dict[str, Any] = {}
+    for n in names:
+        vec, alpha = vecs[n], alpha_of(cfg, setting)
+        g = _graph(lm, vec)
+        att = load_attr(run, n, setting)
+        pb = _attr_batch(att)
+        size = int(circs[n].sum())
+        others = [o for o in names if o != n and circs[o].shape == circs[n].shape]
+        tests = [C.random_circuit(g, 2 * size, seed=cfg.seed + i) for i in range(2)]
+        tests += [g.valid & ~circs[n]] + [circs[o] for o in others]
+        vals, _, _ = C.faithfulness_of(lm, pb, vec, alpha, g, tests)
+        controls[n] = {"own_size": size, "random_2x": vals[:2], "complement": vals[2],
+                       "swapped": {o: v for o, v in zip(others, vals[3:])}}
+    return {"setting": setting, "overlap": overlap, "controls": controls}
+
+
+def step_ablations(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting: str) -> dict[str, Any]:
+    """ASR unsteered, steered, and steered with QK frozen / OV frozen / svv removed / MLP ablated."""
+    ps, alpha = eval_prompts(cfg, setting), alpha_of(cfg, setting)
+    out: dict[str, Any] = {"setting": setting, "alpha": alpha, "n": len(ps)}
+    base = generate(lm, ps, max_new_tokens=cfg.eval_tokens, batch_size=cfg.batch_size)
+    out["unsteered"] = asr(base)
+    samples = {"unsteered": base[:3]}
+    for mode in progress(F.MODES, desc=f"ablations {setting}"):
+        texts = F.frozen_generate(lm, ps, vec, alpha, mode=mode, max_new_tokens=cfg.eval_tokens,
+                                  batch_size=cfg.batch_size)
+        out[mode] = asr(texts)
+        samples[mode] = texts[:3]
+    out["samples"] = samples
+    return out
+
+
+def step_svv(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector, setting: str = "bypass",
+             n_heads: int = 8, k: int = 12) -> dict[str, Any]:
+    """Logit lens of the svvs of the top heads by EAP-IG node score (and of s itself)."""
+    att = load_attr(run, name, setting)
+    g = _graph(lm, vec)
+    scores = {g.upstream[i]: float(att["nodes"][i]) for i in range(len(g.upstream))}
+    s = vec[vec.layers[0]] * alpha_of(cfg, setting)
+    rows = ov.lens_table(lm, s, scores, n_heads=n_heads, k=k)
+    top, bottom = ov.logit_lens(lm, s, k)
+    return {"vector": name, "setting": setting, "heads": [r.__dict__ for r in rows],
+            "raw_vector": {"top": top, "bottom": bottom}}
+
+
+def step_sparsity(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector, setting: str = "bypass",
+                  evaluate: bool = True) -> dict[str, Any]:
+    """ASR vs sparsity for the gradient, IE, |s| and random rules (k matched)."""
+    att = load_attr(run, name, setting)
+    s, r = vec[vec.layers[0]].float(), att["mean_grad"].float()
+    ps, alpha = eval_prompts(cfg, setting), alpha_of(cfg, setting)
+    out: dict[str, Any] = {"vector": name, "setting": setting, "sparsities": list(cfg.sparsities),
+                           "tau": [S.tau_for(r, sp) for sp in cfg.sparsities], "asr": {}, "keep": {}}
+    if evaluate:
+        dense = generate(lm, ps, vector=vec, alpha=alpha, max_new_tokens=cfg.eval_tokens, batch_size=cfg.batch_size)
+        out["dense_asr"] = asr(dense)
+    for method in S.METHODS:
+        out["keep"][method] = [S.keep_mask(method, sp, s, r, seed=cfg.seed).nonzero()[:, 0].tolist()
+                               for sp in cfg.sparsities]
+        if evaluate:
+            vals = []
+            for sp in progress(cfg.sparsities, desc=f"sparsity {name} {method}"):
+                sv = S.apply(vec, S.keep_mask(method, sp, s, r, seed=cfg.seed))
+                vals.append(asr(generate(lm, ps, vector=sv, alpha=alpha, max_new_tokens=cfg.eval_tokens,
+                                         batch_size=cfg.batch_size)))
+            out["asr"][method] = vals
+    return out
+
+
+def step_iou(run: Run, lm: LM, cfg: Config, names: list[str], setting: str = "bypass") -> dict[str, Any]:
+    """IoU of the kept dimensions across vectors, with hypergeometric p-values."""
+    recs = {n: run.load(f"sparsity_{n}_{setting}") for n in names if run.done(f"sparsity_{n}_{setting}")}
+    d = lm.d_model
+    out: dict[str, Any] = {"setting": setting, "pairs": {}}
+    ns = list(recs)
+    for method in ("gradient", "ie"):
+        for i, a in enumerate(ns):
+            for b in ns[i + 1 :]:
+                rows = []
+                for j, sp in enumerate(cfg.sparsities):
+                    ka, kb = torch.zeros(d, dtype=torch.bool), torch.zeros(d, dtype=torch.bool)
+                    ka[recs[a]["keep"][method][j]] = True
+                    kb[recs[b]["keep"][method][j]] = True
+                    rows.append(S.agreement(ka, kb, sp).__dict__)
+                out["pairs"][f"{method}:{a}-{b}"] = rows
+    return out

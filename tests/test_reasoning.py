@@ -1,0 +1,111 @@
+"""The reasoning study: task generator, analyses against independent facts, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import steerscope as ss
+from steerscope.errors import SteerscopeError, VectorError
+from steerscope.studies.reasoning import analyses as an
+from steerscope.studies.reasoning.config import ReasoningConfig
+from steerscope.studies.reasoning.task import DIFFICULTIES, make_problems, split
+
+
+@pytest.mark.parametrize("difficulty", DIFFICULTIES)
+def test_problems_are_deterministic_correct_and_split_disjoint(difficulty):
+    a, b = make_problems(20, difficulty, seed=3), make_problems(20, difficulty, seed=3)
+    assert a == b and len({p.question for p in a}) == 20
+    p = a[0]
+    if difficulty in ("add-1d", "add-small", "add", "mul", "two-step"):
+        expr = p.question.split("is ")[-1].rstrip("?").replace("the sum of ", "")
+        if "and" in expr:
+            x, y = expr.split(" and ")
+            expr = f"{x}+{y}"
+        if not p.question.startswith(("Compute", "Add")):
+            assert str(eval(expr)) == p.answer  # noqa: S307 - generated arithmetic only
+    train, test = split(30, 20, difficulty, seed=0)
+    assert not {q.question for q in train} & {q.question for q in test}
+    with pytest.raises(SteerscopeError):
+        make_problems(3, "nope")
+
+
+def test_wilson_interval_and_paired_difference():
+    lo, hi = an.wilson(30, 100)
+    assert lo == pytest.approx(0.2189, abs=1e-3) and hi == pytest.approx(0.3958, abs=1e-3)  # textbook values
+    m, lo, hi = an.paired_diff([0, 0, 1, 1], [1, 1, 1, 0])
+    assert m == pytest.approx(0.25) and lo < m < hi
+    assert an.layer_pair_gain(0.5, 0.3, 0.4, 0.6) == pytest.approx(0.5)
+    a, b = [0] * 14 + [1] * 4 + [1] * 5, [1] * 14 + [0] * 4 + [1] * 5
+    assert an.mcnemar_p(a, b) == pytest.approx(2 * 4048 / 2**18)  # binomial(18, 0.5) tail, by hand
+    assert an.mcnemar_p([1, 0], [1, 0]) == 1.0
+
+
+def test_config_resolves_layers():
+    assert ReasoningConfig(layers=("mid", "-1", "0")).resolve_layers(30) == [0, 15, 29]
+    with pytest.raises(SteerscopeError):
+        ReasoningConfig(layers=("40",)).resolve_layers(30)
+
+
+def test_qkv_patching_and_persistence_against_known_answers(tiny_llama):
+    lm = tiny_llama
+    texts = [lm.format_chat(p) for p in ["What is 2 + 3?", "Add 4 and 1."]]
+    comps = [" 5", " 4 + 1 = 5"]
+    g = torch.Generator().manual_seed(0)
+    after_last = ss.SteeringVector({3: torch.randn(lm.d_model, generator=g)}, "mlp_out")
+    rows = an.qkv_patching(lm, after_last, texts, comps)
+    assert all(abs(r["kl"]) < 1e-6 for r in rows)  # q/k/v of the last layer do not see this vector
+    pen = ss.SteeringVector({2: 3 * torch.randn(lm.d_model, generator=g)}, "mlp_out")
+    rows = an.qkv_patching(lm, pen, texts, comps)
+    assert len(rows) == (lm.n_heads + 1) + 2 * (lm.n_kv_heads + 1)
+    assert max(r["kl"] for r in rows) > 1e-6
+    per = an.persistence(lm, pen, 2, texts, comps)
+    assert per[0]["layer"] == 2 and per[0]["cos_s"] == pytest.approx(1.0, abs=1e-4)  # Δh = s right after the MLP
+    assert per[0]["cos_mean"] == pytest.approx(1.0, abs=1e-4) and len(per) == 2
+    ft = an.first_token_delta(lm, pen, texts, k=3)
+    assert len(ft["up"]) == 3 and ft["up"][0][1] >= ft["up"][-1][1] and 0 <= ft["total_variation"] <= 1
+
+
+def test_transfer_needs_same_depth_and_width(smol_tokenizer):
+    from conftest import make_tiny
+
+    a, b = make_tiny("llama", seed=0, tokenizer=smol_tokenizer), make_tiny("llama", seed=1, tokenizer=smol_tokenizer)
+    v = ss.SteeringVector({1: torch.ones(a.d_model)}, "mlp_out", ss.Provenance.for_model(a))
+    t = an.transfer_vector(v, b)
+    assert torch.equal(t[1], v[1]) and t.provenance.args["source_model"] == a.name
+    assert t.provenance.fingerprint == b.fingerprint
+    enc = b.tokenize([b.format_chat("hi")])
+    with torch.no_grad(), ss.steering(b, t):
+        steered = b.model(**enc).logits
+    assert not torch.allclose(steered, b.model(**enc).logits)
+    deep = ss.SteeringVector({1: torch.ones(a.d_model)}, "mlp_out", ss.Provenance(n_layers=30))
+    with pytest.raises(VectorError):
+        an.transfer_vector(deep, b)
+
+
+def test_study_command_runs_end_to_end_and_resumes(tiny_llama, tmp_path):
+    from steerscope.cli import main
+
+    folder = tmp_path / "tiny-model"
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    out = tmp_path / "run"
+    args = ["study", "reasoning", "--model", str(folder), "--preset", "tiny", "--out", str(out), "--n-test", "6",
+            "--steps", "2", "--json"]
+    assert main(args) == 0
+    html = (out / "report.html").read_text()
+    for section in ("Accuracy", "Training curves", "Logit lens", "First generated token", "Prefix control",
+                    "path patching", "Persistence", "Layer pairs", "Transfer", "LoRA"):
+        assert section in html, section
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["accuracy"]) >= {"base", "L2", "L3", "all", "lora", "prefix", "random L2"}
+    assert summary["n_trainable"]["L3"] == tiny_llama.d_model
+    assert (out / "ckpt" / "L3" / "state.json").is_file() and (out / "vectors" / "all.safetensors").is_file()
+    assert ss.SteeringVector.load(out / "vectors" / "L3.safetensors").site == "mlp_out"
+    assert main(args) == 0  # resume: every step cached
+    assert "cached" in (out / "report.html").read_text()
+    (out / "steps" / "pairs.json").unlink()
+    assert main(args + ["--report-only"]) == 0  # rewrites the report, runs nothing
+    assert not (out / "steps" / "pairs.json").exists() and "Layer pairs" not in (out / "report.html").read_text()

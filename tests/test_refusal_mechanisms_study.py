@@ -1,0 +1,49 @@
+"""The refusal-mechanisms study end to end on a tiny random model (--quick), and its resumability."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_refusal_mechanisms_fixtures import tiny_lm, tiny_vector, one_thread  # noqa: F401
+
+from steerscope.cli import main
+from steerscope.studies.refusal_mechanisms.config import parse_vectors, vectors_from_dir
+from steerscope.errors import StudyError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_study_runs_quick_and_resumes(tmp_path, capsys) -> None:  # noqa: ANN001
+    lm = tiny_lm(layers=2, hidden=32, heads=2, kv=1)
+    folder = tmp_path / "model"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    vdir = tmp_path / "vectors"
+    tiny_vector(lm, layer=1, scale=2.0, seed=1).save(vdir / "refusal-dim.safetensors")
+    tiny_vector(lm, layer=1, scale=2.0, seed=2).save(vdir / "refusal-po.safetensors")
+    out = tmp_path / "run"
+    argv = ["study", "refusal-mechanisms", "--model", str(folder), "--vector-dir", str(vdir), "--quick",
+            "--out", str(out), "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    html = (out / "report.html").read_text()
+    assert "Frozen attention" in html and "Sparsification" in html and "<img" in html
+    s = res["summary"]
+    assert set(s["asr_bypass"]) == {"unsteered", "none", "qk", "ov", "svv", "mlp"}
+    assert "dim-po" in s["overlap_bypass"]
+    assert (out / "steps" / "circuits_po_induce.json").is_file()
+    assert main(argv) == 0  # second run: every step cached
+    res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(line.endswith("cached") for line in res2["log"])
+
+
+def test_vector_options_are_checked(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(StudyError):
+        parse_vectors("po=x.safetensors")
+    with pytest.raises(StudyError):
+        vectors_from_dir(tmp_path / "missing")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "refusal-dim.safetensors").write_bytes(b"")
+    (tmp_path / "d" / "ntp.safetensors").write_bytes(b"")
+    assert set(vectors_from_dir(tmp_path / "d")) == {"dim", "ntp"}

@@ -1,0 +1,194 @@
+"""RLOO trainer and trainable steering bias, checked against independent computations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import steerscope as ss
+from steerscope.extract.rl import (RLOOConfig, completion_mask, rloo_advantages, sample, sequence_logprobs,
+                                   surrogate_backward, train_rloo)
+from steerscope.hooks import hook_count
+from steerscope.trainable import LoRAPolicy, SteeringBias
+
+PROMPTS = ["What is 2 + 3?", "Name a colour.", "Say hi"]
+
+
+def test_rloo_advantages_leave_one_out():
+    r = torch.tensor([[1.0, -1.0, -1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    a = rloo_advantages(r)
+    manual = torch.stack([torch.stack([r[g, i] - torch.cat([r[g, :i], r[g, i + 1:]]).mean() for i in range(4)])
+                          for g in range(2)])
+    assert torch.allclose(a, manual)
+    assert torch.all(a[1] == 0)
+    with pytest.raises(ss.SteerscopeError):
+        rloo_advantages(torch.ones(3, 1))
+
+
+def test_completion_mask_counts_up_to_first_eos():
+    gen = torch.tensor([[5, 6, 2, 2], [5, 2, 7, 2], [5, 6, 7, 8]])
+    m = completion_mask(gen, [2])
+    assert m.tolist() == [[True, True, True, False], [True, True, False, False], [True] * 4]
+
+
+def _bias(lm, layers=(1, 3), gate=False, scale=0.5, seed=0):
+    bias = SteeringBias(lm, list(layers), gate=gate)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bias.s.values():
+            p.copy_(scale * torch.randn(p.shape, generator=g))
+        if gate:
+            for p in bias.w.values():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return bias
+
+
+def test_bias_vector_equals_ordinary_steering_and_hooks_are_removed(tiny_llama):
+    lm = tiny_llama
+    bias = _bias(lm)
+    batch = lm.tokenize([lm.format_chat(p) for p in PROMPTS])
+    n0 = hook_count(lm.model)
+    with torch.no_grad():
+        base = lm.model(**batch).logits
+        with bias.active():
+            assert hook_count(lm.model) > n0
+            a = lm.model(**batch).logits
+        with ss.steering(lm, bias.vector(), alpha=1.0):
+            b = lm.model(**batch).logits
+    assert hook_count(lm.model) == n0
+    assert not torch.allclose(a, base)
+    assert torch.allclose(a, b, atol=1e-5)
+    v = bias.vector()
+    assert v.site == "mlp_out" and v.layers == [1, 3] and bias.n_trainable == 2 * lm.d_model
+
+
+def test_zero_gate_params_equal_plain_bias_and_gate_gets_gradient(tiny_llama):
+    lm = tiny_llama
+    plain, gated = _bias(lm), _bias(lm, gate=True)
+    with torch.no_grad():
+        for p in gated.w.values():
+            p.zero_()
+    batch = lm.tokenize([lm.format_chat(p) for p in PROMPTS])
+    with torch.no_grad(), plain.active():
+        a = lm.model(**batch).logits
+    with gated.active():
+        out = lm.model(**batch).logits
+        out[..., :50].sum().backward()
+    assert torch.allclose(a, out.detach(), atol=1e-5)
+    assert gated.w["1"].grad is not None and gated.w["1"].grad.abs().sum() > 0
+    assert gated.n_trainable == 2 * (2 * lm.d_model + 1)
+
+
+def test_teacher_forced_logprobs_match_generation_scores_under_the_bias(tiny_llama):
+    """log π recomputed in one padded teacher-forced pass = the scores seen while decoding with a KV cache."""
+    lm = tiny_llama
+    bias = _bias(lm, gate=True)
+    enc = lm.tokenize([lm.format_chat(p) for p in PROMPTS])
+    with torch.no_grad(), bias.active():
+        out = lm.model.generate(**enc, do_sample=False, max_new_tokens=6, output_scores=True,
+                                return_dict_in_generate=True, pad_token_id=lm.tokenizer.pad_token_id,
+                                eos_token_id=None)
+        P = enc["input_ids"].shape[1]
+        gen = out.sequences[:, P:]
+        ref = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, gen[:, t:t + 1])[:, 0]
+                           for t, s in enumerate(out.scores)], 1).sum(1)
+        lp = sequence_logprobs(lm, enc["input_ids"], enc["attention_mask"], gen, torch.ones_like(gen, dtype=torch.bool))
+    assert torch.allclose(lp, ref, atol=1e-3)
+
+
+def _independent_loss(lm, pid, pmask, gen, gmask, adv):
+    """The same surrogate loss, one unpadded row at a time, written without the trainer's code."""
+    total = 0.0
+    n = gmask.sum()
+    for i in range(pid.shape[0]):
+        p = pid[i][pmask[i].bool()]
+        g = gen[i][gmask[i]]
+        ids = torch.cat([p, g])[None]
+        logits = lm.model(input_ids=ids).logits[0]
+        logp = torch.log_softmax(logits, -1)
+        lp = sum(logp[len(p) - 1 + t, g[t]] for t in range(len(g)))
+        total = total - adv[i] * lp
+    return total / n
+
+
+def test_policy_gradient_matches_finite_differences(smol_tokenizer):
+    from conftest import make_tiny
+
+    lm = make_tiny("llama", seed=3, tokenizer=smol_tokenizer)
+    lm.model.double()
+    bias = _bias(lm, layers=(2,), scale=0.3)
+    with torch.no_grad():
+        bias.s["2"].data = bias.s["2"].data.double()
+    pid, pmask, gen, gmask, _ = sample(lm, bias, [PROMPTS[2], lm.format_chat(PROMPTS[0])], k=2,
+                                       max_new_tokens=4, temperature=1.0, seed=1)
+    adv = torch.tensor([1.0, 0.0, -1.0, 0.5], dtype=torch.float64)
+    bias.zero_grad()
+    surrogate_backward(lm, bias, pid, pmask, gen, gmask, adv, micro_batch=4)
+    grad = bias.s["2"].grad.clone()
+    s = bias.s["2"]
+    eps = 1e-3  # Llama's RMSNorm computes in float32 even in a float64 model, so not smaller
+    for j in [0, 31]:
+        vals = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                s[j] += sign * eps
+                with bias.active():
+                    vals.append(float(_independent_loss(lm, pid, pmask, gen, gmask, adv)))
+                s[j] -= sign * eps
+        fd = (vals[0] - vals[1]) / (2 * eps)
+        assert abs(fd - float(grad[j])) < 1e-6 + 2e-3 * abs(fd), (j, fd, float(grad[j]))
+    assert grad.abs().max() > 1e-6
+
+
+def _reward(prompt, completion, answer):
+    return float(len(completion) % 3 == 0) * 2 - 1
+
+
+def test_training_resumes_after_a_crash_to_the_same_result(tiny_llama, tmp_path):
+    lm = tiny_llama
+    cfg = RLOOConfig(steps=3, prompts_per_step=2, k=3, lr=1e-2, warmup_frac=0.0, max_new_tokens=4,
+                     checkpoint_every=1, seed=0)
+    answers = ["5", "red", "hi"]
+    full = SteeringBias(lm, [3])
+    res = train_rloo(lm, full, PROMPTS, answers, _reward, cfg, checkpoint_dir=tmp_path / "a", show_progress=False)
+    assert len(res.history) == 3 and res.n_trainable == lm.d_model
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(log):
+        if log.step == 2:
+            raise Crash()
+
+    part = SteeringBias(lm, [3])
+    with pytest.raises(Crash):
+        train_rloo(lm, part, PROMPTS, answers, _reward, cfg, checkpoint_dir=tmp_path / "b", show_progress=False,
+                   on_step=crash)
+    again = SteeringBias(lm, [3])
+    res2 = train_rloo(lm, again, PROMPTS, answers, _reward, cfg, checkpoint_dir=tmp_path / "b", show_progress=False)
+    assert res2.resumed_from == 2 and len(res2.history) == 3
+    assert torch.allclose(again.s["3"], full.s["3"], atol=1e-6)
+    assert (tmp_path / "b" / "policy.safetensors").is_file() and (tmp_path / "b" / "state.json").is_file()
+    assert full.s["3"].abs().sum() > 0
+
+
+def test_lora_policy_is_off_outside_its_context(smol_tokenizer):
+    from conftest import make_tiny
+
+    lm = make_tiny("llama", seed=1, tokenizer=smol_tokenizer)
+    batch = lm.tokenize([lm.format_chat(p) for p in PROMPTS])
+    with torch.no_grad():
+        base = lm.model(**batch).logits
+    pol = LoRAPolicy(lm, r=2)
+    with torch.no_grad():
+        for n, p in pol.params.items():
+            if "lora_B" in n:
+                p.add_(0.1)
+    with torch.no_grad():
+        with pol.active():
+            on = lm.model(**batch).logits
+        off = lm.model(**batch).logits
+    assert torch.allclose(off, base, atol=1e-6) and not torch.allclose(on, base, atol=1e-4)
+    assert pol.n_trainable > 0
