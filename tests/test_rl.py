@@ -152,8 +152,10 @@ def test_training_resumes_after_a_crash_to_the_same_result(tiny_llama, tmp_path)
                      checkpoint_every=1, seed=0)
     answers = ["5", "red", "hi"]
     full = SteeringBias(lm, [3])
+    flags = [p.requires_grad for p in lm.model.parameters()]
     res = train_rloo(lm, full, PROMPTS, answers, _reward, cfg, checkpoint_dir=tmp_path / "a", show_progress=False)
     assert len(res.history) == 3 and res.n_trainable == lm.d_model
+    assert [p.requires_grad for p in lm.model.parameters()] == flags  # the user's model is left as it was
 
     class Crash(RuntimeError):
         pass

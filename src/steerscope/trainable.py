@@ -18,7 +18,7 @@ Both are used by :mod:`steerscope.extract.rl` through ``parameters()`` and ``act
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -167,3 +167,18 @@ class LoRAPolicy(torch.nn.Module):
             yield None
         finally:
             self._set(False)
+
+
+@contextmanager
+def frozen_except(model: torch.nn.Module, keep: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every model parameter not in ``keep``; restore the flags on exit."""
+    keep_ids = {id(p) for p in keep}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            if id(p) not in keep_ids:
+                p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

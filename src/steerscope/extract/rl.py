@@ -31,6 +31,7 @@ import torch
 from steerscope.errors import StudyError
 from steerscope.models.load import LM
 from steerscope.progress import progress
+from steerscope.trainable import frozen_except
 
 Reward = Callable[[str, str, str], float]
 
@@ -240,10 +241,14 @@ def train_rloo(lm: LM, policy: Policy, prompts: Sequence[str], answers: Sequence
     """
     if len(prompts) != len(answers) or not prompts:
         raise StudyError("give as many answers as prompts, and at least one prompt")
-    for p in lm.model.parameters():
-        if not any(p is q for q in policy.parameters()):
-            p.requires_grad_(False)
     params = [p for p in policy.parameters()]
+    with frozen_except(lm.model, params):
+        return _rloo_loop(lm, policy, prompts, answers, reward, config, checkpoint_dir, show_progress, on_step, params)
+
+
+def _rloo_loop(lm: LM, policy: Policy, prompts: Sequence[str], answers: Sequence[str], reward: Reward,
+               config: RLOOConfig, checkpoint_dir: str | Path | None, show_progress: bool,
+               on_step: Callable[[StepLog], None] | None, params: list[torch.nn.Parameter]) -> TrainResult:
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history = load_checkpoint(ckpt, policy, opt) if ckpt is not None else (0, [])

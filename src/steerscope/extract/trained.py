@@ -33,6 +33,7 @@ from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.sites import Site
+from steerscope.trainable import frozen_except
 from steerscope.vector import Provenance, SteeringVector, dataset_hash
 
 
@@ -130,16 +131,13 @@ def _train(lm: LM, kind: str, rows: list[tuple], val: list[tuple], layer: int, e
     gen = torch.Generator().manual_seed(seed)
     start = init.clone().float() if init is not None else torch.randn(lm.d_model, generator=gen) * 0.01
     v = torch.nn.Parameter(start.to(lm.device))
-    frozen = [p for p in lm.model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     opt = torch.optim.Adam([v], lr=lr)
     steps = epochs * math.ceil(len(rows) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(steps, 1))
     rng = random.Random(seed)
     res = TrainResult(vector=None)  # type: ignore[arg-type]
     best = (math.inf, start.clone())
-    try:
+    with frozen_except(lm.model, [v]):
         for epoch in progress(range(epochs), desc=f"train {kind}", enabled=show_progress):
             order = rows[:]
             rng.shuffle(order)
@@ -161,9 +159,6 @@ def _train(lm: LM, kind: str, rows: list[tuple], val: list[tuple], layer: int, e
             if current < best[0]:
                 best = (current, v.detach().clone().cpu())
                 res.best_epoch = epoch
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     prov = Provenance.for_model(lm, method=kind, positions="all", dataset_hash=dataset_hash([list(r) for r in rows]),
                                 n_examples=len(rows), args={"layer": layer, "epochs": epochs, "lr": lr, "alpha": alpha,
                                                             "batch_size": batch_size, "seed": seed, "phi": phi,
