@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import resource
-import subprocess
-import sys
 import time
 from typing import Callable
 
@@ -20,15 +16,30 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def peak_rss_mib_of(code: str) -> float:
-    """Peak resident memory (MiB) of a fresh Python process running ``code``."""
-    p = subprocess.run([sys.executable, "-c", code + "\nimport resource,json;print(json.dumps(resource.getrusage("
-                        "resource.RUSAGE_SELF).ru_maxrss))"], capture_output=True, text=True, check=True)
-    return float(json.loads(p.stdout.strip().splitlines()[-1])) / 1024
+def peak_rss_increase_mib(fn: Callable[[], object], interval: float = 0.002) -> float:
+    """Peak resident memory above the level before the call (MiB), sampled every ``interval`` s."""
+    import threading
 
+    import psutil
 
-def self_peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(interval)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    return (max(peak[0], proc.memory_info().rss) - base) / 2**20
 
 
 def contrast_pairs(n: int) -> tuple[list[str], list[str]]:

@@ -4,7 +4,7 @@
 
 Both read the residual stream at the same place (steering-vectors' output of block l-1 is our
 resid_pre of block l) at the last token, from chat-formatted prompts. Prints times, the speed-up,
-the cosine of the two vectors, and each one's peak memory measured in a fresh process.
+the cosine of the two vectors, and each one's peak resident memory above the loaded model.
 """
 
 from __future__ import annotations
@@ -18,22 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import steerscope as ss  # noqa: E402
-from _common import best_of, contrast_pairs, peak_rss_mib_of  # noqa: E402
-
-SETUP = """
-import sys; sys.path.insert(0, {bench!r})
-import steerscope as ss, torch
-from _common import contrast_pairs
-lm = ss.load_model('smollm2-135m')
-harm, safe = contrast_pairs({n})
-"""
-OURS = "ss.extract(lm, harm, safe, layers=[{layer}], batch_size={bs})"
-THEIRS = """
-import steering_vectors as sv
-pairs = [(lm.format_chat(h), lm.format_chat(s)) for h, s in zip(harm, safe)]
-sv.train_steering_vector(lm.model, lm.tokenizer, pairs, layers=[{layer} - 1], read_token_index=-1, batch_size={bs})
-"""
-
+from _common import best_of, contrast_pairs, peak_rss_increase_mib  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -54,13 +39,11 @@ def main() -> None:
     cos = float(torch.nn.functional.cosine_similarity(ours_v[a.layer], theirs_v.layer_activations[a.layer - 1].float(), dim=0))
     t_ours = best_of(ours_fn, a.repeats)
     t_theirs = best_of(theirs_fn, a.repeats)
-    setup = SETUP.format(bench=str(Path(__file__).parent), n=a.pairs)
-    mem_base = peak_rss_mib_of(setup)
-    mem_ours = peak_rss_mib_of(setup + OURS.format(layer=a.layer, bs=a.batch_size))
-    mem_theirs = peak_rss_mib_of(setup + THEIRS.format(layer=a.layer, bs=a.batch_size))
+    mem_ours = peak_rss_increase_mib(ours_fn)
+    mem_theirs = peak_rss_increase_mib(theirs_fn)
     print(json.dumps({"pairs": a.pairs, "layer": a.layer, "batch_size": a.batch_size, "steerscope_s": t_ours,
                       "steering_vectors_s": t_theirs, "speedup": t_theirs / t_ours, "cosine": cos,
-                      "peak_rss_mib": {"model_only": mem_base, "steerscope": mem_ours, "steering_vectors": mem_theirs}}))
+                      "peak_rss_increase_mib": {"steerscope": mem_ours, "steering_vectors": mem_theirs}}))
 
 
 if __name__ == "__main__":

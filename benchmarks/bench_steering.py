@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import steerscope as ss  # noqa: E402
-from _common import contrast_pairs  # noqa: E402
+from _common import contrast_pairs, peak_rss_increase_mib  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +51,8 @@ def main() -> None:
             t = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t)
-    res = {"prompts": a.prompts, "new_tokens": a.tokens, "unsteered_s": min(t_plain), "steered_s": min(t_steer),
+    mem = {"unsteered": peak_rss_increase_mib(plain), "steered": peak_rss_increase_mib(steered)}
+    res = {"peak_rss_increase_mib": mem, "prompts": a.prompts, "new_tokens": a.tokens, "unsteered_s": min(t_plain), "steered_s": min(t_steer),
            "ratio": min(t_steer) / min(t_plain), "threads": torch.get_num_threads()}
     print(json.dumps(res))
 
