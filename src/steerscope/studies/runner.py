@@ -86,3 +86,43 @@ class Run:
         p = self.folder.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
+    """Save a (one-level nested) dict of tensors as safetensors, atomically; never pickled.
+
+    ``{"edges": t, "batch": {"ids": t2}}`` is stored under keys ``edges`` and ``batch.ids``;
+    lists of numbers become 1-D tensors.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    flat: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        items = v.items() if isinstance(v, dict) else [(None, v)]
+        for sub, t in items:
+            key = k if sub is None else f"{k}.{sub}"
+            flat[key] = (t if isinstance(t, torch.Tensor) else torch.tensor(t)).detach().cpu().contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(flat, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_tensors(path: str | Path) -> dict[str, Any]:
+    """Inverse of :func:`save_tensors`."""
+    from safetensors.torch import load_file
+
+    try:
+        flat = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a corrupt artefact: say which, and how to recover
+        raise StudyError(f"{path} is unreadable ({str(e)[:100]}); delete it and its step record, then rerun") from None
+    out: dict[str, Any] = {}
+    for key, t in flat.items():
+        if "." in key:
+            k, sub = key.split(".", 1)
+            out.setdefault(k, {})[sub] = t
+        else:
+            out[key] = t
+    return out

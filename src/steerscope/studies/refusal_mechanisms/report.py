@@ -33,8 +33,9 @@ def _circuit_fig(run: Run, name: str, setting: str) -> Any:
     import torch
 
     from steerscope.attribution import Graph
+    from steerscope.studies.runner import load_tensors
 
-    circ = torch.load(run.path("tensors", f"circuit_{name}_{setting}.pt"))
+    circ = load_tensors(run.path("tensors", f"circuit_{name}_{setting}.safetensors"))["circuit"]
     rec = run.load(f"circuits_{name}_{setting}")
     gi = rec["graph"]
     g = Graph.build(gi["layer0"], gi["n_layers"], gi["n_heads"], gi["n_kv"])

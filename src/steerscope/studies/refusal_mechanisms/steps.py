@@ -22,7 +22,7 @@ from steerscope.metrics.refusal import asr, is_refusal
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.studies.refusal_mechanisms.config import Config
-from steerscope.studies.runner import Run
+from steerscope.studies.runner import Run, load_tensors, save_tensors
 from steerscope.vector import SteeringVector
 
 SETTINGS = ("bypass", "induce")
@@ -48,7 +48,7 @@ def attr_prompts(cfg: Config, setting: str) -> list[str]:
 
 
 def _tensor_path(run: Run, name: str) -> str:
-    return str(run.path("tensors", f"{name}.pt"))
+    return str(run.path("tensors", f"{name}.safetensors"))
 
 
 def step_attribution(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector, setting: str) -> dict[str, Any]:
@@ -62,9 +62,9 @@ def step_attribution(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVect
     rows = [i for i in rows if pb.mask[i].any()] or list(range(len(ps)))
     pb = _select(pb, rows)
     att = A.eap_ig(lm, pb, vec, alpha, steps=cfg.steps, batch_size=4)
-    torch.save({"edges": att.edges, "nodes": att.nodes, "ie_vec": att.ie_vec, "mean_grad": att.mean_grad,
-                "rows": rows, "batch": {k: getattr(pb, k) for k in ("ids", "attn", "pos_ids", "y_steer", "y_base", "mask")}},
-               _tensor_path(run, f"attr_{name}_{setting}"))
+    save_tensors(_tensor_path(run, f"attr_{name}_{setting}"), {
+        "edges": att.edges, "nodes": att.nodes, "ie_vec": att.ie_vec, "mean_grad": att.mean_grad, "rows": rows,
+        "batch": {k: getattr(pb, k) for k in ("ids", "attn", "pos_ids", "y_steer", "y_base", "mask")}})
     return {"vector": name, "setting": setting, "alpha": alpha, "n_prompts": len(ps), "n_flipped": len(flipped),
             "rows_used": rows, "scored_positions": int(pb.mask.sum()), "m_clean": att.m_clean,
             "m_corrupt": att.m_corrupt, "s_node": float(att.nodes[0]), "n_edges": att.graph.n_edges,
@@ -79,7 +79,7 @@ def _select(pb: A.PatchBatch, rows: list[int]) -> A.PatchBatch:
 
 
 def load_attr(run: Run, name: str, setting: str) -> dict[str, Any]:
-    return torch.load(_tensor_path(run, f"attr_{name}_{setting}"))
+    return load_tensors(_tensor_path(run, f"attr_{name}_{setting}"))
 
 
 def step_exact_check(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting: str = "bypass") -> dict[str, Any]:
@@ -133,7 +133,7 @@ def step_circuits(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector,
         lo, hi = (lo, mid) if f_mid >= cfg.threshold else (mid, hi)
     minimal = hi
     circ = C.greedy_circuit(att["edges"], g, minimal)
-    torch.save(circ, _tensor_path(run, f"circuit_{name}_{setting}"))
+    save_tensors(_tensor_path(run, f"circuit_{name}_{setting}"), {"circuit": circ})
     return {"vector": name, "setting": setting, "sizes": sizes, "n_edges_pruned": fc.n_edges,
             "faithfulness": fc.values, "m_full": fc.m_full, "m_empty": fc.m_empty, "n_edges_total": g.n_edges,
             "minimal_top_n": minimal, "minimal_edges": int(circ.sum()),
@@ -156,7 +156,7 @@ def step_circuit_compare(run: Run, lm: LM, cfg: Config, vecs: dict[str, Steering
                          ) -> dict[str, Any]:
     """Overlap of the methods' minimal circuits; swapped-circuit and 2x random-circuit controls."""
     names = [n for n in vecs if run.done(f"circuits_{n}_{setting}")]
-    circs = {n: torch.load(_tensor_path(run, f"circuit_{n}_{setting}")) for n in names}
+    circs = {n: load_tensors(_tensor_path(run, f"circuit_{n}_{setting}"))["circuit"] for n in names}
     overlap = {f"{a}-{b}": C.overlap(circs[a], circs[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
     controls: dict[str, Any] = {}
     for n in names:
