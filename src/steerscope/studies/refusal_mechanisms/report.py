@@ -30,8 +30,6 @@ def _faithfulness_fig(recs: dict[str, dict[str, Any]], threshold: float) -> Any:
 
 def _circuit_fig(run: Run, name: str, setting: str) -> Any:
     """Layered drawing of the minimal circuit: nodes per layer (heads, MLP), edges as lines."""
-    import torch
-
     from steerscope.attribution import Graph
     from steerscope.studies.runner import load_tensors
 
