@@ -37,32 +37,39 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_examples(path: str | Path) -> list[Any]:
-    """Load prompts or (prompt, completion) pairs from txt, jsonl, json or csv.
-
-    A record with ``completion`` becomes a ``(prompt, completion)`` pair; otherwise its text field
-    (prompt / instruction / goal / behavior / text / question) is used.
-    """
+def read_records(path: str | Path, allow_txt: bool = True) -> list[Any]:
+    """Records of a txt (one string a line), jsonl, json (a list, or the first list in an object)
+    or csv file; one clear :class:`DataError` for a missing, malformed or unsupported file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        rows: list[Any] = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    elif suffix == ".jsonl":
-        rows = read_jsonl(path)
-    elif suffix == ".json":
+    if suffix == ".txt" and allow_txt:
+        return [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".json":
         try:
             rows = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{path} is not valid JSON ({e.msg})") from None
         if isinstance(rows, dict):
             rows = next((v for v in rows.values() if isinstance(v, list)), [])
-    elif suffix == ".csv":
+        return list(rows)
+    if suffix == ".csv":
         with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl, .json or .csv")
+            return list(csv.DictReader(f))
+    kinds = ".txt, .jsonl, .json or .csv" if allow_txt else ".csv, .json or .jsonl"
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use {kinds}")
+
+
+def load_examples(path: str | Path) -> list[Any]:
+    """Load prompts or (prompt, completion) pairs from txt, jsonl, json or csv.
+
+    A record with ``completion`` becomes a ``(prompt, completion)`` pair; otherwise its text field
+    (prompt / instruction / goal / behavior / text / question) is used.
+    """
+    rows = read_records(path)
     out: list[Any] = []
     for r in rows:
         if isinstance(r, str):

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from steerscope.data import data_path, read_jsonl
+from steerscope.data import data_path, read_jsonl, read_records
 from steerscope.errors import DataError
 
 SIDES = ("harmful", "harmless")
@@ -91,25 +91,7 @@ def load_standard(name: str, path: str | Path | None = None, limit: int | None =
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:
-    import csv
-
-    if not path.is_file():
-        raise DataError(f"file not found: {path}")
-    suf = path.suffix.lower()
-    if suf == ".csv":
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    if suf == ".jsonl":
-        return read_jsonl(path)
-    if suf == ".json":
-        try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON ({e.msg})") from None
-        if isinstance(obj, dict):
-            obj = next((v for v in obj.values() if isinstance(v, list)), [])
-        return list(obj)
-    raise DataError(f"{path}: unsupported file type {suf!r}; use .csv, .json or .jsonl")
+    return read_records(path, allow_txt=False)
 
 
 def _read_hub(key: str) -> list[dict[str, Any]]:
