@@ -1,0 +1,44 @@
+"""House rules that keep the shape of the code: the core never imports the studies, and hooks.py
+is the only place that registers PyTorch hooks."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "steerscope"
+
+
+def _imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_core_never_imports_the_studies():
+    offenders = []
+    for py in SRC.rglob("*.py"):
+        rel = py.relative_to(SRC)
+        if rel.parts[0] == "studies" or rel.name == "cli.py":  # the CLI is the front end over both
+            continue
+        bad = [m for m in _imports(py) if m.startswith("steerscope.studies")]
+        if bad:
+            offenders.append(f"{rel}: {bad}")
+    assert not offenders, offenders
+
+
+def test_only_hooks_module_registers_hooks():
+    calls = ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook")
+    offenders = [str(py.relative_to(SRC)) for py in SRC.rglob("*.py")
+                 if py.name != "hooks.py" and any(c in py.read_text() for c in calls)]
+    assert not offenders, offenders
+
+
+def test_nothing_is_unpickled():
+    offenders = [str(py.relative_to(SRC)) for py in SRC.rglob("*.py")
+                 if "torch.load(" in py.read_text() or "import pickle" in py.read_text()]
+    assert not offenders, offenders
