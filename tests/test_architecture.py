@@ -39,6 +39,7 @@ def test_only_hooks_module_registers_hooks():
 
 
 def test_nothing_is_unpickled():
+    unpickling = ("torch." + "load(", "import pickle")  # spelled apart so repo-wide greps don't match this test
     offenders = [str(py.relative_to(SRC)) for py in SRC.rglob("*.py")
-                 if "torch.load(" in py.read_text() or "import pickle" in py.read_text()]
+                 if any(u in py.read_text() for u in unpickling)]
     assert not offenders, offenders
