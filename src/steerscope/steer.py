@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import re
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence, Union
 
 import torch
@@ -265,12 +265,3 @@ def orthogonalize(lm: LM, direction: torch.Tensor | SteeringVector) -> LM:
                 if getattr(m, "bias", None) is not None:
                     m.bias.copy_(project_out(m.bias.float(), r).to(m.bias.dtype))
     return new
-
-
-@contextmanager
-def stacked(*contexts: object) -> Iterator[None]:
-    """Enter several intervention contexts at once (all exited, in reverse, on the way out)."""
-    with ExitStack() as stack:
-        for c in contexts:
-            stack.enter_context(c)  # type: ignore[arg-type]
-        yield

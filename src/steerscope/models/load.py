@@ -77,11 +77,6 @@ ALIASES: dict[str, Alias] = {
 }
 
 
-def register_alias(name: str, alias: Alias) -> None:
-    """Add a built-in alias (used by the refusal organism, ``smollm2-135m-safe``)."""
-    ALIASES[name] = alias
-
-
 @dataclass
 class LM:
     """A loaded causal LM: the untouched HF ``model`` and ``tokenizer`` plus an architecture view.
