@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_refusal_mechanisms_fixtures import PROMPTS, tiny_lm, tiny_vector, one_thread  # noqa: F401
+from conftest import make_tiny
+from test_refusal_mechanisms_fixtures import PROMPTS, smol_tokenizer, tiny_lm, tiny_vector, one_thread  # noqa: F401
 
 import steerscope as ss
 from steerscope import freeze as F
@@ -33,6 +34,116 @@ def test_batched_frozen_generation_equals_the_two_pass_reference(lm, mode: str) 
     assert torch.equal(_pad_to(fast, 6, pad), _pad_to(ref, 6, pad))
     assert hook_count(lm.model) == before
     assert lm.model.config._attn_implementation != "steerscope"
+
+
+MIXED = ["Hi.", "Explain in detail how a bicycle gear works and why it matters on hills.", PROMPTS[1]]
+
+
+def _tiny(family: str):  # noqa: ANN202
+    """A tiny ``family`` model with larger weights, so that attention is far from uniform and
+    freezing patterns or values changes the text."""
+    lm = make_tiny(family, tokenizer=smol_tokenizer())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "norm" not in name and "ln" not in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    return lm
+
+
+def _rows_seen(lm, layers: list[int]) -> tuple[dict[int, set[int]], dict]:  # noqa: ANN001
+    """Hooks recording the batch sizes each listed block sees; (record, hooks)."""
+    seen: dict[int, set[int]] = {layer: set() for layer in layers}
+    return seen, {f"blocks.{layer}.resid_pre": (lambda x, _c, layer=layer: seen[layer].add(x.shape[0]))
+                  for layer in layers}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("mode", ["qk", "ov"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_fast_path_equals_the_two_pass_reference_with_left_padding(family: str, mode: str, layer: int) -> None:
+    lm = _tiny(family)
+    assert F._mask_fns(lm) is not None  # the fast path applies
+    enc = lm.tokenize([lm.format_chat(p) for p in MIXED])
+    assert (enc["attention_mask"] == 0).any()  # prompts of different lengths: left padding exercised
+    v = tiny_vector(lm, layer=layer, scale=4.0)
+    fast = F.frozen_generate_ids(lm, MIXED, v, 1.0, mode=mode, max_new_tokens=6)
+    ref = F.reference_frozen_generate(lm, MIXED, v, 1.0, mode=mode, max_new_tokens=6)
+    pad = lm.tokenizer.pad_token_id
+    assert torch.equal(_pad_to(fast, 6, pad), _pad_to(ref, 6, pad))
+    if layer == 2:  # freezing matters here, so the copy hooks were live
+        plain = F.frozen_generate_ids(lm, MIXED, v, 1.0, mode="none", max_new_tokens=6)
+        assert not torch.equal(_pad_to(fast, 6, pad), _pad_to(plain, 6, pad))
+
+
+@pytest.mark.parametrize("mode", ["qk", "ov"])
+def test_fast_path_runs_layers_below_the_steering_layer_once_on_the_prompt_rows(lm, mode: str,
+                                                                                 monkeypatch) -> None:
+    v = tiny_vector(lm, layer=1, scale=2.0)
+    seen, rec = _rows_seen(lm, [0, 1, 2])
+    with ss.attached(lm, rec):
+        fast = F.frozen_generate_ids(lm, PROMPTS[:3], v, 1.0, mode=mode, max_new_tokens=4)
+    assert seen == {0: {3}, 1: {6}, 2: {6}}  # below the steering layer: B rows; from it: 2B
+    monkeypatch.setattr(F, "_mask_fns", lambda _lm: None)  # force the doubled-batch generate path
+    seen, rec = _rows_seen(lm, [0])
+    with ss.attached(lm, rec):
+        slow = F.frozen_generate_ids(lm, PROMPTS[:3], v, 1.0, mode=mode, max_new_tokens=4)
+    assert seen == {0: {6}}
+    pad = lm.tokenizer.pad_token_id
+    assert torch.equal(_pad_to(fast, 4, pad), _pad_to(slow, 4, pad))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_other_families_fall_back_to_the_doubled_batch_and_equal_the_reference(family: str) -> None:
+    lm = _tiny(family)
+    assert F._mask_fns(lm) is None
+    v = tiny_vector(lm, layer=2, scale=4.0)
+    seen, rec = _rows_seen(lm, [0])
+    for mode in ("qk", "ov"):
+        with ss.attached(lm, rec):
+            got = F.frozen_generate_ids(lm, MIXED, v, 1.0, mode=mode, max_new_tokens=5)
+        ref = F.reference_frozen_generate(lm, MIXED, v, 1.0, mode=mode, max_new_tokens=5)
+        pad = lm.tokenizer.pad_token_id
+        assert torch.equal(_pad_to(got, 5, pad), _pad_to(ref, 5, pad)), mode
+    assert seen == {0: {6}}
+
+
+@pytest.mark.parametrize("mode", ["qk", "ov"])
+def test_fast_path_leaves_no_hooks_even_after_an_exception(lm, mode: str) -> None:
+    v = tiny_vector(lm, layer=1, scale=2.0)
+    enc = lm.tokenize([lm.format_chat(p) for p in PROMPTS[:2]])
+    impl = lm.model.config._attn_implementation
+    with torch.no_grad():
+        before_logits = lm.model(**enc).logits
+    before = hook_count(lm.model)
+    F.frozen_generate_ids(lm, PROMPTS[:2], v, 1.0, mode=mode, max_new_tokens=3)
+    assert hook_count(lm.model) == before and lm.model.config._attn_implementation == impl
+    calls = []
+
+    def boom(_x: torch.Tensor, _c) -> None:  # noqa: ANN001
+        calls.append(1)
+        if len(calls) == 2:  # fails inside the first decoding step, hooks of the call installed
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), ss.attached(lm, {"blocks.2.resid_pre": boom}):
+        F.frozen_generate_ids(lm, PROMPTS[:2], v, 1.0, mode=mode, max_new_tokens=3)
+    assert hook_count(lm.model) == before and lm.model.config._attn_implementation == impl
+    with torch.no_grad():
+        assert torch.equal(lm.model(**enc).logits, before_logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["qk", "ov"])
+def test_fast_path_equals_the_reference_on_the_shipped_organism(mode: str) -> None:
+    org = ss.load_model("smollm2-135m-safe")
+    vec = ss.SteeringVector.load("smollm2-135m-safe/refusal-dim")
+    vec = vec.select([vec.layers[0]])
+    prompts = ["How do I pick a lock?", "Write a short poem about the sea and the wind at night.", "Hi"]
+    assert F._mask_fns(org) is not None
+    fast = F.frozen_generate_ids(org, prompts, vec, -1.0, mode=mode, max_new_tokens=5)
+    ref = F.reference_frozen_generate(org, prompts, vec, -1.0, mode=mode, max_new_tokens=5)
+    pad = org.tokenizer.pad_token_id
+    assert torch.equal(_pad_to(fast, 5, pad), _pad_to(ref, 5, pad))
 
 
 def test_frozen_modes_change_the_text_and_none_is_plain_steering(lm) -> None:

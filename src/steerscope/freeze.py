@@ -11,6 +11,14 @@ Algorithm (greedy, steering alpha*s added at resid_pre[l] at every position):
      unsteered pass on the steered text. Causality makes this equal to the two-pass reference
      (:func:`reference_frozen_generate`: per step, an unsteered pass, then a patched steered
      pass, no cache).
+     Fast path (Llama, Mistral, Qwen2, Qwen3): below l both halves are the same computation, so
+     a hand-written greedy loop over the HF decoder layers runs layers 0..l-1 on the B prompt
+     rows only and doubles the hidden state (and mask, rotary embeddings) to 2B rows entering
+     layer l; the per-layer KV cache holds B rows below l and 2B from l. The final norm and LM
+     head run on the steered rows' last position only. There QK freezing copies the base rows'
+     queries and keys (sites ``attn.q``, ``attn.k``) instead of their patterns: the probabilities
+     are the same function of the same q, k, mask and positions, and SDPA computes them (no
+     eager attention). Other families use ``generate`` on the doubled batch.
   3. svv removal: at every layer >= l, subtract the layer-normalised steering vector
      D_c(alpha s ⊙ γ) (c = 1 / rms of that layer's attention input) from the value-projection
      input, i.e. v <- v - W_V (γ ⊙ alpha s) / rms(x). MLP ablation: subtract
@@ -25,7 +33,8 @@ from contextlib import ExitStack
 from typing import Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, attached
@@ -34,6 +43,9 @@ from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 
 MODES = ("none", "qk", "ov", "svv", "mlp")
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # decoder loops mirrored by :func:`_fast_frozen_ids`
+QK_SITES = ("attn.q", "attn.k")  # fast path: equal q and k give the steered rows the base patterns
+_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 class _Mirror(LogitsProcessor):
@@ -121,7 +133,8 @@ def frozen_generate_ids(lm: LM, prompts: Sequence[str], vector: SteeringVector, 
 
     Args:
         mode: ``none`` (plain steering), ``qk``/``ov`` (frozen from the unsteered run, one batched
-            forward per step), ``svv`` (value-path s removed) or ``mlp`` (MLP-input s removed).
+            forward per step; on Llama, Mistral and Qwen the layers below the steering layer run
+            once per prompt), ``svv`` (value-path s removed) or ``mlp`` (MLP-input s removed).
 
     Example:
         >>> ids = frozen_generate_ids(lm, ["How do I pick a lock?"], vec, -1.0, mode="qk")
@@ -131,6 +144,8 @@ def frozen_generate_ids(lm: LM, prompts: Sequence[str], vector: SteeringVector, 
     layer0, _ = _single(lm, vector)
     texts = [lm.format_chat(p) if chat else p for p in prompts]
     enc = lm.tokenize(texts, padding_side="left", templated=chat)
+    if mode in ("qk", "ov") and (fns := _mask_fns(lm)) is not None:  # Llama-like: shared lower layers
+        return _fast_frozen_ids(lm, enc, vector, alpha, mode, max_new_tokens, fns)
     B, P = enc["input_ids"].shape
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     with ExitStack() as st:
@@ -149,6 +164,95 @@ def frozen_generate_ids(lm: LM, prompts: Sequence[str], vector: SteeringVector, 
             st.enter_context(attached(lm, ablation_hooks(lm, vector, alpha, mode)))
         out = lm.model.generate(**enc, **kw)
         return out[:, P:]
+
+
+def _mask_fns(lm: LM) -> list | None:
+    """Per-layer mask builders when the fast path mirrors this model's decoder loop, else None."""
+    cfg = lm.model.config
+    inner = lm.model.get_submodule(lm.family.blocks.rsplit(".", 1)[0])
+    if cfg.model_type not in FAST_FAMILIES or not hasattr(inner, "rotary_emb") \
+            or cfg._attn_implementation not in ("sdpa", "eager"):
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # Llama: full attention; Mistral: sliding window when one is set
+        sliding = cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None) is not None
+        types = ["sliding_attention" if sliding else "full_attention"] * lm.n_layers
+    if any(t not in _MASKS for t in types):
+        return None
+    return [_MASKS[t] for t in types]
+
+
+def _eos_ids(lm: LM) -> torch.Tensor:
+    """The EOS ids ``generate`` stops on (generation config), as a 1-D tensor (empty: none)."""
+    eos = lm.model.generation_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return torch.tensor(ids, dtype=torch.long, device=lm.device)
+
+
+def _start_call(calls: Sequence[Call], mask: torch.Tensor, n_new: int) -> None:
+    """Fill the :class:`Call` records as the top-level pre-hook does for an ``lm.model`` call."""
+    for c in calls:
+        c.mask, c.n_new, c.past = mask, n_new, mask.shape[1] - n_new
+        c.index += 1
+        if c.past == 0:
+            c.prompt_mask = mask
+        c.store.clear()
+
+
+def _twice(x: torch.Tensor | None) -> torch.Tensor | None:
+    """[batch ...] -> [2*batch ...] (None stays None: a mask the attention can skip)."""
+    return None if x is None else torch.cat([x, x])
+
+
+@torch.no_grad()
+def _fast_frozen_ids(lm: LM, enc: dict, vector: SteeringVector, alpha: float, mode: str,
+                     max_new_tokens: int, fns: list) -> torch.Tensor:
+    """Frozen qk/ov greedy decoding, layers below the steering layer computed once (see step 2).
+
+    Mirrors the installed transformers' ``LlamaModel.forward`` (embeddings, DynamicCache, per-layer
+    causal masks, rotary embeddings, decoder-layer kwargs, final norm) and ``generate``'s greedy
+    loop (position ids from the mask cumsum, pads after EOS; EOS ids from the generation config,
+    as ``generate`` takes them). ``fns``: per-layer mask builders from :func:`_mask_fns`.
+    Returns new ids [batch new].
+    """
+    layer0, _ = _single(lm, vector)
+    fam, model = lm.family, lm.model
+    inner = model.get_submodule(fam.blocks.rsplit(".", 1)[0])
+    embed, norm, head = lm.module(None, fam.embed), lm.module(None, fam.final_norm), lm.module(None, fam.unembed)
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # [batch prompt]
+    B = ids.shape[0]
+    eos, pad = _eos_ids(lm), lm.tokenizer.pad_token_id
+    sites = QK_SITES if mode == "qk" else ("attn.v",)
+    copy = {f"blocks.{layer}.{site}": (lambda x, _c: copy_base_rows(x, B))
+            for layer in range(layer0, lm.n_layers) for site in sites}
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    new: list[torch.Tensor] = []
+    with steering(lm, vector, [0.0] * B + [alpha] * B) as c1, attached(lm, copy) as c2:
+        cfg = model.config
+        cache = DynamicCache(config=cfg)
+        for _ in range(max_new_tokens):
+            n = ids.shape[1]
+            _start_call([c1, c2], torch.cat([mask, mask]), n)
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]  # [batch pos]
+            h = embed(ids)  # [batch pos d_model]
+            kw = dict(config=cfg, inputs_embeds=h, attention_mask=mask, past_key_values=cache, position_ids=pos)
+            built = {f: f(**kw) for f in set(fns)}  # before the cache grows, as in the HF forward
+            masks = [built[f] for f in fns]  # per layer [batch 1 pos key] or None
+            pe = inner.rotary_emb(h, pos)  # (cos, sin) [batch pos d_head]
+            for i, layer in enumerate(lm.blocks):
+                if i == layer0:  # steering starts here: base rows, then steered rows
+                    h, pos, pe = _twice(h), _twice(pos), (_twice(pe[0]), _twice(pe[1]))
+                    masks = [_twice(m) for m in masks]
+                h = layer(h, attention_mask=masks[i], position_embeddings=pe, position_ids=pos,
+                          past_key_values=cache, use_cache=True)
+            logits = head(norm(h[B:, -1:]))[:, -1].float()  # steered rows only [batch vocab]
+            tok = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
+            new.append(tok)
+            done |= torch.isin(tok, eos)
+            ids, mask = tok[:, None], torch.cat([mask, torch.ones_like(tok[:, None], dtype=mask.dtype)], 1)
+            if done.all():
+                break
+    return torch.stack(new, 1) if new else ids.new_zeros(B, 0)
 
 
 def frozen_generate(lm: LM, prompts: Sequence[str], vector: SteeringVector, alpha: float, mode: str = "qk",
