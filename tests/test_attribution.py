@@ -78,6 +78,27 @@ def test_edge_scores_match_single_edge_patching_on_the_top_edges(setup) -> None:
     assert spearmanr(ex, est).statistic >= 0.6
 
 
+def test_eap_ig_equals_the_step_by_step_computation_on_full_forwards(setup) -> None:
+    lm, v, pb, att = setup
+    g = att.graph
+    clean, corr = A.node_values(lm, pb, v, 1.0), A.node_values(lm, pb, v, 0.0)
+    gbar = sum(A.receiver_grads(lm, pb, v, (k + 0.5) / 10, g)[0] for k in range(10)) / 10
+    edges = torch.einsum("bpud,bpvd->uv", (clean - corr).double(), gbar.double()) / pb.ids.shape[0]
+    edges = torch.where(g.valid, edges, torch.zeros_like(edges)).float()
+    assert torch.allclose(att.edges, edges, atol=1e-5 * edges.abs().max().item())
+
+
+def test_eap_ig_is_the_same_however_steps_and_samples_are_batched(setup, monkeypatch) -> None:
+    lm, v, pb, att = setup
+    monkeypatch.setattr(A, "_PASS_BUDGET", 1)  # one step per forward/backward
+    other = A.eap_ig(lm, pb, v, 1.0, steps=10, batch_size=2)
+    scale = att.edges.abs().max().item()
+    assert torch.allclose(other.edges, att.edges, atol=1e-5 * scale)
+    assert torch.allclose(other.ie_vec, att.ie_vec, atol=1e-5 * att.ie_vec.abs().max().item())
+    assert other.m_clean == pytest.approx(att.m_clean, abs=1e-5)
+    assert other.m_corrupt == pytest.approx(att.m_corrupt, abs=1e-5)
+
+
 def test_unsupported_vector_shape_raises(setup) -> None:
     lm, v, pb, _ = setup
     two = ss.SteeringVector({0: v[1], 1: v[1]})

@@ -20,6 +20,15 @@ Algorithm:
      node's dimension-level effect is IE_vec = (alpha s) ⊙ sum_pos sum_v g_v (the total gradient
      at resid_pre[l]); r = IE_vec / s is alpha times the mean gradient (used by sparsify.py).
 
+Cost: every run of one batch is identical below the steering layer l, so that part is computed
+once (one unsteered forward, which is also the corrupt run; :mod:`steerscope.suffix`); the clean
+run and the T interpolated runs start at block l, and the T runs share one forward/backward
+(rows = steps x samples). m is read from two unembedding rows at the scored positions only;
+columns after the last scored position and all-padding columns are dropped and samples with no
+scored position skipped (:func:`trim`, :func:`scored_batches`: none can change a score). The
+pull-back through each receiver's norm is in closed form, summed over the steps before the
+projection weights are applied (:mod:`steerscope.vjp`).
+
 Cited: Cheng, Wiegreffe, Manocha 2026 (arXiv 2604.08524), "Formulas"; Hanna et al. 2024,
 "Have faith in faithfulness" (EAP-IG); Syed et al. 2023 (edge attribution patching).
 Supported: families with separate q/k/v projections and no post-sublayer norms (Llama, Mistral,
@@ -28,9 +37,8 @@ Qwen): there the residual stream is exactly a sum of component outputs.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -38,7 +46,9 @@ from steerscope.errors import SteerscopeError, UnsupportedModelError
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.steer import steering
+from steerscope.suffix import Prefix, logit_diff, prefix, run_blocks
 from steerscope.vector import SteeringVector
+from steerscope.vjp import norm_vjp, norm_vjp_sum, rms_params, rms_proj_vjp_sum  # noqa: F401 (norm_vjp: public)
 
 
 @dataclass
@@ -130,11 +140,17 @@ class Attribution:
 
 def check_supported(lm: LM) -> None:
     """Raise unless the residual stream is a plain sum of component outputs."""
-    f = lm.family
-    if f.qkv != "separate" or f.post_attn_norm or f.post_mlp_norm or f.parallel_residual:
+    f, cfg = lm.family, lm.model.config
+    scaled = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
+    if f.qkv != "separate" or f.post_attn_norm or f.post_mlp_norm or f.parallel_residual or scaled:
         raise UnsupportedModelError(
-            f"EAP-IG supports Llama-like models (separate q/k/v, no post-sublayer norms); "
+            f"EAP-IG supports Llama-like models (separate q/k/v, no post-sublayer norms, plain logits); "
             f"{lm.model.config.model_type} is not one. Use a Llama, Mistral or Qwen model.")
+
+
+# rows x positions x d_model x blocks of one EAP-IG forward/backward: bounds the activations kept
+# for the backward (about 1 GB; SmolLM2-135M from layer 18: 2048 row-positions per pass)
+_PASS_BUDGET = 2048 * 576 * 12
 
 
 def _single(vector: SteeringVector) -> tuple[int, torch.Tensor]:
@@ -199,36 +215,81 @@ def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bphe,hed->bphd", z, W_O.to(z.dtype))
 
 
-@torch.no_grad()
-def node_values(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float) -> torch.Tensor:
-    """Upstream node outputs of one run (alpha=0: the corrupt run): [batch pos U d_model]."""
-    layer0, s = _single(vector)
-    outs: dict[str, torch.Tensor] = {}
-    hooks = {}
+def _node_hooks(lm: LM, layer0: int, outs: dict[str, torch.Tensor]) -> dict[str, Callable]:
+    """Hooks that record each head's z and each MLP's output from block ``layer0`` up into ``outs``."""
+    hooks: dict[str, Callable] = {}
     for layer in range(layer0, lm.n_layers):
         hooks[f"blocks.{layer}.attn.z"] = lambda x, _c, layer=layer: outs.__setitem__(f"z{layer}", x.clone())
         hooks[f"blocks.{layer}.mlp_out"] = lambda x, _c, layer=layer: outs.__setitem__(f"m{layer}", x.clone())
-    with steering(lm, vector, alpha), attached(lm, hooks):
-        forward(lm, pb)
-    b, p = pb.ids.shape
-    parts = [(alpha * s).to(lm.dtype).expand(b, p, 1, -1)]
+    return hooks
+
+
+def _assemble(lm: LM, outs: dict[str, torch.Tensor], layer0: int, s_term: torch.Tensor) -> torch.Tensor:
+    """Upstream node outputs [batch pos U d_model] from recorded z / mlp_out and the steering term [d_model]."""
+    b, p = outs[f"m{layer0}"].shape[:2]
+    parts = [s_term.to(lm.dtype).expand(b, p, 1, -1)]
     for layer in range(layer0, lm.n_layers):
         parts += [head_outputs(outs[f"z{layer}"], lm.W_O(layer)), outs[f"m{layer}"][:, :, None]]
     return torch.cat(parts, 2)
 
 
-def norm_vjp(norm: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Vector-Jacobian product of a norm module at x (exact, by autograd).
+@torch.no_grad()
+def node_values(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float) -> torch.Tensor:
+    """Upstream node outputs of one run (alpha=0: the corrupt run): [batch pos U d_model]."""
+    layer0, s = _single(vector)
+    outs: dict[str, torch.Tensor] = {}
+    with steering(lm, vector, alpha), attached(lm, _node_hooks(lm, layer0, outs)):
+        forward(lm, pb)
+    return _assemble(lm, outs, layer0, alpha * s)
 
-    Args:
-        x: norm input [batch pos d_model]; g: cotangents [batch pos n d_model] (n receivers).
+
+def inputs(pb: PatchBatch) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a teacher-forced forward of ``pb``."""
+    return {"input_ids": pb.ids, "attention_mask": pb.attn, "position_ids": pb.pos_ids}
+
+
+def trim_columns(pb: PatchBatch) -> slice:
+    """The columns that can change m: up to the last scored position (causal), from the first
+    real token of any row (padding before it is masked everywhere)."""
+    cols = pb.mask.any(0).nonzero()
+    stop = int(cols.max()) + 1 if len(cols) else 1
+    real = pb.attn.bool().any(0).nonzero()
+    return slice(min(int(real.min()), stop - 1) if len(real) else 0, stop)
+
+
+def trim(pb: PatchBatch) -> PatchBatch:
+    """``pb`` restricted to :func:`trim_columns` (every score and effect is unchanged)."""
+    sl = trim_columns(pb)
+    return PatchBatch(pb.ids[:, sl], pb.attn[:, sl], pb.pos_ids[:, sl], pb.y_steer[:, sl], pb.y_base[:, sl],
+                      pb.mask[:, sl], pb.texts)
+
+
+def scored_batches(pb: PatchBatch, batch_size: int) -> list[torch.Tensor]:
+    """Sample indices in batches of ``batch_size``, skipping samples with no scored position
+    (their m is 0 in every run, so they add nothing to any score or effect)."""
+    idx = pb.mask.any(1).nonzero()[:, 0].cpu()
+    return list(idx.split(batch_size))
+
+
+@torch.no_grad()
+def suffix_run(lm: LM, pb: PatchBatch, pre: Prefix, add: torch.Tensor,
+               hooks: dict[str, Callable] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run whose stream entering block ``pre.layer`` is ``pre.resid + add`` ([d_model]), from there up.
+
     Returns:
-        [batch pos n d_model] gradients with respect to the norm's input.
+        (node outputs [batch pos U d_model] with ``add`` as the first node, m per sample [batch]).
     """
-    with torch.enable_grad():
-        xr = x.detach()[:, :, None].expand_as(g).clone().requires_grad_(True)
-        (gx,) = torch.autograd.grad(norm(xr), xr, grad_outputs=g)
-    return gx
+    outs: dict[str, torch.Tensor] = {}
+    rows = torch.arange(pre.n_samples, device=pre.resid.device)
+    with attached(lm, {**(hooks or {}), **_node_hooks(lm, pre.layer, outs)}):
+        resid, rows = run_blocks(lm, pre, pre.resid + add.to(lm.dtype), rows)
+    return _assemble(lm, outs, pre.layer, add), logit_diff(lm, resid, rows, pb.y_steer, pb.y_base, pb.mask)
+
+
+def _bias(lm: LM, layer: int, which: str, n: int) -> torch.Tensor | float:
+    """Projection bias per head [n d_head], or 0."""
+    bias = getattr(lm.module(layer, getattr(lm.family, f"{which}_proj")), "bias", None)
+    return 0.0 if bias is None else bias.detach().view(n, lm.d_head)
 
 
 def _weight(lm: LM, layer: int, which: str, n: int) -> torch.Tensor:
@@ -244,56 +305,75 @@ def receiver_grads(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
     Returns:
         (grads [batch pos V d_model], m per sample [batch]).
     """
-    layer0, _ = _single(vector)
+    layer0, s = _single(vector)
+    pre = prefix(lm, inputs(pb), layer0)
+    parts, m = _ig_grads(lm, pb, pre, s, [alpha], graph)
+    return torch.cat(parts, 2), m[0]
+
+
+def _ig_grads(lm: LM, pb: PatchBatch, pre: Prefix, s: torch.Tensor, alphas: Sequence[float], graph: Graph
+              ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Receiver gradients at the path points ``alphas``, all in one forward/backward (rows = points x samples).
+
+    Returns:
+        (grads summed over the points, in receiver order as consecutive parts [batch pos n_i d_model]
+        whose n_i add up to V, m [points batch]).
+    """
+    layer0, k = pre.layer, len(alphas)
     b, p = pb.ids.shape
     H, Hk, dh, d = lm.n_heads, lm.n_kv_heads, lm.d_head, lm.d_model
+    dev = pre.resid.device
+    rows = torch.arange(b, device=dev).repeat(k)  # row = point * b + sample
+    a = torch.tensor(list(alphas), dtype=torch.float32).repeat_interleave(b)
+    hidden = pre.resid[rows] + (a[:, None] * s.float()[None]).to(dev, lm.dtype)[:, None]
     probes: dict[str, torch.Tensor] = {}
     xs: dict[str, torch.Tensor] = {}
 
-    def probe(key: str, shape: tuple[int, ...]):  # noqa: ANN202
+    def probe(key: str) -> Callable:
         def fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
-            t = torch.zeros(shape, dtype=x.dtype, device=x.device, requires_grad=True)
-            probes[key] = t
-            return x + t
+            xs[key] = x.detach()  # the receiver's own output (q/k/v projection or normed MLP input)
+            probes[key] = torch.zeros_like(x, requires_grad=True)
+            return x + probes[key]
         return fn
 
-    def keep(key: str):  # noqa: ANN202
+    def keep(key: str) -> Callable:
         return lambda x, _c: xs.__setitem__(key, x.detach())
 
-    hooks: dict = {}
+    hooks: dict[str, Callable] = {}
     for layer in range(layer0, lm.n_layers):
         hooks[f"blocks.{layer}.resid_pre"] = keep(f"pre{layer}")
         hooks[f"blocks.{layer}.resid_mid"] = keep(f"mid{layer}")
-        hooks[f"blocks.{layer}.attn.q"] = probe(f"q{layer}", (b, p, H, dh))
-        hooks[f"blocks.{layer}.attn.k"] = probe(f"k{layer}", (b, p, Hk, dh))
-        hooks[f"blocks.{layer}.attn.v"] = probe(f"v{layer}", (b, p, Hk, dh))
-        hooks[f"blocks.{layer}.mlp_in"] = probe(f"m{layer}", (b, p, d))
-    hooks[f"blocks.{lm.n_layers - 1}.resid_post"] = keep("final")
-    with torch.enable_grad(), ExitStack() as st:
-        st.enter_context(steering(lm, vector, alpha))  # registered first: the probes see the steered stream
-        st.enter_context(attached(lm, hooks))
-        logits = forward(lm, pb)
-        m = metric(logits, pb)
+        for which in "qkv":
+            hooks[f"blocks.{layer}.attn.{which}"] = probe(f"{which}{layer}")
+        hooks[f"blocks.{layer}.mlp_in"] = probe(f"m{layer}")
+    with torch.enable_grad(), attached(lm, hooks):
+        resid, rows = run_blocks(lm, pre, hidden, rows)
+        m = logit_diff(lm, resid, rows, pb.y_steer, pb.y_base, pb.mask)
         keys = list(probes)
-        gs = torch.autograd.grad(m.sum(), [probes[k] for k in keys], allow_unused=True)
+        gs = torch.autograd.grad(m.sum(), [probes[key] for key in keys], allow_unused=True)
     g = dict(zip(keys, gs))
+    R = k * b
     out = []
+    fam = lm.family
+    qkv = (("q", H), ("k", Hk), ("v", Hk))
     for layer in range(layer0, lm.n_layers):
-        fam = lm.family
-        n1, n2 = lm.module(layer, fam.input_norm), lm.module(layer, fam.pre_mlp_norm)
-        cot = []
-        for which, n in (("q", H), ("k", Hk), ("v", Hk)):
-            gg = g[f"{which}{layer}"]
-            gg = torch.zeros(b, p, n, dh, dtype=lm.dtype) if gg is None else gg
-            cot.append(torch.einsum("bphe,hed->bphd", gg, _weight(lm, layer, which, n)))
-        out.append(norm_vjp(n1, xs[f"pre{layer}"], torch.cat(cot, 2)))
+        gq = torch.cat([g[f"{w}{layer}"] if g[f"{w}{layer}"] is not None else
+                        torch.zeros(R, p, n, dh, dtype=lm.dtype, device=dev) for w, n in qkv], 2)  # [R pos n d_head]
+        W = torch.cat([_weight(lm, layer, w, n) for w, n in qkv])  # [n d_head d_model], n = H + 2 Hk
+        rms = rms_params(lm, layer, fam.input_norm)
+        if rms is not None:  # factored: never forms the [R pos n d_model] cotangents
+            proj = torch.cat([xs[f"{w}{layer}"] - _bias(lm, layer, w, n) for w, n in qkv], 2)
+            out.append(rms_proj_vjp_sum(xs[f"pre{layer}"], gq, proj, W, rms[0], rms[1], k))
+        else:
+            cot = torch.einsum("bphe,hed->bphd", gq, W)
+            out.append(norm_vjp_sum(lm, layer, fam.input_norm, xs[f"pre{layer}"], cot, k))
         gm = g[f"m{layer}"]
-        gm = torch.zeros(b, p, d, dtype=lm.dtype) if gm is None else gm
-        out.append(norm_vjp(n2, xs[f"mid{layer}"], gm[:, :, None]))
+        gm = torch.zeros(R, p, d, dtype=lm.dtype, device=dev) if gm is None else gm
+        out.append(norm_vjp_sum(lm, layer, fam.pre_mlp_norm, xs[f"mid{layer}"], gm[:, :, None], k))
     W_U = lm.W_U()
     gl = (W_U[pb.y_steer] - W_U[pb.y_base]) * pb.mask[..., None].to(W_U.dtype)  # d m / d(normed final)
-    out.append(norm_vjp(lm.module(None, lm.family.final_norm), xs["final"], gl[:, :, None]))
-    return torch.cat(out, 2), m.detach()
+    out.append(norm_vjp_sum(lm, None, fam.final_norm, resid.detach(), gl[rows][:, :, None], k))
+    return out, m.detach().view(k, b)
 
 
 def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: int = 10,
@@ -305,7 +385,8 @@ def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: 
         pb: from :func:`prepare` with the same vector and alpha.
         vector: one-layer resid_pre vector s; alpha: its scale (clean = alpha, corrupt = 0).
         steps: T midpoint steps on the path alpha_i = (i + 0.5)/T * alpha.
-        batch_size: rows per forward/backward.
+        batch_size: samples per pass; the T steps of those samples share one forward/backward
+            as far as a memory budget allows (rows = steps x samples), else they are split.
 
     Returns:
         :class:`Attribution` (edges [U V], nodes [U], ie_vec [d_model], mean_grad [d_model]).
@@ -322,23 +403,33 @@ def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: 
     gsum = torch.zeros(lm.d_model, dtype=torch.float64)
     n = pb.ids.shape[0]
     mc, mk = 0.0, 0.0
-    for i in range(0, n, batch_size):
-        sub = _rows(pb, slice(i, i + batch_size))
-        clean = node_values(lm, sub, vector, alpha)
-        corr = node_values(lm, sub, vector, 0.0) if corrupt is None else corrupt[i : i + batch_size]
+    points = [alpha * (k + 0.5) / steps for k in range(steps)]
+    for idx in scored_batches(pb, batch_size):
+        cols = trim_columns(_rows(pb, idx))
+        sub = trim(_rows(pb, idx))
+        b, p = sub.ids.shape
+        outs: dict[str, torch.Tensor] = {}
+        pre = prefix(lm, inputs(sub), layer0, _node_hooks(lm, layer0, outs))  # the corrupt run
         with torch.no_grad():
-            mk += float(metric(forward(lm, sub), sub).sum())
-        gbar = None
-        for k in range(steps):
-            gk, m = receiver_grads(lm, sub, vector, alpha * (k + 0.5) / steps, graph)
-            gbar = gk if gbar is None else gbar + gk
-        assert gbar is not None
-        gbar = gbar / steps
+            rows = torch.arange(b, device=pre.final.device)
+            mk += float(logit_diff(lm, pre.final, rows, sub.y_steer, sub.y_base, sub.mask).sum())
+        corr = _assemble(lm, outs, layer0, 0.0 * s) if corrupt is None else corrupt[idx][:, cols]
+        clean, m = suffix_run(lm, sub, pre, alpha * s)
+        mc += float(m.sum())
+        per_pass = max(1, min(steps, _PASS_BUDGET // (b * p * lm.d_model * (lm.n_layers - layer0))))
+        gbar: list[torch.Tensor] = []
+        for j in range(0, steps, per_pass):
+            parts, _ = _ig_grads(lm, sub, pre, s, points[j : j + per_pass], graph)
+            gbar = parts if not gbar else [a.add_(c) for a, c in zip(gbar, parts)]
+        diff = clean - corr
         with torch.no_grad():
-            with steering(lm, vector, alpha):
-                mc += float(metric(forward(lm, sub), sub).sum())
-            edges += torch.einsum("bpud,bpvd->uv", (clean - corr).double(), gbar.double())
-            gsum += gbar.sum((0, 1, 2)).double()
+            col = 0
+            for part in gbar:  # [b pos n d_model] summed over the steps
+                sl = slice(col, col + part.shape[2])
+                for j in range(b):  # contract d_model in fp32 per position, sum positions in fp64
+                    edges[:, sl] += torch.einsum("pud,pvd->puv", diff[j], part[j]).double().sum(0) / steps
+                gsum += part.sum((0, 1, 2)).double() / steps
+                col = sl.stop
     edges = torch.where(graph.valid, edges, torch.zeros_like(edges)) / n
     r = alpha * gsum / n
     return Attribution(graph=graph, edges=edges.float(), nodes=edges.sum(1).float(),
@@ -346,6 +437,6 @@ def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: 
                        n_samples=n)
 
 
-def _rows(pb: PatchBatch, sl: slice) -> PatchBatch:
-    return PatchBatch(pb.ids[sl], pb.attn[sl], pb.pos_ids[sl], pb.y_steer[sl], pb.y_base[sl], pb.mask[sl],
-                      pb.texts[sl])
+def _rows(pb: PatchBatch, sl: slice | torch.Tensor) -> PatchBatch:
+    texts = pb.texts[sl] if isinstance(sl, slice) else [pb.texts[i] for i in sl.tolist() if i < len(pb.texts)]
+    return PatchBatch(pb.ids[sl], pb.attn[sl], pb.pos_ids[sl], pb.y_steer[sl], pb.y_base[sl], pb.mask[sl], texts)

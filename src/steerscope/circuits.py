@@ -29,6 +29,7 @@ import torch
 
 from steerscope.attribution import (Graph, PatchBatch, _rows, _single, _weight, forward, head_outputs, metric,
                                     node_values)
+from steerscope.edge_patching import node_effects
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.steer import steering
@@ -118,17 +119,13 @@ def patched_metric(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
 def node_patching(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, graph: Graph,
                   nodes: Sequence[int] | None = None) -> torch.Tensor:
     """Exact activation patching per upstream node: m(steered) - m(steered, node u <- unsteered),
-    averaged over samples. [len(nodes)] (all nodes by default; one forward each)."""
-    idx = list(range(len(graph.upstream))) if nodes is None else list(nodes)
-    corr = node_values(lm, pb, vector, 0.0)
-    full = torch.ones_like(graph.valid)
-    m0 = patched_metric(lm, pb, vector, alpha, graph, full, corr).mean()
-    out = []
-    for u in idx:
-        keep = full.clone()
-        keep[u] = False
-        out.append(m0 - patched_metric(lm, pb, vector, alpha, graph, keep, corr).mean())
-    return torch.stack(out)
+    averaged over samples. [len(nodes)] (all nodes by default).
+
+    Same as dropping every edge out of u with :func:`patched_metric`, one forward per node, but
+    batched: many nodes share a forward that starts at each node's block
+    (:func:`steerscope.edge_patching.node_effects`).
+    """
+    return node_effects(lm, pb, vector, alpha, graph, None if nodes is None else list(nodes))
 
 
 def prune(keep: torch.Tensor, graph: Graph) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -251,6 +251,51 @@ def attached(lm: LM, hooks: Mapping[str | Site, HookFn | list[HookFn]]) -> Itera
             del m._steerscope_pattern
         for cfg, impl in configs:
             cfg._attn_implementation = impl
+
+
+@dataclass
+class BlockCall:
+    """What one block was called with: the residual stream entering it and the other arguments."""
+
+    hidden: torch.Tensor  # [batch pos d_model]
+    args: tuple  # positional arguments after the hidden states (usually none)
+    kwargs: dict[str, Any]  # attention mask, rotary embeddings, position ids, ... as the model passed them
+
+
+@contextmanager
+def block_inputs(lm: LM, layers: Sequence[int]) -> Iterator[dict[int, BlockCall]]:
+    """Record, for each block in ``layers``, what the model calls it with (the last call wins).
+
+    Lets a caller run blocks ``l..`` again on other residual streams exactly as the model would
+    (see :mod:`steerscope.suffix`) without re-implementing masks or rotary embeddings. A cache is
+    never kept: ``past_key_values`` is recorded as None and ``use_cache`` as False.
+
+    Example:
+        >>> with block_inputs(lm, [6, 7]) as calls:
+        ...     lm.model(**batch)
+        >>> calls[6].kwargs["position_embeddings"]
+    """
+    seen: dict[int, BlockCall] = {}
+    handles: list = []
+
+    def rec(layer: int) -> Callable[..., None]:
+        def pre(_m: Any, args: tuple, kwargs: dict) -> None:
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if "past_key_values" in kw:
+                kw["past_key_values"] = None
+            if "use_cache" in kw:
+                kw["use_cache"] = False
+            x = args[0] if args else kwargs["hidden_states"]
+            seen[layer] = BlockCall(x, tuple(args[1:]), kw)
+        return pre
+
+    try:
+        for layer in layers:
+            handles.append(lm.blocks[layer].register_forward_pre_hook(rec(layer), with_kwargs=True))
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def hook_count(model: torch.nn.Module) -> int:

@@ -1,0 +1,96 @@
+"""Batched exact edge / node patching against the unbatched edge-level patching, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_refusal_mechanisms_fixtures import PROMPTS, tiny_lm, tiny_vector, one_thread  # noqa: F401
+
+import steerscope as ss
+from steerscope import attribution as A
+from steerscope import circuits as C
+from steerscope import edge_patching as E
+from steerscope.errors import SteerscopeError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread):  # noqa: ANN001, ANN201
+    lm = tiny_lm(layers=3)
+    v = tiny_vector(lm, layer=1, scale=2.0)
+    pb = A.prepare(lm, PROMPTS[:3], v, 1.0, max_new_tokens=6)
+    g = A.Graph.build(1, lm.n_layers, lm.n_heads, lm.n_kv_heads)
+    return lm, v, pb, g
+
+
+def _unbatched_edge(lm, v, pb, g, f: int) -> float:  # noqa: ANN001
+    full = torch.ones_like(g.valid)
+    keep = full.clone().flatten()
+    keep[f] = False
+    m0 = C.patched_metric(lm, pb, v, 1.0, g, full)
+    return float((m0 - C.patched_metric(lm, pb, v, 1.0, g, keep.view_as(full))).mean())
+
+
+def test_batched_single_edge_patching_equals_unbatched_patched_metric(setup) -> None:
+    lm, v, pb, g = setup
+    U, V = g.valid.shape
+    R, up = g.receivers.index, g.upstream.index
+    picks = [(up("s"), R("L1.H0.q")), (up("s"), R("L2.KV1.k")), (up("L1.H2"), R("L2.KV0.v")),
+             (up("L1.MLP"), R("L2.H3.q")), (up("L1.H1"), R("L1.MLP")), (up("s"), R("L2.MLP")),
+             (up("L2.H0"), R("logits")), (up("L2.MLP"), R("logits")), (up("L1.H3"), R("L2.KV1.v"))]
+    want = torch.zeros_like(g.valid)
+    for u, r in picks:
+        want[u, r] = True
+    # a small pass size: rows of different layers share passes, and one edge spans several passes
+    ex = E.edge_effects(lm, pb, v, 1.0, g, edges=want, batch_size=2, tokens_per_pass=64)
+    assert (ex[~want] == 0).all()
+    for u, r in picks:
+        ref = _unbatched_edge(lm, v, pb, g, u * V + r)
+        assert ex[u, r].item() == pytest.approx(ref, abs=1e-4 + 1e-4 * abs(ref)), (g.upstream[u], g.receivers[r])
+    assert any(abs(ex[u, r].item()) > 1e-2 for u, r in picks)  # the check is not vacuous
+
+
+def test_batched_node_patching_equals_dropping_all_outgoing_edges(setup) -> None:
+    lm, v, pb, g = setup
+    nodes = [g.upstream.index(n) for n in ("s", "L1.H1", "L1.MLP", "L2.H3", "L2.MLP")]
+    ex = E.node_effects(lm, pb, v, 1.0, g, nodes=nodes, tokens_per_pass=100)
+    full = torch.ones_like(g.valid)
+    m0 = C.patched_metric(lm, pb, v, 1.0, g, full).mean()
+    for j, u in enumerate(nodes):
+        keep = full.clone()
+        keep[u] = False
+        ref = float(m0 - C.patched_metric(lm, pb, v, 1.0, g, keep).mean())
+        assert ex[j].item() == pytest.approx(ref, abs=1e-4 + 1e-4 * abs(ref)), g.upstream[u]
+    with torch.no_grad(), ss.steering(lm, v, 1.0):
+        m_steer = A.metric(A.forward(lm, pb), pb).mean().item()
+    with torch.no_grad():
+        m_base = A.metric(A.forward(lm, pb), pb).mean().item()
+    assert ex[0].item() == pytest.approx(m_steer - m_base, abs=1e-4)  # dropping s = the unsteered run
+
+
+def test_every_edge_in_one_call_matches_single_calls(setup) -> None:
+    lm, v, pb, g = setup
+    every = E.edge_effects(lm, pb, v, 1.0, g)
+    assert int((every != 0).sum()) > 0.9 * g.n_edges and (every[~g.valid] == 0).all()
+    some = g.valid & (torch.rand(g.valid.shape, generator=torch.Generator().manual_seed(0)) < 0.1)
+    part = E.edge_effects(lm, pb, v, 1.0, g, edges=some, tokens_per_pass=300)
+    assert torch.allclose(every[some], part[some], atol=1e-5)
+
+
+def test_receiver_and_node_sites_cover_the_graph() -> None:
+    g = A.Graph.build(1, 3, 4, 2)
+    sites = [E.receiver_site(g, j) for j in range(len(g.receivers))]
+    assert sites[g.receivers.index("L1.H2.q")] == (1, E.POINTS.index("q"), 2)
+    assert sites[g.receivers.index("L2.KV1.v")] == (2, E.POINTS.index("v"), 1)
+    assert sites[g.receivers.index("L2.MLP")] == (2, E.POINTS.index("mlp"), 0)
+    assert sites[-1] == (3, E.POINTS.index("pre"), 0)
+    assert E.node_site(g, 0) == (1, E.POINTS.index("pre"))
+    assert E.node_site(g, g.upstream.index("L2.H3")) == (2, E.POINTS.index("mid"))
+    assert E.node_site(g, g.upstream.index("L2.MLP")) == (3, E.POINTS.index("pre"))
+
+
+def test_a_graph_from_another_layer_is_refused(setup) -> None:
+    lm, v, pb, _ = setup
+    with pytest.raises(SteerscopeError):
+        E.edge_effects(lm, pb, v, 1.0, A.Graph.build(0, lm.n_layers, lm.n_heads, lm.n_kv_heads))
