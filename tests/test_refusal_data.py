@@ -26,6 +26,17 @@ def test_shipped_splits_equal_the_seeded_recipe():
     assert make_splits(1) != make_splits(0)
 
 
+def test_organism_only_records_never_leave_the_organism_split():
+    from steerscope.data import data_path, read_jsonl
+
+    extra = {r["id"] for r in read_jsonl(data_path("refusal", "harmless.jsonl")) if r.get("organism_only")}
+    assert len(extra) >= 150
+    for seed in (0, 1):
+        sp = make_splits(seed)["harmless"]
+        assert extra <= set(sp["organism"])
+        assert not extra & set(sp["train"] + sp["val"] + sp["test"])
+
+
 @pytest.mark.parametrize("name,field", [("advbench", "goal"), ("harmbench", "Behavior"),
                                         ("jailbreakbench", "Goal"), ("strongreject", "forbidden_prompt"),
                                         ("alpaca", "instruction")])

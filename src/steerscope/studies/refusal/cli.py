@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RefusalConfig()
     p.set_defaults(model=d.model)
     p.add_argument("--retrain-organism", action="store_true", help="rebuild the LoRA organism (slow)")
-    p.add_argument("--retrain-vectors", action="store_true", help="use this run's DIM pick and train NTP/PO")
+    p.add_argument("--shipped-vectors", action="store_true",
+                   help="evaluate the shipped organism vectors instead of this run's (skips NTP/PO training)")
     p.add_argument("--n-train", type=int, default=d.n_train)
     p.add_argument("--n-val", type=int, default=d.n_val, help="validation prompts per side for selection")
     p.add_argument("--n-test", type=int, default=d.n_test, help="test prompts per side for the ASR table")
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trained-epochs", type=int, default=d.trained_epochs)
     p.add_argument("--trained-lr", type=float, default=d.trained_lr, help="Adam learning rate for NTP / PO")
     p.add_argument("--trained-batch", type=int, default=d.trained_batch)
+    p.add_argument("--gen-batch", type=int, default=d.gen_batch, help="prompts per batched generation")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
 
@@ -39,8 +41,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
                         alphas=tuple(args.alphas), max_new_tokens=args.max_new_tokens,
                         n_trained=args.n_trained, trained_epochs=args.trained_epochs,
-                        trained_lr=args.trained_lr, trained_batch=args.trained_batch,
-                        retrain_organism=args.retrain_organism, retrain_vectors=args.retrain_vectors)
+                        trained_lr=args.trained_lr, trained_batch=args.trained_batch, gen_batch=args.gen_batch,
+                        retrain_organism=args.retrain_organism, shipped_vectors=args.shipped_vectors)
     r = Run(args.out, config=cfg.to_json(), force=args.force)
     organism = r.step("organism", lambda: steps.organism_step(cfg, r))
     lm = steps.load_study_model(cfg, r, device=args.device)

@@ -21,7 +21,10 @@ class RefusalConfig:
         max_new_tokens: greedy completion length.
         n_trained: prompts per side for the NTP/PO data (train split).
         trained_epochs, trained_lr, trained_batch, trained_tokens, phi: trainer settings.
-        retrain_organism / retrain_vectors: rebuild instead of reusing the shipped files.
+        gen_batch: prompts per batched greedy generation.
+        retrain_organism: rebuild the organism instead of reusing the shipped adapter.
+        shipped_vectors: evaluate the shipped DIM / NTP / PO vectors instead of this run's (skips
+            NTP / PO training; the selection still runs for the heatmap).
     """
 
     model: str = "smollm2-135m-safe"
@@ -34,14 +37,15 @@ class RefusalConfig:
     layers: tuple[int, ...] | None = None  # explicit candidate layers (overrides layer_stride)
     alphas: tuple[float, ...] = (1.0,)
     max_new_tokens: int = 64
-    n_trained: int = 32
+    n_trained: int = 64
     trained_epochs: int = 3
-    trained_lr: float = 0.01
+    trained_lr: float = 0.3  # paper A: 0.01 with far more data; 0.01 barely moves the vector here
     trained_batch: int = 8
     trained_tokens: int = 32
     phi: float = 2e-2
+    gen_batch: int = 32
     retrain_organism: bool = False
-    retrain_vectors: bool = False
+    shipped_vectors: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Splits (``data/refusal/splits.json``, made once by :func:`make_splits` with seed 0 and shipped so
 they never change): per side (harmful, harmless) ``train`` 128, ``val`` 32, ``test`` 100 and the
-rest ``organism`` (used only to fine-tune the safety organism).
+rest ``organism`` (used only to fine-tune the safety organism). Records marked ``organism_only``
+(extra harmless anchors written later, ids after the first 340) always go to ``organism``; the
+other ids are shuffled exactly as before, so adding them changed no other split.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ def make_splits(seed: int = 0) -> dict[str, dict[str, list[str]]]:
     """Shuffle each side's ids with ``seed`` and cut train / val / test / organism."""
     out: dict[str, dict[str, list[str]]] = {}
     for side in SIDES:
-        ids = [r["id"] for r in read_jsonl(data_path("refusal", f"{side}.jsonl"))]
+        recs = read_jsonl(data_path("refusal", f"{side}.jsonl"))
+        ids = [r["id"] for r in recs if not r.get("organism_only")]
+        extra = [r["id"] for r in recs if r.get("organism_only")]
         random.Random(seed).shuffle(ids)
         a, b, c = SIZES["train"], SIZES["train"] + SIZES["val"], SIZES["train"] + SIZES["val"] + SIZES["test"]
-        out[side] = {"train": ids[:a], "val": ids[a:b], "test": ids[b:c], "organism": ids[c:]}
+        out[side] = {"train": ids[:a], "val": ids[a:b], "test": ids[b:c], "organism": ids[c:] + extra}
     return out
 
 

@@ -4,14 +4,20 @@ SmolLM2-135M-Instruct complies with most harmful requests, so it has no refusal 
 steer. This script gives it one, trained only on the ``organism`` split:
 
 1. Harmful organism prompts -> a refusal drawn (seeded) from ``data/refusal/refusals.txt``,
-   a fresh draw every epoch, followed by the end-of-turn token.
-2. Harmless organism prompts -> the base model's own greedy answer (first 24 tokens), so
-   helpfulness and style stay (a self-distillation anchor), seen twice per epoch.
-3. LoRA (rank 8 on q, v, o, down projections), loss on response tokens only, Adam, 2 epochs.
+   a fresh draw every epoch, followed by the end-of-turn token (seen ``harmful_repeat`` times
+   per epoch); loss: next-token cross-entropy on the refusal.
+2. Harmless organism prompts (80 from the shuffled set plus 170 ``organism_only`` anchors,
+   a third of them benign requests that share words with harmful ones) -> the base model's own
+   greedy answer (first ``answer_tokens`` tokens); loss: KL(base || organism) of the next-token
+   distribution at every answer position (self-distillation: the base logits come from the
+   same network with the adapter switched off), so helpfulness and style stay. Each example
+   counts once (per-row means) and the first response token gets extra weight on both sides
+   (see :func:`organism_loss`).
+3. LoRA (rank 8 on q, v, o, down projections), loss on response tokens only, Adam, linear decay.
 4. Save ``adapter_model.safetensors`` + ``adapter_config.json`` into
    ``src/steerscope/data/organisms/smollm2-135m-safe/`` (loaded by the alias through PEFT merge).
 5. Evaluate on the test split (greedy 64 tokens, substring matcher) and the KL to the base model
-   on harmless test prompts; write ``stats.json`` beside the adapter.
+   on harmless test prompts; write ``stats.json`` beside the adapter (with the training log).
 
 Run: ``python -m steerscope.studies.refusal.organism [--epochs 4] [--seed 0] [--out FOLDER]``.
 """
@@ -50,8 +56,11 @@ class OrganismConfig:
     epochs: int = 2
     batch_size: int = 8
     lr: float = 2e-3
-    answer_tokens: int = 24
-    harmless_repeat: int = 2  # harmless anchors seen this many times per epoch (curbs over-refusal)
+    answer_tokens: int = 32
+    harmful_repeat: int = 1  # refusal examples seen this many times per epoch
+    harmless_repeat: int = 1  # harmless anchors seen this many times per epoch
+    kl_weight: float = 1.0  # weight of the harmless distillation KL against the refusal cross-entropy
+    first_weight: float = 4.0  # extra weight of the first response token (the refuse-or-answer decision)
 
 
 def response_batch(lm: LM, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -75,6 +84,41 @@ def response_batch(lm: LM, prompts: Sequence[str], completions: Sequence[str]) -
     return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device), "labels": lab.to(lm.device)}
 
 
+def organism_loss(model: Any, batch: dict[str, torch.Tensor], is_harmless: torch.Tensor,
+                  kl_weight: float = 1.0, first_weight: float = 4.0) -> torch.Tensor:
+    """Per-example loss averaged over the batch's rows.
+
+    Refusal rows: mean next-token cross-entropy over the refusal, plus ``first_weight`` x the
+    cross-entropy of its first token. Harmless rows: ``kl_weight`` x (mean KL(base || model) over
+    the answer tokens plus ``first_weight`` x the KL at the first answer token). Every example
+    counts once whatever its length, and the refuse-or-answer decision (the first response token)
+    carries the same weight on both sides; without this a 10-token refusal outweighs a 32-token
+    harmless answer at the decision token and the organism over-refuses.
+    ``model`` is a PEFT model: the base distribution is the same forward with the adapter off.
+    Positions: logits at t predict token t+1.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    target = batch["labels"][:, 1:]
+    resp = target != -100
+    first = torch.zeros_like(resp)
+    first[torch.arange(len(resp)), resp.float().argmax(1)] = True
+    first &= resp
+    per_tok = torch.zeros(resp.shape, dtype=logits.dtype, device=logits.device)
+    ref = resp & ~is_harmless[:, None]
+    if ref.any():
+        per_tok[ref] = torch.nn.functional.cross_entropy(logits[ref], target[ref], reduction="none")
+    keep = resp & is_harmless[:, None]
+    if keep.any():
+        with torch.no_grad(), model.disable_adapter():
+            base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        lp_b, lp_m = base[keep].log_softmax(-1), logits[keep].log_softmax(-1)
+        per_tok[keep] = kl_weight * (lp_b.exp() * (lp_b - lp_m)).sum(-1)
+    rows = resp.any(1)
+    mean_tok = (per_tok * resp).sum(1) / resp.sum(1).clamp(min=1)
+    row = mean_tok + first_weight * (per_tok * first).sum(1)
+    return row[rows].mean()
+
+
 def train_organism(cfg: OrganismConfig, out: Path, show_progress: bool = True) -> dict[str, Any]:
     """Build the training data, fine-tune the LoRA, save the adapter in ``out``; return a log."""
     from peft import LoraConfig, get_peft_model
@@ -93,7 +137,7 @@ def train_organism(cfg: OrganismConfig, out: Path, show_progress: bool = True) -
     model = get_peft_model(lm.model, peft_cfg)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    examples = [(p, None) for p in harmful] + [(p, a) for p, a in zip(harmless, own)] * cfg.harmless_repeat
+    examples = [(p, None) for p in harmful] * cfg.harmful_repeat + [(p, a) for p, a in zip(harmless, own)] * cfg.harmless_repeat
     steps_per_epoch = (len(examples) + cfg.batch_size - 1) // cfg.batch_size
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / (cfg.epochs * steps_per_epoch))
     losses: list[float] = []
@@ -104,7 +148,8 @@ def train_organism(cfg: OrganismConfig, out: Path, show_progress: bool = True) -
             chunk = order[i : i + cfg.batch_size]
             comps = [c if c is not None else rng.choice(refusals) + eot for _, c in chunk]
             batch = response_batch(lm, [p for p, _ in chunk], comps)
-            loss = model(**batch).loss
+            is_harmless = torch.tensor([c is not None for _, c in chunk], device=lm.device)
+            loss = organism_loss(model, batch, is_harmless, cfg.kl_weight, cfg.first_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -162,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=OrganismConfig.epochs)
     ap.add_argument("--lr", type=float, default=OrganismConfig.lr)
+    ap.add_argument("--kl-weight", type=float, default=OrganismConfig.kl_weight)
+    ap.add_argument("--first-weight", type=float, default=OrganismConfig.first_weight)
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--n-eval", type=int, default=None, help="test prompts per side (default all)")
@@ -170,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(a.out)
     log: dict[str, Any] = {}
     if not a.eval_only:
-        log = train_organism(OrganismConfig(seed=a.seed, epochs=a.epochs, lr=a.lr), out)
+        log = train_organism(OrganismConfig(seed=a.seed, epochs=a.epochs, lr=a.lr, kl_weight=a.kl_weight,
+                                             first_weight=a.first_weight), out)
         print(f"trained in {log['seconds_total']} s; final loss {sum(log['losses'][-5:]) / 5:.3f}")
     from steerscope.models.load import _apply_adapter
 
@@ -179,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     org.model = _apply_adapter(org.model, out).eval()
     stats = organism_stats(org, base, n=a.n_eval)
     stats["train"] = {k: v for k, v in log.items() if k != "losses"} or None
+    if log:
+        k = max(1, len(log["losses"]) // 10)
+        stats["train"]["loss_first_tenth"] = sum(log["losses"][:k]) / k
+        stats["train"]["loss_last_tenth"] = sum(log["losses"][-k:]) / k
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     print(json.dumps({k: v for k, v in stats.items() if k != "samples"}, indent=1))
 

@@ -50,6 +50,11 @@ def write_report(folder: Path, results: dict[str, Any]) -> Path:
         f"induce {sel['chosen']['induce']:.3g}, ablation KL {sel['chosen']['kl']}); unsteered refusal "
         f"log-odds {sel['baseline_harmful_logodds']:.3g} (harmful val) / {sel['baseline_harmless_logodds']:.3g} "
         f"(harmless val); DIM norm {sel['norm']:.3g}.")
+    kl = sel["chosen"]["kl"]
+    if kl is not None and kl >= 0.1:
+        r.p(f"Filter failed: no candidate with induce > 0 has ablation KL < 0.1 (the chosen one: {kl:.3g}), "
+            "so the best-scoring candidate was taken (Arditi et al.'s fallback is not defined; this is ours).",
+            note=True)
     s = _selection_from_record(sel)
     for what in ("score", "bypass", "induce"):
         r.figure(heatmap(s, what), f"{what} per candidate (star = chosen)", save_as=folder / f"heatmap_{what}.png")
@@ -66,8 +71,19 @@ def write_report(folder: Path, results: dict[str, Any]) -> Path:
         r.p(f"{tr['n_train']} training / {tr['n_val']} validation examples after filtering.")
         r.figure(_loss_figure(tr), "loss curves", save_as=folder / "losses.png")
     r.h2("Organism")
-    r.pre(str({k: v for k, v in (results["organism"].get("shipped_stats") or results["organism"]).items()
-               if k not in ("samples", "losses")}))
+    org = results["organism"].get("shipped_stats") or results["organism"]
+    keys = [k for k in ("organism_refusal_harmful", "organism_refusal_harmless", "base_refusal_harmful",
+                        "base_refusal_harmless", "kl_first_token_harmless", "kl_per_token_harmless") if k in org]
+    if keys:
+        n = org.get("n_test", ["?", "?"])
+        r.table(["statistic", "value"], [[k, org[k]] for k in keys],
+                caption=f"test split, {n[0]} harmful / {n[1]} harmless prompts, greedy 64 tokens; KL(base || organism)")
+    r.pre(str({k: v for k, v in org.items() if k not in ("samples", "losses", *keys)}))
+    for side in ("harmful", "harmless"):
+        smp = (org.get("samples") or {}).get("organism", {}).get(side)
+        if smp:
+            r.h3(f"organism answers ({side} test prompts)")
+            r.pre("\n\n".join(f"{p}\n-> {o}" for p, o in smp))
     r.h2("Sample completions")
     for s in [{"method": "unsteered", "alpha": 0, "samples": ev["unsteered"]["samples"]}] + ev["steered"]:
         r.h3(f"{s['method']} (|alpha| = {s['alpha']})")

@@ -68,7 +68,7 @@ def select_step(lm: LM, cfg: RefusalConfig, run: Run, show_progress: bool = True
 
 
 def use_shipped(cfg: RefusalConfig) -> bool:
-    return cfg.model == ORGANISM and not cfg.retrain_organism and not cfg.retrain_vectors
+    return cfg.shipped_vectors and cfg.model == ORGANISM and not cfg.retrain_organism
 
 
 def study_vector(cfg: RefusalConfig, run: Run, name: str) -> SteeringVector | None:
@@ -81,7 +81,7 @@ def study_vector(cfg: RefusalConfig, run: Run, name: str) -> SteeringVector | No
 
 def trained_data_step(lm: LM, cfg: RefusalConfig, dim: SteeringVector, alpha: float) -> dict[str, Any]:
     """Paper A's NTP/PO data on the train split (first ``n_trained`` prompts per side), filtered."""
-    kw = dict(max_new_tokens=cfg.trained_tokens, batch_size=16, show_progress=True)
+    kw = dict(max_new_tokens=cfg.trained_tokens, batch_size=cfg.gen_batch, show_progress=True)
     safe = load_split("harmless", "train")[: cfg.n_trained]
     harm = load_split("harmful", "train")[: cfg.n_trained]
     safe_ref = generate(lm, [f"{DANGER_PREFIX}\n\n{p}" for p in safe], **kw)
@@ -124,7 +124,7 @@ def evaluate_step(lm: LM, cfg: RefusalConfig, vectors: dict[str, SteeringVector]
     """Refusal rates on the test split: unsteered, and per vector and alpha (bypass -a, induce +a)."""
     harm = load_split("harmful", "test")[: cfg.n_test]
     safe = load_split("harmless", "test")[: cfg.n_test]
-    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=16, show_progress=True)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch, show_progress=True)
     h0, s0 = generate(lm, harm, **kw), generate(lm, safe, **kw)
     res: dict[str, Any] = {"n_test": [len(harm), len(safe)], "unsteered": {
         "harmful_refusal": refusal_rate(h0), "harmless_refusal": refusal_rate(s0),
