@@ -88,8 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         run_.step(f"ablations_{setting}", lambda s=setting: St.step_ablations(run_, lm, cfg, vecs["dim"], s))
     for n in names:
         run_.step(f"svv_{n}", lambda n=n: St.step_svv(run_, lm, cfg, n, vecs[n]))
-        run_.step(f"sparsity_{n}_bypass", lambda n=n: St.step_sparsity(run_, lm, cfg, n, vecs[n],
-                                                                        evaluate=(n == "dim")))
+        run_.step(f"sparsity_{n}_bypass", lambda n=n: St.step_sparsity(run_, lm, cfg, n, vecs[n]))
     run_.step("iou_bypass", lambda: St.step_iou(run_, lm, cfg, names))
     report = write_report(run_, cfg, names)
     return {"report": str(report), "out": str(run_.folder), "summary": summary(run_, names), "log": run_.log}
@@ -111,7 +110,9 @@ def summary(run_: Run, names: list[str]) -> dict[str, Any]:
                                                          "reached": c["reached_threshold"]}
     if run_.done("exact_check"):
         out["eapig_vs_exact"] = {k: v for k, v in run_.load("exact_check").items() if k.startswith(("spearman", "time"))}
-    if run_.done("sparsity_dim_bypass"):
-        sp = run_.load("sparsity_dim_bypass")
-        out["sparsity_dim_bypass"] = {"sparsities": sp["sparsities"], "dense": sp.get("dense_asr"), **sp["asr"]}
+    for n in names:
+        if run_.done(f"sparsity_{n}_bypass"):
+            sp = run_.load(f"sparsity_{n}_bypass")
+            if sp["asr"]:
+                out[f"sparsity_{n}_bypass"] = {"sparsities": sp["sparsities"], "dense": sp.get("dense_asr"), **sp["asr"]}
     return out

@@ -37,7 +37,7 @@ class Config:
     sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
     batch_size: int = 16
     seed: int = 0
-    eval_offset: int = 200  # evaluation prompts are taken from here on; extraction used the first 64
+    eval_offset: int = 0  # offset into the test split: eval prompts, then the attribution prompts
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

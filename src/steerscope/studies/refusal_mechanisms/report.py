@@ -154,10 +154,16 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
             r.table(["head", "node IE", "|svv|", "top tokens", "bottom tokens (sign flipped)"],
                     [[h["head"], h["score"], h["norm"], " | ".join(h["top"][:8]), " | ".join(h["bottom"][:8])]
                      for h in sv["heads"]])
-    if run.done("sparsity_dim_bypass"):
-        sp = run.load("sparsity_dim_bypass")
-        r.h2("Sparsification (DIM, bypass)")
-        r.figure(_sparsity_fig(sp), "ASR vs sparsity", run.path("fig_sparsity.png"))
+    done_sp = [n for n in names if run.done(f"sparsity_{n}_bypass")]
+    if done_sp:
+        r.h2("Sparsification (bypass)")
+    for n in done_sp:
+        sp = run.load(f"sparsity_{n}_bypass")
+        if not sp["asr"]:
+            continue
+        r.h3(f"{n}")
+        suffix = "" if n == "dim" else f"_{n}"
+        r.figure(_sparsity_fig(sp), f"ASR vs sparsity ({n})", run.path(f"fig_sparsity{suffix}.png"))
         r.table(["method"] + [f"{x:.2f}" for x in sp["sparsities"]],
                 [[m] + [f"{v:.3f}" for v in vals] for m, vals in sp["asr"].items()],
                 caption=f"dense ASR {sp.get('dense_asr')}")

@@ -16,11 +16,11 @@ from steerscope import circuits as C
 from steerscope import freeze as F
 from steerscope import ov
 from steerscope import sparsify as S
-from steerscope.data import data_path, read_jsonl
 from steerscope.generation import generate
 from steerscope.metrics.refusal import asr, is_refusal
 from steerscope.models.load import LM
 from steerscope.progress import progress
+from steerscope.studies.refusal.data import load_split
 from steerscope.studies.refusal_mechanisms.config import Config
 from steerscope.studies.runner import Run, load_tensors, save_tensors
 from steerscope.vector import SteeringVector
@@ -29,9 +29,9 @@ SETTINGS = ("bypass", "induce")
 
 
 def prompts(kind: str) -> list[str]:
-    """Shipped harmful / harmless instructions."""
-    name = "harmful" if kind == "bypass" else "harmless"
-    return [r["instruction"] for r in read_jsonl(data_path("refusal", f"{name}.jsonl"))]
+    """The shipped TEST split (harmful for bypass, harmless for induce): never seen by the organism's
+    fine-tune or by the vectors' extraction and training (train split)."""
+    return load_split("harmful" if kind == "bypass" else "harmless", "test")
 
 
 def alpha_of(cfg: Config, setting: str) -> float:
