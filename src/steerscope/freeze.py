@@ -189,16 +189,6 @@ def _eos_ids(lm: LM) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=lm.device)
 
 
-def _start_call(calls: Sequence[Call], mask: torch.Tensor, n_new: int) -> None:
-    """Fill the :class:`Call` records as the top-level pre-hook does for an ``lm.model`` call."""
-    for c in calls:
-        c.mask, c.n_new, c.past = mask, n_new, mask.shape[1] - n_new
-        c.index += 1
-        if c.past == 0:
-            c.prompt_mask = mask
-        c.store.clear()
-
-
 def _twice(x: torch.Tensor | None) -> torch.Tensor | None:
     """[batch ...] -> [2*batch ...] (None stays None: a mask the attention can skip)."""
     return None if x is None else torch.cat([x, x])
@@ -232,7 +222,8 @@ def _fast_frozen_ids(lm: LM, enc: dict, vector: SteeringVector, alpha: float, mo
         cache = DynamicCache(config=cfg)
         for _ in range(max_new_tokens):
             n = ids.shape[1]
-            _start_call([c1, c2], torch.cat([mask, mask]), n)
+            for c in (c1, c2):  # what the model's top-level pre-hook would record
+                c.begin(torch.cat([mask, mask]), n, mask.shape[1] - n)
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]  # [batch pos]
             h = embed(ids)  # [batch pos d_model]
             kw = dict(config=cfg, inputs_embeds=h, attention_mask=mask, past_key_values=cache, position_ids=pos)

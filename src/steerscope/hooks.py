@@ -45,6 +45,15 @@ class Call:
     def is_prefill(self) -> bool:
         return self.past == 0
 
+    def begin(self, mask: torch.Tensor, n_new: int, past: int) -> None:
+        """Start the record of a new forward call (the model's top-level pre-hook calls this; so
+        does a caller that runs the blocks itself, e.g. :mod:`steerscope.freeze`)."""
+        self.mask, self.n_new, self.past = mask, n_new, past
+        self.index += 1
+        if past == 0:
+            self.prompt_mask = mask
+        self.store.clear()
+
     def new_mask(self) -> torch.Tensor:
         """Mask of the positions in this call [batch pos]."""
         assert self.mask is not None
@@ -223,11 +232,7 @@ def attached(lm: LM, hooks: Mapping[str | Site, HookFn | list[HookFn]]) -> Itera
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
             mask = torch.ones(b, past + n, dtype=torch.long, device=x.device)
-        call.mask, call.n_new, call.past = mask, n, past
-        call.index += 1
-        if past == 0:
-            call.prompt_mask = mask
-        call.store.clear()
+        call.begin(mask, n, past)
 
     try:
         handles.append(lm.model.register_forward_pre_hook(top_pre, with_kwargs=True))

@@ -162,8 +162,7 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
         if not sp["asr"]:
             continue
         r.h3(f"{n}")
-        suffix = "" if n == "dim" else f"_{n}"
-        r.figure(_sparsity_fig(sp), f"ASR vs sparsity ({n})", run.path(f"fig_sparsity{suffix}.png"))
+        r.figure(_sparsity_fig(sp), f"ASR vs sparsity ({n})", run.path(f"fig_sparsity_{n}.png"))
         r.table(["method"] + [f"{x:.2f}" for x in sp["sparsities"]],
                 [[m] + [f"{v:.3f}" for v in vals] for m, vals in sp["asr"].items()],
                 caption=f"dense ASR {sp.get('dense_asr')}")
