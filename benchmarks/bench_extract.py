@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import steerscope as ss  # noqa: E402
-from _common import best_of, contrast_pairs, peak_rss_increase_mib  # noqa: E402
+import steerscope as ss
+from _common import best_of, contrast_pairs, peak_rss_increase_mib
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -32,8 +33,8 @@ def main() -> None:
     lm = ss.load_model("smollm2-135m")
     harm, safe = contrast_pairs(a.pairs)
     pairs = [(lm.format_chat(h), lm.format_chat(s)) for h, s in zip(harm, safe)]
-    ours_fn = lambda: ss.extract(lm, harm, safe, layers=[a.layer], batch_size=a.batch_size)  # noqa: E731
-    theirs_fn = lambda: sv.train_steering_vector(  # noqa: E731
+    ours_fn = lambda: ss.extract(lm, harm, safe, layers=[a.layer], batch_size=a.batch_size)
+    theirs_fn = lambda: sv.train_steering_vector(
         lm.model, lm.tokenizer, pairs, layers=[a.layer - 1], read_token_index=-1, batch_size=a.batch_size)
     ours_v, theirs_v = ours_fn(), theirs_fn()  # warm-up and agreement
     cos = float(torch.nn.functional.cosine_similarity(ours_v[a.layer], theirs_v.layer_activations[a.layer - 1].float(), dim=0))

@@ -26,7 +26,7 @@ from steerscope import freeze as F
 from steerscope.data import data_path, read_jsonl
 
 
-def _time(fn, repeats: int) -> float:  # noqa: ANN001
+def _time(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -35,7 +35,7 @@ def _time(fn, repeats: int) -> float:  # noqa: ANN001
     return best
 
 
-def _interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:  # noqa: ANN001
+def _interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
     """Best wall and process-CPU seconds per name, the names run round-robin so that load from
     other jobs on a shared machine falls on all of them alike; also the new-token count of each."""
     wall = {k: float("inf") for k in fns}
@@ -65,7 +65,7 @@ def main() -> dict:
     vec = vec.select([vec.layers[0]])
     prompts = [r["instruction"] for r in read_jsonl(data_path("refusal", "harmful.jsonl"))][: a.n]
 
-    def gen(mode: str, tokens: int = a.tokens):  # noqa: ANN202
+    def gen(mode: str, tokens: int = a.tokens):
         return lambda: F.frozen_generate_ids(lm, prompts, vec, a.alpha, mode=mode, max_new_tokens=tokens)
     torch.set_grad_enabled(False)
     gen("none", 2)()  # warm-up

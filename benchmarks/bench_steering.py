@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import steerscope as ss  # noqa: E402
-from _common import contrast_pairs, peak_rss_increase_mib  # noqa: E402
+import steerscope as ss
+from _common import contrast_pairs, peak_rss_increase_mib
 
 
 def main() -> None:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy.stats import spearmanr
-from test_refusal_mechanisms_fixtures import PROMPTS, tiny_lm, tiny_vector, one_thread  # noqa: F401
 
 import steerscope as ss
 from steerscope import attribution as A
 from steerscope import circuits as C
 from steerscope.errors import SteerscopeError
+from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, tiny_lm, tiny_vector  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(one_thread):  # noqa: ANN001, ANN201
+def setup(one_thread):
     lm = tiny_lm(layers=3)
     v = tiny_vector(lm, layer=1, scale=2.0)
     pb = A.prepare(lm, PROMPTS[:3], v, 1.0, max_new_tokens=6)
@@ -37,7 +37,7 @@ def test_receiver_gradients_sum_to_the_total_gradient(setup) -> None:
     gr, m = A.receiver_grads(lm, pb, v, 0.5, att.graph)
     store = {}
 
-    def leaf(x, _c):  # noqa: ANN001, ANN202
+    def leaf(x, _c):
         store["x"] = x.detach().requires_grad_(True)
         return store["x"]
     with ss.steering(lm, v, 0.5), ss.attached(lm, {"blocks.1.resid_pre": leaf}):

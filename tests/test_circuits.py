@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_refusal_mechanisms_fixtures import PROMPTS, tiny_lm, tiny_vector, one_thread  # noqa: F401
 
 import steerscope as ss
 from steerscope import attribution as A
 from steerscope import circuits as C
+from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, tiny_lm, tiny_vector  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(one_thread):  # noqa: ANN001, ANN201
+def setup(one_thread):
     lm = tiny_lm(layers=3)
     v = tiny_vector(lm, layer=1, scale=2.0)
     pb = A.prepare(lm, PROMPTS[:2], v, 1.0, max_new_tokens=5)
@@ -42,7 +42,7 @@ def test_dropping_every_edge_out_of_a_head_equals_patching_its_output(setup) -> 
     with torch.no_grad(), ss.recording(lm, ["blocks.2.attn.z"]) as cache:
         A.forward(lm, pb)
 
-    def patch(x, _c):  # noqa: ANN001, ANN202
+    def patch(x, _c):
         x = x.clone()
         x[:, :, 1] = cache["blocks.2.attn.z"][:, :, 1]
         return x

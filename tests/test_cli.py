@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import steerscope as ss
-from steerscope.cli import main
-
 from conftest import make_tiny
+from steerscope.cli import main
 
 
 @pytest.fixture(scope="module")

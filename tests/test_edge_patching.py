@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_refusal_mechanisms_fixtures import PROMPTS, tiny_lm, tiny_vector, one_thread  # noqa: F401
 
 import steerscope as ss
 from steerscope import attribution as A
 from steerscope import circuits as C
 from steerscope import edge_patching as E
 from steerscope.errors import SteerscopeError
+from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, tiny_lm, tiny_vector  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(one_thread):  # noqa: ANN001, ANN201
+def setup(one_thread):
     lm = tiny_lm(layers=3)
     v = tiny_vector(lm, layer=1, scale=2.0)
     pb = A.prepare(lm, PROMPTS[:3], v, 1.0, max_new_tokens=6)
@@ -24,7 +24,7 @@ def setup(one_thread):  # noqa: ANN001, ANN201
     return lm, v, pb, g
 
 
-def _unbatched_edge(lm, v, pb, g, f: int) -> float:  # noqa: ANN001
+def _unbatched_edge(lm, v, pb, g, f: int) -> float:
     full = torch.ones_like(g.valid)
     keep = full.clone().flatten()
     keep[f] = False

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import steerscope as ss
+from conftest import make_tiny
 from steerscope.errors import DataError
 from steerscope.extract import aggregate
-
-from conftest import make_tiny
 
 POS = ["Write a formal letter to the board.", "Compose a formal invitation to the gala.",
        "Draft an official statement about the merger.", "Write a professional email to a client."]

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import steerscope as ss
-from steerscope.hooks import hook_count
-
 from conftest import FAMILY_NAMES, batch_ids, make_tiny
+from steerscope.hooks import hook_count
 
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
-from test_refusal_mechanisms_fixtures import PROMPTS, smol_tokenizer, tiny_lm, tiny_vector, one_thread  # noqa: F401
 
 import steerscope as ss
+from conftest import make_tiny
 from steerscope import freeze as F
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import hook_count
+from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, smol_tokenizer, tiny_lm, tiny_vector  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def lm(one_thread):  # noqa: ANN001, ANN201
+def lm(one_thread):
     return tiny_lm(layers=3)
 
 
@@ -39,7 +39,7 @@ def test_batched_frozen_generation_equals_the_two_pass_reference(lm, mode: str) 
 MIXED = ["Hi.", "Explain in detail how a bicycle gear works and why it matters on hills.", PROMPTS[1]]
 
 
-def _tiny(family: str):  # noqa: ANN202
+def _tiny(family: str):
     """A tiny ``family`` model with larger weights, so that attention is far from uniform and
     freezing patterns or values changes the text."""
     lm = make_tiny(family, tokenizer=smol_tokenizer())
@@ -51,7 +51,7 @@ def _tiny(family: str):  # noqa: ANN202
     return lm
 
 
-def _rows_seen(lm, layers: list[int]) -> tuple[dict[int, set[int]], dict]:  # noqa: ANN001
+def _rows_seen(lm, layers: list[int]) -> tuple[dict[int, set[int]], dict]:
     """Hooks recording the batch sizes each listed block sees; (record, hooks)."""
     seen: dict[int, set[int]] = {layer: set() for layer in layers}
     return seen, {f"blocks.{layer}.resid_pre": (lambda x, _c, layer=layer: seen[layer].add(x.shape[0]))
@@ -120,7 +120,7 @@ def test_fast_path_leaves_no_hooks_even_after_an_exception(lm, mode: str) -> Non
     assert hook_count(lm.model) == before and lm.model.config._attn_implementation == impl
     calls = []
 
-    def boom(_x: torch.Tensor, _c) -> None:  # noqa: ANN001
+    def boom(_x: torch.Tensor, _c) -> None:
         calls.append(1)
         if len(calls) == 2:  # fails inside the first decoding step, hooks of the call installed
             raise RuntimeError("boom")

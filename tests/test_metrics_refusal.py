@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from steerscope.metrics.judge import LlamaGuardJudge, PatternJudge, SubstringJudge, judge_accuracy
-from steerscope.metrics.refusal import (REFUSAL_SUBSTRINGS, asr, is_refusal, kl_divergence, refusal_logodds,
-                                        refusal_rate, refusal_token_ids)
+from steerscope.metrics.refusal import (
+    REFUSAL_SUBSTRINGS,
+    asr,
+    is_refusal,
+    kl_divergence,
+    refusal_logodds,
+    refusal_rate,
+    refusal_token_ids,
+)
 
 
 def test_matcher_has_paper_a_twelve_strings_and_asr_is_the_complement():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import batch_ids, make_tiny
 
+from conftest import batch_ids, make_tiny
 from steerscope.studies.refusal.organism import organism_loss
 
 

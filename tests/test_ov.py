@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_refusal_mechanisms_fixtures import PROMPTS, tiny_lm, one_thread  # noqa: F401
 
 import steerscope as ss
 from steerscope import ov
+from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, tiny_lm  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +23,7 @@ def test_svv_equals_the_change_of_each_head_output_when_s_gamma_enters_the_value
     dv = (vproj(x) - vproj(torch.zeros_like(x))).view(lm.n_kv_heads, lm.d_head)  # the module itself, bias-free
     zs = {}
 
-    def rec(key):  # noqa: ANN001, ANN202
+    def rec(key):
         return lambda z, _c: zs.__setitem__(key, z.clone())
     with torch.no_grad():
         with ss.attached(lm, {f"blocks.{layer}.attn.z": rec("base")}):

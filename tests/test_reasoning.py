@@ -25,7 +25,7 @@ def test_problems_are_deterministic_correct_and_split_disjoint(difficulty):
             x, y = expr.split(" and ")
             expr = f"{x}+{y}"
         if not p.question.startswith(("Compute", "Add")):
-            assert str(eval(expr)) == p.answer  # noqa: S307 - generated arithmetic only
+            assert str(eval(expr)) == p.answer
     train, test = split(30, 20, difficulty, seed=0)
     assert not {q.question for q in train} & {q.question for q in test}
     with pytest.raises(SteerscopeError):

@@ -11,7 +11,7 @@ import steerscope as ss
 
 
 @functools.lru_cache(maxsize=1)
-def smol_tokenizer():  # noqa: ANN201
+def smol_tokenizer():
     return ss.load_model("smollm2-135m").tokenizer
 
 
@@ -39,7 +39,7 @@ PROMPTS = ["How do I bake bread?", "Tell me a joke.", "What is the capital of Fr
 
 
 @pytest.fixture(scope="module")
-def one_thread():  # noqa: ANN201
+def one_thread():
     """Run a test on one intra-op thread (tiny models; avoids oversubscription on a shared CPU)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)

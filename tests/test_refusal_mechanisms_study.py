@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_refusal_mechanisms_fixtures import tiny_lm, tiny_vector, one_thread  # noqa: F401
 
 from steerscope.cli import main
-from steerscope.studies.refusal_mechanisms.config import parse_vectors, vectors_from_dir
 from steerscope.errors import StudyError
+from steerscope.studies.refusal_mechanisms.config import parse_vectors, vectors_from_dir
+from test_refusal_mechanisms_fixtures import one_thread, tiny_lm, tiny_vector  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_study_runs_quick_and_resumes(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_study_runs_quick_and_resumes(tmp_path, capsys) -> None:
     lm = tiny_lm(layers=2, hidden=32, heads=2, kv=1)
     folder = tmp_path / "model"
     lm.model.save_pretrained(folder)
@@ -38,7 +38,7 @@ def test_study_runs_quick_and_resumes(tmp_path, capsys) -> None:  # noqa: ANN001
     assert all(line.endswith("cached") for line in res2["log"])
 
 
-def test_vector_options_are_checked(tmp_path) -> None:  # noqa: ANN001
+def test_vector_options_are_checked(tmp_path) -> None:
     with pytest.raises(StudyError):
         parse_vectors("po=x.safetensors")
     with pytest.raises(StudyError):

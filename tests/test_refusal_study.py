@@ -11,7 +11,7 @@ from steerscope.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_refusal_study_runs_end_to_end_and_resumes(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_refusal_study_runs_end_to_end_and_resumes(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     argv = ["study", "refusal", "--out", str(out), "--n-train", "16", "--n-val", "4", "--layers", "16,18",
             "--n-test", "4", "--max-new-tokens", "8", "--n-trained", "16", "--trained-epochs", "1",

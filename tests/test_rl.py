@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 import steerscope as ss
-from steerscope.extract.rl import (RLOOConfig, completion_mask, rloo_advantages, sample, sequence_logprobs,
-                                   surrogate_backward, train_rloo)
+from steerscope.extract.rl import (
+    RLOOConfig,
+    completion_mask,
+    rloo_advantages,
+    sample,
+    sequence_logprobs,
+    surrogate_backward,
+    train_rloo,
+)
 from steerscope.hooks import hook_count
 from steerscope.trainable import LoRAPolicy, SteeringBias
 

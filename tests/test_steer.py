@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import steerscope as ss
+from conftest import batch_ids, make_tiny
 from steerscope.errors import SiteError, VectorError
 from steerscope.hooks import hook_count
-
-from conftest import batch_ids, make_tiny
 
 
 class AddToInput(torch.nn.Module):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, batch_ids, make_tiny
 
+from conftest import FAMILY_NAMES, batch_ids, make_tiny
 from steerscope.attribution import position_ids
 from steerscope.suffix import logit_diff, prefix, run_blocks
 
@@ -29,7 +29,7 @@ def test_blocks_from_the_prefix_reproduce_the_final_stream_with_rows_reordered(f
     assert torch.allclose(h[real], pre.final[rows][real], atol=1e-4)
 
 
-def test_rows_inserted_at_a_later_block_start_there(tiny_llama) -> None:  # noqa: ANN001
+def test_rows_inserted_at_a_later_block_start_there(tiny_llama) -> None:
     lm = tiny_llama
     inputs = _inputs()
     streams = {}
@@ -60,7 +60,7 @@ def test_logit_diff_equals_the_metric_from_full_logits(family: str) -> None:
     assert torch.allclose(m, ref, atol=1e-4, rtol=1e-5)
 
 
-def test_a_prefix_before_its_layer_cannot_run(tiny_llama) -> None:  # noqa: ANN001
+def test_a_prefix_before_its_layer_cannot_run(tiny_llama) -> None:
     pre = prefix(tiny_llama, _inputs(), layer=2)
     with pytest.raises(ValueError):
         run_blocks(tiny_llama, pre, pre.resid, torch.arange(3), start=1)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import steerscope as ss
-from steerscope.errors import FingerprintWarning, VectorError
-
 from conftest import make_tiny
+from steerscope.errors import FingerprintWarning, VectorError
 
 
 def test_arithmetic_and_cosine():

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_tiny
 
+from conftest import make_tiny
 from steerscope.vjp import norm_vjp, rms_params, rms_proj_vjp_sum, rms_vjp_sum
 
 
-def _norm(d: int = 32):  # noqa: ANN202
+def _norm(d: int = 32):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     norm = LlamaRMSNorm(d, eps=1e-5)

@@ -27,8 +27,17 @@ from typing import Sequence
 
 import torch
 
-from steerscope.attribution import (Graph, PatchBatch, _rows, _single, _weight, forward, head_outputs, metric,
-                                    node_values)
+from steerscope.attribution import (
+    Graph,
+    PatchBatch,
+    _rows,
+    _single,
+    _weight,
+    forward,
+    head_outputs,
+    metric,
+    node_values,
+)
 from steerscope.edge_patching import node_effects
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
@@ -60,7 +69,7 @@ def patched_metric(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
         u = cur.shape[2]
         return torch.einsum("bpud,uv->bpvd", cur - corr[:, :, :u], drop[:u, sl])
 
-    def qkv_hook(layer: int, which: str):  # noqa: ANN202
+    def qkv_hook(layer: int, which: str):
         n = H if which == "q" else Hk
         off = {"q": 0, "k": H, "v": H + Hk}[which]
 
@@ -76,7 +85,7 @@ def patched_metric(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
             return new if bias is None else new + bias.view(n, dh)
         return fn
 
-    def mlp_hook(layer: int):  # noqa: ANN202
+    def mlp_hook(layer: int):
         def fn(x: torch.Tensor, _c: Call) -> torch.Tensor | None:
             j = graph.recv_slice(layer).stop - 1
             if not drop[:, j].any():
@@ -91,10 +100,10 @@ def patched_metric(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
         h = lm.module(None, fam.final_norm)(xs["final"] - delta(slice(j, j + 1))[:, :, 0])
         return torch.nn.functional.linear(h, lm.W_U())  # not the module: its own hook would recurse
 
-    def keep_x(key: str):  # noqa: ANN202
+    def keep_x(key: str):
         return lambda x, _c: xs.__setitem__(key, x)
 
-    def rec_z(layer: int):  # noqa: ANN202
+    def rec_z(layer: int):
         return lambda x, _c: run.append(head_outputs(x, lm.W_O(layer)))
 
     hooks: dict = {}

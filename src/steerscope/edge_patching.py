@@ -32,8 +32,20 @@ from typing import Callable
 
 import torch
 
-from steerscope.attribution import (Graph, PatchBatch, _assemble, _node_hooks, _rows, _single, _weight,
-                                    check_supported, inputs, scored_batches, suffix_run, trim)
+from steerscope.attribution import (
+    Graph,
+    PatchBatch,
+    _assemble,
+    _node_hooks,
+    _rows,
+    _single,
+    _weight,
+    check_supported,
+    inputs,
+    scored_batches,
+    suffix_run,
+    trim,
+)
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
@@ -72,7 +84,7 @@ class PatchRows:
     def build(specs: list[tuple[int, int, int, int, int]], n_samples: int) -> PatchRows:
         """Rows for ``(layer, point, head, node, key)`` specs, one per spec and sample."""
         t = torch.tensor(specs, dtype=torch.long).view(-1, 5)
-        rep = lambda c: t[:, c].repeat_interleave(n_samples)  # noqa: E731
+        rep = lambda c: t[:, c].repeat_interleave(n_samples)
         sample = torch.arange(n_samples).repeat(len(t))
         return PatchRows(sample, rep(0), rep(1), rep(2), rep(3), rep(4))
 

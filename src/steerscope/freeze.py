@@ -103,7 +103,7 @@ def ablation_hooks(lm: LM, vector: SteeringVector, alpha: float | torch.Tensor, 
             def keep(x: torch.Tensor, _c: Call, layer: int = layer) -> None:
                 xs[f"pre{layer}"] = x
 
-            def sub_v(v: torch.Tensor, _c: Call, layer: int = layer, norm=norm, g=g, W=W) -> torch.Tensor:  # noqa: ANN001
+            def sub_v(v: torch.Tensor, _c: Call, layer: int = layer, norm=norm, g=g, W=W) -> torch.Tensor:
                 x = xs[f"pre{layer}"]
                 u = scaled(x) * g / _rms(norm, x)  # [b p d] layer-normalised s
                 return v - torch.nn.functional.linear(u, W).view_as(v)
@@ -116,7 +116,7 @@ def ablation_hooks(lm: LM, vector: SteeringVector, alpha: float | torch.Tensor, 
             def keep_mid(x: torch.Tensor, _c: Call, layer: int = layer) -> None:
                 xs[f"mid{layer}"] = x
 
-            def sub_m(h: torch.Tensor, _c: Call, layer: int = layer, norm=norm, g=g) -> torch.Tensor:  # noqa: ANN001
+            def sub_m(h: torch.Tensor, _c: Call, layer: int = layer, norm=norm, g=g) -> torch.Tensor:
                 x = xs[f"mid{layer}"]
                 return h - scaled(x) * g / _rms(norm, x)
             hooks[f"blocks.{layer}.resid_mid"] = keep_mid

@@ -69,7 +69,7 @@ def recording(lm: LM, sites: Iterable[str | Site], grad: bool = False, dtype: to
     """
     cache = ActivationCache()
 
-    def make(key: str):  # noqa: ANN202
+    def make(key: str):
         def fn(x: torch.Tensor, _c: Call) -> None:
             y = x if grad else x.detach().clone()
             cache._add(key, y if dtype is None else y.to(dtype))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import re
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ from steerscope.models.load import LM
 from steerscope.sites import Site
 from steerscope.vector import SteeringVector, check_finite
 
-Positions = Union[str, Sequence[int]]
+Positions = str | Sequence[int]
 _LAST = re.compile(r"^last[-:](\d+)$")
 
 
@@ -174,7 +174,7 @@ def ablation(lm: LM, direction: torch.Tensor | SteeringVector, layers: Sequence[
         ...     lm.model.generate(**batch)
     """
     r = _unit(direction, lm)
-    fn = lambda x, _c: project_out(x, r)  # noqa: E731
+    fn = lambda x, _c: project_out(x, r)
     hooks = {Site(l, p): fn for l in (layers if layers is not None else range(lm.n_layers))
              for p in ("resid_pre", "attn_out", "mlp_out")}
     with attached(lm, hooks) as call:

@@ -32,7 +32,7 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("steerscope")
-    except Exception:  # noqa: BLE001 - running from a source tree
+    except Exception:
         return "0+unknown"
 
 
@@ -241,7 +241,7 @@ class SteeringVector:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("steerscope")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001 - any parse error means a corrupt or foreign file
+        except Exception as e:
             raise VectorError(f"{path} is not a readable safetensors file ({str(e)[:120]}); re-save the vector") from None
         if raw is None:
             raise VectorError(f"{path} has no 'steerscope' metadata; it was not written by SteeringVector.save")
@@ -285,7 +285,7 @@ def import_gguf(path: str | Path) -> SteeringVector:
 
     try:
         r = gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise VectorError(f"{path} is not a readable GGUF file ({str(e)[:120]})") from None
     hint_field = r.fields.get("controlvector.model_hint")
     hint = None

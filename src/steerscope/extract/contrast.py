@@ -12,7 +12,7 @@ Algorithm:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 

@@ -26,10 +26,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from steerscope.extract.aggregate import fit_logistic as _fit_logistic
-
 from steerscope.data import data_path, read_jsonl
 from steerscope.errors import DataError, SteerscopeError
+from steerscope.extract.aggregate import fit_logistic as _fit_logistic
 
 MIN_ACCURACY = 0.8
 TRAITS = ("formality", "sentiment", "politeness")
@@ -223,7 +222,7 @@ def build_scorers(trait: str, embedder: Embedder | None = None, kinds: Sequence[
         x = emb(texts)
         if "zeroshot" in kinds:
             pos, neg = (emb(d) for d in POLES[trait])
-            fn = lambda t, e=emb, p=pos, n=neg: zero_shot_scores(e(t), p, n)  # noqa: E731
+            fn = lambda t, e=emb, p=pos, n=neg: zero_shot_scores(e(t), p, n)
             out.append(Scorer(trait, "zeroshot", accuracy(zero_shot_scores(x, pos, neg), y),
                               "all labelled texts (not fitted)", fn))
         if "probe" in kinds:

@@ -35,7 +35,7 @@ def steerscope_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eager attention with a probability hook where one is attached, else SDPA."""
     hook = getattr(module, "_steerscope_pattern", None)
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    eager = sys.modules[type(module).__module__].eager_attention_forward
     if hook is None:
         if kwargs.get("softcap") is not None:  # Gemma 2: SDPA has no logit soft-capping
             return eager(module, query, key, value, attention_mask, **kwargs)

@@ -265,7 +265,7 @@ def _gguf_to_folder(gguf: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
+    except Exception as e:
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {e.__class__.__name__}: {str(e)[:200]}") from None
     model.hf_quantizer = None
     for attr in ("quantization_config",):

@@ -116,7 +116,7 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
 
     try:
         flat = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - a corrupt artefact: say which, and how to recover
+    except Exception as e:
         raise StudyError(f"{path} is unreadable ({str(e)[:100]}); delete it and its step record, then rerun") from None
     out: dict[str, Any] = {}
     for key, t in flat.items():

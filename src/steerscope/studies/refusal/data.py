@@ -106,7 +106,7 @@ def _read_hub(key: str) -> list[dict[str, Any]]:
     hub_id, _ = _HUB_IDS[key]
     try:
         ds = datasets.load_dataset(hub_id, split="train")
-    except Exception as e:  # noqa: BLE001 - offline, gated, renamed
+    except Exception as e:
         raise DataError(f"cannot fetch {hub_id} ({str(e)[:100]}); download it and pass the local file") from None
     return [dict(r) for r in ds]
 

@@ -105,7 +105,7 @@ def trained_step(lm: LM, cfg: RefusalConfig, run: Run, data: dict[str, Any], lay
     order = torch.randperm(len(rows), generator=g).tolist()
     n_val = max(2, len(rows) // 5)
     va, tr = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
-    col = lambda rs, k: [r[k] for r in rs]  # noqa: E731
+    col = lambda rs, k: [r[k] for r in rs]
     common = dict(layer=layer, epochs=cfg.trained_epochs, lr=cfg.trained_lr * init_norm, batch_size=cfg.trained_batch,
                   alpha=alpha, seed=cfg.seed, max_tokens=cfg.trained_tokens, show_progress=True)
     out: dict[str, Any] = {"n_train": len(tr), "n_val": len(va)}
