@@ -1,15 +1,35 @@
 """Resumable study runs: one JSON record per finished step in a run folder.
 
 A step is a function returning a JSON-serialisable dict. :meth:`Run.step` skips a step whose
-record exists (unless ``force``); a record is written atomically (temp file + rename) only after
-the step finishes, so a killed run loses no finished step. Large artefacts (vectors, adapters)
-go in the run folder beside the records; a step writes them before returning.
+record exists (unless ``force``). The guarantees, in the order a run meets them:
+
+1. **One writer.** ``Run`` takes an exclusive lock on ``<folder>/.lock`` (``flock``; the holder's pid
+   is written into it). A second run on the same folder is refused with one line naming the holder;
+   the lock of a dead process is released by the kernel, so a stale lock is simply taken over.
+2. **Atomic, durable writes.** Every file goes to a unique temp file in the same folder, is fsynced
+   and renamed over the target, so a reader sees the old file or the new one, never a torn one.
+3. **Validated reads.** A record carries a checksum, the hash of the configuration it was computed
+   under, and the sha256 of every artefact its step created through :meth:`Run.path`. A record that
+   is unreadable, fails its checksum, belongs to another configuration, or whose artefacts are
+   missing or changed is reported in one ``warning:`` line and recomputed. A corrupt ``config.json``
+   is reported and rewritten (the per-record config hash keeps stale steps from being reused).
+4. **Self-contained folders.** Paths into the run folder that a record holds are stored relative to
+   the folder and resolved against the folder the run is opened from, so a moved or copied folder
+   reads its own artefacts, from any working directory.
+
+Non-finite floats are written as ``null`` (strict JSON). Large artefacts (vectors, adapters) go in
+the run folder beside the records; a step writes them (at paths from :meth:`Run.path`) before returning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -17,15 +37,15 @@ from typing import Any, Callable
 
 from steerscope.errors import StudyError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are not protected
+    fcntl = None  # type: ignore[assignment]
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_default))
-    os.replace(tmp, path)
+_META = ("_checksum", "_config", "_files", "_relpaths")
 
 
+# -- strict JSON and atomic files ------------------------------------------------------------------
 def _default(o: Any) -> Any:
     if is_dataclass(o):
         return asdict(o)  # type: ignore[arg-type]
@@ -36,55 +56,288 @@ def _default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _finite(o: Any) -> Any:
+    """``o`` with NaN/inf floats replaced by None, numpy/tensor values as lists (strict JSON)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {str(k) if not isinstance(k, str) else k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, (str, int, bool)) or o is None:
+        return o
+    return _finite(_default(o))
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj`` (non-finite floats become null; never ``NaN``/``Infinity``)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a unique temp file in the same folder, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write strict JSON atomically (unique temp file, fsync, rename)."""
+    atomic_write(Path(path), dumps(obj).encode())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        h.update(str(p.relative_to(path)).encode() if path.is_dir() else b"")
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _checksum(rec: dict[str, Any]) -> str:
+    body = {k: v for k, v in rec.items() if k != "_checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()[:16]
+
+
+def warn(msg: str) -> None:
+    """Report a recovered problem in one line on stderr."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# -- the folder lock ------------------------------------------------------------------------------
+_HELD: dict[str, list[Any]] = {}  # resolved folder -> [fd, refcount]; one lock per process and folder
+_HELD_LOCK = threading.Lock()
+
+
+def _acquire(folder: Path) -> str:
+    key = str(folder.resolve())
+    with _HELD_LOCK:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return key
+        if fcntl is None:  # pragma: no cover
+            _HELD[key] = [None, 1]
+            return key
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            who = f"process {holder[0]}" if holder else "another process"
+            raise StudyError(f"run folder {folder} is in use by {who}; wait for it to finish or use another --out "
+                             "folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        _HELD[key] = [fd, 1]
+        return key
+
+
+def _release(key: str) -> None:
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            if held[0] is not None:
+                os.close(held[0])  # closing the descriptor releases the flock
+
+
 class Run:
-    """A run folder with resumable steps.
+    """A locked run folder with resumable, validated steps.
+
+    Args:
+        folder: the run folder (created if missing).
+        config: the run's configuration; a folder holding another one is refused unless ``force``.
+        force: recompute every step.
 
     Example:
-        >>> run = Run("runs/refusal", config={"seed": 0})
-        >>> res = run.step("select", lambda: {"layer": 12})
+        >>> with Run("runs/refusal", config={"seed": 0}) as run:
+        ...     res = run.step("select", lambda: {"layer": 12})
     """
 
     def __init__(self, folder: str | Path, config: dict[str, Any] | None = None, force: bool = False) -> None:
+        self._lock: str | None = None
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise StudyError(f"--out {self.folder} is a file, not a folder; give a folder path")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock = _acquire(self.folder)
+        except OSError as e:
+            raise StudyError(f"cannot use run folder {self.folder} ({e.strerror or e}); choose a writable --out "
+                             "folder") from None
         self.steps_dir = self.folder / "steps"
-        self.steps_dir.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.folder / "config.json"
-        if config is not None:
-            if cfg_path.is_file() and not force:
-                old = json.loads(cfg_path.read_text())
-                if old != json.loads(json.dumps(config, default=_default)):
-                    raise StudyError(
-                        f"{self.folder} holds a run with another configuration; use a new --out folder or --force"
-                    )
-            write_json(cfg_path, config)
+        self.steps_dir.mkdir(exist_ok=True)
         self.force = force
         self.log: list[str] = []
+        self._stack: list[set[Path]] = []
+        self._config_hash = hashlib.sha256(dumps(config, None).encode()).hexdigest()[:16] if config else None
+        if config is not None:
+            self._check_config(config)
+
+    def _check_config(self, config: dict[str, Any]) -> None:
+        cfg_path = self.folder / "config.json"
+        new = json.loads(dumps(config))
+        if cfg_path.is_file() and not self.force:
+            try:
+                old = json.loads(cfg_path.read_text("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                warn(f"{cfg_path} is unreadable; rewriting it (steps of another configuration are recomputed)")
+                old = new
+            if old != new:
+                raise StudyError(
+                    f"{self.folder} holds a run with another configuration; use a new --out folder or --force"
+                )
+        write_json(cfg_path, new)
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the folder lock (also done when the object is collected or the process exits)."""
+        if self._lock is not None:
+            _release(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    # -- records --------------------------------------------------------------------------------
+    def _record_path(self, name: str) -> Path:
+        return self.steps_dir / f"{name}.json"
+
+    def _read(self, name: str) -> tuple[dict[str, Any] | None, str]:
+        """(record, "") when valid, else (None, why)."""
+        p = self._record_path(name)
+        if not p.is_file():
+            return None, "missing"
+        try:
+            rec = json.loads(p.read_text("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            return None, f"not valid JSON ({str(e)[:60]})"
+        if not isinstance(rec, dict):
+            return None, "not a JSON object"
+        if "_checksum" in rec and rec["_checksum"] != _checksum(rec):
+            return None, "checksum mismatch (edited or damaged)"
+        if self._config_hash and rec.get("_config", self._config_hash) != self._config_hash:
+            return None, "computed under another configuration"
+        for rel, digest in (rec.get("_files") or {}).items():
+            f = self.folder / rel
+            if not f.exists():
+                return None, f"its artefact {rel} is missing"
+            if _sha256(f) != digest:
+                return None, f"its artefact {rel} is damaged or changed"
+        return self._resolve(rec), ""
+
+    def _resolve(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """Strip bookkeeping and turn stored relative paths into paths under this folder."""
+        rels = rec.get("_relpaths") or []
+        out = {k: v for k, v in rec.items() if k not in _META}
+        for keys in rels:
+            node: Any = out
+            try:
+                for k in keys[:-1]:
+                    node = node[k]
+                node[keys[-1]] = str(self.folder / node[keys[-1]])
+            except (KeyError, IndexError, TypeError):
+                continue
+        return out
 
     def done(self, name: str) -> bool:
-        return (self.steps_dir / f"{name}.json").is_file()
+        """Whether a valid record of step ``name`` exists."""
+        return self._read(name)[0] is not None
 
     def load(self, name: str) -> dict[str, Any]:
-        p = self.steps_dir / f"{name}.json"
-        if not p.is_file():
-            raise StudyError(f"step {name!r} has not run in {self.folder}")
-        return json.loads(p.read_text())
+        """The validated record of step ``name``; :class:`StudyError` when it is missing or invalid."""
+        rec, why = self._read(name)
+        if rec is None:
+            raise StudyError(f"step {name!r} has no valid record in {self.folder} ({why}); rerun the study")
+        return rec
 
     def step(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``fn`` unless its record exists; return the record (with ``_seconds``)."""
-        if self.done(name) and not self.force:
-            self.log.append(f"{name}: cached")
-            return self.load(name)
+        """Run ``fn`` unless a valid record exists; return the record (with ``_seconds``)."""
+        if not self.force:
+            rec, why = self._read(name)
+            if rec is not None:
+                self.log.append(f"{name}: cached")
+                return rec
+            if why != "missing":
+                warn(f"record {self._record_path(name)} is {why}; recomputing step {name!r}")
         t0 = time.time()
-        res = fn()
-        res = dict(res)
+        self._stack.append(set())
+        try:
+            res = dict(fn())
+        finally:
+            made = self._stack.pop()
         res["_seconds"] = round(time.time() - t0, 2)
-        write_json(self.steps_dir / f"{name}.json", res)
+        write_json(self._record_path(name), self._stored(res, made))
         self.log.append(f"{name}: {res['_seconds']} s")
         return res
 
+    def _stored(self, res: dict[str, Any], made: set[Path]) -> dict[str, Any]:
+        """The on-disk form: relative paths, artefact hashes, config hash, checksum."""
+        rec = json.loads(dumps(res))
+        strings = {str(p): p for p in made} | {str(p.resolve()): p for p in made}
+        rels: list[list[Any]] = []
+
+        def walk(node: Any, keys: list[Any]) -> Any:
+            if isinstance(node, dict):
+                return {k: walk(v, keys + [k]) for k, v in node.items()}
+            if isinstance(node, list):
+                return [walk(v, keys + [i]) for i, v in enumerate(node)]
+            if isinstance(node, str) and node in strings:
+                rels.append(keys)
+                return str(strings[node].relative_to(self.folder))
+            return node
+
+        rec = walk(rec, [])
+        files = {str(p.relative_to(self.folder)): _sha256(p) for p in sorted(made) if p.exists()}
+        rec.update({"_files": files, "_relpaths": rels, "_config": self._config_hash})
+        rec["_checksum"] = _checksum(rec)
+        return rec
+
     def path(self, *parts: str) -> Path:
+        """A path inside the run folder (parent folders created). Called inside a step, the file it
+        names becomes an artefact of that step: hashed into the record and checked on resume."""
         p = self.folder.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
+        if self._stack:
+            self._stack[-1].add(p)
         return p
 
 
@@ -95,7 +348,7 @@ def save_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
     lists of numbers become 1-D tensors.
     """
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     flat: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
@@ -103,15 +356,11 @@ def save_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
         for sub, t in items:
             key = k if sub is None else f"{k}.{sub}"
             flat[key] = (t if isinstance(t, torch.Tensor) else torch.tensor(t)).detach().cpu().contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(flat, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(Path(path), save(flat))
 
 
 def load_tensors(path: str | Path) -> dict[str, Any]:
-    """Inverse of :func:`save_tensors`."""
+    """Inverse of :func:`save_tensors`; :class:`StudyError` for a missing or unreadable file."""
     from safetensors.torch import load_file
 
     try:

@@ -1,0 +1,159 @@
+"""Run folders under concurrency, corruption, moves and copies (issue 15, items 2-4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import steerscope as ss
+from steerscope.errors import StudyError
+from steerscope.studies.runner import Run, load_tensors, save_tensors, write_json
+
+SRC = str(Path(ss.__file__).resolve().parents[1])  # the steerscope under test, also in subprocesses
+ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+
+
+def _py(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_process_writers_never_crash_and_readers_never_see_a_torn_record(tmp_path):
+    target = tmp_path / "steps" / "s.json"
+    write_json(target, {"writer": -1, "payload": []})
+    code = f"""
+        import sys
+        from pathlib import Path
+        from steerscope.studies.runner import write_json
+        import time
+        w = int(sys.argv[1])
+        while not Path({str(tmp_path / "go")!r}).exists():
+            time.sleep(0.01)
+        for i in range(400):
+            write_json(Path({str(target)!r}), {{"writer": w, "i": i, "payload": list(range(2000))}})
+    """
+    writers = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(w)], env=ENV,
+                                stderr=subprocess.PIPE, text=True) for w in (0, 1)]
+    time.sleep(3)  # both writers imported and waiting
+    (tmp_path / "go").touch()
+    reads = torn = 0
+    while any(p.poll() is None for p in writers):
+        try:
+            rec = json.loads(target.read_text())
+            assert rec["payload"] in ([], list(range(2000)))
+        except (ValueError, AssertionError):
+            torn += 1
+        reads += 1
+    errs = [p.stderr.read() for p in writers]
+    assert [p.returncode for p in writers] == [0, 0], errs
+    assert torn == 0 and reads > 10
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_second_run_on_a_folder_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    folder = tmp_path / "run"
+    holder = _py(f"""
+        import time
+        from steerscope.studies.runner import Run
+        r = Run({str(folder)!r}, config={{"a": 1}})
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    assert holder.stdout.readline().strip() == "ready"
+    with pytest.raises(StudyError, match=f"in use by process {holder.pid}") as e:
+        Run(folder, config={"a": 1})
+    assert "\n" not in str(e.value)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (folder / ".lock").read_text().split()[0] == str(holder.pid)  # the stale lock is still on disk
+    with Run(folder, config={"a": 1}) as run:
+        assert (folder / ".lock").read_text().split()[0] == str(os.getpid())
+        assert run.step("s", lambda: {"x": 1})["x"] == 1
+
+
+def test_a_corrupt_record_is_reported_in_one_line_and_recomputed(tmp_path, capfd):
+    calls = []
+    with Run(tmp_path / "r", config={"a": 1}) as run:
+        run.step("s", lambda: calls.append(1) or {"x": 2})
+    rec = tmp_path / "r" / "steps" / "s.json"
+    for damage in (rec.read_text()[:15], "[1, 2]", rec.read_text().replace('"x": 2', '"x": 3'), "\xff"):
+        rec.write_text(damage)
+        with Run(tmp_path / "r", config={"a": 1}) as run:
+            assert run.step("s", lambda: calls.append(1) or {"x": 2})["x"] == 2
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("warning:") and "recomputing" in err[0], err
+    assert len(calls) == 5
+    with Run(tmp_path / "r", config={"a": 1}) as run:  # intact now: reused, no warning
+        run.step("s", lambda: calls.append(1) or {"x": 2})
+    assert len(calls) == 5 and capfd.readouterr().err == ""
+
+
+def test_a_corrupt_config_is_rewritten_and_steps_of_another_config_are_not_reused(tmp_path, capfd):
+    with Run(tmp_path / "r", config={"a": 1}) as run:
+        run.step("s", lambda: {"x": 1})
+    (tmp_path / "r" / "config.json").write_text('{"a": ')
+    with Run(tmp_path / "r", config={"a": 1}) as run:
+        assert run.step("s", lambda: {"x": 99})["x"] == 1  # same config: reused
+    assert "unreadable" in capfd.readouterr().err
+    (tmp_path / "r" / "config.json").write_text('{"a": ')
+    with Run(tmp_path / "r", config={"a": 2}) as run:  # config lost, and this is another one
+        assert run.step("s", lambda: {"x": 2})["x"] == 2
+    assert json.loads((tmp_path / "r" / "config.json").read_text()) == {"a": 2}
+
+
+def test_a_damaged_tensor_artefact_invalidates_its_step(tmp_path, capfd):
+    def step(run: Run) -> dict:
+        save_tensors(run.path("tensors", "t.safetensors"), {"t": torch.arange(4.0)})
+        return {"file": str(run.path("tensors", "t.safetensors"))}
+
+    with Run(tmp_path / "r", config={"a": 1}) as run:
+        rec = run.step("s", lambda: step(run))
+    p = Path(rec["file"])
+    p.write_bytes(p.read_bytes()[:-3])
+    with Run(tmp_path / "r", config={"a": 1}) as run:
+        rec = run.step("s", lambda: step(run))
+    assert "damaged" in capfd.readouterr().err
+    assert load_tensors(rec["file"])["t"].tolist() == [0, 1, 2, 3]
+
+
+def test_a_copied_run_folder_reads_its_own_artefacts_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def step(run: Run, scale: float) -> dict:
+        path = run.path("vectors", "v.safetensors")
+        ss.SteeringVector({1: scale * torch.ones(4)}).save(path)
+        return {"files": {"v": str(path)}}
+
+    with Run("orig", config={"a": 1}) as run:  # a relative --out
+        run.step("vectors", lambda: step(run, 1.0))
+    stored = json.loads((tmp_path / "orig" / "steps" / "vectors.json").read_text())
+    assert stored["files"]["v"] == "vectors/v.safetensors"
+    shutil.copytree("orig", "copy")
+    (tmp_path / "orig" / "vectors" / "v.safetensors").write_bytes(b"corrupt")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    with Run(tmp_path / "copy", config={"a": 1}) as run:
+        rec = run.step("vectors", lambda: pytest.fail("the copy's record must be reused"))
+    assert Path(rec["files"]["v"]) == tmp_path / "copy" / "vectors" / "v.safetensors"
+    assert ss.SteeringVector.load(rec["files"]["v"])[1].tolist() == [1.0] * 4
+
+
+def test_records_are_strict_json_and_out_that_is_a_file_is_refused(tmp_path):
+    with Run(tmp_path / "r", config={"a": 1}) as run:
+        run.step("s", lambda: {"x": float("nan"), "y": float("inf")})
+    text = (tmp_path / "r" / "steps" / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StudyError, match="is a file"):
+        Run(tmp_path / "f", config={"a": 1})
