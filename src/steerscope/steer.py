@@ -115,6 +115,9 @@ def _per_row(vectors: SteeringVector | Sequence[SteeringVector], alpha: float | 
         per = torch.stack([v.directions.get(layer, torch.zeros(v.d_model)) for v in vecs])  # [n d]
         delta = per * alphas[:, None]
         out[layer] = (delta[0] if rows == 1 else delta.expand(rows, -1)).to(lm.device, lm.dtype)
+        if not torch.isfinite(out[layer]).all() or not torch.isfinite(out[layer].float().norm()):
+            raise VectorError(f"alpha * vector at layer {layer} overflows the model's {lm.dtype} (inf or NaN); "
+                              "use a smaller alpha")
     return vecs[0].site, out
 
 

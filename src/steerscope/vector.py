@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -25,6 +26,19 @@ if TYPE_CHECKING:
     from steerscope.models.load import LM
 
 FORMAT_VERSION = 1
+
+
+def _layer_index(key: Any) -> int:
+    """A layer key as a non-negative int; floats, bools and strings are refused, never truncated."""
+    if isinstance(key, bool) or isinstance(key, float):
+        raise VectorError(f"layer keys are integer block indices, got {key!r}")
+    try:
+        layer = operator.index(key)
+    except TypeError:
+        raise VectorError(f"layer keys are integer block indices, got {key!r}") from None
+    if layer < 0:
+        raise VectorError(f"layer {layer}: layers are non-negative block indices")
+    return layer
 
 
 def _version() -> str:
@@ -91,15 +105,16 @@ class SteeringVector:
             raise SiteError(f"steering site must be one of {', '.join(RESIDUAL_POINTS)}, not {site!r}")
         dirs: dict[int, torch.Tensor] = {}
         dims = set()
-        for layer, t in directions.items():
+        for key, t in directions.items():
+            layer = _layer_index(key)
             t = torch.as_tensor(t).detach()
             if t.dim() != 1:
                 raise VectorError(f"layer {layer}: a direction must be 1-D [d_model], got shape {tuple(t.shape)}")
-            if not torch.isfinite(t).all():
-                raise VectorError(f"layer {layer}: the direction contains NaN or inf; re-extract it or drop the layer")
-            if int(layer) < 0:
-                raise VectorError(f"layer {layer}: layers are non-negative block indices")
-            dirs[int(layer)] = t.float().cpu()
+            t = t.float().cpu()
+            if not torch.isfinite(t).all() or not torch.isfinite(t.norm()):
+                raise VectorError(f"layer {layer}: the direction contains NaN or inf, or its norm overflows "
+                                  "float32; re-extract it or drop the layer")
+            dirs[layer] = t
             dims.add(t.shape[0])
         if len(dims) > 1:
             raise VectorError(f"all directions must have one size, got {sorted(dims)}")
@@ -199,9 +214,14 @@ class SteeringVector:
             )
         bad = [k for k in self.layers if k >= lm.n_layers]
         if bad:
-            raise VectorError(f"vector layers {bad} are out of range: {lm.name} has layers 0..{lm.n_layers - 1}")
+            hint = ""
+            if self.provenance.method == "gguf-import" and bad == [lm.n_layers] and self.site == "resid_pre":
+                hint = (f"; this llama.cpp vector has direction.{lm.n_layers - 1} (the output of the last block): "
+                        f"load it with import_gguf(path, n_layers={lm.n_layers}) to steer there as resid_post")
+            raise VectorError(f"vector layers {bad} are out of range: {lm.name} has layers 0..{lm.n_layers - 1}"
+                              + hint)
         fp = self.provenance.fingerprint
-        if fp and fp != lm.fingerprint:
+        if fp and fp not in (lm.fingerprint, getattr(lm, "legacy_fingerprint", None)):
             msg = (f"vector was made on weights with fingerprint {fp} ({self.provenance.model}), "
                    f"not {lm.fingerprint} ({lm.name}); results may not transfer")
             if strict_fingerprint:
@@ -211,19 +231,22 @@ class SteeringVector:
     # -- I/O ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file with tensors ``layer.{l}`` and JSON metadata ``steerscope``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from steerscope._files import atomic_write, dumps
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "site": self.site, "provenance": asdict(self.provenance)}
         tensors = {f"layer.{k}": v.contiguous() for k, v in self.directions.items()}
-        save_file(tensors, str(path), metadata={"steerscope": json.dumps(meta)})
+        atomic_write(path, save(tensors, metadata={"steerscope": dumps(meta, None)}))
         return path
 
     @classmethod
-    def load(cls, path_or_name: str | Path) -> SteeringVector:
+    def load(cls, path_or_name: str | Path, n_layers: int | None = None) -> SteeringVector:
         """Load from a ``.safetensors`` file, a ``.gguf`` control vector, or a shipped name
-        ``"<model-alias>/<name>"`` (e.g. ``"smollm2-135m-safe/refusal-dim"``)."""
+        ``"<model-alias>/<name>"`` (e.g. ``"smollm2-135m-safe/refusal-dim"``).
+
+        ``n_layers`` (the target model's) only matters for ``.gguf`` files: see :func:`import_gguf`."""
         from safetensors import safe_open
 
         path = Path(path_or_name)
@@ -236,7 +259,7 @@ class SteeringVector:
         if not path.is_file():
             raise VectorError(f"vector file not found: {path}")
         if path.suffix == ".gguf":
-            return import_gguf(path)
+            return import_gguf(path, n_layers=n_layers)
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("steerscope")
@@ -245,13 +268,14 @@ class SteeringVector:
             raise VectorError(f"{path} is not a readable safetensors file ({str(e)[:120]}); re-save the vector") from None
         if raw is None:
             raise VectorError(f"{path} has no 'steerscope' metadata; it was not written by SteeringVector.save")
+        meta = _parse_meta(raw, path)
         try:
-            meta = json.loads(raw)
-            prov = Provenance(**meta.get("provenance", {}))
             dirs = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
-        except (ValueError, TypeError) as e:
-            raise VectorError(f"{path} has malformed metadata ({e}); re-save the vector") from None
-        return cls(dirs, meta.get("site", "resid_pre"), prov)
+        except ValueError:
+            raise VectorError(f"{path} has a tensor named layer.<not an integer>; re-save the vector") from None
+        if not dirs:
+            raise VectorError(f"{path} holds no layer.N tensors; it was not written by SteeringVector.save")
+        return cls(dirs, meta["site"], meta["provenance"])
 
     def export_gguf(self, path: str | Path, model_hint: str | None = None) -> Path:
         """Write a llama.cpp control vector (``--control-vector``), as repeng does.
@@ -266,6 +290,11 @@ class SteeringVector:
             raise VectorError(f"only resid_pre / resid_post vectors map onto llama.cpp control vectors, not {self.site}")
         if shift == -1 and 0 in self.directions:
             raise VectorError("a resid_pre vector at layer 0 has no llama.cpp equivalent; select other layers")
+        if self.layers[0] + shift == 0:
+            raise VectorError(
+                f"{self.site} layer {self.layers[0]} maps to llama.cpp's direction.0, which llama.cpp rejects "
+                "(it then drops the whole file and generates unsteered); select other layers, e.g. "
+                f"vec.select({[k for k in self.layers if k + shift > 0]})")
         path = Path(path)
         w = gguf.GGUFWriter(str(path), "controlvector")
         w.add_string("controlvector.model_hint", model_hint or self.provenance.model or "unknown")
@@ -279,9 +308,20 @@ class SteeringVector:
         return path
 
 
-def import_gguf(path: str | Path) -> SteeringVector:
-    """Read a llama.cpp control vector into a ``resid_pre`` :class:`SteeringVector`."""
+def import_gguf(path: str | Path, n_layers: int | None = None) -> SteeringVector:
+    """Read a llama.cpp control vector.
+
+    llama.cpp adds ``direction.N`` to the output of block N: our ``resid_post`` N, i.e. ``resid_pre``
+    N+1. The vector is returned at ``resid_pre`` N+1, except when ``n_layers`` (the target model's
+    block count) is given and the file has ``direction.{n_layers-1}`` (the last block's output, which
+    llama.cpp's cvector-generator writes): then every layer is returned at ``resid_post`` N.
+
+    Example:
+        >>> import_gguf("cv.gguf", n_layers=lm.n_layers).site
+        'resid_pre'
+    """
     import gguf
+    import numpy as np
 
     try:
         r = gguf.GGUFReader(str(path))
@@ -289,15 +329,46 @@ def import_gguf(path: str | Path) -> SteeringVector:
         raise VectorError(f"{path} is not a readable GGUF file ({str(e)[:120]})") from None
     hint_field = r.fields.get("controlvector.model_hint")
     hint = None
-    if hint_field is not None:
+    if hint_field is not None and hint_field.data:
         hint = bytes(hint_field.parts[hint_field.data[0]]).decode("utf-8", "replace")
     dirs = {}
     for t in r.tensors:
-        if t.name.startswith("direction."):
-            dirs[int(t.name.split(".")[1]) + 1] = torch.tensor(t.data.copy()).flatten()
+        if not t.name.startswith("direction."):
+            continue
+        idx = t.name.split(".", 1)[1]
+        if not idx.isdigit():
+            raise VectorError(f"{path}: tensor {t.name!r} is not direction.<block index>; not a control vector")
+        data = np.asarray(t.data)
+        if data.ndim != 1 and sum(d > 1 for d in data.shape) > 1:
+            raise VectorError(f"{path}: {t.name} has shape {tuple(data.shape)}; a control vector direction is 1-D")
+        dirs[int(idx)] = torch.tensor(data.astype("float32").reshape(-1))
     if not dirs:
         raise VectorError(f"{path} has no direction.N tensors; it is not a control vector")
-    return SteeringVector(dirs, "resid_pre", Provenance(model=hint, method="gguf-import"))
+    prov = Provenance(model=hint, method="gguf-import")
+    if n_layers is not None and max(dirs) == n_layers - 1:
+        return SteeringVector(dirs, "resid_post", prov)
+    return SteeringVector({n + 1: d for n, d in dirs.items()}, "resid_pre", prov)
+
+
+def _parse_meta(raw: str, path: Path) -> dict[str, Any]:
+    """The ``steerscope`` metadata entry as {"site": str, "provenance": Provenance}, validated."""
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise VectorError(f"{path} has malformed metadata ({e}); re-save the vector") from None
+    if not isinstance(meta, dict):
+        raise VectorError(f"{path}: its steerscope metadata is a JSON {type(meta).__name__}, not an object; "
+                          "re-save the vector")
+    site, prov = meta.get("site", "resid_pre"), meta.get("provenance") or {}
+    if not isinstance(site, str) or not isinstance(prov, dict):
+        raise VectorError(f"{path}: metadata 'site' must be a string and 'provenance' an object; re-save the vector")
+    names = {f.name for f in fields(Provenance)}
+    unknown = sorted(set(prov) - names)
+    if unknown:
+        raise VectorError(f"{path}: unknown provenance fields {unknown[:5]}; re-save the vector")
+    if not isinstance(prov.get("args", {}), dict):
+        raise VectorError(f"{path}: provenance 'args' must be an object; re-save the vector")
+    return {"site": site, "provenance": Provenance(**prov)}
 
 
 def shipped_vectors() -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from steerscope.errors import ModelLoadError
+from steerscope.models._source import check_source
 from steerscope.models.families import Family, family_for
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -215,20 +216,29 @@ class LM:
     # -- identity ----------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        """A short hash of the config and a sample of the weights (cheap to compute)."""
+        """A short hash of the config and a sample of the weights (cheap; independent of the dtype:
+        the sample is rounded to bf16 first, so an fp32 and a bf16 load of one checkpoint agree)."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            cfg = {k: v for k, v in self.config.to_dict().items() if not k.startswith("_") and k not in (
-                "torch_dtype", "dtype", "transformers_version", "quantization_config", "architectures")}
-            h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-            with torch.no_grad():
-                for p in (self.module(None, self.family.embed).weight, self.blocks[-1].get_submodule(
-                        self.family.down_proj).weight):
-                    flat = p.detach().float().flatten()
-                    idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096))
-                    h.update(flat[idx].cpu().numpy().round(4).tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = self._weights_hash(torch.bfloat16)
         return self._fingerprint
+
+    @property
+    def legacy_fingerprint(self) -> str | None:
+        """The fingerprint written by earlier versions (fp32 sample; None for other dtypes)."""
+        return self._weights_hash(torch.float32) if self.dtype == torch.float32 else None
+
+    def _weights_hash(self, sample_dtype: torch.dtype) -> str:
+        h = hashlib.sha256()
+        cfg = {k: v for k, v in self.config.to_dict().items() if not k.startswith("_") and k not in (
+            "torch_dtype", "dtype", "transformers_version", "quantization_config", "architectures")}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        with torch.no_grad():
+            for p in (self.module(None, self.family.embed).weight, self.blocks[-1].get_submodule(
+                    self.family.down_proj).weight):
+                flat = p.detach().to(sample_dtype).float().flatten()
+                idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096))
+                h.update(flat[idx].cpu().numpy().round(4).tobytes())
+        return h.hexdigest()[:16]
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -325,11 +335,10 @@ def load_model(
         source = str(_gguf_to_folder(Path(name_or_path)))
     else:
         source = name_or_path
-        if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-            raise ModelLoadError(
-                f"model path {source!r} does not exist; give an alias ({', '.join(ALIASES)}), a folder, a .gguf file or a hub id"
-            )
+        check_source(source, list(ALIASES))
     kwargs: dict[str, Any] = {"dtype": dt}
+    if Path(source).is_dir():
+        kwargs["use_safetensors"] = True
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()
