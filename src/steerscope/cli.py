@@ -1,18 +1,23 @@
 """The ``steerscope`` command line: a thin front end over the library.
 
-User errors (:class:`~steerscope.errors.SteerscopeError`) print one line and exit 2. Commands
-that compute figures accept ``--json`` and then print exactly one JSON object on stdout.
+User errors (:class:`~steerscope.errors.SteerscopeError`, bad arguments, unreadable files) print one
+``error:`` line and exit 2; anything else prints one line and exits 1 (``--debug`` shows the traceback).
+Arguments and input files are validated before a model is loaded. Commands that compute figures
+accept ``--json`` and then print exactly one strict JSON object on stdout (never NaN/Infinity).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import math
 import sys
 import warnings
 from typing import Any, Sequence
 
+from steerscope import _cliargs as T
+from steerscope._cliargs import safe
+from steerscope._files import dumps
 from steerscope.errors import SteerscopeError, VectorError
 
 STUDIES = {
@@ -24,14 +29,7 @@ STUDIES = {
 
 
 def _emit(obj: dict[str, Any], as_json: bool, text: str) -> None:
-    print(json.dumps(obj, default=str) if as_json else text)
-
-
-def _parse_layers(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise SteerscopeError(f"--layers takes comma-separated integers, got {s!r}") from None
+    print(dumps(obj, None) if as_json else text)
 
 
 def _parse_alphas(s: str) -> list[float]:
@@ -39,7 +37,7 @@ def _parse_alphas(s: str) -> list[float]:
         vals = [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise SteerscopeError(f"--alpha takes numbers separated by commas, got {s!r}") from None
-    if not vals or any(v != v or v in (float("inf"), float("-inf")) for v in vals):
+    if not vals or not all(math.isfinite(v) for v in vals):
         raise VectorError(f"--alpha must be finite numbers, got {s!r}")
     return vals
 
@@ -47,12 +45,17 @@ def _parse_alphas(s: str) -> list[float]:
 def cmd_extract(a: argparse.Namespace) -> None:
     import steerscope as ss
     from steerscope.data import load_examples
+    from steerscope.extract import METHODS
 
+    if a.method not in METHODS:
+        raise T.ArgError(f"--method {a.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    T.check_out_file(a.out)
     pos, neg = load_examples(a.positive), load_examples(a.negative)
     lm = ss.load_model(a.model, device=a.device)
-    layers = _parse_layers(a.layers) if a.layers else None
-    positions = [int(p) for p in a.positions.split(",")]
-    vec = ss.extract(lm, pos, neg, method=a.method, layers=layers, positions=positions, batch_size=a.batch_size,
+    bad = [k for k in a.layers or [] if k >= lm.n_layers]
+    if bad:
+        raise T.ArgError(f"--layers {bad} out of range: {lm.name} has layers 0..{lm.n_layers - 1}")
+    vec = ss.extract(lm, pos, neg, method=a.method, layers=a.layers, positions=a.positions, batch_size=a.batch_size,
                      show_progress=not a.json)
     vec.save(a.out)
     info = {"out": a.out, "layers": vec.layers, "norms": vec.norms(), "method": a.method, "n_positive": len(pos),
@@ -64,27 +67,53 @@ def cmd_extract(a: argparse.Namespace) -> None:
 def cmd_generate(a: argparse.Namespace) -> None:
     import steerscope as ss
 
-    lm = ss.load_model(a.model, device=a.device)
-    vec = ss.SteeringVector.load(a.vector) if a.vector else None
-    if vec is not None:
-        if a.layers:
-            vec = vec.select(_parse_layers(a.layers))
-        vec.check_compatible(lm)
-    prompts = a.prompt or ["Tell me about your weekend."]
+    vec = ss.SteeringVector.load(a.vector) if a.vector else None  # validated before the model loads
+    if vec is not None and a.layers:
+        vec = vec.select(a.layers)
     alphas = _parse_alphas(a.alpha)
+    prompts = a.prompt or ["Tell me about your weekend."]
+    lm = ss.load_model(a.model, device=a.device)
+    if vec is not None:
+        if str(a.vector).endswith(".gguf"):  # direction.{n_layers-1} needs the model's depth
+            vec = ss.SteeringVector.load(a.vector, n_layers=lm.n_layers)
+            vec = vec.select(a.layers) if a.layers else vec
+        vec.check_compatible(lm)
+        _warn_if_huge(lm, vec, alphas, prompts)
     base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, seed=a.seed)
     rows: dict[str, Any] = {"prompts": prompts, "unsteered": base, "steered": {}}
     for alpha in alphas if vec is not None else []:
         rows["steered"][str(alpha)] = ss.generate(lm, prompts, vector=vec, alpha=alpha,
                                                   max_new_tokens=a.max_new_tokens, positions=a.positions, seed=a.seed)
     if a.json:
-        print(json.dumps(rows))
+        print(dumps(rows, None))
         return
     for i, p in enumerate(prompts):
-        print(f"=== prompt: {p}")
-        print(f"--- unsteered:\n{base[i].strip()}")
+        print(f"=== prompt: {safe(p)}")
+        print(f"--- unsteered:\n{_text(base[i])}")
         for alpha, outs in rows["steered"].items():
-            print(f"--- steered (alpha={alpha}):\n{outs[i].strip()}")
+            print(f"--- steered (alpha={alpha}):\n{_text(outs[i])}")
+
+
+def _text(s: str) -> str:
+    """Generated text for the terminal: line breaks kept, every other control character escaped."""
+    return "\n".join(safe(line) for line in s.strip().split("\n"))
+
+
+def _warn_if_huge(lm: Any, vec: Any, alphas: list[float], prompts: list[str]) -> None:
+    """Warn when |alpha| * |v| is far (> 10x) above the median residual norm at a steered layer."""
+    import torch
+
+    import steerscope as ss
+
+    sites = [f"blocks.{k}.{vec.site}" for k in vec.layers]
+    with torch.no_grad(), ss.recording(lm, sites) as cache:
+        lm.model(**lm.tokenize([lm.format_chat(p) for p in prompts[:4]]))
+    for k, site in zip(vec.layers, sites):
+        resid = float(cache[site].float().norm(dim=-1).median())
+        ratio = max(abs(x) for x in alphas) * float(vec[k].norm()) / max(resid, 1e-12)
+        if ratio > 10:
+            warnings.warn(f"alpha*|v| at layer {k} is {ratio:.0f}x the residual norm there ({resid:.3g}); "
+                          "expect degenerate text (lower --alpha)", stacklevel=2)
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
@@ -96,15 +125,15 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     if a.compare:
         info["cosine"] = vec.cosine(ss.SteeringVector.load(a.compare))
     if a.json:
-        print(json.dumps(info, default=str))
+        print(dumps(info, None))
         return
-    print(f"site {vec.site}, d_model {vec.d_model}, layers {vec.layers}")
+    print(f"site {safe(vec.site)}, d_model {vec.d_model}, layers {vec.layers}")
     for k, n in vec.norms().items():
         cos = f"  cos={info['cosine'][k]:+.4f}" if "cosine" in info and k in info["cosine"] else ""
         print(f"  layer {k:3d}: norm {n:.4f}{cos}")
     for k, v in vec.provenance.__dict__.items():
         if v not in (None, {}, []):
-            print(f"  {k}: {v}")
+            print(f"  {k}: {safe(v)}")
 
 
 def cmd_vectors(a: argparse.Namespace) -> None:
@@ -131,7 +160,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     out = {"model": lm.name, "layer": layer, "alpha": a.alpha, "norm": vec.norms()[layer],
            "prompts": prompts, "unsteered": base, "formal": plus, "casual": minus}
     if a.json:
-        print(json.dumps(out))
+        print(dumps(out, None))
         return
     print(f"steerscope demo: formality vector (DIM, 32 pairs) at layer {layer} of {lm.name}, alpha ±{a.alpha}")
     for i, p in enumerate(prompts):
@@ -140,31 +169,49 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_study(a: argparse.Namespace) -> None:
+    T.check_out_folder(a.out)
+    _check_numbers(a)
     mod = importlib.import_module(STUDIES[a.study])
     summary = mod.run(a)
     if a.json:
-        print(json.dumps(summary, default=str))
+        print(dumps(summary, None))
     else:
-        print(f"report: {summary.get('report')}")
+        print(f"report: {safe(summary.get('report'))}")
+
+
+def _check_numbers(a: argparse.Namespace) -> None:
+    """Refuse NaN/inf in any numeric option, including comma lists such as ``--alphas nan``."""
+    for key, val in vars(a).items():
+        vals = val.split(",") if isinstance(val, str) else [val] if isinstance(val, float) else []
+        nums = []
+        for v in vals:
+            try:
+                nums.append(float(v))
+            except (TypeError, ValueError):
+                break
+        else:
+            if nums and not all(math.isfinite(x) for x in nums):
+                raise T.ArgError(f"--{key.replace('_', '-')} must be finite numbers, got {val!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="steerscope", description="Activation steering and its mechanisms.")
+    p = T.Parser(prog="steerscope", description="Activation steering and its mechanisms.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser, model: bool = True) -> None:
         if model:
             sp.add_argument("--model", default="smollm2-135m", help="alias, folder, .gguf or hub id")
-            sp.add_argument("--device", default="cpu")
+            sp.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
         sp.add_argument("--json", action="store_true", help="print one JSON object")
 
     e = sub.add_parser("extract", help="extract a vector from contrast files")
     e.add_argument("--positive", required=True)
     e.add_argument("--negative", required=True)
     e.add_argument("--method", default="dim")
-    e.add_argument("--layers", default=None, help="e.g. 10,12 (default: middle layer)")
-    e.add_argument("--positions", default="-1")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--layers", default=None, type=T.layer_list, help="e.g. 10,12 (default: middle layer)")
+    e.add_argument("--positions", default=[-1], type=T.int_positions, help="e.g. -1 or -3,-2,-1")
+    e.add_argument("--batch-size", type=T.positive_int, default=16)
     e.add_argument("--out", required=True)
     common(e)
     e.set_defaults(func=cmd_extract)
@@ -173,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vector", default=None)
     g.add_argument("--prompt", action="append")
     g.add_argument("--alpha", default="1.0", help="one value or a sweep: --alpha=-4,-2,2,4")
-    g.add_argument("--layers", default=None)
-    g.add_argument("--positions", default="all")
-    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--layers", default=None, type=T.layer_list)
+    g.add_argument("--positions", default="all", type=T.steer_positions,
+                   help="all, prompt, generated, last-K or integers")
+    g.add_argument("--max-new-tokens", type=T.positive_int, default=48)
     g.add_argument("--seed", type=int, default=0)
     common(g)
     g.set_defaults(func=cmd_generate)
@@ -192,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="extract a formality vector and steer the embedded model")
     d.add_argument("--layer", type=int, default=None)
-    d.add_argument("--alpha", type=float, default=6.0)
-    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.add_argument("--alpha", type=T.finite_float, default=6.0)
+    d.add_argument("--max-new-tokens", type=T.positive_int, default=40)
     common(d)
     d.set_defaults(func=cmd_demo)
 
@@ -214,19 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            args.func(args)
-    except SteerscopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished steps are saved", file=sys.stderr)
-        return 130
-    return 0
+    """Run the command line; returns the exit code (0, 2 for user errors, 1 for bugs, 130 on Ctrl-C)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+
+    def go() -> None:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+
+    return T.run_guarded(go, debug=debug)
 
 
 if __name__ == "__main__":

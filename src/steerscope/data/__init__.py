@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from importlib import resources
 from pathlib import Path
@@ -21,19 +22,33 @@ def data_path(*parts: str) -> Path:
     return p
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a jsonl file; one clear error for a bad line."""
+def read_text(path: str | Path) -> str:
+    """A file's text; :class:`DataError` when it is missing, a folder, unreadable or not UTF-8."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"file not found: {path}")
+        raise DataError(f"file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a jsonl file of JSON objects; one clear error for a bad line."""
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i} is a JSON {type(row).__name__}, not an object such as "
+                            '{"prompt": "..."}; fix or remove that line')
+        rows.append(row)
     return rows
 
 
@@ -41,24 +56,26 @@ def read_records(path: str | Path, allow_txt: bool = True) -> list[Any]:
     """Records of a txt (one string a line), jsonl, json (a list, or the first list in an object)
     or csv file; one clear :class:`DataError` for a missing, malformed or unsupported file."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".txt" and allow_txt:
-        return [ln for ln in path.read_text().splitlines() if ln.strip()]
+        return [ln for ln in read_text(path).splitlines() if ln.strip()]
     if suffix == ".jsonl":
         return read_jsonl(path)
     if suffix == ".json":
         try:
-            rows = json.loads(path.read_text())
+            rows = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path} is not valid JSON ({e.msg})") from None
         if isinstance(rows, dict):
             rows = next((v for v in rows.values() if isinstance(v, list)), [])
-        return list(rows)
+        if not isinstance(rows, list):
+            raise DataError(f"{path} holds a JSON {type(rows).__name__}; expected a list of records")
+        return rows
     if suffix == ".csv":
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
+        try:
+            return list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+        except csv.Error as e:
+            raise DataError(f"{path} is not a readable CSV file ({e})") from None
     kinds = ".txt, .jsonl, .json or .csv" if allow_txt else ".csv, .json or .jsonl"
     raise DataError(f"{path}: unsupported file type {suffix!r}; use {kinds}")
 
@@ -71,14 +88,20 @@ def load_examples(path: str | Path) -> list[Any]:
     """
     rows = read_records(path)
     out: list[Any] = []
-    for r in rows:
+    for i, r in enumerate(rows, 1):
         if isinstance(r, str):
             out.append(r)
             continue
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i} is a JSON {type(r).__name__}; give strings or objects with a "
+                            f"text field ({', '.join(_TEXT_KEYS[:3])}, ...)")
         text = next((r[k] for k in _TEXT_KEYS if k in r and r[k]), None)
         if text is None:
-            raise DataError(f"{path}: a record has none of the fields {', '.join(_TEXT_KEYS)}: {str(r)[:80]}")
-        out.append((text, r["completion"]) if r.get("completion") else text)
+            raise DataError(f"{path}: record {i} has none of the fields {', '.join(_TEXT_KEYS)}: {str(r)[:80]}")
+        completion = r.get("completion")
+        if not isinstance(text, str) or (completion and not isinstance(completion, str)):
+            raise DataError(f"{path}: record {i}: the text and completion fields must be strings")
+        out.append((text, completion) if completion else text)
     if not out:
         raise DataError(f"{path} holds no examples")
     return out

@@ -1,0 +1,166 @@
+"""Argument types, output checks and the last-resort error handler of the command line.
+
+Every argparse ``type=`` here validates its value and raises ``argparse.ArgumentTypeError`` with a
+fix-it message; :class:`Parser` turns any argparse error into one ``error:`` line and exit 2. Text
+printed from files goes through :func:`safe` so a file cannot forge lines or drive the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from steerscope.errors import SteerscopeError
+
+_CTRL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def safe(text: object) -> str:
+    """``text`` with control characters (ANSI/OSC escapes, newlines, bidi overrides) shown as ``\\xNN``."""
+    return _CTRL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                     str(text))
+
+
+class ArgError(SteerscopeError):
+    """A command-line argument is invalid."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one ``error:`` line and exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def positive_int(s: str) -> int:
+    """An integer >= 1."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def finite_float(s: str) -> float:
+    """A finite number (NaN and inf refused)."""
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {s!r}")
+    return x
+
+
+def layer_list(s: str) -> list[int]:
+    """Comma-separated non-negative block indices, at least one: ``10,12``."""
+    parts = [x.strip() for x in s.split(",") if x.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 10,12, got {s!r}")
+    return [int(p) for p in parts]
+
+
+def int_positions(s: str) -> list[int]:
+    """Comma-separated token positions (negative from the end), at least one: ``-1`` or ``-3,-2,-1``."""
+    parts = [x.strip() for x in s.split(",") if x.strip()]
+    if not parts or not all(re.fullmatch(r"-?\d+", p) for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as -1 or -3,-2,-1, got {s!r}")
+    return [int(p) for p in parts]
+
+
+def steer_positions(s: str) -> str | list[int]:
+    """Where to steer: all, prompt, generated, last-K, or comma-separated integers."""
+    if s in ("all", "prompt", "generated") or re.fullmatch(r"last-\d+", s):
+        return s
+    try:
+        return int_positions(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected all, prompt, generated, last-K or integers, got {s!r}") from None
+
+
+def device(s: str) -> str:
+    """cpu, auto, cuda, cuda:N or mps."""
+    if not re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"expected cpu, auto, cuda, cuda:N or mps, got {s!r}")
+    return s
+
+
+def check_out_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """Check before any work that ``path`` can be written as a file (not a folder, parent writable)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ArgError(f"--out {path} is a folder; give a file name such as {p / 'vector.safetensors'}")
+    if suffixes and p.suffix not in suffixes:
+        raise ArgError(f"--out {path} must end in {' or '.join(suffixes)}")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ArgError(f"--out {path}: cannot write in {parent}; choose a writable location")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise ArgError(f"--out {path}: cannot write in {parent} ({e.strerror}); choose a writable location") from None
+    return p
+
+
+def check_out_folder(path: str) -> Path:
+    """Check before any work that ``path`` is (or can become) a writable folder."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ArgError(f"--out {path} is a file, not a folder; give a folder path")
+    parent = p if p.exists() else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ArgError(f"--out {path}: cannot write in {parent}; choose a writable folder")
+    return p
+
+
+def _one_line_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                      line: str | None = None) -> None:
+    print(f"warning: {safe(message)}", file=sys.stderr)
+
+
+def run_guarded(fn: Callable[[], None], debug: bool = False) -> int:
+    """Run a command: one ``error:`` line for anything that escapes (exit 2 for user and file errors,
+    1 for anything else), the traceback only with ``debug``; warnings as one ``warning:`` line."""
+    old = warnings.showwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _one_line_warning
+            fn()
+    except SteerscopeError as e:
+        return _fail(e, 2, debug)
+    except KeyboardInterrupt:
+        print("interrupted; finished steps are saved", file=sys.stderr)
+        return 130
+    except (OSError, UnicodeError) as e:  # files the user named: missing, unreadable, not writable, not text
+        return _fail(e, 2, debug, f"{type(e).__name__}: ")
+    except MemoryError:
+        print("error: out of memory; use a smaller batch, fewer prompts or a smaller model", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line, the traceback on request
+        return _fail(e, 1, debug, f"internal error ({type(e).__name__}): ", " (rerun with --debug for the traceback)")
+    finally:
+        warnings.showwarning = old
+    return 0
+
+
+def _fail(e: BaseException, code: int, debug: bool, prefix: str = "", suffix: str = "") -> int:
+    if debug:
+        traceback.print_exception(e)
+    msg = " ".join(str(e).split()) or type(e).__name__
+    print(f"error: {prefix}{safe(msg)[:500]}{suffix}", file=sys.stderr)
+    return code
