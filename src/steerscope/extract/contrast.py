@@ -12,6 +12,7 @@ Algorithm:
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -145,6 +146,7 @@ def extract(
     fn = METHODS[method]
     n = len(pos_t)
     dirs = {l: fn(a[:n], a[n:]) for l, a in acts.items()}
+    _warn_degenerate(pos_t, neg_t, dirs)
     prov = Provenance.for_model(
         lm, method=method, positions=list(positions), dataset_hash=dataset_hash(list(positive) + ["|"] + list(negative)),
         n_examples=len(pos_t) + len(neg_t), args={"site": site, "system": system, "chat": chat},
@@ -152,3 +154,12 @@ def extract(
     return SteeringVector(dirs, site, prov)
 
 
+
+
+def _warn_degenerate(pos: list[str], neg: list[str], dirs: dict[int, torch.Tensor]) -> None:
+    """Warn when the contrast sets are identical or a layer's direction is (numerically) zero."""
+    zero = [l for l, d in dirs.items() if float(d.norm()) <= 1e-6 * max(1.0, float(d.abs().max()))]
+    if sorted(pos) == sorted(neg) or zero:
+        what = "the positive and negative sets are identical" if sorted(pos) == sorted(neg) else "the sets barely differ"
+        warnings.warn(f"{what}: the direction is a zero vector at layers {zero or sorted(dirs)}; steering with it "
+                      "does nothing (give contrasting examples)", stacklevel=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,12 +64,15 @@ class Config:
             raise StudyError(f"--offset must be 0 or 1, got {self.offset}")
         if [m for m in self.methods if m not in ("dim", "pca")] or not self.methods:
             raise StudyError(f"--methods takes dim and/or pca, got {','.join(self.methods)}")
-        if not self.alphas or any(a <= 0 for a in self.alphas):
+        if not self.alphas or not all(math.isfinite(a) and a > 0 for a in self.alphas):
             raise StudyError("--alphas must be positive numbers (alpha 0 is always run as 'none')")
         if not self.seeds:
             raise StudyError("--seeds needs at least one seed")
         if self.n_prompts < 2 or self.n_prompts > 40:
             raise StudyError("--n-prompts must be between 2 and 40 (the neutral set has 40 prompts)")
+        if not math.isfinite(self.temperature) or self.temperature <= 0 or (
+                self.shift_alpha is not None and not math.isfinite(self.shift_alpha)):
+            raise StudyError("--temperature must be a positive finite number and --shift-alpha finite")
         if self.max_new_tokens < 1:
             raise StudyError("--max-new-tokens must be at least 1")
         if any(k < 1 or k > 200 for k in self.ks):

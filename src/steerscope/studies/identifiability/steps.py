@@ -28,6 +28,7 @@ from steerscope.studies.runner import Run
 from steerscope.vector import dataset_hash
 
 CONDITIONS = ("v", "v+v_perp", "v_perp")
+MIN_N = 10  # scores per condition (seeds pooled) below which no interval-based verdict is given
 
 
 def layer_of(cfg: Config, lm: LM) -> int:
@@ -188,6 +189,12 @@ def verdict(r: dict[str, Any]) -> dict[str, Any]:
     eff, diff, alone = r["v_vs_none"], r["vperp_sum_vs_v"], r["vperp_vs_none"]
     if not r["usable"]:
         return {"verdict": "scorer below 80% accuracy: not used"}
+    n = min(c.n for c in (eff, diff, alone))
+    degenerate = [k for k, c in (("v_vs_none", eff), ("vperp_sum_vs_v", diff)) if not c.ci_high - c.ci_low > 1e-9]
+    if n < MIN_N or degenerate:
+        why = f"n = {n} < {MIN_N} scores per condition" if n < MIN_N else f"degenerate CI ({', '.join(degenerate)})"
+        return {"verdict": f"withheld: {why}; interval-based verdicts need more prompts (--n-prompts, --seeds)",
+                "degenerate_ci": bool(degenerate)}
     if not eff.real_effect:
         return {"verdict": "no real effect of v (d < 0.5 or CI includes 0): no equivalence claim"}
     diff_ci_in = diff.ci_low <= 0 <= diff.ci_high
