@@ -1,7 +1,8 @@
 """One error hierarchy. Every message says what is wrong and how to fix it.
 
-The CLI prints ``error: <message>`` for any :class:`SteerscopeError` and exits with code 2,
-without a traceback; anything else is a bug and keeps its traceback.
+The CLI prints ``error: <message>`` for any :class:`SteerscopeError` (and for file errors:
+``OSError``, ``UnicodeError``) and exits with code 2, without a traceback; anything else is a bug:
+it too is one ``error: internal error ...`` line, exit 1, and ``steerscope --debug`` shows its traceback.
 """
 
 from __future__ import annotations

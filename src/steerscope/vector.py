@@ -23,7 +23,7 @@ from steerscope.errors import FingerprintWarning, SiteError, VectorError
 from steerscope.sites import RESIDUAL_POINTS
 
 if TYPE_CHECKING:
-    from steerscope.models.load import LM
+    from steerscope.models.lm import LM
 
 FORMAT_VERSION = 1
 
