@@ -217,9 +217,17 @@ def test_import_maps_the_last_direction_to_resid_post(tmp_path, tiny):
     torch.testing.assert_close(outs[0], outs[1])  # resid_post 1 is resid_pre 2
 
 
-@pytest.mark.skipif(not os.environ.get("STEERSCOPE_LLAMACPP") and
-                    __import__("importlib").util.find_spec("llama_cpp") is None,
-                    reason="llama_cpp (llama-cpp-python) is not installed")
+def _llamacpp_ready() -> bool:
+    import importlib.util
+
+    has_lib = bool(os.environ.get("STEERSCOPE_LLAMACPP")) or importlib.util.find_spec("llama_cpp") is not None
+    has_model = bool(os.environ.get("STEERSCOPE_F32_GGUF") or os.environ.get("LLAMACPP_CONVERT"))
+    return has_lib and has_model
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _llamacpp_ready(), reason="needs llama_cpp (or STEERSCOPE_LLAMACPP=<python with it>) and "
+                    "STEERSCOPE_F32_GGUF (an F32 GGUF of SmolLM2-135M) or LLAMACPP_CONVERT (convert_hf_to_gguf.py)")
 def test_llama_cpp_agrees_with_the_hf_path():
     import subprocess
     import sys
