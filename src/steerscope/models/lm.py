@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from steerscope.models.families import Family
 from steerscope.models.layout import QKVLayout, Which
 
 NormKind = Literal["input", "pre_mlp", "post_attn", "post_mlp"]
+_TOKENIZER_LOCK = threading.Lock()  # fast tokenizers are not safe to re-configure from several threads
 
 
 def param(module: torch.nn.Module, name: str = "weight") -> torch.Tensor | None:
@@ -235,15 +237,16 @@ class LM:
     def tokenize(self, texts: list[str], padding_side: str = "left", templated: bool = True) -> Any:
         """Tokenize a batch with padding on ``padding_side``; templated text gets no extra BOS."""
         tok = self.tokenizer
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        old = tok.padding_side
-        tok.padding_side = padding_side
-        try:
-            add_special = not (templated and self.has_chat_template)
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-        finally:
-            tok.padding_side = old
+        with _TOKENIZER_LOCK:  # padding side and padding are tokenizer state: one caller at a time
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            old = tok.padding_side
+            tok.padding_side = padding_side
+            try:
+                add_special = not (templated and self.has_chat_template)
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+            finally:
+                tok.padding_side = old
         return enc.to(self.device)
 
     # -- identity ----------------------------------------------------------------------------
