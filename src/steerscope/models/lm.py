@@ -161,10 +161,17 @@ class LM:
         """Block ``layer``'s MLP module."""
         return self.module(layer, self.family.mlp)
 
-    def proj(self, layer: int, which: Literal["q", "k", "v", "o"]) -> torch.nn.Module:
-        """The projection module of ``which`` (fused layouts: q, k and v are one module)."""
+    def proj(self, layer: int, which: Literal["q", "k", "v", "o", "down"]) -> torch.nn.Module:
+        """A projection module: attention ``q``/``k``/``v`` (fused layouts: one module), the attention
+        output ``o``, or the MLP's output ``down``. GPT-2 stores o/down weights [in out] (Conv1D)."""
         fam = self.family
-        return self.module(layer, {"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj, "o": fam.o_proj}[which])
+        paths = {"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj, "o": fam.o_proj, "down": fam.down_proj}
+        return self.module(layer, paths[which])
+
+    @property
+    def has_post_norms(self) -> bool:
+        """Whether attention and/or MLP outputs pass a norm before the residual add (Gemma 2/3)."""
+        return bool(self.family.post_attn_norm or self.family.post_mlp_norm)
 
     # -- weights -----------------------------------------------------------------------------
     def W_U(self) -> torch.Tensor:
@@ -259,7 +266,7 @@ class LM:
                 "torch_dtype", "dtype", "transformers_version", "quantization_config", "architectures")}
             h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
             with torch.no_grad():
-                for p in (_weight(self.embedding), _weight(self.blocks[-1].get_submodule(self.family.down_proj))):
+                for p in (_weight(self.embedding), _weight(self.proj(self.n_layers - 1, "down"))):
                     flat = p.float().flatten()
                     idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096))
                     h.update(flat[idx].cpu().numpy().round(4).tobytes())
