@@ -38,7 +38,7 @@ from steerscope.generation import generate
 from steerscope.metrics.refusal import kl_divergence, refusal_rate
 from steerscope.models.load import LM, load_model
 from steerscope.progress import progress
-from steerscope.studies.refusal.data import load_split, refusal_strings
+from steerscope.data.refusal_prompts import load_split, refusal_strings
 
 ORGANISM = "smollm2-135m-safe"
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "organisms" / ORGANISM

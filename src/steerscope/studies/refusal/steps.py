@@ -23,7 +23,7 @@ from steerscope.generation import generate
 from steerscope.metrics.refusal import is_refusal, refusal_rate
 from steerscope.models.load import LM, _apply_adapter, load_model
 from steerscope.studies.refusal.config import RefusalConfig
-from steerscope.studies.refusal.data import load_split
+from steerscope.data.refusal_prompts import load_split
 from steerscope.studies.refusal.organism import ORGANISM, SHIPPED, OrganismConfig, train_organism
 from steerscope.studies.refusal.select import select_direction
 from steerscope.studies.runner import Run

@@ -1,56 +1,20 @@
 """``steerscope study refusal-mechanisms``: why refusal steering works, end to end and resumable.
 
-Steps (each cached as ``steps/<name>.json`` in ``--out``): attribution (EAP-IG) per vector and
+Steps (each cached as ``steps/<name>.json`` in the run folder): attribution (EAP-IG) per vector and
 setting, the EAP-IG vs exact patching check, circuits + faithfulness, circuit comparison,
 frozen-attention ablations, svv logit lens, sparsification, IoU; then the HTML report.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from steerscope.errors import StudyError
 from steerscope.studies.refusal_mechanisms import steps as St
-from steerscope.studies.refusal_mechanisms.config import Config, parse_vectors, vectors_from_dir
+from steerscope.studies.refusal_mechanisms.config import Config
 from steerscope.studies.runner import Run
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Study options (the common --model/--device/--json/--out/--seed/--force come from the CLI)."""
-    p.set_defaults(model="smollm2-135m-safe")
-    p.add_argument("--vectors", default=None, help="name=path pairs, e.g. dim=a.safetensors,po=b.safetensors "
-                   "(default: the shipped smollm2-135m-safe/refusal-{dim,ntp,po})")
-    p.add_argument("--vector-dir", default=None, help="a refusal run folder: use its dim/ntp/po *.safetensors")
-    p.add_argument("--alpha-bypass", type=float, default=-1.0)
-    p.add_argument("--alpha-induce", type=float, default=1.0)
-    p.add_argument("--n-eval", type=int, default=32, help="prompts per ASR measurement")
-    p.add_argument("--eval-tokens", type=int, default=32)
-    p.add_argument("--n-attr", type=int, default=8, help="prompts per attribution set")
-    p.add_argument("--attr-tokens", type=int, default=24)
-    p.add_argument("--steps", type=int, default=10, help="IG midpoint steps T")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-
-
-def config_from(args: argparse.Namespace) -> Config:
-    if args.vectors and args.vector_dir:
-        raise StudyError("give --vectors or --vector-dir, not both")
-    cfg = Config(model=args.model, alpha_bypass=args.alpha_bypass, alpha_induce=args.alpha_induce,
-                 n_eval=args.n_eval, eval_tokens=args.eval_tokens, n_attr=args.n_attr, attr_tokens=args.attr_tokens,
-                 steps=args.steps, seed=args.seed)
-    if args.vectors:
-        cfg = replace(cfg, vectors=parse_vectors(args.vectors))
-    elif args.vector_dir:
-        cfg = replace(cfg, vectors=vectors_from_dir(args.vector_dir))
-    if args.quick:
-        cfg = replace(cfg, n_eval=4, eval_tokens=8, n_attr=3, attr_tokens=6, steps=2, n_check=2,
-                      sparsities=(0.5, 0.9), circuit_fracs=(0.05, 0.3, 1.0))
-    if cfg.alpha_bypass >= 0 or cfg.alpha_induce <= 0:
-        raise StudyError("use --alpha-bypass < 0 (subtract s on harmful prompts) and --alpha-induce > 0")
-    return cfg
 
 
 def load_vectors(lm: Any, cfg: Config) -> dict[str, Any]:
@@ -64,15 +28,17 @@ def load_vectors(lm: Any, cfg: Config) -> dict[str, Any]:
     return vecs
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) the study; return a summary with the report path under ``"report"``."""
-    import steerscope as ss
-    from steerscope.studies.refusal_mechanisms.report import write_report
+def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dict[str, Any]:
+    """Run (or resume) the study in ``out``; return a summary with the report path under ``"report"``.
 
-    cfg = config_from(args)
+    Example:
+        >>> run(Config(n_eval=8), Path("runs/refusal-mechanisms"))["summary"]["asr_bypass"]
+    """
+    import steerscope as ss
+
     torch.manual_seed(cfg.seed)
-    run_ = Run(args.out, config=cfg.to_dict(), force=args.force)
-    lm = ss.load_model(cfg.model, device=args.device)
+    run_ = Run(out, config=cfg.identity(), force=force)
+    lm = ss.load_model(cfg.model, device=device)
     vecs = load_vectors(lm, cfg)
     names = list(vecs)
     for n in names:
@@ -90,8 +56,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         run_.step(f"svv_{n}", lambda n=n: St.step_svv(run_, lm, cfg, n, vecs[n]))
         run_.step(f"sparsity_{n}_bypass", lambda n=n: St.step_sparsity(run_, lm, cfg, n, vecs[n]))
     run_.step("iou_bypass", lambda: St.step_iou(run_, lm, cfg, names))
-    report = write_report(run_, cfg, names)
+    report = _write(run_, cfg, names)
     return {"report": str(report), "out": str(run_.folder), "summary": summary(run_, names), "log": run_.log}
+
+
+def write_report(out: Path) -> Path:
+    """Rewrite ``out/report.html`` from the finished steps (unfinished ones are left out); return its path."""
+    cfg = Config.load(out)
+    return _write(Run(out), cfg, list(cfg.vectors))
+
+
+def _write(run_: Run, cfg: Config, names: list[str]) -> Path:
+    from steerscope.studies.refusal_mechanisms.report import write_report as write
+
+    return write(run_, cfg, names)
 
 
 def summary(run_: Run, names: list[str]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ patching → persistence → pairs → control_random → transfer → report.ht
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -19,36 +18,9 @@ from steerscope.models.load import load_model
 from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
-from steerscope.studies.reasoning.config import PRESETS, ReasoningConfig, preset
-from steerscope.studies.reasoning.report import write_report
+from steerscope.studies.reasoning.config import Config, ReasoningConfig
+from steerscope.studies.reasoning.report import write_report as write_html
 from steerscope.studies.runner import Run
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="configuration preset (docs/reasoning.md)")
-    p.add_argument("--layers", default=None, help="single layers to train, e.g. mid,-2,-1")
-    p.add_argument("--steps", type=int, default=None, help="RLOO steps per trained vector")
-    p.add_argument("--k", type=int, default=None, help="samples per prompt")
-    p.add_argument("--prompts-per-step", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--n-test", type=int, default=None)
-    p.add_argument("--difficulty", default=None)
-    p.add_argument("--no-all", action="store_true", help="skip the all-layers vector")
-    p.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline")
-    p.add_argument("--gate", action="store_true", help="adaptive per-token scaling of the bias")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report from finished steps; run nothing")
-    p.add_argument("--transfer-model", default=None, help="a model of the same depth and width to transfer to")
-
-
-def config_from_args(a: argparse.Namespace) -> ReasoningConfig:
-    model = a.model if a.model != "smollm2-135m" or a.preset == "cpu" else None
-    cfg = preset(a.preset, model=model, layers=tuple(a.layers.split(",")) if a.layers else None, steps=a.steps,
-                 k=a.k, prompts_per_step=a.prompts_per_step, lr=a.lr, n_test=a.n_test, difficulty=a.difficulty,
-                 transfer_model=a.transfer_model, seed=a.seed)
-    from dataclasses import replace
-
-    return replace(cfg, train_all=cfg.train_all and not a.no_all, lora=cfg.lora and not a.no_lora,
-                   gate=cfg.gate or a.gate)
 
 
 def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force: bool = False,
@@ -58,7 +30,8 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     With ``report_only``, unfinished steps are skipped and the report shows what has finished.
     """
     t0 = time.time()
-    run = Run(out, config=cfg.to_dict(), force=force)
+    torch.manual_seed(cfg.seed)
+    run = Run(out, config=cfg.identity(), force=force)
     if report_only:
         def step(name: str, fn: Any) -> Any:
             return run.load(name) if run.done(name) else None
@@ -141,7 +114,7 @@ def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: dict,
         "n_trainable": {n: t["n_trainable"] for n, t in trained.items()},
         "seconds": round(time.time() - t0, 1),
     }
-    report = write_report(run, cfg, lm, evals, trained, res, summary)
+    report = write_html(run, cfg, lm, evals, trained, res, summary)
     summary["report"] = str(report)
     summary["run"] = str(run.folder)
     return summary
@@ -166,7 +139,15 @@ def _short(ev: dict) -> dict:
     return {k: ev[k] for k in ("greedy_acc", "greedy_ci", "sampled_acc", "sampled_ci")}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.manual_seed(args.seed)
-    cfg = config_from_args(args)
-    return run_study(cfg, args.out, device=args.device, force=args.force, report_only=args.report_only)
+def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dict[str, Any]:
+    """Run (or resume) the study in ``out``; return the summary (report path under ``"report"``).
+
+    Example:
+        >>> run(preset("tiny"), Path("runs/reasoning"))["accuracy"]["base"]
+    """
+    return run_study(cfg, out, device=device, force=force)
+
+
+def write_report(out: Path) -> Path:
+    """Rewrite ``out/report.html`` from the finished steps, running none (the model is loaded on the CPU)."""
+    return Path(run_study(Config.load(out), out, report_only=True)["report"])
