@@ -24,7 +24,7 @@ Roy & Vetterli, "The effective rank" (EUSIPCO 2007).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from steerscope.errors import SteerscopeError, VectorError
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.sites import Site
+from steerscope.stats import bootstrap_ci, cohens_d, histogram_jsd
 
 
 # -- 1. orthogonal perturbations ----------------------------------------------------------------
@@ -82,69 +83,7 @@ def random_direction(d: int, norm: float, seed: int = 0) -> torch.Tensor:
     return x / x.norm() * norm
 
 
-# -- 2. behavioural statistics ------------------------------------------------------------------
-def cohens_d(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Cohen's d of ``a`` over ``b``: (mean a - mean b) / pooled SD (ddof=1). 0.0 when both are constant."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2:
-        raise SteerscopeError("Cohen's d needs at least two scores per group; use more prompts or seeds")
-    na, nb = len(a), len(b)
-    pooled = np.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2))
-    diff = a.mean() - b.mean()
-    if pooled == 0:
-        return 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
-    return float(diff / pooled)
-
-
-def bootstrap_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
-                 stat: Callable[[np.ndarray, np.ndarray], float] = cohens_d, n_boot: int = 2000,
-                 level: float = 0.95, seed: int = 0, paired: bool = False) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``stat(a, b)``; groups resampled independently (or jointly if paired).
-
-    Returns:
-        (low, high) at ``level``.
-    """
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if paired and len(a) != len(b):
-        raise SteerscopeError("a paired bootstrap needs groups of equal length")
-    rng = np.random.default_rng(seed)
-    vals = np.empty(n_boot)
-    for i in range(n_boot):
-        ia = rng.integers(0, len(a), len(a))
-        ib = ia if paired else rng.integers(0, len(b), len(b))
-        vals[i] = stat(a[ia], b[ib])
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0:
-        return float("nan"), float("nan")
-    q = (1 - level) / 2
-    return float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))
-
-
-def jsd(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
-    """Jensen-Shannon divergence (base 2, in [0, 1]) of two histograms (normalised here)."""
-    p, q = np.asarray(p, float), np.asarray(q, float)
-    p, q = p / p.sum(), q / q.sum()
-    m = (p + q) / 2
-
-    def kl(x: np.ndarray, y: np.ndarray) -> float:
-        nz = x > 0
-        return float(np.sum(x[nz] * np.log2(x[nz] / y[nz])))
-
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
-
-
-def score_jsd(a: Sequence[float], b: Sequence[float], bins: int = 10,
-              value_range: tuple[float, float] | None = None) -> float:
-    """JSD of the histograms of two score samples on shared bins (range: both samples together)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    lo, hi = value_range if value_range is not None else (min(a.min(), b.min()), max(a.max(), b.max()))
-    if hi <= lo:
-        return 0.0
-    ha, edges = np.histogram(a, bins=bins, range=(lo, hi))
-    hb, _ = np.histogram(b, bins=edges)
-    return jsd(ha, hb)
-
-
+# -- 2. behavioural statistics (the numbers themselves: steerscope.stats) --------------------
 @dataclass
 class Comparison:
     """Two score samples compared: Cohen's d with a bootstrap CI, paired correlation, histogram JSD."""
@@ -173,7 +112,7 @@ def compare(a: Sequence[float], b: Sequence[float], paired: bool = False, n_boot
     if paired and a.std() > 0 and b.std() > 0:
         corr = float(np.corrcoef(a, b)[0, 1])
     return Comparison(cohens_d(a, b), lo, hi, float(a.mean()), float(b.mean()), len(a), corr,
-                      score_jsd(a, b, bins=bins))
+                      histogram_jsd(a, b, bins=bins))
 
 
 # -- 3. next-token agreement --------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from steerscope.errors import DataError
+from steerscope.stats import fit_logistic
 
 
 def diff_in_means(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -52,23 +53,6 @@ def pca_center(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     d = _paired(pos, neg)
     centred = torch.cat([d / 2, -d / 2])
     return _scale_like_dim(_top_direction(centred), pos, neg)
-
-
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> tuple[torch.Tensor, float]:
-    """L2-regularised logistic regression by L-BFGS (float64). x [n e], y [n] in {0,1} -> (w [e], b)."""
-    xt, yt = x.double(), y.double()
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w @ w)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), float(b.detach())
 
 
 def logistic_probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> torch.Tensor:

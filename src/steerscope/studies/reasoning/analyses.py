@@ -24,39 +24,9 @@ from steerscope.errors import VectorError
 from steerscope.hooks import attached
 from steerscope.models.load import LM
 from steerscope.record import recording
+from steerscope.stats import wilson
 from steerscope.steer import steering
 from steerscope.vector import Provenance, SteeringVector
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / den
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
-def paired_diff(a: Sequence[int], b: Sequence[int], z: float = 1.96) -> tuple[float, float, float]:
-    """Mean of b - a over paired items and its normal-approximation 95% interval."""
-    d = torch.tensor([float(y) - float(x) for x, y in zip(a, b)])
-    n = len(d)
-    m = float(d.mean()) if n else 0.0
-    se = float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("inf")
-    return m, m - z * se, m + z * se
-
-
-def mcnemar_p(a: Sequence[int], b: Sequence[int]) -> float:
-    """Exact two-sided McNemar p-value of paired 0/1 outcomes (binomial test on the discordant pairs)."""
-    n01 = sum(1 for x, y in zip(a, b) if x == 0 and y == 1)
-    n10 = sum(1 for x, y in zip(a, b) if x == 1 and y == 0)
-    n = n01 + n10
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(0, min(n01, n10) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def layer_pair_gain(acc_pair: float, acc_a: float, acc_b: float, acc_all: float) -> float:

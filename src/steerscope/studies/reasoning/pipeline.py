@@ -15,6 +15,7 @@ import torch
 
 from steerscope.errors import StudyError
 from steerscope.models.load import load_model
+from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
@@ -106,10 +107,10 @@ def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: dict,
     summary = {
         "accuracy": {n: {"greedy": e["greedy_acc"], "greedy_ci": e["greedy_ci"], "sampled": e["sampled_acc"],
                          "sampled_ci": e["sampled_ci"]} for n, e in evals.items()},
-        "mcnemar_p_vs_base": {n: an.mcnemar_p(evals["base"]["greedy"], e["greedy"]) for n, e in evals.items()
+        "mcnemar_p_vs_base": {n: mcnemar_p(evals["base"]["greedy"], e["greedy"]) for n, e in evals.items()
                               if n != "base"},
-        "paired_vs_base": {n: {"greedy": an.paired_diff(evals["base"]["greedy"], e["greedy"]),
-                               "sampled": an.paired_diff(evals["base"]["sampled"], e["sampled"])
+        "paired_vs_base": {n: {"greedy": paired_diff(evals["base"]["greedy"], e["greedy"]),
+                               "sampled": paired_diff(evals["base"]["sampled"], e["sampled"])
                                if e["sampled"] else None} for n, e in evals.items() if n != "base"},
         "n_trainable": {n: t["n_trainable"] for n, t in trained.items()},
         "seconds": round(time.time() - t0, 1),
