@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from steerscope.errors import SteerscopeError, VectorError
+from steerscope.generation import chat_batch
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.sites import Site
@@ -146,10 +147,9 @@ def next_token_logits(lm: LM, prompts: Sequence[str], deltas: dict[int, torch.Te
                       batch_size: int = 32) -> torch.Tensor:
     """Last-token logits [n vocab] of chat-formatted prompts, adding ``deltas[layer]`` at resid_pre
     of each layer (all positions; [d_model] shared or [n d_model] per prompt)."""
-    texts = [lm.format_chat(p) for p in prompts]
     out = []
-    for i in range(0, len(texts), batch_size):
-        enc = lm.tokenize(texts[i:i + batch_size], padding_side="left")
+    for i in range(0, len(prompts), batch_size):
+        enc = chat_batch(lm, prompts[i:i + batch_size])
         hooks = {}
         for layer, dl in (deltas or {}).items():
             d = dl if dl.dim() == 1 else dl[i:i + batch_size]

@@ -1,15 +1,20 @@
 """Pure math of contrast extraction: activations in, direction out. No model here.
 
 All functions take ``pos`` [n d_model] and ``neg`` [m d_model] (one row per example, positions
-already averaged) and return a direction [d_model].
+already averaged) and return a direction [d_model]: each is an :data:`Aggregator`, and any function
+of that type can be passed to ``extract(method=...)``.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from steerscope.errors import DataError
 from steerscope.stats import fit_logistic
+
+Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pos [n d_model], neg [m d_model]) -> [d_model]
 
 
 def diff_in_means(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -73,7 +78,7 @@ def actadd(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return (pos - neg)[0]
 
 
-METHODS = {
+METHODS: dict[str, Aggregator] = {
     "dim": diff_in_means,
     "caa": mean_paired_difference,
     "pca": pca_diff,

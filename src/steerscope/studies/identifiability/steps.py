@@ -18,6 +18,7 @@ import steerscope as ss
 from steerscope import identifiability as idf
 from steerscope.data import data_path, read_jsonl
 from steerscope.extract import METHODS
+from steerscope.generation import chat_batch
 from steerscope.metrics.classifiers import Embedder, Scorer, best_scorer, build_scorers
 from steerscope.models.load import LM
 from steerscope.progress import progress
@@ -259,7 +260,7 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) ->
     prompts = prompts[:cfg.n_cov_prompts]
     rows: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for i in progress(range(0, len(prompts), 16), desc="covariance"):
-        enc = lm.tokenize([lm.format_chat(p) for p in prompts[i:i + 16]], padding_side="left")
+        enc = chat_batch(lm, prompts[i:i + 16])
         m = enc["attention_mask"].bool().clone()
         m[torch.arange(len(m)), m.float().argmax(1)] = False  # drop each text's first token (attention sink)
         with recording(lm, [Site(l, "resid_pre") for l in layers]) as cache, torch.no_grad():
