@@ -38,7 +38,7 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     import steerscope as ss
     from steerscope.metrics.classifiers import Embedder
     from steerscope.progress import progress
-    from steerscope.studies.identifiability import report, steps
+    from steerscope.studies.identifiability import steps
 
     t0 = time.time()
     run_ = Run(out, config=cfg.identity(), force=force)

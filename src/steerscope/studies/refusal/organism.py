@@ -34,11 +34,11 @@ from typing import Any, Sequence
 
 import torch
 
+from steerscope.data.refusal_prompts import load_split, refusal_strings
 from steerscope.generation import completion_batch, generate
 from steerscope.metrics.refusal import kl_divergence, refusal_rate
 from steerscope.models.load import LM, load_model
 from steerscope.progress import progress
-from steerscope.data.refusal_prompts import load_split, refusal_strings
 
 ORGANISM = "smollm2-135m-safe"
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "organisms" / ORGANISM

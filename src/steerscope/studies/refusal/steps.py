@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
+from steerscope.data.refusal_prompts import load_split
 from steerscope.errors import StudyError
 from steerscope.extract.trained import train_ntp, train_po
 from steerscope.generation import generate
 from steerscope.metrics.refusal import is_refusal, refusal_rate
 from steerscope.models.load import LM, _apply_adapter, load_model
 from steerscope.studies.refusal.config import RefusalConfig
-from steerscope.data.refusal_prompts import load_split
 from steerscope.studies.refusal.organism import ORGANISM, SHIPPED, OrganismConfig, train_organism
 from steerscope.studies.refusal.select import select_direction
 from steerscope.studies.runner import Run
