@@ -24,7 +24,7 @@ Roy & Vetterli, "The effective rank" (EUSIPCO 2007).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -67,7 +67,8 @@ def orthogonal_subspace(v: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     q, _ = torch.linalg.qr(x)
     q = q - torch.outer(u, u @ q)  # re-orthogonalise against round-off
     q, _ = torch.linalg.qr(q)
-    return q.T.float().contiguous()
+    basis: torch.Tensor = q.T.float().contiguous()
+    return basis
 
 
 def random_orthogonal(v: torch.Tensor, seed: int = 0, norm: float | None = None) -> torch.Tensor:
@@ -81,7 +82,8 @@ def random_direction(d: int, norm: float, seed: int = 0) -> torch.Tensor:
     """A uniformly random direction in R^d scaled to ``norm``. [d]."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(d, generator=g)
-    return x / x.norm() * norm
+    out: torch.Tensor = x / x.norm() * norm
+    return out
 
 
 # -- 2. behavioural statistics (the numbers themselves: steerscope.stats) --------------------
@@ -104,16 +106,16 @@ class Comparison:
         return abs(self.d) >= 0.5 and (self.ci_low > 0 or self.ci_high < 0)
 
 
-def compare(a: Sequence[float], b: Sequence[float], paired: bool = False, n_boot: int = 2000,
+def compare(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, paired: bool = False, n_boot: int = 2000,
             seed: int = 0, bins: int = 10) -> Comparison:
     """Compare score samples ``a`` (treatment) and ``b`` (reference); ``paired``: same prompts/seeds."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    lo, hi = bootstrap_ci(a, b, cohens_d, n_boot=n_boot, seed=seed, paired=paired)
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    lo, hi = bootstrap_ci(x, y, cohens_d, n_boot=n_boot, seed=seed, paired=paired)
     corr = None
-    if paired and a.std() > 0 and b.std() > 0:
-        corr = float(np.corrcoef(a, b)[0, 1])
-    return Comparison(cohens_d(a, b), lo, hi, float(a.mean()), float(b.mean()), len(a), corr,
-                      histogram_jsd(a, b, bins=bins))
+    if paired and x.std() > 0 and y.std() > 0:
+        corr = float(np.corrcoef(x, y)[0, 1])
+    return Comparison(cohens_d(x, y), lo, hi, float(x.mean()), float(y.mean()), len(x), corr,
+                      histogram_jsd(x, y, bins=bins))
 
 
 # -- 3. next-token agreement --------------------------------------------------------------------
@@ -143,6 +145,14 @@ def logit_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> LogitAgree
     return LogitAgreement(float(l2), float(top1), float(overlap), k)
 
 
+def _adder(d: torch.Tensor) -> Callable[[torch.Tensor, Call], torch.Tensor]:
+    """A hook adding ``d`` ([d_model], or [batch d_model] per row) at every position."""
+    def add(x: torch.Tensor, _c: Call) -> torch.Tensor:
+        return x + (d if d.dim() == 1 else d[:, None, :])
+
+    return add
+
+
 def next_token_logits(lm: LM, prompts: Sequence[str], deltas: dict[int, torch.Tensor] | None = None,
                       batch_size: int = 32) -> torch.Tensor:
     """Last-token logits [n vocab] of chat-formatted prompts, adding ``deltas[layer]`` at resid_pre
@@ -150,11 +160,10 @@ def next_token_logits(lm: LM, prompts: Sequence[str], deltas: dict[int, torch.Te
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = chat_batch(lm, prompts[i:i + batch_size])
-        hooks = {}
+        hooks: dict[str | Site, Callable[[torch.Tensor, Call], torch.Tensor | None]] = {}
         for layer, dl in (deltas or {}).items():
             d = dl if dl.dim() == 1 else dl[i:i + batch_size]
-            d = d.to(lm.device, lm.dtype)
-            hooks[Site(layer, "resid_pre")] = (lambda x, _c, d=d: x + (d if d.dim() == 1 else d[:, None, :]))
+            hooks[Site(layer, "resid_pre")] = _adder(d.to(lm.device, lm.dtype))
         with attached(lm, hooks), torch.no_grad():
             out.append(lm.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu())
     return torch.cat(out)
@@ -201,7 +210,8 @@ def covariance_singular_values(x: torch.Tensor) -> torch.Tensor:
     values of the centred data / (n-1)). Returns [min(n, d)]."""
     x = x.double()
     xc = x - x.mean(0)
-    return (torch.linalg.svdvals(xc) ** 2 / max(len(x) - 1, 1)).float()
+    sv: torch.Tensor = (torch.linalg.svdvals(xc) ** 2 / max(len(x) - 1, 1)).float()
+    return sv
 
 
 def final_jacobian(lm: LM, text: str, layer: int, chunk: int = 64) -> torch.Tensor:
@@ -253,14 +263,16 @@ def _is_normed(lm: LM, out: object) -> bool:
 
 def unembed_r(lm: LM) -> torch.Tensor:
     """R of the reduced QR of W_U [vocab d_model]: ``sigma(W_U @ A) = sigma(R @ A)``. [d_model d_model]."""
-    return torch.linalg.qr(lm.W_U().double(), mode="r").R.float()
+    r: torch.Tensor = torch.linalg.qr(lm.W_U().double(), mode="r").R.float()
+    return r
 
 
 def logit_jacobian_spectrum(lm: LM, text: str, layer: int, r: torch.Tensor | None = None) -> torch.Tensor:
     """Singular values [d_model] of d(last-token logits)/d(resid_pre[layer], last token)."""
     jf = final_jacobian(lm, text, layer)
     r = unembed_r(lm) if r is None else r
-    return torch.linalg.svdvals(r.double() @ jf.double()).float()
+    sv: torch.Tensor = torch.linalg.svdvals(r.double() @ jf.double()).float()
+    return sv
 
 
 def logits_with_delta(lm: LM, text: str, layer: int, delta: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,7 @@ def mcnemar_p(a: Sequence[int], b: Sequence[int]) -> float:
     n = n01 + n10
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(0, min(n01, n10) + 1)) / 2**n
+    tail = sum(math.comb(n, i) for i in range(0, min(n01, n10) + 1)) / (1 << n)
     return min(1.0, 2 * tail)
 
 

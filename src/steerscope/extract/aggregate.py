@@ -44,7 +44,8 @@ def _scale_like_dim(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> to
 
 def _top_direction(x: torch.Tensor) -> torch.Tensor:
     _, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    return vh[0].float()
+    top: torch.Tensor = vh[0].float()
+    return top
 
 
 def pca_diff(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

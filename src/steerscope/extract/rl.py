@@ -145,7 +145,7 @@ def surrogate_backward(lm: LM, policy: Policy, prompt_ids: torch.Tensor, prompt_
             r = rows[i : i + micro_batch]
             lp = policy_logprobs(lm, prompt_ids[r], prompt_mask[r], gen[r], gen_mask[r])
             loss = -(adv[r].to(lp.dtype) * lp).sum() / n_tok
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             total += float(loss.detach())
     return total
 

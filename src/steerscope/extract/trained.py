@@ -23,7 +23,7 @@ import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ def po_loss(lp_w: torch.Tensor, n_w: torch.Tensor, lp_l: torch.Tensor, n_l: torc
     return -F.logsigmoid(delta).mean()
 
 
-def _loss(lm: LM, kind: str, layer: int, v: torch.Tensor, rows: list[tuple], alpha: float, max_tokens: int,
+def _loss(lm: LM, kind: str, layer: int, v: torch.Tensor, rows: list[tuple[Any, ...]], alpha: float, max_tokens: int,
           phi: float) -> torch.Tensor:
     prompts = [r[0] for r in rows]
     scale = torch.tensor([alpha * r[-1] for r in rows], device=lm.device)
@@ -97,7 +97,7 @@ def _loss(lm: LM, kind: str, layer: int, v: torch.Tensor, rows: list[tuple], alp
     return po_loss(lp_w, n_w, lp_l, n_l, ref_w, ref_l, phi)
 
 
-def _train(lm: LM, kind: str, rows: list[tuple], val: list[tuple], layer: int, epochs: int, lr: float,
+def _train(lm: LM, kind: str, rows: list[tuple[Any, ...]], val: list[tuple[Any, ...]], layer: int, epochs: int, lr: float,
            batch_size: int, alpha: float, seed: int, max_tokens: int, phi: float,
            init: torch.Tensor | None, show_progress: bool) -> TrainResult:
     if not rows:
@@ -118,7 +118,7 @@ def _train(lm: LM, kind: str, rows: list[tuple], val: list[tuple], layer: int, e
             for i in range(0, len(order), batch_size):
                 loss = _loss(lm, kind, layer, v, order[i : i + batch_size], alpha, max_tokens, phi)
                 opt.zero_grad()
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 sched.step()
                 res.train_loss.append(float(loss.detach()))

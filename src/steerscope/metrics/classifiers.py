@@ -142,7 +142,8 @@ class Embedder:
 
 def zero_shot_scores(emb: np.ndarray, pos_desc: np.ndarray, neg_desc: np.ndarray) -> np.ndarray:
     """Mean cosine to positive descriptions minus mean cosine to negative ones. emb [n e] -> [n]."""
-    return emb @ pos_desc.mean(0) - emb @ neg_desc.mean(0)
+    scores: np.ndarray = emb @ pos_desc.mean(0) - emb @ neg_desc.mean(0)
+    return scores
 
 
 # -- 3. logistic probe --------------------------------------------------------------------------
@@ -224,9 +225,16 @@ def build_scorers(trait: str, embedder: Embedder | None = None, kinds: Sequence[
         if "probe" in kinds:
             acc = cross_val_accuracy(x, y, k=5, seed=seed)
             w, b = _fit(x, y)
-            out.append(Scorer(trait, "probe", acc, "5-fold cross-validation",
-                              lambda t, e=emb, w=w, b=b: e(t) @ w + b))
+            out.append(Scorer(trait, "probe", acc, "5-fold cross-validation", _probe_fn(emb, w, b)))
     return out
+
+
+def _probe_fn(emb: Embedder, w: np.ndarray, b: float) -> Callable[[Sequence[str]], np.ndarray]:
+    def fn(texts: Sequence[str]) -> np.ndarray:
+        scores: np.ndarray = emb(texts) @ w + b
+        return scores
+
+    return fn
 
 
 def best_scorer(scorers: Sequence[Scorer]) -> Scorer | None:

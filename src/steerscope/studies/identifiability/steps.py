@@ -9,7 +9,7 @@ generations per trait/method/seed, all conditions batched in one generate call),
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -170,7 +170,7 @@ def effects(cfg: Config, scores: dict[str, Any], primary: dict[str, str | None],
                     s = {c: pooled(f"{c}@{a:g}") for c in CONDITIONS}
                     if any(len(x) < 2 for x in s.values()):
                         continue
-                    r = {"trait": trait, "method": method, "alpha": a, "scorer": kind, "prompts": prompts,
+                    r: dict[str, Any] = {"trait": trait, "method": method, "alpha": a, "scorer": kind, "prompts": prompts,
                          "usable": usable[trait][kind], "primary": primary[trait] == kind}
                     r["v_vs_none"] = idf.compare(s["v"], none, paired=True, seed=cfg.seed)
                     r["vperp_sum_vs_v"] = idf.compare(s["v+v_perp"], s["v"], paired=True, seed=cfg.seed)
@@ -213,12 +213,12 @@ def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int
     for ti, trait in enumerate(cfg.traits):
         v = vecs[f"{trait}_dim"]
         other_name = cfg.traits[(ti + 1) % len(cfg.traits)] if len(cfg.traits) > 1 else None
-        refs = {"v+v_perp": lambda s: v + v_perp(v, trait, s),
+        refs: dict[str, Callable[[int], torch.Tensor]] = {"v+v_perp": lambda s: v + v_perp(v, trait, s),
                 "random": lambda s: idf.random_direction(v.numel(), float(v.norm()), seed=500 + s),
                 "pca": lambda s: vecs[f"{trait}_pca"]}
         if other_name:
             o = vecs[f"{other_name}_dim"]
-            refs[f"other ({other_name})"] = lambda s, o=o: o / o.norm() * v.norm()
+            refs[f"other ({other_name})"] = lambda s: o / o.norm() * v.norm()  # called in this iteration
         for name, ps in sets.items():
             for a in (cfg.alphas if name == "neutral" else (cfg.probe_alpha,)):
                 lv = idf.next_token_logits(lm, ps, {inject_layer: a * v})
@@ -272,7 +272,7 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) ->
         x = torch.cat(rows[l])
         out["n_tokens"] = len(x)
         out["covariance"][str(l)] = asdict(idf.spectrum(idf.covariance_singular_values(x).numpy(), lm.d_model))
-    r = idf.unembed_r(lm)
+    ru = idf.unembed_r(lm)
     jp = [lm.format_chat(p) for p in neutral_prompts(cfg.n_jac_prompts)]
     ratios = {}
     for l in progress(layers, desc="jacobians"):
@@ -280,13 +280,13 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) ->
         for text in jp:
             jf = idf.final_jacobian(lm, text, l)
             jfs.append(jf)
-            sig.append(torch.linalg.svdvals(r.double() @ jf.double()).float().numpy())
+            sig.append(torch.linalg.svdvals(ru.double() @ jf.double()).float().numpy())
         out["jacobian"][str(l)] = asdict(idf.spectrum(np.mean(sig, 0), lm.d_model))
         if l == layer:
             for t in cfg.traits:
                 v = vecs[f"{t}_dim"]
-                jv = float(np.mean([(r @ (jf @ v)).norm() for jf in jfs]))
-                jp_ = float(np.mean([(r @ (jf @ v_perp(v, t, s))).norm() for jf in jfs for s in cfg.seeds]))
+                jv = float(np.mean([(ru @ (jf @ v)).norm() for jf in jfs]))
+                jp_ = float(np.mean([(ru @ (jf @ v_perp(v, t, s))).norm() for jf in jfs for s in cfg.seeds]))
                 ratios[t] = {"J_v": jv, "J_vperp": jp_, "ratio": jp_ / jv}
             g = torch.Generator().manual_seed(cfg.seed)
             probes = torch.randn(3, lm.d_model, generator=g)

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ def layer_pair_gain(acc_pair: float, acc_a: float, acc_b: float, acc_all: float)
     return (acc_pair - best) / den if den != 0 else float("nan")
 
 
-def _batch(lm: LM, texts: Sequence[str], completions: Sequence[str]) -> tuple[dict, torch.Tensor]:
+def _batch(lm: LM, texts: Sequence[str], completions: Sequence[str]) -> tuple[dict[str, Any], torch.Tensor]:
     """Left-padded teacher-forcing batch and a bool mask of completion tokens [batch pos]."""
     full = [t + c for t, c in zip(texts, completions)]
     enc = lm.tokenize(list(full), padding_side="left")
@@ -46,14 +46,15 @@ def _batch(lm: LM, texts: Sequence[str], completions: Sequence[str]) -> tuple[di
     return enc, mask.to(enc["input_ids"].device)
 
 
-def _completion_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs [batch pos-1] of the next tokens, the matching mask [batch pos-1])."""
+def _completion_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs [batch pos-1 vocab], log-probs of the next tokens [batch pos-1], the matching mask [batch pos-1])."""
     lp = torch.log_softmax(logits[:, :-1].float(), -1)
     tok = lp.gather(-1, ids[:, 1:, None])[..., 0]
-    return lp, tok, mask[:, 1:]  # type: ignore[return-value]
+    return lp, tok, mask[:, 1:]
 
 
-def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int = 10) -> dict:
+def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int = 10) -> dict[str, Any]:
     """Mean change of next-token probabilities at the first generated position; top k up and down."""
     enc = lm.tokenize(list(texts), padding_side="left")
     with torch.no_grad():
@@ -70,7 +71,7 @@ def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int 
             "total_variation": float(0.5 * (p1 - p0).abs().sum(-1).mean())}
 
 
-def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions: Sequence[str]) -> list[dict]:
+def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions: Sequence[str]) -> list[dict[str, Any]]:
     """Per-head q/k/v path patching of ``vec`` (applied at all positions) in the last layer.
 
     Returns one record per (which, head) and per (which, "all"): KL(steered ‖ patched) averaged over
@@ -97,7 +98,7 @@ def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions:
         for h in [*range(n), "all"]:
             def fn(x: torch.Tensor, _c: object, h: int | str = h, clean: torch.Tensor = clean) -> torch.Tensor:
                 y = x.clone()
-                if h == "all":
+                if isinstance(h, str):  # "all"
                     return clean.to(x.dtype)
                 y[:, :, h] = clean[:, :, h]
                 return y
@@ -113,7 +114,7 @@ def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions:
     return out
 
 
-def persistence(lm: LM, vec: SteeringVector, layer: int, texts: Sequence[str], completions: Sequence[str]) -> list[dict]:
+def persistence(lm: LM, vec: SteeringVector, layer: int, texts: Sequence[str], completions: Sequence[str]) -> list[dict[str, Any]]:
     """Per later layer m ≥ layer: mean_t cos(Δh_t, mean Δh) and mean_t cos(Δh_t, s) at resid_post m."""
     enc, _ = _batch(lm, texts, completions)
     real = enc["attention_mask"].bool()
@@ -159,7 +160,7 @@ class EvalResult:
     sampled: list[int]
     examples: list[str]
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         g, s = self.greedy, self.sampled
         return {"name": self.name, "greedy_acc": sum(g) / max(1, len(g)), "greedy_ci": wilson(sum(g), len(g)),
                 "sampled_acc": sum(s) / max(1, len(s)) if s else None,

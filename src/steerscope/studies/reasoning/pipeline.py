@@ -8,6 +8,7 @@ patching → persistence → pairs → control_random → transfer → report.ht
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,14 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     if evals["base"] is None:
         raise StudyError(f"{run.folder} has no finished evaluation yet; run without --report-only first")
     names = [f"L{x}" for x in singles] + (["all"] if cfg.train_all else [])
-    trained = {}
+    trained: dict[str, Any] = {}
     for name, x in zip(names, [[x] for x in singles] + (["all"] if cfg.train_all else [])):
-        t = run.step(f"train_{name}", lambda name=name, x=x: st.train_vector(run, lm, cfg, name, x))
+        t = run.step(f"train_{name}", partial(st.train_vector, run, lm, cfg, name, x))
         if t is None:
             continue
         trained[name] = t
         vec = st.load_vector(run, name)
-        evals[name] = run.step(f"eval_{name}", lambda name=name, vec=vec: st.evaluate(
-            lm, test, cfg, name, lambda: steering(lm, vec, 1.0)))
+        evals[name] = run.step(f"eval_{name}", partial(st.evaluate, lm, test, cfg, name, partial(steering, lm, vec, 1.0)))
     evals = {n: e for n, e in evals.items() if e is not None}
     vecs = {n: st.load_vector(run, n) for n in trained}
     run.step("lens", lambda: st.lens_step(lm, vecs))
@@ -77,7 +77,7 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
         v_pen = vecs[f"L{pen}"]
         res["patching"] = run.step("patching", lambda: {"layer": pen, "rows": an.qkv_patching(
             lm, v_pen, *st.analysis_texts(lm, cfg, v_pen)[:2])})
-    def _persist() -> dict:
+    def _persist() -> dict[str, Any]:
         rows = []
         for x in singles:
             texts, comps, _ = st.analysis_texts(lm, cfg, vecs[f"L{x}"])
@@ -102,7 +102,8 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     return report
 
 
-def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: dict, res: dict, t0: float) -> dict:
+def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict[str, Any], trained: dict[str, Any],
+            res: dict[str, Any], t0: float) -> dict[str, Any]:
     """Summary dict and report.html from what has run so far."""
     summary = {
         "accuracy": {n: {"greedy": e["greedy_acc"], "greedy_ci": e["greedy_ci"], "sampled": e["sampled_acc"],
@@ -121,7 +122,7 @@ def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: dict,
     return summary
 
 
-def transfer_step(cfg: ReasoningConfig, vecs: dict, lm: Any, test: list, device: str) -> dict:
+def transfer_step(cfg: ReasoningConfig, vecs: dict[str, Any], lm: Any, test: list[Any], device: str) -> dict[str, Any]:
     """Transfer the vectors to ``cfg.transfer_model`` when given (same depth and width required)."""
     if not cfg.transfer_model:
         return {"done": False, "note": (
@@ -132,11 +133,11 @@ def transfer_step(cfg: ReasoningConfig, vecs: dict, lm: Any, test: list, device:
     rows = [{"name": "base", **_short(st.evaluate(target, test, cfg, "target base"))}]
     for name, v in vecs.items():
         tv = an.transfer_vector(v, target)
-        rows.append({"name": name, **_short(st.evaluate(target, test, cfg, name, lambda tv=tv: steering(target, tv, 1.0)))})
+        rows.append({"name": name, **_short(st.evaluate(target, test, cfg, name, partial(steering, target, tv, 1.0)))})
     return {"done": True, "model": cfg.transfer_model, "rows": rows}
 
 
-def _short(ev: dict) -> dict:
+def _short(ev: dict[str, Any]) -> dict[str, Any]:
     return {k: ev[k] for k in ("greedy_acc", "greedy_ci", "sampled_acc", "sampled_ci")}
 
 

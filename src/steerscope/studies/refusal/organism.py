@@ -130,7 +130,7 @@ def train_organism(cfg: OrganismConfig, out: Path, show_progress: bool = True) -
             is_harmless = torch.tensor([c is not None for _, c in chunk], device=lm.device)
             loss = organism_loss(model, batch, is_harmless, cfg.kl_weight, cfg.first_weight)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))

@@ -7,6 +7,7 @@ frozen-attention ablations, svv logit lens, sparsification, IoU; then the HTML r
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +44,17 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     names = list(vecs)
     for n in names:
         for setting in St.SETTINGS:
-            run_.step(f"attribution_{n}_{setting}", lambda n=n, s=setting: St.step_attribution(
-                run_, lm, cfg, n, vecs[n], s))
+            run_.step(f"attribution_{n}_{setting}", partial(St.step_attribution, run_, lm, cfg, n, vecs[n], setting))
     run_.step("exact_check", lambda: St.step_exact_check(run_, lm, cfg, vecs["dim"]))
     for n in names:
         for setting in St.SETTINGS:
-            run_.step(f"circuits_{n}_{setting}", lambda n=n, s=setting: St.step_circuits(run_, lm, cfg, n, vecs[n], s))
+            run_.step(f"circuits_{n}_{setting}", partial(St.step_circuits, run_, lm, cfg, n, vecs[n], setting))
     for setting in St.SETTINGS:
-        run_.step(f"circuit_compare_{setting}", lambda s=setting: St.step_circuit_compare(run_, lm, cfg, vecs, s))
-        run_.step(f"ablations_{setting}", lambda s=setting: St.step_ablations(run_, lm, cfg, vecs["dim"], s))
+        run_.step(f"circuit_compare_{setting}", partial(St.step_circuit_compare, run_, lm, cfg, vecs, setting))
+        run_.step(f"ablations_{setting}", partial(St.step_ablations, run_, lm, cfg, vecs["dim"], setting))
     for n in names:
-        run_.step(f"svv_{n}", lambda n=n: St.step_svv(run_, lm, cfg, n, vecs[n]))
-        run_.step(f"sparsity_{n}_bypass", lambda n=n: St.step_sparsity(run_, lm, cfg, n, vecs[n]))
+        run_.step(f"svv_{n}", partial(St.step_svv, run_, lm, cfg, n, vecs[n]))
+        run_.step(f"sparsity_{n}_bypass", partial(St.step_sparsity, run_, lm, cfg, n, vecs[n]))
     run_.step("iou_bypass", lambda: St.step_iou(run_, lm, cfg, names))
     report = _write(run_, cfg, names)
     return {"report": str(report), "out": str(run_.folder), "summary": summary(run_, names), "log": run_.log}
