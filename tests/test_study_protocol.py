@@ -130,3 +130,36 @@ def test_a_broken_study_import_fails_loudly(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setitem(cli.STUDIES, "broken", "broken_study")
     with pytest.raises(ModuleNotFoundError, match="steerscope_no_such_dependency"):
         cli.main(["vectors"])
+
+
+def test_identifiability_write_report_rebuilds_the_report_from_the_run_folder(tmp_path: Path) -> None:
+    """write_report(out) reads config.json and the step records only; no model is loaded."""
+    from test_identifiability_study import _scores
+
+    from steerscope.studies import identifiability
+    from steerscope.studies.identifiability import pipeline, steps
+    from steerscope.studies.identifiability.config import Config
+    from steerscope.studies.runner import Run
+
+    cfg = Config(traits=("formality",), alphas=(4.0,), seeds=(0, 1), shift=False)
+    run = Run(tmp_path, config=cfg.identity())
+    scores = _scores(2.0, 2.0)
+    usable = {"formality": {"probe": True}}
+    spec = {"sigma": [3.0, 1.0], "rank_threshold": 2, "rank_entropy": 1.8, "null_fraction_threshold": 0.0,
+            "null_fraction_entropy": 0.1, "d": 2}
+    records = {
+        "vectors": {"layer": 15, "inject_layer": 15, "norms": {"formality_dim": 13.0}, "cos_dim_pca": {}, "cos_traits": {}},
+        "scorers": {"scorers": {"formality": [{"kind": "probe", "accuracy": 0.96, "validation": "cv", "usable": True}]},
+                    "primary": {"formality": "probe"}},
+        "scores": scores,
+        "effects": {"neutral": steps.effects(cfg, scores, {"formality": "probe"}, usable), "shift": []},
+        "logits": {"agreement": [], "subspaces": []},
+        "nullspace": {"n_tokens": 4, "covariance": {"15": spec}, "jacobian": {"15": spec}, "J_vperp_over_J_v": {}},
+    }
+    for cell in pipeline.cells(cfg):
+        records[pipeline._step_name(cell)] = {"v@4": ["Dear Sir"]} if cell[1] != "none" else {"none@0": ["hi"]}
+    for name, rec in records.items():
+        run.step(name, lambda rec=rec: rec)
+    path = identifiability.write_report(tmp_path)
+    html = path.read_text()
+    assert path == tmp_path / "report.html" and "equivalent" in html and "Null space" in html and "Dear Sir" in html

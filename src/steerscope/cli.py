@@ -202,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("study", help="run a study end to end and write a report")
+    _add_studies(sub.add_parser("study", help="run a study end to end and write a report"))
+    return p
+
+
+def _add_studies(s: argparse.ArgumentParser) -> None:
+    """One subcommand per study; its options come from the study's ``Config`` (steerscope.studies.protocol)."""
     ssub = s.add_subparsers(dest="study", required=True)
     for name, package in STUDIES.items():
         sp = ssub.add_parser(name)
@@ -211,10 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", default=f"runs/{name}")
         sp.add_argument("--force", action="store_true", help="recompute finished steps")
         sp.add_argument("--report-only", action="store_true", help="rewrite the report from finished steps; run nothing")
-        # --model, --seed and the study's own options come from its Config; a broken study fails loudly here
+        # --model, --seed and the study's own options; a broken study import fails loudly here
         importlib.import_module(package + ".config").Config.add_arguments(sp)
         sp.set_defaults(func=cmd_study)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
