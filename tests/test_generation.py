@@ -79,14 +79,29 @@ def test_sampled_generate_leaves_the_global_rng_alone_and_a_seed_reproduces(lm) 
     assert greedy == generate(lm, PROMPTS, max_new_tokens=8)
 
 
-def test_gumbel_sampling_draws_from_the_softmax_at_the_temperature() -> None:
-    from steerscope.generation import GumbelSampler
+def test_seeded_sampler_draws_from_the_softmax_at_the_temperature() -> None:
+    from steerscope.generation import SeededSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
-    sampler = GumbelSampler(0.7, torch.Generator().manual_seed(0))
+    sampler = SeededSampler(0.7, torch.Generator().manual_seed(0))
     picks = sampler(torch.zeros(1), logits).argmax(-1)
     freq = torch.bincount(picks, minlength=4).double() / len(picks)
     assert torch.allclose(freq, torch.softmax(logits[0].double() / 0.7, -1), atol=0.01)
+
+
+def test_a_seed_gives_the_tokens_of_global_seeding_with_hf_sampling(lm) -> None:
+    """Runs sampled with the old global-RNG code keep their texts (the documented study numbers)."""
+    enc = chat_batch(lm, PROMPTS)
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(11)
+        with torch.no_grad():
+            ref = lm.model.generate(**enc, do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=10,
+                                    pad_token_id=lm.tokenizer.pad_token_id)
+    finally:
+        torch.set_rng_state(state)
+    ref_texts = lm.tokenizer.batch_decode(ref[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert generate(lm, PROMPTS, max_new_tokens=10, do_sample=True, temperature=0.8, seed=11) == ref_texts
 
 
 def test_extract_accepts_a_callable_aggregator(lm) -> None:

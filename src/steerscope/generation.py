@@ -5,8 +5,8 @@
 - :func:`completion_batch` — (prompt, completion) rows, right-padded, labels on the completion only.
 - :func:`sequence_logprobs` — summed log p of the labelled tokens of such a batch (one forward pass).
 - :func:`generate` — greedy or sampled completions; sampling draws from a ``torch.Generator`` seeded
-  by ``seed`` (Gumbel-max: argmax(logits / T + Gumbel noise) is an exact sample of softmax(logits / T)),
-  so the global RNG is never touched.
+  by ``seed`` (:class:`SeededSampler`), so the global RNG is never touched, and a seed gives the same
+  tokens as seeding the global RNG and sampling with ``model.generate`` did.
 """
 
 from __future__ import annotations
@@ -106,18 +106,26 @@ def sequence_logprobs(lm: LM, batch: Mapping[str, torch.Tensor]) -> torch.Tensor
     return (lp * m.to(lp.dtype)).sum(-1)
 
 
-class GumbelSampler:
+class SeededSampler:
     """A logits processor that turns greedy decoding into sampling at ``temperature`` from ``generator``.
 
-    argmax(logits / T - log E) with E ~ Exp(1) (i.e. + Gumbel noise) is distributed as softmax(logits / T).
+    It returns p / E with p = softmax(scores / T) and E ~ Exp(1) per token, so the greedy argmax is a
+    sample of p (the exponential race; argmax(p / E) = argmax(log p + Gumbel noise)). This is the
+    computation ``torch.multinomial(p, 1)`` performs on the global generator, here on ``generator``:
+    with the same seed the draws are token-for-token those of ``torch.manual_seed(seed)`` followed by
+    ``model.generate(do_sample=True, temperature=T, top_k=0, top_p=1.0)``.
     """
 
     def __init__(self, temperature: float, generator: torch.Generator) -> None:
         self.temperature, self.generator = temperature, generator
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        e = torch.empty(scores.shape, device=scores.device, dtype=torch.float32).exponential_(generator=self.generator)
-        return scores.float() / self.temperature - e.clamp_min(torch.finfo(torch.float32).tiny).log()
+        scores = scores.float()
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        probs = torch.softmax(scores, dim=-1)
+        race = torch.empty_like(probs).exponential_(1, generator=self.generator)
+        return probs / race
 
 
 def generate(
@@ -153,7 +161,7 @@ def generate(
             gen.seed()
         else:
             gen.manual_seed(seed)
-        sampler = GumbelSampler(temperature, gen)
+        sampler = SeededSampler(temperature, gen)
     out: list[str] = []
     starts = range(0, len(prompts), batch_size)
     for i in progress(starts, desc="generate", enabled=show_progress):
