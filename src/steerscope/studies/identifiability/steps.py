@@ -248,8 +248,11 @@ def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int
 
 
 # -- null space ---------------------------------------------------------------------------------
-def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) -> dict[str, Any]:
-    """Activation-covariance and logit-Jacobian spectra at L/4, L/2, 3L/4 (+ a finite-difference check)."""
+def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, batch_size: int = 16) -> dict[str, Any]:
+    """Activation-covariance and logit-Jacobian spectra at L/4, L/2, 3L/4 (+ a finite-difference check).
+
+    ``batch_size``: prompts per forward pass of the covariance (speed only).
+    """
     L = lm.n_layers
     layers = sorted({L // 4, L // 2, 3 * L // 4})
     prompts = [r["prompt"] for r in read_jsonl(data_path("traits", "neutral_prompts.jsonl"))]
@@ -259,8 +262,8 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) ->
             prompts += [r["positive"], r["negative"]]
     prompts = prompts[:cfg.n_cov_prompts]
     rows: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    for i in progress(range(0, len(prompts), 16), desc="covariance"):
-        enc = chat_batch(lm, prompts[i:i + 16])
+    for i in progress(range(0, len(prompts), batch_size), desc="covariance"):
+        enc = chat_batch(lm, prompts[i:i + batch_size])
         m = enc["attention_mask"].bool().clone()
         m[torch.arange(len(m)), m.float().argmax(1)] = False  # drop each text's first token (attention sink)
         with recording(lm, [Site(l, "resid_pre") for l in layers]) as cache, torch.no_grad():
