@@ -83,7 +83,7 @@ def test_seeded_sampler_draws_from_the_softmax_at_the_temperature() -> None:
     from steerscope.generation import SeededSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
-    sampler = SeededSampler(0.7, torch.Generator().manual_seed(0))
+    sampler = SeededSampler(0.7, seed=0)
     picks = sampler(torch.zeros(1), logits).argmax(-1)
     freq = torch.bincount(picks, minlength=4).double() / len(picks)
     assert torch.allclose(freq, torch.softmax(logits[0].double() / 0.7, -1), atol=0.01)

@@ -107,19 +107,26 @@ def sequence_logprobs(lm: LM, batch: Mapping[str, torch.Tensor]) -> torch.Tensor
 
 
 class SeededSampler:
-    """A logits processor that turns greedy decoding into sampling at ``temperature`` from ``generator``.
+    """A logits processor that turns greedy decoding into sampling at ``temperature``, seeded by ``seed``.
 
     It returns p / E with p = softmax(scores / T) and E ~ Exp(1) per token, so the greedy argmax is a
     sample of p (the exponential race; argmax(p / E) = argmax(log p + Gumbel noise)). This is the
-    computation ``torch.multinomial(p, 1)`` performs on the global generator, here on ``generator``:
+    computation ``torch.multinomial(p, 1)`` performs on the global generator, here on its own one:
     with the same seed the draws are token-for-token those of ``torch.manual_seed(seed)`` followed by
     ``model.generate(do_sample=True, temperature=T, top_k=0, top_p=1.0)``.
     """
 
-    def __init__(self, temperature: float, generator: torch.Generator) -> None:
-        self.temperature, self.generator = temperature, generator
+    def __init__(self, temperature: float, seed: int | None = None) -> None:
+        self.temperature, self.seed = temperature, seed
+        self.generator: torch.Generator | None = None  # made on the logits' device at the first call
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device)
+            if self.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.seed)
         scores = scores.float()
         if self.temperature != 1.0:
             scores = scores / self.temperature
@@ -154,14 +161,7 @@ def generate(
     """
     from transformers import LogitsProcessorList
 
-    sampler = None
-    if do_sample:
-        gen = torch.Generator(device=lm.device)
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
-        sampler = SeededSampler(temperature, gen)
+    sampler = SeededSampler(temperature, seed) if do_sample else None  # one stream across the batches
     out: list[str] = []
     starts = range(0, len(prompts), batch_size)
     for i in progress(starts, desc="generate", enabled=show_progress):
