@@ -74,6 +74,7 @@ def test_sampled_generate_leaves_the_global_rng_alone_and_a_seed_reproduces(lm) 
     b = generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=5)
     c = generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=6)
     assert a == b and a != c
+    generate(lm, PROMPTS[:1], max_new_tokens=4, do_sample=True)  # seed=None: a fresh seed, still not the global one
     assert torch.equal(torch.get_rng_state(), state)
     greedy = generate(lm, PROMPTS, max_new_tokens=8)
     assert greedy == generate(lm, PROMPTS, max_new_tokens=8)
