@@ -143,6 +143,15 @@ def write(run: Run, cfg: Config, vrec: Rec, srec: Rec, gens: Rec, scores: Rec, e
     r.table(["trait", "alpha", "k", "mean top-1", "worst top-1", "worst top-10", "mean L2", "max L2"],
             [[x["trait"], x["alpha"], x["k"], x["mean_top1"], x["worst_top1"], x["worst_top10"], x["mean_l2"],
               x["max_l2"]] for x in lrec["subspaces"]])
+    _nullspace_section(r, cfg, nrec)
+    r.h2("Samples")
+    for key, conds in list(gens.items())[:4]:
+        r.h3(key)
+        r.pre("\n\n".join(f"[{c}] {texts[0].strip()[:300]}" for c, texts in conds.items()))
+    return r.write(run.path("report.html"))
+
+
+def _nullspace_section(r: Report, cfg: Config, nrec: Rec) -> None:
     r.h2("Null space")
     r.p(f"Activation covariance of resid_pre over {nrec['n_tokens']} prompt tokens (first token of each text dropped); "
         f"Jacobian of last-token logits w.r.t. resid_pre at the last token (mean singular values over "
@@ -159,8 +168,3 @@ def write(run: Run, cfg: Config, vrec: Rec, srec: Rec, gens: Rec, scores: Rec, e
         r.table(["trait", "|J v|", "|J v_perp|", "ratio"],
                 [[t, x["J_v"], x["J_vperp"], x["ratio"]] for t, x in nrec["J_vperp_over_J_v"].items()],
                 caption="first-order logit change: orthogonal perturbation vs v (Jacobian at the extraction layer)")
-    r.h2("Samples")
-    for key, conds in list(gens.items())[:4]:
-        r.h3(key)
-        r.pre("\n\n".join(f"[{c}] {texts[0].strip()[:300]}" for c, texts in conds.items()))
-    return r.write(run.path("report.html"))
