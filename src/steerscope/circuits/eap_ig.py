@@ -50,9 +50,9 @@ from steerscope.circuits.batch import PatchBatch, scored_batches, trim, trim_col
 from steerscope.circuits.graph import Graph, Node
 from steerscope.circuits.nodes import assemble, node_hooks, single_layer, suffix_run
 from steerscope.circuits.probes import Probes, block_grads, probe_pass
-from steerscope.circuits.weights import missing_support, post_norm_path
+from steerscope.circuits.weights import Sublayer, has_post_norms, missing_support, post_norm, post_norm_gamma
 from steerscope.errors import UnsupportedModelError
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.vector import SteeringVector
 
 
@@ -126,12 +126,12 @@ def _plain_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> tuple[
     return edges, gsum
 
 
-def _sublayers(lm: LM, graph: Graph) -> Iterator[tuple[list[int], int, str | None, str]]:
-    """(node rows, layer, post-norm path or None, key of its pre-norm sum in the probes) per sublayer."""
+def _sublayers(graph: Graph) -> Iterator[tuple[list[int], int, Sublayer, str]]:
+    """(node rows, layer, sublayer, key of its pre-norm sum in the probes) per sublayer, in order."""
     for layer in range(graph.layer0, graph.n_layers):
         rows = graph.node_rows(layer)
-        yield rows[:-1], layer, post_norm_path(lm, "attn"), f"A{layer}"
-        yield rows[-1:], layer, post_norm_path(lm, "mlp"), f"M{layer}"
+        yield rows[:-1], layer, "attn", f"A{layer}"
+        yield rows[-1:], layer, "mlp", f"M{layer}"
 
 
 def _normed_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,10 +145,11 @@ def _normed_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> tuple
         gsum += summed.sum((0, 1, 2)).double()
         edges[s_row, cols] += torch.einsum("bpd,bpvd->v", diff[:, :, s_row], summed).double()
         read = min(graph.receivers[c].order for c in cols)
-        for rows, layer, path, key in _sublayers(lm, graph):
+        for rows, layer, sub, key in _sublayers(graph):
             if graph.upstream[rows[0]].order >= read:
                 break
-            pulled = summed if path is None else norm_vjp_sum(lm, layer, path, pr.xs[key], g, k)
+            norm = post_norm(lm, layer, sub)
+            pulled = summed if norm is None else norm_vjp_sum(norm, post_norm_gamma(lm, layer, sub), pr.xs[key], g, k)
             edges[rows[0] : rows[-1] + 1, cols] += torch.einsum(
                 "bpud,bpvd->uv", diff[:, :, rows], pulled).double()
     return edges, gsum
@@ -160,7 +161,7 @@ def _batch_scores(lm: LM, sub: PatchBatch, pre: Prefix, s: torch.Tensor, alpha: 
     b, p = sub.ids.shape
     per_pass = max(1, min(steps, pass_budget // (b * p * (lm.n_layers - pre.layer))))
     points = [alpha * (i + 0.5) / steps for i in range(steps)]
-    score = _normed_edges if lm.family.post_attn_norm or lm.family.post_mlp_norm else _plain_edges
+    score = _normed_edges if has_post_norms(lm) else _plain_edges
     edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
     gsum = torch.zeros(lm.d_model, dtype=torch.float64)
     for j in range(0, steps, per_pass):

@@ -40,10 +40,10 @@ from steerscope.circuits.batch import PatchBatch, scored_batches, trim
 from steerscope.circuits.eap_ig import check_supported
 from steerscope.circuits.graph import Graph
 from steerscope.circuits.nodes import assemble, node_hooks, removal, single_layer, suffix_run
-from steerscope.circuits.weights import Proj, proj_bias, proj_weight
+from steerscope.circuits.weights import Proj, input_norm, proj_bias, proj_weight
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, HookFn, attached
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.progress import progress
 from steerscope.vector import SteeringVector
 
@@ -147,9 +147,10 @@ def _qkv_hook(lm: LM, run: SteeredRun, layer: int, rows: PatchRows, off: int, se
     """Replace the ``which`` projection of the selected rows' patched heads with W_h norm(resid_pre - e_u)."""
     i, u = rows.sample[sel], rows.node[sel]
     W, bias = proj_weight(lm, layer, which), proj_bias(lm, layer, which)  # [n d_head d_model], [n d_head]
+    norm, _ = input_norm(lm, layer, "attn")
 
     def fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
-        normed = lm.module(layer, lm.family.input_norm)(run.streams[layer][i] - run.delta[i, :, u])
+        normed = norm(run.streams[layer][i] - run.delta[i, :, u])
         x = x.clone()
         for h in torch.unique(rows.head[sel]).tolist():
             at = rows.head[sel] == h
@@ -169,10 +170,11 @@ def _layer_hooks(lm: LM, run: SteeredRun, layer: int, rows: PatchRows, off: int)
         if len(sel):
             hooks[f"blocks.{layer}.attn.{which}"] = _qkv_hook(lm, run, layer, rows, off, sel, which)
     mlp = (rows.point == _MLP).nonzero()[:, 0]
+    mlp_norm, _ = input_norm(lm, layer, "mlp")
     if len(mlp):
         def mlp_fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
             x = x.clone()
-            x[off + mlp] = lm.module(layer, lm.family.pre_mlp_norm)(run.mids[layer][i[mlp]] - run.delta[i[mlp], :, u[mlp]])
+            x[off + mlp] = mlp_norm(run.mids[layer][i[mlp]] - run.delta[i[mlp], :, u[mlp]])
             return x
         hooks[f"blocks.{layer}.mlp_in"] = mlp_fn
     mid = (rows.point == _MID).nonzero()[:, 0]

@@ -17,7 +17,7 @@ from steerscope.circuits.graph import Graph
 from steerscope.circuits.weights import apply_unhooked, mlp_write, post_norm
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, HookFn, attached
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 
@@ -38,7 +38,7 @@ def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
 def node_hooks(lm: LM, layer0: int, outs: dict[str, torch.Tensor]) -> HookMap:
     """Hooks that record each head's z (``z{L}``) and each MLP's pre-norm write (``m{L}``) into ``outs``."""
     hooks: HookMap = {}
-    normed_mlp = lm.family.post_mlp_norm is not None
+    normed_mlp = post_norm(lm, layer0, "mlp") is not None
 
     def rec(key: str, layer: int | None = None) -> HookFn:
         def fn(x: torch.Tensor, _c: Call) -> None:
@@ -90,8 +90,8 @@ def suffix_run(lm: LM, pb: PatchBatch, pre: Prefix, add: torch.Tensor,
 
 def sublayer_bias(lm: LM, layer: int) -> torch.Tensor | float:
     """The attention output bias (part of the sublayer's pre-norm sum A), or 0."""
-    bias = getattr(lm.module(layer, lm.family.o_proj), "bias", None)
-    return 0.0 if bias is None else bias.detach()
+    bias = lm.b_O(layer)
+    return 0.0 if bias is None else bias
 
 
 def sublayer_norms(lm: LM, graph: Graph) -> list[tuple[list[int], torch.nn.Module | None, torch.Tensor | float]]:
