@@ -19,7 +19,6 @@ from steerscope import circuits as C
 from steerscope import ov
 from steerscope.circuits import Node, Receiver
 from steerscope.circuits._suffix import logit_diff, prefix
-from steerscope.errors import UnsupportedModelError
 from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, smol_tokenizer, tiny_vector  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,15 +217,6 @@ def test_svv_is_the_value_path_change_times_the_post_attention_norm_weight(famil
         z[:, :, h] = zs["plus"][:, :, h] - zs["base"][:, :, h]
         change = torch.nn.functional.linear(z.flatten(2), oproj.weight)  # head h's pre-norm write change
         assert torch.allclose(change[mask], raw[h].expand(int(mask.sum()), -1), atol=1e-4), h
-
-
-@pytest.mark.parametrize("family,missing", [("gpt2", "fused qkv"), ("gpt_neox", "parallel residual")])
-def test_fused_qkv_and_parallel_residual_models_are_refused_naming_what_is_missing(family: str, missing: str) -> None:
-    from conftest import make_tiny
-
-    lm = make_tiny(family)
-    with pytest.raises(UnsupportedModelError, match=missing):
-        C.check_supported(lm)
 
 
 @pytest.mark.slow

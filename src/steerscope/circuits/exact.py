@@ -16,8 +16,8 @@ Algorithm:
      ``tokens_per_pass`` row-positions. A pass starts at its lowest L_v, and a row joins the batch
      just before its own block, from the cached stream: no row computes a block below L_v.
      In block L_v, hooks replace the row's receiver input: a head's q (or a kv head's k, v)
-     becomes W_h norm(resid_pre - e_u) (+ bias), the MLP input norm(resid_mid - e_u); a logits
-     receiver reads the final stream minus e_u.
+     becomes W_h norm(resid_pre - e_u) (+ bias), the MLP input norm(resid_mid - e_u) (with a
+     parallel residual: norm(resid_pre - e_u)); a logits receiver reads the final stream minus e_u.
   4. m per row from the final stream at the scored positions (:func:`steerscope.circuits._suffix.logit_diff`);
      effect = m(steered) - m(row), averaged over samples.
   Node patching (every edge out of u dropped) is the same with e_u subtracted from the
@@ -39,7 +39,7 @@ from steerscope.circuits._suffix import HookMap, Prefix, logit_diff, prefix, run
 from steerscope.circuits.batch import PatchBatch, scored_batches, trim
 from steerscope.circuits.eap_ig import check_supported
 from steerscope.circuits.graph import Graph
-from steerscope.circuits.nodes import assemble, node_hooks, removal, single_layer, suffix_run
+from steerscope.circuits.nodes import assemble, mlp_stream, model_graph, node_hooks, removal, single_layer, suffix_run
 from steerscope.circuits.weights import Proj, input_norm, proj_bias, proj_weight
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, HookFn, attached
@@ -138,7 +138,7 @@ def steered_run(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float) ->
         hooks[f"blocks.{layer}.resid_pre"] = keep(streams, layer)
         hooks[f"blocks.{layer}.resid_mid"] = keep(mids, layer)
     clean, m = suffix_run(lm, pb, pre, alpha * s, hooks)
-    graph = Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads)
+    graph = model_graph(lm, layer0)
     return SteeredRun(pre, streams, mids, removal(lm, graph, clean, corr), m)
 
 
@@ -171,10 +171,11 @@ def _layer_hooks(lm: LM, run: SteeredRun, layer: int, rows: PatchRows, off: int)
             hooks[f"blocks.{layer}.attn.{which}"] = _qkv_hook(lm, run, layer, rows, off, sel, which)
     mlp = (rows.point == _MLP).nonzero()[:, 0]
     mlp_norm, _ = input_norm(lm, layer, "mlp")
+    src = run.streams if mlp_stream(lm) == "pre" else run.mids
     if len(mlp):
         def mlp_fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
             x = x.clone()
-            x[off + mlp] = mlp_norm(run.mids[layer][i[mlp]] - run.delta[i[mlp], :, u[mlp]])
+            x[off + mlp] = mlp_norm(src[layer][i[mlp]] - run.delta[i[mlp], :, u[mlp]])
             return x
         hooks[f"blocks.{layer}.mlp_in"] = mlp_fn
     mid = (rows.point == _MID).nonzero()[:, 0]
@@ -240,9 +241,9 @@ def _effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
 
 def _check_graph(lm: LM, vector: SteeringVector, graph: Graph) -> None:
     layer0, _ = single_layer(vector)
-    if (graph.layer0, graph.n_layers, graph.n_heads, graph.n_kv) != (layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads):
+    if graph.to_dict() != model_graph(lm, layer0).to_dict():
         raise SteerscopeError(f"the graph starts at layer {graph.layer0} but the vector is at layer {layer0} "
-                              "(or the graph is another model's); build it with Graph.build for this model and vector")
+                              "(or the graph is another model's); build it with model_graph(lm, layer) for this model and vector")
 
 
 def edge_effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, graph: Graph,

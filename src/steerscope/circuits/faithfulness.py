@@ -33,7 +33,7 @@ from steerscope.circuits._suffix import HookMap
 from steerscope.circuits.batch import PatchBatch, forward, metric
 from steerscope.circuits.exact import node_effects
 from steerscope.circuits.graph import Graph, greedy_circuit
-from steerscope.circuits.nodes import head_outputs, node_values, normed_change, single_layer
+from steerscope.circuits.nodes import head_outputs, mlp_stream, node_values, normed_change, single_layer
 from steerscope.circuits.weights import Proj, attn_write_sum, input_norm, mlp_write, post_norm, proj_bias, proj_weight
 from steerscope.hooks import Call, HookFn, attached
 from steerscope.models.lm import LM
@@ -94,12 +94,13 @@ def _receiver_hooks(lm: LM, graph: Graph, live: _Live, xs: dict[str, torch.Tenso
         return fn
 
     mcols = graph.receiver_columns(layer, "mlp")
+    stream = mlp_stream(lm)
     mnorm = post_norm(lm, layer, "mlp")
 
     def mlp(x: torch.Tensor, _c: Call) -> torch.Tensor | None:
         new = None
         if live.any(mcols):
-            new = pnorm(xs[f"mid{layer}"] - live.removed(mcols)[:, :, 0])
+            new = pnorm(xs[f"{stream}{layer}"] - live.removed(mcols)[:, :, 0])
         if mnorm is not None:  # the MLP's pre-norm write, from its actual input
             w = mlp_write(lm, layer, x if new is None else new)
             live.add(w[:, :, None], mnorm, w)

@@ -30,6 +30,16 @@ def single_layer(vector: SteeringVector) -> tuple[int, torch.Tensor]:
     return layer, vector[layer]
 
 
+def model_graph(lm: LM, layer0: int) -> Graph:
+    """The attribution graph of ``lm`` from block ``layer0`` up (its heads, kv heads, residual kind)."""
+    return Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads, parallel=lm.family.parallel_residual)
+
+
+def mlp_stream(lm: LM) -> str:
+    """Which cached stream a block's MLP reads: ``"mid"`` (after attention) or ``"pre"`` (parallel residual)."""
+    return "pre" if lm.family.parallel_residual else "mid"
+
+
 def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
     """Per-head writes: [batch pos head d_head] x [head d_head d_model] -> [batch pos head d_model]."""
     return torch.einsum("bphe,hed->bphd", z, W_O.to(z.dtype))

@@ -23,6 +23,7 @@ from steerscope.circuits._suffix import HookMap, Prefix, logit_diff, run_blocks
 from steerscope.circuits._vjp import norm_vjp_sum, rms_of, rms_proj_vjp_sum
 from steerscope.circuits.batch import PatchBatch
 from steerscope.circuits.graph import Graph
+from steerscope.circuits.nodes import mlp_stream
 from steerscope.circuits.weights import (
     Proj,
     attn_write_sum,
@@ -138,6 +139,6 @@ def block_grads(lm: LM, pr: Probes, graph: Graph, k: int) -> Iterator[tuple[list
         yield cols, _qkv_grads(lm, pr, layer, k)
         gm = pr.g[f"m{layer}"][:, :, None]
         yield graph.receiver_columns(layer, "mlp"), norm_vjp_sum(
-            *input_norm(lm, layer, "mlp"), pr.xs[f"mid{layer}"], gm, k)
+            *input_norm(lm, layer, "mlp"), pr.xs[f"{mlp_stream(lm)}{layer}"], gm, k)
     gl = pr.g["final"]
     yield graph.receiver_columns(graph.n_layers, "logits"), gl.view(k, -1, *gl.shape[1:]).sum(0)[:, :, None]

@@ -20,11 +20,6 @@ Sublayer = Literal["attn", "mlp"]
 def missing_support(lm: LM) -> list[str]:
     """What the circuit algorithms lack for this model's architecture (empty: supported)."""
     missing = []
-    if lm.layout.kind != "separate":
-        missing.append(f"receivers for a fused qkv projection ({lm.layout.kind}: per-head q/k/v probes and "
-                       "patches of one fused module)")
-    if lm.family.parallel_residual:
-        missing.append("a parallel residual (attention and MLP read the same stream: the graph's edge order)")
     if getattr(lm.config, "logit_scale", None):
         missing.append("scaled logits (logit_scale)")
     return missing
