@@ -10,6 +10,8 @@ Algorithm:
      leaving the last block (it flows through the final norm and any logit soft-capping).
   3. For families with post-sublayer norms the pre-norm sums A of every sublayer are kept per
      row (``A{l}`` attention, ``M{l}`` MLP) so that the caller can apply dP/dA per row.
+
+Cited: Hanna et al. 2024 (EAP-IG); Cheng, Wiegreffe, Manocha 2026 (arXiv 2604.08524), "Formulas".
 """
 
 from __future__ import annotations
