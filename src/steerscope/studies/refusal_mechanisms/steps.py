@@ -15,12 +15,12 @@ from steerscope import circuits as C
 from steerscope import freeze as F
 from steerscope import ov
 from steerscope import sparsify as S
+from steerscope.data.refusal_prompts import load_split
 from steerscope.generation import generate
 from steerscope.lens import logit_lens
 from steerscope.metrics.refusal import asr, is_refusal
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.studies.refusal.data import load_split
 from steerscope.studies.refusal_mechanisms.config import Config
 from steerscope.studies.runner import Run, load_tensors, save_tensors
 from steerscope.vector import SteeringVector
