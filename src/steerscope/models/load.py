@@ -20,7 +20,7 @@ import torch
 
 from steerscope.errors import ModelLoadError
 from steerscope.models.families import family_for
-from steerscope.models.lm import LM
+from steerscope.models.lm import LM as LM  # re-exported: `from steerscope.models.load import LM` still works
 
 DEFAULT_MODEL = "smollm2-135m"
 
