@@ -16,8 +16,8 @@ Algorithm (greedy, steering alpha*s added at resid_pre[l] at every position):
      l both halves are the same computation, so a greedy loop calls the HF model itself on the B
      prompt rows and :func:`steerscope.hooks.widened_batch` doubles what enters block l (residual
      stream, mask, rotary embeddings, position ids) to 2B rows; the model's KV cache holds B rows
-     below l and 2B from l, and the LM head runs on the last position only. Nothing of the
-     model is re-implemented, so post-sublayer norms, logit soft-capping, q/k norms and
+     below l and 2B from l; the final norm and LM head run on the steered rows (the LM head on the
+     last position only). Nothing of the model is re-implemented, so post-sublayer norms, logit soft-capping, q/k norms and
      sliding-window layers (Gemma 2/3) are the model's own. There QK freezing copies the base
      rows' queries and keys (sites ``attn.q``, ``attn.k``, before rotary and q/k norms) instead
      of their patterns: the probabilities are the same function of the same q, k, mask and
@@ -206,7 +206,8 @@ def _fast_frozen_ids(lm: LM, enc: Any, vector: SteeringVector, alpha: float, mod
                      max_new_tokens: int) -> torch.Tensor:
     """Frozen qk/ov greedy decoding, layers below the steering layer computed once (see step 2).
 
-    The model's own forward on the B prompt rows, widened to 2B rows from the steering layer on;
+    The model's own forward on the B prompt rows, widened to 2B rows from the steering layer on
+    (the final norm and LM head on the steered rows' last position only);
     ``generate``'s greedy loop (position ids from the mask cumsum, pads after EOS; EOS ids from
     the generation config, as ``generate`` takes them). Returns new ids [batch new].
     """
@@ -219,12 +220,12 @@ def _fast_frozen_ids(lm: LM, enc: Any, vector: SteeringVector, alpha: float, mod
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     cache = DynamicCache(config=lm.model.config)
-    with widened_batch(lm, layer0), steering(lm, vector, [0.0] * B + [alpha] * B), attached(lm, copy):
+    with widened_batch(lm, layer0, head_on_copy=True), steering(lm, vector, [0.0] * B + [alpha] * B), attached(lm, copy):
         for _ in range(max_new_tokens):
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # [batch pos]
             out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                            **{_cache_kw(lm): cache})
-            logits = out.logits[B:, -1].float()  # steered rows only [batch vocab]
+            logits = out.logits[:, -1].float()  # the steered rows only (head_on_copy) [batch vocab]
             tok = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
             new.append(tok)
             done |= torch.isin(tok, eos)

@@ -15,19 +15,20 @@ from steerscope.circuits._suffix import HookMap, Prefix, logit_diff, run_blocks
 from steerscope.circuits.batch import PatchBatch, forward
 from steerscope.circuits.graph import Graph
 from steerscope.circuits.weights import apply_unhooked, mlp_write, post_norm
-from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, HookFn, attached
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 
 
-def single_layer(vector: SteeringVector) -> tuple[int, torch.Tensor]:
-    """(layer, s [d_model]) of a one-layer resid_pre vector; raises otherwise."""
-    if len(vector) != 1 or vector.site != "resid_pre":
-        raise SteerscopeError("attribution takes a one-layer resid_pre vector; use vector.select([layer])")
-    layer = vector.layers[0]
-    return layer, vector[layer]
+def model_graph(lm: LM, layer0: int) -> Graph:
+    """The attribution graph of ``lm`` from block ``layer0`` up (its heads, kv heads, residual kind)."""
+    return Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads, parallel=lm.family.parallel_residual)
+
+
+def mlp_stream(lm: LM) -> str:
+    """Which cached stream a block's MLP reads: ``"mid"`` (after attention) or ``"pre"`` (parallel residual)."""
+    return "pre" if lm.family.parallel_residual else "mid"
 
 
 def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
 def node_hooks(lm: LM, layer0: int, outs: dict[str, torch.Tensor]) -> HookMap:
     """Hooks that record each head's z (``z{L}``) and each MLP's pre-norm write (``m{L}``) into ``outs``."""
     hooks: HookMap = {}
-    normed_mlp = lm.family.post_mlp_norm is not None
+    normed_mlp = post_norm(lm, layer0, "mlp") is not None
 
     def rec(key: str, layer: int | None = None) -> HookFn:
         def fn(x: torch.Tensor, _c: Call) -> None:
@@ -66,7 +67,7 @@ def assemble(lm: LM, outs: dict[str, torch.Tensor], layer0: int, s_term: torch.T
 @torch.no_grad()
 def node_values(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float) -> torch.Tensor:
     """Upstream node writes of one full run (alpha=0: the corrupt run): [batch pos U d_model]."""
-    layer0, s = single_layer(vector)
+    layer0, s = vector.single_layer(purpose="attribution")
     outs: dict[str, torch.Tensor] = {}
     with steering(lm, vector, alpha), attached(lm, node_hooks(lm, layer0, outs)):
         forward(lm, pb)
@@ -90,8 +91,8 @@ def suffix_run(lm: LM, pb: PatchBatch, pre: Prefix, add: torch.Tensor,
 
 def sublayer_bias(lm: LM, layer: int) -> torch.Tensor | float:
     """The attention output bias (part of the sublayer's pre-norm sum A), or 0."""
-    bias = getattr(lm.module(layer, lm.family.o_proj), "bias", None)
-    return 0.0 if bias is None else bias.detach()
+    bias = lm.b_O(layer)
+    return 0.0 if bias is None else bias
 
 
 def sublayer_norms(lm: LM, graph: Graph) -> list[tuple[list[int], torch.nn.Module | None, torch.Tensor | float]]:

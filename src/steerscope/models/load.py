@@ -21,7 +21,7 @@ import torch
 from steerscope.errors import ModelLoadError
 from steerscope.models._source import check_source
 from steerscope.models.families import family_for
-from steerscope.models.lm import LM
+from steerscope.models.lm import LM as LM  # re-exported: `from steerscope.models.load import LM` still works
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -135,6 +135,23 @@ def _gguf_to_folder(gguf: Path) -> Path:
     return folder
 
 
+def _resolve_source(name_or_path: str) -> tuple[str, Path | None]:
+    """What ``from_pretrained`` reads (a folder or hub id) and the adapter folder to merge, if any."""
+    alias = ALIASES.get(name_or_path)
+    adapter: Path | None = None
+    if alias is not None:
+        base = ALIASES[alias.base] if alias.base is not None else alias  # adapter alias: the base's weights
+        source = str(_gguf_to_folder(base.gguf()))
+        if alias.adapter:
+            adapter = Path(__file__).resolve().parent.parent / alias.adapter
+    elif name_or_path.endswith(".gguf"):
+        source = str(_gguf_to_folder(Path(name_or_path)))
+    else:
+        source = name_or_path
+        check_source(source, list(ALIASES))
+    return source, adapter
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str | None = "cpu",
@@ -162,24 +179,10 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
-    alias = ALIASES.get(name_or_path)
-    adapter: Path | None = None
-    if alias is not None:
-        if alias.base is not None:  # adapter alias, e.g. the safety organism
-            base_alias = ALIASES[alias.base]
-            source = str(_gguf_to_folder(base_alias.gguf()))
-        else:
-            source = str(_gguf_to_folder(alias.gguf()))
-        if alias.adapter:
-            adapter = Path(__file__).resolve().parent.parent / alias.adapter
-    elif name_or_path.endswith(".gguf"):
-        source = str(_gguf_to_folder(Path(name_or_path)))
-    else:
-        source = name_or_path
-        check_source(source, list(ALIASES))
+    source, adapter = _resolve_source(name_or_path)
     kwargs: dict[str, Any] = {"dtype": dt}
     if Path(source).is_dir():
-        kwargs["use_safetensors"] = True
+        kwargs["use_safetensors"] = True  # local folders: safetensors only, never unpickled
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()
