@@ -133,9 +133,9 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     for k, n in vec.norms().items():
         cos = f"  cos={info['cosine'][k]:+.4f}" if "cosine" in info and k in info["cosine"] else ""
         print(f"  layer {k:3d}: norm {n:.4f}{cos}")
-    for k, v in vec.provenance.__dict__.items():
-        if v not in (None, {}, []):
-            print(f"  {k}: {safe(v)}")
+    for key, val in vec.provenance.__dict__.items():
+        if val not in (None, {}, []):
+            print(f"  {key}: {safe(val)}")
 
 
 def cmd_vectors(a: argparse.Namespace) -> None:

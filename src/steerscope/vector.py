@@ -41,15 +41,6 @@ def _layer_index(key: Any) -> int:
     return layer
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("steerscope")
-    except Exception:
-        return "0+unknown"
-
-
 def dataset_hash(items: Iterable[Any]) -> str:
     """A short stable hash of a dataset (list of strings or pairs)."""
     h = hashlib.sha256()
