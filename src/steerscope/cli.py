@@ -273,9 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 2 for user errors, 1 for bugs, 130 on Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    parser = build_parser()  # outside the guard: a study package that cannot import is a loud bug
 
     def go() -> None:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         args.func(args)
 
     return T.run_guarded(go, debug=debug)
