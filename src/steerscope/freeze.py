@@ -41,6 +41,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from steerscope.errors import SteerscopeError
+from steerscope.generation import chat_batch
 from steerscope.hooks import Call, HookFn, attached, widened_batch
 from steerscope.models.lm import LM
 from steerscope.steer import steering
@@ -75,11 +76,9 @@ def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _single(lm: LM, vector: SteeringVector) -> tuple[int, torch.Tensor]:
-    if len(vector) != 1 or vector.site != "resid_pre":
-        raise SteerscopeError("frozen generation takes a one-layer resid_pre vector; use vector.select([layer])")
     vector.check_compatible(lm)
-    layer = vector.layers[0]
-    return layer, vector[layer].to(lm.device, lm.dtype)
+    layer, s = vector.single_layer(purpose="frozen generation")
+    return layer, s.to(lm.device, lm.dtype)
 
 
 def ablation_hooks(lm: LM, vector: SteeringVector, alpha: float | torch.Tensor, mode: str) -> dict[str, HookFn]:
@@ -144,8 +143,7 @@ def frozen_generate_ids(lm: LM, prompts: Sequence[str], vector: SteeringVector, 
     if mode not in MODES:
         raise SteerscopeError(f"mode {mode!r} unknown; choose one of {', '.join(MODES)}")
     layer0, _ = _single(lm, vector)
-    texts = [lm.format_chat(p) if chat else p for p in prompts]
-    enc = lm.tokenize(texts, padding_side="left", templated=chat)
+    enc = chat_batch(lm, prompts, chat=chat)
     if mode in ("qk", "ov") and fast is not False:
         missing = _fast_missing(lm)
         if fast and missing:
@@ -253,7 +251,7 @@ def reference_frozen_generate(lm: LM, prompts: Sequence[str], vector: SteeringVe
     Returns new token ids [batch new]."""
     layer0, _ = _single(lm, vector)
     site = {"qk": "attn.pattern", "ov": "attn.v"}[mode]
-    enc = lm.tokenize([lm.format_chat(p) if chat else p for p in prompts], padding_side="left", templated=chat)
+    enc = chat_batch(lm, prompts, chat=chat)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     eos, pad = lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)

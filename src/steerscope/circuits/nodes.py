@@ -23,12 +23,12 @@ from steerscope.vector import SteeringVector
 
 def model_graph(lm: LM, layer0: int) -> Graph:
     """The attribution graph of ``lm`` from block ``layer0`` up (its heads, kv heads, residual kind)."""
-    return Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads, parallel=lm.family.parallel_residual)
+    return Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads, parallel=lm.parallel_residual)
 
 
 def mlp_stream(lm: LM) -> str:
     """Which cached stream a block's MLP reads: ``"mid"`` (after attention) or ``"pre"`` (parallel residual)."""
-    return "pre" if lm.family.parallel_residual else "mid"
+    return "pre" if lm.parallel_residual else "mid"
 
 
 def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
