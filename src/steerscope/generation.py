@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from steerscope.errors import SteerscopeError
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.steer import Positions, steering
@@ -27,17 +28,28 @@ def generate(
     seed: int | None = None,
     chat: bool = True,
     show_progress: bool = False,
+    backend: str = "hf",
 ) -> list[str]:
     """Generate completions for ``prompts`` (chat template applied), steered if ``vector`` is given.
 
     Greedy by default. Left padding; the returned strings are the new text only.
+    ``backend="vllm"`` runs the same request on a cached vLLM engine (see docs/vllm.md): greedy
+    output is token-for-token the HF one; positions ``all``/``prompt``/``generated`` only.
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)
     """
+    if backend not in ("hf", "vllm"):
+        raise SteerscopeError(f"backend {backend!r} not known; use 'hf' or 'vllm'")
     if seed is not None:
         torch.manual_seed(seed)
     texts = [lm.format_chat(p, system) if chat else p for p in prompts]
+    if backend == "vllm":
+        from steerscope.backends import vllm
+
+        if not isinstance(positions, str):
+            raise SteerscopeError("backend='vllm' takes positions all, prompt or generated; use backend='hf'")
+        return vllm.generate(lm, texts, vector, alpha, max_new_tokens, positions, do_sample, temperature, seed, chat)
     out: list[str] = []
     starts = range(0, len(texts), batch_size)
     for i in progress(starts, desc="generate", enabled=show_progress):
