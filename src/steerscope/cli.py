@@ -140,9 +140,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    from steerscope.backends.serve import serve
-
     import shlex
+
+    from steerscope.backends.serve import serve
 
     serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=shlex.split(a.vllm_args), device=a.device)
 

@@ -143,6 +143,9 @@ def _add(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 class SteerExtension:
     """Mixed into vLLM's worker; methods are called through ``collective_rpc("steerscope_...")``."""
 
+    _ss_n_layers: int
+    _ss_d_model: int
+
     def steerscope_install(self) -> dict[str, Any]:
         """Hook the model (idempotent); load vectors named in $STEERSCOPE_VECTORS (JSON name -> path)."""
         version = check_version()
@@ -221,6 +224,8 @@ class SteerExtension:
         if all(s is None for s in specs):
             return
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        if positions is None:
+            return
         qsl = torch.from_numpy(runner.query_start_loc.np[: n + 1].astype("int64"))
         counts = qsl.diff()
         tok_req = torch.repeat_interleave(torch.arange(n), counts)  # [tokens]
