@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trained-batch", type=int, default=d.trained_batch)
     p.add_argument("--gen-batch", type=int, default=d.gen_batch, help="prompts per batched generation")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--backend", choices=["hf", "vllm"], default=d.backend,
+                   help="engine for the ASR table's generations (vllm: see docs/vllm.md)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         alphas=tuple(args.alphas), max_new_tokens=args.max_new_tokens,
                         n_trained=args.n_trained, trained_epochs=args.trained_epochs,
                         trained_lr=args.trained_lr, trained_batch=args.trained_batch, gen_batch=args.gen_batch,
-                        retrain_organism=args.retrain_organism, shipped_vectors=args.shipped_vectors)
+                        retrain_organism=args.retrain_organism, shipped_vectors=args.shipped_vectors,
+                        backend=getattr(args, "backend", "hf"))
     r = Run(args.out, config=cfg.to_json(), force=args.force)
     organism = r.step("organism", lambda: steps.organism_step(cfg, r))
     lm = steps.load_study_model(cfg, r, device=args.device)

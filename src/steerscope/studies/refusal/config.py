@@ -25,6 +25,7 @@ class RefusalConfig:
         retrain_organism: rebuild the organism instead of reusing the shipped adapter.
         shipped_vectors: evaluate the shipped DIM / NTP / PO vectors instead of this run's (skips
             NTP / PO training; the selection still runs for the heatmap).
+        backend: ``"hf"`` or ``"vllm"`` for the evaluation step's generations (the ASR table).
     """
 
     model: str = "smollm2-135m-safe"
@@ -46,6 +47,7 @@ class RefusalConfig:
     gen_batch: int = 32
     retrain_organism: bool = False
     shipped_vectors: bool = False
+    backend: str = "hf"  # generation engine of the ASR table: "hf" or "vllm" (docs/vllm.md)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
