@@ -111,10 +111,12 @@ class Engine:
         self.log_path = Path(self._tmp.name) / "engine.log"
         cfg = {"model": self.model, "dtype": self.dtype, "prefix_caching": self.prefix_caching,
                "engine_kwargs": self.engine_kwargs}
+        env = engine_env()
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # this process is already the engine's own
         log = open(self.log_path, "w")
         self._proc = subprocess.Popen([str(py), str(ENGINE_DIR / "steerscope_vllm_engine.py"), json.dumps(cfg)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                                      env=engine_env(), bufsize=1)
+                                      env=env, bufsize=1)
         log.close()
         self._read()
         return self

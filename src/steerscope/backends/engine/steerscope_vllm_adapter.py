@@ -194,7 +194,8 @@ class SteerExtension:
 
     def steerscope_stats(self) -> dict[str, Any]:
         """Hook calls on steered steps (0 after steered requests means the hooks were bypassed)."""
-        return {"steered_layer_calls": self._ss_calls, "vectors": sorted(self._ss_vectors), "bad": self._ss_bad[-5:]}
+        return {"steered_layer_calls": self._ss_calls, "vectors": sorted(self._ss_vectors), "bad": self._ss_bad[-5:],
+                "last_steered_step": getattr(self, "_ss_last", None)}
 
     # -- hooks -------------------------------------------------------------------------------
     def _ss_spec(self, req_id: str) -> Spec | None:
@@ -232,6 +233,9 @@ class SteerExtension:
         pos = positions[: tok_req.shape[0]].to("cpu", torch.int64)
         prompt_len = torch.from_numpy(ib.num_prompt_tokens[:n].astype("int64"))
         is_gen = pos >= prompt_len[tok_req]
+        self._ss_last = {"tokens": int(tok_req.shape[0]), "prompt_len": prompt_len.tolist(),
+                         "counts": counts.tolist(), "generated_tokens": int(is_gen.sum()),
+                         "positions": pos[:80].tolist(), "req_ids": req_ids}
         self._ss_step = self._ss_build(specs, tok_req, is_gen, positions.device)
 
     def _ss_build(self, specs: list[Spec | None], tok_req: torch.Tensor, is_gen: torch.Tensor,

@@ -37,9 +37,12 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     check_version()
+    kwargs = dict(cfg.get("engine_kwargs", {}))
+    if kwargs.get("tensor_parallel_size", 1) == 1 and kwargs.get("pipeline_parallel_size", 1) == 1:
+        kwargs.setdefault("distributed_executor_backend", "uni")  # worker in the engine process: one import less
     llm = LLM(model=cfg["model"], dtype=cfg.get("dtype", "float32"), enforce_eager=True, seed=cfg.get("seed", 0),
               worker_extension_cls="steerscope_vllm_adapter.SteerExtension",
-              enable_prefix_caching=cfg.get("prefix_caching", True), **cfg.get("engine_kwargs", {}))
+              enable_prefix_caching=cfg.get("prefix_caching", True), **kwargs)
     info = llm.collective_rpc("steerscope_install")[0]
     known: set[str] = set()
     reply({"ok": True, "op": "ready", **info})
