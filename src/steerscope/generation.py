@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from steerscope.errors import SteerscopeError
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.progress import progress
 from steerscope.steer import Positions, steering
 from steerscope.vector import SteeringVector

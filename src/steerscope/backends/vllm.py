@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from steerscope.errors import SteerscopeError
-from steerscope.models.load import LM, cache_dir
+from steerscope.models.lm import LM
+from steerscope.models.load import cache_dir
 from steerscope.vector import SteeringVector, check_finite
 
 ENGINE_DIR = Path(__file__).resolve().parent / "engine"
