@@ -50,6 +50,11 @@ def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name:
             "--served-model-name", name, "--dtype", "float32", "--enforce-eager",
             "--worker-extension-cls", "steerscope_vllm_adapter.SteerExtension",
             "--middleware", "steerscope_vllm_server.SteerMiddleware", *extra]
+    if not any(a.startswith(("--tensor-parallel", "--pipeline-parallel", "--distributed-executor", "-tp", "-pp"))
+               for a in extra):
+        # the worker inside the engine process: with the multiprocessing executor the prompt/generated
+        # masks disagreed with HF in a mixed batch (docs/vllm.md); the "uni" executor matched 232/232
+        argv += ["--distributed-executor-backend", "uni"]
     env = engine_env()
     env["STEERSCOPE_VECTORS"] = json.dumps(vectors)
     return argv, env
