@@ -52,15 +52,29 @@ def rand_vec(lm, layers, norm, seed) -> ss.SteeringVector:
     return ss.SteeringVector({layer: norm * (v := torch.randn(lm.d_model, generator=g)) / v.norm() for layer in layers})
 
 
+def tiny_qwen2(tokenizer) -> ss.LM:
+    """A 4-layer random Qwen2 (q/k/v biases, GQA) with head_dim 64: vLLM's CPU attention has no head_dim 16 kernel."""
+    import transformers as tr
+
+    torch.manual_seed(3)
+    cfg = tr.Qwen2Config(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id)
+    model = tr.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # random norm weights and biases, so the fused add + RMSNorm path is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return ss.from_hf(model, tokenizer, name="tiny-qwen2-d128")
+
+
 @pytest.fixture(scope="module", params=["smollm2", "qwen2-tiny"])
 def setup(request, smol):
     if request.param == "smollm2":
         lm, layers1, layers3, norm = smol, [12], [0, 12, 20], 10.0
     else:
-        from conftest import make_tiny
-
-        lm = make_tiny("qwen2", seed=3, tokenizer=smol.tokenizer)
-        lm.model.generation_config.eos_token_id = smol.tokenizer.eos_token_id
+        lm = tiny_qwen2(smol.tokenizer)
         layers1, layers3, norm = [2], [0, 1, 3], 4.0
     engine = bv.engine_for(lm)  # the engine ss.generate(backend="vllm") uses
     texts = [lm.format_chat(p) for p in PROMPTS]
