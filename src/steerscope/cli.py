@@ -170,6 +170,21 @@ def cmd_demo(a: argparse.Namespace) -> None:
               f"\n--- -formality:\n{minus[i].strip()}")
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    import shlex
+
+    from steerscope.backends.serve import serve
+
+    serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=shlex.split(a.vllm_args), device=a.device)
+
+
+def cmd_vllm_setup(a: argparse.Namespace) -> None:
+    from steerscope.backends.serve import setup_env
+
+    secs = setup_env()
+    _emit({"seconds": secs}, a.json, f"engine environment ready ({secs:.0f} s)")
+
+
 def cmd_study(a: argparse.Namespace) -> None:
     T.check_out_folder(a.out)
     _check_numbers(a)
@@ -249,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=T.positive_int, default=40)
     common(d)
     d.set_defaults(func=cmd_demo)
+
+    sv = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with steering chosen per request")
+    sv.add_argument("model_name", metavar="MODEL", help="alias, folder, .gguf or hub id")
+    sv.add_argument("--vectors", default=None, help="name=path,... vectors requests may name")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--vllm-args", default="", help="more 'vllm serve' arguments, e.g. '--max-model-len 2048'")
+    sv.set_defaults(func=cmd_serve)
+
+    vs = sub.add_parser("vllm-setup", help="create the vLLM engine environment ($STEERSCOPE_VLLM_ENV)")
+    common(vs, model=False)
+    vs.set_defaults(func=cmd_vllm_setup)
 
     _add_studies(sub.add_parser("study", help="run a study end to end and write a report"))
     return p

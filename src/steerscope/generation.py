@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from steerscope.errors import DataError, SteerscopeError
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.progress import progress
 from steerscope.steer import Positions, steering
 from steerscope.vector import SteeringVector
@@ -150,16 +150,28 @@ def generate(
     seed: int | None = None,
     chat: bool = True,
     show_progress: bool = False,
+    backend: str = "hf",
 ) -> list[str]:
     """Generate completions for ``prompts`` (chat template applied), steered if ``vector`` is given.
 
     Greedy by default; with ``do_sample``, pure temperature sampling (no top-k / top-p) from a
     ``torch.Generator`` seeded with ``seed`` (None: a random seed), leaving the global RNG untouched.
-    Left padding; the returned strings are the new text only.
+    Left padding; the returned strings are the new text only. ``backend="vllm"`` runs the same
+    request on a cached vLLM engine (docs/vllm.md): greedy output is token for token the HF one;
+    positions ``all`` / ``prompt`` / ``generated`` only; sampling uses vLLM's sampler.
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)
     """
+    if backend == "vllm":
+        from steerscope.backends import vllm
+
+        if not isinstance(positions, str):
+            raise SteerscopeError("backend='vllm' takes positions all, prompt or generated; use backend='hf'")
+        texts = [lm.format_chat(p, system) if chat else p for p in prompts]
+        return vllm.generate(lm, texts, vector, alpha, max_new_tokens, positions, do_sample, temperature, seed, chat)
+    if backend != "hf":
+        raise SteerscopeError(f"backend {backend!r} not known; use 'hf' or 'vllm'")
     from transformers import LogitsProcessorList
 
     sampler = SeededSampler(temperature, seed) if do_sample else None  # one stream across the batches

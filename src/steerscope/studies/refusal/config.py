@@ -29,6 +29,7 @@ class Config(StudyConfig):
         shipped_vectors: evaluate the shipped DIM / NTP / PO vectors instead of this run's (skips
             NTP / PO training; the selection still runs for the heatmap).
         threads: torch CPU threads (speed only; not part of the run's identity).
+        backend: ``"hf"`` or ``"vllm"`` for the evaluation step's generations (the ASR table).
 
     Example:
         >>> Config(n_test=20, alphas=(0.5, 1.0)).to_dict()["alphas"]
@@ -58,12 +59,15 @@ class Config(StudyConfig):
     shipped_vectors: bool = option(False, "evaluate the shipped organism vectors instead of this run's "
                                           "(skips NTP/PO training)")
     threads: int = option(1, "torch CPU threads")
+    backend: str = option("hf", "engine for the ASR table's generations (vllm: docs/vllm.md)", choices=("hf", "vllm"))
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
-        """What a run folder is checked against on resume (``threads`` changes speed, not numbers)."""
+        """What a run folder is checked against on resume (``threads`` and ``backend`` change speed, not
+        numbers: greedy vLLM output is HF's token for token)."""
         d = self.to_dict()
         d.pop("threads")
+        d.pop("backend")
         return d
 
 

@@ -126,7 +126,8 @@ def evaluate_step(lm: LM, cfg: RefusalConfig, vectors: dict[str, SteeringVector]
     """Refusal rates on the test split: unsteered, and per vector and alpha (bypass -a, induce +a)."""
     harm = load_split("harmful", "test")[: cfg.n_test]
     safe = load_split("harmless", "test")[: cfg.n_test]
-    kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch, show_progress=True)
+    kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch, show_progress=True,
+                              backend=cfg.backend)
     h0, s0 = generate(lm, harm, **kw), generate(lm, safe, **kw)
     res: dict[str, Any] = {"n_test": [len(harm), len(safe)], "unsteered": {
         "harmful_refusal": refusal_rate(h0), "harmless_refusal": refusal_rate(s0),

@@ -1,0 +1,146 @@
+"""vLLM steering throughput, from one run: steered vs unsteered, per-request vectors vs one vector,
+vLLM vs HF steered generation, and peers (nnsight through its tracer; llama.cpp control vectors).
+
+32 prompts x 64 new tokens (EOS ignored, so every configuration generates the same 2048 tokens),
+SmolLM2-135M fp32 on CPU, a norm-8 vector at layer 12 (alpha 1). The vLLM configurations run
+interleaved ``--repeats`` times in one engine; each ratio is computed within a round and the
+median over rounds reported, with the load average (``uptime``) taken before each timing. Peers run
+in their own venvs: ``--nnsight-python`` (a venv with nnsight 0.8) and ``--llama-python`` (with
+llama-cpp-python); a missing peer is reported as missing.
+
+Run:
+    STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm.py --json > bench_vllm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import steerscope as ss
+from steerscope.backends import vllm as bv
+
+TOPICS = ["rain", "bread", "the sea", "chess", "trains", "owls", "tea", "winter", "music", "maps", "bees", "glass",
+          "rivers", "clocks", "salt", "paper", "bridges", "gardens", "wolves", "copper", "deserts", "kites", "honey",
+          "stone", "lamps", "snow", "violins", "forests", "ink", "islands", "wheat", "mirrors"]
+PROMPTS = [f"Write a short paragraph about {t}." for t in TOPICS]
+NNSIGHT = r'''
+import json, sys, time, torch
+from nnsight import LanguageModel
+cfg = json.loads(sys.argv[1]); torch.set_num_threads(cfg["threads"])
+model = LanguageModel(cfg["folder"], dispatch=True, dtype=torch.float32)
+tok = model.tokenizer; tok.padding_side = "left"
+vec = torch.tensor(cfg["vec"])
+texts = cfg["texts"]
+res = {}
+for steer in (False, True):  # module level: nnsight binds saved values in this frame
+    t = time.perf_counter()
+    with model.generate(texts, max_new_tokens=cfg["n"], min_new_tokens=cfg["n"], do_sample=False,
+                        pad_token_id=tok.pad_token_id) as tracer:
+        if steer:  # resid_pre of layer L = output of layer L-1, every generation step (bounded iter)
+            for step in tracer.iter[0:cfg["n"]]:
+                model.model.layers[cfg["layer"] - 1].output[:] += vec
+        ids = tracer.result.save()
+    res[steer] = (time.perf_counter() - t, ids.tolist())
+(tu, iu), (ts, is_) = res[False], res[True]
+print(json.dumps({"unsteered": tu, "steered": ts, "rows_changed_by_steering": sum(a != b for a, b in zip(iu, is_))}))
+'''
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def hf_time(lm: ss.LM, texts: list[str], vec: ss.SteeringVector | None, n: int) -> float:
+    batch = lm.tokenize(texts)
+    t = time.perf_counter()
+    ctx = ss.steering(lm, vec, 1.0) if vec is not None else torch.no_grad()
+    with ctx, torch.no_grad():
+        lm.model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=lm.tokenizer.pad_token_id)
+    return time.perf_counter() - t
+
+
+def vllm_rounds(lm: ss.LM, texts: list[str], vec: ss.SteeringVector, n: int, repeats: int) -> list[dict]:
+    eng = bv.engine_for(lm)
+    ids = bv.prompt_ids(lm, texts, True)
+    params = {"max_tokens": n, "temperature": 0.0, "stop_token_ids": [], "ignore_eos": True}
+    g = torch.Generator().manual_seed(1)
+    others = [ss.SteeringVector({12: 8 * (v := torch.randn(lm.d_model, generator=g)) / v.norm()})
+              for _ in texts]
+    same = bv.spec(eng, vec, 1.0)
+    per = [bv.spec(eng, v, 1.0) for v in others]
+    configs = {"unsteered": [None] * len(ids), "steered": [same] * len(ids), "per_request": per}
+    eng.generate_ids(ids[:4], [None] * 4, {**params, "max_tokens": 4})  # warm-up
+    rounds = []
+    for _ in range(repeats):
+        r = {}
+        for name, specs in configs.items():
+            r[f"load_{name}"] = load()
+            _, r[name] = eng.generate_ids(ids, specs, params)
+        rounds.append(r)
+    return rounds
+
+
+def peer(python: str | None, script: str, cfg: dict) -> dict | str:
+    if not python or not Path(python).is_file():
+        return "not available (no venv given or found)"
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(script)
+    t = time.time()
+    res = subprocess.run([python, f.name, json.dumps(cfg)], capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        return "failed: " + res.stderr.strip().splitlines()[-1][:300] if res.stderr.strip() else "failed"
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["wall_incl_load"] = time.time() - t
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--nnsight-python", default="/tmp/venv-nnsight/bin/python")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    n = a.new_tokens
+    lm = ss.load_model("smollm2-135m")
+    texts = [lm.format_chat(p) for p in PROMPTS]
+    g = torch.Generator().manual_seed(0)
+    vec = ss.SteeringVector({12: 8 * (v := torch.randn(lm.d_model, generator=g)) / v.norm()})
+    res: dict = {"prompts": len(texts), "new_tokens": n, "threads": torch.get_num_threads(), "load_start": load()}
+    rounds = vllm_rounds(lm, texts, vec, n, a.repeats)
+    res["vllm_rounds"] = rounds
+    tok = len(texts) * n
+    res["vllm_tok_s"] = {k: tok / statistics.median(r[k] for r in rounds)
+                         for k in ("unsteered", "steered", "per_request")}
+    res["steer_overhead_pct"] = statistics.median(100 * (r["steered"] / r["unsteered"] - 1) for r in rounds)
+    res["per_request_vs_same_pct"] = statistics.median(100 * (r["per_request"] / r["steered"] - 1) for r in rounds)
+    bv.close_engines()
+    if not a.skip_hf:
+        res["load_hf"] = load()
+        res["hf_steered_s"] = hf_time(lm, texts, vec, n)
+        res["hf_unsteered_s"] = hf_time(lm, texts, None, n)
+        res["hf_tok_s_steered"] = tok / res["hf_steered_s"]
+        res["vllm_vs_hf_steered_speedup"] = res["vllm_tok_s"]["steered"] / res["hf_tok_s_steered"]
+    res["load_nnsight"] = load()
+    res["nnsight"] = peer(a.nnsight_python, NNSIGHT, {"folder": str(bv.export_folder(lm)), "texts": texts, "n": n,
+                                                      "layer": 12, "vec": vec[12].tolist(),
+                                                      "threads": torch.get_num_threads()})
+    res["llama_cpp"] = "not run: no llama-cpp-python build was available on this machine during this run"
+    res["load_end"] = load()
+    print(json.dumps(res, indent=None if a.json else 2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

