@@ -28,6 +28,7 @@ from steerscope import attribution as A
 from steerscope import freeze as F
 from steerscope.hooks import attached
 from steerscope.models.load import LM
+from steerscope.sites import Site
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 
@@ -62,7 +63,7 @@ class Behaviour:
 
 @torch.no_grad()
 def metric_of(lm: LM, pb: A.PatchBatch, vector: SteeringVector | None, alpha: float,
-              hooks: Callable[[], dict[str, Any]] | None = None, batch_size: int = 8) -> torch.Tensor:
+              hooks: Callable[[], dict[str | Site, Any]] | None = None, batch_size: int = 8) -> torch.Tensor:
     """m per prompt [n] of the teacher-forced batch, steered by ``alpha * vector`` (None: unsteered)
     with extra hooks (a factory called per batch, registered after the steering hook)."""
     out = []
@@ -89,10 +90,13 @@ def frozen_metric(lm: LM, pb: A.PatchBatch, vector: SteeringVector, alpha: float
     for i in range(0, pb.ids.shape[0], batch_size):
         sub = A._rows(pb, slice(i, i + batch_size))
         b = sub.ids.shape[0]
-        copy = {f"blocks.{layer}.{site}": (lambda x, _c, b=b: F.copy_base_rows(x, b))
-                for layer in range(layer0, lm.n_layers) for site in sites}
-        two = A.PatchBatch(*(torch.cat([t, t]) for t in (sub.ids, sub.attn, sub.pos_ids, sub.y_steer, sub.y_base,
-                                                          sub.mask)))
+        copy: dict[str | Site, Any] = {f"blocks.{layer}.{site}": (lambda x, _c, b=b: F.copy_base_rows(x, b))
+                                       for layer in range(layer0, lm.n_layers) for site in sites}
+
+        def twice(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t])
+        two = A.PatchBatch(twice(sub.ids), twice(sub.attn), twice(sub.pos_ids), twice(sub.y_steer),
+                           twice(sub.y_base), twice(sub.mask))
         with steering(lm, vector, [0.0] * b + [alpha] * b), attached(lm, copy):
             out.append(A.metric(A.forward(lm, two).float(), two)[b:])
     return torch.cat(out).cpu()

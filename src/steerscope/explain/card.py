@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
-
 
 from steerscope.errors import SteerscopeError, VectorError
 from steerscope.explain import attribution, circuit, dose, frozen, identifiability, lens, sparsity, vector_info
@@ -75,6 +75,31 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def _timed(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """``fn`` with its process CPU time added to the record (``_cpu_seconds``; the runner adds ``_seconds``)."""
+    def run() -> dict[str, Any]:
+        t0 = time.process_time()
+        rec = dict(fn())
+        rec["_cpu_seconds"] = round(time.process_time() - t0, 2)
+        return rec
+    return run
+
+
+def _bind(fn: Callable[[Context, Behaviour], dict[str, Any]], ctx: Context, beh: Behaviour
+          ) -> Callable[[], dict[str, Any]]:
+    return lambda: fn(ctx, beh)
+
+
+def _timings(run: Run | MemoryRun, names: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """Wall and CPU seconds of each finished section (as first computed, not when reused)."""
+    out = {}
+    for n in names:
+        if run.done(n):
+            rec = run.load(n)
+            out[n] = {"wall_s": rec.get("_seconds"), "cpu_s": rec.get("_cpu_seconds")}
+    return out
+
+
 def _digest(vector: SteeringVector, prompts: Sequence[str]) -> tuple[str, str]:
     h = hashlib.sha256()
     for k in vector.layers:
@@ -116,12 +141,12 @@ def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None
     config = {"model": lm.name, "vector": vsha, "prompts": psha, "alpha": alpha, "layer": layer,
               "scorer": scorer_info["name"], "settings": st.to_dict()}
     run: Run | MemoryRun = Run(out, config=config, force=force) if out is not None else MemoryRun()
-    rec = run.step("vector", lambda: vector_info.section(lm, vector, prompts, layer))
+    rec = run.step("vector", _timed(lambda: vector_info.section(lm, vector, prompts, layer)))
     one = vector.select([rec["analysed_layer"]])
     ctx = Context(lm, one, alpha if alpha is not None else 1.0, prompts, st, run, fn, scorer_info["name"],
                   show_progress)
-    d = run.step("dose", lambda: dose.section(ctx, alpha, rec["relative_norm"][str(ctx.layer)]))
-    ctx = ctx.with_alpha(float(d["chosen_alpha"]))
+    d = run.step("dose", _timed(lambda: dose.section(ctx, alpha, rec["relative_norm"][str(ctx.layer)])))
+    ctx = ctx.with_alpha(float(d["chosen_alpha"]))  # (extras, with the dose builds, are shared)
     card = Explanation(vector={**rec, "model": lm.name, "alpha": ctx.alpha, "n_prompts": len(prompts),
                                "scorer": scorer_info, "quick": quick}, dose=d)
     beh = _behaviour(ctx)
@@ -133,9 +158,10 @@ def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None
             card.unsupported[name] = f"needs the {need} section ({card.unsupported[need]})"
             continue
         try:
-            setattr(card, name, run.step(name, lambda name=name: ANALYSES[name](ctx, beh)))
+            setattr(card, name, run.step(name, _timed(_bind(ANALYSES[name], ctx, beh))))
         except SteerscopeError as e:
             card.unsupported[name] = str(e)
+    card.vector["timings"] = _timings(run, ["vector", "dose", "behaviour", *ANALYSES])
     card.verdict = verdict({k: v for k, v in card.to_dict().items() if v is not None})
     if out is not None:
         card.write(out)
@@ -145,10 +171,11 @@ def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None
 def _behaviour(ctx: Context) -> Behaviour:
     """The reference batch (built once, stored with the run)."""
     def make() -> dict[str, Any]:
-        beh = build(ctx.lm, ctx.prompts, ctx.vector, ctx.alpha, ctx.settings.n_tokens, ctx.settings.batch_size)
+        beh = ctx.extras.get("builds", {}).get(ctx.alpha) or build(
+            ctx.lm, ctx.prompts, ctx.vector, ctx.alpha, ctx.settings.n_tokens, ctx.settings.batch_size)
         ctx.save("behaviour", beh.tensors())
         return {"texts": beh.pb.texts, "gap": beh.gap, "scored_positions": int(beh.pb.mask.sum())}
-    rec = ctx.run.step("behaviour", make)
+    rec = ctx.run.step("behaviour", _timed(make))
     beh = Behaviour.from_tensors(ctx.load("behaviour"), rec["texts"])
     beh.pb.mask = beh.pb.mask.bool()
     return beh
@@ -159,7 +186,8 @@ def load_card(out: str | Path) -> dict[str, Any]:
     p = Path(out) / "card.json"
     if not p.is_file():
         raise SteerscopeError(f"no card at {p}; run steerscope explain with --out {out}")
-    return json.loads(p.read_text())
+    data: dict[str, Any] = json.loads(p.read_text())
+    return data
 
 
 __all__ = ["KEYS", "Explanation", "Settings", "explain", "load_card"]

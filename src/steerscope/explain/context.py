@@ -3,6 +3,7 @@ the prompts, the settings, the scorer and the run folder (records and tensors)."
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -76,7 +77,10 @@ class MemoryRun:
 
     def step(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if name not in self.records:
-            self.records[name] = dict(fn())
+            t0 = time.time()
+            rec = dict(fn())
+            rec["_seconds"] = round(time.time() - t0, 2)
+            self.records[name] = rec
         return self.records[name]
 
 

@@ -85,6 +85,7 @@ def section(ctx: Context, alpha: float | None, rel_norm: float) -> dict[str, Any
     base_score = float(np.mean(ctx.scorer(_base_texts(ctx)))) if ctx.scorer else None
     for a in progress(alphas, desc="dose", enabled=ctx.show_progress):
         beh = build(lm, ctx.prompts, ctx.vector, a, st.n_tokens, st.batch_size)
+        ctx.extras.setdefault("builds", {})[a] = beh  # the behaviour section reuses the chosen alpha's
         gaps.append(beh.gap)
         changed.append(int(beh.pb.mask.sum()))
         if ctx.scorer is not None:
