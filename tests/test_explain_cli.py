@@ -81,27 +81,48 @@ def gemma_card(one_thread):
     return _card("gemma2")
 
 
-def test_a_second_family_fills_every_section(qwen_card) -> None:
-    assert qwen_card["unsupported"] == {}
-    assert all(qwen_card[k] is not None for k in KEYS)
-    assert 0 < qwen_card["circuit"]["edge_fraction"] <= 1
+@pytest.fixture(scope="module")
+def unsupported_card(one_thread):
+    """A card whose EAP-IG raises for the model family, as it did for Gemma before the circuits package."""
+    from steerscope import circuits as C
+    from steerscope.errors import UnsupportedModelError
+
+    def refuse(*_a, **_k):
+        raise UnsupportedModelError("EAP-IG does not support this family (test)")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(C, "eap_ig", refuse)
+    try:
+        return _card("llama")
+    finally:
+        mp.undo()
 
 
-def test_unsupported_sections_are_listed_with_a_reason_and_the_rest_runs(gemma_card) -> None:
-    un = gemma_card["unsupported"]
-    assert "attribution" in un and "Llama-like" in un["attribution"]
+@pytest.mark.parametrize("which", ["qwen_card", "gemma_card"])
+def test_other_families_fill_every_section(which, request) -> None:
+    card = request.getfixturevalue(which)
+    assert card["unsupported"] == {}
+    assert all(card[k] is not None for k in KEYS)
+    assert 0 < card["circuit"]["edge_fraction"] <= 1
+    assert card["frozen"]["ov"]["effect_retained"] is not None
+
+
+def test_unsupported_sections_are_listed_with_a_reason_and_the_rest_runs(unsupported_card) -> None:
+    card = unsupported_card
+    un = card["unsupported"]
+    assert un["attribution"] == "EAP-IG does not support this family (test)"
     assert "attribution section" in un["circuit"] and "attribution section" in un["sparsity"]
+    assert set(un) == {"attribution", "circuit", "sparsity"}
     for k in KEYS:
-        assert (gemma_card[k] is not None) != (k in un), k  # each section filled or explained
-    assert gemma_card["lens"]["top_positive"]["raw"] and gemma_card["identifiability"]["null_fraction"] is not None
-    assert "Not computed for this model" in gemma_card["verdict"]
+        assert (card[k] is not None) != (k in un), k  # each section filled or explained
+    assert card["lens"]["top_positive"]["raw"] and card["identifiability"]["null_fraction"] is not None
+    assert "Not computed for this model" in card["verdict"]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
-@pytest.mark.parametrize("which", ["qwen_card", "gemma_card"])
+@pytest.mark.parametrize("which", ["gemma_card", "unsupported_card"])
 def test_html_card_renders_every_section_in_headless_chromium(which, request, tmp_path) -> None:
     from steerscope.explain.html import write_card
 

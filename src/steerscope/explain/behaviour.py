@@ -2,7 +2,7 @@
 
 Algorithm:
   1. Generate the steered greedy response (alpha * s at resid_pre[l], every position) and
-     teacher-force prompt + response (:func:`steerscope.attribution.prepare`). Per response
+     teacher-force prompt + response (:func:`steerscope.circuits.prepare`). Per response
      position, m_t = logit(steered greedy token) - logit(base greedy token); positions where both
      greedy tokens agree are masked; m = sum_t m_t per prompt.
   2. Any intervention X (an ablation, a sparsified or perturbed vector) is run teacher-forced on
@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from steerscope import attribution as A
+from steerscope import circuits as C
 from steerscope import freeze as F
 from steerscope.hooks import attached
 from steerscope.models.load import LM
@@ -37,7 +37,7 @@ from steerscope.vector import SteeringVector
 class Behaviour:
     """The reference teacher-forced batch and its metric per prompt, steered and unsteered."""
 
-    pb: A.PatchBatch
+    pb: C.PatchBatch
     m_steer: torch.Tensor  # [n]
     m_base: torch.Tensor  # [n]
 
@@ -58,28 +58,28 @@ class Behaviour:
 
     @classmethod
     def from_tensors(cls, t: dict[str, Any], texts: Sequence[str] = ()) -> Behaviour:
-        return cls(A.PatchBatch(**t["batch"], texts=list(texts)), t["m_steer"], t["m_base"])
+        return cls(C.PatchBatch(**t["batch"], texts=list(texts)), t["m_steer"], t["m_base"])
 
 
 @torch.no_grad()
-def metric_of(lm: LM, pb: A.PatchBatch, vector: SteeringVector | None, alpha: float,
+def metric_of(lm: LM, pb: C.PatchBatch, vector: SteeringVector | None, alpha: float,
               hooks: Callable[[], dict[str | Site, Any]] | None = None, batch_size: int = 8) -> torch.Tensor:
     """m per prompt [n] of the teacher-forced batch, steered by ``alpha * vector`` (None: unsteered)
     with extra hooks (a factory called per batch, registered after the steering hook)."""
     out = []
     for i in range(0, pb.ids.shape[0], batch_size):
-        sub = A._rows(pb, slice(i, i + batch_size))
+        sub = pb.rows(slice(i, i + batch_size))
         with ExitStack() as st:
             if vector is not None:
                 st.enter_context(steering(lm, vector, alpha))
             if hooks is not None:
                 st.enter_context(attached(lm, hooks()))
-            out.append(A.metric(A.forward(lm, sub).float(), sub))
+            out.append(C.metric(C.forward(lm, sub).float(), sub))
     return torch.cat(out).cpu()
 
 
 @torch.no_grad()
-def frozen_metric(lm: LM, pb: A.PatchBatch, vector: SteeringVector, alpha: float, mode: str,
+def frozen_metric(lm: LM, pb: C.PatchBatch, vector: SteeringVector, alpha: float, mode: str,
                   batch_size: int = 8) -> torch.Tensor:
     """m per prompt [n] of the steered teacher-forced run with ``mode`` in qk / ov / svv / mlp ablated."""
     if mode in ("svv", "mlp"):
@@ -88,17 +88,17 @@ def frozen_metric(lm: LM, pb: A.PatchBatch, vector: SteeringVector, alpha: float
     sites = F.QK_SITES if mode == "qk" else ("attn.v",)
     out = []
     for i in range(0, pb.ids.shape[0], batch_size):
-        sub = A._rows(pb, slice(i, i + batch_size))
+        sub = pb.rows(slice(i, i + batch_size))
         b = sub.ids.shape[0]
         copy: dict[str | Site, Any] = {f"blocks.{layer}.{site}": (lambda x, _c, b=b: F.copy_base_rows(x, b))
                                        for layer in range(layer0, lm.n_layers) for site in sites}
 
         def twice(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t, t])
-        two = A.PatchBatch(twice(sub.ids), twice(sub.attn), twice(sub.pos_ids), twice(sub.y_steer),
+        two = C.PatchBatch(twice(sub.ids), twice(sub.attn), twice(sub.pos_ids), twice(sub.y_steer),
                            twice(sub.y_base), twice(sub.mask))
         with steering(lm, vector, [0.0] * b + [alpha] * b), attached(lm, copy):
-            out.append(A.metric(A.forward(lm, two).float(), two)[b:])
+            out.append(C.metric(C.forward(lm, two).float(), two)[b:])
     return torch.cat(out).cpu()
 
 
@@ -110,7 +110,7 @@ def build(lm: LM, prompts: Sequence[str], vector: SteeringVector, alpha: float, 
         >>> beh = build(lm, prompts, vec, alpha=4.0, n_tokens=24)
         >>> beh.retained(beh.m_steer)  # 1.0
     """
-    pb = A.prepare(lm, list(prompts), vector, alpha, max_new_tokens=n_tokens)
+    pb = C.prepare(lm, list(prompts), vector, alpha, max_new_tokens=n_tokens)
     return Behaviour(pb, metric_of(lm, pb, vector, alpha, batch_size=batch_size),
                      metric_of(lm, pb, None, 0.0, batch_size=batch_size))
 

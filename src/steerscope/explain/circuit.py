@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import torch
 
-from steerscope import attribution as A
 from steerscope import circuits as C
 from steerscope.explain.behaviour import Behaviour
 from steerscope.explain.context import Context
@@ -21,11 +20,11 @@ from steerscope.models.load import LM
 from steerscope.vector import SteeringVector
 
 
-def graph_of(lm: LM, vector: SteeringVector) -> A.Graph:
-    return A.Graph.build(vector.layers[0], lm.n_layers, lm.n_heads, lm.n_kv_heads)
+def graph_of(lm: LM, vector: SteeringVector) -> C.Graph:
+    return C.model_graph(lm, vector.layers[0])
 
 
-def minimal_circuit(lm: LM, pb: A.PatchBatch, vector: SteeringVector, alpha: float, edges: torch.Tensor,
+def minimal_circuit(lm: LM, pb: C.PatchBatch, vector: SteeringVector, alpha: float, edges: torch.Tensor,
                     fracs: Sequence[float], threshold: float = 0.85, bisect_steps: int = 4
                     ) -> tuple[dict[str, Any], torch.Tensor]:
     """Faithfulness curve and the minimal faithful circuit (bool [U V]).
@@ -51,21 +50,19 @@ def minimal_circuit(lm: LM, pb: A.PatchBatch, vector: SteeringVector, alpha: flo
            "m_empty": fc.m_empty, "n_edges_total": g.n_edges, "minimal_top_n": hi,
            "minimal_edges": int(circ.sum()), "minimal_fraction": int(circ.sum()) / g.n_edges,
            "reached_threshold": reached, "threshold": threshold, "edge_kinds": edge_kinds(circ, g),
-           "graph": {"layer0": g.layer0, "n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv": g.n_kv}}
+           "graph": g.to_dict()}
     return rec, circ
 
 
-def edge_kinds(circ: torch.Tensor, g: A.Graph) -> dict[str, int]:
+def edge_kinds(circ: torch.Tensor, g: C.Graph) -> dict[str, int]:
     """Edges of a circuit by receiver: q, k, v, mlp, logits."""
     kinds: dict[str, int] = {"q": 0, "k": 0, "v": 0, "mlp": 0, "logits": 0}
     for j in circ.any(0).nonzero()[:, 0].tolist():
-        r = g.receivers[j]
-        key = "logits" if r == "logits" else "mlp" if r.endswith("MLP") else r[-1]
-        kinds[key] += int(circ[:, j].sum())
+        kinds[g.receivers[j].kind] += int(circ[:, j].sum())
     return kinds
 
 
-def controls(lm: LM, pb: A.PatchBatch, vector: SteeringVector, alpha: float, circ: torch.Tensor, seed: int = 0,
+def controls(lm: LM, pb: C.PatchBatch, vector: SteeringVector, alpha: float, circ: torch.Tensor, seed: int = 0,
              others: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
     """Faithfulness of two random circuits of twice the size, the complement, and ``others``."""
     g = graph_of(lm, vector)
