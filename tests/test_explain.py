@@ -127,7 +127,7 @@ def test_effect_retained_is_one_as_steered_and_zero_without_the_vector(lm, vec, 
 
 @pytest.mark.parametrize("mode", ["qk", "ov"])
 def test_teacher_forced_freezing_equals_two_pass_patching(lm, vec, beh, mode: str) -> None:
-    from steerscope import attribution as A
+    from steerscope import circuits as C
     from steerscope.hooks import attached
 
     site = "attn.pattern" if mode == "qk" else "attn.v"
@@ -135,9 +135,9 @@ def test_teacher_forced_freezing_equals_two_pass_patching(lm, vec, beh, mode: st
     base: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         with attached(lm, {f"blocks.{i}.{site}": (lambda x, _c, i=i: base.__setitem__(i, x.clone())) for i in layers}):
-            A.forward(lm, beh.pb)
+            C.forward(lm, beh.pb)
         with steering(lm, vec, 1.0), attached(lm, {f"blocks.{i}.{site}": (lambda x, _c, i=i: base[i]) for i in layers}):
-            ref = A.metric(A.forward(lm, beh.pb).float(), beh.pb)
+            ref = C.metric(C.forward(lm, beh.pb).float(), beh.pb)
     got = B.frozen_metric(lm, beh.pb, vec, 1.0, mode, batch_size=3)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
 
