@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -63,7 +63,7 @@ class Behaviour:
 
 @torch.no_grad()
 def metric_of(lm: LM, pb: C.PatchBatch, vector: SteeringVector | None, alpha: float,
-              hooks: Callable[[], dict[str | Site, Any]] | None = None, batch_size: int = 8) -> torch.Tensor:
+              hooks: Callable[[], Mapping[Any, Any]] | None = None, batch_size: int = 8) -> torch.Tensor:
     """m per prompt [n] of the teacher-forced batch, steered by ``alpha * vector`` (None: unsteered)
     with extra hooks (a factory called per batch, registered after the steering hook)."""
     out = []
