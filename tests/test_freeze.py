@@ -236,3 +236,33 @@ def test_fast_path_equals_the_reference_on_gemma3_270m() -> None:
         fast = F.frozen_generate_ids(lm, prompts, vec, 0.1, mode=mode, max_new_tokens=3, fast=True)
         ref = F.reference_frozen_generate(lm, prompts, vec, 0.1, mode=mode, max_new_tokens=3)
         assert torch.equal(_pad_to(fast, 3, pad), _pad_to(ref, 3, pad)), mode
+
+
+def _eps(norm) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "qwen2"])
+def test_svv_and_mlp_removal_on_gemma_and_biased_families_match_the_formula(family: str) -> None:
+    lm = _tiny(family)
+    v = tiny_vector(lm, layer=1, scale=2.0)
+    enc = lm.tokenize([lm.format_chat(p) for p in PROMPTS[:2]])
+    got = {}
+    rec = {"blocks.1.resid_pre": lambda x, _c: got.__setitem__("h", x.clone()),  # before steering adds s
+           "blocks.1.attn.v": lambda x, _c: got.__setitem__("v", x.clone()),
+           "blocks.2.resid_mid": lambda x, _c: got.__setitem__("mid", x.clone()),
+           "blocks.2.mlp_in": lambda x, _c: got.__setitem__("in", x.clone())}
+    for mode in ("svv", "mlp"):
+        with torch.no_grad(), ss.attached(lm, {"blocks.1.resid_pre": rec["blocks.1.resid_pre"]}), \
+                ss.steering(lm, v, 1.0), ss.attached(lm, F.ablation_hooks(lm, v, 1.0, mode)), \
+                ss.attached(lm, {k: f for k, f in rec.items() if k != "blocks.1.resid_pre"}):
+            lm.model(**enc)
+        if mode == "svv":  # v = W_V (γ ⊙ h) / rms(h + s) + b: the value path reads no s
+            h, norm = got["h"], lm.norm(1, "input")
+            rms = ((h + v[1]).pow(2).mean(-1, keepdim=True) + _eps(norm)).sqrt()
+            want = lm.proj(1, "v")(lm.gamma(1, "input") * h / rms)
+            torch.testing.assert_close(got["v"].flatten(2), want, atol=1e-4, rtol=1e-4)
+        else:  # mlp_in = γ' ⊙ (mid - s) / rms(mid)
+            mid, norm = got["mid"], lm.norm(2, "pre_mlp")
+            rms = (mid.pow(2).mean(-1, keepdim=True) + _eps(norm)).sqrt()
+            torch.testing.assert_close(got["in"], lm.gamma(2, "pre_mlp") * (mid - v[1]) / rms, atol=1e-4, rtol=1e-4)

@@ -16,8 +16,8 @@ Algorithm (greedy, steering alpha*s added at resid_pre[l] at every position):
      l both halves are the same computation, so a greedy loop calls the HF model itself on the B
      prompt rows and :func:`steerscope.hooks.widened_batch` doubles what enters block l (residual
      stream, mask, rotary embeddings, position ids) to 2B rows; the model's KV cache holds B rows
-     below l and 2B from l, and the LM head runs on the last position only. Nothing of the
-     model is re-implemented, so post-sublayer norms, logit soft-capping, q/k norms and
+     below l and 2B from l; the final norm and LM head run on the steered rows (the LM head on the
+     last position only). Nothing of the model is re-implemented, so post-sublayer norms, logit soft-capping, q/k norms and
      sliding-window layers (Gemma 2/3) are the model's own. There QK freezing copies the base
      rows' queries and keys (sites ``attn.q``, ``attn.k``, before rotary and q/k norms) instead
      of their patterns: the probabilities are the same function of the same q, k, mask and
@@ -41,6 +41,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from steerscope.errors import SteerscopeError
+from steerscope.generation import chat_batch
 from steerscope.hooks import Call, HookFn, attached, widened_batch
 from steerscope.models.lm import LM
 from steerscope.steer import steering
@@ -75,11 +76,9 @@ def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _single(lm: LM, vector: SteeringVector) -> tuple[int, torch.Tensor]:
-    if len(vector) != 1 or vector.site != "resid_pre":
-        raise SteerscopeError("frozen generation takes a one-layer resid_pre vector; use vector.select([layer])")
     vector.check_compatible(lm)
-    layer = vector.layers[0]
-    return layer, vector[layer].to(lm.device, lm.dtype)
+    layer, s = vector.single_layer(purpose="frozen generation")
+    return layer, s.to(lm.device, lm.dtype)
 
 
 def ablation_hooks(lm: LM, vector: SteeringVector, alpha: float | torch.Tensor, mode: str) -> dict[str, HookFn]:
@@ -144,8 +143,7 @@ def frozen_generate_ids(lm: LM, prompts: Sequence[str], vector: SteeringVector, 
     if mode not in MODES:
         raise SteerscopeError(f"mode {mode!r} unknown; choose one of {', '.join(MODES)}")
     layer0, _ = _single(lm, vector)
-    texts = [lm.format_chat(p) if chat else p for p in prompts]
-    enc = lm.tokenize(texts, padding_side="left", templated=chat)
+    enc = chat_batch(lm, prompts, chat=chat)
     if mode in ("qk", "ov") and fast is not False:
         missing = _fast_missing(lm)
         if fast and missing:
@@ -206,7 +204,8 @@ def _fast_frozen_ids(lm: LM, enc: Any, vector: SteeringVector, alpha: float, mod
                      max_new_tokens: int) -> torch.Tensor:
     """Frozen qk/ov greedy decoding, layers below the steering layer computed once (see step 2).
 
-    The model's own forward on the B prompt rows, widened to 2B rows from the steering layer on;
+    The model's own forward on the B prompt rows, widened to 2B rows from the steering layer on
+    (the final norm and LM head on the steered rows' last position only);
     ``generate``'s greedy loop (position ids from the mask cumsum, pads after EOS; EOS ids from
     the generation config, as ``generate`` takes them). Returns new ids [batch new].
     """
@@ -219,12 +218,12 @@ def _fast_frozen_ids(lm: LM, enc: Any, vector: SteeringVector, alpha: float, mod
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     cache = DynamicCache(config=lm.model.config)
-    with widened_batch(lm, layer0), steering(lm, vector, [0.0] * B + [alpha] * B), attached(lm, copy):
+    with widened_batch(lm, layer0, head_on_copy=True), steering(lm, vector, [0.0] * B + [alpha] * B), attached(lm, copy):
         for _ in range(max_new_tokens):
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # [batch pos]
             out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                            **{_cache_kw(lm): cache})
-            logits = out.logits[B:, -1].float()  # steered rows only [batch vocab]
+            logits = out.logits[:, -1].float()  # the steered rows only (head_on_copy) [batch vocab]
             tok = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
             new.append(tok)
             done |= torch.isin(tok, eos)
@@ -252,7 +251,7 @@ def reference_frozen_generate(lm: LM, prompts: Sequence[str], vector: SteeringVe
     Returns new token ids [batch new]."""
     layer0, _ = _single(lm, vector)
     site = {"qk": "attn.pattern", "ov": "attn.v"}[mode]
-    enc = lm.tokenize([lm.format_chat(p) if chat else p for p in prompts], padding_side="left", templated=chat)
+    enc = chat_batch(lm, prompts, chat=chat)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     eos, pad = lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)

@@ -21,6 +21,9 @@ steering (a thread started inside the block is not covered; run it with
 ``contextvars.copy_context().run`` to include it). Every hook is removed in ``finally``; state
 such as the attention implementation is reference counted per model, so contexts may exit in any
 order (see :mod:`steerscope.models.attention`).
+
+Also here, because they register hooks: :func:`block_inputs` (what each block is called with) and
+:func:`widened_batch` (blocks from a layer on see the batch twice; the fast frozen generation).
 """
 
 from __future__ import annotations
@@ -336,14 +339,16 @@ def _twice(x: Any, rows: int) -> Any:
 
 
 @contextmanager
-def widened_batch(lm: LM, layer: int) -> Iterator[None]:
+def widened_batch(lm: LM, layer: int, head_on_copy: bool = False) -> Iterator[None]:
     """Blocks ``layer..`` see every batch row twice: rows [0, B) then a copy [B, 2B).
 
     Block ``layer``'s residual input and, for every block from ``layer`` on, each argument that
     carries the batch (attention mask, rotary embeddings, position ids) are concatenated with
     themselves, so the model's own forward computes blocks below ``layer`` once and the rest on
-    2B rows (their KV cache holds 2B rows). The output then has 2B rows. Used by the fast frozen
-    generation (:mod:`steerscope.freeze`); the pre-hooks run before any other hook on the blocks.
+    2B rows (their KV cache holds 2B rows). The output then has 2B rows, or, with
+    ``head_on_copy``, only the copy's B rows: the final norm and the LM head skip rows [0, B).
+    Used by the fast frozen generation (:mod:`steerscope.freeze`); the pre-hooks run before any
+    other hook on the blocks.
 
     Example:
         >>> with widened_batch(lm, 3):
@@ -368,6 +373,8 @@ def widened_batch(lm: LM, layer: int) -> Iterator[None]:
     try:
         for i in range(layer, lm.n_layers):
             handles.append(lm.blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True, prepend=True))
+        if head_on_copy:
+            handles.append(_pre(lm.final_norm, scope, lambda x: x[rows[0]:]))
         yield
     finally:
         scope.exit()

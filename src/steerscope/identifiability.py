@@ -239,7 +239,7 @@ def final_jacobian(lm: LM, text: str, layer: int, chunk: int = 64) -> torch.Tens
                        output_hidden_states=True)
         y = out.hidden_states[-1][0, -1]  # [d_model], after the final norm
         if not _is_normed(lm, out):
-            y = lm.module(None, lm.family.final_norm)(out.hidden_states[-1])[0, -1]
+            y = lm.final_norm(out.hidden_states[-1])[0, -1]
         eye = torch.eye(lm.d_model, dtype=y.dtype, device=y.device)
         rows = []
         for i in range(0, lm.d_model, chunk):
@@ -258,7 +258,7 @@ def _is_normed(lm: LM, out: object) -> bool:
     with torch.no_grad():
         hs = out.hidden_states[-1][:, -1:]  # type: ignore[attr-defined]
         ref = out.logits[:, -1:].float()  # type: ignore[attr-defined]
-        return bool(torch.allclose(lm.module(None, lm.family.unembed)(hs).float(), ref, atol=1e-3, rtol=1e-3))
+        return bool(torch.allclose(lm.unembedding(hs).float(), ref, atol=1e-3, rtol=1e-3))
 
 
 def unembed_r(lm: LM) -> torch.Tensor:

@@ -65,7 +65,7 @@ def logit_lens(lm: LM, vectors: torch.Tensor, k: int = 10, final_norm: bool = Fa
     if v.shape[-1] != lm.d_model:
         raise VectorError(f"vectors have size {v.shape[-1]} but the model has d_model {lm.d_model}")
     if final_norm:
-        v = apply_final_norm(v, lm.norm_weight(None, lm.family.final_norm).to(v.device))
+        v = apply_final_norm(v, lm.final_gamma.to(v.device))
     scores = lens_scores(lm.W_U(), v, metric)
     top = scores.topk(k, dim=-1, largest=largest)
     out = []

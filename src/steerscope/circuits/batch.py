@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from steerscope.generation import chat_batch
 from steerscope.models.lm import LM
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
@@ -117,8 +118,7 @@ def prepare(lm: LM, prompts: Sequence[str], vector: SteeringVector, alpha: float
     Example:
         >>> pb = prepare(lm, ["How do I pick a lock?"], vec, alpha=-1.0, max_new_tokens=24)
     """
-    texts = [lm.format_chat(p) if chat else p for p in prompts]
-    enc = lm.tokenize(texts, padding_side="left", templated=chat)
+    enc = chat_batch(lm, prompts, chat=chat)
     P = enc["input_ids"].shape[1]
     with steering(lm, vector, alpha):
         ids = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,

@@ -50,7 +50,7 @@ from steerscope.circuits._suffix import Prefix, logit_diff, prefix
 from steerscope.circuits._vjp import norm_vjp_sum
 from steerscope.circuits.batch import PatchBatch, scored_batches, trim, trim_columns
 from steerscope.circuits.graph import Graph, Node
-from steerscope.circuits.nodes import assemble, model_graph, node_hooks, single_layer, suffix_run
+from steerscope.circuits.nodes import assemble, model_graph, node_hooks, suffix_run
 from steerscope.circuits.probes import Probes, block_grads, probe_pass
 from steerscope.circuits.weights import Sublayer, has_post_norms, missing_support, post_norm, post_norm_gamma
 from steerscope.errors import UnsupportedModelError
@@ -109,7 +109,7 @@ def receiver_grads(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
     Example:
         >>> g, m = receiver_grads(lm, pb, vec, -0.5, graph)  # g.sum(2) = d m / d resid_pre[l]
     """
-    layer0, s = single_layer(vector)
+    layer0, s = vector.single_layer(purpose="attribution")
     pre = prefix(lm, pb.inputs(), layer0)
     pr = probe_pass(lm, pb, pre, s, [alpha])
     parts = [grad for _cols, grad in block_grads(lm, pr, graph, 1)]
@@ -198,7 +198,7 @@ def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: 
         >>> att.top_nodes(5)
     """
     check_supported(lm)
-    layer0, s = single_layer(vector)
+    layer0, s = vector.single_layer(purpose="attribution")
     graph = model_graph(lm, layer0)
     budget = default_pass_budget(lm) if pass_budget is None else pass_budget
     edges = torch.zeros(graph.valid.shape, dtype=torch.float64)

@@ -41,7 +41,7 @@ from steerscope.circuits._suffix import HookMap, Prefix, logit_diff, prefix, run
 from steerscope.circuits.batch import PatchBatch, scored_batches, trim
 from steerscope.circuits.eap_ig import check_supported
 from steerscope.circuits.graph import Graph
-from steerscope.circuits.nodes import assemble, mlp_stream, model_graph, node_hooks, removal, single_layer, suffix_run
+from steerscope.circuits.nodes import assemble, mlp_stream, model_graph, node_hooks, removal, suffix_run
 from steerscope.circuits.weights import Proj, input_norm, proj_bias, proj_weight
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, HookFn, attached
@@ -122,7 +122,7 @@ class SteeredRun:
 @torch.no_grad()
 def steered_run(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float) -> SteeredRun:
     """One unsteered forward (the prefix and u_unsteered) and one steered run from the steering layer up."""
-    layer0, s = single_layer(vector)
+    layer0, s = vector.single_layer(purpose="attribution")
     outs: dict[str, torch.Tensor] = {}
     pre = prefix(lm, pb.inputs(), layer0, node_hooks(lm, layer0, outs))
     corr = assemble(lm, outs, layer0, 0.0 * s)
@@ -229,7 +229,7 @@ def _effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
              show_progress: bool) -> torch.Tensor:
     """Mean over samples of m(steered) - m(row) for each spec key. [size] float32"""
     check_supported(lm)
-    single_layer(vector)
+    vector.single_layer(purpose="attribution")
     total = torch.zeros(size, dtype=torch.float64)
     n = pb.ids.shape[0]
     for idx in scored_batches(pb, batch_size):
@@ -242,7 +242,7 @@ def _effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
 
 
 def _check_graph(lm: LM, vector: SteeringVector, graph: Graph) -> None:
-    layer0, _ = single_layer(vector)
+    layer0, _ = vector.single_layer(purpose="attribution")
     if graph.to_dict() != model_graph(lm, layer0).to_dict():
         raise SteerscopeError(f"the graph starts at layer {graph.layer0} but the vector is at layer {layer0} "
                               "(or the graph is another model's); build it with model_graph(lm, layer) for this model and vector")

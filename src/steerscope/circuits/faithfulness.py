@@ -33,7 +33,7 @@ from steerscope.circuits._suffix import HookMap
 from steerscope.circuits.batch import PatchBatch, forward, metric
 from steerscope.circuits.exact import node_effects
 from steerscope.circuits.graph import Graph, greedy_circuit
-from steerscope.circuits.nodes import head_outputs, mlp_stream, node_values, normed_change, single_layer
+from steerscope.circuits.nodes import head_outputs, mlp_stream, node_values, normed_change
 from steerscope.circuits.weights import Proj, attn_write_sum, input_norm, mlp_write, post_norm, proj_bias, proj_weight
 from steerscope.hooks import Call, HookFn, attached
 from steerscope.models.lm import LM
@@ -139,7 +139,7 @@ def patched_metric(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
         >>> full = torch.ones_like(graph.valid)
         >>> patched_metric(lm, pb, vec, -1.0, graph, full)  # == the steered metric
     """
-    layer0, s = single_layer(vector)
+    layer0, s = vector.single_layer(purpose="attribution")
     corr = node_values(lm, pb, vector, 0.0) if corrupt is None else corrupt
     b, p = pb.ids.shape
     live = _Live(corr, (graph.valid & ~keep.bool()).to(lm.dtype), [(alpha * s).to(lm.dtype).expand(b, p, 1, -1)])

@@ -15,29 +15,20 @@ from steerscope.circuits._suffix import HookMap, Prefix, logit_diff, run_blocks
 from steerscope.circuits.batch import PatchBatch, forward
 from steerscope.circuits.graph import Graph
 from steerscope.circuits.weights import apply_unhooked, mlp_write, post_norm
-from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, HookFn, attached
 from steerscope.models.lm import LM
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 
 
-def single_layer(vector: SteeringVector) -> tuple[int, torch.Tensor]:
-    """(layer, s [d_model]) of a one-layer resid_pre vector; raises otherwise."""
-    if len(vector) != 1 or vector.site != "resid_pre":
-        raise SteerscopeError("attribution takes a one-layer resid_pre vector; use vector.select([layer])")
-    layer = vector.layers[0]
-    return layer, vector[layer]
-
-
 def model_graph(lm: LM, layer0: int) -> Graph:
     """The attribution graph of ``lm`` from block ``layer0`` up (its heads, kv heads, residual kind)."""
-    return Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads, parallel=lm.family.parallel_residual)
+    return Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads, parallel=lm.parallel_residual)
 
 
 def mlp_stream(lm: LM) -> str:
     """Which cached stream a block's MLP reads: ``"mid"`` (after attention) or ``"pre"`` (parallel residual)."""
-    return "pre" if lm.family.parallel_residual else "mid"
+    return "pre" if lm.parallel_residual else "mid"
 
 
 def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
@@ -76,7 +67,7 @@ def assemble(lm: LM, outs: dict[str, torch.Tensor], layer0: int, s_term: torch.T
 @torch.no_grad()
 def node_values(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float) -> torch.Tensor:
     """Upstream node writes of one full run (alpha=0: the corrupt run): [batch pos U d_model]."""
-    layer0, s = single_layer(vector)
+    layer0, s = vector.single_layer(purpose="attribution")
     outs: dict[str, torch.Tensor] = {}
     with steering(lm, vector, alpha), attached(lm, node_hooks(lm, layer0, outs)):
         forward(lm, pb)

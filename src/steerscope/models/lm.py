@@ -153,6 +153,16 @@ class LM:
         """Effective per-dimension scale γ of a norm (Gemma's ``1 + w`` included). [d_model]"""
         return _weight(self.module(layer, path)).float() + self.family.norm_offset
 
+    @property
+    def final_gamma(self) -> torch.Tensor:
+        """Effective per-dimension scale γ of the final norm (Gemma's ``1 + w`` included) [d_model]."""
+        return self.norm_weight(None, self.family.final_norm)
+
+    @property
+    def parallel_residual(self) -> bool:
+        """Whether attention and MLP both read the block input (GPT-NeoX) rather than in sequence."""
+        return bool(self.family.parallel_residual)
+
     def attention(self, layer: int) -> torch.nn.Module:
         """Block ``layer``'s attention module."""
         return self.module(layer, self.family.attn)
