@@ -69,8 +69,8 @@ def verdict(card: dict[str, Any]) -> str:
                          f"{c['threshold']:.0%} faithfulness.")
     if "sparsity" in card:
         sp = card["sparsity"]
-        word = "sparse: " if sp["fraction_needed"] < 0.2 else ""
-        parts.append(f"The vector is {word}{100 * sp['fraction_needed']:.1f} % of its dimensions keep "
+        word = "Sparse: " if sp["fraction_needed"] < 0.2 else ""
+        parts.append(f"{word}{100 * sp['fraction_needed']:.1f} % of the vector's dimensions keep "
                      f"{sp['target']:.0%} of the effect (|IE| rule).")
     if "identifiability" in card:
         i = card["identifiability"]
