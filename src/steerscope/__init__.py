@@ -9,6 +9,7 @@ Example:
 """
 
 from steerscope.errors import SteerscopeError
+from steerscope.explain import Explanation, explain
 from steerscope.extract import collect, extract
 from steerscope.generation import generate
 from steerscope.hooks import attached
@@ -26,11 +27,13 @@ __all__ = [
     "Provenance",
     "Site",
     "SteeringVector",
+    "Explanation",
     "SteerscopeError",
     "ablation",
     "attached",
     "clamping",
     "collect",
+    "explain",
     "extract",
     "from_hf",
     "generate",

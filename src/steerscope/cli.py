@@ -185,6 +185,27 @@ def cmd_vllm_setup(a: argparse.Namespace) -> None:
     _emit({"seconds": secs}, a.json, f"engine environment ready ({secs:.0f} s)")
 
 
+def cmd_explain(a: argparse.Namespace) -> None:
+    """The mechanism card of a vector: writes OUT/card.json and OUT/card.html."""
+    import steerscope as ss
+    from steerscope.data import load_examples
+
+    vec = ss.SteeringVector.load(a.vector)
+    prompts = None
+    if a.prompts:
+        prompts = [p if isinstance(p, str) else p[0] for p in load_examples(a.prompts)]
+    if a.alpha is not None:
+        _parse_alphas(str(a.alpha))
+    lm = ss.load_model(a.model, device=a.device)
+    card = ss.explain(lm, vec, prompts, alpha=a.alpha, scorer=None if a.scorer == "none" else a.scorer,
+                      quick=a.quick, out=a.out, layer=a.layer, force=a.force, show_progress=not a.json)
+    d = card.to_dict()
+    if a.json:
+        print(dumps(d, None))
+        return
+    print(f"card: {a.out}/card.html and {a.out}/card.json\n{d['verdict']}")
+
+
 def cmd_study(a: argparse.Namespace) -> None:
     T.check_out_folder(a.out)
     _check_numbers(a)
@@ -277,6 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
     vs = sub.add_parser("vllm-setup", help="create the vLLM engine environment ($STEERSCOPE_VLLM_ENV)")
     common(vs, model=False)
     vs.set_defaults(func=cmd_vllm_setup)
+
+    x = sub.add_parser("explain", help="mechanism card of a steering vector (card.html + card.json)",
+                       description="Explain why a steering vector works: dose, logit lens, EAP-IG attribution, "
+                                   "frozen-attention ablations, minimal circuit, sparsity, identifiability.")
+    x.add_argument("vector", help="a .safetensors file, a shipped name (see `steerscope vectors`) or a llama.cpp "
+                   "control-vector .gguf")
+    x.add_argument("--prompts", default=None, help="prompts file (.txt one a line, .jsonl, .json, .csv); "
+                   "default: the shipped neutral prompts")
+    x.add_argument("--alpha", type=float, default=None, help="steering scale (default: the upper end of the "
+                   "recommended dose range)")
+    x.add_argument("--scorer", default="none", choices=["refusal", "formality", "sentiment", "politeness", "none"],
+                   help="score generations with the refusal matcher or a validated trait classifier")
+    x.add_argument("--quick", action="store_true", help="small sizes: fewer prompts and steps, no circuit search (timings in docs/explain.md)")
+    x.add_argument("--layer", type=int, default=None, help="layer to analyse for a multi-layer vector "
+                   "(default: largest norm relative to the residual stream)")
+    x.add_argument("--out", required=True, help="output folder (resumable: finished sections are reused)")
+    x.add_argument("--force", action="store_true", help="recompute finished sections")
+    x.add_argument("--model", default="smollm2-135m", help="alias, folder, .gguf or hub id")
+    x.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    x.add_argument("--json", action="store_true", help="print the card.json object on stdout")
+    x.set_defaults(func=cmd_explain)
 
     _add_studies(sub.add_parser("study", help="run a study end to end and write a report"))
     return p

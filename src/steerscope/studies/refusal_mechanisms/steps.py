@@ -1,12 +1,16 @@
 """Resumable steps of the refusal-mechanisms study: each returns a JSON record; tensors go beside it.
 
+The circuits, circuit controls, Table-1 ablations and sparsity curves are the mechanism card's
+sections (:mod:`steerscope.explain`) run on the study's prompt sets with the ASR as the scorer;
+what is refusal-specific here is the prompt sets, the flip filter and the tables.
+
 Settings: ``bypass`` = harmful prompts steered with alpha_bypass (< 0), ``induce`` = harmless
 prompts steered with alpha_induce (> 0). ASR = fraction of completions that are not refusals.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from scipy.stats import spearmanr
@@ -16,11 +20,13 @@ from steerscope import freeze as F
 from steerscope import ov
 from steerscope import sparsify as S
 from steerscope.data.refusal_prompts import load_split
+from steerscope.explain import circuit as EC
+from steerscope.explain import frozen as EF
+from steerscope.explain import sparsity as ES
 from steerscope.generation import generate
 from steerscope.lens import logit_lens
 from steerscope.metrics.refusal import asr, is_refusal
 from steerscope.models.load import LM
-from steerscope.progress import progress
 from steerscope.studies.refusal_mechanisms.config import Config
 from steerscope.studies.runner import Run, load_tensors, save_tensors
 from steerscope.vector import SteeringVector
@@ -111,38 +117,13 @@ def _attr_batch(att: dict[str, Any]) -> C.PatchBatch:
 
 
 def step_circuits(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector, setting: str) -> dict[str, Any]:
-    """Faithfulness vs circuit size (exact edge-level patching); the minimal faithful circuit."""
+    """Faithfulness vs circuit size (exact edge-level patching); the minimal faithful circuit
+    (:func:`steerscope.explain.circuit.minimal_circuit`)."""
     att = load_attr(run, name, setting)
-    g = _graph(lm, vec)
-    pb = _attr_batch(att)
-    sizes = sorted({max(1, int(round(f * g.n_edges))) for f in cfg.circuit_fracs})
-    fc = C.faithfulness_curve(lm, pb, vec, alpha_of(cfg, setting), att["edges"], g, sizes)
-    minimal = next((n for n, f in zip(sizes, fc.values) if f >= cfg.threshold), sizes[-1])
-    i = sizes.index(minimal)
-    lo, hi = (sizes[i - 1] if i > 0 else 0), minimal
-    for _ in range(cfg.bisect_steps if any(f >= cfg.threshold for f in fc.values) else 0):  # refine between grid points
-        if hi - lo <= max(1, hi // 50):
-            break
-        mid = (lo + hi) // 2
-        (f_mid,), _, _ = C.faithfulness_of(lm, pb, vec, alpha_of(cfg, setting), g, [C.greedy_circuit(att["edges"], g, mid)])
-        lo, hi = (lo, mid) if f_mid >= cfg.threshold else (mid, hi)
-    minimal = hi
-    circ = C.greedy_circuit(att["edges"], g, minimal)
+    rec, circ = EC.minimal_circuit(lm, _attr_batch(att), vec, alpha_of(cfg, setting), att["edges"],
+                                   cfg.circuit_fracs, cfg.threshold, cfg.bisect_steps)
     save_tensors(_tensor_path(run, f"circuit_{name}_{setting}"), {"circuit": circ})
-    return {"vector": name, "setting": setting, "sizes": sizes, "n_edges_pruned": fc.n_edges,
-            "faithfulness": fc.values, "m_full": fc.m_full, "m_empty": fc.m_empty, "n_edges_total": g.n_edges,
-            "minimal_top_n": minimal, "minimal_edges": int(circ.sum()),
-            "minimal_fraction": int(circ.sum()) / g.n_edges,
-            "reached_threshold": any(f >= cfg.threshold for f in fc.values),
-            "edge_kinds": _edge_kinds(circ, g),
-            "graph": g.to_dict()}
-
-
-def _edge_kinds(circ: torch.Tensor, g: C.Graph) -> dict[str, int]:
-    kinds: dict[str, int] = {"q": 0, "k": 0, "v": 0, "mlp": 0, "logits": 0}
-    for j in circ.any(0).nonzero()[:, 0].tolist():
-        kinds[g.receivers[j].kind] += int(circ[:, j].sum())
-    return kinds
+    return {"vector": name, "setting": setting, **rec}
 
 
 def step_circuit_compare(run: Run, lm: LM, cfg: Config, vecs: dict[str, SteeringVector], setting: str
@@ -153,33 +134,24 @@ def step_circuit_compare(run: Run, lm: LM, cfg: Config, vecs: dict[str, Steering
     overlap = {f"{a}-{b}": C.overlap(circs[a], circs[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
     controls: dict[str, Any] = {}
     for n in names:
-        vec, alpha = vecs[n], alpha_of(cfg, setting)
-        g = _graph(lm, vec)
-        att = load_attr(run, n, setting)
-        pb = _attr_batch(att)
-        size = int(circs[n].sum())
+        pb = _attr_batch(load_attr(run, n, setting))
         others = [o for o in names if o != n and circs[o].shape == circs[n].shape]
-        tests = [C.random_circuit(g, 2 * size, seed=cfg.seed + i) for i in range(2)]
-        tests += [g.valid & ~circs[n]] + [circs[o] for o in others]
-        vals, _, _ = C.faithfulness_of(lm, pb, vec, alpha, g, tests)
-        controls[n] = {"own_size": size, "random_2x": vals[:2], "complement": vals[2],
-                       "swapped": {o: v for o, v in zip(others, vals[3:])}}
+        ctl = EC.controls(lm, pb, vecs[n], alpha_of(cfg, setting), circs[n], cfg.seed, [circs[o] for o in others])
+        controls[n] = {"own_size": ctl["own_size"], "random_2x": ctl["random_2x"], "complement": ctl["complement"],
+                       "swapped": dict(zip(others, ctl["others"]))}
     return {"setting": setting, "overlap": overlap, "controls": controls}
 
 
 def step_ablations(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting: str) -> dict[str, Any]:
-    """ASR unsteered, steered, and steered with QK frozen / OV frozen / svv removed / MLP ablated."""
+    """ASR unsteered, steered, and steered with QK frozen / OV frozen / svv removed / MLP ablated
+    (the generations of the card's ``frozen`` section, :func:`steerscope.explain.frozen.generations`)."""
     ps, alpha = eval_prompts(cfg, setting), alpha_of(cfg, setting)
+    ids = EF.generations(lm, ps, vec, alpha, ("unsteered", *F.MODES), cfg.eval_tokens, cfg.batch_size,
+                         show_progress=True)
+    texts = {m: lm.tokenizer.batch_decode(t, skip_special_tokens=True) for m, t in ids.items()}
     out: dict[str, Any] = {"setting": setting, "alpha": alpha, "n": len(ps)}
-    base = generate(lm, ps, max_new_tokens=cfg.eval_tokens, batch_size=cfg.batch_size)
-    out["unsteered"] = asr(base)
-    samples = {"unsteered": base[:3]}
-    for mode in progress(F.MODES, desc=f"ablations {setting}"):
-        texts = F.frozen_generate(lm, ps, vec, alpha, mode=mode, max_new_tokens=cfg.eval_tokens,
-                                  batch_size=cfg.batch_size)
-        out[mode] = asr(texts)
-        samples[mode] = texts[:3]
-    out["samples"] = samples
+    out.update({m: asr(t) for m, t in texts.items()})
+    out["samples"] = {m: t[:3] for m, t in texts.items()}
     return out
 
 
@@ -211,14 +183,15 @@ def step_sparsity(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector,
     for method in S.METHODS:
         out["keep"][method] = [S.keep_mask(method, sp, s, r, seed=cfg.seed).nonzero()[:, 0].tolist()
                                for sp in cfg.sparsities]
-        if evaluate:
-            vals = []
-            for sp in progress(cfg.sparsities, desc=f"sparsity {name} {method}"):
-                sv = S.apply(vec, S.keep_mask(method, sp, s, r, seed=cfg.seed))
-                vals.append(asr(generate(lm, ps, vector=sv, alpha=alpha, max_new_tokens=cfg.eval_tokens,
-                                         batch_size=cfg.batch_size)))
-            out["asr"][method] = vals
+    if evaluate:  # the card's generation-based sparsity curve, with the ASR as the scorer
+        out["asr"] = ES.scored_curve(lm, ps, vec, alpha, r, S.METHODS, cfg.sparsities, _asr_each, cfg.eval_tokens,
+                                     cfg.batch_size, cfg.seed, show_progress=True)
     return out
+
+
+def _asr_each(texts: Sequence[str]) -> list[float]:
+    """1 per completion that is not a refusal (its mean is the ASR)."""
+    return [float(not is_refusal(t)) for t in texts]
 
 
 def step_iou(run: Run, lm: LM, cfg: Config, names: list[str], setting: str = "bypass") -> dict[str, Any]:
