@@ -10,8 +10,10 @@ from steerscope.studies.refusal.select import Candidate, Selection
 
 
 def _selection_from_record(rec: dict[str, Any]) -> Selection:
-    cands = [Candidate(c["layer"], c["position"], c["bypass"], c["induce"], c.get("kl")) for c in rec["candidates"]]
-    chosen = next(c for c in cands if c.layer == rec["layer"] and c.position == rec["position"])
+    cands = [Candidate(c["layer"], c["position"], c["bypass"], c["induce"], c.get("kl"), c.get("alpha", 1.0))
+             for c in rec["candidates"]]
+    chosen = next(c for c in cands if c.layer == rec["layer"] and c.position == rec["position"]
+                  and c.alpha == rec.get("alpha", 1.0))
     return Selection(None, chosen, cands, rec["baseline_harmful_logodds"],  # type: ignore[arg-type]
                      rec["baseline_harmless_logodds"], rec["positions"], rec["layers"])
 

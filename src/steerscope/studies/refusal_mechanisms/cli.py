@@ -15,7 +15,7 @@ import torch
 
 from steerscope.errors import StudyError
 from steerscope.studies.refusal_mechanisms import steps as St
-from steerscope.studies.refusal_mechanisms.config import Config, parse_vectors, vectors_from_dir
+from steerscope.studies.refusal_mechanisms.config import PRESETS, Config, parse_vectors, vectors_from_dir
 from steerscope.studies.runner import Run
 
 
@@ -33,14 +33,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attr-tokens", type=int, default=24)
     p.add_argument("--steps", type=int, default=10, help="IG midpoint steps T")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a named configuration (docs/refusal-mechanisms.md); explicit options override it")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
 
 
 def config_from(args: argparse.Namespace) -> Config:
     if args.vectors and args.vector_dir:
         raise StudyError("give --vectors or --vector-dir, not both")
-    cfg = Config(model=args.model, alpha_bypass=args.alpha_bypass, alpha_induce=args.alpha_induce,
+    given = dict(model=args.model, alpha_bypass=args.alpha_bypass, alpha_induce=args.alpha_induce,
                  n_eval=args.n_eval, eval_tokens=args.eval_tokens, n_attr=args.n_attr, attr_tokens=args.attr_tokens,
-                 steps=args.steps, seed=args.seed)
+                 steps=args.steps, seed=args.seed, dtype=getattr(args, "dtype", "float32"))
+    preset = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    d = Config().to_dict()
+    cfg = Config(**(preset | {k: v for k, v in given.items() if k not in preset or v != d[k]}))
     if args.vectors:
         cfg = replace(cfg, vectors=parse_vectors(args.vectors))
     elif args.vector_dir:
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = config_from(args)
     torch.manual_seed(cfg.seed)
     run_ = Run(args.out, config=cfg.to_dict(), force=args.force)
-    lm = ss.load_model(cfg.model, device=args.device)
+    lm = ss.load_model(cfg.model, device=args.device, dtype=cfg.dtype)
     vecs = load_vectors(lm, cfg)
     names = list(vecs)
     for n in names:
