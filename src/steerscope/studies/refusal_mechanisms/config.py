@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen-cpu": dict(model="qwen2.5-coder-0.5b",
                      vectors={"dim": "qwen2.5-coder-0.5b/refusal-dim", "ntp": "qwen2.5-coder-0.5b/refusal-ntp",
                               "po": "qwen2.5-coder-0.5b/refusal-po"},
-                     n_eval=16, eval_tokens=16, n_attr=4, attr_tokens=12, steps=5, n_check=2,
+                     n_eval=16, eval_tokens=10, n_attr=4, attr_tokens=8, steps=4, n_check=2,
                      circuit_fracs=(0.005, 0.02, 0.05, 0.1, 0.2, 0.4), bisect_steps=2,
                      sparsities=(0.5, 0.9, 0.99), batch_size=16),
     # paper A (Cheng et al. 2026): Gemma 2 2B-it, DIM at layer 15, position -1; Llama 3.2 3B-Instruct,
