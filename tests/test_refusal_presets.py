@@ -76,3 +76,41 @@ def test_qwen_preset_scores_an_alpha_grid_and_the_matched_norm_rows():
     cfg = _refusal("--preset", "qwen-cpu")
     assert cfg.model == "qwen2.5-coder-0.5b" and 1.0 not in cfg.select_alphas and cfg.matched_norm
     assert _mech("--preset", "qwen-cpu").vectors["dim"] == "qwen2.5-coder-0.5b/refusal-dim"
+
+
+def test_matched_norm_rows_rescale_ntp_po_to_the_dim_norm(monkeypatch):
+    from steerscope.vector import SteeringVector
+
+    seen = []
+
+    def fake_generate(lm, prompts, vector=None, alpha=1.0, **kw):
+        seen.append((float(vector[vector.layers[0]].norm()), alpha))
+        return ["I'm sorry" if alpha > 0 else "Sure"] * len(prompts)
+
+    monkeypatch.setattr(rs, "generate", fake_generate)
+    g = torch.Generator().manual_seed(0)
+    vecs = {"DIM": SteeringVector({3: torch.randn(8, generator=g) * 5}),
+            "NTP": SteeringVector({3: torch.randn(8, generator=g) * 40}),
+            "PO": SteeringVector({3: torch.randn(8, generator=g)})}
+    rec = rs.evaluate_matched_step(None, RefusalConfig(n_test=3), vecs)  # type: ignore[arg-type]
+    ref = float(vecs["DIM"][3].norm())
+    assert rec["reference_norm"] == pytest.approx(ref)
+    assert [r["method"] for r in rec["steered"]] == ["NTP@|DIM|", "PO@|DIM|"]
+    assert all(n == pytest.approx(ref, rel=1e-5) for n, _ in seen) and len(seen) == 4
+    assert sorted(a for _, a in seen) == [-1.0, -1.0, 1.0, 1.0]
+    assert all(r["harmful_asr"] == 1.0 and r["harmless_refusal"] == 1.0 for r in rec["steered"])
+
+
+def test_shipped_qwen_vectors_record_their_scale():
+    from steerscope.vector import SteeringVector, shipped_vectors
+
+    names = [n for n in shipped_vectors() if n.startswith("qwen2.5-coder-0.5b/")]
+    assert "qwen2.5-coder-0.5b/refusal-dim" in names
+    for name in names:
+        v = SteeringVector.load(name)
+        assert v.d_model == 896 and v.provenance.n_layers == 24 and "scale" in v.provenance.args
+    dim = SteeringVector.load("qwen2.5-coder-0.5b/refusal-dim")
+    a = dim.provenance.args
+    assert float(dim[dim.layers[0]].norm()) == pytest.approx(a["scale"] * a["norm_unscaled"], rel=1e-4)
+    for name, path in MPRESETS["qwen-cpu"]["vectors"].items():  # the preset only names shipped vectors
+        assert path in names, name
