@@ -10,20 +10,18 @@ import torch
 
 from steerscope.cli import build_parser
 from steerscope.models.load import _resolve_device, _resolve_dtype
-from steerscope.studies.refusal import cli as rc
 from steerscope.studies.refusal import steps as rs
 from steerscope.studies.refusal.config import PRESETS, RefusalConfig
-from steerscope.studies.refusal_mechanisms import cli as mc
 from steerscope.studies.refusal_mechanisms.config import PRESETS as MPRESETS
 from steerscope.studies.refusal_mechanisms.config import Config
 
 
 def _refusal(*argv: str) -> RefusalConfig:
-    return rc.config_from_args(build_parser().parse_args(["study", "refusal", *argv]))
+    return RefusalConfig.from_args(build_parser().parse_args(["study", "refusal", *argv]))
 
 
 def _mech(*argv: str) -> Config:
-    return mc.config_from(build_parser().parse_args(["study", "refusal-mechanisms", *argv]))
+    return Config.from_args(build_parser().parse_args(["study", "refusal-mechanisms", *argv]))
 
 
 def test_no_preset_is_the_default_configuration():

@@ -3,7 +3,6 @@ first-token ΔP, prefix control, q/k/v patching bars, persistence, layer pairs, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +124,3 @@ def write_report(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: 
     r.pre("\n".join(run.log))
     write_json(run.path("summary.json"), summary)
     return r.write(run.path("report.html"))
-
-
-def load_summary(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "summary.json").read_text())
