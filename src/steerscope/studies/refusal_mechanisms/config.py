@@ -118,8 +118,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # vectors from `steerscope study refusal --preset qwen-cpu` (shipped, scaled so that alpha
     # +-1 is the selected setting), small prompt counts, short completions
     "qwen-cpu": dict(model="qwen2.5-coder-0.5b",
-                     # only DIM is shipped for Qwen so far (its NTP / PO did not finish on the shared CPU)
-                     vectors={"dim": "qwen2.5-coder-0.5b/refusal-dim"},
+                     # NTP / PO: trained on 7 examples and not yet evaluated in the refusal study
+                     vectors={"dim": "qwen2.5-coder-0.5b/refusal-dim", "ntp": "qwen2.5-coder-0.5b/refusal-ntp",
+                              "po": "qwen2.5-coder-0.5b/refusal-po"},
                      n_eval=16, eval_tokens=10, n_attr=4, attr_tokens=8, steps=4, n_check=2,
                      circuit_fracs=(0.005, 0.02, 0.05, 0.1, 0.2, 0.4), bisect_steps=2,
                      sparsities=(0.5, 0.9, 0.99), batch_size=16),
