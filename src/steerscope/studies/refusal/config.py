@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from steerscope.studies.protocol import StudyConfig, option
+from steerscope.studies.protocol import StudyConfig, option, split_list
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,16 @@ class Config(StudyConfig):
         retrain_organism: rebuild the organism instead of reusing the shipped adapter.
         shipped_vectors: evaluate the shipped DIM / NTP / PO vectors instead of this run's (skips
             NTP / PO training; the selection still runs for the heatmap).
+        select_alphas: multiples of the DIM vector scored by the selection; the chosen one scales
+            the saved DIM vector, so alpha = -1 / +1 is the selected setting ((1.0,) = paper A).
+        matched_norm: also evaluate NTP / PO rescaled to the DIM vector's norm (step
+            ``evaluate_matched``), which compares the methods where alpha = 1 saturates.
+        dtype: model dtype ("float32"; "bfloat16" for the GPU presets).
         threads: torch CPU threads (speed only; not part of the run's identity).
         backend: ``"hf"`` or ``"vllm"`` for the evaluation step's generations (the ASR table).
+
+    On the command line ``--preset NAME`` starts from :data:`PRESETS` ``[NAME]``; an option
+    given a value other than its default overrides the preset.
 
     Example:
         >>> Config(n_test=20, alphas=(0.5, 1.0)).to_dict()["alphas"]
@@ -58,6 +67,10 @@ class Config(StudyConfig):
     retrain_organism: bool = option(False, "rebuild the LoRA organism (slow)")
     shipped_vectors: bool = option(False, "evaluate the shipped organism vectors instead of this run's "
                                           "(skips NTP/PO training)")
+    select_alphas: tuple[float, ...] = option((1.0,), "multiples of the DIM vector scored by the selection "
+                                                      "(the pick scales the saved vector)", nargs="+")
+    matched_norm: bool = option(False, "also evaluate NTP/PO rescaled to the DIM norm")
+    dtype: str = option("float32", "model dtype: float32 or bfloat16")
     threads: int = option(1, "torch CPU threads")
     backend: str = option("hf", "engine for the ASR table's generations (vllm: docs/vllm.md)", choices=("hf", "vllm"))
     extra: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +82,50 @@ class Config(StudyConfig):
         d.pop("threads")
         d.pop("backend")
         return d
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """``--preset`` and ``--positions`` plus the field options."""
+        parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                            help="a named configuration (docs/refusal.md); explicit options override it")
+        parser.add_argument("--positions", default=None, help="candidate positions, e.g. -5,-1 (default -5..-1)")
+        super().add_arguments(parser)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Config:
+        """The preset (if any), then every option whose value differs from its default."""
+        vals = cls.cli_values(ns)
+        if getattr(ns, "positions", None):
+            vals["positions"] = split_list(ns.positions, int, "--positions")
+        name = getattr(ns, "preset", None)
+        if not name:
+            return cls(**vals)
+        d = cls().to_dict()
+        plain = cls(**vals).to_dict()
+        over = {k: v for k, v in vals.items() if plain[k] != d[k]}
+        return replace(cls(**PRESETS[name]), **over)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen2.5-Coder-0.5B-Instruct on a shared 2-core CPU (docs/refusal.md, "Two families"): few
+    # candidate layers, a magnitude grid (alpha = 1 is too weak on this model), short completions
+    "qwen-cpu": dict(model="qwen2.5-coder-0.5b", n_train=32, n_val=8, layers=(12, 14, 16), positions=(-5, -1),
+                     select_alphas=(2.0, 4.0, 8.0), n_test=16, max_new_tokens=10, n_trained=8, trained_epochs=2,
+                     trained_batch=4, trained_tokens=12, gen_batch=16, matched_norm=True),
+    # paper A's configurations (Cheng et al. 2026, Appendix B): 128 train / 32 val prompts per side,
+    # candidates at every layer below 0.8 L and the post-instruction positions, alpha = +-1,
+    # 100 + 100 test prompts, NTP / PO on 256 + 256 examples, 64 training tokens, 10 epochs,
+    # lr 0.01, batch 6, phi 2e-2; bfloat16 on a GPU. Not run here (no GPU, no hub).
+    "paper-a-gemma2": dict(model="google/gemma-2-2b-it", n_train=128, n_val=32, n_test=100, layer_stride=1,
+                           positions=(-5, -4, -3, -2, -1), alphas=(1.0,), max_new_tokens=256, n_trained=256,
+                           trained_epochs=10, trained_lr=0.01, trained_batch=6, trained_tokens=64, phi=2e-2,
+                           gen_batch=64, matched_norm=True, dtype="bfloat16"),
+    "paper-a-llama3": dict(model="meta-llama/Llama-3.2-3B-Instruct", n_train=128, n_val=32, n_test=100,
+                           layer_stride=1, positions=(-5, -4, -3, -2, -1), alphas=(1.0,), max_new_tokens=256,
+                           n_trained=256, trained_epochs=10, trained_lr=0.01, trained_batch=6, trained_tokens=64,
+                           phi=2e-2, gen_batch=64, matched_norm=True, dtype="bfloat16"),
+}
+"""Named configurations for ``--preset``; explicit command-line options override them."""
 
 
 RefusalConfig = Config  # the step modules' name for it

@@ -36,6 +36,9 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
         trained = r.step("trained", lambda: steps.trained_step(lm, cfg, r, data, layer, 1.0, 1.0))
     vectors = {n.split("-")[1].upper(): v for n in steps.VECTOR_NAMES if (v := steps.study_vector(cfg, r, n)) is not None}
     ev = r.step("evaluate", lambda: steps.evaluate_step(lm, cfg, vectors))
+    if cfg.matched_norm and "DIM" in vectors and len(vectors) > 1:
+        matched = r.step("evaluate_matched", lambda: steps.evaluate_matched_step(lm, cfg, vectors))
+        ev = dict(ev, steered=ev["steered"] + matched["steered"])
     results = {"config": cfg.identity(), "organism": organism, "select": sel, "trained": trained, "evaluate": ev,
                "cosines": steps.cosines(vectors),
                "vector_source": "shipped" if steps.use_shipped(cfg) else "this run",

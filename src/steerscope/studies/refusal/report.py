@@ -10,8 +10,10 @@ from steerscope.studies.refusal.select import Candidate, Selection
 
 
 def _selection_from_record(rec: dict[str, Any]) -> Selection:
-    cands = [Candidate(c["layer"], c["position"], c["bypass"], c["induce"], c.get("kl")) for c in rec["candidates"]]
-    chosen = next(c for c in cands if c.layer == rec["layer"] and c.position == rec["position"])
+    cands = [Candidate(c["layer"], c["position"], c["bypass"], c["induce"], c.get("kl"), c.get("alpha", 1.0))
+             for c in rec["candidates"]]
+    chosen = next(c for c in cands if c.layer == rec["layer"] and c.position == rec["position"]
+                  and c.alpha == rec.get("alpha", 1.0))
     return Selection(None, chosen, cands, rec["baseline_harmful_logodds"],  # type: ignore[arg-type]
                      rec["baseline_harmless_logodds"], rec["positions"], rec["layers"])
 
@@ -50,6 +52,12 @@ def write_report(folder: Path, results: dict[str, Any]) -> Path:
         f"induce {sel['chosen']['induce']:.3g}, ablation KL {sel['chosen']['kl']}); unsteered refusal "
         f"log-odds {sel['baseline_harmful_logodds']:.3g} (harmful val) / {sel['baseline_harmless_logodds']:.3g} "
         f"(harmless val); DIM norm {sel['norm']:.3g}.")
+    if sel.get("alpha", 1.0) != 1.0:
+        n = sel.get("norms") or {}
+        r.p(f"Magnitude grid: the pick is at alpha = {sel['alpha']:g} times the unnormalised DIM vector "
+            f"(norm {n.get('unscaled', float('nan')):.3g}); the saved vector is scaled by that factor, so alpha = -1 / +1 "
+            f"on it is the selected bypass / induce setting (|alpha s| / mean |resid| = "
+            f"{n.get('scaled_over_resid', float('nan')):.2f}).", note=True)
     kl = sel["chosen"]["kl"]
     if kl is not None and kl >= 0.1:
         r.p(f"Filter failed: no candidate with induce > 0 has ablation KL < 0.1 (the chosen one: {kl:.3g}), "
@@ -59,9 +67,10 @@ def write_report(folder: Path, results: dict[str, Any]) -> Path:
     for what in ("score", "bypass", "induce"):
         r.figure(heatmap(s, what), f"{what} per candidate (star = chosen)", save_as=folder / f"heatmap_{what}.png")
     top = sorted(sel["candidates"], key=lambda c: c["score"])[:8]
-    r.table(["layer", "position", "bypass", "induce", "KL", "score"],
-            [[c["layer"], c["position"], c["bypass"], c["induce"], c["kl"] if c["kl"] is not None else "-",
-              c["score"]] for c in top], caption="best-scoring candidates (KL computed lazily)")
+    r.table(["layer", "position", "alpha", "bypass", "induce", "KL", "score"],
+            [[c["layer"], c["position"], c.get("alpha", 1.0), c["bypass"], c["induce"],
+              c["kl"] if c["kl"] is not None else "-", c["score"]] for c in top],
+            caption="best-scoring candidates (KL computed lazily)")
     if results.get("cosines"):
         r.h2("Pairwise cosines")
         r.table(["pair", "cosine"], [[k, v] for k, v in results["cosines"].items()])

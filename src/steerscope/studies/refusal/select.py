@@ -11,6 +11,13 @@
 3. Filter: induce > 0, KL < 0.1, l < 0.8 L. Pick the candidate minimising
    sigmoid(bypass) - sigmoid(induce). KL is computed lazily, best score first, until one passes
    (plus ``kl_top`` more for the report), which gives the same pick as scoring every candidate.
+4. Magnitude (our extension, for models whose useful alpha is not 1): with ``alphas`` = a grid
+   of multiples of the unnormalised DIM vector, every (layer, position) is scored at every
+   alpha (bypass at -alpha, induce at +alpha) and the pick is the best (layer, position, alpha)
+   under the same filters (KL does not depend on alpha). The returned vector is
+   ``alpha* x r[l*, p*]``, so alpha = -1 / +1 on it is the selected bypass / induce setting; the
+   factor is recorded in the provenance (``args["scale"]``) with the unscaled norm and the ratio
+   of the steering norm to the mean residual norm at that site. ``alphas=(1.0,)`` is paper A.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class Candidate:
     bypass: float
     induce: float
     kl: float | None = None
+    alpha: float = 1.0  # multiple of the unnormalised DIM vector the scores were taken at
 
     @property
     def score(self) -> float:
@@ -64,7 +72,8 @@ class Selection:
                 "score": self.chosen.score, "baseline_harmful_logodds": self.baseline_harmful,
                 "baseline_harmless_logodds": self.baseline_harmless, "positions": self.positions,
                 "layers": self.layers, "candidates": [vars(c) | {"score": c.score} for c in self.candidates],
-                "norm": float(self.vector[self.chosen.layer].norm())}
+                "norm": float(self.vector[self.chosen.layer].norm()), "alpha": self.chosen.alpha,
+                "norms": self.norms}
 
 
 def _sigmoid(x: float) -> float:
@@ -99,10 +108,10 @@ def first_token_logits(lm: LM, prompts: Sequence[str], batch_size: int = 32) -> 
 
 
 def steered_logodds(lm: LM, vector: SteeringVector, harmful: Sequence[str], harmless: Sequence[str],
-                    refusal_ids: Sequence[int], batch_size: int = 64) -> tuple[float, float]:
-    """(bypass, induce): mean refusal log-odds on harmful at alpha=-1 and harmless at alpha=+1."""
+                    refusal_ids: Sequence[int], batch_size: int = 64, alpha: float = 1.0) -> tuple[float, float]:
+    """(bypass, induce): mean refusal log-odds on harmful at -alpha and harmless at +alpha."""
     prompts = list(harmful) + list(harmless)
-    alphas = torch.tensor([-1.0] * len(harmful) + [1.0] * len(harmless))
+    alphas = torch.tensor([-alpha] * len(harmful) + [alpha] * len(harmless))
     scores = []
     for i in range(0, len(prompts), batch_size):
         enc = lm.tokenize([lm.format_chat(p) for p in prompts[i : i + batch_size]], padding_side="left")
@@ -130,6 +139,7 @@ def select_direction(
     kl_max: float = 0.1,
     kl_top: int = 3,
     show_progress: bool = False,
+    alphas: Sequence[float] = (1.0,),
 ) -> Selection:
     """Select the refusal direction (see the module docstring).
 
@@ -140,6 +150,8 @@ def select_direction(
         positions: post-instruction positions, negative from the end of the templated prompt.
         layers: candidate layers (default every layer below ``max_layer_frac * n_layers``).
         kl_top: extra candidates (beyond the chosen one) that get a KL score for the report.
+        alphas: multiples of the DIM vector to score (step 4 of the module docstring); the
+            returned vector is scaled by the chosen one.
 
     Returns:
         A :class:`Selection`; ``vector`` is the unnormalised DIM vector at the chosen layer.
@@ -157,16 +169,20 @@ def select_direction(
     base_s = refusal_logodds(base_logits, ids)
     cands = []
     grid = [(j, l, k, p) for j, l in enumerate(layers) for k, p in enumerate(positions)]
-    for j, l, k, p in progress(grid, desc="score candidates", enabled=show_progress):
-        b, i = steered_logodds(lm, SteeringVector({l: dims[j, k]}), val[0], val[1], ids)
-        cands.append(Candidate(l, p, b, i))
+    grid = [(j, l, k, p, a) for j, l, k, p in grid for a in alphas]
+    for j, l, k, p, a in progress(grid, desc="score candidates", enabled=show_progress):
+        b, i = steered_logodds(lm, SteeringVector({l: dims[j, k]}), val[0], val[1], ids, alpha=a)
+        cands.append(Candidate(l, p, b, i, alpha=a))
     chosen = None
     extra = 0
+    kls: dict[tuple[int, int], float] = {}
     for c in sorted(cands, key=lambda c: c.score):
         if c.induce <= 0:
             continue
         j, k = layers.index(c.layer), list(positions).index(c.position)
-        c.kl = ablation_kl(lm, dims[j, k], val[1], base_logits)
+        if (c.layer, c.position) not in kls:
+            kls[c.layer, c.position] = ablation_kl(lm, dims[j, k], val[1], base_logits)
+        c.kl = kls[c.layer, c.position]
         if chosen is None and c.kl < kl_max:
             chosen = c
         elif chosen is not None:
@@ -178,13 +194,31 @@ def select_direction(
     j, k = layers.index(chosen.layer), list(positions).index(chosen.position)
     if chosen.kl is None:
         chosen.kl = ablation_kl(lm, dims[j, k], val[1], base_logits)
+    raw = dims[j, k]
+    norms = {"unscaled": float(raw.norm()), "scaled": float(raw.norm()) * abs(chosen.alpha),
+             "resid": resid_norm(lm, val[1], chosen.layer, chosen.position)}
+    norms["scaled_over_resid"] = norms["scaled"] / max(norms["resid"], 1e-12)
     prov = Provenance.for_model(lm, method="dim", positions=[chosen.position],
                                 dataset_hash=dataset_hash(list(train[0]) + ["|"] + list(train[1])),
                                 n_examples=len(train[0]) + len(train[1]),
                                 args={"site": "resid_pre", "selection": "arditi/paper-A",
-                                      "bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl})
-    vec = SteeringVector({chosen.layer: dims[j, k]}, "resid_pre", prov)
-    return Selection(vec, chosen, cands, float(base_h.mean()), float(base_s.mean()), list(positions), layers)
+                                      "bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl,
+                                      "scale": chosen.alpha, "alpha_grid": list(alphas), **{
+                                          f"norm_{k}": v for k, v in norms.items()}})
+    vec = SteeringVector({chosen.layer: raw * chosen.alpha}, "resid_pre", prov)
+    return Selection(vec, chosen, cands, float(base_h.mean()), float(base_s.mean()), list(positions), layers,
+                     norms)
+
+
+def resid_norm(lm: LM, prompts: Sequence[str], layer: int, position: int, batch_size: int = 32) -> float:
+    """Mean L2 norm of ``resid_pre`` at (``layer``, ``position``) over chat-formatted ``prompts``."""
+    total = 0.0
+    for i in range(0, len(prompts), batch_size):
+        enc = lm.tokenize([lm.format_chat(p) for p in prompts[i : i + batch_size]], padding_side="left")
+        with recording(lm, [Site(layer, "resid_pre")]) as cache, torch.no_grad():
+            lm.model(**enc, use_cache=False, logits_to_keep=1)
+        total += float(cache[Site(layer, "resid_pre")][:, position].float().norm(dim=-1).sum())
+    return total / max(len(prompts), 1)
 
 
 def heatmap(sel: Selection, what: str = "score") -> Any:
@@ -192,7 +226,11 @@ def heatmap(sel: Selection, what: str = "score") -> Any:
     from steerscope.report.html import plt_figure
 
     grid = torch.full((len(sel.positions), len(sel.layers)), float("nan"))
+    best: dict[tuple[int, int], Candidate] = {}  # with an alpha grid: the best-scoring alpha per cell
     for c in sel.candidates:
+        if (c.layer, c.position) not in best or c.score < best[c.layer, c.position].score:
+            best[c.layer, c.position] = c
+    for c in best.values():
         grid[sel.positions.index(c.position), sel.layers.index(c.layer)] = getattr(c, what)
     fig = plt_figure(figsize=(9, 2.8))
     ax = fig.add_subplot(111)

@@ -53,7 +53,7 @@ def load_study_model(cfg: RefusalConfig, run: Run, device: str | None = "cpu") -
         lm.model = _apply_adapter(lm.model, run.folder / "organism").to(lm.device).eval()
         lm.name = ORGANISM
         return lm
-    return load_model(cfg.model, device=device)
+    return load_model(cfg.model, device=device, dtype=cfg.dtype)
 
 
 def select_step(lm: LM, cfg: RefusalConfig, run: Run, show_progress: bool = True) -> dict[str, Any]:
@@ -62,7 +62,8 @@ def select_step(lm: LM, cfg: RefusalConfig, run: Run, show_progress: bool = True
     layers = list(cfg.layers) if cfg.layers else list(range(0, cut, cfg.layer_stride))
     train = (load_split("harmful", "train")[: cfg.n_train], load_split("harmless", "train")[: cfg.n_train])
     val = (load_split("harmful", "val")[: cfg.n_val], load_split("harmless", "val")[: cfg.n_val])
-    sel = select_direction(lm, train, val, positions=cfg.positions, layers=layers, show_progress=show_progress)
+    sel = select_direction(lm, train, val, positions=cfg.positions, layers=layers, show_progress=show_progress,
+                           alphas=cfg.select_alphas)
     sel.vector.save(run.path("vectors", "refusal-dim.safetensors"))
     return sel.record()
 
@@ -122,25 +123,49 @@ def trained_step(lm: LM, cfg: RefusalConfig, run: Run, data: dict[str, Any], lay
     return out
 
 
+def _test_prompts(cfg: RefusalConfig) -> tuple[list[str], list[str]]:
+    return load_split("harmful", "test")[: cfg.n_test], load_split("harmless", "test")[: cfg.n_test]
+
+
+def _steered_row(lm: LM, cfg: RefusalConfig, name: str, vec: SteeringVector, a: float) -> dict[str, Any]:
+    harm, safe = _test_prompts(cfg)
+    kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch, show_progress=True,
+                              backend=cfg.backend)
+    h = generate(lm, harm, vector=vec, alpha=-a, **kw)
+    s = generate(lm, safe, vector=vec, alpha=a, **kw)
+    return {"method": name, "alpha": a, "norm": float(vec[vec.layers[0]].norm()), "harmful_refusal": refusal_rate(h),
+            "harmful_asr": 1 - refusal_rate(h), "harmless_refusal": refusal_rate(s),
+            "harmful_refused": sum(map(is_refusal, h)), "harmless_refused": sum(map(is_refusal, s)),
+            "samples": {"harmful": list(zip(harm[:3], h[:3])), "harmless": list(zip(safe[:3], s[:3]))}}
+
+
 def evaluate_step(lm: LM, cfg: RefusalConfig, vectors: dict[str, SteeringVector]) -> dict[str, Any]:
     """Refusal rates on the test split: unsteered, and per vector and alpha (bypass -a, induce +a)."""
-    harm = load_split("harmful", "test")[: cfg.n_test]
-    safe = load_split("harmless", "test")[: cfg.n_test]
+    harm, safe = _test_prompts(cfg)
     kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch, show_progress=True,
                               backend=cfg.backend)
     h0, s0 = generate(lm, harm, **kw), generate(lm, safe, **kw)
     res: dict[str, Any] = {"n_test": [len(harm), len(safe)], "unsteered": {
         "harmful_refusal": refusal_rate(h0), "harmless_refusal": refusal_rate(s0),
+        "harmful_refused": sum(map(is_refusal, h0)), "harmless_refused": sum(map(is_refusal, s0)),
         "samples": {"harmful": list(zip(harm[:3], h0[:3])), "harmless": list(zip(safe[:3], s0[:3]))}}, "steered": []}
     for name, vec in vectors.items():
         for a in cfg.alphas:
-            h = generate(lm, harm, vector=vec, alpha=-a, **kw)
-            s = generate(lm, safe, vector=vec, alpha=a, **kw)
-            res["steered"].append({"method": name, "alpha": a, "harmful_refusal": refusal_rate(h),
-                                   "harmful_asr": 1 - refusal_rate(h), "harmless_refusal": refusal_rate(s),
-                                   "samples": {"harmful": list(zip(harm[:3], h[:3])),
-                                               "harmless": list(zip(safe[:3], s[:3]))}})
+            res["steered"].append(_steered_row(lm, cfg, name, vec, a))
     return res
+
+
+def evaluate_matched_step(lm: LM, cfg: RefusalConfig, vectors: dict[str, SteeringVector]) -> dict[str, Any]:
+    """NTP / PO rescaled to the DIM vector's norm, at alpha 1: the methods compared at equal norm."""
+    ref = float(vectors["DIM"][vectors["DIM"].layers[0]].norm())
+    rows = []
+    for name, vec in vectors.items():
+        if name == "DIM":
+            continue
+        layer = vec.layers[0]
+        scaled = SteeringVector({layer: vec[layer] * (ref / float(vec[layer].norm()))}, vec.site, vec.provenance)
+        rows.append(_steered_row(lm, cfg, f"{name}@|DIM|", scaled, 1.0))
+    return {"reference_norm": ref, "steered": rows}
 
 
 def cosines(vectors: dict[str, SteeringVector]) -> dict[str, float]:

@@ -44,6 +44,7 @@ class Config(StudyConfig):
     batch_size: int = 16
     seed: int = option(0, "random seed")
     eval_offset: int = 0  # offset into the test split: eval prompts, then the attribution prompts
+    dtype: str = option("float32", "model dtype: float32 or bfloat16 (the GPU presets)")
 
     def __post_init__(self) -> None:
         if self.alpha_bypass >= 0 or self.alpha_induce <= 0:
@@ -57,12 +58,17 @@ class Config(StudyConfig):
                             "(default: the shipped smollm2-135m-safe/refusal-{dim,ntp,po})")
         parser.add_argument("--vector-dir", default=None, help="a refusal run folder: use its dim/ntp/po *.safetensors")
         parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+        parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                            help="a named configuration (docs/refusal-mechanisms.md); explicit options override it")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> Config:
         if ns.vectors and ns.vector_dir:
             raise StudyError("give --vectors or --vector-dir, not both")
         vals = cls.cli_values(ns)
+        if getattr(ns, "preset", None):  # options left at their defaults keep the preset's values
+            d = cls().to_dict()
+            vals = dict(PRESETS[ns.preset]) | {k: v for k, v in vals.items() if v != d[k]}
         if ns.vectors:
             vals["vectors"] = parse_vectors(ns.vectors)
         elif ns.vector_dir:
@@ -105,3 +111,27 @@ def parse_vectors(spec: str) -> dict[str, str]:
     if "dim" not in out:
         raise StudyError("--vectors must include dim=... (the ablation table uses the DIM vector)")
     return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen2.5-Coder-0.5B-Instruct on a shared 2-core CPU (docs/refusal-mechanisms.md): its own
+    # vectors from `steerscope study refusal --preset qwen-cpu` (shipped, scaled so that alpha
+    # +-1 is the selected setting), small prompt counts, short completions
+    "qwen-cpu": dict(model="qwen2.5-coder-0.5b",
+                     # NTP / PO: trained on 7 examples and not yet evaluated in the refusal study
+                     vectors={"dim": "qwen2.5-coder-0.5b/refusal-dim", "ntp": "qwen2.5-coder-0.5b/refusal-ntp",
+                              "po": "qwen2.5-coder-0.5b/refusal-po"},
+                     n_eval=16, eval_tokens=10, n_attr=4, attr_tokens=8, steps=4, n_check=2,
+                     circuit_fracs=(0.005, 0.02, 0.05, 0.1, 0.2, 0.4), bisect_steps=2,
+                     sparsities=(0.5, 0.9, 0.99), batch_size=16),
+    # paper A (Cheng et al. 2026): Gemma 2 2B-it, DIM at layer 15, position -1; Llama 3.2 3B-Instruct,
+    # layer 12, position -4; alpha +-1; 100 JBB / 100 Alpaca prompts, greedy, T = 10; vectors from
+    # `steerscope study refusal --preset paper-a-*` (pass --vector-dir). bfloat16 on a GPU. Not run here.
+    "paper-a-gemma2": dict(model="google/gemma-2-2b-it", n_eval=100, eval_tokens=256, n_attr=32, attr_tokens=64,
+                           steps=10, n_check=8, sparsities=(0.2, 0.5, 0.8, 0.9, 0.95, 0.99), batch_size=32,
+                           dtype="bfloat16"),
+    "paper-a-llama3": dict(model="meta-llama/Llama-3.2-3B-Instruct", n_eval=100, eval_tokens=256, n_attr=32,
+                           attr_tokens=64, steps=10, n_check=8, sparsities=(0.2, 0.5, 0.8, 0.9, 0.95, 0.99),
+                           batch_size=32, dtype="bfloat16"),
+}
+"""Named configurations for ``--preset``; options given on the command line override them."""

@@ -39,7 +39,7 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
 
     torch.manual_seed(cfg.seed)
     run_ = Run(out, config=cfg.identity(), force=force)
-    lm = ss.load_model(cfg.model, device=device)
+    lm = ss.load_model(cfg.model, device=device, dtype=cfg.dtype)
     vecs = load_vectors(lm, cfg)
     names = list(vecs)
     for n in names:
