@@ -168,8 +168,7 @@ def select_direction(
     base_logits = first_token_logits(lm, val[1])
     base_s = refusal_logodds(base_logits, ids)
     cands = []
-    grid = [(j, l, k, p) for j, l in enumerate(layers) for k, p in enumerate(positions)]
-    grid = [(j, l, k, p, a) for j, l, k, p in grid for a in alphas]
+    grid = [(j, l, k, p, a) for j, l in enumerate(layers) for k, p in enumerate(positions) for a in alphas]
     for j, l, k, p, a in progress(grid, desc="score candidates", enabled=show_progress):
         b, i = steered_logodds(lm, SteeringVector({l: dims[j, k]}), val[0], val[1], ids, alpha=a)
         cands.append(Candidate(l, p, b, i, alpha=a))
