@@ -276,7 +276,7 @@ class SteeringVector:
         """Load from a ``.safetensors`` file, a ``.gguf`` control vector, or a shipped name
         ``"<model-alias>/<name>"`` (e.g. ``"smollm2-135m-safe/refusal-dim"``).
 
-        ``n_layers`` (the target model's) only matters for ``.gguf`` files: see :func:`import_gguf`."""
+        ``n_layers`` (the target model's) only matters for ``.gguf`` files: see :func:`steerscope.control_vectors.import_gguf`."""
         from safetensors import safe_open
 
         path = Path(path_or_name)
@@ -289,6 +289,8 @@ class SteeringVector:
         if not path.is_file():
             raise VectorError(f"vector file not found: {path}")
         if path.suffix == ".gguf":
+            from steerscope.control_vectors import import_gguf
+
             return import_gguf(path, n_layers=n_layers)
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -312,72 +314,11 @@ class SteeringVector:
 
         llama.cpp adds ``direction.{n}`` to the output of block ``n`` (our ``resid_post`` of
         block n, which is ``resid_pre`` of block n+1); resid_pre layers are shifted by one.
+        See :func:`steerscope.control_vectors.export_gguf`.
         """
-        import gguf
+        from steerscope.control_vectors import export_gguf
 
-        shift = {"resid_pre": -1, "resid_post": 0}.get(self.site)
-        if shift is None:
-            raise VectorError(f"only resid_pre / resid_post vectors map onto llama.cpp control vectors, not {self.site}")
-        if shift == -1 and 0 in self.directions:
-            raise VectorError("a resid_pre vector at layer 0 has no llama.cpp equivalent; select other layers")
-        if self.layers[0] + shift == 0:
-            raise VectorError(
-                f"{self.site} layer {self.layers[0]} maps to llama.cpp's direction.0, which llama.cpp rejects "
-                "(it then drops the whole file and generates unsteered); select other layers, e.g. "
-                f"vec.select({[k for k in self.layers if k + shift > 0]})")
-        path = Path(path)
-        w = gguf.GGUFWriter(str(path), "controlvector")
-        w.add_string("controlvector.model_hint", model_hint or self.provenance.model or "unknown")
-        w.add_uint32("controlvector.layer_count", len(self.directions))
-        for k, v in self.directions.items():
-            w.add_tensor(f"direction.{k + shift}", v.numpy().astype("float32"))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return path
-
-
-def import_gguf(path: str | Path, n_layers: int | None = None) -> SteeringVector:
-    """Read a llama.cpp control vector.
-
-    llama.cpp adds ``direction.N`` to the output of block N: our ``resid_post`` N, i.e. ``resid_pre``
-    N+1. The vector is returned at ``resid_pre`` N+1, except when ``n_layers`` (the target model's
-    block count) is given and the file has ``direction.{n_layers-1}`` (the last block's output, which
-    llama.cpp's cvector-generator writes): then every layer is returned at ``resid_post`` N.
-
-    Example:
-        >>> import_gguf("cv.gguf", n_layers=lm.n_layers).site
-        'resid_pre'
-    """
-    import gguf
-    import numpy as np
-
-    try:
-        r = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise VectorError(f"{path} is not a readable GGUF file ({str(e)[:120]})") from None
-    hint_field = r.fields.get("controlvector.model_hint")
-    hint = None
-    if hint_field is not None and hint_field.data:
-        hint = bytes(hint_field.parts[hint_field.data[0]]).decode("utf-8", "replace")
-    dirs = {}
-    for t in r.tensors:
-        if not t.name.startswith("direction."):
-            continue
-        idx = t.name.split(".", 1)[1]
-        if not idx.isdigit():
-            raise VectorError(f"{path}: tensor {t.name!r} is not direction.<block index>; not a control vector")
-        data = np.asarray(t.data)
-        if data.ndim != 1 and sum(d > 1 for d in data.shape) > 1:
-            raise VectorError(f"{path}: {t.name} has shape {tuple(data.shape)}; a control vector direction is 1-D")
-        dirs[int(idx)] = torch.tensor(data.astype("float32").reshape(-1))
-    if not dirs:
-        raise VectorError(f"{path} has no direction.N tensors; it is not a control vector")
-    prov = Provenance(model=hint, method="gguf-import")
-    if n_layers is not None and max(dirs) == n_layers - 1:
-        return SteeringVector(dirs, "resid_post", prov)
-    return SteeringVector({n + 1: d for n, d in dirs.items()}, "resid_pre", prov)
+        return export_gguf(self, path, model_hint)
 
 
 def _parse_meta(raw: str, path: Path) -> dict[str, Any]:

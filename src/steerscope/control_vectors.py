@@ -1,0 +1,96 @@
+"""llama.cpp control vectors (GGUF): export and import, with llama.cpp's layer convention.
+
+llama.cpp adds ``direction.N`` to the output of block N: our ``resid_post`` N, which is ``resid_pre``
+N+1. llama.cpp rejects ``direction.0`` (and then drops the whole file), so layers that map there are
+refused at export. Checked against llama.cpp itself by ``benchmarks/check_llamacpp.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from steerscope.errors import VectorError
+from steerscope.vector import Provenance, SteeringVector
+
+
+def export_gguf(vec: SteeringVector, path: str | Path, model_hint: str | None = None) -> Path:
+    """Write ``vec`` as a llama.cpp control vector (``--control-vector``), as repeng does.
+
+    Args:
+        vec: a ``resid_pre`` or ``resid_post`` vector (resid_pre layers are shifted by one).
+        path: the ``.gguf`` file to write.
+        model_hint: ``controlvector.model_hint`` (default: the vector's provenance model).
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> export_gguf(vec.select([12]), "cv.gguf")
+    """
+    import gguf
+
+    shift = {"resid_pre": -1, "resid_post": 0}.get(vec.site)
+    if shift is None:
+        raise VectorError(f"only resid_pre / resid_post vectors map onto llama.cpp control vectors, not {vec.site}")
+    if shift == -1 and 0 in vec.directions:
+        raise VectorError("a resid_pre vector at layer 0 has no llama.cpp equivalent; select other layers")
+    if vec.layers[0] + shift == 0:
+        raise VectorError(
+            f"{vec.site} layer {vec.layers[0]} maps to llama.cpp's direction.0, which llama.cpp rejects "
+            "(it then drops the whole file and generates unsteered); select other layers, e.g. "
+            f"vec.select({[k for k in vec.layers if k + shift > 0]})")
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    w.add_string("controlvector.model_hint", model_hint or vec.provenance.model or "unknown")
+    w.add_uint32("controlvector.layer_count", len(vec.directions))
+    for k, v in vec.directions.items():
+        w.add_tensor(f"direction.{k + shift}", v.numpy().astype("float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def import_gguf(path: str | Path, n_layers: int | None = None) -> SteeringVector:
+    """Read a llama.cpp control vector.
+
+    llama.cpp adds ``direction.N`` to the output of block N: our ``resid_post`` N, i.e. ``resid_pre``
+    N+1. The vector is returned at ``resid_pre`` N+1, except when ``n_layers`` (the target model's
+    block count) is given and the file has ``direction.{n_layers-1}`` (the last block's output, which
+    llama.cpp's cvector-generator writes): then every layer is returned at ``resid_post`` N.
+
+    Example:
+        >>> import_gguf("cv.gguf", n_layers=lm.n_layers).site
+        'resid_pre'
+    """
+    import gguf
+    import numpy as np
+
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise VectorError(f"{path} is not a readable GGUF file ({str(e)[:120]})") from None
+    hint_field = r.fields.get("controlvector.model_hint")
+    hint = None
+    if hint_field is not None and hint_field.data:
+        hint = bytes(hint_field.parts[hint_field.data[0]]).decode("utf-8", "replace")
+    dirs = {}
+    for t in r.tensors:
+        if not t.name.startswith("direction."):
+            continue
+        idx = t.name.split(".", 1)[1]
+        if not idx.isdigit():
+            raise VectorError(f"{path}: tensor {t.name!r} is not direction.<block index>; not a control vector")
+        data = np.asarray(t.data)
+        if data.ndim != 1 and sum(d > 1 for d in data.shape) > 1:
+            raise VectorError(f"{path}: {t.name} has shape {tuple(data.shape)}; a control vector direction is 1-D")
+        dirs[int(idx)] = torch.tensor(data.astype("float32").reshape(-1))
+    if not dirs:
+        raise VectorError(f"{path} has no direction.N tensors; it is not a control vector")
+    prov = Provenance(model=hint, method="gguf-import")
+    if n_layers is not None and max(dirs) == n_layers - 1:
+        return SteeringVector(dirs, "resid_post", prov)
+    return SteeringVector({n + 1: d for n, d in dirs.items()}, "resid_pre", prov)
