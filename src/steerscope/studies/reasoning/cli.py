@@ -38,17 +38,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", action="store_true", help="adaptive per-token scaling of the bias")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from finished steps; run nothing")
     p.add_argument("--transfer-model", default=None, help="a model of the same depth and width to transfer to")
+    p.add_argument("--no-transfer", action="store_true", help="skip the transfer step")
+    p.add_argument("--seeds", type=int, default=None, help="seeds of the penultimate-layer headline vector")
+    p.add_argument("--no-gate-compare", action="store_true", help="skip the gated vs plain comparison")
+    p.add_argument("--no-sae", action="store_true", help="skip the SAE / DiffSAE step")
 
 
 def config_from_args(a: argparse.Namespace) -> ReasoningConfig:
     model = a.model if a.model != "smollm2-135m" or a.preset == "cpu" else None
     cfg = preset(a.preset, model=model, layers=tuple(a.layers.split(",")) if a.layers else None, steps=a.steps,
                  k=a.k, prompts_per_step=a.prompts_per_step, lr=a.lr, n_test=a.n_test, difficulty=a.difficulty,
-                 transfer_model=a.transfer_model, seed=a.seed)
+                 transfer_model=a.transfer_model, seed=a.seed, seeds=a.seeds)
     from dataclasses import replace
 
     return replace(cfg, train_all=cfg.train_all and not a.no_all, lora=cfg.lora and not a.no_lora,
-                   gate=cfg.gate or a.gate)
+                   gate=cfg.gate or a.gate, gate_compare=cfg.gate_compare and not a.no_gate_compare,
+                   sae=cfg.sae and not a.no_sae, transfer_model=None if a.no_transfer else cfg.transfer_model)
 
 
 def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force: bool = False,
@@ -117,7 +122,6 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
         res["control"] = run.step("control_random", lambda: st.random_control(lm, cfg, vecs[f"L{pen}"], pen))
         if res["control"] is not None:
             evals[f"random L{pen}"] = res["control"]["eval"]
-    res["transfer"] = run.step("transfer", lambda: transfer_step(cfg, vecs, lm, test, device))
     res = {k: v for k, v in res.items() if v is not None}
     report = _finish(run, cfg, lm, evals, trained, res, t0)
     if cfg.lora and (not report_only or run.done("lora")):  # last, so that a run cut short still has a report with everything else

@@ -34,7 +34,13 @@ class ReasoningConfig:
     eval_samples: int = 1
     n_analysis: int = 24
     gate: bool = False
-    transfer_model: str | None = None
+    transfer_model: str | None = "smollm2-135m-safe"  # same depth/width sibling; both directions (transfer.py)
+    seeds: int = 3  # the penultimate-layer vector trained with seeds seed..seed+seeds-1 (seeds.py)
+    gate_compare: bool = True  # also train the gated penultimate-layer vector, same budget (gate.py)
+    sae: bool = True  # SAE and DiffSAE on the penultimate layer's residual (sae_step.py)
+    sae_width: int = 1024
+    sae_k: int = 16
+    sae_samples: int = 2  # sampled completions per train prompt, steered and unsteered
     system: str | None = None
     seed: int = 0
 
@@ -59,12 +65,13 @@ class ReasoningConfig:
 PRESETS: dict[str, ReasoningConfig] = {
     "cpu": ReasoningConfig(),
     "tiny": ReasoningConfig(n_train=40, n_test=40, layers=("-2", "-1"), train_all=True, lora=True, steps=4,
-                            k=4, prompts_per_step=2, eval_samples=1, n_analysis=8),
+                            k=4, prompts_per_step=2, eval_samples=1, n_analysis=8, seeds=2, sae_width=256,
+                            sae_k=8, sae_samples=1),
     # A GPU run in the setting of Sinii et al. (2025): a math model, longer answers, 16 samples.
     "gpu-qwen-math": ReasoningConfig(model="Qwen/Qwen2.5-Math-1.5B", difficulty="word", n_train=2000, n_test=500,
                                      layers=("mid", "-2", "-1"), steps=300, prompts_per_step=16, k=16, lr=1e-3,
                                      lora_rank=8, lora_lr=1e-5, max_new_tokens=512, eval_samples=4,
-                                     n_analysis=128,
+                                     n_analysis=128, transfer_model=None, sae_width=16384, sae_k=64,
                                      system="Please reason step by step, and put your final answer within \\boxed{}."),
 }
 
