@@ -40,7 +40,7 @@ class ReasoningConfig:
     sae: bool = True  # SAE and DiffSAE on the penultimate layer's residual (sae_step.py)
     sae_width: int = 1024
     sae_k: int = 16
-    sae_samples: int = 2  # sampled completions per train prompt, steered and unsteered
+    sae_samples: int = 1  # sampled completions per train prompt, steered and unsteered
     system: str | None = None
     seed: int = 0
 

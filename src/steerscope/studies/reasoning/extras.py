@@ -1,8 +1,8 @@
 """The rest of paper B on the headline (penultimate-layer) vector: SAE features, seeds, transfer, gate.
 
 Each part is a set of resumable steps; a part that is switched off in the configuration, or whose
-vector was not trained, is skipped. Order: SAE/DiffSAE (no training), the extra seeds, transfer to
-the sibling model (one training there), the gated vector (one training).
+vector was not trained, is skipped. Order: the extra seeds (one training each), SAE/DiffSAE (no
+training), transfer to the sibling model (one training there), the gated vector (one training).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ def run_extras(run: Run, lm: LM, cfg: ReasoningConfig, vecs: dict[str, SteeringV
     if name not in vecs or name not in evals:
         return {}
     out: dict[str, Any] = {}
-    if cfg.sae:
-        out["sae"] = run.step("sae", lambda: sae_step.sae_runs(lm, cfg, vecs[name], layer))
     if cfg.seeds > 1:
         per = {f"seed {cfg.seed}": {"seed": cfg.seed, "eval": evals[name], "norm": float(vecs[name][layer].norm())}}
         for label, r in seeds.seed_runs(run, lm, cfg, layer, test).items():
             s = int(label.rsplit("seed", 1)[1])
             per[f"seed {s}"] = {"seed": s, "eval": r["eval"], "norm": r["train"]["norms"].get(str(layer))}
         out["seeds"] = seeds.seeds_summary(evals["base"], per)
+    if cfg.sae:
+        out["sae"] = run.step("sae", lambda: sae_step.sae_runs(lm, cfg, vecs[name], layer))
     tr = transfer.transfer_runs(run, lm, cfg, layer, test, evals["base"], evals[name], device)
     if tr is not None:
         out["transfer"] = tr

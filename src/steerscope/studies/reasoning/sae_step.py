@@ -106,7 +106,7 @@ def correctness(f: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, seed: int) -
         return {"note": "one class only in a split; no AUROC"}
     top, a_tr, a_te = select_and_test(f, y, tr)
     obs = _orient(a_tr[0], a_te[0])
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 171_717)
     null = []
     for _ in range(N_PERM):
         yp = y[torch.randperm(len(y), generator=g)]
@@ -126,7 +126,7 @@ def alignment(sae: TopKSAE, s: torch.Tensor, seed: int) -> dict:
     w = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
     c = w @ (s.float() / s.float().norm())
     j = int(c.abs().argmax())
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 424_242)  # not the SAE's init stream (same seed)
     r = torch.nn.functional.normalize(torch.randn(N_PERM, w.shape[1], generator=g), dim=-1)
     rand = (r @ w.T).abs().max(1).values
     top = c.abs().topk(5).indices.tolist()
