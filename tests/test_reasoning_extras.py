@@ -62,8 +62,11 @@ def test_seeds_summary_by_hand():
 def test_transfer_summary_pairs_each_direction():
     va = ss.SteeringVector({2: torch.tensor([1.0, 0.0])}, "mlp_out")
     vb = ss.SteeringVector({2: torch.tensor([1.0, 1.0])}, "mlp_out")
-    t = transfer.transfer_summary("A", "B", _ev([0, 0, 0, 1]), _ev([1, 0, 0, 1]), _ev([0, 1, 0, 0]), _ev([1, 1, 1, 0]),
-                                  _ev([1, 1, 0, 0]), _ev([1, 1, 0, 1]), va, vb, {"train_seconds": 1.0})
+    parts = {"A_base": _ev([0, 0, 0, 1]), "A_own": _ev([1, 0, 0, 1]), "B_base": _ev([0, 1, 0, 0]),
+             "B_own": _ev([1, 1, 1, 0]), "A_to_B": _ev([1, 1, 0, 0]), "B_to_A": _ev([1, 1, 0, 1])}
+    half = transfer.transfer_summary("A", "B", 2, {k: parts[k] for k in ("A_base", "A_own", "B_base", "A_to_B")}, va, None)
+    assert set(half["on_B"]) == {"transferred_vs_base"} and "cosine_a_b" not in half
+    t = transfer.transfer_summary("A", "B", 2, parts, va, vb)
     assert t["cosine_a_b"] == pytest.approx(1 / math.sqrt(2))
     assert t["on_B"]["transferred_vs_base"]["diff"][0] == pytest.approx(0.25)
     assert t["on_B"]["transferred_vs_own"]["diff"][0] == pytest.approx(-0.25)

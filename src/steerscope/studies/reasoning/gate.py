@@ -85,15 +85,19 @@ def gate_mass(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def gate_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list, base_eval: dict,
-              plain_eval: dict) -> dict:
+              plain_eval: dict) -> dict | None:
     """Resumable steps ``train_L<l>_gated``, ``eval_L<l>_gated``, ``gate_values``; returns the summary."""
     name = f"L{layer}_gated"
     t = run.step(f"train_{name}", lambda: st.train_vector(run, lm, cfg, name, [layer], gate=True))
+    if t is None:  # --report-only and not trained yet
+        return None
     bias = load_gated(run, lm, name, layer)
     ev = run.step(f"eval_{name}", lambda: st.evaluate(lm, test, cfg, name, bias.active, samples=0))
     probs = test[: cfg.n_analysis]
     texts = [lm.format_chat(p.prompt, cfg.system) for p in probs]
     vals = run.step("gate_values", lambda: {"rows": gate_values(lm, bias, texts, probs)})
+    if ev is None or vals is None:
+        return None
     summary: dict[str, Any] = {
         "layer": layer, "n_trainable": t["n_trainable"], "norm": float(bias.s[str(layer)].detach().norm()),
         "gate_b": float(bias.b[str(layer)].detach()), "gate_w_norm": float(bias.w[str(layer)].detach().norm()),

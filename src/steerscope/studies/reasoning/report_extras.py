@@ -34,20 +34,20 @@ def transfer_section(r: Report, tr: dict | None) -> None:
         r.p((tr or {}).get("note", "not run"))
         return
     a, b, acc = tr["model_a"], tr["model_b"], tr["accuracy"]
+    labels = (("A_base", a, "unsteered"), ("A_own", a, "own vector"), ("B_to_A", a, f"{b}'s vector"),
+              ("B_base", b, "unsteered"), ("B_own", b, "own vector"), ("A_to_B", b, f"{a}'s vector"))
+    cap = f"Layer {tr['layer']}; ‖s_A‖ = {tr['norm_a']:.1f}"
+    if "cosine_a_b" in tr:
+        cap += f", ‖s_B‖ = {tr['norm_b']:.1f}, cos(s_A, s_B) = {tr['cosine_a_b']:.3f}"
     r.table(["model", "condition", "greedy acc", "95% CI"],
-            [[a, "unsteered", acc["A_base"]["greedy_acc"], _ci(acc["A_base"]["greedy_ci"])],
-             [a, "own vector", acc["A_own"]["greedy_acc"], _ci(acc["A_own"]["greedy_ci"])],
-             [a, f"{b}'s vector", acc["B_to_A"]["greedy_acc"], _ci(acc["B_to_A"]["greedy_ci"])],
-             [b, "unsteered", acc["B_base"]["greedy_acc"], _ci(acc["B_base"]["greedy_ci"])],
-             [b, "own vector", acc["B_own"]["greedy_acc"], _ci(acc["B_own"]["greedy_ci"])],
-             [b, f"{a}'s vector", acc["A_to_B"]["greedy_acc"], _ci(acc["A_to_B"]["greedy_ci"])]],
-            caption=f"Layer {tr['layer']}; cos(s_A, s_B) = {tr['cosine_a_b']:.3f}, ‖s_A‖ = {tr['norm_a']:.1f}, "
-                    f"‖s_B‖ = {tr['norm_b']:.1f}.")
+            [[m, lab, acc[k]["greedy_acc"], _ci(acc[k]["greedy_ci"])] for k, m, lab in labels if k in acc],
+            caption=cap + ". Rows missing: not run.")
     rows = []
     for tgt, key in ((a, "on_A"), (b, "on_B")):
         for k, lab in (("transferred_vs_base", "transferred − unsteered"), ("transferred_vs_own", "transferred − own"),
                        ("own_vs_base", "own − unsteered")):
-            rows.append([tgt, lab, _d(tr[key][k]["diff"]), tr[key][k]["mcnemar_p"]])
+            if k in tr[key]:
+                rows.append([tgt, lab, _d(tr[key][k]["diff"]), tr[key][k]["mcnemar_p"]])
     r.table(["on model", "comparison", "Δ greedy (paired 95% CI)", "McNemar p"], rows)
 
 

@@ -18,16 +18,26 @@ from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.runner import Run
 
 
-def seed_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list) -> dict[str, dict]:
-    """Train and evaluate ``L<layer>_seed<s>`` for the extra seeds (each a resumable step pair)."""
-    out: dict[str, dict] = {}
+def seed_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list,
+              only: list[int] | None = None) -> dict[int, dict]:
+    """Train and evaluate ``L<layer>_seed<s>`` for the extra seeds (or those in ``only``); resumable steps.
+
+    Returns ``{seed: {"seed", "eval", "norm"}}``.
+    """
+    out: dict[int, dict] = {}
     for s in range(cfg.seed + 1, cfg.seed + cfg.seeds):
+        if only is not None and s not in only:
+            continue
         name = f"L{layer}_seed{s}"
         t = run.step(f"train_{name}", lambda name=name, s=s: st.train_vector(run, lm, cfg, name, [layer], train_seed=s))
+        if t is None:  # --report-only and not trained yet
+            continue
         vec = st.load_vector(run, name)
         ev = run.step(f"eval_{name}", lambda name=name, vec=vec: st.evaluate(
             lm, test, cfg, name, lambda: steering(lm, vec, 1.0), samples=0))
-        out[name] = {"train": t, "eval": ev}
+        if ev is None:
+            continue
+        out[s] = {"seed": s, "eval": ev, "norm": t["norms"].get(str(layer))}
     return out
 
 

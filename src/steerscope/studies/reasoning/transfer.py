@@ -27,47 +27,66 @@ def _frozen(name: str, device: str) -> LM:
     return lm
 
 
-def transfer_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list, base_eval: dict,
-                  own_eval: dict, device: str) -> dict | None:
-    """Resumable steps ``transfer_*``; returns the summary (None when no transfer model is set)."""
+def load_target(cfg: ReasoningConfig, lm: LM, device: str) -> tuple[LM | None, str | None]:
+    """The transfer model B (frozen), or None and the reason (not set, or another depth or width)."""
     if not cfg.transfer_model:
-        return None
+        return None, "no transfer model configured (--transfer-model)"
     tgt = _frozen(cfg.transfer_model, device)
     if (tgt.n_layers, tgt.d_model) != (lm.n_layers, lm.d_model):
-        return {"done": False, "note": f"{cfg.transfer_model} has {tgt.n_layers} layers and d_model {tgt.d_model}, "
-                f"{cfg.model} {lm.n_layers} and {lm.d_model}: transfer needs the same depth and width"}
+        return None, (f"{cfg.transfer_model} has {tgt.n_layers} layers and d_model {tgt.d_model}, {cfg.model} "
+                      f"{lm.n_layers} and {lm.d_model}: transfer needs the same depth and width")
+    return tgt, None
+
+
+def a_to_b(run: Run, tgt: LM, cfg: ReasoningConfig, layer: int, test: list) -> dict[str, dict]:
+    """Steps ``transfer_B_base`` and ``transfer_A_to_B`` (no training)."""
+    va_on_b = an.transfer_vector(st.load_vector(run, f"L{layer}"), tgt)
+    out = {"B_base": run.step("transfer_B_base", lambda: st.evaluate(tgt, test, cfg, "B base", samples=0)),
+           "A_to_B": run.step("transfer_A_to_B", lambda: st.evaluate(
+               tgt, test, cfg, "A's vector on B", lambda: steering(tgt, va_on_b, 1.0), samples=0))}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def b_to_a(run: Run, lm: LM, tgt: LM, cfg: ReasoningConfig, layer: int, test: list) -> dict[str, dict]:
+    """Steps ``train_B_L<l>`` (B's own vector, same trainer, budget and seed), ``transfer_B_own``, ``transfer_B_to_A``."""
     name = f"B_L{layer}"
     t = run.step(f"train_{name}", lambda: st.train_vector(run, tgt, cfg, name, [layer]))
-    vec_a, vec_b = st.load_vector(run, f"L{layer}"), st.load_vector(run, name)
-    b_base = run.step("transfer_B_base", lambda: st.evaluate(tgt, test, cfg, "B base", samples=0))
-    b_own = run.step("transfer_B_own", lambda: st.evaluate(tgt, test, cfg, "B own", lambda: steering(tgt, vec_b, 1.0),
-                                                           samples=0))
-    va_on_b = an.transfer_vector(vec_a, tgt)
-    a_to_b = run.step("transfer_A_to_B", lambda: st.evaluate(
-        tgt, test, cfg, "A's vector on B", lambda: steering(tgt, va_on_b, 1.0), samples=0))
+    if t is None:  # --report-only and not trained yet
+        return {}
+    vec_b = st.load_vector(run, name)
+    own = run.step("transfer_B_own", lambda: st.evaluate(tgt, test, cfg, "B own", lambda: steering(tgt, vec_b, 1.0),
+                                                         samples=0))
     vb_on_a = an.transfer_vector(vec_b, lm)
-    b_to_a = run.step("transfer_B_to_A", lambda: st.evaluate(
+    back = run.step("transfer_B_to_A", lambda: st.evaluate(
         lm, test, cfg, "B's vector on A", lambda: steering(lm, vb_on_a, 1.0), samples=0))
-    return transfer_summary(cfg.model, cfg.transfer_model, base_eval, own_eval, b_base, b_own, a_to_b, b_to_a,
-                            vec_a, vec_b, t)
+    out = {"train_B": t, "B_own": own, "B_to_A": back}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _cmp(ref: dict, ev: dict) -> dict[str, Any]:
     return {"diff": an.paired_diff(ref["greedy"], ev["greedy"]), "mcnemar_p": an.mcnemar_p(ref["greedy"], ev["greedy"])}
 
 
-def transfer_summary(a: str, b: str, a_base: dict, a_own: dict, b_base: dict, b_own: dict, a_to_b: dict,
-                     b_to_a: dict, vec_a: SteeringVector, vec_b: SteeringVector, train_b: dict) -> dict:
-    """Accuracies and paired comparisons for both directions, and the two vectors' cosine."""
-    layer = vec_a.layers[0]
-    cos = float((vec_a[layer] @ vec_b[layer]) / (vec_a[layer].norm() * vec_b[layer].norm()).clamp_min(1e-12))
+def transfer_summary(a: str, b: str, layer: int, parts: dict[str, dict], vec_a: SteeringVector,
+                     vec_b: SteeringVector | None) -> dict:
+    """Accuracies and paired comparisons for the directions that have run, and the two vectors' cosine.
+
+    ``parts`` holds evaluation records under ``A_base``, ``A_own``, ``B_base``, ``A_to_B`` and, once B's
+    vector is trained, ``B_own`` and ``B_to_A``.
+    """
     acc = {k: {"greedy_acc": e["greedy_acc"], "greedy_ci": e["greedy_ci"], "n": e["n"]}
-           for k, e in (("A_base", a_base), ("A_own", a_own), ("B_base", b_base), ("B_own", b_own),
-                        ("A_to_B", a_to_b), ("B_to_A", b_to_a))}
-    return {"done": True, "model_a": a, "model_b": b, "layer": layer, "accuracy": acc, "cosine_a_b": cos,
-            "norm_a": float(vec_a[layer].norm()), "norm_b": float(vec_b[layer].norm()),
-            "train_b_seconds": train_b.get("train_seconds"),
-            "on_B": {"transferred_vs_base": _cmp(b_base, a_to_b), "transferred_vs_own": _cmp(b_own, a_to_b),
-                     "own_vs_base": _cmp(b_base, b_own)},
-            "on_A": {"transferred_vs_base": _cmp(a_base, b_to_a), "transferred_vs_own": _cmp(a_own, b_to_a),
-                     "own_vs_base": _cmp(a_base, a_own)}}
+           for k, e in parts.items() if "greedy" in e}
+    out: dict[str, Any] = {"done": True, "model_a": a, "model_b": b, "layer": layer, "accuracy": acc,
+                           "norm_a": float(vec_a[layer].norm()), "on_A": {}, "on_B": {}}
+    if "A_to_B" in parts and "B_base" in parts:
+        out["on_B"]["transferred_vs_base"] = _cmp(parts["B_base"], parts["A_to_B"])
+    if vec_b is not None and "B_own" in parts and "B_to_A" in parts:
+        sa, sb = vec_a[layer], vec_b[layer]
+        out["cosine_a_b"] = float((sa @ sb) / (sa.norm() * sb.norm()).clamp_min(1e-12))
+        out["norm_b"] = float(sb.norm())
+        out["on_B"]["transferred_vs_own"] = _cmp(parts["B_own"], parts["A_to_B"])
+        out["on_B"]["own_vs_base"] = _cmp(parts["B_base"], parts["B_own"])
+        out["on_A"]["transferred_vs_base"] = _cmp(parts["A_base"], parts["B_to_A"])
+        out["on_A"]["transferred_vs_own"] = _cmp(parts["A_own"], parts["B_to_A"])
+    out["on_A"]["own_vs_base"] = _cmp(parts["A_base"], parts["A_own"])
+    return out
