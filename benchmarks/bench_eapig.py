@@ -32,9 +32,7 @@ import torch
 from scipy.stats import spearmanr
 
 import steerscope as ss
-from steerscope import attribution as A
 from steerscope import circuits as C
-from steerscope import edge_patching as E
 from steerscope.data import data_path, read_jsonl
 
 
@@ -68,20 +66,20 @@ def main() -> dict:
     vec = ss.SteeringVector.load(a.vector)
     vec = vec.select([a.layer if a.layer is not None else vec.layers[0]])
     prompts = [r["instruction"] for r in read_jsonl(data_path("refusal", f"{a.prompts}.jsonl"))][300 : 300 + a.n]
-    pb = A.prepare(lm, prompts, vec, a.alpha, max_new_tokens=a.tokens)
+    pb = C.prepare(lm, prompts, vec, a.alpha, max_new_tokens=a.tokens)
 
     t0 = time.perf_counter()
-    att = A.eap_ig(lm, pb, vec, a.alpha, steps=a.steps, batch_size=a.batch)
+    att = C.eap_ig(lm, pb, vec, a.alpha, steps=a.steps, batch_size=a.batch)
     t_eap = time.perf_counter() - t0
     g = att.graph
     t0 = time.perf_counter()
-    exact = E.edge_effects(lm, pb, vec, a.alpha, g, batch_size=a.batch, show_progress=a.progress)
+    exact = C.edge_effects(lm, pb, vec, a.alpha, g, batch_size=a.batch, show_progress=a.progress)
     t_edges = time.perf_counter() - t0
     t0 = time.perf_counter()
-    exact_nodes = E.node_effects(lm, pb, vec, a.alpha, g, batch_size=a.batch)
+    exact_nodes = C.node_effects(lm, pb, vec, a.alpha, g, batch_size=a.batch)
     t_nodes = time.perf_counter() - t0
     t0 = time.perf_counter()
-    A.eap_ig(lm, pb, vec, a.alpha, steps=a.steps, batch_size=a.batch)
+    C.eap_ig(lm, pb, vec, a.alpha, steps=a.steps, batch_size=a.batch)
     t_eap2 = time.perf_counter() - t0
 
     v = g.valid

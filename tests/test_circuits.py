@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import steerscope as ss
-from steerscope import attribution as A
+from steerscope import circuits as A
 from steerscope import circuits as C
+from steerscope.circuits import Node, Receiver
 from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, tiny_lm, tiny_vector  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +36,7 @@ def test_all_edges_give_the_steered_run_and_none_the_unsteered_run(setup) -> Non
 
 def test_dropping_every_edge_out_of_a_head_equals_patching_its_output(setup) -> None:
     lm, v, pb, g = setup
-    u = g.upstream.index("L2.H1")
+    u = g.index(Node.attn_head(2, 1))
     keep = torch.ones_like(g.valid)
     keep[u] = False
     corr = {}
@@ -55,14 +56,14 @@ def test_dropping_every_edge_out_of_a_head_equals_patching_its_output(setup) -> 
 def test_prune_keeps_only_paths_from_s_to_logits() -> None:
     g = A.Graph.build(0, 2, 2, 1)
     keep = torch.zeros_like(g.valid)
-    R = g.receivers.index
-    keep[0, R("L0.H0.q")] = True  # s -> head L0.H0
-    keep[g.upstream.index("L0.H0"), R("logits")] = True  # L0.H0 -> logits: a full path
-    keep[g.upstream.index("L1.H1"), R("logits")] = True  # dangling: L1.H1 has no input from s
-    keep[0, R("L1.MLP")] = True  # dangling: L1.MLP does not reach the logits
+    R = g.receiver_index
+    keep[0, R(Receiver(0, "q", 0))] = True  # s -> head L0.H0
+    keep[g.index(Node.attn_head(0, 0)), R(Receiver(2, "logits"))] = True  # L0.H0 -> logits: a full path
+    keep[g.index(Node.attn_head(1, 1)), R(Receiver(2, "logits"))] = True  # dangling: L1.H1 has no input from s
+    keep[0, R(Receiver(1, "mlp"))] = True  # dangling: L1.MLP does not reach the logits
     out = C.prune(keep, g)
     assert int(out.sum()) == 2
-    assert out[0, R("L0.H0.q")] and out[g.upstream.index("L0.H0"), R("logits")]
+    assert out[0, R(Receiver(0, "q", 0))] and out[g.index(Node.attn_head(0, 0)), R(Receiver(2, "logits"))]
 
 
 def test_overlap_and_random_circuit_sizes() -> None:

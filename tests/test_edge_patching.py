@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import steerscope as ss
-from steerscope import attribution as A
+from steerscope import circuits as A
 from steerscope import circuits as C
-from steerscope import edge_patching as E
+from steerscope.circuits import Node, Receiver
+from steerscope.circuits import exact as E
 from steerscope.errors import SteerscopeError
 from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, tiny_lm, tiny_vector  # noqa: F401
 
@@ -35,10 +36,12 @@ def _unbatched_edge(lm, v, pb, g, f: int) -> float:
 def test_batched_single_edge_patching_equals_unbatched_patched_metric(setup) -> None:
     lm, v, pb, g = setup
     U, V = g.valid.shape
-    R, up = g.receivers.index, g.upstream.index
-    picks = [(up("s"), R("L1.H0.q")), (up("s"), R("L2.KV1.k")), (up("L1.H2"), R("L2.KV0.v")),
-             (up("L1.MLP"), R("L2.H3.q")), (up("L1.H1"), R("L1.MLP")), (up("s"), R("L2.MLP")),
-             (up("L2.H0"), R("logits")), (up("L2.MLP"), R("logits")), (up("L1.H3"), R("L2.KV1.v"))]
+    R, up, H = g.receiver_index, g.index, Node.attn_head
+    s, logits = Node.steer(1), Receiver(3, "logits")
+    picks = [(up(s), R(Receiver(1, "q", 0))), (up(s), R(Receiver(2, "k", 1))), (up(H(1, 2)), R(Receiver(2, "v", 0))),
+             (up(Node.mlp(1)), R(Receiver(2, "q", 3))), (up(H(1, 1)), R(Receiver(1, "mlp"))),
+             (up(s), R(Receiver(2, "mlp"))), (up(H(2, 0)), R(logits)), (up(Node.mlp(2)), R(logits)),
+             (up(H(1, 3)), R(Receiver(2, "v", 1)))]
     want = torch.zeros_like(g.valid)
     for u, r in picks:
         want[u, r] = True
@@ -53,7 +56,7 @@ def test_batched_single_edge_patching_equals_unbatched_patched_metric(setup) -> 
 
 def test_batched_node_patching_equals_dropping_all_outgoing_edges(setup) -> None:
     lm, v, pb, g = setup
-    nodes = [g.upstream.index(n) for n in ("s", "L1.H1", "L1.MLP", "L2.H3", "L2.MLP")]
+    nodes = [g.index(n) for n in (Node.steer(1), Node.attn_head(1, 1), Node.mlp(1), Node.attn_head(2, 3), Node.mlp(2))]
     ex = E.node_effects(lm, pb, v, 1.0, g, nodes=nodes, tokens_per_pass=100)
     full = torch.ones_like(g.valid)
     m0 = C.patched_metric(lm, pb, v, 1.0, g, full).mean()
@@ -81,13 +84,13 @@ def test_every_edge_in_one_call_matches_single_calls(setup) -> None:
 def test_receiver_and_node_sites_cover_the_graph() -> None:
     g = A.Graph.build(1, 3, 4, 2)
     sites = [E.receiver_site(g, j) for j in range(len(g.receivers))]
-    assert sites[g.receivers.index("L1.H2.q")] == (1, E.POINTS.index("q"), 2)
-    assert sites[g.receivers.index("L2.KV1.v")] == (2, E.POINTS.index("v"), 1)
-    assert sites[g.receivers.index("L2.MLP")] == (2, E.POINTS.index("mlp"), 0)
+    assert sites[g.receiver_index(Receiver(1, "q", 2))] == (1, E.POINTS.index("q"), 2)
+    assert sites[g.receiver_index(Receiver(2, "v", 1))] == (2, E.POINTS.index("v"), 1)
+    assert sites[g.receiver_index(Receiver(2, "mlp"))] == (2, E.POINTS.index("mlp"), 0)
     assert sites[-1] == (3, E.POINTS.index("pre"), 0)
     assert E.node_site(g, 0) == (1, E.POINTS.index("pre"))
-    assert E.node_site(g, g.upstream.index("L2.H3")) == (2, E.POINTS.index("mid"))
-    assert E.node_site(g, g.upstream.index("L2.MLP")) == (3, E.POINTS.index("pre"))
+    assert E.node_site(g, g.index(Node.attn_head(2, 3))) == (2, E.POINTS.index("mid"))
+    assert E.node_site(g, g.index(Node.mlp(2))) == (3, E.POINTS.index("pre"))
 
 
 def test_a_graph_from_another_layer_is_refused(setup) -> None:

@@ -63,7 +63,7 @@ def _rows_seen(lm, layers: list[int]) -> tuple[dict[int, set[int]], dict]:
 @pytest.mark.parametrize("layer", [0, 2])
 def test_fast_path_equals_the_two_pass_reference_with_left_padding(family: str, mode: str, layer: int) -> None:
     lm = _tiny(family)
-    assert F._mask_fns(lm) is not None  # the fast path applies
+    assert F._fast_missing(lm) == ""  # the fast path applies
     enc = lm.tokenize([lm.format_chat(p) for p in MIXED])
     assert (enc["attention_mask"] == 0).any()  # prompts of different lengths: left padding exercised
     v = tiny_vector(lm, layer=layer, scale=4.0)
@@ -84,7 +84,7 @@ def test_fast_path_runs_layers_below_the_steering_layer_once_on_the_prompt_rows(
     with ss.attached(lm, rec):
         fast = F.frozen_generate_ids(lm, PROMPTS[:3], v, 1.0, mode=mode, max_new_tokens=4)
     assert seen == {0: {3}, 1: {6}, 2: {6}}  # below the steering layer: B rows; from it: 2B
-    monkeypatch.setattr(F, "_mask_fns", lambda _lm: None)  # force the doubled-batch generate path
+    monkeypatch.setattr(F, "_fast_missing", lambda _lm: "forced")  # force the doubled-batch generate path
     seen, rec = _rows_seen(lm, [0])
     with ss.attached(lm, rec):
         slow = F.frozen_generate_ids(lm, PROMPTS[:3], v, 1.0, mode=mode, max_new_tokens=4)
@@ -96,16 +96,45 @@ def test_fast_path_runs_layers_below_the_steering_layer_once_on_the_prompt_rows(
 @pytest.mark.parametrize("family", ["gpt2", "gemma2"])
 def test_other_families_fall_back_to_the_doubled_batch_and_equal_the_reference(family: str) -> None:
     lm = _tiny(family)
-    assert F._mask_fns(lm) is None
     v = tiny_vector(lm, layer=2, scale=4.0)
     seen, rec = _rows_seen(lm, [0])
     for mode in ("qk", "ov"):
         with ss.attached(lm, rec):
-            got = F.frozen_generate_ids(lm, MIXED, v, 1.0, mode=mode, max_new_tokens=5)
+            got = F.frozen_generate_ids(lm, MIXED, v, 1.0, mode=mode, max_new_tokens=5, fast=False)
         ref = F.reference_frozen_generate(lm, MIXED, v, 1.0, mode=mode, max_new_tokens=5)
         pad = lm.tokenizer.pad_token_id
         assert torch.equal(_pad_to(got, 5, pad), _pad_to(ref, 5, pad)), mode
     assert seen == {0: {6}}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("mode", ["qk", "ov"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_fast_path_on_gemma_and_fused_qkv_families_equals_the_reference(family: str, mode: str, layer: int) -> None:
+    """Gemma 2/3 (post-sublayer norms, soft-capping, q/k norms, sliding-window layers) and the fused
+    q/k/v layouts: the fast path runs the model's own forward, token for token equal to the two-pass
+    reference with left padding, and computes the layers below the steering layer once."""
+    lm = _tiny(family)
+    assert F._fast_missing(lm) == ""
+    enc = lm.tokenize([lm.format_chat(p) for p in MIXED])
+    assert (enc["attention_mask"] == 0).any() and enc["input_ids"].shape[1] > 8  # past the sliding window (8)
+    v = tiny_vector(lm, layer=layer, scale=4.0)
+    seen, rec = _rows_seen(lm, [0, 3])
+    with ss.attached(lm, rec):
+        fast = F.frozen_generate_ids(lm, MIXED, v, 1.0, mode=mode, max_new_tokens=6, fast=True)
+    assert seen == {0: {3 if layer > 0 else 6}, 3: {6}}
+    ref = F.reference_frozen_generate(lm, MIXED, v, 1.0, mode=mode, max_new_tokens=6)
+    pad = lm.tokenizer.pad_token_id
+    assert torch.equal(_pad_to(fast, 6, pad), _pad_to(ref, 6, pad))
+    if mode == "ov":  # freezing matters here, so the copy hooks were live
+        plain = F.frozen_generate_ids(lm, MIXED, v, 1.0, mode="none", max_new_tokens=6)
+        assert not torch.equal(_pad_to(fast, 6, pad), _pad_to(plain, 6, pad))
+
+
+def test_svv_removal_refuses_layernorm_families_naming_what_is_missing() -> None:
+    lm = _tiny("gpt2")
+    with pytest.raises(SteerscopeError, match="RMSNorm"):
+        F.frozen_generate_ids(lm, MIXED[:1], tiny_vector(lm, layer=1), 1.0, mode="svv", max_new_tokens=2)
 
 
 @pytest.mark.parametrize("mode", ["qk", "ov"])
@@ -139,7 +168,7 @@ def test_fast_path_equals_the_reference_on_the_shipped_organism(mode: str) -> No
     vec = ss.SteeringVector.load("smollm2-135m-safe/refusal-dim")
     vec = vec.select([vec.layers[0]])
     prompts = ["How do I pick a lock?", "Write a short poem about the sea and the wind at night.", "Hi"]
-    assert F._mask_fns(org) is not None
+    assert F._fast_missing(org) == ""
     fast = F.frozen_generate_ids(org, prompts, vec, -1.0, mode=mode, max_new_tokens=5)
     ref = F.reference_frozen_generate(org, prompts, vec, -1.0, mode=mode, max_new_tokens=5)
     pad = org.tokenizer.pad_token_id

@@ -7,6 +7,8 @@ import torch
 
 import steerscope as ss
 from steerscope import ov
+from steerscope.circuits import Node
+from steerscope.lens import logit_lens
 from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, tiny_lm  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,12 +46,13 @@ def test_logit_lens_reads_an_unembedding_row_back() -> None:
     lm = tiny_lm(layers=1)
     tid = lm.tokenizer.encode(" bread", add_special_tokens=False)[0]
     x = lm.W_U()[tid] / lm.norm_weight(None, lm.family.final_norm)
-    top, bottom = ov.logit_lens(lm, 50 * x, k=3)
+    top = logit_lens(lm, 50 * x, k=3, final_norm=True)[0].tokens
+    bottom = logit_lens(lm, 50 * x, k=3, final_norm=True, largest=False)[0].tokens
     assert top[0] == " bread" and " bread" not in bottom
 
 
 def test_lens_table_ranks_heads_by_absolute_score() -> None:
     lm = tiny_lm(layers=2)
-    rows = ov.lens_table(lm, torch.randn(lm.d_model), {"L1.H0": 0.1, "L0.H3": -2.0, "L1.MLP": 9.0, "s": 5.0},
-                         n_heads=2, k=4)
-    assert [r.head for r in rows] == ["L0.H3", "L1.H0"] and len(rows[0].top) == 4
+    scores = {Node.attn_head(1, 0): 0.1, Node.attn_head(0, 3): -2.0, Node.mlp(1): 9.0, Node.steer(0): 5.0}
+    rows = ov.lens_table(lm, torch.randn(lm.d_model), scores, n_heads=2, k=4)
+    assert [r.node for r in rows] == [Node.attn_head(0, 3), Node.attn_head(1, 0)] and len(rows[0].top.tokens) == 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import make_tiny
-from steerscope.vjp import norm_vjp, rms_params, rms_proj_vjp_sum, rms_vjp_sum
+from steerscope.circuits._vjp import norm_vjp, rms_params, rms_proj_vjp_sum, rms_vjp_sum
 
 
 def _norm(d: int = 32):

@@ -11,14 +11,18 @@ Algorithm (greedy, steering alpha*s added at resid_pre[l] at every position):
      unsteered pass on the steered text. Causality makes this equal to the two-pass reference
      (:func:`reference_frozen_generate`: per step, an unsteered pass, then a patched steered
      pass, no cache).
-     Fast path (Llama, Mistral, Qwen2, Qwen3): below l both halves are the same computation, so
-     a hand-written greedy loop over the HF decoder layers runs layers 0..l-1 on the B prompt
-     rows only and doubles the hidden state (and mask, rotary embeddings) to 2B rows entering
-     layer l; the per-layer KV cache holds B rows below l and 2B from l. The final norm and LM
-     head run on the steered rows' last position only. There QK freezing copies the base rows'
-     queries and keys (sites ``attn.q``, ``attn.k``) instead of their patterns: the probabilities
-     are the same function of the same q, k, mask and positions, and SDPA computes them (no
-     eager attention). Other families use ``generate`` on the doubled batch.
+     Fast path (every supported family whose causal-LM forward takes a cache and
+     ``logits_to_keep``: Llama, Mistral, Qwen2/3, Gemma, Gemma 2, Gemma 3, GPT-2, GPT-NeoX): below
+     l both halves are the same computation, so a greedy loop calls the HF model itself on the B
+     prompt rows and :func:`steerscope.hooks.widened_batch` doubles what enters block l (residual
+     stream, mask, rotary embeddings, position ids) to 2B rows; the model's KV cache holds B rows
+     below l and 2B from l, and the LM head runs on the last position only. Nothing of the
+     model is re-implemented, so post-sublayer norms, logit soft-capping, q/k norms and
+     sliding-window layers (Gemma 2/3) are the model's own. There QK freezing copies the base
+     rows' queries and keys (sites ``attn.q``, ``attn.k``, before rotary and q/k norms) instead
+     of their patterns: the probabilities are the same function of the same q, k, mask and
+     positions, and the model's attention kernel computes them (no eager attention). Otherwise
+     (or with ``fast=False``) ``generate`` runs on the doubled batch.
   3. svv removal: at every layer >= l, subtract the layer-normalised steering vector
      D_c(alpha s ⊙ γ) (c = 1 / rms of that layer's attention input) from the value-projection
      input, i.e. v <- v - W_V (γ ⊙ alpha s) / rms(x). MLP ablation: subtract
@@ -29,23 +33,21 @@ Cited: Cheng, Wiegreffe, Manocha 2026 (arXiv 2604.08524), "Frozen generation", T
 
 from __future__ import annotations
 
+import inspect
 from contextlib import ExitStack
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from steerscope.errors import SteerscopeError
-from steerscope.hooks import Call, attached
-from steerscope.models.load import LM
+from steerscope.hooks import Call, HookFn, attached, widened_batch
+from steerscope.models.lm import LM
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 
 MODES = ("none", "qk", "ov", "svv", "mlp")
-FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # decoder loops mirrored by :func:`_fast_frozen_ids`
 QK_SITES = ("attn.q", "attn.k")  # fast path: equal q and k give the steered rows the base patterns
-_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 class _Mirror(LogitsProcessor):
@@ -80,61 +82,61 @@ def _single(lm: LM, vector: SteeringVector) -> tuple[int, torch.Tensor]:
     return layer, vector[layer].to(lm.device, lm.dtype)
 
 
-def ablation_hooks(lm: LM, vector: SteeringVector, alpha: float | torch.Tensor, mode: str) -> dict:
+def ablation_hooks(lm: LM, vector: SteeringVector, alpha: float | torch.Tensor, mode: str) -> dict[str, HookFn]:
     """Hooks for ``svv`` / ``mlp`` removal (use inside a steering context; registered after it).
 
-    ``alpha`` is a float or a per-row tensor [batch].
+    ``alpha`` is a float or a per-row tensor [batch]. Needs RMSNorm blocks (not GPT-2 / NeoX).
     """
     layer0, s = _single(lm, vector)
-    fam = lm.family
+    if mode not in ("svv", "mlp"):
+        raise SteerscopeError(f"ablation mode {mode!r} unknown; use svv or mlp")
+    if isinstance(lm.norm(layer0, "input"), torch.nn.LayerNorm):
+        raise SteerscopeError(f"{mode} removal is defined for RMSNorm blocks; {lm.model.config.model_type} uses "
+                              "LayerNorm (its mean subtraction is not modelled). Use mode qk, ov or none.")
     xs: dict[str, torch.Tensor] = {}
 
     def scaled(x: torch.Tensor) -> torch.Tensor:  # alpha*s per row [batch 1 d]
         a = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
         return a * s
 
-    hooks: dict = {}
+    def keep(key: str) -> HookFn:
+        return lambda x, _c: xs.__setitem__(key, x)
+
+    hooks: dict[str, HookFn] = {}
     for layer in range(layer0, lm.n_layers):
         if mode == "svv":
-            norm = lm.module(layer, fam.input_norm)
-            g = lm.norm_weight(layer, fam.input_norm).to(lm.dtype)
-            W = lm.module(layer, fam.v_proj).weight.detach()  # [kv*d_head d_model]
+            norm, g = lm.norm(layer, "input"), lm.gamma(layer, "input").to(lm.dtype)
+            W = lm.W_V(layer, repeat=False)  # [kv_head d_model d_head]
 
-            def keep(x: torch.Tensor, _c: Call, layer: int = layer) -> None:
-                xs[f"pre{layer}"] = x
-
-            def sub_v(v: torch.Tensor, _c: Call, layer: int = layer, norm=norm, g=g, W=W) -> torch.Tensor:
+            def sub_v(v: torch.Tensor, _c: Call, layer: int = layer, norm: Any = norm, g: torch.Tensor = g,
+                      W: torch.Tensor = W) -> torch.Tensor:
                 x = xs[f"pre{layer}"]
                 u = scaled(x) * g / _rms(norm, x)  # [b p d] layer-normalised s
-                return v - torch.nn.functional.linear(u, W).view_as(v)
-            hooks[f"blocks.{layer}.resid_pre"] = keep
+                return v - torch.einsum("bpm,hmd->bphd", u, W)
+            hooks[f"blocks.{layer}.resid_pre"] = keep(f"pre{layer}")
             hooks[f"blocks.{layer}.attn.v"] = sub_v
-        elif mode == "mlp":
-            norm = lm.module(layer, fam.pre_mlp_norm)
-            g = lm.norm_weight(layer, fam.pre_mlp_norm).to(lm.dtype)
+        else:
+            norm, g = lm.norm(layer, "pre_mlp"), lm.gamma(layer, "pre_mlp").to(lm.dtype)
 
-            def keep_mid(x: torch.Tensor, _c: Call, layer: int = layer) -> None:
-                xs[f"mid{layer}"] = x
-
-            def sub_m(h: torch.Tensor, _c: Call, layer: int = layer, norm=norm, g=g) -> torch.Tensor:
+            def sub_m(h: torch.Tensor, _c: Call, layer: int = layer, norm: Any = norm,
+                      g: torch.Tensor = g) -> torch.Tensor:
                 x = xs[f"mid{layer}"]
                 return h - scaled(x) * g / _rms(norm, x)
-            hooks[f"blocks.{layer}.resid_mid"] = keep_mid
+            hooks[f"blocks.{layer}.resid_mid"] = keep(f"mid{layer}")
             hooks[f"blocks.{layer}.mlp_in"] = sub_m
-        else:
-            raise SteerscopeError(f"ablation mode {mode!r} unknown; use svv or mlp")
     return hooks
 
 
 @torch.no_grad()
 def frozen_generate_ids(lm: LM, prompts: Sequence[str], vector: SteeringVector, alpha: float, mode: str = "qk",
-                        max_new_tokens: int = 32, chat: bool = True) -> torch.Tensor:
+                        max_new_tokens: int = 32, chat: bool = True, fast: bool | None = None) -> torch.Tensor:
     """Greedy steered generation with an ablation; new token ids [batch new] (pads after EOS).
 
     Args:
         mode: ``none`` (plain steering), ``qk``/``ov`` (frozen from the unsteered run, one batched
-            forward per step; on Llama, Mistral and Qwen the layers below the steering layer run
-            once per prompt), ``svv`` (value-path s removed) or ``mlp`` (MLP-input s removed).
+            forward per step; the layers below the steering layer run once per prompt where the
+            fast path applies), ``svv`` (value-path s removed) or ``mlp`` (MLP-input s removed).
+        fast: qk/ov only: force (True) or avoid (False) the fast path; None: use it where it applies.
 
     Example:
         >>> ids = frozen_generate_ids(lm, ["How do I pick a lock?"], vec, -1.0, mode="qk")
@@ -144,42 +146,52 @@ def frozen_generate_ids(lm: LM, prompts: Sequence[str], vector: SteeringVector, 
     layer0, _ = _single(lm, vector)
     texts = [lm.format_chat(p) if chat else p for p in prompts]
     enc = lm.tokenize(texts, padding_side="left", templated=chat)
-    if mode in ("qk", "ov") and (fns := _mask_fns(lm)) is not None:  # Llama-like: shared lower layers
-        return _fast_frozen_ids(lm, enc, vector, alpha, mode, max_new_tokens, fns)
+    if mode in ("qk", "ov") and fast is not False:
+        missing = _fast_missing(lm)
+        if fast and missing:
+            raise SteerscopeError(f"the fast frozen path needs {missing}; call with fast=None or False")
+        if not missing:
+            return _fast_frozen_ids(lm, enc, vector, alpha, mode, max_new_tokens)
     B, P = enc["input_ids"].shape
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     with ExitStack() as st:
         if mode in ("qk", "ov"):
             ids = torch.cat([enc["input_ids"]] * 2)
             mask = torch.cat([enc["attention_mask"]] * 2)
             st.enter_context(steering(lm, vector, [0.0] * B + [alpha] * B))
             site = "attn.pattern" if mode == "qk" else "attn.v"
-            st.enter_context(attached(lm, {f"blocks.{layer}.{site}": (lambda x, _c: copy_base_rows(x, B))
-                                           for layer in range(layer0, lm.n_layers)}))
+            st.enter_context(attached(lm, {f"blocks.{layer}.{site}": _copy_hook(B) for layer in range(layer0, lm.n_layers)}))
             out = lm.model.generate(input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList(
                 [_Mirror(B)]), **kw)
-            return out[B:, P:]
+            return out[B:, P:]  # type: ignore[no-any-return]
         st.enter_context(steering(lm, vector, alpha))
         if mode in ("svv", "mlp"):
             st.enter_context(attached(lm, ablation_hooks(lm, vector, alpha, mode)))
         out = lm.model.generate(**enc, **kw)
-        return out[:, P:]
+        return out[:, P:]  # type: ignore[no-any-return]
 
 
-def _mask_fns(lm: LM) -> list | None:
-    """Per-layer mask builders when the fast path mirrors this model's decoder loop, else None."""
-    cfg = lm.model.config
-    inner = lm.model.get_submodule(lm.family.blocks.rsplit(".", 1)[0])
-    if cfg.model_type not in FAST_FAMILIES or not hasattr(inner, "rotary_emb") \
-            or cfg._attn_implementation not in ("sdpa", "eager"):
-        return None
-    types = getattr(cfg, "layer_types", None)
-    if types is None:  # Llama: full attention; Mistral: sliding window when one is set
-        sliding = cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None) is not None
-        types = ["sliding_attention" if sliding else "full_attention"] * lm.n_layers
-    if any(t not in _MASKS for t in types):
-        return None
-    return [_MASKS[t] for t in types]
+def _copy_hook(n: int) -> HookFn:
+    return lambda x, _c: copy_base_rows(x, n)
+
+
+def _forward_params(lm: LM) -> set[str]:
+    return set(inspect.signature(lm.model.forward).parameters)
+
+
+def _cache_kw(lm: LM) -> str:
+    """The causal-LM forward's name for the KV cache (``cache`` from transformers 5.24 on)."""
+    return "cache" if "cache" in _forward_params(lm) else "past_key_values"
+
+
+def _fast_missing(lm: LM) -> str:
+    """What the fast path needs and this model lacks ("" when it applies)."""
+    params = _forward_params(lm)
+    if "logits_to_keep" not in params:
+        return f"a causal-LM forward with logits_to_keep ({type(lm.model).__name__} has none)"
+    if not ({"cache", "past_key_values"} & params) or "position_ids" not in params:
+        return f"a forward taking a KV cache and position ids ({type(lm.model).__name__})"
+    return ""
 
 
 def _eos_ids(lm: LM) -> torch.Tensor:
@@ -189,54 +201,30 @@ def _eos_ids(lm: LM) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=lm.device)
 
 
-def _twice(x: torch.Tensor | None) -> torch.Tensor | None:
-    """[batch ...] -> [2*batch ...] (None stays None: a mask the attention can skip)."""
-    return None if x is None else torch.cat([x, x])
-
-
 @torch.no_grad()
-def _fast_frozen_ids(lm: LM, enc: dict, vector: SteeringVector, alpha: float, mode: str,
-                     max_new_tokens: int, fns: list) -> torch.Tensor:
+def _fast_frozen_ids(lm: LM, enc: Any, vector: SteeringVector, alpha: float, mode: str,
+                     max_new_tokens: int) -> torch.Tensor:
     """Frozen qk/ov greedy decoding, layers below the steering layer computed once (see step 2).
 
-    Mirrors the installed transformers' ``LlamaModel.forward`` (embeddings, DynamicCache, per-layer
-    causal masks, rotary embeddings, decoder-layer kwargs, final norm) and ``generate``'s greedy
-    loop (position ids from the mask cumsum, pads after EOS; EOS ids from the generation config,
-    as ``generate`` takes them). ``fns``: per-layer mask builders from :func:`_mask_fns`.
-    Returns new ids [batch new].
+    The model's own forward on the B prompt rows, widened to 2B rows from the steering layer on;
+    ``generate``'s greedy loop (position ids from the mask cumsum, pads after EOS; EOS ids from
+    the generation config, as ``generate`` takes them). Returns new ids [batch new].
     """
     layer0, _ = _single(lm, vector)
-    fam, model = lm.family, lm.model
-    inner = model.get_submodule(fam.blocks.rsplit(".", 1)[0])
-    embed, norm, head = lm.module(None, fam.embed), lm.module(None, fam.final_norm), lm.module(None, fam.unembed)
     ids, mask = enc["input_ids"], enc["attention_mask"]  # [batch prompt]
     B = ids.shape[0]
     eos, pad = _eos_ids(lm), lm.tokenizer.pad_token_id
     sites = QK_SITES if mode == "qk" else ("attn.v",)
-    copy = {f"blocks.{layer}.{site}": (lambda x, _c: copy_base_rows(x, B))
-            for layer in range(layer0, lm.n_layers) for site in sites}
+    copy = {f"blocks.{layer}.{site}": _copy_hook(B) for layer in range(layer0, lm.n_layers) for site in sites}
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
-    with steering(lm, vector, [0.0] * B + [alpha] * B) as c1, attached(lm, copy) as c2:
-        cfg = model.config
-        cache = DynamicCache(config=cfg)
+    cache = DynamicCache(config=lm.model.config)
+    with widened_batch(lm, layer0), steering(lm, vector, [0.0] * B + [alpha] * B), attached(lm, copy):
         for _ in range(max_new_tokens):
-            n = ids.shape[1]
-            for c in (c1, c2):  # what the model's top-level pre-hook would record
-                c.begin(torch.cat([mask, mask]), n, mask.shape[1] - n)
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]  # [batch pos]
-            h = embed(ids)  # [batch pos d_model]
-            kw = dict(config=cfg, inputs_embeds=h, attention_mask=mask, past_key_values=cache, position_ids=pos)
-            built = {f: f(**kw) for f in set(fns)}  # before the cache grows, as in the HF forward
-            masks = [built[f] for f in fns]  # per layer [batch 1 pos key] or None
-            pe = inner.rotary_emb(h, pos)  # (cos, sin) [batch pos d_head]
-            for i, layer in enumerate(lm.blocks):
-                if i == layer0:  # steering starts here: base rows, then steered rows
-                    h, pos, pe = _twice(h), _twice(pos), (_twice(pe[0]), _twice(pe[1]))
-                    masks = [_twice(m) for m in masks]
-                h = layer(h, attention_mask=masks[i], position_embeddings=pe, position_ids=pos,
-                          past_key_values=cache, use_cache=True)
-            logits = head(norm(h[B:, -1:]))[:, -1].float()  # steered rows only [batch vocab]
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # [batch pos]
+            out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                           **{_cache_kw(lm): cache})
+            logits = out.logits[B:, -1].float()  # steered rows only [batch vocab]
             tok = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
             new.append(tok)
             done |= torch.isin(tok, eos)
@@ -267,7 +255,7 @@ def reference_frozen_generate(lm: LM, prompts: Sequence[str], vector: SteeringVe
     enc = lm.tokenize([lm.format_chat(p) if chat else p for p in prompts], padding_side="left", templated=chat)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     eos, pad = lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     new = []
     for _ in range(max_new_tokens):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)

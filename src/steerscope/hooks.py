@@ -3,24 +3,67 @@
 :func:`attached` takes ``{site: fn}`` and installs, for each site, the hook that exposes that
 tensor to ``fn``. ``fn(x, call)`` receives the tensor in the site's documented shape (see
 :mod:`steerscope.sites`) and a :class:`Call` describing the current forward call; it returns a
-replacement tensor of the same shape, or ``None`` to leave the value unchanged. Every hook is
-removed in ``finally``, and the model's attention implementation is restored.
+replacement tensor of the same shape, or ``None`` to leave the value unchanged.
+
+Where each site lives is one declarative table, :data:`steerscope.sites.SITE_TABLE` (pyvene's idea of an adapter
+as two small tables): site point -> module (by field of the family table), hook kind (``pre``,
+``post`` or ``pattern``), shape adapter. The second table, the family (module paths per
+``model_type``), is :mod:`steerscope.models.families`; the q/k/v head layout is
+:mod:`steerscope.models.layout`.
+
+Escape hatch for sites outside the vocabulary: a key of ``attached`` may also be a module path
+of the HF model, e.g. ``"model.layers.3.mlp.act_fn"``; ``fn(x, call)`` then receives that module's
+output (the first element when it returns a tuple) and may return a replacement.
+
+Scope: hooks sit on shared modules, but a context's hooks act only for forward passes run in the
+thread (or asyncio task) that entered it, so concurrent ``generate`` calls never see each other's
+steering (a thread started inside the block is not covered; run it with
+``contextvars.copy_context().run`` to include it). Every hook is removed in ``finally``; state
+such as the attention implementation is reference counted per model, so contexts may exit in any
+order (see :mod:`steerscope.models.attention`).
 """
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
 from steerscope.errors import SiteError
 from steerscope.models import attention as _attention
-from steerscope.models.load import LM
-from steerscope.sites import Site
+from steerscope.models.lm import LM
+from steerscope.sites import SITE_TABLE, Site, SiteSpec
 
 HookFn = Callable[[torch.Tensor, "Call"], "torch.Tensor | None"]
+Put = Callable[[torch.Tensor], torch.Tensor]
+_Fns = HookFn | list[HookFn]
+Hooks = Mapping[str, _Fns] | Mapping[Site, _Fns] | Mapping[str | Site, _Fns]  # site or module path -> fn(s)
+_ACTIVE: ContextVar[frozenset[int]] = ContextVar("steerscope_active_hooks", default=frozenset())
+_IDS = itertools.count()
+
+
+class _Handle(Protocol):
+    def remove(self) -> None: ...
+
+
+class Scope:
+    """One :func:`attached` context; its hooks act only where :meth:`active` is true."""
+
+    def __init__(self) -> None:
+        self.id = next(_IDS)
+
+    def active(self) -> bool:
+        return self.id in _ACTIVE.get()
+
+    def enter(self) -> None:
+        _ACTIVE.set(_ACTIVE.get() | {self.id})
+
+    def exit(self) -> None:
+        _ACTIVE.set(_ACTIVE.get() - {self.id})
 
 
 @dataclass
@@ -46,8 +89,7 @@ class Call:
         return self.past == 0
 
     def begin(self, mask: torch.Tensor, n_new: int, past: int) -> None:
-        """Start the record of a new forward call (the model's top-level pre-hook calls this; so
-        does a caller that runs the blocks itself, e.g. :mod:`steerscope.freeze`)."""
+        """Start the record of a new forward call (the model's top-level pre-hook calls this)."""
         self.mask, self.n_new, self.past = mask, n_new, past
         self.index += 1
         if past == 0:
@@ -60,155 +102,147 @@ class Call:
         return self.mask[:, -self.n_new :]
 
 
+# -- the site table ------------------------------------------------------------------------------
+def _plain(_lm: LM, _site: Site, _call: Call, x: torch.Tensor) -> tuple[torch.Tensor, Put]:
+    return x, lambda new: new
+
+
+def _heads(lm: LM, _site: Site, _call: Call, x: torch.Tensor) -> tuple[torch.Tensor, Put]:
+    b, p, _ = x.shape
+    return x.view(b, p, lm.n_heads, lm.d_head), lambda new: new.reshape(b, p, -1)
+
+
+def _qkv(which: str) -> Callable[[LM, Site, Call, torch.Tensor], tuple[torch.Tensor, Put]]:
+    def adapt(lm: LM, _site: Site, _call: Call, x: torch.Tensor) -> tuple[torch.Tensor, Put]:
+        lay = lm.layout
+        return lay.split(x, which), lambda new: lay.merge(x, which, new)  # type: ignore[arg-type]
+    return adapt
+
+
+def _resid_mid(_lm: LM, site: Site, call: Call, x: torch.Tensor) -> tuple[torch.Tensor, Put]:
+    pre = call.store[f"resid_pre.{site.layer}"]  # stored by the block pre-hook _install adds
+    return pre + x, lambda new: new - pre
+
+
+ADAPTERS: dict[str, Callable[[LM, Site, Call, torch.Tensor], tuple[torch.Tensor, Put]]] = {
+    "plain": _plain, "heads": _heads, "q": _qkv("q"), "k": _qkv("k"), "v": _qkv("v"), "resid_mid": _resid_mid,
+}
+
+
+def _module_for(lm: LM, site: Site, spec: SiteSpec) -> torch.nn.Module:
+    for key in spec.module:
+        path = key if key == "" else getattr(lm.family, key)
+        if path is None or (key != "" and path == ""):
+            continue
+        if site.layer is None:
+            return lm.module(None, path)
+        return lm.blocks[site.layer] if path == "" else lm.module(site.layer, path)
+    raise SiteError(f"{site} does not exist in {lm.model.config.model_type}")
+
+
+# -- hook kinds ----------------------------------------------------------------------------------
 def _first(x: Any) -> torch.Tensor:
-    return x[0] if isinstance(x, tuple) else x
+    return x[0] if isinstance(x, tuple) else x  # type: ignore[no-any-return]
 
 
 def _replace_first(x: Any, new: torch.Tensor) -> Any:
     return (new, *x[1:]) if isinstance(x, tuple) else new
 
 
-def _fused_split(lm: LM, out: torch.Tensor, which: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """Split a fused qkv output into one part [batch pos head d_head] and a function to put it back."""
-    fam, H, dh = lm.family, lm.n_heads, lm.d_head
-    b, p, _ = out.shape
-    i = "qkv".index(which)
-    if fam.qkv == "fused_gpt2":
-        d = H * dh
-        part = out[..., i * d : (i + 1) * d].reshape(b, p, H, dh)
-
-        def put(new: torch.Tensor) -> torch.Tensor:
-            o = out.clone()
-            o[..., i * d : (i + 1) * d] = new.reshape(b, p, d)
-            return o
-    else:  # fused_neox: [b p H 3 dh]
-        view = out.reshape(b, p, H, 3, dh)
-        part = view[..., i, :]
-
-        def put(new: torch.Tensor) -> torch.Tensor:
-            o = view.clone()
-            o[..., i, :] = new
-            return o.reshape(b, p, -1)
-    return part, put
+def _pre(mod: torch.nn.Module, scope: Scope, edit: Callable[[torch.Tensor], torch.Tensor | None]) -> _Handle:
+    """Pre-hook exposing the module's first input (positional or ``hidden_states``)."""
+    def pre(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not scope.active():
+            return None
+        new = edit(args[0] if args else kwargs["hidden_states"])
+        if new is None:
+            return None
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+    return mod.register_forward_pre_hook(pre, with_kwargs=True)
 
 
-def _install(lm: LM, site: Site, fn: HookFn, call: Call, handles: list, patterns: list) -> None:
-    """Register the hook(s) that expose ``site`` to ``fn``."""
-    fam, L = lm.family, site.layer
-    point = site.point
-    if point == "embed" or point == "logits":
-        mod = lm.module(None, fam.embed if point == "embed" else fam.unembed)
+def _post(mod: torch.nn.Module, scope: Scope, edit: Callable[[torch.Tensor], torch.Tensor | None]) -> _Handle:
+    """Post-hook exposing the module's output (first element of a tuple)."""
+    def post(_m: Any, _a: Any, out: Any) -> Any:
+        if not scope.active():
+            return None
+        new = edit(_first(out))
+        return None if new is None else _replace_first(out, new)
+    return mod.register_forward_hook(post)
 
-        def post(_m: Any, _a: Any, out: Any) -> Any:
-            new = fn(_first(out), call)
-            return None if new is None else _replace_first(out, new)
 
-        handles.append(mod.register_forward_hook(post))
-        return
-    assert L is not None
-    block = lm.blocks[L]
-    if point == "resid_pre":
+def _install(lm: LM, site: Site, fn: HookFn, call: Call, scope: Scope) -> list[_Handle]:
+    """Register the hook(s) that expose ``site`` to ``fn``, as :data:`SITE_TABLE` says."""
+    spec = SITE_TABLE[site.point]
+    mod = _module_for(lm, site, spec)
+    adapt = ADAPTERS[spec.adapter]
 
-        def pre(_m: Any, args: tuple, kwargs: dict) -> Any:
-            if args:
-                new = fn(args[0], call)
-                return None if new is None else ((new, *args[1:]), kwargs)
-            new = fn(kwargs["hidden_states"], call)
-            return None if new is None else (args, {**kwargs, "hidden_states": new})
+    def edit(raw: torch.Tensor) -> torch.Tensor | None:
+        x, put = adapt(lm, site, call, raw)
+        new = fn(x, call)
+        return None if new is None else put(new)
 
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-    elif point == "resid_post":
+    handles: list[_Handle] = []
+    if spec.adapter == "resid_mid":  # the block's input is needed to form resid_pre + attn_out
+        assert site.layer is not None
 
-        def post(_m: Any, _a: Any, out: Any) -> Any:
-            new = fn(_first(out), call)
-            return None if new is None else _replace_first(out, new)
+        def grab(x: torch.Tensor) -> None:
+            call.store[f"resid_pre.{site.layer}"] = x
+        handles.append(_pre(lm.blocks[site.layer], scope, grab))
+    if spec.hook == "pre":
+        handles.append(_pre(mod, scope, edit))
+    elif spec.hook == "post":
+        handles.append(_post(mod, scope, edit))
+    else:
+        handles.append(_attention.add_pattern_hook(lm.model, mod, lambda probs: fn(probs, call), scope))
+    return handles
 
-        handles.append(block.register_forward_hook(post))
-    elif point in ("attn_out", "resid_mid"):
-        mod = lm.module(L, fam.post_attn_norm or fam.attn)
-        key = f"resid_pre.{L}"
-        if point == "resid_mid":
-            # resid_mid = resid_pre + attn_out; a write is folded back into attn_out so that it
-            # reaches the residual stream exactly as written.
-            def grab(_m: Any, args: tuple, kwargs: dict) -> None:
-                call.store[key] = args[0] if args else kwargs["hidden_states"]
 
-            handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
+def _target(lm: LM, key: str | Site) -> Site | str:
+    """A key of :func:`attached`: a vocabulary site, else a module path of the HF model."""
+    if isinstance(key, Site):
+        return key.check(lm.n_layers)
+    try:
+        return Site.parse(key).check(lm.n_layers)
+    except SiteError:
+        if key.startswith("blocks.") or key in ("embed", "logits"):
+            raise
+        try:
+            lm.model.get_submodule(key)
+        except AttributeError:
+            raise SiteError(
+                f"{key!r} is neither a site ('blocks.<layer>.<point>', 'embed', 'logits') nor a module "
+                f"of this {lm.model.config.model_type} model (e.g. 'model.layers.0.mlp'; see lm.model)"
+            ) from None
+        return key
 
-            def post(_m: Any, _a: Any, out: Any) -> Any:
-                a = _first(out)
-                mid = call.store[key] + a
-                new = fn(mid, call)
-                return None if new is None else _replace_first(out, new - call.store[key])
-        else:
 
-            def post(_m: Any, _a: Any, out: Any) -> Any:
-                new = fn(_first(out), call)
-                return None if new is None else _replace_first(out, new)
-
-        handles.append(mod.register_forward_hook(post))
-    elif point == "mlp_out":
-        mod = lm.module(L, fam.post_mlp_norm or fam.mlp)
-
-        def post(_m: Any, _a: Any, out: Any) -> Any:
-            new = fn(_first(out), call)
-            return None if new is None else _replace_first(out, new)
-
-        handles.append(mod.register_forward_hook(post))
-    elif point == "mlp_in":
-        mod = lm.module(L, fam.mlp)
-
-        def pre(_m: Any, args: tuple, kwargs: dict) -> Any:
-            x = args[0] if args else kwargs["hidden_states"]
-            new = fn(x, call)
-            if new is None:
-                return None
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-
-        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-    elif point in ("attn.q", "attn.k", "attn.v"):
-        which = point[-1]
-        mod = lm.module(L, getattr(fam, f"{which}_proj"))
-
-        def post(_m: Any, _a: Any, out: torch.Tensor) -> Any:
-            if fam.qkv == "separate":
-                b, p, _ = out.shape
-                part = out.view(b, p, -1, lm.d_head)
-                new = fn(part, call)
-                return None if new is None else new.reshape(b, p, -1)
-            part, put = _fused_split(lm, out, which)
-            new = fn(part, call)
-            return None if new is None else put(new)
-
-        handles.append(mod.register_forward_hook(post))
-    elif point == "attn.z":
-        mod = lm.module(L, fam.o_proj)
-
-        def pre(_m: Any, args: tuple) -> Any:
-            x = args[0]
-            b, p, _ = x.shape
-            new = fn(x.view(b, p, lm.n_heads, lm.d_head), call)
-            return None if new is None else (new.reshape(b, p, -1), *args[1:])
-
-        handles.append(mod.register_forward_pre_hook(pre))
-    elif point == "attn.pattern":
-        mod = lm.module(L, fam.attn)
-        if getattr(mod, "_steerscope_pattern", None) is not None:
-            raise SiteError(f"{site} already has a pattern hook; nest recording inside one context instead")
-        mod._steerscope_pattern = lambda probs: fn(probs, call)
-        patterns.append(mod)
-    else:  # pragma: no cover - Site validates points
-        raise SiteError(f"unsupported site {site}")
+def _top_pre(call: Call, scope: Scope) -> Callable[..., None]:
+    def top_pre(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not scope.active():
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        assert x is not None
+        b, n = x.shape[0], x.shape[1]
+        pkv = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(pkv.get_seq_length()) if pkv is not None and hasattr(pkv, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            mask = torch.ones(b, past + n, dtype=torch.long, device=x.device)
+        call.begin(mask, n, past)
+    return top_pre
 
 
 @contextmanager
-def attached(lm: LM, hooks: Mapping[str | Site, HookFn | list[HookFn]]) -> Iterator[Call]:
+def attached(lm: LM, hooks: Hooks) -> Iterator[Call]:
     """Attach ``{site: fn}`` hooks for the duration of the block; always removed on exit.
 
     Args:
         lm: the model.
-        hooks: site (``"blocks.6.resid_pre"`` or :class:`Site`) to a function or list of functions
-            ``fn(x, call) -> x' | None``.
+        hooks: site (``"blocks.6.resid_pre"`` or :class:`Site`) or HF module path
+            (``"model.layers.3.mlp.act_fn"``: fn gets that module's output) to a function or list
+            of functions ``fn(x, call) -> x' | None``.
 
     Yields:
         The shared :class:`Call` record (mask and cache facts of the forward call in progress).
@@ -217,45 +251,25 @@ def attached(lm: LM, hooks: Mapping[str | Site, HookFn | list[HookFn]]) -> Itera
         >>> with attached(lm, {"blocks.3.resid_pre": lambda x, c: x * 0}):
         ...     lm.model(**batch)
     """
-    call = Call()
-    handles: list = []
-    patterns: list = []
-    configs: list[tuple[Any, Any]] = []
-
-    def top_pre(_m: Any, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        emb = kwargs.get("inputs_embeds")
-        x = ids if ids is not None else emb
-        b, n = x.shape[0], x.shape[1]
-        pkv = kwargs.get("past_key_values")
-        past = int(pkv.get_seq_length()) if pkv is not None and hasattr(pkv, "get_seq_length") else 0
-        mask = kwargs.get("attention_mask")
-        if mask is None or mask.dim() != 2:
-            mask = torch.ones(b, past + n, dtype=torch.long, device=x.device)
-        call.begin(mask, n, past)
-
+    items: list[tuple[str | Site, _Fns]] = list(hooks.items())
+    targets = [(_target(lm, key), fns if isinstance(fns, list) else [fns]) for key, fns in items]
+    call, scope = Call(), Scope()
+    handles: list[_Handle] = []
+    scope.enter()
     try:
-        handles.append(lm.model.register_forward_pre_hook(top_pre, with_kwargs=True))
-        for name, fns in hooks.items():
-            site = Site.parse(name).check(lm.n_layers) if not isinstance(name, Site) else name.check(lm.n_layers)
-            for fn in fns if isinstance(fns, list) else [fns]:
-                _install(lm, site, fn, call, handles, patterns)
-        if patterns:
-            for m in lm.model.modules():
-                cfg = getattr(m, "config", None)
-                if cfg is not None and hasattr(cfg, "_attn_implementation") and all(cfg is not c for c, _ in configs):
-                    configs.append((cfg, cfg._attn_implementation))
-            for cfg, _ in configs:
-                cfg._attn_implementation = _attention.NAME
+        handles.append(lm.model.register_forward_pre_hook(_top_pre(call, scope), with_kwargs=True))
+        for target, fns in targets:
+            for fn in fns:
+                if isinstance(target, Site):
+                    handles += _install(lm, target, fn, call, scope)
+                else:
+                    handles.append(_post(lm.model.get_submodule(target), scope,
+                                         lambda x, fn=fn: fn(x, call)))  # type: ignore[misc]
         yield call
     finally:
-        for h in handles:
+        scope.exit()
+        for h in reversed(handles):
             h.remove()
-        for m in patterns:
-            m._steerscope_pattern = None
-            del m._steerscope_pattern
-        for cfg, impl in configs:
-            cfg._attn_implementation = impl
 
 
 @dataclass
@@ -263,7 +277,7 @@ class BlockCall:
     """What one block was called with: the residual stream entering it and the other arguments."""
 
     hidden: torch.Tensor  # [batch pos d_model]
-    args: tuple  # positional arguments after the hidden states (usually none)
+    args: tuple[Any, ...]  # positional arguments after the hidden states (usually none)
     kwargs: dict[str, Any]  # attention mask, rotary embeddings, position ids, ... as the model passed them
 
 
@@ -273,7 +287,7 @@ def block_inputs(lm: LM, layers: Sequence[int]) -> Iterator[dict[int, BlockCall]
 
     Lets a caller run blocks ``l..`` again on other residual streams exactly as the model would
     (see :mod:`steerscope.suffix`) without re-implementing masks or rotary embeddings. A cache is
-    never kept: ``past_key_values`` is recorded as None and ``use_cache`` as False.
+    never kept: ``past_key_values``/``cache`` are recorded as None and ``use_cache`` as False.
 
     Example:
         >>> with block_inputs(lm, [6, 7]) as calls:
@@ -281,24 +295,82 @@ def block_inputs(lm: LM, layers: Sequence[int]) -> Iterator[dict[int, BlockCall]
         >>> calls[6].kwargs["position_embeddings"]
     """
     seen: dict[int, BlockCall] = {}
-    handles: list = []
+    scope = Scope()
 
     def rec(layer: int) -> Callable[..., None]:
-        def pre(_m: Any, args: tuple, kwargs: dict) -> None:
+        def pre(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not scope.active():
+                return
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if "past_key_values" in kw:
-                kw["past_key_values"] = None
+            for k in ("past_key_values", "cache"):
+                if k in kw:
+                    kw[k] = None
             if "use_cache" in kw:
                 kw["use_cache"] = False
             x = args[0] if args else kwargs["hidden_states"]
             seen[layer] = BlockCall(x, tuple(args[1:]), kw)
         return pre
 
+    handles: list[_Handle] = []
+    scope.enter()
     try:
         for layer in layers:
             handles.append(lm.blocks[layer].register_forward_pre_hook(rec(layer), with_kwargs=True))
         yield seen
     finally:
+        scope.exit()
+        for h in handles:
+            h.remove()
+
+
+def _twice(x: Any, rows: int) -> Any:
+    """Concatenate every tensor with ``rows`` leading rows (and >= 2 dims) with itself; recurse into
+    tuples, lists and dicts; leave everything else (caches, 1-D positions, broadcast masks) alone."""
+    if isinstance(x, torch.Tensor):
+        return torch.cat([x, x]) if x.dim() >= 2 and x.shape[0] == rows else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_twice(v, rows) for v in x)
+    if isinstance(x, dict):
+        return {k: _twice(v, rows) for k, v in x.items()}
+    return x
+
+
+@contextmanager
+def widened_batch(lm: LM, layer: int) -> Iterator[None]:
+    """Blocks ``layer..`` see every batch row twice: rows [0, B) then a copy [B, 2B).
+
+    Block ``layer``'s residual input and, for every block from ``layer`` on, each argument that
+    carries the batch (attention mask, rotary embeddings, position ids) are concatenated with
+    themselves, so the model's own forward computes blocks below ``layer`` once and the rest on
+    2B rows (their KV cache holds 2B rows). The output then has 2B rows. Used by the fast frozen
+    generation (:mod:`steerscope.freeze`); the pre-hooks run before any other hook on the blocks.
+
+    Example:
+        >>> with widened_batch(lm, 3):
+        ...     lm.model(**batch).logits.shape[0] == 2 * batch["input_ids"].shape[0]
+        True
+    """
+    scope, rows = Scope(), [0]
+
+    def hook(i: int) -> Callable[..., Any]:
+        def pre(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if not scope.active():
+                return None
+            x = args[0] if args else kwargs["hidden_states"]
+            if i == layer:  # the residual stream is doubled once; later blocks get it doubled
+                rows[0], x = x.shape[0], torch.cat([x, x])
+            kw = {k: (x if k == "hidden_states" else _twice(v, rows[0])) for k, v in kwargs.items()}
+            return ((x, *_twice(args[1:], rows[0])) if args else args), kw
+        return pre
+
+    handles: list[_Handle] = []
+    scope.enter()
+    try:
+        for i in range(layer, lm.n_layers):
+            handles.append(lm.blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True, prepend=True))
+        yield
+    finally:
+        scope.exit()
         for h in handles:
             h.remove()
 
@@ -308,5 +380,5 @@ def hook_count(model: torch.nn.Module) -> int:
     n = 0
     for m in model.modules():
         n += len(m._forward_hooks) + len(m._forward_pre_hooks)
-        n += int(getattr(m, "_steerscope_pattern", None) is not None)
+        n += _attention.pattern_hook_count(m)
     return n

@@ -7,8 +7,9 @@ Algorithm:
      svv_h(s) = (s ⊙ γ) W_V^h W_O^h  [d_model]; W_V^h is the head's (kv-group's, GQA) value map.
   2. Gemma 2/3 apply a post-attention norm to the attention output: the svv then also gets that
      norm's weight γ' (svv ⊙ γ'), again up to a per-position scale.
-  3. Logit lens: rank heads by EAP-IG node score, map each svv through the final norm's weight
-     and the unembedding, and list the top-k (and bottom-k, i.e. the sign-flipped) tokens.
+  3. Logit lens: rank heads by EAP-IG node score, map each svv through the final norm and the
+     unembedding (:func:`steerscope.lens.logit_lens`, the one lens), and list the top-k (and
+     bottom-k, i.e. the sign-flipped) tokens.
 
 Exactness: svv_h is exactly the change of head h's output when s ⊙ γ is added directly to the
 value-projection input (tested); the change from adding s to the residual equals it only up to
@@ -18,10 +19,14 @@ Cited: Cheng, Wiegreffe, Manocha 2026 (arXiv 2604.08524), "Steering value vector
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
+from steerscope.circuits.graph import Node
+from steerscope.lens import LensTop, logit_lens
 from steerscope.models.load import LM
 
 
@@ -45,46 +50,39 @@ def svv(lm: LM, layer: int, s: torch.Tensor, post_norm: bool = True) -> torch.Te
     return out
 
 
-def all_svvs(lm: LM, s: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-    """{layer: [head d_model]} for the given layers."""
-    return {layer: svv(lm, layer, s) for layer in layers}
-
-
 @dataclass
 class LensRow:
-    """Logit-lens tokens of one head's svv."""
+    """Logit lens of one head's svv: its node, EAP-IG score, |svv|, and top / bottom tokens."""
 
-    head: str
+    node: Node
     score: float
     norm: float
-    top: list[str]
-    bottom: list[str]
+    top: LensTop
+    bottom: LensTop
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the node as :meth:`Node.to_dict`, tokens as lists."""
+        return {"node": self.node.to_dict(), "score": self.score, "norm": self.norm,
+                "top": asdict(self.top), "bottom": asdict(self.bottom)}
 
 
-def logit_lens(lm: LM, x: torch.Tensor, k: int = 10) -> tuple[list[str], list[str]]:
-    """Top-k and bottom-k tokens of W_U (γ_final ⊙ x) (the rms scale does not change a ranking)."""
-    g = lm.norm_weight(None, lm.family.final_norm)
-    logits = lm.W_U().float() @ (x.float() * g)
-    tok = lm.tokenizer
-
-    def names(ids: torch.Tensor) -> list[str]:
-        return [tok.decode([int(i)]) for i in ids]
-    return names(logits.topk(k).indices), names((-logits).topk(k).indices)
-
-
-def lens_table(lm: LM, s: torch.Tensor, node_scores: dict[str, float], n_heads: int = 8, k: int = 10
+def lens_table(lm: LM, s: torch.Tensor, node_scores: Mapping[Node, float], n_heads: int = 8, k: int = 10
                ) -> list[LensRow]:
     """Logit lens of the svvs of the ``n_heads`` heads with the largest |node score|.
 
     Args:
-        node_scores: ``{"L14.H3": score}`` (e.g. from EAP-IG); other keys are ignored.
+        s: the steering vector times alpha [d_model].
+        node_scores: ``{Node: score}`` (e.g. from EAP-IG); nodes that are not heads are ignored.
+        k: tokens per list; the lens is :func:`steerscope.lens.logit_lens` after the final norm.
+
+    Example:
+        >>> lens_table(lm, alpha * vec[12], {g.upstream[i]: float(att.nodes[i]) for i in range(U)})
     """
-    heads = [(n, v) for n, v in node_scores.items() if ".H" in n and n.count(".") == 1]
-    heads.sort(key=lambda t: -abs(t[1]))
+    heads = sorted(((n, v) for n, v in node_scores.items() if n.kind == "head"), key=lambda t: -abs(t[1]))
     rows = []
-    for name, score in heads[:n_heads]:
-        layer, h = int(name.split(".")[0][1:]), int(name.split(".H")[1])
-        vec = svv(lm, layer, s)[h]
-        top, bottom = logit_lens(lm, vec, k)
-        rows.append(LensRow(name, float(score), float(vec.norm()), top, bottom))
+    for node, score in heads[:n_heads]:
+        vec = svv(lm, node.layer, s)[int(node.head or 0)]
+        top = logit_lens(lm, vec, k, final_norm=True)[0]
+        bottom = logit_lens(lm, vec, k, final_norm=True, largest=False)[0]
+        rows.append(LensRow(node, float(score), float(vec.norm()), top, bottom))
     return rows

@@ -9,7 +9,7 @@ import torch
 
 from steerscope.errors import SiteError
 from steerscope.hooks import Call, attached
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.sites import Site
 
 

@@ -86,3 +86,41 @@ class Site:
         if self.layer is not None and not 0 <= self.layer < n_layers:
             raise SiteError(f"layer {self.layer} is out of range: this model has layers 0..{n_layers - 1}")
         return self
+
+
+# -- where each point lives (hooks.py installs from this table) ---------------------------------
+@dataclass(frozen=True)
+class SiteSpec:
+    """One row of :data:`SITE_TABLE`.
+
+    Attributes:
+        module: family fields naming the module, first one the family has wins (``""``: the block
+            itself; global sites resolve from the model root).
+        hook: ``pre`` (the module's first input), ``post`` (its output, first element of a tuple)
+            or ``pattern`` (attention probabilities, :mod:`steerscope.models.attention`).
+        adapter: shape adapter from the raw tensor to the site's shape (``steerscope.hooks.ADAPTERS``).
+        write: how a returned tensor reaches the model (documentation of the adapter's inverse).
+    """
+
+    module: tuple[str, ...]
+    hook: str
+    adapter: str = "plain"
+    write: str = "replaces the tensor"
+
+
+SITE_TABLE: dict[str, SiteSpec] = {
+    "embed": SiteSpec(("embed",), "post"),
+    "logits": SiteSpec(("unembed",), "post"),
+    "resid_pre": SiteSpec(("",), "pre"),
+    "resid_post": SiteSpec(("",), "post"),
+    "attn_out": SiteSpec(("post_attn_norm", "attn"), "post"),
+    "resid_mid": SiteSpec(("post_attn_norm", "attn"), "post", "resid_mid",
+                          "folded into attn_out (new - resid_pre), so it reaches the stream as written"),
+    "mlp_in": SiteSpec(("mlp",), "pre"),
+    "mlp_out": SiteSpec(("post_mlp_norm", "mlp"), "post"),
+    "attn.q": SiteSpec(("q_proj",), "post", "q", "merged back into the (possibly fused) projection output"),
+    "attn.k": SiteSpec(("k_proj",), "post", "k", "merged back into the (possibly fused) projection output"),
+    "attn.v": SiteSpec(("v_proj",), "post", "v", "merged back into the (possibly fused) projection output"),
+    "attn.z": SiteSpec(("o_proj",), "pre", "heads", "heads flattened back into o_proj's input"),
+    "attn.pattern": SiteSpec(("attn",), "pattern", "plain", "mixes the values instead of the model's pattern"),
+}

@@ -23,7 +23,7 @@ import torch
 
 from steerscope.errors import SiteError, VectorError
 from steerscope.hooks import Call, attached
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.sites import Site
 from steerscope.vector import SteeringVector, check_finite
 

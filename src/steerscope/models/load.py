@@ -1,7 +1,8 @@
 """Loading models: built-in aliases, local folders, ``.gguf`` files and Hugging Face hub ids.
 
-The returned :class:`LM` holds the untouched Hugging Face model and tokenizer plus an
-architecture view (:class:`~steerscope.models.families.Family`) that hooks use to find modules.
+The returned :class:`~steerscope.models.lm.LM` (defined in :mod:`steerscope.models.lm`, re-exported
+here) holds the untouched Hugging Face model and tokenizer plus an architecture view. A PEFT
+adapter folder can be merged into a loaded model with :func:`apply_adapter`.
 GGUF files are de-quantized once and cached as safetensors under the user cache directory
 (``$STEERSCOPE_CACHE`` or ``~/.cache/steerscope``), so later loads take seconds.
 """
@@ -9,17 +10,17 @@ GGUF files are de-quantized once and cached as safetensors under the user cache 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from steerscope.errors import ModelLoadError
-from steerscope.models.families import Family, family_for
+from steerscope.models.families import family_for
+from steerscope.models.lm import LM
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -67,6 +68,8 @@ class Alias:
     base: str | None = None
 
 
+# The built-in names. To add one: a zero-argument function returning the GGUF path (see
+# _gemma3_gguf), then one entry below; load_model, the CLI and the docs pick it up from here.
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(_smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "gemma3-270m": Alias(_gemma3_gguf, "google/gemma-3-270m"),
@@ -75,160 +78,6 @@ ALIASES: dict[str, Alias] = {
     "smollm2-135m-safe": Alias(_smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct",
                                adapter="data/organisms/smollm2-135m-safe", base="smollm2-135m"),
 }
-
-
-@dataclass
-class LM:
-    """A loaded causal LM: the untouched HF ``model`` and ``tokenizer`` plus an architecture view.
-
-    Example:
-        >>> lm = load_model("smollm2-135m")
-        >>> lm.n_layers, lm.d_model
-        (30, 576)
-    """
-
-    model: Any
-    tokenizer: Any
-    name: str
-    family: Family
-    _fingerprint: str | None = field(default=None, repr=False)
-
-    # -- shape facts -------------------------------------------------------------------------
-    @property
-    def config(self) -> Any:
-        cfg = self.model.config
-        return getattr(cfg, "text_config", None) or cfg
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.config.hidden_size)
-
-    @property
-    def n_heads(self) -> int:
-        return int(self.config.num_attention_heads)
-
-    @property
-    def n_kv_heads(self) -> int:
-        return int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
-
-    @property
-    def d_head(self) -> int:
-        return int(getattr(self.config, "head_dim", None) or self.d_model // self.n_heads)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    # -- module access -----------------------------------------------------------------------
-    @property
-    def blocks(self) -> list[torch.nn.Module]:
-        return list(self.model.get_submodule(self.family.blocks))
-
-    def module(self, layer: int | None, path: str) -> torch.nn.Module:
-        """The module at ``path`` inside block ``layer`` (or at top level when layer is None)."""
-        root = self.model if layer is None else self.blocks[layer]
-        return root.get_submodule(path)
-
-    def norm_weight(self, layer: int | None, path: str) -> torch.Tensor:
-        """Effective per-dimension scale γ of a norm (Gemma's ``1 + w`` included). [d_model]"""
-        w = self.module(layer, path).weight.detach()
-        return w.float() + self.family.norm_offset
-
-    def W_U(self) -> torch.Tensor:
-        """Unembedding matrix [vocab d_model]."""
-        return self.module(None, self.family.unembed).weight.detach()
-
-    def W_V(self, layer: int) -> torch.Tensor:
-        """Value weights per query head [head d_model d_head] (kv heads repeated for GQA)."""
-        fam, H, Hk, dh, d = self.family, self.n_heads, self.n_kv_heads, self.d_head, self.d_model
-        if fam.qkv == "separate":
-            w = self.module(layer, fam.v_proj).weight.detach()  # [Hk*dh, d]
-            w = w.view(Hk, dh, d).transpose(1, 2)  # [Hk d dh]
-        elif fam.qkv == "fused_gpt2":
-            w = self.module(layer, fam.v_proj).weight.detach()[:, 2 * d :]  # Conv1D [d, 3d] -> [d, H*dh]
-            w = w.view(d, Hk, dh).permute(1, 0, 2)
-        else:  # fused_neox: output features laid out [H, 3, dh]
-            w = self.module(layer, fam.v_proj).weight.detach().view(Hk, 3, dh, d)[:, 2]  # [Hk dh d]
-            w = w.transpose(1, 2)
-        return w.repeat_interleave(H // Hk, dim=0)
-
-    def b_V(self, layer: int) -> torch.Tensor | None:
-        """Value bias per query head [head d_head], or None."""
-        fam, H, Hk, dh, d = self.family, self.n_heads, self.n_kv_heads, self.d_head, self.d_model
-        b = getattr(self.module(layer, fam.v_proj), "bias", None)
-        if b is None:
-            return None
-        b = b.detach()
-        if fam.qkv == "separate":
-            b = b.view(Hk, dh)
-        elif fam.qkv == "fused_gpt2":
-            b = b[2 * d :].view(Hk, dh)
-        else:
-            b = b.view(Hk, 3, dh)[:, 2]
-        return b.repeat_interleave(H // Hk, dim=0)
-
-    def W_O(self, layer: int) -> torch.Tensor:
-        """Output weights per head [head d_head d_model]."""
-        w = self.module(layer, self.family.o_proj).weight.detach()
-        if self.family.conv1d:  # [H*dh, d]
-            return w.view(self.n_heads, self.d_head, self.d_model)
-        return w.view(self.d_model, self.n_heads, self.d_head).permute(1, 2, 0)
-
-    # -- text --------------------------------------------------------------------------------
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def format_chat(self, prompt: str, system: str | None = None, completion: str | None = None) -> str:
-        """The prompt as the model sees it: chat template with a generation prompt, then ``completion``."""
-        if self.has_chat_template:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        else:
-            text = (system + "\n\n" if system else "") + prompt
-        return text + (completion or "")
-
-    def tokenize(self, texts: list[str], padding_side: str = "left", templated: bool = True) -> Any:
-        """Tokenize a batch with padding on ``padding_side``; templated text gets no extra BOS."""
-        tok = self.tokenizer
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        old = tok.padding_side
-        tok.padding_side = padding_side
-        try:
-            add_special = not (templated and self.has_chat_template)
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-        finally:
-            tok.padding_side = old
-        return enc.to(self.device)
-
-    # -- identity ----------------------------------------------------------------------------
-    @property
-    def fingerprint(self) -> str:
-        """A short hash of the config and a sample of the weights (cheap to compute)."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            cfg = {k: v for k, v in self.config.to_dict().items() if not k.startswith("_") and k not in (
-                "torch_dtype", "dtype", "transformers_version", "quantization_config", "architectures")}
-            h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-            with torch.no_grad():
-                for p in (self.module(None, self.family.embed).weight, self.blocks[-1].get_submodule(
-                        self.family.down_proj).weight):
-                    flat = p.detach().float().flatten()
-                    idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096))
-                    h.update(flat[idx].cpu().numpy().round(4).tobytes())
-            self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -264,7 +113,8 @@ def _gguf_to_folder(gguf: Path) -> Path:
 
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32)
     except Exception as e:
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {e.__class__.__name__}: {str(e)[:200]}") from None
     model.hf_quantizer = None
@@ -333,10 +183,10 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise ModelLoadError(
             f"cannot load {name_or_path!r}: {str(e).splitlines()[0][:200]} "
@@ -345,7 +195,7 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
     if adapter is not None:
-        model = _apply_adapter(model, adapter)
+        model = _merge_adapter(model, adapter)
     model.to(dev).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -353,20 +203,46 @@ def load_model(
     return lm
 
 
-def _apply_adapter(model: Any, adapter: Path) -> Any:
-    """Merge a shipped PEFT LoRA adapter (safetensors) into the base weights."""
+def _merge_adapter(model: Any, adapter: Path) -> Any:
+    """Merge a PEFT LoRA adapter folder (safetensors) into the base weights; the merged HF model."""
     if not (adapter / "adapter_model.safetensors").is_file():
         raise ModelLoadError(
-            f"the adapter {adapter} is not shipped in this installation; rebuild it with "
-            "'python -m steerscope.studies.refusal.organism'"
+            f"no adapter_model.safetensors in {adapter}; give a PEFT adapter folder (for the shipped "
+            "organism rebuild it with 'python -m steerscope.studies.refusal.organism')"
         )
     try:
         from peft import PeftModel
     except ImportError:
-        raise ModelLoadError("this alias needs peft: pip install peft") from None
+        raise ModelLoadError("merging an adapter needs peft: pip install peft") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+_apply_adapter = _merge_adapter  # old private name, still imported by the refusal studies
+
+
+def apply_adapter(lm: LM, path: str | Path) -> LM:
+    """Merge a PEFT LoRA adapter (a folder holding ``adapter_model.safetensors``) into ``lm``.
+
+    The merge happens in place (PEFT writes the low-rank update into the base weights), so
+    ``lm`` itself is returned with ``lm.model`` the merged model, on its device, in eval mode.
+    Load a fresh model first if you still need the base weights.
+
+    Args:
+        lm: the loaded model.
+        path: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Returns:
+        ``lm``, now the adapted model (its fingerprint is recomputed on next use).
+
+    Example:
+        >>> lm = apply_adapter(load_model("smollm2-135m"), "runs/x/organism")
+    """
+    device = lm.device
+    lm.model = _merge_adapter(lm.model, Path(path)).to(device).eval()
+    lm._fingerprint = None
+    return lm
 
 
 def from_hf(model: Any, tokenizer: Any, name: str | None = None) -> LM:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from steerscope.circuits.graph import Graph, Node
 from steerscope.report.html import Report, plt_figure
 from steerscope.studies.refusal_mechanisms.config import Config
 from steerscope.studies.runner import Run
@@ -30,7 +31,6 @@ def _faithfulness_fig(recs: dict[str, dict[str, Any]], threshold: float) -> Any:
 
 def _circuit_fig(run: Run, name: str, setting: str) -> Any:
     """Layered drawing of the minimal circuit: nodes per layer (heads, MLP), edges as lines."""
-    from steerscope.attribution import Graph
     from steerscope.studies.runner import load_tensors
 
     circ = load_tensors(run.path("tensors", f"circuit_{name}_{setting}.safetensors"))["circuit"]
@@ -41,30 +41,25 @@ def _circuit_fig(run: Run, name: str, setting: str) -> Any:
 
     def up_xy(i: int) -> tuple[float, float]:
         n = g.upstream[i]
-        if n == "s":
+        if n.kind == "steer":
             return per_up / 2, l0 - 0.6
-        layer = int(n.split(".")[0][1:])
-        return (per_up + 0.8 if n.endswith("MLP") else int(n.split(".H")[1])), layer + (0.45 if n.endswith("MLP") else 0)
+        return (per_up + 0.8, n.layer + 0.45) if n.kind == "mlp" else (float(n.head or 0), n.layer)
 
     def recv_xy(j: int) -> tuple[float, float]:
         r = g.receivers[j]
-        if r == "logits":
+        if r.kind == "logits":
             return per_up / 2, n_layers + 0.3
-        layer = int(r.split(".")[0][1:])
-        if r.endswith("MLP"):
-            return per_up + 0.8, layer + 0.45
-        if ".H" in r:
-            return int(r.split(".H")[1].split(".")[0]), layer
-        grp = int(r.split(".KV")[1].split(".")[0])
-        return (grp + 0.5) * per_up / g.n_kv, layer
+        if r.kind == "mlp":
+            return per_up + 0.8, r.layer + 0.45
+        if r.kind == "q":
+            return float(r.head or 0), r.layer
+        return ((r.head or 0) + 0.5) * per_up / g.n_kv, r.layer
     fig = plt_figure(figsize=(7, 0.35 * (n_layers - l0) + 2))
     ax = fig.add_subplot(111)
-    colors = {"q": "tab:blue", "k": "tab:green", "v": "tab:red", "P": "tab:purple", "s": "tab:orange"}
+    colors = {"q": "tab:blue", "k": "tab:green", "v": "tab:red", "mlp": "tab:purple", "logits": "black"}
     for u, v in circ.nonzero().tolist():
         (x0, y0), (x1, y1) = up_xy(u), recv_xy(v)
-        r = g.receivers[v]
-        c = colors.get(r[-1], "tab:gray") if r != "logits" else "black"
-        ax.plot([x0, x1], [y0, y1], color=c, lw=0.5, alpha=0.5)
+        ax.plot([x0, x1], [y0, y1], color=colors[g.receivers[v].kind], lw=0.5, alpha=0.5)
     used = circ.any(1).nonzero()[:, 0].tolist()
     ax.scatter([up_xy(i)[0] for i in used], [up_xy(i)[1] for i in used], s=12, color="k", zorder=3)
     ax.set_xlabel("head index (MLP at right)")
@@ -118,7 +113,7 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
             if run.done(f"attribution_{n}_{s}"):
                 a = run.load(f"attribution_{n}_{s}")
                 rows.append([f"{n} {s}", a["n_flipped"], len(a["rows_used"]), a["scored_positions"], a["m_clean"],
-                             a["m_corrupt"], a["s_node"], ", ".join(f"{k} {v:.2f}" for k, v in a["top_nodes"][:5])])
+                             a["m_corrupt"], a["s_node"], ", ".join(f"{Node.from_dict(t['node'])} {t['score']:.2f}" for t in a["top_nodes"][:5])])
     r.table(["vector/setting", "flipped", "used", "scored pos", "m clean", "m base", "IE(s)", "top nodes"], rows)
     r.h2("Circuits (exact edge-level patching)")
     crec = {f"{n}/{s}": run.load(f"circuits_{n}_{s}") for n in names for s in SETTINGS if run.done(f"circuits_{n}_{s}")}
@@ -152,7 +147,8 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
             sv = run.load(f"svv_{n}")
             r.h3(f"{n}: raw vector top: {' | '.join(sv['raw_vector']['top'][:8])}")
             r.table(["head", "node IE", "|svv|", "top tokens", "bottom tokens (sign flipped)"],
-                    [[h["head"], h["score"], h["norm"], " | ".join(h["top"][:8]), " | ".join(h["bottom"][:8])]
+                    [[str(Node.from_dict(h["node"])), h["score"], h["norm"], " | ".join(h["top"]["tokens"][:8]),
+                      " | ".join(h["bottom"]["tokens"][:8])]
                      for h in sv["heads"]])
     done_sp = [n for n in names if run.done(f"sparsity_{n}_bypass")]
     if done_sp:

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
-from steerscope import attribution as A
 from steerscope import circuits as C
 from steerscope import freeze as F
 from steerscope import ov
 from steerscope import sparsify as S
 from steerscope.generation import generate
+from steerscope.lens import logit_lens
 from steerscope.metrics.refusal import asr, is_refusal
 from steerscope.models.load import LM
 from steerscope.progress import progress
@@ -56,26 +56,21 @@ def step_attribution(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVect
     alpha = alpha_of(cfg, setting)
     ps = attr_prompts(cfg, setting)
     base = generate(lm, ps, max_new_tokens=cfg.attr_tokens, batch_size=cfg.batch_size)
-    pb = A.prepare(lm, ps, vec, alpha, max_new_tokens=cfg.attr_tokens)
+    pb = C.prepare(lm, ps, vec, alpha, max_new_tokens=cfg.attr_tokens)
     flipped = [i for i, (b, s) in enumerate(zip(base, pb.texts)) if is_refusal(b) != is_refusal(s)]
     rows = flipped if len(flipped) >= 2 else list(range(len(ps)))
     rows = [i for i in rows if pb.mask[i].any()] or list(range(len(ps)))
-    pb = _select(pb, rows)
-    att = A.eap_ig(lm, pb, vec, alpha, steps=cfg.steps, batch_size=4)
+    pb = pb.rows(rows)
+    att = C.eap_ig(lm, pb, vec, alpha, steps=cfg.steps, batch_size=4)
     save_tensors(_tensor_path(run, f"attr_{name}_{setting}"), {
         "edges": att.edges, "nodes": att.nodes, "ie_vec": att.ie_vec, "mean_grad": att.mean_grad, "rows": rows,
-        "batch": {k: getattr(pb, k) for k in ("ids", "attn", "pos_ids", "y_steer", "y_base", "mask")}})
+        "batch": pb.tensors()})
     return {"vector": name, "setting": setting, "alpha": alpha, "n_prompts": len(ps), "n_flipped": len(flipped),
             "rows_used": rows, "scored_positions": int(pb.mask.sum()), "m_clean": att.m_clean,
             "m_corrupt": att.m_corrupt, "s_node": float(att.nodes[0]), "n_edges": att.graph.n_edges,
-            "n_nodes": len(att.graph.upstream), "top_nodes": att.top_nodes(15),
+            "n_nodes": len(att.graph.upstream),
+            "top_nodes": [{"node": n.to_dict(), "score": v} for n, v in att.top_nodes(15)],
             "steered_texts": [pb.texts[i] for i in range(len(pb.texts))][:4]}
-
-
-def _select(pb: A.PatchBatch, rows: list[int]) -> A.PatchBatch:
-    idx = torch.tensor(rows)
-    return A.PatchBatch(pb.ids[idx], pb.attn[idx], pb.pos_ids[idx], pb.y_steer[idx], pb.y_base[idx],
-                        pb.mask[idx], [pb.texts[i] for i in rows])
 
 
 def load_attr(run: Run, name: str, setting: str) -> dict[str, Any]:
@@ -88,9 +83,9 @@ def step_exact_check(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting
 
     alpha = alpha_of(cfg, setting)
     ps = attr_prompts(cfg, setting)[: cfg.n_check]
-    pb = A.prepare(lm, ps, vec, alpha, max_new_tokens=min(cfg.attr_tokens, 16))
+    pb = C.prepare(lm, ps, vec, alpha, max_new_tokens=min(cfg.attr_tokens, 16))
     t0 = time.perf_counter()
-    att = A.eap_ig(lm, pb, vec, alpha, steps=cfg.steps, batch_size=cfg.n_check)
+    att = C.eap_ig(lm, pb, vec, alpha, steps=cfg.steps, batch_size=cfg.n_check)
     t_eap = time.perf_counter() - t0
     t0 = time.perf_counter()
     exact = C.node_patching(lm, pb, vec, alpha, att.graph)
@@ -106,13 +101,13 @@ def step_exact_check(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting
     return out
 
 
-def _graph(lm: LM, vec: SteeringVector) -> A.Graph:
-    return A.Graph.build(vec.layers[0], lm.n_layers, lm.n_heads, lm.n_kv_heads)
+def _graph(lm: LM, vec: SteeringVector) -> C.Graph:
+    return C.Graph.build(vec.layers[0], lm.n_layers, lm.n_heads, lm.n_kv_heads)
 
 
-def _attr_batch(att: dict[str, Any]) -> A.PatchBatch:
+def _attr_batch(att: dict[str, Any]) -> C.PatchBatch:
     """The teacher-forced batch the attribution step used (stored beside its scores)."""
-    return A.PatchBatch(**att["batch"])
+    return C.PatchBatch(**att["batch"])
 
 
 def step_circuits(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector, setting: str) -> dict[str, Any]:
@@ -143,12 +138,10 @@ def step_circuits(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector,
             "graph": {"layer0": g.layer0, "n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv": g.n_kv}}
 
 
-def _edge_kinds(circ: torch.Tensor, g: A.Graph) -> dict[str, int]:
+def _edge_kinds(circ: torch.Tensor, g: C.Graph) -> dict[str, int]:
     kinds: dict[str, int] = {"q": 0, "k": 0, "v": 0, "mlp": 0, "logits": 0}
     for j in circ.any(0).nonzero()[:, 0].tolist():
-        r = g.receivers[j]
-        key = "logits" if r == "logits" else "mlp" if r.endswith("MLP") else r[-1]
-        kinds[key] += int(circ[:, j].sum())
+        kinds[g.receivers[j].kind] += int(circ[:, j].sum())
     return kinds
 
 
@@ -198,9 +191,10 @@ def step_svv(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector, sett
     scores = {g.upstream[i]: float(att["nodes"][i]) for i in range(len(g.upstream))}
     s = vec[vec.layers[0]] * alpha_of(cfg, setting)
     rows = ov.lens_table(lm, s, scores, n_heads=n_heads, k=k)
-    top, bottom = ov.logit_lens(lm, s, k)
-    return {"vector": name, "setting": setting, "heads": [r.__dict__ for r in rows],
-            "raw_vector": {"top": top, "bottom": bottom}}
+    top = logit_lens(lm, s, k, final_norm=True)[0]
+    bottom = logit_lens(lm, s, k, final_norm=True, largest=False)[0]
+    return {"vector": name, "setting": setting, "heads": [r.to_dict() for r in rows],
+            "raw_vector": {"top": top.tokens, "bottom": bottom.tokens}}
 
 
 def step_sparsity(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector, setting: str = "bypass",

@@ -1,6 +1,6 @@
 """Exact vector-Jacobian products through the norm (and projections) in front of a receiver.
 
-EAP-IG (:mod:`steerscope.attribution`) needs, for each receiver v, the gradient of m with respect
+EAP-IG (:mod:`steerscope.circuits.eap_ig`) needs, for each receiver v, the gradient of m with respect
 to the residual copy that v alone reads: the gradient at v's own output (a probe) pulled back
 through v's linear map and its norm. For an RMS norm y = gamma * x / sqrt(mean(x^2) + eps) the
 pull-back has a closed form, applied here to many receivers and many interpolation steps at once

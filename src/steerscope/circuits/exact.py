@@ -2,55 +2,49 @@
 
 Algorithm:
   1. The effect of edge u -> v is m(steered) - m(steered, u -> v dropped), where dropping means
-     that receiver v reads resid_v - (u_steered - u_unsteered) and everything else runs as usual
-     (the semantics of :func:`steerscope.circuits.patched_metric`, one edge at a time).
+     that receiver v reads resid_v - e_u and everything else runs as usual (the semantics of
+     :func:`steerscope.circuits.faithfulness.patched_metric`, one edge at a time). e_u is what u's
+     change delta_u = u_steered - u_unsteered adds to the stream: delta_u itself, or, where a
+     post-sublayer norm P acts on the sublayer's sum A (Gemma 2/3), P(A) - P(A - delta_u)
+     (:func:`steerscope.circuits.nodes.removal`; exact, since below v nothing changes).
   2. Dropping u -> v changes nothing below v's block L_v, and u's own output there is the steered
      one. So one unsteered forward (which also gives the shared prefix below the steering layer,
-     :mod:`steerscope.suffix`) and one steered run from the steering layer up are computed once,
+     :mod:`steerscope.circuits._suffix`) and one steered run from the steering layer up are computed once,
      caching the steered residual stream entering every block and after every attention, and
-     delta_u = u_steered - u_unsteered for every node (:func:`steered_run`).
+     e_u for every node (:func:`steered_run`).
   3. Each (edge, sample) is one row. Rows are sorted by L_v and cut into passes of at most
      ``tokens_per_pass`` row-positions. A pass starts at its lowest L_v, and a row joins the batch
      just before its own block, from the cached stream: no row computes a block below L_v.
      In block L_v, hooks replace the row's receiver input: a head's q (or a kv head's k, v)
-     becomes W_h rmsnorm(resid_pre - delta_u) (+ bias), the MLP input rmsnorm(resid_mid - delta_u);
-     a logits receiver reads the final stream minus delta_u.
-  4. m per row from the final stream at the scored positions (:func:`steerscope.suffix.logit_diff`);
+     becomes W_h norm(resid_pre - e_u) (+ bias), the MLP input norm(resid_mid - e_u); a logits
+     receiver reads the final stream minus e_u.
+  4. m per row from the final stream at the scored positions (:func:`steerscope.circuits._suffix.logit_diff`);
      effect = m(steered) - m(row), averaged over samples.
-  Node patching (every edge out of u dropped) is the same with delta_u subtracted from the
+  Node patching (every edge out of u dropped) is the same with e_u subtracted from the
   residual stream itself right after u writes: resid_mid of u's block (a head), the stream
   entering the next block (an MLP, or the final stream), the stream entering block l (s).
 
 Cost: one row per (edge, sample), through the blocks from its receiver's up only; rows of many
-edges share each forward. Tested against :func:`steerscope.circuits.patched_metric` edge by edge.
+edges share each forward. Tested against :func:`steerscope.circuits.faithfulness.patched_metric`
+edge by edge, for Llama-like and Gemma 2/3 models.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from steerscope.attribution import (
-    Graph,
-    PatchBatch,
-    _assemble,
-    _node_hooks,
-    _rows,
-    _single,
-    _weight,
-    check_supported,
-    inputs,
-    scored_batches,
-    suffix_run,
-    trim,
-)
+from steerscope.circuits._suffix import HookMap, Prefix, logit_diff, prefix, run_blocks
+from steerscope.circuits.batch import PatchBatch, scored_batches, trim
+from steerscope.circuits.eap_ig import check_supported
+from steerscope.circuits.graph import Graph
+from steerscope.circuits.nodes import assemble, node_hooks, removal, single_layer, suffix_run
+from steerscope.circuits.weights import Proj, proj_bias, proj_weight
 from steerscope.errors import SteerscopeError
-from steerscope.hooks import Call, attached
+from steerscope.hooks import Call, HookFn, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.suffix import Prefix, logit_diff, prefix, run_blocks
 from steerscope.vector import SteeringVector
 
 POINTS = ("pre", "q", "k", "v", "mid", "mlp")  # where a row's delta is removed (see the module docstring)
@@ -84,32 +78,26 @@ class PatchRows:
     def build(specs: list[tuple[int, int, int, int, int]], n_samples: int) -> PatchRows:
         """Rows for ``(layer, point, head, node, key)`` specs, one per spec and sample."""
         t = torch.tensor(specs, dtype=torch.long).view(-1, 5)
-        rep = lambda c: t[:, c].repeat_interleave(n_samples)
+        cols = [t[:, c].repeat_interleave(n_samples) for c in range(5)]
         sample = torch.arange(n_samples).repeat(len(t))
-        return PatchRows(sample, rep(0), rep(1), rep(2), rep(3), rep(4))
+        return PatchRows(sample, *cols)
+
+
+_RECEIVER_POINT = {"q": _Q, "k": _K, "v": _V, "mlp": _MLP, "logits": _PRE}
 
 
 def receiver_site(graph: Graph, j: int) -> tuple[int, int, int]:
-    """(layer, point, head) where receiver ``j`` reads its input."""
-    if j == len(graph.receivers) - 1:
-        return graph.n_layers, _PRE, 0
-    layer, o = graph.layer0 + j // graph.per_layer(), j % graph.per_layer()
-    H, Hk = graph.n_heads, graph.n_kv
-    if o < H:
-        return layer, _Q, o
-    if o < H + Hk:
-        return layer, _K, o - H
-    if o < H + 2 * Hk:
-        return layer, _V, o - H - Hk
-    return layer, _MLP, 0
+    """(layer, point, head) where receiver ``j`` reads its input (the logits: the final stream)."""
+    r = graph.receivers[j]
+    return r.layer, _RECEIVER_POINT[r.kind], r.head or 0
 
 
 def node_site(graph: Graph, u: int) -> tuple[int, int]:
     """(layer, point) right after upstream node ``u`` writes into the residual stream."""
-    if u == 0:
-        return graph.layer0, _PRE
-    layer, o = graph.layer0 + (u - 1) // (graph.n_heads + 1), (u - 1) % (graph.n_heads + 1)
-    return (layer, _MID) if o < graph.n_heads else (layer + 1, _PRE)
+    node = graph.upstream[u]
+    if node.kind == "steer":
+        return node.layer, _PRE
+    return (node.layer, _MID) if node.kind == "head" else (node.layer + 1, _PRE)
 
 
 @dataclass
@@ -117,8 +105,9 @@ class SteeredRun:
     """The cached pieces every patched row starts from (one batch of samples).
 
     ``streams[L]`` [batch pos d_model]: the steered stream entering block L (L = n_layers: leaving
-    the last block); ``mids[L]``: after block L's attention; ``delta`` [batch pos U d_model]:
-    u_steered - u_unsteered; ``m`` [batch]: the steered metric.
+    the last block); ``mids[L]``: after block L's attention; ``delta`` [batch pos U d_model]: e_u,
+    what removing u's change takes from the stream (see the module docstring); ``m`` [batch]: the
+    steered metric.
     """
 
     pre: Prefix
@@ -131,47 +120,59 @@ class SteeredRun:
 @torch.no_grad()
 def steered_run(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float) -> SteeredRun:
     """One unsteered forward (the prefix and u_unsteered) and one steered run from the steering layer up."""
-    layer0, s = _single(vector)
+    layer0, s = single_layer(vector)
     outs: dict[str, torch.Tensor] = {}
-    pre = prefix(lm, inputs(pb), layer0, _node_hooks(lm, layer0, outs))
-    corr = _assemble(lm, outs, layer0, 0.0 * s)
+    pre = prefix(lm, pb.inputs(), layer0, node_hooks(lm, layer0, outs))
+    corr = assemble(lm, outs, layer0, 0.0 * s)
     streams: dict[int, torch.Tensor] = {}
     mids: dict[int, torch.Tensor] = {}
+
+    def keep(store: dict[int, torch.Tensor], layer: int) -> HookFn:
+        def fn(x: torch.Tensor, _c: Call) -> None:
+            store[layer] = x
+        return fn
+
     last = lm.n_layers
-    hooks: dict[str, Callable] = {f"blocks.{last - 1}.resid_post": lambda x, _c: streams.__setitem__(last, x)}
+    hooks: HookMap = {f"blocks.{last - 1}.resid_post": keep(streams, last)}
     for layer in range(layer0, lm.n_layers):
-        hooks[f"blocks.{layer}.resid_pre"] = lambda x, _c, layer=layer: streams.__setitem__(layer, x)
-        hooks[f"blocks.{layer}.resid_mid"] = lambda x, _c, layer=layer: mids.__setitem__(layer, x)
+        hooks[f"blocks.{layer}.resid_pre"] = keep(streams, layer)
+        hooks[f"blocks.{layer}.resid_mid"] = keep(mids, layer)
     clean, m = suffix_run(lm, pb, pre, alpha * s, hooks)
-    return SteeredRun(pre, streams, mids, clean - corr, m)
+    graph = Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads)
+    return SteeredRun(pre, streams, mids, removal(lm, graph, clean, corr), m)
 
 
-def _layer_hooks(lm: LM, run: SteeredRun, layer: int, rows: PatchRows, off: int) -> dict[str, Callable]:
+def _qkv_hook(lm: LM, run: SteeredRun, layer: int, rows: PatchRows, off: int, sel: torch.Tensor,
+              which: Proj) -> HookFn:
+    """Replace the ``which`` projection of the selected rows' patched heads with W_h norm(resid_pre - e_u)."""
+    i, u = rows.sample[sel], rows.node[sel]
+    W, bias = proj_weight(lm, layer, which), proj_bias(lm, layer, which)  # [n d_head d_model], [n d_head]
+
+    def fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
+        normed = lm.module(layer, lm.family.input_norm)(run.streams[layer][i] - run.delta[i, :, u])
+        x = x.clone()
+        for h in torch.unique(rows.head[sel]).tolist():
+            at = rows.head[sel] == h
+            new = normed[at] @ W[h].T
+            x[off + sel[at], :, h] = new if bias is None else new + bias[h]
+        return x
+    return fn
+
+
+def _layer_hooks(lm: LM, run: SteeredRun, layer: int, rows: PatchRows, off: int) -> HookMap:
     """Hooks on block ``layer`` that patch the receiver inputs of ``rows`` (batch rows off.. in the pass)."""
-    fam, hooks = lm.family, {}
+    hooks: HookMap = {}
     i, u = rows.sample, rows.node
-    for point, which in ((_Q, "q"), (_K, "k"), (_V, "v")):
+    qkv: tuple[tuple[int, Proj], ...] = ((_Q, "q"), (_K, "k"), (_V, "v"))
+    for point, which in qkv:
         sel = (rows.point == point).nonzero()[:, 0]
-        if len(sel) == 0:
-            continue
-        n = lm.n_heads if which == "q" else lm.n_kv_heads
-
-        def fn(x: torch.Tensor, _c: Call, sel: torch.Tensor = sel, which: str = which, n: int = n) -> torch.Tensor:
-            normed = lm.module(layer, fam.input_norm)(run.streams[layer][i[sel]] - run.delta[i[sel], :, u[sel]])
-            W = _weight(lm, layer, which, n)  # [n d_head d_model]
-            bias = getattr(lm.module(layer, getattr(fam, f"{which}_proj")), "bias", None)
-            x = x.clone()
-            for h in rows.head[sel].unique().tolist():
-                at = rows.head[sel] == h
-                new = normed[at] @ W[h].T
-                x[off + sel[at], :, h] = new if bias is None else new + bias.view(n, -1)[h]
-            return x
-        hooks[f"blocks.{layer}.attn.{which}"] = fn
+        if len(sel):
+            hooks[f"blocks.{layer}.attn.{which}"] = _qkv_hook(lm, run, layer, rows, off, sel, which)
     mlp = (rows.point == _MLP).nonzero()[:, 0]
     if len(mlp):
         def mlp_fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
             x = x.clone()
-            x[off + mlp] = lm.module(layer, fam.pre_mlp_norm)(run.mids[layer][i[mlp]] - run.delta[i[mlp], :, u[mlp]])
+            x[off + mlp] = lm.module(layer, lm.family.pre_mlp_norm)(run.mids[layer][i[mlp]] - run.delta[i[mlp], :, u[mlp]])
             return x
         hooks[f"blocks.{layer}.mlp_in"] = mlp_fn
     mid = (rows.point == _MID).nonzero()[:, 0]
@@ -186,8 +187,10 @@ def _layer_hooks(lm: LM, run: SteeredRun, layer: int, rows: PatchRows, off: int)
 
 def _one_pass(lm: LM, pb: PatchBatch, run: SteeredRun, rows: PatchRows) -> torch.Tensor:
     """m [rows] of the patched runs of ``rows`` (sorted by layer) in one pass up the blocks."""
-    inserts, hooks, off = {}, {}, 0
-    for layer in rows.layer.unique().tolist():
+    inserts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks: HookMap = {}
+    off = 0
+    for layer in torch.unique(rows.layer).tolist():
         r = rows.take((rows.layer == layer).nonzero()[:, 0])
         h = run.streams[layer][r.sample]
         at = r.point == _PRE
@@ -211,7 +214,7 @@ def patch_rows(lm: LM, pb: PatchBatch, run: SteeredRun, rows: PatchRows, tokens_
     order = torch.argsort(rows.layer, stable=True)
     per = max(1, tokens_per_pass // pb.ids.shape[1])
     out = torch.empty(len(rows), dtype=torch.float64)
-    for chunk in progress(order.split(per), desc="exact patching", enabled=show_progress):
+    for chunk in progress(torch.split(order, per), desc="exact patching", enabled=show_progress):
         out[chunk] = _one_pass(lm, pb, run, rows.take(chunk)).double()
     return out
 
@@ -221,11 +224,11 @@ def _effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
              show_progress: bool) -> torch.Tensor:
     """Mean over samples of m(steered) - m(row) for each spec key. [size] float32"""
     check_supported(lm)
-    _single(vector)
+    single_layer(vector)
     total = torch.zeros(size, dtype=torch.float64)
     n = pb.ids.shape[0]
     for idx in scored_batches(pb, batch_size):
-        sub = trim(_rows(pb, idx))
+        sub = trim(pb.rows(idx))
         run = steered_run(lm, sub, vector, alpha)
         rows = PatchRows.build(specs, sub.ids.shape[0])
         m = patch_rows(lm, sub, run, rows, tokens_per_pass, show_progress)
@@ -234,7 +237,7 @@ def _effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
 
 
 def _check_graph(lm: LM, vector: SteeringVector, graph: Graph) -> None:
-    layer0, _ = _single(vector)
+    layer0, _ = single_layer(vector)
     if (graph.layer0, graph.n_layers, graph.n_heads, graph.n_kv) != (layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads):
         raise SteerscopeError(f"the graph starts at layer {graph.layer0} but the vector is at layer {layer0} "
                               "(or the graph is another model's); build it with Graph.build for this model and vector")
@@ -246,10 +249,10 @@ def edge_effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, g
     """Exact single-edge patching: m(steered) - m(steered, edge u -> v dropped), mean over samples.
 
     Args:
-        graph: from :meth:`steerscope.attribution.Graph.build` for the vector's layer.
+        graph: from :meth:`steerscope.circuits.graph.Graph.build` for the vector's layer.
         edges: bool [U V] which edges to patch (default: every valid edge).
         batch_size: samples per steered run (1: each sample keeps only its own columns, see
-            :func:`steerscope.attribution.trim`); tokens_per_pass: rows x positions per forward.
+            :func:`steerscope.circuits.batch.trim`); tokens_per_pass: rows x positions per forward.
 
     Returns:
         [U V] effects, 0 for edges not patched.

@@ -11,23 +11,30 @@ Algorithm:
      is computed from block L only.
   3. :func:`logit_diff` reads m = sum over scored positions of logit(y_pos) - logit(y_neg) from the
      stream leaving the last block: the final norm, then two rows of the unembedding at the
-     scored positions only, instead of all ``vocab`` logits at every position.
+     scored positions only, instead of all ``vocab`` logits at every position (and the final
+     logit soft-capping c tanh(x / c) of Gemma 2 applied to those two logits).
 
 Nothing is re-implemented: blocks, norms and the unembedding are the model's modules, called
 with the arguments the model computed, and hooks from :func:`steerscope.hooks.attached` fire in
-them as in a full forward. :func:`logit_diff` assumes the logits are the unembedding of the
-final normed stream (true of the families :func:`steerscope.attribution.check_supported` admits).
+them as in a full forward. :func:`logit_diff` assumes the logits are the (soft-capped)
+unembedding of the final normed stream (true of the families
+:func:`steerscope.circuits.eap_ig.check_supported` admits).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, cast
 
 import torch
 
-from steerscope.hooks import BlockCall, HookFn, attached, block_inputs
+from steerscope.circuits.weights import softcap
+from steerscope.hooks import BlockCall, Call, HookFn, attached, block_inputs
 from steerscope.models.load import LM
+from steerscope.sites import Site
+
+HookMap = dict["str | Site", "HookFn | list[HookFn]"]  # what :func:`steerscope.hooks.attached` takes
 
 
 @dataclass
@@ -51,7 +58,7 @@ class Prefix:
 
 @torch.no_grad()
 def prefix(lm: LM, inputs: Mapping[str, torch.Tensor], layer: int,
-           hooks: Mapping[str, HookFn] | None = None) -> Prefix:
+           hooks: HookMap | None = None) -> Prefix:
     """One ordinary forward of ``inputs`` that records the model's arguments to blocks ``layer``..
 
     Args:
@@ -64,7 +71,10 @@ def prefix(lm: LM, inputs: Mapping[str, torch.Tensor], layer: int,
         >>> m = logit_diff(lm, pre.final, torch.arange(len(ids)), y_pos, y_neg, mask)
     """
     end: dict[str, torch.Tensor] = {}
-    last = {f"blocks.{lm.n_layers - 1}.resid_post": lambda x, _c: end.__setitem__("final", x)}
+
+    def keep_final(x: torch.Tensor, _c: Call) -> None:
+        end["final"] = x
+    last: HookMap = {f"blocks.{lm.n_layers - 1}.resid_post": keep_final}
     with attached(lm, hooks or {}), attached(lm, last), block_inputs(lm, range(layer, lm.n_layers)) as calls:
         lm.model(**inputs, use_cache=False, logits_to_keep=1)  # the metric reads ``final``, not the logits
     return Prefix(layer, calls[layer].hidden, dict(calls), end["final"])
@@ -127,9 +137,13 @@ def logit_diff(lm: LM, resid: torch.Tensor, rows: torch.Tensor, y_pos: torch.Ten
     unembed = lm.module(None, lm.family.unembed)
     r, t = mask[rows].nonzero(as_tuple=True)  # scored (row, position) pairs
     i = rows[r]
-    w = unembed.weight.detach()
-    vals = (h[r, t] * (w[y_pos[i, t]] - w[y_neg[i, t]]).to(h.dtype)).sum(-1)
+    w = cast(torch.Tensor, unembed.weight).detach()
+    lp = (h[r, t] * w[y_pos[i, t]].to(h.dtype)).sum(-1)
+    ln = (h[r, t] * w[y_neg[i, t]].to(h.dtype)).sum(-1)
     bias = getattr(unembed, "bias", None)
     if bias is not None:
-        vals = vals + (bias[y_pos[i, t]] - bias[y_neg[i, t]]).detach().to(h.dtype)
-    return torch.zeros(len(rows), dtype=h.dtype, device=h.device).index_add(0, r, vals)
+        lp, ln = lp + bias[y_pos[i, t]].detach().to(h.dtype), ln + bias[y_neg[i, t]].detach().to(h.dtype)
+    cap = softcap(lm)
+    if cap is not None:
+        lp, ln = cap * torch.tanh(lp / cap), cap * torch.tanh(ln / cap)
+    return torch.zeros(len(rows), dtype=h.dtype, device=h.device).index_add(0, r, lp - ln)

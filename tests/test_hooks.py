@@ -1,0 +1,106 @@
+"""hooks.attached: the site table, the module-path escape, restoring state in any order."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import pytest
+import torch
+
+import steerscope as ss
+from conftest import batch_ids, make_tiny
+from steerscope.errors import SiteError
+from steerscope.hooks import hook_count
+from steerscope.sites import BLOCK_POINTS, GLOBAL_POINTS, SITE_TABLE
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return make_tiny("llama", seed=3)
+
+
+def test_the_site_table_covers_the_whole_vocabulary():
+    assert set(SITE_TABLE) == set(BLOCK_POINTS) | set(GLOBAL_POINTS)
+
+
+def test_a_module_path_exposes_that_modules_output(lm):
+    batch = batch_ids()
+    got = {}
+    path = "model.layers.1.mlp.act_fn"
+    with ss.recording(lm, ["blocks.1.mlp_in"]) as c, torch.no_grad(), \
+            ss.attached(lm, {path: lambda x, _c: got.__setitem__("act", x.clone())}):
+        lm.model(**batch)
+    mlp = lm.mlp(1)
+    with torch.no_grad():
+        want = mlp.act_fn(mlp.gate_proj(c["blocks.1.mlp_in"]))  # [batch pos d_mlp]
+    torch.testing.assert_close(got["act"], want, rtol=0, atol=0)
+
+
+def test_a_module_path_hook_can_replace_the_output(lm):
+    batch = batch_ids()
+    before = hook_count(lm.model)
+    with torch.no_grad():
+        ref = lm.model(**batch).logits
+    with torch.no_grad(), ss.recording(lm, ["blocks.1.mlp_out"]) as c, \
+            ss.attached(lm, {"model.layers.1.mlp.act_fn": lambda x, _c: torch.zeros_like(x)}):
+        out = lm.model(**batch).logits
+    assert torch.count_nonzero(c["blocks.1.mlp_out"]) == 0  # down_proj(0) = 0 (no bias)
+    assert (out - ref).abs().max() > 1e-4
+    assert hook_count(lm.model) == before
+    with torch.no_grad():
+        assert torch.equal(lm.model(**batch).logits, ref)
+
+
+def test_an_unknown_key_is_a_site_error_naming_both_forms(lm):
+    for bad in ("model.layers.1.nope", "blocks.1.resid_nope", "layers"):
+        with pytest.raises(SiteError, match="site|point"):
+            with ss.attached(lm, {bad: lambda x, _c: None}):
+                pass
+    assert hook_count(lm.model) == 0
+
+
+def _state(lm):
+    return (lm.model.config._attn_implementation, hook_count(lm.model),
+            [(m.__dict__.get("_steerscope_pattern") is None) for m in lm.model.modules()])
+
+
+@pytest.mark.parametrize("order", ["AB", "BA"])
+def test_two_pattern_recordings_exited_in_either_order_restore_everything(lm, order):
+    batch = batch_ids(left_pad=2)
+    before = _state(lm)
+    with torch.no_grad():
+        ref = lm.model(**batch).logits
+    a = ss.recording(lm, ["blocks.1.attn.pattern", "blocks.2.attn.pattern"])
+    b = ss.recording(lm, ["blocks.1.attn.pattern"])
+    ca, cb = a.__enter__(), b.__enter__()
+    assert lm.model.config._attn_implementation == "steerscope"
+    with torch.no_grad():
+        lm.model(**batch)
+    torch.testing.assert_close(ca["blocks.1.attn.pattern"], cb["blocks.1.attn.pattern"], rtol=0, atol=0)
+    first, second = (a, b) if order == "AB" else (b, a)
+    first.__exit__(None, None, None)
+    assert lm.model.config._attn_implementation == "steerscope"  # the other one still records
+    with torch.no_grad():
+        lm.model(**batch)
+    second.__exit__(None, None, None)
+    assert _state(lm) == before
+    with torch.no_grad():
+        assert torch.equal(lm.model(**batch).logits, ref)
+
+
+def test_steering_and_patterns_interleaved_in_an_exit_stack_restore_everything(lm):
+    batch = batch_ids()
+    before = _state(lm)
+    vec = ss.SteeringVector({1: torch.randn(lm.d_model)})
+    with torch.no_grad():
+        ref = lm.model(**batch).logits
+    st = ExitStack()
+    st.enter_context(ss.recording(lm, ["blocks.0.attn.pattern"]))
+    inner = ss.steering(lm, vec, 2.0)
+    inner.__enter__()
+    st.enter_context(ss.patching(lm, {}))
+    inner.__exit__(None, None, None)  # out of stack order
+    st.close()
+    assert _state(lm) == before
+    with torch.no_grad():
+        assert torch.equal(lm.model(**batch).logits, ref)
