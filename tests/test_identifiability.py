@@ -10,6 +10,7 @@ import transformers
 
 import steerscope as ss
 from steerscope import identifiability as idf
+from steerscope import stats
 
 
 def test_orthogonal_subspace_is_orthonormal_and_orthogonal_to_v():
@@ -41,8 +42,8 @@ def test_cohens_d_matches_the_pooled_t_statistic():
     rng = np.random.default_rng(0)
     a, b = rng.normal(1, 1, 30), rng.normal(0, 2, 45)
     t = scipy.stats.ttest_ind(a, b, equal_var=True).statistic
-    assert idf.cohens_d(a, b) == pytest.approx(t * np.sqrt(1 / 30 + 1 / 45), rel=1e-10)
-    assert idf.cohens_d(b, a) == pytest.approx(-idf.cohens_d(a, b))
+    assert stats.cohens_d(a, b) == pytest.approx(t * np.sqrt(1 / 30 + 1 / 45), rel=1e-10)
+    assert stats.cohens_d(b, a) == pytest.approx(-stats.cohens_d(a, b))
 
 
 def test_bootstrap_ci_covers_the_truth_and_excludes_zero_for_a_real_effect():
@@ -50,7 +51,7 @@ def test_bootstrap_ci_covers_the_truth_and_excludes_zero_for_a_real_effect():
     covered = 0
     for i in range(30):
         a, b = rng.normal(0.8, 1, 40), rng.normal(0, 1, 40)
-        lo, hi = idf.bootstrap_ci(a, b, n_boot=300, seed=i)
+        lo, hi = stats.bootstrap_ci(a, b, n_boot=300, seed=i)
         covered += lo <= 0.8 <= hi
     assert covered >= 24  # nominal 95%; percentile bootstrap is a bit liberal at n=40
     a, b = rng.normal(2, 1, 40), rng.normal(0, 1, 40)
@@ -63,9 +64,9 @@ def test_bootstrap_ci_covers_the_truth_and_excludes_zero_for_a_real_effect():
 def test_jsd_matches_scipy():
     p, q = np.array([1, 2, 3, 0, 4.0]), np.array([2, 2, 0, 1, 1.0])
     ref = scipy.spatial.distance.jensenshannon(p, q, base=2) ** 2
-    assert idf.jsd(p, q) == pytest.approx(ref, rel=1e-9)
-    assert idf.jsd(p, p) == pytest.approx(0.0, abs=1e-12)
-    assert idf.score_jsd([0, 0, 0.1], [1, 1, 0.9], bins=4) == pytest.approx(1.0)
+    assert stats.jsd(p, q) == pytest.approx(ref, rel=1e-9)
+    assert stats.jsd(p, p) == pytest.approx(0.0, abs=1e-12)
+    assert stats.histogram_jsd([0, 0, 0.1], [1, 1, 0.9], bins=4) == pytest.approx(1.0)
 
 
 def test_logit_agreement_matches_numpy():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from steerscope.errors import StudyError
-from steerscope.studies.identifiability import cli, report, steps
+from steerscope.studies.identifiability import report, steps
 from steerscope.studies.identifiability.config import Config
 from steerscope.studies.runner import Run
 
@@ -24,13 +24,11 @@ def test_config_rejects_bad_options_with_fix_it_messages():
 
 def test_cli_parses_lists_into_the_config():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="m")
-    p.add_argument("--seed", type=int, default=0)
-    cli.add_arguments(p)
-    cfg = cli.config_from(p.parse_args(["--traits", "formality", "--alphas", "1,8", "--seeds", "3", "--offset", "1"]))
+    Config.add_arguments(p)
+    cfg = Config.from_args(p.parse_args(["--traits", "formality", "--alphas", "1,8", "--seeds", "3", "--offset", "1"]))
     assert cfg.traits == ("formality",) and cfg.alphas == (1.0, 8.0) and cfg.seeds == (3,) and cfg.offset == 1
     with pytest.raises(StudyError, match="numbers"):
-        cli.config_from(p.parse_args(["--alphas", "a,b"]))
+        Config.from_args(p.parse_args(["--alphas", "a,b"]))
 
 
 def _scores(effect_v: float, effect_sum: float, n: int = 40, seeds=(0, 1)) -> dict:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import steerscope as ss
+from steerscope import stats
 from steerscope.errors import SteerscopeError, VectorError
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning.config import ReasoningConfig
@@ -33,14 +34,14 @@ def test_problems_are_deterministic_correct_and_split_disjoint(difficulty):
 
 
 def test_wilson_interval_and_paired_difference():
-    lo, hi = an.wilson(30, 100)
+    lo, hi = stats.wilson(30, 100)
     assert lo == pytest.approx(0.2189, abs=1e-3) and hi == pytest.approx(0.3958, abs=1e-3)  # textbook values
-    m, lo, hi = an.paired_diff([0, 0, 1, 1], [1, 1, 1, 0])
+    m, lo, hi = stats.paired_diff([0, 0, 1, 1], [1, 1, 1, 0])
     assert m == pytest.approx(0.25) and lo < m < hi
     assert an.layer_pair_gain(0.5, 0.3, 0.4, 0.6) == pytest.approx(0.5)
     a, b = [0] * 14 + [1] * 4 + [1] * 5, [1] * 14 + [0] * 4 + [1] * 5
-    assert an.mcnemar_p(a, b) == pytest.approx(2 * 4048 / 2**18)  # binomial(18, 0.5) tail, by hand
-    assert an.mcnemar_p([1, 0], [1, 0]) == 1.0
+    assert stats.mcnemar_p(a, b) == pytest.approx(2 * 4048 / 2**18)  # binomial(18, 0.5) tail, by hand
+    assert stats.mcnemar_p([1, 0], [1, 0]) == 1.0
 
 
 def test_config_resolves_layers():

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from steerscope.data.refusal_prompts import SIDES, load_split, load_standard, make_splits
 from steerscope.errors import DataError
-from steerscope.studies.refusal.data import SIDES, load_split, load_standard, make_splits
 
 
 def test_shipped_splits_have_the_issue_sizes_and_are_disjoint_and_complete():

@@ -36,6 +36,9 @@ def test_study_runs_quick_and_resumes(tmp_path, capsys) -> None:
     assert main(argv) == 0  # second run: every step cached
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert all(line.endswith("cached") for line in res2["log"])
+    (out / "report.html").unlink()
+    assert main(argv + ["--report-only"]) == 0  # the report again from the run folder alone
+    assert "Frozen attention" in (out / "report.html").read_text()
 
 
 def test_vector_options_are_checked(tmp_path) -> None:

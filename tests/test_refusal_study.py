@@ -33,3 +33,6 @@ def test_refusal_study_runs_end_to_end_and_resumes(tmp_path, capsys) -> None:
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res2["steps"] and all("cached" in line for line in res2["steps"])
     assert res2["steered"] == res["steered"]
+    (out / "report.html").unlink()
+    assert main(argv + ["--report-only"]) == 0  # the report again from results.json alone
+    assert "ASR" in (out / "report.html").read_text()

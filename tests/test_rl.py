@@ -9,9 +9,9 @@ import steerscope as ss
 from steerscope.extract.rl import (
     RLOOConfig,
     completion_mask,
+    policy_logprobs,
     rloo_advantages,
     sample,
-    sequence_logprobs,
     surrogate_backward,
     train_rloo,
 )
@@ -99,7 +99,7 @@ def test_teacher_forced_logprobs_match_generation_scores_under_the_bias(tiny_lla
         gen = out.sequences[:, P:]
         ref = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, gen[:, t:t + 1])[:, 0]
                            for t, s in enumerate(out.scores)], 1).sum(1)
-        lp = sequence_logprobs(lm, enc["input_ids"], enc["attention_mask"], gen, torch.ones_like(gen, dtype=torch.bool))
+        lp = policy_logprobs(lm, enc["input_ids"], enc["attention_mask"], gen, torch.ones_like(gen, dtype=torch.bool))
     assert torch.allclose(lp, ref, atol=1e-3)
 
 

@@ -11,15 +11,17 @@ import importlib
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 from steerscope.errors import SteerscopeError, VectorError
 
+# Each study package follows steerscope.studies.protocol: Config (with add_arguments / from_args), run, write_report.
 STUDIES = {
-    "refusal": "steerscope.studies.refusal.cli",
-    "reasoning": "steerscope.studies.reasoning.cli",
-    "identifiability": "steerscope.studies.identifiability.cli",
-    "refusal-mechanisms": "steerscope.studies.refusal_mechanisms.cli",
+    "refusal": "steerscope.studies.refusal",
+    "reasoning": "steerscope.studies.reasoning",
+    "identifiability": "steerscope.studies.identifiability",
+    "refusal-mechanisms": "steerscope.studies.refusal_mechanisms",
 }
 
 
@@ -102,9 +104,9 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     for k, n in vec.norms().items():
         cos = f"  cos={info['cosine'][k]:+.4f}" if "cosine" in info and k in info["cosine"] else ""
         print(f"  layer {k:3d}: norm {n:.4f}{cos}")
-    for k, v in vec.provenance.__dict__.items():
-        if v not in (None, {}, []):
-            print(f"  {k}: {v}")
+    for key, val in vec.provenance.__dict__.items():
+        if val not in (None, {}, []):
+            print(f"  {key}: {val}")
 
 
 def cmd_vectors(a: argparse.Namespace) -> None:
@@ -140,8 +142,11 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_study(a: argparse.Namespace) -> None:
-    mod = importlib.import_module(STUDIES[a.study])
-    summary = mod.run(a)
+    study = importlib.import_module(STUDIES[a.study])
+    if a.report_only:
+        summary: dict[str, Any] = {"report": str(study.write_report(Path(a.out)))}
+    else:
+        summary = study.run(study.Config.from_args(a), Path(a.out), device=a.device, force=a.force)
     if a.json:
         print(json.dumps(summary, default=str))
     else:
@@ -197,20 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("study", help="run a study end to end and write a report")
-    ssub = s.add_subparsers(dest="study", required=True)
-    for name, modname in STUDIES.items():
-        sp = ssub.add_parser(name)
-        common(sp)
-        sp.add_argument("--out", default=f"runs/{name}")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--force", action="store_true", help="recompute finished steps")
-        try:
-            importlib.import_module(modname).add_arguments(sp)
-        except ModuleNotFoundError:
-            pass
-        sp.set_defaults(func=cmd_study)
+    _add_studies(sub.add_parser("study", help="run a study end to end and write a report"))
     return p
+
+
+def _add_studies(s: argparse.ArgumentParser) -> None:
+    """One subcommand per study; its options come from the study's ``Config`` (steerscope.studies.protocol)."""
+    ssub = s.add_subparsers(dest="study", required=True)
+    for name, package in STUDIES.items():
+        sp = ssub.add_parser(name)
+        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+        sp.add_argument("--out", default=f"runs/{name}")
+        sp.add_argument("--force", action="store_true", help="recompute finished steps")
+        sp.add_argument("--report-only", action="store_true", help="rewrite the report from finished steps; run nothing")
+        # --model, --seed and the study's own options; a broken study import fails loudly here
+        importlib.import_module(package + ".config").Config.add_arguments(sp)
+        sp.set_defaults(func=cmd_study)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,5 +35,9 @@ class StudyError(SteerscopeError):
     """A study run folder or configuration is inconsistent."""
 
 
+class ClassifierError(SteerscopeError):
+    """A text classifier is missing its package or data."""
+
+
 class FingerprintWarning(UserWarning):
     """A vector was made on a model with other weights than the one it is applied to."""

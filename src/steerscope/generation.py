@@ -1,9 +1,18 @@
-"""Batched text generation with the chat template applied, optionally steered."""
+"""Batches of chat-formatted text, teacher-forced log-probs, and batched generation (optionally steered).
+
+- :func:`chat_batch` — "format chat, tokenize with left padding": the prompt batch every forward
+  pass and ``generate`` call starts from.
+- :func:`completion_batch` — (prompt, completion) rows, right-padded, labels on the completion only.
+- :func:`sequence_logprobs` — summed log p of the labelled tokens of such a batch (one forward pass).
+- :func:`generate` — greedy or sampled completions; sampling draws from a ``torch.Generator`` seeded
+  by ``seed`` (:class:`SeededSampler`), so the global RNG is never touched, and a seed gives the same
+  tokens as seeding the global RNG and sampling with ``model.generate`` did.
+"""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -11,6 +20,119 @@ from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.steer import Positions, steering
 from steerscope.vector import SteeringVector
+
+IGNORE = -100  # label of tokens that do not count
+
+
+def chat_batch(lm: LM, prompts: Sequence[str], system: str | None = None, chat: bool = True) -> Any:
+    """Chat-format ``prompts`` (when ``chat``; else they are used as they are) and tokenize them with left padding.
+
+    Args:
+        lm: the model.
+        prompts: user messages (or raw texts with ``chat=False``).
+        system: optional system message.
+        chat: apply the chat template.
+
+    Returns:
+        The tokenizer's batch (``input_ids``, ``attention_mask`` [batch pos]) on ``lm.device``.
+
+    Example:
+        >>> enc = chat_batch(lm, ["Hi", "How are you?"])
+        >>> lm.model(**enc).logits.shape  # [2 pos vocab]
+    """
+    texts = [lm.format_chat(p, system) if chat else p for p in prompts]
+    return lm.tokenize(texts, padding_side="left", templated=chat)
+
+
+def completion_batch(lm: LM, prompts: Sequence[str], completions: Sequence[str], max_tokens: int | None = None,
+                     system: str | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded chat-formatted (prompt + completion) rows; labels only on completion tokens.
+
+    Args:
+        prompts, completions: one completion per prompt.
+        max_tokens: keep the first ``max_tokens`` completion tokens (None: all).
+        system: optional system message.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` (``IGNORE`` = -100 off the completion), each [batch pos].
+
+    Example:
+        >>> b = completion_batch(lm, ["2 + 2?"], ["4"])
+        >>> lp = sequence_logprobs(lm, b)  # [1]
+    """
+    tok = lm.tokenizer
+    rows, labels = [], []
+    for p, c in zip(prompts, completions):
+        pid = tok(lm.format_chat(p, system), add_special_tokens=not lm.has_chat_template)["input_ids"]
+        cid = tok(c, add_special_tokens=False)["input_ids"][:max_tokens]
+        rows.append(pid + cid)
+        labels.append([IGNORE] * len(pid) + cid)
+    n = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (n - len(r)) for r in rows])
+    lab = torch.tensor([r + [IGNORE] * (n - len(r)) for r in labels])
+    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+    return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device), "labels": lab.to(lm.device)}
+
+
+def sequence_logprobs(lm: LM, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_t log p(labels_t | tokens before t) per row, teacher-forced; gradients flow to active parameters.
+
+    Works for any padding: position ids follow the attention mask, and only the columns from the
+    first labelled one on reach the LM head.
+
+    Args:
+        batch: ``input_ids``, ``attention_mask`` and ``labels`` [batch pos] (``IGNORE`` where a token does not
+            count), e.g. from :func:`completion_batch`.
+
+    Returns:
+        [batch] summed log-probs (float32, or float64 for a float64 model).
+
+    Example:
+        >>> lp = sequence_logprobs(lm, completion_batch(lm, prompts, answers))
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    counted = labels[:, 1:] != IGNORE  # position t-1 predicts token t
+    if not bool(counted.any()):
+        return torch.zeros(ids.shape[0], device=ids.device)
+    first = int(counted.any(0).nonzero()[0])  # first predicting column that matters
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    keep = ids.shape[1] - first
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
+    logits = out.logits[:, :-1]  # [batch keep-1 vocab]: predictions of tokens first+1 ...
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    target, m = labels[:, first + 1:], counted[:, first:]
+    lp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
+    return (lp * m.to(lp.dtype)).sum(-1)
+
+
+class SeededSampler:
+    """A logits processor that turns greedy decoding into sampling at ``temperature``, seeded by ``seed``.
+
+    It returns p / E with p = softmax(scores / T) and E ~ Exp(1) per token, so the greedy argmax is a
+    sample of p (the exponential race; argmax(p / E) = argmax(log p + Gumbel noise)). This is the
+    computation ``torch.multinomial(p, 1)`` performs on the global generator, here on its own one:
+    with the same seed the draws are token-for-token those of ``torch.manual_seed(seed)`` followed by
+    ``model.generate(do_sample=True, temperature=T, top_k=0, top_p=1.0)``.
+    """
+
+    def __init__(self, temperature: float, seed: int | None = None) -> None:
+        self.temperature, self.seed = temperature, seed
+        self.generator: torch.Generator | None = None  # made on the logits' device at the first call
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device)
+            if self.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.seed)
+        scores = scores.float()
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        probs = torch.softmax(scores, dim=-1)
+        race = torch.empty_like(probs).exponential_(1, generator=self.generator)
+        return probs / race
 
 
 def generate(
@@ -30,23 +152,25 @@ def generate(
 ) -> list[str]:
     """Generate completions for ``prompts`` (chat template applied), steered if ``vector`` is given.
 
-    Greedy by default. Left padding; the returned strings are the new text only.
+    Greedy by default; with ``do_sample``, pure temperature sampling (no top-k / top-p) from a
+    ``torch.Generator`` seeded with ``seed`` (None: a random seed), leaving the global RNG untouched.
+    Left padding; the returned strings are the new text only.
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)
     """
-    if seed is not None:
-        torch.manual_seed(seed)
-    texts = [lm.format_chat(p, system) if chat else p for p in prompts]
+    from transformers import LogitsProcessorList
+
+    sampler = SeededSampler(temperature, seed) if do_sample else None  # one stream across the batches
     out: list[str] = []
-    starts = range(0, len(texts), batch_size)
+    starts = range(0, len(prompts), batch_size)
     for i in progress(starts, desc="generate", enabled=show_progress):
-        batch = lm.tokenize(texts[i : i + batch_size], padding_side="left", templated=chat)
+        batch = chat_batch(lm, prompts[i : i + batch_size], system, chat)
         ctx = steering(lm, vector, alpha, positions) if vector is not None else nullcontext()
-        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                          pad_token_id=lm.tokenizer.pad_token_id)
-        if do_sample:
-            gen_kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=lm.tokenizer.pad_token_id)
+        if sampler is not None:
+            gen_kwargs["logits_processor"] = LogitsProcessorList([sampler])
         with ctx, torch.no_grad():
             ids = lm.model.generate(**batch, **gen_kwargs)
         new = ids[:, batch["input_ids"].shape[1]:]

@@ -286,7 +286,7 @@ def block_inputs(lm: LM, layers: Sequence[int]) -> Iterator[dict[int, BlockCall]
     """Record, for each block in ``layers``, what the model calls it with (the last call wins).
 
     Lets a caller run blocks ``l..`` again on other residual streams exactly as the model would
-    (see :mod:`steerscope.suffix`) without re-implementing masks or rotary embeddings. A cache is
+    (see :mod:`steerscope.circuits._suffix`) without re-implementing masks or rotary embeddings. A cache is
     never kept: ``past_key_values``/``cache`` are recorded as None and ``use_cache`` as False.
 
     Example:

@@ -30,9 +30,11 @@ import numpy as np
 import torch
 
 from steerscope.errors import SteerscopeError, VectorError
+from steerscope.generation import chat_batch
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.sites import Site
+from steerscope.stats import bootstrap_ci, cohens_d, histogram_jsd
 
 
 # -- 1. orthogonal perturbations ----------------------------------------------------------------
@@ -65,7 +67,8 @@ def orthogonal_subspace(v: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     q, _ = torch.linalg.qr(x)
     q = q - torch.outer(u, u @ q)  # re-orthogonalise against round-off
     q, _ = torch.linalg.qr(q)
-    return q.T.float().contiguous()
+    basis: torch.Tensor = q.T.float().contiguous()
+    return basis
 
 
 def random_orthogonal(v: torch.Tensor, seed: int = 0, norm: float | None = None) -> torch.Tensor:
@@ -79,72 +82,11 @@ def random_direction(d: int, norm: float, seed: int = 0) -> torch.Tensor:
     """A uniformly random direction in R^d scaled to ``norm``. [d]."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(d, generator=g)
-    return x / x.norm() * norm
+    out: torch.Tensor = x / x.norm() * norm
+    return out
 
 
-# -- 2. behavioural statistics ------------------------------------------------------------------
-def cohens_d(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Cohen's d of ``a`` over ``b``: (mean a - mean b) / pooled SD (ddof=1). 0.0 when both are constant."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2:
-        raise SteerscopeError("Cohen's d needs at least two scores per group; use more prompts or seeds")
-    na, nb = len(a), len(b)
-    pooled = np.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2))
-    diff = a.mean() - b.mean()
-    if pooled == 0:
-        return 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
-    return float(diff / pooled)
-
-
-def bootstrap_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
-                 stat: Callable[[np.ndarray, np.ndarray], float] = cohens_d, n_boot: int = 2000,
-                 level: float = 0.95, seed: int = 0, paired: bool = False) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``stat(a, b)``; groups resampled independently (or jointly if paired).
-
-    Returns:
-        (low, high) at ``level``.
-    """
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if paired and len(a) != len(b):
-        raise SteerscopeError("a paired bootstrap needs groups of equal length")
-    rng = np.random.default_rng(seed)
-    vals = np.empty(n_boot)
-    for i in range(n_boot):
-        ia = rng.integers(0, len(a), len(a))
-        ib = ia if paired else rng.integers(0, len(b), len(b))
-        vals[i] = stat(a[ia], b[ib])
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0:
-        return float("nan"), float("nan")
-    q = (1 - level) / 2
-    return float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))
-
-
-def jsd(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
-    """Jensen-Shannon divergence (base 2, in [0, 1]) of two histograms (normalised here)."""
-    p, q = np.asarray(p, float), np.asarray(q, float)
-    p, q = p / p.sum(), q / q.sum()
-    m = (p + q) / 2
-
-    def kl(x: np.ndarray, y: np.ndarray) -> float:
-        nz = x > 0
-        return float(np.sum(x[nz] * np.log2(x[nz] / y[nz])))
-
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
-
-
-def score_jsd(a: Sequence[float], b: Sequence[float], bins: int = 10,
-              value_range: tuple[float, float] | None = None) -> float:
-    """JSD of the histograms of two score samples on shared bins (range: both samples together)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    lo, hi = value_range if value_range is not None else (min(a.min(), b.min()), max(a.max(), b.max()))
-    if hi <= lo:
-        return 0.0
-    ha, edges = np.histogram(a, bins=bins, range=(lo, hi))
-    hb, _ = np.histogram(b, bins=edges)
-    return jsd(ha, hb)
-
-
+# -- 2. behavioural statistics (the numbers themselves: steerscope.stats) --------------------
 @dataclass
 class Comparison:
     """Two score samples compared: Cohen's d with a bootstrap CI, paired correlation, histogram JSD."""
@@ -164,16 +106,16 @@ class Comparison:
         return abs(self.d) >= 0.5 and (self.ci_low > 0 or self.ci_high < 0)
 
 
-def compare(a: Sequence[float], b: Sequence[float], paired: bool = False, n_boot: int = 2000,
+def compare(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, paired: bool = False, n_boot: int = 2000,
             seed: int = 0, bins: int = 10) -> Comparison:
     """Compare score samples ``a`` (treatment) and ``b`` (reference); ``paired``: same prompts/seeds."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    lo, hi = bootstrap_ci(a, b, cohens_d, n_boot=n_boot, seed=seed, paired=paired)
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    lo, hi = bootstrap_ci(x, y, cohens_d, n_boot=n_boot, seed=seed, paired=paired)
     corr = None
-    if paired and a.std() > 0 and b.std() > 0:
-        corr = float(np.corrcoef(a, b)[0, 1])
-    return Comparison(cohens_d(a, b), lo, hi, float(a.mean()), float(b.mean()), len(a), corr,
-                      score_jsd(a, b, bins=bins))
+    if paired and x.std() > 0 and y.std() > 0:
+        corr = float(np.corrcoef(x, y)[0, 1])
+    return Comparison(cohens_d(x, y), lo, hi, float(x.mean()), float(y.mean()), len(x), corr,
+                      histogram_jsd(x, y, bins=bins))
 
 
 # -- 3. next-token agreement --------------------------------------------------------------------
@@ -203,19 +145,25 @@ def logit_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> LogitAgree
     return LogitAgreement(float(l2), float(top1), float(overlap), k)
 
 
+def _adder(d: torch.Tensor) -> Callable[[torch.Tensor, Call], torch.Tensor]:
+    """A hook adding ``d`` ([d_model], or [batch d_model] per row) at every position."""
+    def add(x: torch.Tensor, _c: Call) -> torch.Tensor:
+        return x + (d if d.dim() == 1 else d[:, None, :])
+
+    return add
+
+
 def next_token_logits(lm: LM, prompts: Sequence[str], deltas: dict[int, torch.Tensor] | None = None,
                       batch_size: int = 32) -> torch.Tensor:
     """Last-token logits [n vocab] of chat-formatted prompts, adding ``deltas[layer]`` at resid_pre
     of each layer (all positions; [d_model] shared or [n d_model] per prompt)."""
-    texts = [lm.format_chat(p) for p in prompts]
     out = []
-    for i in range(0, len(texts), batch_size):
-        enc = lm.tokenize(texts[i:i + batch_size], padding_side="left")
-        hooks = {}
+    for i in range(0, len(prompts), batch_size):
+        enc = chat_batch(lm, prompts[i:i + batch_size])
+        hooks: dict[str | Site, Callable[[torch.Tensor, Call], torch.Tensor | None]] = {}
         for layer, dl in (deltas or {}).items():
             d = dl if dl.dim() == 1 else dl[i:i + batch_size]
-            d = d.to(lm.device, lm.dtype)
-            hooks[Site(layer, "resid_pre")] = (lambda x, _c, d=d: x + (d if d.dim() == 1 else d[:, None, :]))
+            hooks[Site(layer, "resid_pre")] = _adder(d.to(lm.device, lm.dtype))
         with attached(lm, hooks), torch.no_grad():
             out.append(lm.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu())
     return torch.cat(out)
@@ -262,7 +210,8 @@ def covariance_singular_values(x: torch.Tensor) -> torch.Tensor:
     values of the centred data / (n-1)). Returns [min(n, d)]."""
     x = x.double()
     xc = x - x.mean(0)
-    return (torch.linalg.svdvals(xc) ** 2 / max(len(x) - 1, 1)).float()
+    sv: torch.Tensor = (torch.linalg.svdvals(xc) ** 2 / max(len(x) - 1, 1)).float()
+    return sv
 
 
 def final_jacobian(lm: LM, text: str, layer: int, chunk: int = 64) -> torch.Tensor:
@@ -314,14 +263,16 @@ def _is_normed(lm: LM, out: object) -> bool:
 
 def unembed_r(lm: LM) -> torch.Tensor:
     """R of the reduced QR of W_U [vocab d_model]: ``sigma(W_U @ A) = sigma(R @ A)``. [d_model d_model]."""
-    return torch.linalg.qr(lm.W_U().double(), mode="r").R.float()
+    r: torch.Tensor = torch.linalg.qr(lm.W_U().double(), mode="r").R.float()
+    return r
 
 
 def logit_jacobian_spectrum(lm: LM, text: str, layer: int, r: torch.Tensor | None = None) -> torch.Tensor:
     """Singular values [d_model] of d(last-token logits)/d(resid_pre[layer], last token)."""
     jf = final_jacobian(lm, text, layer)
     r = unembed_r(lm) if r is None else r
-    return torch.linalg.svdvals(r.double() @ jf.double()).float()
+    sv: torch.Tensor = torch.linalg.svdvals(r.double() @ jf.double()).float()
+    return sv
 
 
 def logits_with_delta(lm: LM, text: str, layer: int, delta: torch.Tensor) -> torch.Tensor:

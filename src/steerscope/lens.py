@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from steerscope.errors import VectorError
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 
 
 @dataclass

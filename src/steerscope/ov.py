@@ -27,7 +27,7 @@ import torch
 
 from steerscope.circuits.graph import Node
 from steerscope.lens import LensTop, logit_lens
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 
 
 def svv(lm: LM, layer: int, s: torch.Tensor, post_norm: bool = True) -> torch.Tensor:
@@ -41,12 +41,11 @@ def svv(lm: LM, layer: int, s: torch.Tensor, post_norm: bool = True) -> torch.Te
         >>> svv(lm, 14, vec[12]).shape
         torch.Size([9, 576])
     """
-    fam = lm.family
-    g = lm.norm_weight(layer, fam.input_norm)
+    g = lm.gamma(layer, "input")
     x = s.float().to(g.device) * g  # [d]
     out = torch.einsum("d,hde,hef->hf", x, lm.W_V(layer).float(), lm.W_O(layer).float())
-    if post_norm and fam.post_attn_norm:
-        out = out * lm.norm_weight(layer, fam.post_attn_norm)
+    if post_norm and lm.norm(layer, "post_attn") is not None:
+        out = out * lm.gamma(layer, "post_attn")
     return out
 
 

@@ -14,4 +14,5 @@ def progress(it: Iterable[T], desc: str = "", enabled: bool = True, total: int |
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    bar: Iterable[T] = tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return bar

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 import torch
 
 from steerscope.errors import SiteError
-from steerscope.hooks import Call, attached
+from steerscope.hooks import Call, HookFn, attached
 from steerscope.models.lm import LM
 from steerscope.sites import Site
 
@@ -69,13 +69,13 @@ def recording(lm: LM, sites: Iterable[str | Site], grad: bool = False, dtype: to
     """
     cache = ActivationCache()
 
-    def make(key: str):
+    def make(key: str) -> HookFn:
         def fn(x: torch.Tensor, _c: Call) -> None:
             y = x if grad else x.detach().clone()
             cache._add(key, y if dtype is None else y.to(dtype))
         return fn
 
-    hooks = {}
+    hooks: dict[Site, HookFn] = {}
     for s in sites:
         site = Site.parse(s)
         hooks[site] = make(str(site))

@@ -99,28 +99,32 @@ class SiteSpec:
         hook: ``pre`` (the module's first input), ``post`` (its output, first element of a tuple)
             or ``pattern`` (attention probabilities, :mod:`steerscope.models.attention`).
         adapter: shape adapter from the raw tensor to the site's shape (``steerscope.hooks.ADAPTERS``).
+        shape: the axes the hook function sees (and must return), from the one vocabulary.
         write: how a returned tensor reaches the model (documentation of the adapter's inverse).
     """
 
     module: tuple[str, ...]
     hook: str
     adapter: str = "plain"
+    shape: str = "batch pos d_model"
     write: str = "replaces the tensor"
 
 
+_MERGED = "merged back into the (possibly fused) projection output"
 SITE_TABLE: dict[str, SiteSpec] = {
     "embed": SiteSpec(("embed",), "post"),
-    "logits": SiteSpec(("unembed",), "post"),
+    "logits": SiteSpec(("unembed",), "post", shape="batch pos vocab"),
     "resid_pre": SiteSpec(("",), "pre"),
     "resid_post": SiteSpec(("",), "post"),
     "attn_out": SiteSpec(("post_attn_norm", "attn"), "post"),
     "resid_mid": SiteSpec(("post_attn_norm", "attn"), "post", "resid_mid",
-                          "folded into attn_out (new - resid_pre), so it reaches the stream as written"),
+                          write="folded into attn_out (new - resid_pre), so it reaches the stream as written"),
     "mlp_in": SiteSpec(("mlp",), "pre"),
     "mlp_out": SiteSpec(("post_mlp_norm", "mlp"), "post"),
-    "attn.q": SiteSpec(("q_proj",), "post", "q", "merged back into the (possibly fused) projection output"),
-    "attn.k": SiteSpec(("k_proj",), "post", "k", "merged back into the (possibly fused) projection output"),
-    "attn.v": SiteSpec(("v_proj",), "post", "v", "merged back into the (possibly fused) projection output"),
-    "attn.z": SiteSpec(("o_proj",), "pre", "heads", "heads flattened back into o_proj's input"),
-    "attn.pattern": SiteSpec(("attn",), "pattern", "plain", "mixes the values instead of the model's pattern"),
+    "attn.q": SiteSpec(("q_proj",), "post", "q", "batch pos head d_head", _MERGED),
+    "attn.k": SiteSpec(("k_proj",), "post", "k", "batch pos kv_head d_head", _MERGED),
+    "attn.v": SiteSpec(("v_proj",), "post", "v", "batch pos kv_head d_head", _MERGED),
+    "attn.z": SiteSpec(("o_proj",), "pre", "heads", "batch pos head d_head", "heads flattened into o_proj's input"),
+    "attn.pattern": SiteSpec(("attn",), "pattern", "plain", "batch head query key",
+                             "mixes the values instead of the model's pattern"),
 }

@@ -80,11 +80,8 @@ def tau_for(r: torch.Tensor, sparsity: float) -> float:
 
 def apply(vector: SteeringVector, keep: torch.Tensor) -> SteeringVector:
     """A copy of a one-layer vector with the dropped dimensions set to zero."""
-    if len(vector) != 1:
-        raise SteerscopeError("sparsify a one-layer vector; use vector.select([layer])")
-    layer = vector.layers[0]
-    return SteeringVector({layer: vector[layer] * keep.to(vector[layer].dtype)}, site=vector.site,
-                          provenance=vector.provenance)
+    layer, s = vector.single_layer(site=None, purpose="sparsification")
+    return SteeringVector({layer: s * keep.to(s.dtype)}, site=vector.site, provenance=vector.provenance)
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:

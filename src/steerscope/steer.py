@@ -161,7 +161,8 @@ def _unit(direction: torch.Tensor | SteeringVector, lm: LM) -> torch.Tensor:
         raise VectorError(f"direction has shape {tuple(d.shape)}, the model needs [{lm.d_model}]")
     if not torch.isfinite(d).all() or d.norm() == 0:
         raise VectorError("direction must be finite and non-zero")
-    return (d / d.norm()).to(lm.device, lm.dtype)
+    unit: torch.Tensor = (d / d.norm()).to(lm.device, lm.dtype)
+    return unit
 
 
 @contextmanager
@@ -227,6 +228,13 @@ def patching(lm: LM, values: Mapping[str | Site, torch.Tensor], positions: Seque
         yield call
 
 
+def _param(m: torch.nn.Module) -> torch.Tensor:
+    """A module's weight Parameter itself (not detached: edited in place)."""
+    w = m.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 def orthogonalize(lm: LM, direction: torch.Tensor | SteeringVector) -> LM:
     """Weight orthogonalisation (Arditi et al.): a new LM whose writes to the residual stream have
     no component along r̂: W ← W − r̂r̂ᵀW for the embeddings, every attention output projection and
@@ -235,7 +243,7 @@ def orthogonalize(lm: LM, direction: torch.Tensor | SteeringVector) -> LM:
     Families with norms after attention/MLP (Gemma 2/3) are refused: the direction is not removed
     by orthogonalising the projection in front of a norm.
     """
-    if lm.family.post_attn_norm or lm.family.post_mlp_norm:
+    if lm.has_post_norms:
         raise SiteError(f"weight orthogonalisation is exact only without post-sublayer norms; "
                         f"{lm.model.config.model_type} has them. Use steerscope.ablation instead.")
     r = _unit(direction, lm).float()
@@ -248,20 +256,21 @@ def orthogonalize(lm: LM, direction: torch.Tensor | SteeringVector) -> LM:
             return (wf - torch.outer(r, r @ wf)).to(w.dtype)
         return (wf - torch.outer(wf @ r, r)).to(w.dtype)  # [.., d_model] rows
 
+    def edit(m: torch.nn.Module, out_dim_first: bool) -> None:
+        w, b = _param(m), getattr(m, "bias", None)
+        w.copy_(ortho_out(w, out_dim_first))
+        if isinstance(b, torch.Tensor):
+            b.copy_(project_out(b.float(), r).to(b.dtype))
+
     with torch.no_grad():
-        emb = new.module(None, lm.family.embed)
-        unemb = new.module(None, lm.family.unembed)
-        if unemb.weight is emb.weight:  # tied (SmolLM2, Gemma): untie so the readout is unchanged
-            unemb.weight = torch.nn.Parameter(emb.weight.detach().clone())
+        emb, unemb = new.embedding, new.unembedding
+        if _param(unemb) is _param(emb):  # tied (SmolLM2, Gemma): untie the readout
+            unemb.weight = torch.nn.Parameter(_param(emb).detach().clone())
             new.model.config.tie_word_embeddings = False
-        emb.weight.copy_(ortho_out(emb.weight, out_dim_first=False))
-        if lm.model.config.model_type == "gpt2":
-            wpe = new.model.transformer.wpe
-            wpe.weight.copy_(ortho_out(wpe.weight, out_dim_first=False))
+        edit(emb, out_dim_first=False)
+        if lm.model.config.model_type == "gpt2":  # learned position embeddings also write to the stream
+            edit(new.model.transformer.wpe, out_dim_first=False)
         for layer in range(new.n_layers):
-            for path in (lm.family.o_proj, lm.family.down_proj):
-                m = new.module(layer, path)
-                m.weight.copy_(ortho_out(m.weight, out_dim_first=not lm.family.conv1d))
-                if getattr(m, "bias", None) is not None:
-                    m.bias.copy_(project_out(m.bias.float(), r).to(m.bias.dtype))
+            for which in ("o", "down"):
+                edit(new.proj(layer, which), out_dim_first=not lm.layout.o_conv1d)
     return new

@@ -70,7 +70,7 @@ class SteeringBias(torch.nn.Module):
         super().__init__()
         if layers == "all":
             layers = list(range(lm.n_layers))
-        layers = [int(x) for x in layers]  # type: ignore[union-attr]
+        layers = [int(x) for x in layers]
         if not layers:
             raise SiteError("give at least one layer to train a steering bias at")
         for x in layers:
@@ -78,11 +78,15 @@ class SteeringBias(torch.nn.Module):
         self.lm = [lm]  # a list, so that the model is not registered as a submodule
         self.layers = sorted(set(layers))
         self.gated = bool(gate)
-        z = dict(device=lm.device, dtype=torch.float32)
-        self.s = torch.nn.ParameterDict({str(x): torch.nn.Parameter(torch.zeros(lm.d_model, **z)) for x in self.layers})
+        dev = lm.device
+
+        def zeros(*shape: int) -> torch.nn.Parameter:
+            return torch.nn.Parameter(torch.zeros(shape, device=dev, dtype=torch.float32))
+
+        self.s = torch.nn.ParameterDict({str(x): zeros(lm.d_model) for x in self.layers})
         if self.gated:
-            self.w = torch.nn.ParameterDict({str(x): torch.nn.Parameter(torch.zeros(lm.d_model, **z)) for x in self.layers})
-            self.b = torch.nn.ParameterDict({str(x): torch.nn.Parameter(torch.zeros((), **z)) for x in self.layers})
+            self.w = torch.nn.ParameterDict({str(x): zeros(lm.d_model) for x in self.layers})
+            self.b = torch.nn.ParameterDict({str(x): zeros() for x in self.layers})
 
     @property
     def n_trainable(self) -> int:
@@ -139,7 +143,7 @@ class LoRAPolicy(torch.nn.Module):
 
         torch.manual_seed(seed)
         targets = list(targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)  # type: ignore[arg-type]
         for p in lm.model.parameters():
             p.requires_grad_(False)
         inject_adapter_in_model(cfg, lm.model)

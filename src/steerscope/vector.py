@@ -14,7 +14,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from steerscope.models.load import LM
 
 FORMAT_VERSION = 1
+
+
+class LayerDirection(NamedTuple):
+    """The one layer of a one-layer vector and its direction [d_model]."""
+
+    layer: int
+    direction: torch.Tensor
 
 
 def _version() -> str:
@@ -180,6 +187,29 @@ class SteeringVector:
     def select(self, layers: Iterable[int]) -> SteeringVector:
         """A vector with only ``layers``."""
         return SteeringVector({k: self[k] for k in layers}, self.site, self.provenance)
+
+    def single_layer(self, site: str | None = "resid_pre", purpose: str = "this analysis") -> LayerDirection:
+        """The layer and direction of a one-layer vector, for analyses that take exactly one.
+
+        Args:
+            site: the site the analysis needs (None: any).
+            purpose: what needs it, for the error message (e.g. ``"attribution"``).
+
+        Returns:
+            :class:`LayerDirection` ``(layer, direction [d_model])``; unpacks as a pair.
+
+        Raises:
+            VectorError: the vector has several layers or another site (the message says how to fix it).
+
+        Example:
+            >>> layer, s = vec.select([12]).single_layer(purpose="attribution")
+        """
+        if len(self) != 1 or (site is not None and self.site != site):
+            want = f"one-layer {site} vector" if site else "one-layer vector"
+            raise VectorError(f"{purpose} takes a {want}, got site {self.site} with layers {self.layers}; "
+                              f"use vector.select([layer])" + (f" on a {site} vector" if site else ""))
+        layer = self.layers[0]
+        return LayerDirection(layer, self.directions[layer])
 
     def cosine(self, other: SteeringVector) -> dict[int, float]:
         """Cosine similarity per shared layer."""

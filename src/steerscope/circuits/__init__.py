@@ -37,12 +37,12 @@ from steerscope.circuits.faithfulness import (
     patched_metric,
 )
 from steerscope.circuits.graph import Graph, Node, Receiver, greedy_circuit, overlap, prune, random_circuit
-from steerscope.circuits.nodes import head_outputs, node_values
+from steerscope.circuits.nodes import head_outputs, model_graph, node_values
 
 __all__ = [
     "POINTS", "Attribution", "Faithfulness", "Graph", "Node", "PatchBatch", "Receiver", "check_supported",
     "default_pass_budget", "eap_ig", "edge_effects", "faithfulness_curve", "faithfulness_of", "forward",
-    "greedy_circuit", "head_outputs", "inputs", "metric", "node_effects", "node_patching", "node_site",
+    "greedy_circuit", "head_outputs", "model_graph", "inputs", "metric", "node_effects", "node_patching", "node_site",
     "node_values", "overlap", "patched_metric", "position_ids", "prepare", "prune", "random_circuit",
     "receiver_grads", "receiver_site", "scored_batches", "trim", "trim_columns",
 ]

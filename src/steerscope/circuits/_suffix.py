@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from steerscope.circuits.weights import softcap
 from steerscope.hooks import BlockCall, Call, HookFn, attached, block_inputs
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.sites import Site
 
 HookMap = dict["str | Site", "HookFn | list[HookFn]"]  # what :func:`steerscope.hooks.attached` takes
@@ -133,11 +133,11 @@ def logit_diff(lm: LM, resid: torch.Tensor, rows: torch.Tensor, y_pos: torch.Ten
         resid: the stream leaving the last block [rows pos d_model] (before the final norm).
         rows: long [rows], the sample of each row; y_pos, y_neg, mask: [batch pos] per sample.
     """
-    h = lm.module(None, lm.family.final_norm)(resid)
-    unembed = lm.module(None, lm.family.unembed)
+    h = lm.final_norm(resid)
+    unembed = lm.unembedding
     r, t = mask[rows].nonzero(as_tuple=True)  # scored (row, position) pairs
     i = rows[r]
-    w = cast(torch.Tensor, unembed.weight).detach()
+    w = lm.W_U()
     lp = (h[r, t] * w[y_pos[i, t]].to(h.dtype)).sum(-1)
     ln = (h[r, t] * w[y_neg[i, t]].to(h.dtype)).sum(-1)
     bias = getattr(unembed, "bias", None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 
 
 def norm_vjp(norm: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -75,24 +75,34 @@ def rms_proj_vjp_sum(x: torch.Tensor, gq: torch.Tensor, proj: torch.Tensor, W: t
     return (t1 - t2).to(gq.dtype)
 
 
-def rms_params(lm: LM, layer: int | None, path: str) -> tuple[torch.Tensor, float] | None:
-    """(gamma, eps) when the norm at ``path`` is exactly gamma * x / sqrt(mean(x^2) + eps), else None."""
-    norm = lm.module(layer, path)
+def rms_of(norm: torch.nn.Module, gamma: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """(gamma, eps) when ``norm`` is exactly gamma * x / sqrt(mean(x^2) + eps) (checked), else None.
+
+    Args:
+        gamma: the norm's effective scale [d_model] (Gemma's 1 + w included), on the norm's device.
+    """
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if not isinstance(eps, float):
         return None
-    gamma = lm.norm_weight(layer, path).to(lm.device)
-    x = torch.randn(4, lm.d_model, generator=torch.Generator().manual_seed(0)).to(lm.device, lm.dtype) * 3
+    w = next(norm.parameters(), gamma)
+    x = torch.randn(4, gamma.shape[-1], generator=torch.Generator().manual_seed(0)).to(gamma.device, w.dtype) * 3
     with torch.no_grad():
         ref = norm(x).float()
     mine = gamma * x.float() * (x.float().pow(2).mean(-1, keepdim=True) + eps).rsqrt()
     return (gamma, eps) if torch.allclose(ref, mine, rtol=1e-4, atol=1e-5) else None
 
 
-def norm_vjp_sum(lm: LM, layer: int | None, path: str, x: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`rms_vjp_sum` for an RMS norm, else autograd (:func:`norm_vjp`) then the sum over k groups."""
-    rms = rms_params(lm, layer, path)
+def rms_params(lm: LM, layer: int | None, path: str) -> tuple[torch.Tensor, float] | None:
+    """:func:`rms_of` for the norm at module ``path`` of block ``layer`` (None: top level)."""
+    return rms_of(lm.module(layer, path), lm.norm_weight(layer, path).to(lm.device))
+
+
+def norm_vjp_sum(norm: torch.nn.Module, gamma: torch.Tensor, x: torch.Tensor, g: torch.Tensor, k: int
+                 ) -> torch.Tensor:
+    """:func:`rms_vjp_sum` for an RMS norm (``norm`` with scale ``gamma``), else autograd
+    (:func:`norm_vjp`) then the sum over k groups. x [k*batch pos d_model]; g [k*batch pos n d_model]."""
+    rms = rms_of(norm, gamma)
     if rms is not None:
         return rms_vjp_sum(x, g, rms[0], rms[1], k)
-    gx = norm_vjp(lm.module(layer, path), x, g)
+    gx = norm_vjp(norm, x, g)
     return gx.view(k, gx.shape[0] // k, *gx.shape[1:]).sum(0)

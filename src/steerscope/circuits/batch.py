@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 

@@ -33,8 +33,10 @@ per-step receiver gradients are formed one receiver block at a time.
 
 Cited: Cheng, Wiegreffe, Manocha 2026 (arXiv 2604.08524), "Formulas"; Hanna et al. 2024, "Have
 faith in faithfulness" (EAP-IG); Syed et al. 2023 (edge attribution patching).
-Supported: separate q/k/v projections and a sequential residual (Llama, Mistral, Qwen, Gemma 1-3);
-GPT-2 / GPT-NeoX are refused by :func:`check_supported` with what is missing.
+Supported: every family in :mod:`steerscope.models.families` (Llama, Mistral, Qwen, Gemma 1-3,
+GPT-2 with its fused Conv1D qkv and LayerNorms, GPT-NeoX with its parallel residual, where a
+block's MLP reads the block's input); :func:`check_supported` refuses scaled logits
+(``logit_scale``), naming what is missing.
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ from steerscope.circuits._suffix import Prefix, logit_diff, prefix
 from steerscope.circuits._vjp import norm_vjp_sum
 from steerscope.circuits.batch import PatchBatch, scored_batches, trim, trim_columns
 from steerscope.circuits.graph import Graph, Node
-from steerscope.circuits.nodes import assemble, node_hooks, single_layer, suffix_run
+from steerscope.circuits.nodes import assemble, model_graph, node_hooks, single_layer, suffix_run
 from steerscope.circuits.probes import Probes, block_grads, probe_pass
-from steerscope.circuits.weights import missing_support, post_norm_path
+from steerscope.circuits.weights import Sublayer, has_post_norms, missing_support, post_norm, post_norm_gamma
 from steerscope.errors import UnsupportedModelError
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.vector import SteeringVector
 
 
@@ -83,7 +85,7 @@ def check_supported(lm: LM) -> None:
     if missing:
         raise UnsupportedModelError(
             f"EAP-IG, exact patching and circuits do not support {lm.config.model_type}: they lack "
-            f"{'; '.join(missing)}. Use a Llama, Mistral, Qwen or Gemma (1, 2, 3) model.")
+            f"{'; '.join(missing)}. Use a Llama, Mistral, Qwen, Gemma, GPT-2 or GPT-NeoX model.")
 
 
 def default_pass_budget(lm: LM, memory_gib: float = 1.0) -> int:
@@ -126,12 +128,12 @@ def _plain_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> tuple[
     return edges, gsum
 
 
-def _sublayers(lm: LM, graph: Graph) -> Iterator[tuple[list[int], int, str | None, str]]:
-    """(node rows, layer, post-norm path or None, key of its pre-norm sum in the probes) per sublayer."""
+def _sublayers(graph: Graph) -> Iterator[tuple[list[int], int, Sublayer, str]]:
+    """(node rows, layer, sublayer, key of its pre-norm sum in the probes) per sublayer, in order."""
     for layer in range(graph.layer0, graph.n_layers):
         rows = graph.node_rows(layer)
-        yield rows[:-1], layer, post_norm_path(lm, "attn"), f"A{layer}"
-        yield rows[-1:], layer, post_norm_path(lm, "mlp"), f"M{layer}"
+        yield rows[:-1], layer, "attn", f"A{layer}"
+        yield rows[-1:], layer, "mlp", f"M{layer}"
 
 
 def _normed_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,11 +146,12 @@ def _normed_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> tuple
         summed = g.view(k, b, *g.shape[1:]).sum(0)
         gsum += summed.sum((0, 1, 2)).double()
         edges[s_row, cols] += torch.einsum("bpd,bpvd->v", diff[:, :, s_row], summed).double()
-        read = min(graph.receivers[c].order for c in cols)
-        for rows, layer, path, key in _sublayers(lm, graph):
+        read = min(graph.read_order(c) for c in cols)
+        for rows, layer, sub, key in _sublayers(graph):
             if graph.upstream[rows[0]].order >= read:
                 break
-            pulled = summed if path is None else norm_vjp_sum(lm, layer, path, pr.xs[key], g, k)
+            norm = post_norm(lm, layer, sub)
+            pulled = summed if norm is None else norm_vjp_sum(norm, post_norm_gamma(lm, layer, sub), pr.xs[key], g, k)
             edges[rows[0] : rows[-1] + 1, cols] += torch.einsum(
                 "bpud,bpvd->uv", diff[:, :, rows], pulled).double()
     return edges, gsum
@@ -160,7 +163,7 @@ def _batch_scores(lm: LM, sub: PatchBatch, pre: Prefix, s: torch.Tensor, alpha: 
     b, p = sub.ids.shape
     per_pass = max(1, min(steps, pass_budget // (b * p * (lm.n_layers - pre.layer))))
     points = [alpha * (i + 0.5) / steps for i in range(steps)]
-    score = _normed_edges if lm.family.post_attn_norm or lm.family.post_mlp_norm else _plain_edges
+    score = _normed_edges if has_post_norms(lm) else _plain_edges
     edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
     gsum = torch.zeros(lm.d_model, dtype=torch.float64)
     for j in range(0, steps, per_pass):
@@ -196,7 +199,7 @@ def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: 
     """
     check_supported(lm)
     layer0, s = single_layer(vector)
-    graph = Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads)
+    graph = model_graph(lm, layer0)
     budget = default_pass_budget(lm) if pass_budget is None else pass_budget
     edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
     gsum = torch.zeros(lm.d_model, dtype=torch.float64)

@@ -16,8 +16,8 @@ Algorithm:
      ``tokens_per_pass`` row-positions. A pass starts at its lowest L_v, and a row joins the batch
      just before its own block, from the cached stream: no row computes a block below L_v.
      In block L_v, hooks replace the row's receiver input: a head's q (or a kv head's k, v)
-     becomes W_h norm(resid_pre - e_u) (+ bias), the MLP input norm(resid_mid - e_u); a logits
-     receiver reads the final stream minus e_u.
+     becomes W_h norm(resid_pre - e_u) (+ bias), the MLP input norm(resid_mid - e_u) (with a
+     parallel residual: norm(resid_pre - e_u)); a logits receiver reads the final stream minus e_u.
   4. m per row from the final stream at the scored positions (:func:`steerscope.circuits._suffix.logit_diff`);
      effect = m(steered) - m(row), averaged over samples.
   Node patching (every edge out of u dropped) is the same with e_u subtracted from the
@@ -27,6 +27,8 @@ Algorithm:
 Cost: one row per (edge, sample), through the blocks from its receiver's up only; rows of many
 edges share each forward. Tested against :func:`steerscope.circuits.faithfulness.patched_metric`
 edge by edge, for Llama-like and Gemma 2/3 models.
+Cited: Cheng, Wiegreffe, Manocha 2026 (arXiv 2604.08524), §4 (activation patching as the reference
+for EAP-IG); Hanna et al. 2024, "Have faith in faithfulness".
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ from steerscope.circuits._suffix import HookMap, Prefix, logit_diff, prefix, run
 from steerscope.circuits.batch import PatchBatch, scored_batches, trim
 from steerscope.circuits.eap_ig import check_supported
 from steerscope.circuits.graph import Graph
-from steerscope.circuits.nodes import assemble, node_hooks, removal, single_layer, suffix_run
-from steerscope.circuits.weights import Proj, proj_bias, proj_weight
+from steerscope.circuits.nodes import assemble, mlp_stream, model_graph, node_hooks, removal, single_layer, suffix_run
+from steerscope.circuits.weights import Proj, input_norm, proj_bias, proj_weight
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, HookFn, attached
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.progress import progress
 from steerscope.vector import SteeringVector
 
@@ -138,7 +140,7 @@ def steered_run(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float) ->
         hooks[f"blocks.{layer}.resid_pre"] = keep(streams, layer)
         hooks[f"blocks.{layer}.resid_mid"] = keep(mids, layer)
     clean, m = suffix_run(lm, pb, pre, alpha * s, hooks)
-    graph = Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads)
+    graph = model_graph(lm, layer0)
     return SteeredRun(pre, streams, mids, removal(lm, graph, clean, corr), m)
 
 
@@ -147,9 +149,10 @@ def _qkv_hook(lm: LM, run: SteeredRun, layer: int, rows: PatchRows, off: int, se
     """Replace the ``which`` projection of the selected rows' patched heads with W_h norm(resid_pre - e_u)."""
     i, u = rows.sample[sel], rows.node[sel]
     W, bias = proj_weight(lm, layer, which), proj_bias(lm, layer, which)  # [n d_head d_model], [n d_head]
+    norm, _ = input_norm(lm, layer, "attn")
 
     def fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
-        normed = lm.module(layer, lm.family.input_norm)(run.streams[layer][i] - run.delta[i, :, u])
+        normed = norm(run.streams[layer][i] - run.delta[i, :, u])
         x = x.clone()
         for h in torch.unique(rows.head[sel]).tolist():
             at = rows.head[sel] == h
@@ -169,10 +172,12 @@ def _layer_hooks(lm: LM, run: SteeredRun, layer: int, rows: PatchRows, off: int)
         if len(sel):
             hooks[f"blocks.{layer}.attn.{which}"] = _qkv_hook(lm, run, layer, rows, off, sel, which)
     mlp = (rows.point == _MLP).nonzero()[:, 0]
+    mlp_norm, _ = input_norm(lm, layer, "mlp")
+    src = run.streams if mlp_stream(lm) == "pre" else run.mids
     if len(mlp):
         def mlp_fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
             x = x.clone()
-            x[off + mlp] = lm.module(layer, lm.family.pre_mlp_norm)(run.mids[layer][i[mlp]] - run.delta[i[mlp], :, u[mlp]])
+            x[off + mlp] = mlp_norm(src[layer][i[mlp]] - run.delta[i[mlp], :, u[mlp]])
             return x
         hooks[f"blocks.{layer}.mlp_in"] = mlp_fn
     mid = (rows.point == _MID).nonzero()[:, 0]
@@ -238,9 +243,9 @@ def _effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
 
 def _check_graph(lm: LM, vector: SteeringVector, graph: Graph) -> None:
     layer0, _ = single_layer(vector)
-    if (graph.layer0, graph.n_layers, graph.n_heads, graph.n_kv) != (layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads):
+    if graph.to_dict() != model_graph(lm, layer0).to_dict():
         raise SteerscopeError(f"the graph starts at layer {graph.layer0} but the vector is at layer {layer0} "
-                              "(or the graph is another model's); build it with Graph.build for this model and vector")
+                              "(or the graph is another model's); build it with model_graph(lm, layer) for this model and vector")
 
 
 def edge_effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, graph: Graph,

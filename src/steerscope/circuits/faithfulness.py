@@ -33,10 +33,10 @@ from steerscope.circuits._suffix import HookMap
 from steerscope.circuits.batch import PatchBatch, forward, metric
 from steerscope.circuits.exact import node_effects
 from steerscope.circuits.graph import Graph, greedy_circuit
-from steerscope.circuits.nodes import head_outputs, node_values, normed_change, single_layer
-from steerscope.circuits.weights import Proj, attn_write_sum, mlp_write, post_norm, proj_bias, proj_weight
+from steerscope.circuits.nodes import head_outputs, mlp_stream, node_values, normed_change, single_layer
+from steerscope.circuits.weights import Proj, attn_write_sum, input_norm, mlp_write, post_norm, proj_bias, proj_weight
 from steerscope.hooks import Call, HookFn, attached
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 
@@ -78,7 +78,8 @@ class _Live:
 
 def _receiver_hooks(lm: LM, graph: Graph, live: _Live, xs: dict[str, torch.Tensor], layer: int) -> HookMap:
     """Hooks on block ``layer`` that give its q/k/v and MLP receivers their patched inputs."""
-    fam = lm.family
+    anorm, _ = input_norm(lm, layer, "attn")
+    pnorm, _ = input_norm(lm, layer, "mlp")
 
     def qkv(which: Proj) -> HookFn:
         cols = graph.receiver_columns(layer, which)
@@ -87,18 +88,19 @@ def _receiver_hooks(lm: LM, graph: Graph, live: _Live, xs: dict[str, torch.Tenso
         def fn(x: torch.Tensor, _c: Call) -> torch.Tensor | None:
             if not live.any(cols):
                 return None
-            normed = lm.module(layer, fam.input_norm)(xs[f"pre{layer}"][:, :, None] - live.removed(cols))
+            normed = anorm(xs[f"pre{layer}"][:, :, None] - live.removed(cols))
             new = torch.einsum("bpnd,ned->bpne", normed, W)
             return new if bias is None else new + bias
         return fn
 
     mcols = graph.receiver_columns(layer, "mlp")
+    stream = mlp_stream(lm)
     mnorm = post_norm(lm, layer, "mlp")
 
     def mlp(x: torch.Tensor, _c: Call) -> torch.Tensor | None:
         new = None
         if live.any(mcols):
-            new = lm.module(layer, fam.pre_mlp_norm)(xs[f"mid{layer}"] - live.removed(mcols)[:, :, 0])
+            new = pnorm(xs[f"{stream}{layer}"] - live.removed(mcols)[:, :, 0])
         if mnorm is not None:  # the MLP's pre-norm write, from its actual input
             w = mlp_write(lm, layer, x if new is None else new)
             live.add(w[:, :, None], mnorm, w)
@@ -147,7 +149,7 @@ def patched_metric(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
     def logits_hook(x: torch.Tensor, _c: Call) -> torch.Tensor | None:
         if not live.any(lcols):
             return None
-        h = lm.module(None, lm.family.final_norm)(xs["final"] - live.removed(lcols)[:, :, 0])
+        h = lm.final_norm(xs["final"] - live.removed(lcols)[:, :, 0])
         # not the module (its own hook would recurse); the model applies any soft-capping after it
         return torch.nn.functional.linear(h, lm.W_U())
 

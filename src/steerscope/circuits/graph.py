@@ -9,7 +9,9 @@ which edges exist are decided here and nowhere else:
     its MLP;
   * receivers, in order: per layer its query heads (q), its kv heads' k then v inputs, its MLP
     input, and finally the logits;
-  * an edge u -> v exists when u writes into the residual stream before v reads it.
+  * an edge u -> v exists when u writes into the residual stream before v reads it (with a
+    parallel residual, GPT-NeoX, a block's MLP reads the block's input, so its heads do not
+    feed it).
 
 Circuits (:func:`greedy_circuit`, :func:`prune`, :func:`random_circuit`, :func:`overlap`) are
 bool [U V] edge masks over one :class:`Graph`.
@@ -63,7 +65,7 @@ class Node:
 
     @property
     def order(self) -> float:
-        """Where the node writes into the stream (comparable with :attr:`Receiver.order`)."""
+        """Where the node writes into the stream (comparable with :meth:`Receiver.read_order`)."""
         return 2 * self.layer - 0.5 if self.kind == "steer" else 2 * self.layer + (self.kind == "mlp")
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,12 +101,11 @@ class Receiver:
         if self.kind not in _RECEIVER_KINDS or (self.head is None) != (self.kind in ("mlp", "logits")):
             raise ValueError(f"invalid receiver {self.kind!r} layer {self.layer} head {self.head}")
 
-    @property
-    def order(self) -> float:
+    def read_order(self, parallel: bool = False) -> float:
         """Where the receiver reads the stream (comparable with :attr:`Node.order`)."""
         if self.kind == "logits":
             return float("inf")
-        return 2 * self.layer + (self.kind == "mlp")
+        return 2 * self.layer + (self.kind == "mlp" and not parallel)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "layer": self.layer, "head": self.head}
@@ -138,6 +139,7 @@ class Graph:
 
     ``upstream[i]`` is a :class:`Node`, ``receivers[j]`` a :class:`Receiver`; ``valid[i, j]``
     says whether the edge exists. :meth:`index` and :meth:`receiver_index` map records back.
+    ``parallel``: attention and MLP of a block read the same stream (GPT-NeoX).
 
     Example:
         >>> g = Graph.build(12, lm.n_layers, lm.n_heads, lm.n_kv_heads)
@@ -151,17 +153,33 @@ class Graph:
     upstream: tuple[Node, ...]
     receivers: tuple[Receiver, ...]
     valid: torch.Tensor = field(repr=False)  # bool [U V]
+    parallel: bool = False
 
     @classmethod
-    def build(cls, layer0: int, n_layers: int, n_heads: int, n_kv: int) -> Graph:
+    def build(cls, layer0: int, n_layers: int, n_heads: int, n_kv: int, parallel: bool = False) -> Graph:
         ups = [Node.steer(layer0)]
         recv: list[Receiver] = []
         for layer in range(layer0, n_layers):
             ups += layer_nodes(layer, n_heads)
             recv += layer_receivers(layer, n_heads, n_kv)
         recv.append(Receiver(n_layers, "logits"))
-        valid = torch.tensor([u.order for u in ups])[:, None] < torch.tensor([r.order for r in recv])[None, :]
-        return cls(layer0, n_layers, n_heads, n_kv, tuple(ups), tuple(recv), valid)
+        reads = torch.tensor([r.read_order(parallel) for r in recv])
+        valid = torch.tensor([u.order for u in ups])[:, None] < reads[None, :]
+        return cls(layer0, n_layers, n_heads, n_kv, tuple(ups), tuple(recv), valid, parallel)
+
+    def read_order(self, j: int) -> float:
+        """Where receiver ``j`` reads the stream (comparable with :attr:`Node.order`)."""
+        return self.receivers[j].read_order(self.parallel)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The facts :meth:`build` needs (JSON-ready); :meth:`from_dict` rebuilds the graph."""
+        return {"layer0": self.layer0, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv": self.n_kv,
+                "parallel": self.parallel}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Graph:
+        return cls.build(int(d["layer0"]), int(d["n_layers"]), int(d["n_heads"]), int(d["n_kv"]),
+                         bool(d.get("parallel", False)))
 
     @cached_property
     def _node_ids(self) -> dict[Node, int]:

@@ -17,7 +17,7 @@ from steerscope.circuits.graph import Graph
 from steerscope.circuits.weights import apply_unhooked, mlp_write, post_norm
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import Call, HookFn, attached
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 
@@ -30,6 +30,16 @@ def single_layer(vector: SteeringVector) -> tuple[int, torch.Tensor]:
     return layer, vector[layer]
 
 
+def model_graph(lm: LM, layer0: int) -> Graph:
+    """The attribution graph of ``lm`` from block ``layer0`` up (its heads, kv heads, residual kind)."""
+    return Graph.build(layer0, lm.n_layers, lm.n_heads, lm.n_kv_heads, parallel=lm.family.parallel_residual)
+
+
+def mlp_stream(lm: LM) -> str:
+    """Which cached stream a block's MLP reads: ``"mid"`` (after attention) or ``"pre"`` (parallel residual)."""
+    return "pre" if lm.family.parallel_residual else "mid"
+
+
 def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
     """Per-head writes: [batch pos head d_head] x [head d_head d_model] -> [batch pos head d_model]."""
     return torch.einsum("bphe,hed->bphd", z, W_O.to(z.dtype))
@@ -38,7 +48,7 @@ def head_outputs(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
 def node_hooks(lm: LM, layer0: int, outs: dict[str, torch.Tensor]) -> HookMap:
     """Hooks that record each head's z (``z{L}``) and each MLP's pre-norm write (``m{L}``) into ``outs``."""
     hooks: HookMap = {}
-    normed_mlp = lm.family.post_mlp_norm is not None
+    normed_mlp = post_norm(lm, layer0, "mlp") is not None
 
     def rec(key: str, layer: int | None = None) -> HookFn:
         def fn(x: torch.Tensor, _c: Call) -> None:
@@ -90,8 +100,8 @@ def suffix_run(lm: LM, pb: PatchBatch, pre: Prefix, add: torch.Tensor,
 
 def sublayer_bias(lm: LM, layer: int) -> torch.Tensor | float:
     """The attention output bias (part of the sublayer's pre-norm sum A), or 0."""
-    bias = getattr(lm.module(layer, lm.family.o_proj), "bias", None)
-    return 0.0 if bias is None else bias.detach()
+    bias = lm.b_O(layer)
+    return 0.0 if bias is None else bias
 
 
 def sublayer_norms(lm: LM, graph: Graph) -> list[tuple[list[int], torch.nn.Module | None, torch.Tensor | float]]:

@@ -10,6 +10,8 @@ Algorithm:
      leaving the last block (it flows through the final norm and any logit soft-capping).
   3. For families with post-sublayer norms the pre-norm sums A of every sublayer are kept per
      row (``A{l}`` attention, ``M{l}`` MLP) so that the caller can apply dP/dA per row.
+
+Cited: Hanna et al. 2024 (EAP-IG); Cheng, Wiegreffe, Manocha 2026 (arXiv 2604.08524), "Formulas".
 """
 
 from __future__ import annotations
@@ -20,12 +22,22 @@ from dataclasses import dataclass
 import torch
 
 from steerscope.circuits._suffix import HookMap, Prefix, logit_diff, run_blocks
-from steerscope.circuits._vjp import norm_vjp_sum, rms_params, rms_proj_vjp_sum
+from steerscope.circuits._vjp import norm_vjp_sum, rms_of, rms_proj_vjp_sum
 from steerscope.circuits.batch import PatchBatch
 from steerscope.circuits.graph import Graph
-from steerscope.circuits.weights import Proj, attn_write_sum, mlp_write, n_proj_heads, proj_bias, proj_weight
+from steerscope.circuits.nodes import mlp_stream
+from steerscope.circuits.weights import (
+    Proj,
+    attn_write_sum,
+    has_post_norms,
+    input_norm,
+    mlp_write,
+    n_proj_heads,
+    proj_bias,
+    proj_weight,
+)
 from steerscope.hooks import Call, HookFn, attached
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 
 _QKV: tuple[Proj, Proj, Proj] = ("q", "k", "v")
 
@@ -59,7 +71,7 @@ def _hooks(lm: LM, layer0: int, probes: dict[str, torch.Tensor], xs: dict[str, t
             xs[key] = x.detach()
         return fn
 
-    normed = bool(lm.family.post_attn_norm)
+    normed = has_post_norms(lm)
     hooks: HookMap = {}
     for layer in range(layer0, lm.n_layers):
         hooks[f"blocks.{layer}.resid_pre"] = keep(f"pre{layer}")
@@ -92,7 +104,7 @@ def probe_pass(lm: LM, pb: PatchBatch, pre: Prefix, s: torch.Tensor, alphas: Seq
         gs = torch.autograd.grad(m.sum(), [probes[key] for key in keys] + [resid], allow_unused=True)
     g = {key: (torch.zeros_like(probes[key]) if v is None else v) for key, v in zip(keys, gs[:-1])}
     g["final"] = torch.zeros_like(resid) if gs[-1] is None else gs[-1]
-    if lm.family.post_attn_norm or lm.family.post_mlp_norm:
+    if has_post_norms(lm):
         with torch.no_grad():
             for layer in range(pre.layer, lm.n_layers):
                 xs[f"A{layer}"] = attn_write_sum(lm, layer, xs.pop(f"z{layer}"))
@@ -104,7 +116,8 @@ def _qkv_grads(lm: LM, pr: Probes, layer: int, k: int) -> torch.Tensor:
     """Residual-space gradients of block ``layer``'s q, k, v receivers [rows/k pos H+2Hk d_model]."""
     gq = torch.cat([pr.g[f"{w}{layer}"] for w in _QKV], 2)  # [R pos n d_head]
     W = torch.cat([proj_weight(lm, layer, w) for w in _QKV])  # [n d_head d_model], n = H + 2 Hk
-    rms = rms_params(lm, layer, lm.family.input_norm)
+    norm, gamma = input_norm(lm, layer, "attn")
+    rms = rms_of(norm, gamma)
     if rms is not None:  # factored: never forms the [R pos n d_model] cotangents
         proj = []
         for w in _QKV:
@@ -112,7 +125,7 @@ def _qkv_grads(lm: LM, pr: Probes, layer: int, k: int) -> torch.Tensor:
             proj.append(pr.xs[f"{w}{layer}"] - (0.0 if bias is None else bias))
         return rms_proj_vjp_sum(pr.xs[f"pre{layer}"], gq, torch.cat(proj, 2), W, rms[0], rms[1], k)
     cot = torch.einsum("bphe,hed->bphd", gq, W)
-    return norm_vjp_sum(lm, layer, lm.family.input_norm, pr.xs[f"pre{layer}"], cot, k)
+    return norm_vjp_sum(norm, gamma, pr.xs[f"pre{layer}"], cot, k)
 
 
 def block_grads(lm: LM, pr: Probes, graph: Graph, k: int) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -128,6 +141,6 @@ def block_grads(lm: LM, pr: Probes, graph: Graph, k: int) -> Iterator[tuple[list
         yield cols, _qkv_grads(lm, pr, layer, k)
         gm = pr.g[f"m{layer}"][:, :, None]
         yield graph.receiver_columns(layer, "mlp"), norm_vjp_sum(
-            lm, layer, lm.family.pre_mlp_norm, pr.xs[f"mid{layer}"], gm, k)
+            *input_norm(lm, layer, "mlp"), pr.xs[f"{mlp_stream(lm)}{layer}"], gm, k)
     gl = pr.g["final"]
     yield graph.receiver_columns(graph.n_layers, "logits"), gl.view(k, -1, *gl.shape[1:]).sum(0)[:, :, None]

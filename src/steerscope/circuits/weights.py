@@ -1,31 +1,26 @@
-"""Per-head projection weights, post-sublayer norms and logit soft-capping, as the circuit code needs them.
+"""The model facts the circuit code needs, read through the ``LM`` accessors (never family path strings).
 
-TEMPORARY HOME (issue 10 §2): these accessors belong on ``LM`` (``models/layout.py``, helper
-arch-core). They are the only place in ``steerscope.circuits`` that reaches through
-``lm.family`` path strings for weights; swap each for the ``LM`` accessor at merge.
-Only separate q/k/v projections are handled here (see :func:`missing_support`).
+Per-head q/k/v weights in the [n d_head d_model] orientation the receivers use, the norms in
+front of and behind each sublayer, the sublayers' own outputs (before any post-norm), the final
+logit soft-capping, and what an architecture lacks for these algorithms.
 """
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 
-from steerscope.models.load import LM
+from steerscope.models.lm import LM
 
 Proj = Literal["q", "k", "v"]
+Sublayer = Literal["attn", "mlp"]
 
 
 def missing_support(lm: LM) -> list[str]:
     """What the circuit algorithms lack for this model's architecture (empty: supported)."""
-    f, cfg = lm.family, lm.config
     missing = []
-    if f.qkv != "separate":
-        missing.append(f"per-head q/k/v weights of a fused qkv projection ({f.qkv})")
-    if f.parallel_residual:
-        missing.append("a parallel residual (attention and MLP read the same stream)")
-    if getattr(cfg, "logit_scale", None):
+    if getattr(lm.config, "logit_scale", None):
         missing.append("scaled logits (logit_scale)")
     return missing
 
@@ -36,21 +31,38 @@ def n_proj_heads(lm: LM, which: Proj) -> int:
 
 
 def proj_weight(lm: LM, layer: int, which: Proj) -> torch.Tensor:
-    """Projection weights per head [n d_head d_model] for q/k/v (separate projections)."""
-    w = cast(torch.Tensor, lm.module(layer, getattr(lm.family, f"{which}_proj")).weight).detach()
-    return w.view(n_proj_heads(lm, which), lm.d_head, lm.d_model)
+    """Projection weights per head [n d_head d_model] for q/k/v (k, v: per kv head)."""
+    w = lm.W_Q(layer) if which == "q" else lm.W_K(layer, repeat=False) if which == "k" else lm.W_V(layer, repeat=False)
+    return w.transpose(1, 2)
 
 
 def proj_bias(lm: LM, layer: int, which: Proj) -> torch.Tensor | None:
     """Projection bias per head [n d_head], or None."""
-    bias = getattr(lm.module(layer, getattr(lm.family, f"{which}_proj")), "bias", None)
-    return None if bias is None else bias.detach().view(n_proj_heads(lm, which), lm.d_head)
+    return lm.b_Q(layer) if which == "q" else lm.b_K(layer, repeat=False) if which == "k" else lm.b_V(layer, repeat=False)
 
 
-def post_norm(lm: LM, layer: int, sublayer: Literal["attn", "mlp"]) -> torch.nn.Module | None:
+def input_norm(lm: LM, layer: int, sublayer: Sublayer) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(module, effective γ [d_model]) of the norm in front of a sublayer."""
+    kind: Literal["input", "pre_mlp"] = "input" if sublayer == "attn" else "pre_mlp"
+    norm = lm.norm(layer, kind)
+    if norm is None:  # pragma: no cover - every family has both
+        raise KeyError(f"no {kind} norm")
+    return norm, lm.gamma(layer, kind).to(lm.device)
+
+
+def post_norm(lm: LM, layer: int, sublayer: Sublayer) -> torch.nn.Module | None:
     """The norm applied to a sublayer's output before it joins the residual (Gemma 2/3), or None."""
-    path = lm.family.post_attn_norm if sublayer == "attn" else lm.family.post_mlp_norm
-    return None if path is None else lm.module(layer, path)
+    return lm.norm(layer, "post_attn" if sublayer == "attn" else "post_mlp")
+
+
+def post_norm_gamma(lm: LM, layer: int, sublayer: Sublayer) -> torch.Tensor:
+    """Effective γ [d_model] of a sublayer's post-norm (Gemma 2/3)."""
+    return lm.gamma(layer, "post_attn" if sublayer == "attn" else "post_mlp").to(lm.device)
+
+
+def has_post_norms(lm: LM) -> bool:
+    """Whether sublayer outputs are normalised before they join the residual (Gemma 2/3)."""
+    return lm.norm(0, "post_attn") is not None or lm.norm(0, "post_mlp") is not None
 
 
 def apply_unhooked(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -61,20 +73,15 @@ def apply_unhooked(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def mlp_write(lm: LM, layer: int, mlp_in: torch.Tensor) -> torch.Tensor:
     """The MLP's output before any post-MLP norm, from its (normed) input. [batch pos d_model]"""
-    return apply_unhooked(lm.module(layer, lm.family.mlp), mlp_in)
+    return apply_unhooked(lm.mlp(layer), mlp_in)
+
+
+def attn_write_sum(lm: LM, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """The attention sublayer's output before any post-attention norm, from z [batch pos head d_head]."""
+    return apply_unhooked(lm.proj(layer, "o"), z.flatten(2))
 
 
 def softcap(lm: LM) -> float | None:
     """The final logit soft-capping constant c (logits = c tanh(x / c)), or None."""
     cap = getattr(lm.config, "final_logit_softcapping", None)
     return float(cap) if cap else None
-
-
-def attn_write_sum(lm: LM, layer: int, z: torch.Tensor) -> torch.Tensor:
-    """The attention sublayer's output before any post-attention norm, from z [batch pos head d_head]."""
-    return apply_unhooked(lm.module(layer, lm.family.o_proj), z.flatten(2))
-
-
-def post_norm_path(lm: LM, sublayer: Literal["attn", "mlp"]) -> str | None:
-    """Module path (inside a block) of a sublayer's post-norm, or None."""
-    return lm.family.post_attn_norm if sublayer == "attn" else lm.family.post_mlp_norm

@@ -1,14 +1,20 @@
 """Pure math of contrast extraction: activations in, direction out. No model here.
 
 All functions take ``pos`` [n d_model] and ``neg`` [m d_model] (one row per example, positions
-already averaged) and return a direction [d_model].
+already averaged) and return a direction [d_model]: each is an :data:`Aggregator`, and any function
+of that type can be passed to ``extract(method=...)``.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from steerscope.errors import DataError
+from steerscope.stats import fit_logistic
+
+Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pos [n d_model], neg [m d_model]) -> [d_model]
 
 
 def diff_in_means(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -38,7 +44,8 @@ def _scale_like_dim(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> to
 
 def _top_direction(x: torch.Tensor) -> torch.Tensor:
     _, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    return vh[0].float()
+    top: torch.Tensor = vh[0].float()
+    return top
 
 
 def pca_diff(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -52,23 +59,6 @@ def pca_center(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     d = _paired(pos, neg)
     centred = torch.cat([d / 2, -d / 2])
     return _scale_like_dim(_top_direction(centred), pos, neg)
-
-
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> tuple[torch.Tensor, float]:
-    """L2-regularised logistic regression by L-BFGS (float64). x [n e], y [n] in {0,1} -> (w [e], b)."""
-    xt, yt = x.double(), y.double()
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w @ w)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), float(b.detach())
 
 
 def logistic_probe(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, steps: int = 200) -> torch.Tensor:
@@ -89,7 +79,7 @@ def actadd(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return (pos - neg)[0]
 
 
-METHODS = {
+METHODS: dict[str, Aggregator] = {
     "dim": diff_in_means,
     "caa": mean_paired_difference,
     "pca": pca_diff,

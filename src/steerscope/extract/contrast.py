@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from steerscope.errors import DataError, SiteError
-from steerscope.extract.aggregate import METHODS
+from steerscope.extract.aggregate import METHODS, Aggregator
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
@@ -101,7 +101,7 @@ def extract(
     lm: LM,
     positive: Sequence[Example],
     negative: Sequence[Example],
-    method: str = "dim",
+    method: str | Aggregator = "dim",
     layers: Sequence[int] | None = None,
     positions: Sequence[int] = (-1,),
     site: str = "resid_pre",
@@ -115,7 +115,9 @@ def extract(
     Args:
         lm: the model.
         positive, negative: prompts, or (prompt, completion) pairs / ``{"prompt", "completion"}``.
-        method: ``dim``, ``caa``, ``pca`` (= ``pca_diff``), ``pca_center``, ``probe`` or ``actadd``.
+        method: ``dim``, ``caa``, ``pca`` (= ``pca_diff``), ``pca_center``, ``probe`` or ``actadd``; or an
+            aggregator ``fn(pos [n d_model], neg [m d_model]) -> direction [d_model]`` (one row per example,
+            positions averaged), recorded in the provenance under its ``__name__``.
         layers: block indices (default: the middle layer).
         positions: token positions averaged per example; negative from the end of the text
             (post-instruction positions for prompts, the answer token for pairs).
@@ -132,8 +134,13 @@ def extract(
         >>> vec[12].shape
         torch.Size([576])
     """
-    if method not in METHODS:
-        raise DataError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if callable(method):
+        fn, name = method, getattr(method, "__name__", type(method).__name__)
+    elif method in METHODS:
+        fn, name = METHODS[method], method
+    else:
+        raise DataError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}, or pass a function "
+                        "(pos, neg) -> direction")
     if not positive or not negative:
         raise DataError("extraction needs at least one positive and one negative example")
     if method == "caa" and not all(not isinstance(e, str) for e in list(positive) + list(negative)):
@@ -142,13 +149,18 @@ def extract(
     pos_t = [_format(lm, e, system, chat) for e in positive]
     neg_t = [_format(lm, e, system, chat) for e in negative]
     acts = collect(lm, pos_t + neg_t, layers, positions, site, batch_size, templated=chat, show_progress=show_progress)
-    fn = METHODS[method]
     n = len(pos_t)
-    dirs = {l: fn(a[:n], a[n:]) for l, a in acts.items()}
+    dirs = {l: _direction(fn, a[:n], a[n:], lm.d_model) for l, a in acts.items()}
     prov = Provenance.for_model(
-        lm, method=method, positions=list(positions), dataset_hash=dataset_hash(list(positive) + ["|"] + list(negative)),
+        lm, method=name, positions=list(positions), dataset_hash=dataset_hash(list(positive) + ["|"] + list(negative)),
         n_examples=len(pos_t) + len(neg_t), args={"site": site, "system": system, "chat": chat},
     )
     return SteeringVector(dirs, site, prov)
 
 
+def _direction(fn: Aggregator, pos: torch.Tensor, neg: torch.Tensor, d_model: int) -> torch.Tensor:
+    out = fn(pos, neg)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (d_model,):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"the aggregator must return one direction of shape ({d_model},), got {got}")
+    return out.detach().float()

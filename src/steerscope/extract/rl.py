@@ -29,6 +29,7 @@ from typing import Any, Callable, ContextManager, Protocol, Sequence
 import torch
 
 from steerscope.errors import StudyError
+from steerscope.generation import IGNORE, sequence_logprobs
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.trainable import frozen_except
@@ -111,9 +112,11 @@ def completion_mask(gen: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
     return ~after
 
 
-def sequence_logprobs(lm: LM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: torch.Tensor,
-                      gen_mask: torch.Tensor) -> torch.Tensor:
+def policy_logprobs(lm: LM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: torch.Tensor,
+                    gen_mask: torch.Tensor) -> torch.Tensor:
     """Σ_t log π(y_t | prompt, y_<t) per row, teacher-forced (gradients flow to active parameters).
+
+    Lays the sampled rows out as one batch for :func:`steerscope.generation.sequence_logprobs`.
 
     Args:
         prompt_ids, prompt_mask: left-padded prompts [batch P].
@@ -122,15 +125,10 @@ def sequence_logprobs(lm: LM, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     Returns:
         [batch] summed log-probs of the counted tokens.
     """
-    ids = torch.cat([prompt_ids, gen], 1)
-    mask = torch.cat([prompt_mask, torch.ones_like(gen)], 1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    T = gen.shape[1]
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1]
-    logits = logits if logits.dtype == torch.float64 else logits.float()  # [batch T vocab]: position P-1+t predicts gen[t]
-    lp = torch.log_softmax(logits, -1).gather(-1, gen[..., None])[..., 0]
-    return (lp * gen_mask.to(lp.dtype)).sum(-1)
+    labels = torch.cat([torch.full_like(prompt_ids, IGNORE), torch.where(gen_mask.bool(), gen, IGNORE)], 1)
+    batch = {"input_ids": torch.cat([prompt_ids, gen], 1), "labels": labels,
+             "attention_mask": torch.cat([prompt_mask, torch.ones_like(gen)], 1)}
+    return sequence_logprobs(lm, batch)
 
 
 def surrogate_backward(lm: LM, policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -145,9 +143,9 @@ def surrogate_backward(lm: LM, policy: Policy, prompt_ids: torch.Tensor, prompt_
     with policy.active():
         for i in range(0, len(rows), micro_batch):
             r = rows[i : i + micro_batch]
-            lp = sequence_logprobs(lm, prompt_ids[r], prompt_mask[r], gen[r], gen_mask[r])
+            lp = policy_logprobs(lm, prompt_ids[r], prompt_mask[r], gen[r], gen_mask[r])
             loss = -(adv[r].to(lp.dtype) * lp).sum() / n_tok
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             total += float(loss.detach())
     return total
 

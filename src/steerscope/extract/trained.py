@@ -23,12 +23,13 @@ import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from steerscope.errors import DataError
+from steerscope.generation import IGNORE, completion_batch, sequence_logprobs
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
@@ -47,28 +48,6 @@ class TrainResult:
     best_epoch: int = -1
 
 
-def completion_batch(lm: LM, prompts: Sequence[str], completions: Sequence[str], max_tokens: int | None = None
-                     ) -> dict[str, torch.Tensor]:
-    """Right-padded chat-formatted (prompt + completion) batch; labels only on completion tokens.
-
-    Returns:
-        ``input_ids``, ``attention_mask``, ``labels`` (-100 elsewhere), each [batch pos].
-    """
-    tok = lm.tokenizer
-    rows, labels = [], []
-    for p, c in zip(prompts, completions):
-        pid = tok(lm.format_chat(p), add_special_tokens=not lm.has_chat_template)["input_ids"]
-        cid = tok(c, add_special_tokens=False)["input_ids"][:max_tokens]
-        rows.append(pid + cid)
-        labels.append([-100] * len(pid) + cid)
-    n = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([r + [pad] * (n - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (n - len(r)) for r in labels])
-    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
-    return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device), "labels": lab.to(lm.device)}
-
-
 @contextmanager
 def trainable_steering(lm: LM, layer: int, v: torch.Tensor, scale: torch.Tensor | float) -> Iterator[Call]:
     """Add ``scale * v`` at ``blocks.{layer}.resid_pre``, all positions, keeping the autograd graph.
@@ -85,14 +64,9 @@ def trainable_steering(lm: LM, layer: int, v: torch.Tensor, scale: torch.Tensor 
         yield call
 
 
-def sequence_logprobs(lm: LM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _logprobs(lm: LM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-prob and completion length per row: ([batch], [batch])."""
-    logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    lab = batch["labels"][:, 1:]
-    lp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)
-    m = (lab != -100)
-    tok_lp = torch.gather(lp, 2, lab.clamp_min(0)[..., None])[..., 0] * m
-    return tok_lp.sum(1), m.sum(1)
+    return sequence_logprobs(lm, batch), (batch["labels"][:, 1:] != IGNORE).sum(1)
 
 
 def po_loss(lp_w: torch.Tensor, n_w: torch.Tensor, lp_l: torch.Tensor, n_l: torch.Tensor,
@@ -103,27 +77,27 @@ def po_loss(lp_w: torch.Tensor, n_w: torch.Tensor, lp_l: torch.Tensor, n_l: torc
     return -F.logsigmoid(delta).mean()
 
 
-def _loss(lm: LM, kind: str, layer: int, v: torch.Tensor, rows: list[tuple], alpha: float, max_tokens: int,
+def _loss(lm: LM, kind: str, layer: int, v: torch.Tensor, rows: list[tuple[Any, ...]], alpha: float, max_tokens: int,
           phi: float) -> torch.Tensor:
     prompts = [r[0] for r in rows]
     scale = torch.tensor([alpha * r[-1] for r in rows], device=lm.device)
     if kind == "ntp":
         batch = completion_batch(lm, prompts, [r[1] for r in rows], max_tokens)
         with trainable_steering(lm, layer, v, scale):
-            lp, n = sequence_logprobs(lm, batch)
+            lp, n = _logprobs(lm, batch)
         return -(lp / n.clamp_min(1)).mean()
     bw = completion_batch(lm, prompts, [r[1] for r in rows], max_tokens)
     bl = completion_batch(lm, prompts, [r[2] for r in rows], max_tokens)
     with torch.no_grad():
-        ref_w, _ = sequence_logprobs(lm, bw)
-        ref_l, _ = sequence_logprobs(lm, bl)
+        ref_w, _ = _logprobs(lm, bw)
+        ref_l, _ = _logprobs(lm, bl)
     with trainable_steering(lm, layer, v, scale):
-        lp_w, n_w = sequence_logprobs(lm, bw)
-        lp_l, n_l = sequence_logprobs(lm, bl)
+        lp_w, n_w = _logprobs(lm, bw)
+        lp_l, n_l = _logprobs(lm, bl)
     return po_loss(lp_w, n_w, lp_l, n_l, ref_w, ref_l, phi)
 
 
-def _train(lm: LM, kind: str, rows: list[tuple], val: list[tuple], layer: int, epochs: int, lr: float,
+def _train(lm: LM, kind: str, rows: list[tuple[Any, ...]], val: list[tuple[Any, ...]], layer: int, epochs: int, lr: float,
            batch_size: int, alpha: float, seed: int, max_tokens: int, phi: float,
            init: torch.Tensor | None, show_progress: bool) -> TrainResult:
     if not rows:
@@ -144,7 +118,7 @@ def _train(lm: LM, kind: str, rows: list[tuple], val: list[tuple], layer: int, e
             for i in range(0, len(order), batch_size):
                 loss = _loss(lm, kind, layer, v, order[i : i + batch_size], alpha, max_tokens, phi)
                 opt.zero_grad()
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 sched.step()
                 res.train_loss.append(float(loss.detach()))

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from steerscope.data import data_path, read_jsonl
-from steerscope.errors import DataError, SteerscopeError
-from steerscope.extract.aggregate import fit_logistic as _fit_logistic
+from steerscope.errors import ClassifierError, DataError
+from steerscope.stats import fit_logistic
 
 MIN_ACCURACY = 0.8
+PROBE_STEPS = 100  # L-BFGS iterations of the probe
 TRAITS = ("formality", "sentiment", "politeness")
 
 POLES: dict[str, tuple[list[str], list[str]]] = {
@@ -43,10 +44,6 @@ POLES: dict[str, tuple[list[str], list[str]]] = {
     "politeness": (["A polite, courteous, respectful and kind message.", "Thank you so much, I really appreciate it."],
                    ["A rude, dismissive, insulting and disrespectful message.", "Shut up, that is stupid."]),
 }
-
-
-class ClassifierError(SteerscopeError):
-    """A classifier is missing its package or data."""
 
 
 def labelled(trait: str) -> tuple[list[str], np.ndarray]:
@@ -145,13 +142,13 @@ class Embedder:
 
 def zero_shot_scores(emb: np.ndarray, pos_desc: np.ndarray, neg_desc: np.ndarray) -> np.ndarray:
     """Mean cosine to positive descriptions minus mean cosine to negative ones. emb [n e] -> [n]."""
-    return emb @ pos_desc.mean(0) - emb @ neg_desc.mean(0)
+    scores: np.ndarray = emb @ pos_desc.mean(0) - emb @ neg_desc.mean(0)
+    return scores
 
 
 # -- 3. logistic probe --------------------------------------------------------------------------
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 100) -> tuple[np.ndarray, float]:
-    """L2-regularised logistic regression by L-BFGS. x [n e], y [n] in {0,1} -> (w [e], b)."""
-    w, b = _fit_logistic(torch.as_tensor(x), torch.as_tensor(y), l2, steps)
+def _fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> tuple[np.ndarray, float]:
+    w, b = fit_logistic(x, y, l2, steps=PROBE_STEPS)
     return w.numpy(), b
 
 
@@ -167,11 +164,11 @@ def stratified_folds(y: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def cross_val_accuracy(x: np.ndarray, y: np.ndarray, k: int = 5, seed: int = 0, l2: float = 1e-2) -> float:
-    """Accuracy of :func:`fit_logistic` by stratified k-fold cross-validation."""
+    """Accuracy of :func:`steerscope.stats.fit_logistic` by stratified k-fold cross-validation."""
     correct = 0
     for test in stratified_folds(y, k, seed):
         train = np.setdiff1d(np.arange(len(y)), test)
-        w, b = fit_logistic(x[train], y[train], l2)
+        w, b = _fit(x[train], y[train], l2)
         correct += int(((x[test] @ w + b > 0).astype(int) == y[test]).sum())
     return correct / len(y)
 
@@ -227,10 +224,17 @@ def build_scorers(trait: str, embedder: Embedder | None = None, kinds: Sequence[
                               "all labelled texts (not fitted)", fn))
         if "probe" in kinds:
             acc = cross_val_accuracy(x, y, k=5, seed=seed)
-            w, b = fit_logistic(x, y)
-            out.append(Scorer(trait, "probe", acc, "5-fold cross-validation",
-                              lambda t, e=emb, w=w, b=b: e(t) @ w + b))
+            w, b = _fit(x, y)
+            out.append(Scorer(trait, "probe", acc, "5-fold cross-validation", _probe_fn(emb, w, b)))
     return out
+
+
+def _probe_fn(emb: Embedder, w: np.ndarray, b: float) -> Callable[[Sequence[str]], np.ndarray]:
+    def fn(texts: Sequence[str]) -> np.ndarray:
+        scores: np.ndarray = emb(texts) @ w + b
+        return scores
+
+    return fn
 
 
 def best_scorer(scorers: Sequence[Scorer]) -> Scorer | None:

@@ -98,7 +98,8 @@ class LlamaGuardJudge:
     def format(self, prompt: str, response: str) -> str:
         """The classifier's input: the conversation through its chat template."""
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return self.tokenizer.apply_chat_template(chat, tokenize=False)
+        text: str = self.tokenizer.apply_chat_template(chat, tokenize=False)
+        return text
 
     @staticmethod
     def parse(text: str) -> bool:

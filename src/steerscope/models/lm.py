@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from steerscope.models.families import Family
 from steerscope.models.layout import QKVLayout, Which
 
 NormKind = Literal["input", "pre_mlp", "post_attn", "post_mlp"]
+_TOKENIZER_LOCK = threading.Lock()  # fast tokenizers are not safe to re-configure from several threads
 
 
 def param(module: torch.nn.Module, name: str = "weight") -> torch.Tensor | None:
@@ -159,10 +161,17 @@ class LM:
         """Block ``layer``'s MLP module."""
         return self.module(layer, self.family.mlp)
 
-    def proj(self, layer: int, which: Literal["q", "k", "v", "o"]) -> torch.nn.Module:
-        """The projection module of ``which`` (fused layouts: q, k and v are one module)."""
+    def proj(self, layer: int, which: Literal["q", "k", "v", "o", "down"]) -> torch.nn.Module:
+        """A projection module: attention ``q``/``k``/``v`` (fused layouts: one module), the attention
+        output ``o``, or the MLP's output ``down``. GPT-2 stores o/down weights [in out] (Conv1D)."""
         fam = self.family
-        return self.module(layer, {"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj, "o": fam.o_proj}[which])
+        paths = {"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj, "o": fam.o_proj, "down": fam.down_proj}
+        return self.module(layer, paths[which])
+
+    @property
+    def has_post_norms(self) -> bool:
+        """Whether attention and/or MLP outputs pass a norm before the residual add (Gemma 2/3)."""
+        return bool(self.family.post_attn_norm or self.family.post_mlp_norm)
 
     # -- weights -----------------------------------------------------------------------------
     def W_U(self) -> torch.Tensor:
@@ -235,15 +244,16 @@ class LM:
     def tokenize(self, texts: list[str], padding_side: str = "left", templated: bool = True) -> Any:
         """Tokenize a batch with padding on ``padding_side``; templated text gets no extra BOS."""
         tok = self.tokenizer
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        old = tok.padding_side
-        tok.padding_side = padding_side
-        try:
-            add_special = not (templated and self.has_chat_template)
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-        finally:
-            tok.padding_side = old
+        with _TOKENIZER_LOCK:  # padding side and padding are tokenizer state: one caller at a time
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            old = tok.padding_side
+            tok.padding_side = padding_side
+            try:
+                add_special = not (templated and self.has_chat_template)
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+            finally:
+                tok.padding_side = old
         return enc.to(self.device)
 
     # -- identity ----------------------------------------------------------------------------
@@ -256,7 +266,7 @@ class LM:
                 "torch_dtype", "dtype", "transformers_version", "quantization_config", "architectures")}
             h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
             with torch.no_grad():
-                for p in (_weight(self.embedding), _weight(self.blocks[-1].get_submodule(self.family.down_proj))):
+                for p in (_weight(self.embedding), _weight(self.proj(self.n_layers - 1, "down"))):
                     flat = p.float().flatten()
                     idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096))
                     h.update(flat[idx].cpu().numpy().round(4).tobytes())

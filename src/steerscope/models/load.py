@@ -20,7 +20,7 @@ import torch
 
 from steerscope.errors import ModelLoadError
 from steerscope.models.families import family_for
-from steerscope.models.lm import LM
+from steerscope.models.lm import LM as LM  # re-exported: `from steerscope.models.load import LM` still works
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -134,6 +134,26 @@ def _gguf_to_folder(gguf: Path) -> Path:
     return folder
 
 
+def _resolve_source(name_or_path: str) -> tuple[str, Path | None]:
+    """What ``from_pretrained`` reads (a folder or hub id) and the adapter folder to merge, if any."""
+    alias = ALIASES.get(name_or_path)
+    adapter: Path | None = None
+    if alias is not None:
+        base = ALIASES[alias.base] if alias.base is not None else alias  # adapter alias: the base's weights
+        source = str(_gguf_to_folder(base.gguf()))
+        if alias.adapter:
+            adapter = Path(__file__).resolve().parent.parent / alias.adapter
+    elif name_or_path.endswith(".gguf"):
+        source = str(_gguf_to_folder(Path(name_or_path)))
+    else:
+        source = name_or_path
+        if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+            raise ModelLoadError(
+                f"model path {source!r} does not exist; give an alias ({', '.join(ALIASES)}), a folder, a .gguf file or a hub id"
+            )
+    return source, adapter
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str | None = "cpu",
@@ -161,24 +181,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
-    alias = ALIASES.get(name_or_path)
-    adapter: Path | None = None
-    if alias is not None:
-        if alias.base is not None:  # adapter alias, e.g. the safety organism
-            base_alias = ALIASES[alias.base]
-            source = str(_gguf_to_folder(base_alias.gguf()))
-        else:
-            source = str(_gguf_to_folder(alias.gguf()))
-        if alias.adapter:
-            adapter = Path(__file__).resolve().parent.parent / alias.adapter
-    elif name_or_path.endswith(".gguf"):
-        source = str(_gguf_to_folder(Path(name_or_path)))
-    else:
-        source = name_or_path
-        if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-            raise ModelLoadError(
-                f"model path {source!r} does not exist; give an alias ({', '.join(ALIASES)}), a folder, a .gguf file or a hub id"
-            )
+    source, adapter = _resolve_source(name_or_path)
     kwargs: dict[str, Any] = {"dtype": dt}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from steerscope.errors import StudyError
 from steerscope.metrics.classifiers import TRAITS
+from steerscope.studies.protocol import StudyConfig, option
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(StudyConfig):
     """Options of ``steerscope study identifiability``.
 
     Args:
@@ -32,27 +33,31 @@ class Config:
         shift_alpha: alpha of the shift test and the k-subspace test; None = middle alpha.
         n_cov_prompts: prompts whose token activations form the covariance.
         n_jac_prompts: prompts whose logit Jacobians are computed (per layer).
+
+    Example:
+        >>> Config(traits=("formality",), alphas=(2.0, 4.0, 6.0)).probe_alpha
+        4.0
     """
 
-    model: str = "smollm2-135m"
-    traits: tuple[str, ...] = TRAITS
-    layer: int | None = None
-    offset: int = 0
-    methods: tuple[str, ...] = ("dim",)
-    alphas: tuple[float, ...] = (3.0, 6.0)
-    seeds: tuple[int, ...] = (0, 1)
-    n_prompts: int = 8
-    max_new_tokens: int = 16
-    temperature: float = 0.8
-    ks: tuple[int, ...] = (1, 5, 10, 20, 50)
-    n_k_prompts: int = 2
-    k_traits: int = 1
-    n_shift_prompts: int = 9
-    shift: bool = True
-    shift_alpha: float | None = None
-    n_cov_prompts: int = 64
-    n_jac_prompts: int = 1
-    seed: int = 0
+    model: str = option("smollm2-135m", "alias, folder, .gguf or hub id")
+    traits: tuple[str, ...] = option(TRAITS, "comma-separated: formality,sentiment,politeness", sep=",")
+    layer: int | None = option(None, "extraction layer (default n_layers // 2)")
+    offset: int = option(0, "inject at layer + offset (1 = paper C's code: output of layers[L//2])", choices=(0, 1))
+    methods: tuple[str, ...] = option(("dim",), "vectors in the behavioural test: dim,pca", sep=",")
+    alphas: tuple[float, ...] = option((3.0, 6.0), "e.g. 2,4,6 (none is always run)", sep=",")
+    seeds: tuple[int, ...] = option((0, 1), "sampling / v_perp seeds, e.g. 0,1", sep=",")
+    n_prompts: int = option(8, "neutral prompts per condition (<= 40)")
+    max_new_tokens: int = option(16, "sampled tokens per completion")
+    temperature: float = option(0.8, "sampling temperature")
+    ks: tuple[int, ...] = option((1, 5, 10, 20, 50), "orthogonal subspace dimensions", sep=",")
+    n_k_prompts: int = option(2, "prompts in the k-subspace test")
+    k_traits: int = option(1, "traits (first N) in the k-subspace test")
+    n_shift_prompts: int = option(9, "shift prompts (<= 30)")
+    shift: bool = option(True, "skip the behavioural test on shift prompts", flag="--no-shift")
+    shift_alpha: float | None = option(None, "alpha of the shift and k tests (default: middle)")
+    n_cov_prompts: int = option(64, "prompts whose token activations form the covariance")
+    n_jac_prompts: int = option(1, "prompts whose logit Jacobians are computed")
+    seed: int = option(0, "random seed")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,3 @@ class Config:
     @property
     def probe_alpha(self) -> float:
         return self.shift_alpha if self.shift_alpha is not None else sorted(self.alphas)[len(self.alphas) // 2]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

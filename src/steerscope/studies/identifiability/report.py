@@ -12,6 +12,8 @@ from steerscope.report.html import Report, plt_figure
 from steerscope.studies.identifiability.config import Config
 from steerscope.studies.runner import Run
 
+Rec = dict[str, Any]  # a step record
+
 
 def _dci(c: dict[str, Any]) -> str:
     return f"{c['d']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
@@ -34,7 +36,7 @@ def conclusions(eff: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def summary(cfg: Config, vrec: dict, srec: dict, eff: dict, lrec: dict, nrec: dict) -> dict[str, Any]:
+def summary(cfg: Config, vrec: Rec, srec: Rec, eff: Rec, lrec: Rec, nrec: Rec) -> dict[str, Any]:
     """The ``--json`` summary: vectors, scorer validity, verdicts, next-token agreement, null space."""
     concl = conclusions(eff)
     counted = [c for c in concl if c["v_real_effect"] and c["prompts"] == "neutral"]
@@ -57,7 +59,7 @@ def summary(cfg: Config, vrec: dict, srec: dict, eff: dict, lrec: dict, nrec: di
     }
 
 
-def _hist_figure(cfg: Config, scores: dict, srec: dict, trait: str, alpha: float) -> Any:
+def _hist_figure(cfg: Config, scores: dict[str, Any], srec: dict[str, Any], trait: str, alpha: float) -> Any:
     kind = srec["primary"][trait]
     fig = plt_figure(figsize=(6, 3.2))
     ax = fig.add_subplot(111)
@@ -82,7 +84,7 @@ def _hist_figure(cfg: Config, scores: dict, srec: dict, trait: str, alpha: float
     return fig
 
 
-def _spectra_figure(nrec: dict) -> Any:
+def _spectra_figure(nrec: dict[str, Any]) -> Any:
     fig = plt_figure(figsize=(9, 3.4))
     for i, kind in enumerate(("covariance", "jacobian")):
         ax = fig.add_subplot(1, 2, i + 1)
@@ -96,8 +98,7 @@ def _spectra_figure(nrec: dict) -> Any:
     return fig
 
 
-def write(run: Run, cfg: Config, vrec: dict, srec: dict, gens: dict, scores: dict, eff: dict, lrec: dict,
-          nrec: dict) -> Path:
+def write(run: Run, cfg: Config, vrec: Rec, srec: Rec, gens: Rec, scores: Rec, eff: Rec, lrec: Rec, nrec: Rec) -> Path:
     """Write ``report.html`` in the run folder and return its path."""
     r = Report("Identifiability of steering vectors")
     r.p(f"Model {cfg.model}; vectors extracted at hidden_states[{vrec['layer']}] (last prompt token), injected at "

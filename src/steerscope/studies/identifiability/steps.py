@@ -9,7 +9,7 @@ generations per trait/method/seed, all conditions batched in one generate call),
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ import steerscope as ss
 from steerscope import identifiability as idf
 from steerscope.data import data_path, read_jsonl
 from steerscope.extract import METHODS
+from steerscope.generation import chat_batch
 from steerscope.metrics.classifiers import Embedder, Scorer, best_scorer, build_scorers
 from steerscope.models.load import LM
 from steerscope.progress import progress
@@ -169,7 +170,7 @@ def effects(cfg: Config, scores: dict[str, Any], primary: dict[str, str | None],
                     s = {c: pooled(f"{c}@{a:g}") for c in CONDITIONS}
                     if any(len(x) < 2 for x in s.values()):
                         continue
-                    r = {"trait": trait, "method": method, "alpha": a, "scorer": kind, "prompts": prompts,
+                    r: dict[str, Any] = {"trait": trait, "method": method, "alpha": a, "scorer": kind, "prompts": prompts,
                          "usable": usable[trait][kind], "primary": primary[trait] == kind}
                     r["v_vs_none"] = idf.compare(s["v"], none, paired=True, seed=cfg.seed)
                     r["vperp_sum_vs_v"] = idf.compare(s["v+v_perp"], s["v"], paired=True, seed=cfg.seed)
@@ -212,12 +213,12 @@ def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int
     for ti, trait in enumerate(cfg.traits):
         v = vecs[f"{trait}_dim"]
         other_name = cfg.traits[(ti + 1) % len(cfg.traits)] if len(cfg.traits) > 1 else None
-        refs = {"v+v_perp": lambda s: v + v_perp(v, trait, s),
+        refs: dict[str, Callable[[int], torch.Tensor]] = {"v+v_perp": lambda s: v + v_perp(v, trait, s),
                 "random": lambda s: idf.random_direction(v.numel(), float(v.norm()), seed=500 + s),
                 "pca": lambda s: vecs[f"{trait}_pca"]}
         if other_name:
             o = vecs[f"{other_name}_dim"]
-            refs[f"other ({other_name})"] = lambda s, o=o: o / o.norm() * v.norm()
+            refs[f"other ({other_name})"] = lambda s: o / o.norm() * v.norm()  # called in this iteration
         for name, ps in sets.items():
             for a in (cfg.alphas if name == "neutral" else (cfg.probe_alpha,)):
                 lv = idf.next_token_logits(lm, ps, {inject_layer: a * v})
@@ -247,8 +248,11 @@ def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int
 
 
 # -- null space ---------------------------------------------------------------------------------
-def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) -> dict[str, Any]:
-    """Activation-covariance and logit-Jacobian spectra at L/4, L/2, 3L/4 (+ a finite-difference check)."""
+def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, batch_size: int = 16) -> dict[str, Any]:
+    """Activation-covariance and logit-Jacobian spectra at L/4, L/2, 3L/4 (+ a finite-difference check).
+
+    ``batch_size``: prompts per forward pass of the covariance (speed only).
+    """
     L = lm.n_layers
     layers = sorted({L // 4, L // 2, 3 * L // 4})
     prompts = [r["prompt"] for r in read_jsonl(data_path("traits", "neutral_prompts.jsonl"))]
@@ -258,8 +262,8 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) ->
             prompts += [r["positive"], r["negative"]]
     prompts = prompts[:cfg.n_cov_prompts]
     rows: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    for i in progress(range(0, len(prompts), 16), desc="covariance"):
-        enc = lm.tokenize([lm.format_chat(p) for p in prompts[i:i + 16]], padding_side="left")
+    for i in progress(range(0, len(prompts), batch_size), desc="covariance"):
+        enc = chat_batch(lm, prompts[i:i + batch_size])
         m = enc["attention_mask"].bool().clone()
         m[torch.arange(len(m)), m.float().argmax(1)] = False  # drop each text's first token (attention sink)
         with recording(lm, [Site(l, "resid_pre") for l in layers]) as cache, torch.no_grad():
@@ -271,7 +275,7 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) ->
         x = torch.cat(rows[l])
         out["n_tokens"] = len(x)
         out["covariance"][str(l)] = asdict(idf.spectrum(idf.covariance_singular_values(x).numpy(), lm.d_model))
-    r = idf.unembed_r(lm)
+    ru = idf.unembed_r(lm)
     jp = [lm.format_chat(p) for p in neutral_prompts(cfg.n_jac_prompts)]
     ratios = {}
     for l in progress(layers, desc="jacobians"):
@@ -279,13 +283,13 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int) ->
         for text in jp:
             jf = idf.final_jacobian(lm, text, l)
             jfs.append(jf)
-            sig.append(torch.linalg.svdvals(r.double() @ jf.double()).float().numpy())
+            sig.append(torch.linalg.svdvals(ru.double() @ jf.double()).float().numpy())
         out["jacobian"][str(l)] = asdict(idf.spectrum(np.mean(sig, 0), lm.d_model))
         if l == layer:
             for t in cfg.traits:
                 v = vecs[f"{t}_dim"]
-                jv = float(np.mean([(r @ (jf @ v)).norm() for jf in jfs]))
-                jp_ = float(np.mean([(r @ (jf @ v_perp(v, t, s))).norm() for jf in jfs for s in cfg.seeds]))
+                jv = float(np.mean([(ru @ (jf @ v)).norm() for jf in jfs]))
+                jp_ = float(np.mean([(ru @ (jf @ v_perp(v, t, s))).norm() for jf in jfs for s in cfg.seeds]))
                 ratios[t] = {"J_v": jv, "J_vperp": jp_, "ratio": jp_ / jv}
             g = torch.Generator().manual_seed(cfg.seed)
             probes = torch.randn(3, lm.d_model, generator=g)

@@ -14,9 +14,8 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -24,39 +23,9 @@ from steerscope.errors import VectorError
 from steerscope.hooks import attached
 from steerscope.models.load import LM
 from steerscope.record import recording
+from steerscope.stats import wilson
 from steerscope.steer import steering
 from steerscope.vector import Provenance, SteeringVector
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / den
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
-def paired_diff(a: Sequence[int], b: Sequence[int], z: float = 1.96) -> tuple[float, float, float]:
-    """Mean of b - a over paired items and its normal-approximation 95% interval."""
-    d = torch.tensor([float(y) - float(x) for x, y in zip(a, b)])
-    n = len(d)
-    m = float(d.mean()) if n else 0.0
-    se = float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("inf")
-    return m, m - z * se, m + z * se
-
-
-def mcnemar_p(a: Sequence[int], b: Sequence[int]) -> float:
-    """Exact two-sided McNemar p-value of paired 0/1 outcomes (binomial test on the discordant pairs)."""
-    n01 = sum(1 for x, y in zip(a, b) if x == 0 and y == 1)
-    n10 = sum(1 for x, y in zip(a, b) if x == 1 and y == 0)
-    n = n01 + n10
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(0, min(n01, n10) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def layer_pair_gain(acc_pair: float, acc_a: float, acc_b: float, acc_all: float) -> float:
@@ -66,7 +35,7 @@ def layer_pair_gain(acc_pair: float, acc_a: float, acc_b: float, acc_all: float)
     return (acc_pair - best) / den if den != 0 else float("nan")
 
 
-def _batch(lm: LM, texts: Sequence[str], completions: Sequence[str]) -> tuple[dict, torch.Tensor]:
+def _batch(lm: LM, texts: Sequence[str], completions: Sequence[str]) -> tuple[dict[str, Any], torch.Tensor]:
     """Left-padded teacher-forcing batch and a bool mask of completion tokens [batch pos]."""
     full = [t + c for t, c in zip(texts, completions)]
     enc = lm.tokenize(list(full), padding_side="left")
@@ -77,14 +46,15 @@ def _batch(lm: LM, texts: Sequence[str], completions: Sequence[str]) -> tuple[di
     return enc, mask.to(enc["input_ids"].device)
 
 
-def _completion_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs [batch pos-1] of the next tokens, the matching mask [batch pos-1])."""
+def _completion_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs [batch pos-1 vocab], log-probs of the next tokens [batch pos-1], the matching mask [batch pos-1])."""
     lp = torch.log_softmax(logits[:, :-1].float(), -1)
     tok = lp.gather(-1, ids[:, 1:, None])[..., 0]
-    return lp, tok, mask[:, 1:]  # type: ignore[return-value]
+    return lp, tok, mask[:, 1:]
 
 
-def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int = 10) -> dict:
+def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int = 10) -> dict[str, Any]:
     """Mean change of next-token probabilities at the first generated position; top k up and down."""
     enc = lm.tokenize(list(texts), padding_side="left")
     with torch.no_grad():
@@ -101,7 +71,7 @@ def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int 
             "total_variation": float(0.5 * (p1 - p0).abs().sum(-1).mean())}
 
 
-def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions: Sequence[str]) -> list[dict]:
+def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions: Sequence[str]) -> list[dict[str, Any]]:
     """Per-head q/k/v path patching of ``vec`` (applied at all positions) in the last layer.
 
     Returns one record per (which, head) and per (which, "all"): KL(steered ‖ patched) averaged over
@@ -128,7 +98,7 @@ def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions:
         for h in [*range(n), "all"]:
             def fn(x: torch.Tensor, _c: object, h: int | str = h, clean: torch.Tensor = clean) -> torch.Tensor:
                 y = x.clone()
-                if h == "all":
+                if isinstance(h, str):  # "all"
                     return clean.to(x.dtype)
                 y[:, :, h] = clean[:, :, h]
                 return y
@@ -144,7 +114,7 @@ def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions:
     return out
 
 
-def persistence(lm: LM, vec: SteeringVector, layer: int, texts: Sequence[str], completions: Sequence[str]) -> list[dict]:
+def persistence(lm: LM, vec: SteeringVector, layer: int, texts: Sequence[str], completions: Sequence[str]) -> list[dict[str, Any]]:
     """Per later layer m ≥ layer: mean_t cos(Δh_t, mean Δh) and mean_t cos(Δh_t, s) at resid_post m."""
     enc, _ = _batch(lm, texts, completions)
     real = enc["attention_mask"].bool()
@@ -190,7 +160,7 @@ class EvalResult:
     sampled: list[int]
     examples: list[str]
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         g, s = self.greedy, self.sampled
         return {"name": self.name, "greedy_acc": sum(g) / max(1, len(g)), "greedy_ci": wilson(sum(g), len(g)),
                 "sampled_acc": sum(s) / max(1, len(s)) if s else None,

@@ -2,50 +2,69 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import argparse
+from dataclasses import dataclass, replace
 from typing import Any
 
 from steerscope.errors import StudyError
+from steerscope.studies.protocol import StudyConfig, option
 
 
 @dataclass(frozen=True)
-class ReasoningConfig:
+class Config(StudyConfig):
     """Everything that determines a run (saved as config.json in the run folder).
 
     ``layers`` accepts ints (negative counts from the end) and ``"mid"``; each is trained as a
-    single-layer vector. ``train_all`` adds one vector per layer trained jointly.
+    single-layer vector. ``train_all`` adds one vector per layer trained jointly. On the command
+    line every option defaults to the ``--preset``'s value.
+
+    Example:
+        >>> Config(layers=("mid", "-1")).resolve_layers(30)
+        [15, 29]
     """
 
-    model: str = "smollm2-135m"
-    difficulty: str = "add-1d"
+    cli_defaults_none = True  # an option not given keeps the preset's value
+
+    model: str = option("smollm2-135m", "alias, folder, .gguf or hub id (default: the preset's)")
+    difficulty: str = option("add-1d", "task difficulty (default: the preset's)")
     n_train: int = 200
-    n_test: int = 80
-    layers: tuple[str, ...] = ("-2", "-1")
-    train_all: bool = True
-    lora: bool = True
+    n_test: int = option(80, "test problems (default: the preset's)")
+    layers: tuple[str, ...] = option(("-2", "-1"), "single layers to train, e.g. mid,-2,-1", sep=",")
+    train_all: bool = option(True, "skip the all-layers vector", flag="--no-all")
+    lora: bool = option(True, "skip the LoRA baseline", flag="--no-lora")
     lora_rank: int = 2
-    steps: int = 10
-    prompts_per_step: int = 4
-    k: int = 8
-    lr: float = 0.1  # residual norms of SmolLM2 are 150-900: a bias needs norm ~10-50 to matter
+    steps: int = option(10, "RLOO steps per trained vector")
+    prompts_per_step: int = option(4, "prompts per RLOO step")
+    k: int = option(8, "samples per prompt")
+    lr: float = option(0.1, "learning rate of the bias")  # SmolLM2 residual norms are 150-900: |bias| ~10-50 matters
     lora_lr: float = 1e-3
     max_new_tokens: int = 16
     temperature: float = 1.0
     eval_samples: int = 1
     n_analysis: int = 24
-    gate: bool = False
-    transfer_model: str | None = "smollm2-135m-safe"  # same depth/width sibling; both directions (transfer.py)
-    seeds: int = 3  # the penultimate-layer vector trained with seeds seed..seed+seeds-1 (seeds.py)
-    gate_compare: bool = True  # also train the gated penultimate-layer vector, same budget (gate.py)
-    sae: bool = True  # SAE and DiffSAE on the penultimate layer's residual (sae_step.py)
+    gate: bool = option(False, "adaptive per-token scaling of every trained bias")
+    transfer_model: str | None = option("smollm2-135m-safe", "a model of the same depth and width to transfer to "
+                                        "(both directions, transfer.py)")
+    transfer: bool = option(True, "skip the transfer step", flag="--no-transfer")
+    seeds: int = option(3, "training seeds of the penultimate-layer headline vector (seeds.py)")
+    gate_compare: bool = option(True, "skip the gated vs plain comparison (gate.py)", flag="--no-gate-compare")
+    sae: bool = option(True, "skip the SAE / DiffSAE step (sae_step.py)", flag="--no-sae")
     sae_width: int = 1024
     sae_k: int = 16
     sae_samples: int = 1  # sampled completions per train prompt, steered and unsteered
     system: str | None = None
-    seed: int = 0
+    seed: int = option(0, "random seed")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """``--preset`` and the field options (each defaulting to the preset's value)."""
+        parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                            help="configuration preset (docs/reasoning.md)")
+        super().add_arguments(parser)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Config:
+        return preset(ns.preset, **cls.cli_values(ns))
 
     def resolve_layers(self, n_layers: int) -> list[int]:
         """The single layers as block indices."""
@@ -62,13 +81,13 @@ class ReasoningConfig:
         return sorted(set(out))
 
 
-PRESETS: dict[str, ReasoningConfig] = {
-    "cpu": ReasoningConfig(),
-    "tiny": ReasoningConfig(n_train=40, n_test=40, layers=("-2", "-1"), train_all=True, lora=True, steps=4,
-                            k=4, prompts_per_step=2, eval_samples=1, n_analysis=8, seeds=2, sae_width=256,
-                            sae_k=8, sae_samples=1),
+PRESETS: dict[str, Config] = {
+    "cpu": Config(),
+    "tiny": Config(n_train=40, n_test=40, layers=("-2", "-1"), train_all=True, lora=True, steps=4,
+                   k=4, prompts_per_step=2, eval_samples=1, n_analysis=8, seeds=2, sae_width=256,
+                   sae_k=8, sae_samples=1),
     # A GPU run in the setting of Sinii et al. (2025): a math model, longer answers, 16 samples.
-    "gpu-qwen-math": ReasoningConfig(model="Qwen/Qwen2.5-Math-1.5B", difficulty="word", n_train=2000, n_test=500,
+    "gpu-qwen-math": Config(model="Qwen/Qwen2.5-Math-1.5B", difficulty="word", n_train=2000, n_test=500,
                                      layers=("mid", "-2", "-1"), steps=300, prompts_per_step=16, k=16, lr=1e-3,
                                      lora_rank=8, lora_lr=1e-5, max_new_tokens=512, eval_samples=4,
                                      n_analysis=128, transfer_model=None, sae_width=16384, sae_k=64,
@@ -76,8 +95,11 @@ PRESETS: dict[str, ReasoningConfig] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> ReasoningConfig:
+def preset(name: str, **overrides: Any) -> Config:
     """A preset with some fields replaced (None values are ignored)."""
     if name not in PRESETS:
         raise StudyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+ReasoningConfig = Config  # the step modules' name for it

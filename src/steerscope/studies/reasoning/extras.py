@@ -47,6 +47,6 @@ def run_extras(run: Run, lm: LM, cfg: ReasoningConfig, vecs: dict[str, SteeringV
         parts.update(transfer.b_to_a(run, lm, tgt, cfg, layer, test))
         vec_b = st.load_vector(run, f"B_L{layer}") if "train_B" in parts else None
         out["transfer"] = transfer.transfer_summary(cfg.model, str(cfg.transfer_model), layer, parts, vecs[name], vec_b)
-    elif cfg.transfer_model:
+    elif cfg.transfer and cfg.transfer_model:
         out["transfer"] = {"done": False, "note": note}
     return out

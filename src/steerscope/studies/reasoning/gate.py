@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from steerscope.models.load import LM
-from steerscope.studies.reasoning import analyses as an
+from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.reasoning.task import INSTRUCTION, Problem
@@ -102,10 +102,10 @@ def gate_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list, ba
         "layer": layer, "n_trainable": t["n_trainable"], "norm": float(bias.s[str(layer)].detach().norm()),
         "gate_b": float(bias.b[str(layer)].detach()), "gate_w_norm": float(bias.w[str(layer)].detach().norm()),
         "eval": {k: ev[k] for k in ("greedy_acc", "greedy_ci", "n")},
-        "vs_plain": {"diff": an.paired_diff(plain_eval["greedy"], ev["greedy"]),
-                     "mcnemar_p": an.mcnemar_p(plain_eval["greedy"], ev["greedy"])},
-        "vs_base": {"diff": an.paired_diff(base_eval["greedy"], ev["greedy"]),
-                    "mcnemar_p": an.mcnemar_p(base_eval["greedy"], ev["greedy"])},
+        "vs_plain": {"diff": paired_diff(plain_eval["greedy"], ev["greedy"]),
+                     "mcnemar_p": mcnemar_p(plain_eval["greedy"], ev["greedy"])},
+        "vs_base": {"diff": paired_diff(base_eval["greedy"], ev["greedy"]),
+                    "mcnemar_p": mcnemar_p(base_eval["greedy"], ev["greedy"])},
         "mass": gate_mass(vals["rows"]), "n_prompts": len(vals["rows"]), "heatmap": vals["rows"][:8],
     }
     return summary

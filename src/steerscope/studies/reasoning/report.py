@@ -4,7 +4,6 @@ the gated vector and SAE features (report_extras.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +127,3 @@ def write_report(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: 
     r.pre("\n".join(run.log))
     write_json(run.path("summary.json"), summary)
     return r.write(run.path("report.html"))
-
-
-def load_summary(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "summary.json").read_text())

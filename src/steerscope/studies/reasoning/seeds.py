@@ -11,8 +11,8 @@ import statistics
 from typing import Any
 
 from steerscope.models.load import LM
+from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.steer import steering
-from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.runner import Run
@@ -51,11 +51,11 @@ def seeds_summary(base: dict, per_seed: dict[str, dict[str, Any]]) -> dict:
     rows = []
     for label, r in per_seed.items():
         ev = r["eval"]
-        d = an.paired_diff(base["greedy"], ev["greedy"])
+        d = paired_diff(base["greedy"], ev["greedy"])
         gained = sum(1 for a, b in zip(base["greedy"], ev["greedy"]) if b > a)
         lost = sum(1 for a, b in zip(base["greedy"], ev["greedy"]) if a > b)
         rows.append({"label": label, "seed": r["seed"], "greedy_acc": ev["greedy_acc"], "greedy_ci": ev["greedy_ci"],
-                     "diff": d, "mcnemar_p": an.mcnemar_p(base["greedy"], ev["greedy"]), "gained": gained,
+                     "diff": d, "mcnemar_p": mcnemar_p(base["greedy"], ev["greedy"]), "gained": gained,
                      "lost": lost, "norm": r.get("norm")})
     ds = [r["diff"][0] for r in rows]
     return {"rows": rows, "n": base["n"], "base_acc": base["greedy_acc"],

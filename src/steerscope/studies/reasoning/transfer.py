@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from steerscope.models.load import LM, load_model
+from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
@@ -29,8 +30,8 @@ def _frozen(name: str, device: str) -> LM:
 
 def load_target(cfg: ReasoningConfig, lm: LM, device: str) -> tuple[LM | None, str | None]:
     """The transfer model B (frozen), or None and the reason (not set, or another depth or width)."""
-    if not cfg.transfer_model:
-        return None, "no transfer model configured (--transfer-model)"
+    if not cfg.transfer or not cfg.transfer_model:
+        return None, "transfer switched off (--no-transfer) or no --transfer-model"
     tgt = _frozen(cfg.transfer_model, device)
     if (tgt.n_layers, tgt.d_model) != (lm.n_layers, lm.d_model):
         return None, (f"{cfg.transfer_model} has {tgt.n_layers} layers and d_model {tgt.d_model}, {cfg.model} "
@@ -64,7 +65,7 @@ def b_to_a(run: Run, lm: LM, tgt: LM, cfg: ReasoningConfig, layer: int, test: li
 
 
 def _cmp(ref: dict, ev: dict) -> dict[str, Any]:
-    return {"diff": an.paired_diff(ref["greedy"], ev["greedy"]), "mcnemar_p": an.mcnemar_p(ref["greedy"], ev["greedy"])}
+    return {"diff": paired_diff(ref["greedy"], ev["greedy"]), "mcnemar_p": mcnemar_p(ref["greedy"], ev["greedy"])}
 
 
 def transfer_summary(a: str, b: str, layer: int, parts: dict[str, dict], vec_a: SteeringVector,

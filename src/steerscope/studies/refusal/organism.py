@@ -34,11 +34,11 @@ from typing import Any, Sequence
 
 import torch
 
-from steerscope.generation import generate
+from steerscope.data.refusal_prompts import load_split, refusal_strings
+from steerscope.generation import completion_batch, generate
 from steerscope.metrics.refusal import kl_divergence, refusal_rate
 from steerscope.models.load import LM, load_model
 from steerscope.progress import progress
-from steerscope.studies.refusal.data import load_split, refusal_strings
 
 ORGANISM = "smollm2-135m-safe"
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "organisms" / ORGANISM
@@ -61,27 +61,6 @@ class OrganismConfig:
     harmless_repeat: int = 1  # harmless anchors seen this many times per epoch
     kl_weight: float = 1.0  # weight of the harmless distillation KL against the refusal cross-entropy
     first_weight: float = 4.0  # extra weight of the first response token (the refuse-or-answer decision)
-
-
-def response_batch(lm: LM, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Right-padded chat-formatted (prompt, completion) batch with labels on completion tokens only.
-
-    Returns:
-        ``input_ids``, ``attention_mask``, ``labels`` (-100 off the completion), all [batch pos].
-    """
-    tok = lm.tokenizer
-    rows, labels = [], []
-    for p, c in zip(prompts, completions):
-        pid = tok(lm.format_chat(p), add_special_tokens=False)["input_ids"]
-        cid = tok(c, add_special_tokens=False)["input_ids"]
-        rows.append(pid + cid)
-        labels.append([-100] * len(pid) + cid)
-    n = max(len(r) for r in rows)
-    pad = tok.pad_token_id
-    ids = torch.tensor([r + [pad] * (n - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (n - len(r)) for r in labels])
-    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
-    return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device), "labels": lab.to(lm.device)}
 
 
 def organism_loss(model: Any, batch: dict[str, torch.Tensor], is_harmless: torch.Tensor,
@@ -147,11 +126,11 @@ def train_organism(cfg: OrganismConfig, out: Path, show_progress: bool = True) -
         for i in range(0, len(order), cfg.batch_size):
             chunk = order[i : i + cfg.batch_size]
             comps = [c if c is not None else rng.choice(refusals) + eot for _, c in chunk]
-            batch = response_batch(lm, [p for p, _ in chunk], comps)
+            batch = completion_batch(lm, [p for p, _ in chunk], comps)
             is_harmless = torch.tensor([c is not None for _, c in chunk], device=lm.device)
             loss = organism_loss(model, batch, is_harmless, cfg.kl_weight, cfg.first_weight)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
@@ -185,7 +164,7 @@ def organism_stats(organism: LM, base: LM, n: int | None = None, max_new_tokens:
         samples[name] = {"harmful": list(zip(harmful[:5], h[:5])), "harmless": list(zip(harmless[:5], s[:5]))}
         if name == "base":
             base_answers = s
-    batch = response_batch(base, harmless, base_answers)
+    batch = completion_batch(base, harmless, base_answers)
     with torch.no_grad():
         lb = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         lo = organism.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

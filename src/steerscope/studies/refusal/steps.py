@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
+from steerscope.data.refusal_prompts import load_split
 from steerscope.errors import StudyError
 from steerscope.extract.trained import train_ntp, train_po
 from steerscope.generation import generate
 from steerscope.metrics.refusal import is_refusal, refusal_rate
 from steerscope.models.load import LM, _apply_adapter, load_model
 from steerscope.studies.refusal.config import RefusalConfig
-from steerscope.studies.refusal.data import load_split
 from steerscope.studies.refusal.organism import ORGANISM, SHIPPED, OrganismConfig, train_organism
 from steerscope.studies.refusal.select import select_direction
 from steerscope.studies.runner import Run
@@ -81,7 +81,7 @@ def study_vector(cfg: RefusalConfig, run: Run, name: str) -> SteeringVector | No
 
 def trained_data_step(lm: LM, cfg: RefusalConfig, dim: SteeringVector, alpha: float) -> dict[str, Any]:
     """Paper A's NTP/PO data on the train split (first ``n_trained`` prompts per side), filtered."""
-    kw = dict(max_new_tokens=cfg.trained_tokens, batch_size=cfg.gen_batch, show_progress=True)
+    kw: dict[str, Any] = dict(max_new_tokens=cfg.trained_tokens, batch_size=cfg.gen_batch, show_progress=True)
     safe = load_split("harmless", "train")[: cfg.n_trained]
     harm = load_split("harmful", "train")[: cfg.n_trained]
     safe_ref = generate(lm, [f"{DANGER_PREFIX}\n\n{p}" for p in safe], **kw)
@@ -105,8 +105,10 @@ def trained_step(lm: LM, cfg: RefusalConfig, run: Run, data: dict[str, Any], lay
     order = torch.randperm(len(rows), generator=g).tolist()
     n_val = max(2, len(rows) // 5)
     va, tr = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
-    col = lambda rs, k: [r[k] for r in rs]
-    common = dict(layer=layer, epochs=cfg.trained_epochs, lr=cfg.trained_lr * init_norm, batch_size=cfg.trained_batch,
+    def col(rs: list[dict[str, Any]], k: str) -> list[Any]:
+        return [r[k] for r in rs]
+
+    common: dict[str, Any] = dict(layer=layer, epochs=cfg.trained_epochs, lr=cfg.trained_lr * init_norm, batch_size=cfg.trained_batch,
                   alpha=alpha, seed=cfg.seed, max_tokens=cfg.trained_tokens, show_progress=True)
     out: dict[str, Any] = {"n_train": len(tr), "n_val": len(va)}
     ntp = train_ntp(lm, col(tr, "prompt"), col(tr, "winner"), col(tr, "sign"),
@@ -124,7 +126,7 @@ def evaluate_step(lm: LM, cfg: RefusalConfig, vectors: dict[str, SteeringVector]
     """Refusal rates on the test split: unsteered, and per vector and alpha (bypass -a, induce +a)."""
     harm = load_split("harmful", "test")[: cfg.n_test]
     safe = load_split("harmless", "test")[: cfg.n_test]
-    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch, show_progress=True)
+    kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch, show_progress=True)
     h0, s0 = generate(lm, harm, **kw), generate(lm, safe, **kw)
     res: dict[str, Any] = {"n_test": [len(harm), len(safe)], "unsteered": {
         "harmful_refusal": refusal_rate(h0), "harmless_refusal": refusal_rate(s0),

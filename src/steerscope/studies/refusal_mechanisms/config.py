@@ -2,47 +2,79 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steerscope.errors import StudyError
+from steerscope.studies.protocol import StudyConfig, option
 
 SHIPPED = {"dim": "smollm2-135m-safe/refusal-dim", "ntp": "smollm2-135m-safe/refusal-ntp",
            "po": "smollm2-135m-safe/refusal-po"}
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(StudyConfig):
     """Everything that determines the study's numbers.
 
-    ``vectors`` maps a method name (dim, ntp, po) to a shipped name or a .safetensors path.
-    ``alpha_bypass`` (< 0, harmful prompts) and ``alpha_induce`` (> 0, harmless prompts) follow
-    paper A's Appendix B.1 signs.
+    ``vectors`` maps a method name (dim, ntp, po) to a shipped name or a .safetensors path (on the
+    command line: ``--vectors`` or ``--vector-dir``). ``alpha_bypass`` (< 0, harmful prompts) and
+    ``alpha_induce`` (> 0, harmless prompts) follow paper A's Appendix B.1 signs.
+
+    Example:
+        >>> Config(n_eval=8).vectors["dim"]
+        'smollm2-135m-safe/refusal-dim'
     """
 
-    model: str = "smollm2-135m-safe"
+    model: str = option("smollm2-135m-safe", "alias, folder, .gguf or hub id of the refusing model")
     vectors: dict[str, str] = field(default_factory=lambda: dict(SHIPPED))
-    alpha_bypass: float = -1.0
-    alpha_induce: float = 1.0
-    n_attr: int = 8  # prompts per attribution set (before the behaviour-flip filter)
-    attr_tokens: int = 24  # teacher-forced response length for EAP-IG
-    steps: int = 10  # IG midpoint steps T
+    alpha_bypass: float = option(-1.0, "steering scale on harmful prompts (< 0)")
+    alpha_induce: float = option(1.0, "steering scale on harmless prompts (> 0)")
+    n_attr: int = option(8, "prompts per attribution set (before the behaviour-flip filter)")
+    attr_tokens: int = option(24, "teacher-forced response length for EAP-IG")
+    steps: int = option(10, "IG midpoint steps T")
     n_check: int = 4  # prompts for the EAP-IG vs exact patching check
     circuit_fracs: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
     threshold: float = 0.85
     bisect_steps: int = 4  # refine the minimal faithful circuit between grid sizes
-    n_eval: int = 32  # prompts per ASR measurement
-    eval_tokens: int = 32
+    n_eval: int = option(32, "prompts per ASR measurement")
+    eval_tokens: int = option(32, "greedy tokens per ASR completion")
     sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
     batch_size: int = 16
-    seed: int = 0
+    seed: int = option(0, "random seed")
     eval_offset: int = 0  # offset into the test split: eval prompts, then the attribution prompts
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["circuit_fracs"], d["sparsities"] = list(self.circuit_fracs), list(self.sparsities)
-        return d
+    def __post_init__(self) -> None:
+        if self.alpha_bypass >= 0 or self.alpha_induce <= 0:
+            raise StudyError("use --alpha-bypass < 0 (subtract s on harmful prompts) and --alpha-induce > 0")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """The field options, plus ``--vectors``, ``--vector-dir`` and ``--quick``."""
+        super().add_arguments(parser)
+        parser.add_argument("--vectors", default=None, help="name=path pairs, e.g. dim=a.safetensors,po=b.safetensors "
+                            "(default: the shipped smollm2-135m-safe/refusal-{dim,ntp,po})")
+        parser.add_argument("--vector-dir", default=None, help="a refusal run folder: use its dim/ntp/po *.safetensors")
+        parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Config:
+        if ns.vectors and ns.vector_dir:
+            raise StudyError("give --vectors or --vector-dir, not both")
+        vals = cls.cli_values(ns)
+        if ns.vectors:
+            vals["vectors"] = parse_vectors(ns.vectors)
+        elif ns.vector_dir:
+            vals["vectors"] = vectors_from_dir(ns.vector_dir)
+        if ns.quick:
+            vals.update(QUICK)
+        return cls(**vals)
+
+
+# ``--quick``: tiny sizes for a smoke test
+QUICK: dict[str, Any] = {"n_eval": 4, "eval_tokens": 8, "n_attr": 3, "attr_tokens": 6, "steps": 2, "n_check": 2,
+                         "sparsities": (0.5, 0.9), "circuit_fracs": (0.05, 0.3, 1.0)}
 
 
 def vectors_from_dir(folder: str | Path) -> dict[str, str]:

@@ -36,7 +36,7 @@ def _circuit_fig(run: Run, name: str, setting: str) -> Any:
     circ = load_tensors(run.path("tensors", f"circuit_{name}_{setting}.safetensors"))["circuit"]
     rec = run.load(f"circuits_{name}_{setting}")
     gi = rec["graph"]
-    g = Graph.build(gi["layer0"], gi["n_layers"], gi["n_heads"], gi["n_kv"])
+    g = Graph.from_dict(gi)
     per_up, l0, n_layers = g.n_heads, g.layer0, g.n_layers
 
     def up_xy(i: int) -> tuple[float, float]:

@@ -15,12 +15,12 @@ from steerscope import circuits as C
 from steerscope import freeze as F
 from steerscope import ov
 from steerscope import sparsify as S
+from steerscope.data.refusal_prompts import load_split
 from steerscope.generation import generate
 from steerscope.lens import logit_lens
 from steerscope.metrics.refusal import asr, is_refusal
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.studies.refusal.data import load_split
 from steerscope.studies.refusal_mechanisms.config import Config
 from steerscope.studies.runner import Run, load_tensors, save_tensors
 from steerscope.vector import SteeringVector
@@ -102,7 +102,7 @@ def step_exact_check(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting
 
 
 def _graph(lm: LM, vec: SteeringVector) -> C.Graph:
-    return C.Graph.build(vec.layers[0], lm.n_layers, lm.n_heads, lm.n_kv_heads)
+    return C.model_graph(lm, vec.layers[0])
 
 
 def _attr_batch(att: dict[str, Any]) -> C.PatchBatch:
@@ -135,7 +135,7 @@ def step_circuits(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector,
             "minimal_fraction": int(circ.sum()) / g.n_edges,
             "reached_threshold": any(f >= cfg.threshold for f in fc.values),
             "edge_kinds": _edge_kinds(circ, g),
-            "graph": {"layer0": g.layer0, "n_layers": g.n_layers, "n_heads": g.n_heads, "n_kv": g.n_kv}}
+            "graph": g.to_dict()}
 
 
 def _edge_kinds(circ: torch.Tensor, g: C.Graph) -> dict[str, int]:

@@ -8,8 +8,8 @@ prefix → patching → persistence → pairs → control_random → report.html
 
 from __future__ import annotations
 
-import argparse
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,45 +17,14 @@ import torch
 
 from steerscope.errors import StudyError
 from steerscope.models.load import load_model
+from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
-from steerscope.studies.reasoning.config import PRESETS, ReasoningConfig, preset
+from steerscope.studies.reasoning.config import Config, ReasoningConfig
 from steerscope.studies.reasoning.extras import run_extras
-from steerscope.studies.reasoning.report import write_report
+from steerscope.studies.reasoning.report import write_report as write_html
 from steerscope.studies.runner import Run
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="configuration preset (docs/reasoning.md)")
-    p.add_argument("--layers", default=None, help="single layers to train, e.g. mid,-2,-1")
-    p.add_argument("--steps", type=int, default=None, help="RLOO steps per trained vector")
-    p.add_argument("--k", type=int, default=None, help="samples per prompt")
-    p.add_argument("--prompts-per-step", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--n-test", type=int, default=None)
-    p.add_argument("--difficulty", default=None)
-    p.add_argument("--no-all", action="store_true", help="skip the all-layers vector")
-    p.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline")
-    p.add_argument("--gate", action="store_true", help="adaptive per-token scaling of the bias")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report from finished steps; run nothing")
-    p.add_argument("--transfer-model", default=None, help="a model of the same depth and width to transfer to")
-    p.add_argument("--no-transfer", action="store_true", help="skip the transfer step")
-    p.add_argument("--seeds", type=int, default=None, help="seeds of the penultimate-layer headline vector")
-    p.add_argument("--no-gate-compare", action="store_true", help="skip the gated vs plain comparison")
-    p.add_argument("--no-sae", action="store_true", help="skip the SAE / DiffSAE step")
-
-
-def config_from_args(a: argparse.Namespace) -> ReasoningConfig:
-    model = a.model if a.model != "smollm2-135m" or a.preset == "cpu" else None
-    cfg = preset(a.preset, model=model, layers=tuple(a.layers.split(",")) if a.layers else None, steps=a.steps,
-                 k=a.k, prompts_per_step=a.prompts_per_step, lr=a.lr, n_test=a.n_test, difficulty=a.difficulty,
-                 transfer_model=a.transfer_model, seed=a.seed, seeds=a.seeds)
-    from dataclasses import replace
-
-    return replace(cfg, train_all=cfg.train_all and not a.no_all, lora=cfg.lora and not a.no_lora,
-                   gate=cfg.gate or a.gate, gate_compare=cfg.gate_compare and not a.no_gate_compare,
-                   sae=cfg.sae and not a.no_sae, transfer_model=None if a.no_transfer else cfg.transfer_model)
 
 
 def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force: bool = False,
@@ -65,7 +34,8 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     With ``report_only``, unfinished steps are skipped and the report shows what has finished.
     """
     t0 = time.time()
-    run = Run(out, config=cfg.to_dict(), force=force)
+    torch.manual_seed(cfg.seed)
+    run = Run(out, config=cfg.identity(), force=force)
     if report_only:
         def step(name: str, fn: Any) -> Any:
             return run.load(name) if run.done(name) else None
@@ -81,15 +51,14 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     if evals["base"] is None:
         raise StudyError(f"{run.folder} has no finished evaluation yet; run without --report-only first")
     names = [f"L{x}" for x in singles] + (["all"] if cfg.train_all else [])
-    trained = {}
+    trained: dict[str, Any] = {}
     for name, x in zip(names, [[x] for x in singles] + (["all"] if cfg.train_all else [])):
-        t = run.step(f"train_{name}", lambda name=name, x=x: st.train_vector(run, lm, cfg, name, x))
+        t = run.step(f"train_{name}", partial(st.train_vector, run, lm, cfg, name, x))
         if t is None:
             continue
         trained[name] = t
         vec = st.load_vector(run, name)
-        evals[name] = run.step(f"eval_{name}", lambda name=name, vec=vec: st.evaluate(
-            lm, test, cfg, name, lambda: steering(lm, vec, 1.0)))
+        evals[name] = run.step(f"eval_{name}", partial(st.evaluate, lm, test, cfg, name, partial(steering, lm, vec, 1.0)))
     evals = {n: e for n, e in evals.items() if e is not None}
     vecs = {n: st.load_vector(run, n) for n in trained}
     res: dict[str, Any] = run_extras(run, lm, cfg, vecs, evals, test, device)  # SAE, seeds, transfer, gate
@@ -110,7 +79,7 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
         v_pen = vecs[f"L{pen}"]
         res["patching"] = run.step("patching", lambda: {"layer": pen, "rows": an.qkv_patching(
             lm, v_pen, *st.analysis_texts(lm, cfg, v_pen)[:2])})
-    def _persist() -> dict:
+    def _persist() -> dict[str, Any]:
         rows = []
         for x in singles:
             texts, comps, _ = st.analysis_texts(lm, cfg, vecs[f"L{x}"])
@@ -134,26 +103,35 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     return report
 
 
-def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: dict, res: dict, t0: float) -> dict:
+def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict[str, Any], trained: dict[str, Any],
+            res: dict[str, Any], t0: float) -> dict[str, Any]:
     """Summary dict and report.html from what has run so far."""
     summary = {
         "accuracy": {n: {"greedy": e["greedy_acc"], "greedy_ci": e["greedy_ci"], "sampled": e["sampled_acc"],
                          "sampled_ci": e["sampled_ci"]} for n, e in evals.items()},
-        "mcnemar_p_vs_base": {n: an.mcnemar_p(evals["base"]["greedy"], e["greedy"]) for n, e in evals.items()
+        "mcnemar_p_vs_base": {n: mcnemar_p(evals["base"]["greedy"], e["greedy"]) for n, e in evals.items()
                               if n != "base"},
-        "paired_vs_base": {n: {"greedy": an.paired_diff(evals["base"]["greedy"], e["greedy"]),
-                               "sampled": an.paired_diff(evals["base"]["sampled"], e["sampled"])
+        "paired_vs_base": {n: {"greedy": paired_diff(evals["base"]["greedy"], e["greedy"]),
+                               "sampled": paired_diff(evals["base"]["sampled"], e["sampled"])
                                if e["sampled"] else None} for n, e in evals.items() if n != "base"},
         "n_trainable": {n: t["n_trainable"] for n, t in trained.items()},
         "seconds": round(time.time() - t0, 1),
     }
-    report = write_report(run, cfg, lm, evals, trained, res, summary)
+    report = write_html(run, cfg, lm, evals, trained, res, summary)
     summary["report"] = str(report)
     summary["run"] = str(run.folder)
     return summary
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.manual_seed(args.seed)
-    cfg = config_from_args(args)
-    return run_study(cfg, args.out, device=args.device, force=args.force, report_only=args.report_only)
+def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dict[str, Any]:
+    """Run (or resume) the study in ``out``; return the summary (report path under ``"report"``).
+
+    Example:
+        >>> run(preset("tiny"), Path("runs/reasoning"))["accuracy"]["base"]
+    """
+    return run_study(cfg, out, device=device, force=force)
+
+
+def write_report(out: Path) -> Path:
+    """Rewrite ``out/report.html`` from the finished steps, running none (the model is loaded on the CPU)."""
+    return Path(run_study(Config.load(out), out, report_only=True)["report"])

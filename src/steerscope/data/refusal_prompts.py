@@ -1,4 +1,4 @@
-"""Refusal prompt sets: fixed seeded splits of the shipped prompts, and loaders for standard sets.
+"""Refusal prompt sets (shared by the refusal studies): fixed seeded splits of the shipped prompts, and loaders for standard sets.
 
 Splits (``data/refusal/splits.json``, made once by :func:`make_splits` with seed 0 and shipped so
 they never change): per side (harmful, harmless) ``train`` 128, ``val`` 32, ``test`` 100 and the

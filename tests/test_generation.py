@@ -1,0 +1,137 @@
+"""One of each: the chat batch, completion batch and sequence log-probs of generation.py against
+independent computations; seeded sampling without the global RNG; extract with a callable aggregator;
+SteeringVector.single_layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steerscope as ss
+from conftest import make_tiny
+from steerscope.errors import DataError, SteerscopeError, VectorError
+from steerscope.extract import aggregate
+from steerscope.generation import IGNORE, chat_batch, completion_batch, generate, sequence_logprobs
+
+PROMPTS = ["Write a formal letter to the board.", "hey whats up", "Tell me about your weekend, please."]
+
+
+@pytest.fixture(scope="module")
+def lm(smol_tokenizer):
+    return make_tiny("llama", seed=7, tokenizer=smol_tokenizer)
+
+
+def test_chat_batch_is_format_chat_then_left_padded_tokens(lm) -> None:
+    enc = chat_batch(lm, PROMPTS, system="Be brief.")
+    for row, p in zip(range(len(PROMPTS)), PROMPTS):
+        ref = lm.tokenizer(lm.format_chat(p, "Be brief."), add_special_tokens=False)["input_ids"]
+        n = int(enc["attention_mask"][row].sum())
+        assert enc["input_ids"][row, -n:].tolist() == ref and n == len(ref)
+        assert enc["attention_mask"][row, -n:].all() and not enc["attention_mask"][row, :-n].any()  # left padding
+    raw = chat_batch(lm, ["plain text"], chat=False)
+    assert raw["input_ids"][0].tolist() == lm.tokenizer("plain text")["input_ids"]
+
+
+def _by_hand(lm, prompt: str, completion: str) -> float:
+    """Unpadded, one row: Σ log p(completion token | everything before it)."""
+    pid = lm.tokenizer(lm.format_chat(prompt), add_special_tokens=False)["input_ids"]
+    cid = lm.tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([pid + cid])
+    with torch.no_grad():
+        lp = torch.log_softmax(lm.model(input_ids=ids).logits[0].double(), -1)
+    return float(sum(lp[len(pid) + t - 1, c] for t, c in enumerate(cid)))
+
+
+def test_sequence_logprobs_of_a_padded_batch_equal_one_row_at_a_time(lm) -> None:
+    comps = [" Dear board,", " nothing much, you?", " I went hiking in the hills with friends."]
+    batch = completion_batch(lm, PROMPTS, comps)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    with torch.no_grad():
+        lp = sequence_logprobs(lm, batch)
+    ref = torch.tensor([_by_hand(lm, p, c) for p, c in zip(PROMPTS, comps)], dtype=torch.float64)
+    assert torch.allclose(lp.double(), ref, atol=1e-3)
+    short = completion_batch(lm, PROMPTS[:1], comps[2:], max_tokens=2)
+    assert int((short["labels"] != IGNORE).sum()) == 2
+
+
+def test_sequence_logprobs_carries_gradients_to_a_trainable_input(lm) -> None:
+    batch = completion_batch(lm, PROMPTS[:2], [" yes", " no"])
+    emb = lm.model.get_input_embeddings()
+    emb.weight.requires_grad_(True)
+    try:
+        sequence_logprobs(lm, batch).sum().backward()
+        assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
+    finally:
+        emb.weight.requires_grad_(False)
+        emb.weight.grad = None
+
+
+def test_sampled_generate_leaves_the_global_rng_alone_and_a_seed_reproduces(lm) -> None:
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=5)
+    c = generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=6)
+    assert a == b and a != c
+    generate(lm, PROMPTS[:1], max_new_tokens=4, do_sample=True)  # seed=None: a fresh seed, still not the global one
+    assert torch.equal(torch.get_rng_state(), state)
+    greedy = generate(lm, PROMPTS, max_new_tokens=8)
+    assert greedy == generate(lm, PROMPTS, max_new_tokens=8)
+
+
+def test_seeded_sampler_draws_from_the_softmax_at_the_temperature() -> None:
+    from steerscope.generation import SeededSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
+    sampler = SeededSampler(0.7, seed=0)
+    picks = sampler(torch.zeros(1), logits).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).double() / len(picks)
+    assert torch.allclose(freq, torch.softmax(logits[0].double() / 0.7, -1), atol=0.01)
+
+
+def test_a_seed_gives_the_tokens_of_global_seeding_with_hf_sampling(lm) -> None:
+    """Runs sampled with the old global-RNG code keep their texts (the documented study numbers)."""
+    enc = chat_batch(lm, PROMPTS)
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(11)
+        with torch.no_grad():
+            ref = lm.model.generate(**enc, do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=10,
+                                    pad_token_id=lm.tokenizer.pad_token_id)
+    finally:
+        torch.set_rng_state(state)
+    ref_texts = lm.tokenizer.batch_decode(ref[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert generate(lm, PROMPTS, max_new_tokens=10, do_sample=True, temperature=0.8, seed=11) == ref_texts
+
+
+def test_extract_accepts_a_callable_aggregator(lm) -> None:
+    pos, neg = PROMPTS[:2], ["write a chill text", "yo send a casual msg"]
+    dim = ss.extract(lm, pos, neg, method="dim", layers=[1, 2])
+
+    def median_diff(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return p.median(0).values - n.median(0).values
+
+    acts = ss.collect(lm, [lm.format_chat(x) for x in pos + neg], [1, 2], positions=[-1])
+    vec = ss.extract(lm, pos, neg, method=median_diff, layers=[1, 2])
+    for layer in (1, 2):
+        assert torch.allclose(vec[layer], median_diff(acts[layer][:2], acts[layer][2:]), atol=1e-5)
+    assert vec.provenance.method == "median_diff"
+    same = ss.extract(lm, pos, neg, method=aggregate.diff_in_means, layers=[1, 2])
+    assert all(torch.allclose(same[k], dim[k]) for k in (1, 2))
+    with pytest.raises(DataError, match="shape"):
+        ss.extract(lm, pos, neg, method=lambda p, n: p - n, layers=[1])
+    with pytest.raises(DataError, match="or pass a function"):
+        ss.extract(lm, pos, neg, method="nope", layers=[1])
+
+
+def test_single_layer_unpacks_and_refuses_other_shapes() -> None:
+    v = ss.SteeringVector({3: torch.ones(8)})
+    layer, s = v.single_layer(purpose="attribution")
+    assert layer == 3 and torch.equal(s, v[3]) and v.single_layer().layer == 3
+    with pytest.raises(VectorError, match="attribution takes a one-layer resid_pre vector.*select"):
+        ss.SteeringVector({3: torch.ones(8), 4: torch.ones(8)}).single_layer(purpose="attribution")
+    mlp = ss.SteeringVector({3: torch.ones(8)}, "mlp_out")
+    with pytest.raises(SteerscopeError, match="resid_pre"):
+        mlp.single_layer()
+    assert mlp.single_layer(site=None).layer == 3
