@@ -100,6 +100,9 @@ def test_study_command_runs_end_to_end_and_resumes(tiny_llama, tmp_path):
     for section in ("Accuracy", "Training curves", "Logit lens", "First generated token", "Prefix control",
                     "path patching", "Persistence", "Layer pairs", "Transfer", "LoRA"):
         assert section in html, section
+    for section in ("Headline over seeds", "Adaptive token-wise scaling", "Token heatmap", "SAE features", "DiffSAE"):
+        assert section in html, section
+    assert (out / "steps" / "train_L2_seed1.json").is_file() and (out / "vectors" / "L2_gated.policy.safetensors").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["accuracy"]) >= {"base", "L2", "L3", "all", "lora", "prefix", "random L2"}
     assert summary["n_trainable"]["L3"] == tiny_llama.d_model

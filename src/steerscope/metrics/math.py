@@ -10,14 +10,19 @@ Algorithm:
        (so ``0.5 == 1/2 == \\frac{1}{2}`` and ``1,000 == 1000.0``); otherwise the normalised
        strings are compared.
 
-A small, dependency-free stand-in for ``math_verify`` (used by Sinii et al., 2025 for the ±1
-reward); it covers arithmetic word problems, not symbolic algebra.
+:func:`is_correct` and :func:`math_reward` use Hugging Face's ``math-verify`` (as Sinii et al., 2025
+do for the ±1 reward): ``parse`` extracts the final answer (``\\boxed{}`` first, then the last
+number or LaTeX expression) and ``verify`` compares with sympy. The dependency-free verifier above
+(:func:`is_correct_builtin`) is the fallback when ``math_verify`` is not importable; the two agree
+on the arithmetic answers the study produces (tests/test_math_verify.py).
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from fractions import Fraction
+from typing import Any
 
 _NUM = r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+"
 _NUM_RE = re.compile(_NUM)
@@ -98,9 +103,46 @@ def equivalent(a: str | None, b: str | None) -> bool:
     return normalize(a) == normalize(b) and normalize(a) != ""
 
 
-def is_correct(completion: str, answer: str) -> bool:
-    """Whether the final answer extracted from ``completion`` equals ``answer``."""
+def is_correct_builtin(completion: str, answer: str) -> bool:
+    """The dependency-free verifier: the extracted final answer equals ``answer`` (exactly, as numbers)."""
     return equivalent(extract_answer(completion), str(answer))
+
+
+def _math_verify() -> Any:
+    try:
+        import math_verify
+    except ImportError:  # pragma: no cover - math-verify is a declared dependency
+        return None
+    return math_verify
+
+
+def is_correct_math_verify(completion: str, answer: str) -> bool:
+    """``math_verify.verify(parse(answer), parse(completion))``; False when either side does not parse.
+
+    Its signal-based timeouts only work in the main thread, so they are off elsewhere.
+
+    Example:
+        >>> is_correct_math_verify("7 + 5 = \\boxed{12}", "12")
+        True
+    """
+    mv = _math_verify()
+    if mv is None:
+        raise ImportError("math-verify is not installed: pip install math-verify")
+    main = threading.current_thread() is threading.main_thread()
+    t = 5 if main else None
+    try:
+        gold = mv.parse(str(answer), parsing_timeout=t)
+        pred = mv.parse(completion, parsing_timeout=t)
+        return bool(gold and pred and mv.verify(gold, pred, timeout_seconds=t))
+    except Exception:  # a verifier must never crash training; unparsable = wrong
+        return False
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """Whether the final answer of ``completion`` equals ``answer``: math-verify, else the built-in verifier."""
+    if _math_verify() is None:  # pragma: no cover
+        return is_correct_builtin(completion, answer)
+    return is_correct_math_verify(completion, answer)
 
 
 def math_reward(prompt: str, completion: str, answer: str) -> float:

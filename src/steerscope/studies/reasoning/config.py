@@ -42,8 +42,16 @@ class Config(StudyConfig):
     temperature: float = 1.0
     eval_samples: int = 1
     n_analysis: int = 24
-    gate: bool = option(False, "adaptive per-token scaling of the bias")
-    transfer_model: str | None = option(None, "a model of the same depth and width to transfer to")
+    gate: bool = option(False, "adaptive per-token scaling of every trained bias")
+    transfer_model: str | None = option("smollm2-135m-safe", "a model of the same depth and width to transfer to "
+                                        "(both directions, transfer.py)")
+    transfer: bool = option(True, "skip the transfer step", flag="--no-transfer")
+    seeds: int = option(3, "training seeds of the penultimate-layer headline vector (seeds.py)")
+    gate_compare: bool = option(True, "skip the gated vs plain comparison (gate.py)", flag="--no-gate-compare")
+    sae: bool = option(True, "skip the SAE / DiffSAE step (sae_step.py)", flag="--no-sae")
+    sae_width: int = 1024
+    sae_k: int = 16
+    sae_samples: int = 1  # sampled completions per train prompt, steered and unsteered
     system: str | None = None
     seed: int = option(0, "random seed")
 
@@ -76,12 +84,13 @@ class Config(StudyConfig):
 PRESETS: dict[str, Config] = {
     "cpu": Config(),
     "tiny": Config(n_train=40, n_test=40, layers=("-2", "-1"), train_all=True, lora=True, steps=4,
-                            k=4, prompts_per_step=2, eval_samples=1, n_analysis=8),
+                   k=4, prompts_per_step=2, eval_samples=1, n_analysis=8, seeds=2, sae_width=256,
+                   sae_k=8, sae_samples=1),
     # A GPU run in the setting of Sinii et al. (2025): a math model, longer answers, 16 samples.
     "gpu-qwen-math": Config(model="Qwen/Qwen2.5-Math-1.5B", difficulty="word", n_train=2000, n_test=500,
                                      layers=("mid", "-2", "-1"), steps=300, prompts_per_step=16, k=16, lr=1e-3,
                                      lora_rank=8, lora_lr=1e-5, max_new_tokens=512, eval_samples=4,
-                                     n_analysis=128,
+                                     n_analysis=128, transfer_model=None, sae_width=16384, sae_k=64,
                                      system="Please reason step by step, and put your final answer within \\boxed{}."),
 }
 

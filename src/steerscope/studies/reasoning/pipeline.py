@@ -1,8 +1,9 @@
 """``steerscope study reasoning``: RL-trained steering vectors on a verifiable task, and what they do.
 
 Steps (each resumable; training steps also resume from their last checkpoint):
-data → eval_base → train_L<l> / train_all → eval_<name> → lens → first_token → prefix →
-patching → persistence → pairs → control_random → transfer → report.html → lora → report.html
+data → eval_base → train_L<l> / train_all → eval_<name> → sae → train/eval_L<l>_seed<s> →
+train_B_L<l> / transfer_* → train/eval_L<l>_gated / gate_values (extras.py) → lens → first_token →
+prefix → patching → persistence → pairs → control_random → report.html → lora → report.html
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import Config, ReasoningConfig
+from steerscope.studies.reasoning.extras import run_extras
 from steerscope.studies.reasoning.report import write_report as write_html
 from steerscope.studies.runner import Run
 
@@ -59,9 +61,9 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
         evals[name] = run.step(f"eval_{name}", partial(st.evaluate, lm, test, cfg, name, partial(steering, lm, vec, 1.0)))
     evals = {n: e for n, e in evals.items() if e is not None}
     vecs = {n: st.load_vector(run, n) for n in trained}
+    res: dict[str, Any] = run_extras(run, lm, cfg, vecs, evals, test, device)  # SAE, seeds, transfer, gate
     run.step("lens", lambda: st.lens_step(lm, vecs))
     last, pen = lm.n_layers - 1, lm.n_layers - 2
-    res: dict[str, Any] = {}
     if f"L{last}" in vecs:
         v_last = vecs[f"L{last}"]
         texts = [lm.format_chat(p.prompt, cfg.system) for p in test[: cfg.n_analysis]]
@@ -91,7 +93,6 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
         res["control"] = run.step("control_random", lambda: st.random_control(lm, cfg, vecs[f"L{pen}"], pen))
         if res["control"] is not None:
             evals[f"random L{pen}"] = res["control"]["eval"]
-    res["transfer"] = run.step("transfer", lambda: transfer_step(cfg, vecs, lm, test, device))
     res = {k: v for k, v in res.items() if v is not None}
     report = _finish(run, cfg, lm, evals, trained, res, t0)
     if cfg.lora and (not report_only or run.done("lora")):  # last, so that a run cut short still has a report with everything else
@@ -120,25 +121,6 @@ def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict[str, Any], trai
     summary["report"] = str(report)
     summary["run"] = str(run.folder)
     return summary
-
-
-def transfer_step(cfg: ReasoningConfig, vecs: dict[str, Any], lm: Any, test: list[Any], device: str) -> dict[str, Any]:
-    """Transfer the vectors to ``cfg.transfer_model`` when given (same depth and width required)."""
-    if not cfg.transfer_model:
-        return {"done": False, "note": (
-            f"no model of the same depth and width as {cfg.model} ({lm.n_layers} layers, d_model {lm.d_model}) "
-            "is available offline: gemma3-270m has 18 layers and d_model 640. Pass --transfer-model to run it; "
-            "analyses.transfer_vector is tested on two tiny models of equal shape.")}
-    target = load_model(cfg.transfer_model, device=device)
-    rows = [{"name": "base", **_short(st.evaluate(target, test, cfg, "target base"))}]
-    for name, v in vecs.items():
-        tv = an.transfer_vector(v, target)
-        rows.append({"name": name, **_short(st.evaluate(target, test, cfg, name, partial(steering, target, tv, 1.0)))})
-    return {"done": True, "model": cfg.transfer_model, "rows": rows}
-
-
-def _short(ev: dict[str, Any]) -> dict[str, Any]:
-    return {k: ev[k] for k in ("greedy_acc", "greedy_ci", "sampled_acc", "sampled_ci")}
 
 
 def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dict[str, Any]:

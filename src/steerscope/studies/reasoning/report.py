@@ -1,5 +1,6 @@
 """HTML report of the reasoning study: accuracy with 95% intervals, training curves, lens tables,
-first-token ΔP, prefix control, q/k/v patching bars, persistence, layer pairs, transfer."""
+first-token ΔP, prefix control, q/k/v patching bars, persistence, layer pairs; seeds, transfer,
+the gated vector and SAE features (report_extras.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from steerscope.report.html import Report, plt_figure
+from steerscope.studies.reasoning import report_extras as rx
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.runner import Run, write_json
 
@@ -111,12 +113,13 @@ def write_report(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: 
         r.table(["pair", "greedy acc", "95% CI", "gain (acc_pair - max single)/(acc_all - max single)"],
                 [[f"{p['pair'][0]}+{p['pair'][1]}", p["eval"]["greedy_acc"], _ci(p["eval"]["greedy_ci"]), p["gain"]]
                  for p in res["pairs"]["pairs"]])
-    r.h2("Transfer")
-    tr = res.get("transfer", {})
-    if tr.get("done"):
-        r.table(["vector", "greedy acc", "95% CI"], [[x["name"], x["greedy_acc"], _ci(x["greedy_ci"])] for x in tr["rows"]])
-    else:
-        r.p(tr.get("note", "not run"))
+    if "seeds" in res:
+        rx.seeds_section(r, res["seeds"])
+    rx.transfer_section(r, res.get("transfer"))
+    if "gate" in res:
+        rx.gate_section(r, res["gate"])
+    if "sae" in res:
+        rx.sae_section(r, res["sae"], run)
     r.h2("Examples (greedy)")
     for n, e in evals.items():
         r.pre(f"{n}:\n" + "\n".join(e["examples"][:4]))

@@ -42,32 +42,43 @@ def _generate(lm: LM, texts: Sequence[str], ctx: Callable[[], ContextManager[Any
 
 
 def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str,
-             ctx: Callable[[], ContextManager[Any]] = nullcontext, prefix: str = "") -> dict:
-    """Greedy accuracy (and ``eval_samples`` samples at T=1 per problem) on the test set."""
+             ctx: Callable[[], ContextManager[Any]] = nullcontext, prefix: str = "",
+             samples: int | None = None) -> dict:
+    """Greedy accuracy (and ``samples``, default ``eval_samples``, samples at T=1 per problem) on the test set."""
     texts = [lm.format_chat(p.prompt, cfg.system) + prefix for p in test]
     greedy = [prefix + c for c in _generate(lm, texts, ctx, cfg.max_new_tokens, False, cfg.seed)]
     g = [int(is_correct(c, p.answer)) for c, p in zip(greedy, test)]
     s: list[int] = []
-    for r in range(cfg.eval_samples):
+    for r in range(cfg.eval_samples if samples is None else samples):
         comp = _generate(lm, texts, ctx, cfg.max_new_tokens, True, cfg.seed + 7919 * (r + 1))
         s += [int(is_correct(prefix + c, p.answer)) for c, p in zip(comp, test)]
     return an.EvalResult(name, g, s, [f"{p.prompt} -> {c!r}" for p, c in zip(test, greedy)]).summary()
 
 
-def _rloo_cfg(cfg: ReasoningConfig, lr: float) -> RLOOConfig:
+def _rloo_cfg(cfg: ReasoningConfig, lr: float, seed: int | None = None) -> RLOOConfig:
     return RLOOConfig(steps=cfg.steps, prompts_per_step=cfg.prompts_per_step, k=cfg.k, lr=lr,
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, checkpoint_every=2,
-                      seed=cfg.seed, system=cfg.system)
+                      seed=cfg.seed if seed is None else seed, system=cfg.system)
 
 
-def train_vector(run: Run, lm: LM, cfg: ReasoningConfig, name: str, layers: list[int] | str) -> dict:
-    """Train a steering bias with RLOO (checkpointed under ckpt/<name>); save vectors/<name>.safetensors."""
+def train_vector(run: Run, lm: LM, cfg: ReasoningConfig, name: str, layers: list[int] | str,
+                 train_seed: int | None = None, gate: bool | None = None) -> dict:
+    """Train a steering bias with RLOO (checkpointed under ckpt/<name>); save vectors/<name>.safetensors.
+
+    ``train_seed`` (default ``cfg.seed``) seeds the sampling and prompt order only: the problems are
+    always those of ``cfg.seed``. ``gate`` (default ``cfg.gate``) adds the adaptive per-token scale.
+    """
     train, _ = problems(cfg)
-    bias = SteeringBias(lm, layers, gate=cfg.gate)
+    bias = SteeringBias(lm, layers, gate=cfg.gate if gate is None else gate)
     res = train_rloo(lm, bias, [p.prompt for p in train], [p.answer for p in train], math_reward,
-                     _rloo_cfg(cfg, cfg.lr), checkpoint_dir=run.path("ckpt", name, "x").parent)
+                     _rloo_cfg(cfg, cfg.lr, train_seed), checkpoint_dir=run.path("ckpt", name, "x").parent)
     vec = bias.vector(train_steps=cfg.steps, difficulty=cfg.difficulty, k=cfg.k, lr=cfg.lr)
     vec.save(run.path("vectors", f"{name}.safetensors"))
+    if bias.gated:  # the gate is not part of a SteeringVector: keep the whole policy beside it
+        from safetensors.torch import save_file
+
+        save_file({n: p.detach().cpu().contiguous() for n, p in bias.named_parameters()},
+                  str(run.path("vectors", f"{name}.policy.safetensors")))
     return {"name": name, "layers": bias.layers, "n_trainable": res.n_trainable, "train_seconds": res.seconds,
             "history": [h.__dict__ for h in res.history], "norms": vec.norms(), "resumed_from": res.resumed_from}
 
