@@ -18,8 +18,8 @@ from steerscope.studies.runner import Run
 from steerscope.vector import SteeringVector
 
 
-def run_extras(run: Run, lm: LM, cfg: ReasoningConfig, vecs: dict[str, SteeringVector], evals: dict[str, dict],
-               test: list, device: str) -> dict[str, Any]:
+def run_extras(run: Run, lm: LM, cfg: ReasoningConfig, vecs: dict[str, SteeringVector], evals: dict[str, dict[str, Any]],
+               test: list[Any], device: str) -> dict[str, Any]:
     """Run (or resume) the four parts; returns ``{"sae", "seeds", "transfer", "gate"}`` records that exist."""
     layer = lm.n_layers - 2
     name = f"L{layer}"

@@ -48,7 +48,7 @@ def token_category(text: str, start: int, end: int, question: tuple[int, int], i
     return "template"
 
 
-def gate_values(lm: LM, bias: SteeringBias, texts: list[str], problems: list[Problem]) -> list[dict]:
+def gate_values(lm: LM, bias: SteeringBias, texts: list[str], problems: list[Problem]) -> list[dict[str, Any]]:
     """Per prompt: tokens, their category and g_t (teacher-forced on the prompt alone)."""
     layer = bias.layers[0]
     out = []
@@ -69,7 +69,7 @@ def gate_values(lm: LM, bias: SteeringBias, texts: list[str], problems: list[Pro
     return out
 
 
-def gate_mass(rows: list[dict]) -> dict[str, dict[str, float]]:
+def gate_mass(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per category: token share, share of the gate mass Σg, mean g, and mean |g - 1|."""
     n: dict[str, int] = defaultdict(int)
     mass: dict[str, float] = defaultdict(float)
@@ -84,8 +84,8 @@ def gate_mass(rows: list[dict]) -> dict[str, dict[str, float]]:
                 "mean_abs_dev": dev[c] / n[c]} for c in CATEGORIES if n[c]}
 
 
-def gate_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list, base_eval: dict,
-              plain_eval: dict) -> dict | None:
+def gate_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list[Any], base_eval: dict[str, Any],
+              plain_eval: dict[str, Any]) -> dict[str, Any] | None:
     """Resumable steps ``train_L<l>_gated``, ``eval_L<l>_gated``, ``gate_values``; returns the summary."""
     name = f"L{layer}_gated"
     t = run.step(f"train_{name}", lambda: st.train_vector(run, lm, cfg, name, [layer], gate=True))

@@ -17,7 +17,7 @@ def _ci(ci: Any) -> str:
     return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def _acc_table(r: Report, evals: dict, summary: dict, trained: dict) -> None:
+def _acc_table(r: Report, evals: dict[str, Any], summary: dict[str, Any], trained: dict[str, Any]) -> None:
     rows = []
     for n, e in evals.items():
         pd = summary["paired_vs_base"].get(n, {}) or {}
@@ -33,7 +33,7 @@ def _acc_table(r: Report, evals: dict, summary: dict, trained: dict) -> None:
             caption="Held-out accuracy. Intervals: Wilson for accuracies, normal approximation for paired differences.")
 
 
-def _curves(r: Report, trained: dict, run: Run) -> None:
+def _curves(r: Report, trained: dict[str, Any], run: Run) -> None:
     fig = plt_figure(figsize=(7, 3.5))
     ax = fig.add_subplot(111)
     for n, t in trained.items():
@@ -49,7 +49,7 @@ def _curves(r: Report, trained: dict, run: Run) -> None:
              save_as=run.path("figures", "curves.png"))
 
 
-def _patching(r: Report, rows: list[dict], run: Run) -> None:
+def _patching(r: Report, rows: list[dict[str, Any]], run: Run) -> None:
     fig = plt_figure(figsize=(9, 3.2))
     axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
     for ax, w in zip(axes, "qkv"):
@@ -63,7 +63,7 @@ def _patching(r: Report, rows: list[dict], run: Run) -> None:
             [[x["which"], x["head"], x["kl"], x["logprob"], x["effect_removed"]] for x in rows])
 
 
-def write_report(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict, trained: dict, res: dict, summary: dict) -> Path:
+def write_report(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict[str, Any], trained: dict[str, Any], res: dict[str, Any], summary: dict[str, Any]) -> Path:
     r = Report("Reasoning study: RL-trained steering vectors")
     r.p(f"Model {cfg.model} ({lm.n_layers} layers, d_model {lm.d_model}); task '{cfg.difficulty}', "
         f"{cfg.n_train} train / {cfg.n_test} test problems; RLOO with k={cfg.k}, {cfg.prompts_per_step} prompts "

@@ -17,7 +17,7 @@ def _ci(ci: Any) -> str:
     return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def seeds_section(r: Report, sd: dict) -> None:
+def seeds_section(r: Report, sd: dict[str, Any]) -> None:
     r.h2("Headline over seeds: penultimate-layer vector vs base (greedy, paired)")
     r.table(["seed", "greedy acc", "95% CI", "Δ vs base (paired 95% CI)", "gained / lost", "McNemar p", "‖s‖"],
             [[x["seed"], x["greedy_acc"], _ci(x["greedy_ci"]), _d(x["diff"]), f"{x['gained']} / {x['lost']}",
@@ -28,7 +28,7 @@ def seeds_section(r: Report, sd: dict) -> None:
         f"{sd['max_diff']:+.3f}); {sd['n_significant']} of {len(sd['rows'])} seeds have a paired 95% interval above 0.")
 
 
-def transfer_section(r: Report, tr: dict | None) -> None:
+def transfer_section(r: Report, tr: dict[str, Any] | None) -> None:
     r.h2("Transfer")
     if not tr or not tr.get("done"):
         r.p((tr or {}).get("note", "not run"))
@@ -58,7 +58,7 @@ def _cell(tok: str, g: float) -> str:
     return f'<span title="g={g:.3f}" style="background:{col};padding:1px 0;font-family:monospace">{t}</span>'
 
 
-def gate_section(r: Report, gt: dict) -> None:
+def gate_section(r: Report, gt: dict[str, Any]) -> None:
     r.h2(f"Adaptive token-wise scaling (gated layer-{gt['layer']} vector)")
     e = gt["eval"]
     r.p(f"Gated vector: greedy {e['greedy_acc']:.3f} {_ci(e['greedy_ci'])} (n = {e['n']}); vs the plain vector "
@@ -74,7 +74,7 @@ def gate_section(r: Report, gt: dict) -> None:
           + "".join(f'<div style="margin:4px 0;line-height:1.8">{x}</div>' for x in lines))
 
 
-def _sae_table_rows(name: str, s: dict) -> list[list[Any]]:
+def _sae_table_rows(name: str, s: dict[str, Any]) -> list[list[Any]]:
     c, al = s["correctness"], s["alignment"]
     auc = "" if "auroc_heldout" not in c else (
         f"{c['best_heldout_oriented']:.3f} (null mean {c['null_mean']:.3f}, q95 {c['null_q95']:.3f}, "
@@ -83,7 +83,7 @@ def _sae_table_rows(name: str, s: dict) -> list[list[Any]]:
              f"{al['max_abs_cos']:.3f} (random q95 {al['random_q95']:.3f}, max {al['random_max']:.3f})"]]
 
 
-def sae_section(r: Report, sa: dict, run: Run) -> None:
+def sae_section(r: Report, sa: dict[str, Any], run: Run) -> None:
     r.h2(f"SAE features at layer {sa['layer']} (DiffSAE: steered − unsteered at layer {sa['diff_layer']})")
     r.p(f"{sa['n_generations']} sampled generations of {sa['n_prompts']} train prompts ({sa['n_steered']} steered); "
         f"sampled accuracy unsteered {sa['sampled_acc']['base']:.3f}, steered {sa['sampled_acc']['steered']:.3f}. "

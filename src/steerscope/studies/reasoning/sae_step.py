@@ -35,7 +35,7 @@ from steerscope.vector import SteeringVector
 N_PERM = 200
 
 
-def generations(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> list[dict]:
+def generations(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> list[dict[str, Any]]:
     """Sampled completions of the train prompts, unsteered and steered, with correctness labels."""
     train, _ = st.problems(cfg)
     texts = [lm.format_chat(p.prompt, cfg.system) for p in train]
@@ -49,7 +49,7 @@ def generations(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> list[dict]
     return out
 
 
-def activations(lm: LM, gens: list[dict], vec: SteeringVector, layer: int, batch: int = 50) -> dict[str, Any]:
+def activations(lm: LM, gens: list[dict[str, Any]], vec: SteeringVector, layer: int, batch: int = 50) -> dict[str, Any]:
     """Token rows of the SAE and DiffSAE inputs with their generation index, position and completion flag."""
     dl = min(layer + 1, lm.n_layers - 1)
     sa, sd = f"blocks.{layer}.resid_post", f"blocks.{dl}.resid_post"
@@ -100,7 +100,7 @@ def _orient(a_tr: float, a_te: float) -> float:
     return a_te if a_tr >= 0.5 else 1.0 - a_te
 
 
-def correctness(f: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, seed: int) -> dict:
+def correctness(f: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, seed: int) -> dict[str, Any]:
     """Held-out AUROC of the features selected on the training half, with a permutation baseline."""
     if len(set(y[tr].tolist())) < 2 or len(set(y[~tr].tolist())) < 2:
         return {"note": "one class only in a split; no AUROC"}
@@ -121,7 +121,7 @@ def correctness(f: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, seed: int) -
             "n_train": int(tr.sum()), "n_heldout": int((~tr).sum()), "pos_rate": float(y.float().mean())}
 
 
-def alignment(sae: TopKSAE, s: torch.Tensor, seed: int) -> dict:
+def alignment(sae: TopKSAE, s: torch.Tensor, seed: int) -> dict[str, Any]:
     """max_j |cos(W_dec[j], s)| and its feature, against 200 random Gaussian directions."""
     w = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
     c = w @ (s.float() / s.float().norm())
@@ -135,8 +135,8 @@ def alignment(sae: TopKSAE, s: torch.Tensor, seed: int) -> dict:
             "random_q95": float(rand.quantile(0.95)), "random_max": float(rand.max())}
 
 
-def max_activating(lm: LM, sae: TopKSAE, x: torch.Tensor, acts: dict, features: list[int], n: int = 5,
-                   context: int = 8) -> list[dict]:
+def max_activating(lm: LM, sae: TopKSAE, x: torch.Tensor, acts: dict[str, Any], features: list[int], n: int = 5,
+                   context: int = 8) -> list[dict[str, Any]]:
     """For each feature, the ``n`` tokens with the largest code, each with ``context`` tokens before it."""
     with torch.no_grad():
         pre = torch.cat([sae.encode(x[i : i + 4096])[:, features] for i in range(0, x.shape[0], 4096)])
@@ -154,8 +154,8 @@ def max_activating(lm: LM, sae: TopKSAE, x: torch.Tensor, acts: dict, features: 
     return out
 
 
-def _fit_and_report(lm: LM, x: torch.Tensor, acts: dict, gens: list[dict], tr_tok: torch.Tensor,
-                    tr_gen: torch.Tensor, s: torch.Tensor, cfg: ReasoningConfig, rows: torch.Tensor | None) -> dict:
+def _fit_and_report(lm: LM, x: torch.Tensor, acts: dict[str, Any], gens: list[dict[str, Any]], tr_tok: torch.Tensor,
+                    tr_gen: torch.Tensor, s: torch.Tensor, cfg: ReasoningConfig, rows: torch.Tensor | None) -> dict[str, Any]:
     """Train one SAE on the training tokens; FVE/L0 held out; correctness, alignment, max-activating."""
     keep = torch.ones(len(gens), dtype=torch.bool) if rows is None else rows
     fit = train_sae(x[tr_tok], SAEConfig(width=cfg.sae_width, k=cfg.sae_k, steps=1000, batch_size=256, lr=1e-3,
@@ -172,7 +172,7 @@ def _fit_and_report(lm: LM, x: torch.Tensor, acts: dict, gens: list[dict], tr_to
             "max_activating": max_activating(lm, fit.sae, x, acts, list(dict.fromkeys(feats)))}
 
 
-def sae_runs(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int) -> dict:
+def sae_runs(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int) -> dict[str, Any]:
     """The whole SAE / DiffSAE analysis as one record (the ``sae`` step)."""
     gens = generations(lm, cfg, vec)
     acts = activations(lm, gens, vec, layer)

@@ -8,6 +8,7 @@ same test set, so every seed's difference to the base model is paired on the sam
 from __future__ import annotations
 
 import statistics
+from functools import partial
 from typing import Any
 
 from steerscope.models.load import LM
@@ -18,30 +19,30 @@ from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.runner import Run
 
 
-def seed_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list,
-              only: list[int] | None = None) -> dict[int, dict]:
+def seed_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list[Any],
+              only: list[int] | None = None) -> dict[int, dict[str, Any]]:
     """Train and evaluate ``L<layer>_seed<s>`` for the extra seeds (or those in ``only``); resumable steps.
 
     Returns ``{seed: {"seed", "eval", "norm"}}``.
     """
-    out: dict[int, dict] = {}
+    out: dict[int, dict[str, Any]] = {}
     for s in range(cfg.seed + 1, cfg.seed + cfg.seeds):
         if only is not None and s not in only:
             continue
         name = f"L{layer}_seed{s}"
-        t = run.step(f"train_{name}", lambda name=name, s=s: st.train_vector(run, lm, cfg, name, [layer], train_seed=s))
+        t = run.step(f"train_{name}", partial(st.train_vector, run, lm, cfg, name, [layer], train_seed=s))
         if t is None:  # --report-only and not trained yet
             continue
         vec = st.load_vector(run, name)
-        ev = run.step(f"eval_{name}", lambda name=name, vec=vec: st.evaluate(
-            lm, test, cfg, name, lambda: steering(lm, vec, 1.0), samples=0))
+        ev = run.step(f"eval_{name}", partial(st.evaluate, lm, test, cfg, name,
+                                                 partial(steering, lm, vec, 1.0), samples=0))
         if ev is None:
             continue
         out[s] = {"seed": s, "eval": ev, "norm": t["norms"].get(str(layer))}
     return out
 
 
-def seeds_summary(base: dict, per_seed: dict[str, dict[str, Any]]) -> dict:
+def seeds_summary(base: dict[str, Any], per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per seed: greedy accuracy, paired difference to base (95% CI), McNemar p; mean and spread of Δ.
 
     Args:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from itertools import combinations
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -43,7 +44,7 @@ def _generate(lm: LM, texts: Sequence[str], ctx: Callable[[], ContextManager[Any
 
 def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str,
              ctx: Callable[[], ContextManager[Any]] = nullcontext, prefix: str = "",
-             samples: int | None = None) -> dict:
+             samples: int | None = None) -> dict[str, Any]:
     """Greedy accuracy (and ``samples``, default ``eval_samples``, samples at T=1 per problem) on the test set."""
     texts = [lm.format_chat(p.prompt, cfg.system) + prefix for p in test]
     greedy = [prefix + c for c in _generate(lm, texts, ctx, cfg.max_new_tokens, False, cfg.seed)]
@@ -62,7 +63,7 @@ def _rloo_cfg(cfg: ReasoningConfig, lr: float, seed: int | None = None) -> RLOOC
 
 
 def train_vector(run: Run, lm: LM, cfg: ReasoningConfig, name: str, layers: list[int] | str,
-                 train_seed: int | None = None, gate: bool | None = None) -> dict:
+                 train_seed: int | None = None, gate: bool | None = None) -> dict[str, Any]:
     """Train a steering bias with RLOO (checkpointed under ckpt/<name>); save vectors/<name>.safetensors.
 
     ``train_seed`` (default ``cfg.seed``) seeds the sampling and prompt order only: the problems are
@@ -87,7 +88,7 @@ def load_vector(run: Run, name: str) -> SteeringVector:
     return SteeringVector.load(run.path("vectors", f"{name}.safetensors"))
 
 
-def train_and_eval_lora(run: Run, cfg: ReasoningConfig, device: str) -> dict:
+def train_and_eval_lora(run: Run, cfg: ReasoningConfig, device: str) -> dict[str, Any]:
     """The LoRA baseline: same trainer and budget, on its own copy of the model; evaluated at the end."""
     lm = load_model(cfg.model, device=device)
     train, test = problems(cfg)
@@ -99,7 +100,7 @@ def train_and_eval_lora(run: Run, cfg: ReasoningConfig, device: str) -> dict:
             "history": [h.__dict__ for h in res.history], "eval": ev, "resumed_from": res.resumed_from}
 
 
-def lens_step(lm: LM, vecs: dict[str, SteeringVector], k: int = 10) -> dict:
+def lens_step(lm: LM, vecs: dict[str, SteeringVector], k: int = 10) -> dict[str, Any]:
     rows = []
     for name, v in vecs.items():
         for layer in v.layers:
@@ -119,19 +120,19 @@ def analysis_texts(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> tuple[l
     return texts, [c if c else " " for c in comps], test
 
 
-def pairs_step(lm: LM, run: Run, cfg: ReasoningConfig, singles: list[int], acc: dict[str, float]) -> dict:
+def pairs_step(lm: LM, run: Run, cfg: ReasoningConfig, singles: list[int], acc: dict[str, float]) -> dict[str, Any]:
     """Apply two independently trained single-layer vectors together; layer-pair gain per pair."""
     _, test = problems(cfg)
     out = []
     for a, b in combinations(singles, 2):
         v = load_vector(run, f"L{a}") + load_vector(run, f"L{b}")
-        ev = evaluate(lm, test, cfg, f"L{a}+L{b}", lambda v=v: steering(lm, v, 1.0))
+        ev = evaluate(lm, test, cfg, f"L{a}+L{b}", partial(steering, lm, v, 1.0))
         gain = an.layer_pair_gain(ev["greedy_acc"], acc[f"L{a}"], acc[f"L{b}"], acc["all"]) if "all" in acc else None
         out.append({"pair": [a, b], "eval": ev, "gain": gain})
     return {"pairs": out}
 
 
-def random_control(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int) -> dict:
+def random_control(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int) -> dict[str, Any]:
     """A random direction with the trained vector's norm at the same layer, evaluated like the vector."""
     _, test = problems(cfg)
     g = torch.Generator().manual_seed(cfg.seed)

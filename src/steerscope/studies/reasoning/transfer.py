@@ -39,7 +39,7 @@ def load_target(cfg: ReasoningConfig, lm: LM, device: str) -> tuple[LM | None, s
     return tgt, None
 
 
-def a_to_b(run: Run, tgt: LM, cfg: ReasoningConfig, layer: int, test: list) -> dict[str, dict]:
+def a_to_b(run: Run, tgt: LM, cfg: ReasoningConfig, layer: int, test: list[Any]) -> dict[str, dict[str, Any]]:
     """Steps ``transfer_B_base`` and ``transfer_A_to_B`` (no training)."""
     va_on_b = an.transfer_vector(st.load_vector(run, f"L{layer}"), tgt)
     out = {"B_base": run.step("transfer_B_base", lambda: st.evaluate(tgt, test, cfg, "B base", samples=0)),
@@ -48,7 +48,7 @@ def a_to_b(run: Run, tgt: LM, cfg: ReasoningConfig, layer: int, test: list) -> d
     return {k: v for k, v in out.items() if v is not None}
 
 
-def b_to_a(run: Run, lm: LM, tgt: LM, cfg: ReasoningConfig, layer: int, test: list) -> dict[str, dict]:
+def b_to_a(run: Run, lm: LM, tgt: LM, cfg: ReasoningConfig, layer: int, test: list[Any]) -> dict[str, dict[str, Any]]:
     """Steps ``train_B_L<l>`` (B's own vector, same trainer, budget and seed), ``transfer_B_own``, ``transfer_B_to_A``."""
     name = f"B_L{layer}"
     t = run.step(f"train_{name}", lambda: st.train_vector(run, tgt, cfg, name, [layer]))
@@ -64,12 +64,12 @@ def b_to_a(run: Run, lm: LM, tgt: LM, cfg: ReasoningConfig, layer: int, test: li
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _cmp(ref: dict, ev: dict) -> dict[str, Any]:
+def _cmp(ref: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
     return {"diff": paired_diff(ref["greedy"], ev["greedy"]), "mcnemar_p": mcnemar_p(ref["greedy"], ev["greedy"])}
 
 
-def transfer_summary(a: str, b: str, layer: int, parts: dict[str, dict], vec_a: SteeringVector,
-                     vec_b: SteeringVector | None) -> dict:
+def transfer_summary(a: str, b: str, layer: int, parts: dict[str, dict[str, Any]], vec_a: SteeringVector,
+                     vec_b: SteeringVector | None) -> dict[str, Any]:
     """Accuracies and paired comparisons for the directions that have run, and the two vectors' cosine.
 
     ``parts`` holds evaluation records under ``A_base``, ``A_own``, ``B_base``, ``A_to_B`` and, once B's
