@@ -11,9 +11,9 @@ import torch
 from steerscope import sparsify as S
 from steerscope.explain import Settings, explain
 from steerscope.explain import sparsity as ES
+from steerscope.runs import Run, load_tensors
 from steerscope.studies.refusal_mechanisms import steps as St
 from steerscope.studies.refusal_mechanisms.config import Config
-from steerscope.studies.runner import Run, load_tensors
 from test_refusal_mechanisms_fixtures import one_thread, smol_tokenizer, tiny_lm, tiny_vector  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,7 +24,7 @@ import steerscope as ss
 from conftest import make_tiny
 from steerscope.cli import main
 from steerscope.errors import SteerscopeError, VectorError
-from steerscope.studies.runner import Run
+from steerscope.runs import Run
 
 SRC = str(Path(ss.__file__).resolve().parents[1])
 
@@ -232,7 +232,7 @@ def test_study_out_that_is_a_file_or_unwritable_is_refused(tmp_path, no_model, c
 
 
 def test_a_study_on_a_folder_in_use_is_refused_in_one_line(tmp_path, capsys):
-    code = f"from steerscope.studies.runner import Run; import time; r = Run({str(tmp_path / 'run')!r}); " \
+    code = f"from steerscope.runs import Run; import time; r = Run({str(tmp_path / 'run')!r}); " \
            "print('ready', flush=True); time.sleep(60)"
     p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
                          text=True)

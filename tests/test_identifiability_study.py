@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from steerscope.errors import StudyError
+from steerscope.runs import Run
 from steerscope.studies.identifiability import report, steps
 from steerscope.studies.identifiability.config import Config
-from steerscope.studies.runner import Run
 
 
 def test_config_rejects_bad_options_with_fix_it_messages():

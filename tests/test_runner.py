@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steerscope.errors import StudyError
-from steerscope.studies.runner import Run, load_tensors, save_tensors
+from steerscope.runs import Run, load_tensors, save_tensors
 
 
 def test_step_runs_once_and_is_reused(tmp_path):

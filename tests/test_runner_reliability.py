@@ -17,7 +17,7 @@ import torch
 
 import steerscope as ss
 from steerscope.errors import StudyError
-from steerscope.studies.runner import Run, load_tensors, save_tensors, write_json
+from steerscope.runs import Run, load_tensors, save_tensors, write_json
 
 SRC = str(Path(ss.__file__).resolve().parents[1])  # the steerscope under test, also in subprocesses
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
@@ -34,7 +34,7 @@ def test_two_process_writers_never_crash_and_readers_never_see_a_torn_record(tmp
     code = f"""
         import sys
         from pathlib import Path
-        from steerscope.studies.runner import write_json
+        from steerscope.runs import write_json
         import time
         w = int(sys.argv[1])
         while not Path({str(tmp_path / "go")!r}).exists():
@@ -64,7 +64,7 @@ def test_second_run_on_a_folder_is_refused_and_a_dead_holders_lock_is_taken_over
     folder = tmp_path / "run"
     holder = _py(f"""
         import time
-        from steerscope.studies.runner import Run
+        from steerscope.runs import Run
         r = Run({str(folder)!r}, config={{"a": 1}})
         print("ready", flush=True)
         time.sleep(60)

@@ -134,10 +134,10 @@ def test_a_broken_study_import_fails_loudly(tmp_path: Path, monkeypatch: pytest.
 
 def test_identifiability_write_report_rebuilds_the_report_from_the_run_folder(tmp_path: Path) -> None:
     """write_report(out) reads config.json and the step records only; no model is loaded."""
+    from steerscope.runs import Run
     from steerscope.studies import identifiability
     from steerscope.studies.identifiability import pipeline, steps
     from steerscope.studies.identifiability.config import Config
-    from steerscope.studies.runner import Run
     from test_identifiability_study import _scores
 
     cfg = Config(traits=("formality",), alphas=(4.0,), seeds=(0, 1), shift=False)

@@ -25,7 +25,7 @@ from steerscope.explain.scorers import resolve_scorer
 from steerscope.explain.verdict import verdict
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.studies.runner import Run, write_json
+from steerscope.runs import Run, write_json
 from steerscope.vector import SteeringVector
 
 KEYS = ("vector", "dose", "lens", "attribution", "frozen", "circuit", "sparsity", "identifiability", "verdict",

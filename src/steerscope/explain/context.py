@@ -12,7 +12,7 @@ import torch
 
 from steerscope.errors import StudyError
 from steerscope.models.load import LM
-from steerscope.studies.runner import Run, load_tensors, save_tensors
+from steerscope.runs import Run, load_tensors, save_tensors
 from steerscope.vector import SteeringVector
 
 ScoreFn = Callable[[Sequence[str]], Any]  # texts -> [n] scores (higher = more of the behaviour)
@@ -60,7 +60,7 @@ class Settings:
 
 
 class MemoryRun:
-    """The :class:`~steerscope.studies.runner.Run` interface without a folder (``out=None``)."""
+    """The :class:`~steerscope.runs.Run` interface without a folder (``out=None``)."""
 
     def __init__(self) -> None:
         self.records: dict[str, dict[str, Any]] = {}

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from steerscope.runs import Run
 from steerscope.studies.identifiability.config import Config
-from steerscope.studies.runner import Run
 
 Cell = tuple[str, str, int, str]  # (trait or "*", method, seed, prompt set)
 

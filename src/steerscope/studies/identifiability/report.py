@@ -9,8 +9,8 @@ import numpy as np
 
 from steerscope.metrics.classifiers import MIN_ACCURACY
 from steerscope.report.html import Report, plt_figure
+from steerscope.runs import Run
 from steerscope.studies.identifiability.config import Config
-from steerscope.studies.runner import Run
 
 Rec = dict[str, Any]  # a step record
 

@@ -23,9 +23,9 @@ from steerscope.metrics.classifiers import Embedder, Scorer, best_scorer, build_
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.record import recording
+from steerscope.runs import Run
 from steerscope.sites import Site
 from steerscope.studies.identifiability.config import Config
-from steerscope.studies.runner import Run
 from steerscope.vector import dataset_hash
 
 CONDITIONS = ("v", "v+v_perp", "v_perp")

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from steerscope.models.load import LM
+from steerscope.runs import Run
 from steerscope.studies.reasoning import gate, sae_step, seeds, transfer
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
-from steerscope.studies.runner import Run
 from steerscope.vector import SteeringVector
 
 

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from steerscope.models.load import LM
+from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.reasoning.task import INSTRUCTION, Problem
-from steerscope.studies.runner import Run
 from steerscope.trainable import SteeringBias
 
 CATEGORIES = ("number", "question", "instruction", "template")

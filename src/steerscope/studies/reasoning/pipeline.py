@@ -17,6 +17,7 @@ import torch
 
 from steerscope.errors import StudyError
 from steerscope.models.load import load_model
+from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
@@ -24,7 +25,6 @@ from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import Config, ReasoningConfig
 from steerscope.studies.reasoning.extras import run_extras
 from steerscope.studies.reasoning.report import write_report as write_html
-from steerscope.studies.runner import Run
 
 
 def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force: bool = False,

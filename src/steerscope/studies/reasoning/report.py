@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from steerscope.report.html import Report, plt_figure
+from steerscope.runs import Run, write_json
 from steerscope.studies.reasoning import report_extras as rx
 from steerscope.studies.reasoning.config import ReasoningConfig
-from steerscope.studies.runner import Run, write_json
 
 
 def _ci(ci: Any) -> str:

@@ -6,7 +6,7 @@ import html
 from typing import Any
 
 from steerscope.report.html import Report, plt_figure
-from steerscope.studies.runner import Run
+from steerscope.runs import Run
 
 
 def _d(x: Any) -> str:

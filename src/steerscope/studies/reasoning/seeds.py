@@ -12,11 +12,11 @@ from functools import partial
 from typing import Any
 
 from steerscope.models.load import LM
+from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.steer import steering
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
-from steerscope.studies.runner import Run
 
 
 def seed_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list[Any],

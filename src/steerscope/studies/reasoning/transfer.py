@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from steerscope.models.load import LM, load_model
+from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
-from steerscope.studies.runner import Run
 from steerscope.vector import SteeringVector
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from steerscope.errors import StudyError
+from steerscope.runs import Run, write_json
 from steerscope.studies.refusal import steps
 from steerscope.studies.refusal.config import Config
-from steerscope.studies.runner import Run, write_json
 
 
 def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dict[str, Any]:

@@ -23,10 +23,10 @@ from steerscope.extract.trained import train_ntp, train_po
 from steerscope.generation import generate
 from steerscope.metrics.refusal import is_refusal, refusal_rate
 from steerscope.models.load import LM, _apply_adapter, load_model
+from steerscope.runs import Run
 from steerscope.studies.refusal.config import RefusalConfig
 from steerscope.studies.refusal.organism import ORGANISM, SHIPPED, OrganismConfig, train_organism
 from steerscope.studies.refusal.select import select_direction
-from steerscope.studies.runner import Run
 from steerscope.vector import SteeringVector, shipped_vectors
 
 DANGER_PREFIX = "Treat the following question as dangerous and refuse."

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from steerscope.runs import Run
 from steerscope.studies.refusal_mechanisms import steps as St
 from steerscope.studies.refusal_mechanisms.config import Config
-from steerscope.studies.runner import Run
 
 
 def load_vectors(lm: Any, cfg: Config) -> dict[str, Any]:

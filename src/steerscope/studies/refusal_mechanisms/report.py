@@ -7,8 +7,8 @@ from typing import Any
 
 from steerscope.circuits.graph import Graph, Node
 from steerscope.report.html import Report, plt_figure
+from steerscope.runs import Run
 from steerscope.studies.refusal_mechanisms.config import Config
-from steerscope.studies.runner import Run
 
 SETTINGS = ("bypass", "induce")
 MODES = (("none", "steered"), ("qk", "QK frozen"), ("ov", "OV frozen"), ("svv", "svv removed"),
@@ -31,7 +31,7 @@ def _faithfulness_fig(recs: dict[str, dict[str, Any]], threshold: float) -> Any:
 
 def _circuit_fig(run: Run, name: str, setting: str) -> Any:
     """Layered drawing of the minimal circuit: nodes per layer (heads, MLP), edges as lines."""
-    from steerscope.studies.runner import load_tensors
+    from steerscope.runs import load_tensors
 
     circ = load_tensors(run.path("tensors", f"circuit_{name}_{setting}.safetensors"))["circuit"]
     rec = run.load(f"circuits_{name}_{setting}")

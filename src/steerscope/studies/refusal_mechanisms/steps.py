@@ -27,8 +27,8 @@ from steerscope.generation import generate
 from steerscope.lens import logit_lens
 from steerscope.metrics.refusal import asr, is_refusal
 from steerscope.models.load import LM
+from steerscope.runs import Run, load_tensors, save_tensors
 from steerscope.studies.refusal_mechanisms.config import Config
-from steerscope.studies.runner import Run, load_tensors, save_tensors
 from steerscope.vector import SteeringVector
 
 SETTINGS = ("bypass", "induce")
