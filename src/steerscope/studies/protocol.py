@@ -161,3 +161,21 @@ class StudyConfig:
         if cls.cli_defaults_none:
             vals = {k: v for k, v in vals.items() if v is not None}
         return cls(**vals)
+
+
+def lazy_entry_points(package: str) -> typing.Callable[[str], Any]:
+    """A module ``__getattr__`` for a study package: ``run`` and ``write_report`` come from its
+    ``pipeline`` module on first use, so importing the package (for ``Config``) stays cheap.
+
+    Example:
+        >>> __getattr__ = lazy_entry_points(__name__)   # in studies/<name>/__init__.py
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name in ("run", "write_report"):
+            import importlib
+
+            return getattr(importlib.import_module(f"{package}.pipeline"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -6,16 +6,8 @@ and ``write_report(out)``; ``run`` and ``write_report`` are imported on first us
 
 from __future__ import annotations
 
-from typing import Any
-
 from steerscope.studies.identifiability.config import Config
+from steerscope.studies.protocol import lazy_entry_points
 
 __all__ = ["Config", "run", "write_report"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("run", "write_report"):
-        from steerscope.studies.identifiability import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_entry_points(__name__)
