@@ -50,7 +50,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        """Small sizes for a card in about two minutes on two CPU cores."""
+        """Small sizes for a quick card (target: about two minutes on two idle CPU cores; timings in docs/explain.md)."""
         return cls(n_tokens=12, ig_steps=3, dose_factors=(0.5, 1.0, 2.0), dose_scales=(0.25, 0.5, 1.0),
                    n_neutral=8, circuit_fracs=(0.01, 0.05, 0.2), bisect_steps=0, sparsities=(0.5, 0.9, 0.99),
                    bisect_sparsity=2, perp_seeds=(0, 1), n_boot=300, n_cov_prompts=16, gen_tokens=12)
