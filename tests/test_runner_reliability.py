@@ -157,3 +157,19 @@ def test_records_are_strict_json_and_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(StudyError, match="is a file"):
         Run(tmp_path / "f", config={"a": 1})
+
+
+def test_a_resumed_record_equals_the_computed_one_with_nan_and_inf(tmp_path):
+    # The file is strict JSON (NaN/inf stored as null), yet a resumed study must read what the first
+    # run computed: a report that formats a NaN broke on resume when it read None instead.
+    rec = {"auc": float("nan"), "rows": [{"p": float("inf")}, {"p": 0.5}], "m": {"q": float("-inf")}, "ci": None}
+    with Run(tmp_path / "r") as run:
+        first = run.step("s", lambda: rec)
+    text = (tmp_path / "r" / "steps" / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text)  # strict
+    with Run(tmp_path / "r") as run:
+        again = run.step("s", lambda: pytest.fail("a valid record must not be recomputed"))
+    assert again["auc"] != again["auc"] and first["auc"] != first["auc"]
+    assert again["rows"][0]["p"] == float("inf") and again["rows"][1]["p"] == 0.5
+    assert again["m"]["q"] == float("-inf") and again["ci"] is None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -40,7 +41,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are not protected
     fcntl = None  # type: ignore[assignment]
 
-_META = ("_checksum", "_config", "_files", "_relpaths")
+_META = ("_checksum", "_config", "_files", "_relpaths", "_nonfinite")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -63,6 +64,19 @@ def _checksum(rec: dict[str, Any]) -> str:
     body = {k: v for k, v in rec.items() if k != "_checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()[:16]
 
+
+
+def _nonfinite_paths(node: Any, keys: list[Any], out: list[list[Any]]) -> None:
+    """Collect ``[*keys, "nan" | "inf" | "-inf"]`` for every non-finite float in ``node``, so that a
+    record read back equals the one computed (the JSON itself stores them as null)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        out.append([*keys, str(node)])
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            _nonfinite_paths(v, [*keys, str(k)], out)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _nonfinite_paths(v, [*keys, i], out)
 
 def warn(msg: str) -> None:
     """Report a recovered problem in one line on stderr."""
@@ -216,6 +230,15 @@ class Run:
                 node[keys[-1]] = str(self.folder / node[keys[-1]])
             except (KeyError, IndexError, TypeError):
                 continue
+        for *keys, value in rec.get("_nonfinite") or []:  # NaN/inf are stored as null (strict JSON)
+            node = out
+            try:
+                for k in keys[:-1]:
+                    node = node[k]
+                if node[keys[-1]] is None:
+                    node[keys[-1]] = float(value)
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue
         return out
 
     def done(self, name: str) -> bool:
@@ -251,6 +274,8 @@ class Run:
 
     def _stored(self, res: dict[str, Any], made: set[Path]) -> dict[str, Any]:
         """The on-disk form: relative paths, artefact hashes, config hash, checksum."""
+        nonfinite: list[list[Any]] = []
+        _nonfinite_paths(res, [], nonfinite)
         raw = json.loads(dumps(res))
         strings = {str(p): p for p in made} | {str(p.resolve()): p for p in made}
         rels: list[list[Any]] = []
@@ -267,7 +292,7 @@ class Run:
 
         rec: dict[str, Any] = walk(raw, [])
         files = {str(p.relative_to(self.folder)): _sha256(p) for p in sorted(made) if p.exists()}
-        rec.update({"_files": files, "_relpaths": rels, "_config": self._config_hash})
+        rec.update({"_files": files, "_relpaths": rels, "_nonfinite": nonfinite, "_config": self._config_hash})
         rec["_checksum"] = _checksum(rec)
         return rec
 
