@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import steerscope as ss
 from conftest import make_tiny
 from steerscope.cli import main
+from steerscope.control_vectors import write_control_vector
 from steerscope.errors import SteerscopeError, VectorError
 from steerscope.runs import Run
 
@@ -46,17 +47,8 @@ def _raw(path: Path, tensors: dict, meta: str | None) -> Path:
     return path
 
 
-def _gguf(path: Path, tensors: dict[str, np.ndarray]) -> Path:
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "controlvector")
-    for name, arr in tensors.items():
-        w.add_tensor(name, arr.astype("float32"))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+def _gguf(path, tensors: dict[str, np.ndarray]) -> Path:
+    return write_control_vector(path, tensors)
 
 
 ONE = {"layer.1": torch.ones(64)}

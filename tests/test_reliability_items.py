@@ -14,6 +14,7 @@ import torch
 import steerscope as ss
 from conftest import make_tiny
 from steerscope.cli import main
+from steerscope.control_vectors import write_control_vector
 from steerscope.errors import DataError, SteerscopeError, VectorError
 
 
@@ -118,15 +119,7 @@ def test_identical_contrast_sets_warn_of_a_zero_vector(tiny):
 
 # -- 9: smaller edges -------------------------------------------------------------------------
 def _write_gguf(path, tensors: dict[str, np.ndarray]) -> None:
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "controlvector")
-    for name, arr in tensors.items():
-        w.add_tensor(name, arr.astype("float32"))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_control_vector(path, tensors)
 
 
 def test_a_2d_gguf_direction_and_float_layer_keys_are_refused(tmp_path):

@@ -8,6 +8,7 @@ refused at export. Checked against llama.cpp itself by ``benchmarks/check_llamac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
@@ -29,8 +30,6 @@ def export_gguf(vec: SteeringVector, path: str | Path, model_hint: str | None = 
     Example:
         >>> export_gguf(vec.select([12]), "cv.gguf")
     """
-    import gguf
-
     shift = {"resid_pre": -1, "resid_post": 0}.get(vec.site)
     if shift is None:
         raise VectorError(f"only resid_pre / resid_post vectors map onto llama.cpp control vectors, not {vec.site}")
@@ -41,12 +40,26 @@ def export_gguf(vec: SteeringVector, path: str | Path, model_hint: str | None = 
             f"{vec.site} layer {vec.layers[0]} maps to llama.cpp's direction.0, which llama.cpp rejects "
             "(it then drops the whole file and generates unsteered); select other layers, e.g. "
             f"vec.select({[k for k in vec.layers if k + shift > 0]})")
+    tensors = {f"direction.{k + shift}": v.numpy() for k, v in vec.directions.items()}
+    return write_control_vector(path, tensors, model_hint or vec.provenance.model or "unknown")
+
+
+def write_control_vector(path: str | Path, tensors: Mapping[str, Any], model_hint: str | None = None) -> Path:
+    """Write named float32 tensors as a llama.cpp control-vector GGUF, without checking them
+    (``export_gguf`` checks; tests use this to write malformed files).
+
+    Example:
+        >>> write_control_vector("cv.gguf", {"direction.11": np.zeros(576)}, "smollm2")
+    """
+    import gguf
+
     path = Path(path)
     w = gguf.GGUFWriter(str(path), "controlvector")
-    w.add_string("controlvector.model_hint", model_hint or vec.provenance.model or "unknown")
-    w.add_uint32("controlvector.layer_count", len(vec.directions))
-    for k, v in vec.directions.items():
-        w.add_tensor(f"direction.{k + shift}", v.numpy().astype("float32"))
+    if model_hint is not None:
+        w.add_string("controlvector.model_hint", model_hint)
+        w.add_uint32("controlvector.layer_count", len(tensors))
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr.astype("float32"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
