@@ -19,7 +19,7 @@ from steerscope import circuits as C
 from steerscope import ov
 from steerscope.circuits import Node, Receiver
 from steerscope.circuits._suffix import logit_diff, prefix
-from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, smol_tokenizer, tiny_vector  # noqa: F401
+from test_refusal_mechanisms_fixtures import PROMPTS, autograd_resid_grad, one_thread, smol_tokenizer, tiny_vector  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = ["gemma2", "gemma3_text"]
@@ -81,14 +81,7 @@ def test_logit_diff_equals_the_metric_from_the_soft_capped_logits(setup) -> None
 def test_receiver_gradients_sum_to_the_autograd_total(setup) -> None:
     lm, v, pb, att = setup
     gr, m = C.receiver_grads(lm, pb, v, 0.5, att.graph)
-    store = {}
-
-    def leaf(x, _c):
-        store["x"] = x.detach().requires_grad_(True)
-        return store["x"]
-    with ss.steering(lm, v, 0.5), ss.attached(lm, {"blocks.1.resid_pre": leaf}):
-        m2 = C.metric(C.forward(lm, pb), pb)
-    (g,) = torch.autograd.grad(m2.sum(), store["x"])
+    m2, g = autograd_resid_grad(lm, pb, v, 0.5, layer=1)
     assert torch.allclose(m, m2.detach(), atol=1e-4)
     assert torch.allclose(gr.sum(2), g, atol=1e-5 * g.abs().max().item() + 1e-7)
 

@@ -47,3 +47,20 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def autograd_resid_grad(lm, pb, vector, alpha: float, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steered metric [batch] and its autograd gradient w.r.t. the stream entering ``layer``
+    [batch pos d_model]: the independent reference for receiver-gradient sums."""
+    from steerscope import circuits as C
+
+    store = {}
+
+    def leaf(x, _c):
+        store["x"] = x.detach().requires_grad_(True)
+        return store["x"]
+
+    with ss.steering(lm, vector, alpha), ss.attached(lm, {f"blocks.{layer}.resid_pre": leaf}):
+        m = C.metric(C.forward(lm, pb), pb)
+    (g,) = torch.autograd.grad(m.sum(), store["x"])
+    return m, g
