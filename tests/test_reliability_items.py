@@ -228,7 +228,8 @@ def test_llama_cpp_agrees_with_the_hf_path():
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "check_llamacpp.py"
     py = os.environ.get("STEERSCOPE_LLAMACPP") or sys.executable
-    res = subprocess.run([py, str(script), "--json", "--quick"], capture_output=True, text=True, timeout=900,
+    res = subprocess.run([sys.executable, str(script), "--json", "--quick", "--llama-python", py],
+                         capture_output=True, text=True, timeout=900,
                          env={**os.environ, "PYTHONPATH": str(Path(ss.__file__).resolve().parents[1])})
     assert res.returncode == 0, res.stderr[-2000:]
     rep = json.loads(res.stdout.strip().splitlines()[-1])

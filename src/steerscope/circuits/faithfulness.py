@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,34 +41,52 @@ from steerscope.steer import steering
 from steerscope.vector import SteeringVector
 
 
-@dataclass
 class _Live:
-    """Node writes of the run in progress, in graph order, and each normed sublayer's (rows, P, A)."""
+    """Node writes of the run in progress, in graph order, and each normed sublayer's (rows, P, A).
 
-    corr: torch.Tensor  # [batch pos U d_model]
-    drop: torch.Tensor  # [U V] 1 where an edge is dropped
-    writes: list[torch.Tensor]  # chunks [batch pos n d_model]
-    sums: list[tuple[list[int], torch.nn.Module, torch.Tensor]] = field(default_factory=list)
+    Each node's change delta_u = u_run - u_corrupt is stored once, when u writes, in a U-major
+    buffer [U batch pos d_model], so a receiver's removed change is one matrix product over the
+    senders so far (no copy of the writes per receiver).
+    """
+
+    def __init__(self, corr: torch.Tensor, drop: torch.Tensor, first: torch.Tensor) -> None:
+        self.corr = corr  # [batch pos U d_model]
+        self.drop = drop  # [U V] 1 where an edge is dropped
+        b, p, u, d = corr.shape
+        self.delta = torch.empty(u, b, p, d, dtype=corr.dtype, device=corr.device)
+        self.n = 0  # nodes written so far
+        self.normed: list[int] = []
+        self.sums: list[tuple[list[int], torch.nn.Module, torch.Tensor]] = []
+        self.add(first)
 
     def add(self, chunk: torch.Tensor, norm: torch.nn.Module | None = None, total: torch.Tensor | None = None) -> None:
-        start = sum(w.shape[2] for w in self.writes)
-        self.writes.append(chunk)
+        """Record ``chunk`` [batch pos n d_model], the writes of the next n nodes."""
+        start, k = self.n, chunk.shape[2]
+        self.delta[start:start + k] = (chunk - self.corr[:, :, start:start + k]).permute(2, 0, 1, 3)
+        self.n += k
         if norm is not None and total is not None:
-            self.sums.append((list(range(start, start + chunk.shape[2])), norm, total))
+            rows = list(range(start, start + k))
+            self.sums.append((rows, norm, total))
+            self.normed.extend(rows)
+
+    def _apply(self, rows: torch.Tensor | slice, weights: torch.Tensor) -> torch.Tensor:
+        """sum_u weights[u, v] delta_u over ``rows``: [batch pos v d_model]."""
+        delta = self.delta[rows]
+        b, p, d = delta.shape[1:]
+        out = weights.t().to(delta.dtype) @ delta.reshape(delta.shape[0], -1)
+        return out.view(-1, b, p, d).permute(1, 2, 0, 3)
 
     def removed(self, cols: list[int]) -> torch.Tensor:
         """[batch pos n d_model]: what the dropped edges into receivers ``cols`` take from the stream."""
-        cur = torch.cat(self.writes, 2)
-        u = cur.shape[2]
-        delta = cur - self.corr[:, :, :u]
+        u = self.n
         drop = self.drop[:u, cols]
-        normed = [r for rows, _n, _a in self.sums for r in rows]
-        plain = torch.ones(u, 1, dtype=drop.dtype, device=drop.device)
-        plain[normed] = 0
-        out = torch.einsum("bpud,uv->bpvd", delta, drop * plain)
+        if self.normed:
+            drop = drop.clone()
+            drop[self.normed] = 0
+        out = self._apply(slice(0, u), drop)
         for rows, norm, total in self.sums:
-            d = torch.einsum("bpud,uv->bpvd", delta[:, :, rows], drop[rows])
-            if drop[rows].any():
+            if self.drop[rows][:, cols].any():
+                d = self._apply(torch.tensor(rows, device=self.drop.device), self.drop[rows][:, cols])
                 out = out + normed_change(norm, total, d)
         return out
 
@@ -142,7 +160,7 @@ def patched_metric(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
     layer0, s = vector.single_layer(purpose="attribution")
     corr = node_values(lm, pb, vector, 0.0) if corrupt is None else corrupt
     b, p = pb.ids.shape
-    live = _Live(corr, (graph.valid & ~keep.bool()).to(lm.dtype), [(alpha * s).to(lm.dtype).expand(b, p, 1, -1)])
+    live = _Live(corr, (graph.valid & ~keep.bool()).to(lm.dtype), (alpha * s).to(lm.dtype).expand(b, p, 1, -1))
     xs: dict[str, torch.Tensor] = {}
     lcols = graph.receiver_columns(graph.n_layers, "logits")
 
