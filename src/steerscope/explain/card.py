@@ -17,16 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from steerscope.errors import SteerscopeError, VectorError
+import torch
+
+from steerscope.errors import DataError, SteerscopeError, VectorError
 from steerscope.explain import attribution, circuit, dose, frozen, identifiability, lens, sparsity, vector_info
 from steerscope.explain.behaviour import Behaviour, build
 from steerscope.explain.context import Context, MemoryRun, ScoreFn, Settings
 from steerscope.explain.scorers import resolve_scorer
 from steerscope.explain.verdict import verdict
+from steerscope.generation import context_length
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.runs import Run, write_json
-from steerscope.vector import SteeringVector
+from steerscope.vector import SteeringVector, check_finite
 
 KEYS = ("vector", "dose", "lens", "attribution", "frozen", "circuit", "sparsity", "identifiability", "verdict",
         "unsupported")
@@ -108,6 +111,37 @@ def _digest(vector: SteeringVector, prompts: Sequence[str]) -> tuple[str, str]:
     return h.hexdigest()[:16], hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
+def check_inputs(vector: SteeringVector, alpha: float | None = None, layer: int | None = None) -> None:
+    """Refuse, before any model work, what no card can be made of: a vector at another site than
+    resid_pre, a ``layer`` it lacks, a zero direction, or an alpha that is zero, NaN/inf, or whose
+    product with the vector's norm overflows float32 (:class:`VectorError`)."""
+    if vector.site != "resid_pre":
+        raise VectorError(f"explain analyses resid_pre vectors, not {vector.site}; a resid_post vector of layer l "
+                          "is the resid_pre vector of layer l+1 (SteeringVector({l + 1: v}))")
+    if layer is not None and layer not in vector.layers:
+        raise VectorError(f"layer {layer} is not in the vector; it has layers {vector.layers}")
+    norms = [n for k, n in vector.norms().items() if layer is None or k == layer]
+    if max(norms) == 0:
+        raise VectorError(f"the vector is zero at {'layer ' + str(layer) if layer is not None else 'every layer'}; "
+                          "there is no steering to explain")
+    if alpha is not None:
+        check_finite(alpha, "alpha")
+        if alpha == 0:
+            raise VectorError("alpha 0 does not steer; give a non-zero alpha, or none to take it from the dose range")
+        if abs(alpha) * max(norms) > torch.finfo(torch.float32).max:
+            raise VectorError(f"alpha {alpha:g} times the vector's norm {max(norms):.3g} overflows float32; "
+                              "use a smaller alpha")
+
+
+def _check_context(lm: LM, prompts: Sequence[str], n_new: int) -> None:
+    """:class:`DataError` when the longest prompt plus the card's ``n_new`` response tokens exceed the context."""
+    n_ctx = context_length(lm)
+    n = int(lm.tokenize([lm.format_chat(p) for p in prompts])["input_ids"].shape[1])
+    if n_ctx is not None and n + n_new > n_ctx:
+        raise DataError(f"a prompt of {n} tokens plus the card's {n_new} response tokens exceeds {lm.name}'s "
+                        f"context of {n_ctx} positions; shorten the prompts")
+
+
 def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None, alpha: float | None = None,
             scorer: str | ScoreFn | None = None, quick: bool = False, out: str | Path | None = None,
             layer: int | None = None, settings: Settings | None = None, force: bool = False,
@@ -130,12 +164,11 @@ def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None
         >>> card = explain(lm, ss.SteeringVector.load("formality.safetensors"), alpha=6.0, quick=True)
         >>> card.frozen["ov"]["effect_retained"]
     """
-    if vector.site != "resid_pre":
-        raise VectorError(f"explain analyses resid_pre vectors, not {vector.site}; a resid_post vector of layer l "
-                          "is the resid_pre vector of layer l+1 (SteeringVector({l + 1: v}))")
+    check_inputs(vector, alpha, layer)
     vector.check_compatible(lm)
     st = settings or (Settings.quick() if quick else Settings())
     prompts = list(prompts) if prompts else dose.neutral_prompts(8 if quick else 16)
+    _check_context(lm, prompts, max(st.n_tokens, st.gen_tokens))
     fn, scorer_info = resolve_scorer(scorer)
     vsha, psha = _digest(vector, prompts)
     config = {"model": lm.name, "vector": vsha, "prompts": psha, "alpha": alpha, "layer": layer,
