@@ -6,7 +6,11 @@ SmolLM2-135M fp32 on CPU, a norm-8 vector at layer 12 (alpha 1). The vLLM config
 interleaved ``--repeats`` times in one engine; each ratio is computed within a round and the
 median over rounds reported, with the load average (``uptime``) taken before each timing. Peers run
 in their own venvs: ``--nnsight-python`` (a venv with nnsight 0.8) and ``--llama-python`` (with
-llama-cpp-python); a missing peer is reported as missing.
+llama-cpp-python, default ``$STEERSCOPE_LLAMACPP``); a missing peer is reported as missing. llama.cpp
+runs an F32 GGUF of the same weights (``--gguf-model``, else made by llama.cpp's
+``convert_hf_to_gguf.py``, ``--convert-script``) on the same prompt token ids, one sequence at a
+time (llama-cpp-python has no batched generate), with the vector as a control vector
+(``llama_set_adapter_cvec``, the buffer ``--control-vector-scaled`` builds).
 
 Run:
     STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm.py --json > bench_vllm.json
@@ -36,7 +40,7 @@ PROMPTS = [f"Write a short paragraph about {t}." for t in TOPICS]
 NNSIGHT = r'''
 import json, sys, time, torch
 from nnsight import LanguageModel
-cfg = json.loads(sys.argv[1]); torch.set_num_threads(cfg["threads"])
+cfg = json.loads(open(sys.argv[1]).read()); torch.set_num_threads(cfg["threads"])
 model = LanguageModel(cfg["folder"], dispatch=True, dtype=torch.float32)
 tok = model.tokenizer; tok.padding_side = "left"
 vec = torch.tensor(cfg["vec"])
@@ -54,6 +58,61 @@ for steer in (False, True):  # module level: nnsight binds saved values in this 
 (tu, iu), (ts, is_) = res[False], res[True]
 print(json.dumps({"unsteered": tu, "steered": ts, "rows_changed_by_steering": sum(a != b for a, b in zip(iu, is_))}))
 '''
+
+LLAMA = r'''
+import ctypes, json, sys, time
+import numpy as np
+import llama_cpp as L
+cfg = json.loads(open(sys.argv[1]).read())
+L.llama_backend_init()
+model = L.llama_model_load_from_file(cfg["model"].encode(), L.llama_model_default_params())
+n_embd, n_layer = L.llama_model_n_embd(model), L.llama_model_n_layer(model)
+n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+buf = np.asarray(cfg["cvec"], dtype=np.float32)
+set_cvec = getattr(L, "llama_set_adapter_cvec", None) or L.llama_apply_adapter_cvec
+cp = L.llama_context_default_params()
+cp.n_ctx, cp.n_batch, cp.n_threads, cp.n_threads_batch = 512, 512, cfg["threads"], cfg["threads"]
+ctx = L.llama_init_from_model(model, cp)
+def generate(ids, n):
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    toks = (L.llama_token * len(ids))(*ids)
+    assert L.llama_decode(ctx, L.llama_batch_get_one(toks, len(ids))) == 0
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))))
+        out.append(t)
+        assert L.llama_decode(ctx, L.llama_batch_get_one((L.llama_token * 1)(t), 1)) == 0
+    return out
+res = {}
+generate(cfg["ids"][0], 4)  # warm-up
+for steer in (False, True):
+    if steer:
+        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        assert set_cvec(ctx, ptr, buf.size, n_embd, 1, n_layer) == 0
+    t = time.perf_counter()
+    rows = [generate(ids, cfg["n"]) for ids in cfg["ids"]]
+    res[steer] = (time.perf_counter() - t, rows)
+(tu, iu), (ts, is_) = res[False], res[True]
+print(json.dumps({"unsteered": tu, "steered": ts, "rows_changed_by_steering": sum(a != b for a, b in zip(iu, is_)),
+                  "threads": cfg["threads"]}))
+'''
+
+
+def llama_cfg(lm: ss.LM, texts: list[str], vec: ss.SteeringVector, a: argparse.Namespace) -> dict:
+    """The llama.cpp peer's job: F32 GGUF, prompt ids, the control-vector buffer of ``vec`` at alpha 1."""
+    from check_llamacpp import cvec_buffer
+
+    from steerscope.models.load import ALIASES, _gguf_to_folder
+
+    gguf_model = Path(a.gguf_model or Path(tempfile.gettempdir()) / "steerscope-smollm2-135m-f32.gguf")
+    if not gguf_model.is_file():
+        folder = _gguf_to_folder(ALIASES["smollm2-135m"].gguf())
+        subprocess.run([sys.executable, a.convert_script, str(folder), "--outtype", "f32", "--outfile",
+                        str(gguf_model)], check=True, capture_output=True)
+    with tempfile.TemporaryDirectory() as d:
+        buf = cvec_buffer(vec.export_gguf(Path(d) / "cv.gguf"), lm.d_model, 1.0)
+    ids = [lm.tokenize([t])["input_ids"][0].tolist() for t in texts]
+    return {"model": str(gguf_model), "ids": ids, "cvec": buf, "n": a.new_tokens, "threads": torch.get_num_threads()}
 
 
 def load() -> float:
@@ -92,12 +151,15 @@ def vllm_rounds(lm: ss.LM, texts: list[str], vec: ss.SteeringVector, n: int, rep
 
 
 def peer(python: str | None, script: str, cfg: dict) -> dict | str:
+    """Run a peer's script under its own Python; the job travels as a JSON file (argv[1])."""
     if not python or not Path(python).is_file():
         return "not available (no venv given or found)"
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(script)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as j:
+        json.dump(cfg, j)
     t = time.time()
-    res = subprocess.run([python, f.name, json.dumps(cfg)], capture_output=True, text=True, timeout=3600)
+    res = subprocess.run([python, f.name, j.name], capture_output=True, text=True, timeout=3600)
     if res.returncode != 0:
         return "failed: " + res.stderr.strip().splitlines()[-1][:300] if res.stderr.strip() else "failed"
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -110,6 +172,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--nnsight-python", default="/tmp/venv-nnsight/bin/python")
+    ap.add_argument("--llama-python", default=os.environ.get("STEERSCOPE_LLAMACPP"))
+    ap.add_argument("--gguf-model", default=os.environ.get("STEERSCOPE_F32_GGUF"))
+    ap.add_argument("--convert-script", default=os.environ.get("LLAMACPP_CONVERT", "convert_hf_to_gguf.py"))
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -137,7 +202,13 @@ def main() -> None:
     res["nnsight"] = peer(a.nnsight_python, NNSIGHT, {"folder": str(bv.export_folder(lm)), "texts": texts, "n": n,
                                                       "layer": 12, "vec": vec[12].tolist(),
                                                       "threads": torch.get_num_threads()})
-    res["llama_cpp"] = "not run: no llama-cpp-python build was available on this machine during this run"
+    res["load_llama_cpp"] = load()
+    res["llama_cpp"] = (peer(a.llama_python, LLAMA, llama_cfg(lm, texts, vec, a)) if a.llama_python
+                        else "not available (no --llama-python / STEERSCOPE_LLAMACPP)")
+    if isinstance(res["llama_cpp"], dict):
+        lc = res["llama_cpp"]
+        lc["tok_s_unsteered"], lc["tok_s_steered"] = tok / lc["unsteered"], tok / lc["steered"]
+        lc["steer_overhead_pct"] = 100 * (lc["steered"] / lc["unsteered"] - 1)
     res["load_end"] = load()
     print(json.dumps(res, indent=None if a.json else 2))
 

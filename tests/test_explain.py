@@ -104,6 +104,22 @@ def test_dose_kl_equals_a_direct_softmax_computation(lm, vec) -> None:
     assert float(kls[2.0].mean()) > float(kls[0.5].mean()) > 0
 
 
+def test_dose_grid_extends_down_until_an_alpha_fits_the_kl_budget(lm, vec) -> None:
+    prompts = dose.neutral_prompts(3)
+    big = [64.0, 128.0]
+    kls = dose.neutral_kl(lm, prompts, vec, big, batch_size=2)
+    q = {a: float(torch.quantile(k, 0.95)) for a, k in kls.items()}
+    budget = 0.5 * min(q.values())  # nothing in the grid fits
+    st = Settings(kl_budget=budget, batch_size=2)
+    alphas = dose.extend_down(lm, prompts, vec, list(big), kls, st, max_halvings=8)
+    added = [a for a in alphas if a not in big]
+    assert len(added) == 1 and abs(added[0]) < 64.0 and alphas[0] == added[0]
+    direct = dose.neutral_kl(lm, prompts, vec, [added[0]], batch_size=2)[added[0]]  # recomputed independently
+    assert float(torch.quantile(direct, 0.95)) <= budget
+    assert float(torch.quantile(dose.neutral_kl(lm, prompts, vec, [2 * added[0]], 2)[2 * added[0]], 0.95)) > budget
+    assert dose.extend_down(lm, prompts, vec, list(big), kls, Settings(kl_budget=1e9)) == big  # fits: unchanged
+
+
 def test_dose_recommendation_rules() -> None:
     rec = dose.recommend([0.5, 1.0, 2.0, 4.0], [1.0, 3.0, 6.0, 8.0], [0.1, 0.4, 0.9, 2.0], budget=1.0)
     assert rec["alpha_half_effect"] == 2.0 and rec["alpha_kl_max"] == 2.0 and rec["range"] == [2.0, 2.0]

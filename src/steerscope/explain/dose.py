@@ -3,6 +3,8 @@
 Algorithm:
   1. Grid: alpha times ``dose_factors`` when alpha is given, else alphas with
      |alpha s| = f * (mean residual norm at the layer) for f in ``dose_scales``.
+     1b. If every grid alpha exceeds the KL budget, the smallest is halved (KL only) up to 4 times
+     until one fits; that alpha is added to the grid.
   2. Effect at each alpha: the behaviour metric's gap mean m_steer - mean m_base on that alpha's
      own steered greedy responses (:mod:`steerscope.explain.behaviour`); with a scorer, the
      scorer's mean on those responses minus its mean unsteered (used for the range when given).
@@ -54,6 +56,23 @@ def neutral_kl(lm: LM, prompts: Sequence[str], vector: SteeringVector, alphas: S
     return {a: torch.cat(v).cpu() for a, v in out.items()}
 
 
+def extend_down(lm: LM, neutral: Sequence[str], vector: SteeringVector, alphas: list[float],
+                kls: dict[float, torch.Tensor], st: Any, max_halvings: int = 4) -> list[float]:
+    """When every alpha of the grid exceeds the KL budget, halve the smallest |alpha| (KL only, no
+    generation) until one fits or ``max_halvings`` is reached; that alpha joins the grid (step 1b)."""
+    def q(a: float) -> float:
+        return float(torch.quantile(kls[a], st.kl_quantile))
+    if any(q(a) <= st.kl_budget for a in alphas):
+        return alphas
+    a = min(alphas, key=abs)
+    for _ in range(max_halvings):
+        a = a / 2
+        kls.update(neutral_kl(lm, neutral, vector, [a], st.batch_size))
+        if q(a) <= st.kl_budget:
+            break
+    return sorted([a, *alphas], key=abs)
+
+
 def grid(ctx: Context, alpha: float | None, rel_norm: float) -> list[float]:
     """The alphas to try (see the module docstring, step 1)."""
     st = ctx.settings
@@ -80,7 +99,9 @@ def section(ctx: Context, alpha: float | None, rel_norm: float) -> dict[str, Any
     """The ``dose`` record (and ``chosen_alpha``: the given alpha, else the range's upper end)."""
     st, lm = ctx.settings, ctx.lm
     alphas = grid(ctx, alpha, rel_norm)
-    kls = neutral_kl(lm, neutral_prompts(st.n_neutral), ctx.vector, alphas, st.batch_size)
+    neutral = neutral_prompts(st.n_neutral)
+    kls = neutral_kl(lm, neutral, ctx.vector, alphas, st.batch_size)
+    alphas = extend_down(lm, neutral, ctx.vector, alphas, kls, st)
     gaps, scores, changed = [], [], []
     base_score = float(np.mean(ctx.scorer(_base_texts(ctx)))) if ctx.scorer else None
     for a in progress(alphas, desc="dose", enabled=ctx.show_progress):
