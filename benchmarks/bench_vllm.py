@@ -101,7 +101,6 @@ print(json.dumps({"unsteered": tu, "steered": ts, "rows_changed_by_steering": su
 def llama_cfg(lm: ss.LM, texts: list[str], vec: ss.SteeringVector, a: argparse.Namespace) -> dict:
     """The llama.cpp peer's job: F32 GGUF, prompt ids, the control-vector buffer of ``vec`` at alpha 1."""
     from check_llamacpp import cvec_buffer
-
     from steerscope.models.load import ALIASES, _gguf_to_folder
 
     gguf_model = Path(a.gguf_model or Path(tempfile.gettempdir()) / "steerscope-smollm2-135m-f32.gguf")

@@ -146,7 +146,9 @@ class Engine:
     def register(self, vector: SteeringVector) -> str:
         """Send a vector to the workers (once per content); returns its engine-side name."""
         if vector.site != "resid_pre":
-            raise BackendError(f"the vLLM backend steers resid_pre only; this vector is at {vector.site!r}")
+            raise BackendError(f"the vLLM backend steers resid_pre (and mlp_out / resid_post below the last layer, "
+                               f"moved up one layer); this vector is at {vector.site!r} of layers {vector.layers}: "
+                               "use backend='hf'")
         h = hashlib.sha256()
         for k in vector.layers:
             h.update(str(k).encode())
@@ -238,13 +240,70 @@ def prompt_ids(lm: LM, texts: Sequence[str], templated: bool) -> list[list[int]]
     return [list(lm.tokenizer(t, add_special_tokens=add_special)["input_ids"]) for t in texts]
 
 
-def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | None, alpha: float, max_new_tokens: int,
-             positions: str, do_sample: bool, temperature: float, seed: int | None, templated: bool) -> list[str]:
-    """What :func:`steerscope.generate` does with ``backend="vllm"`` (texts already templated)."""
-    if vector is not None:
-        vector.check_compatible(lm)
+def as_resid_pre(vector: SteeringVector, n_layers: int) -> SteeringVector | None:
+    """The same additive steering at ``resid_pre``, the one site the engine steers; None if there is none.
+
+    What block l's MLP writes (``mlp_out``) is added to the residual stream leaving block l
+    (``resid_post`` l), which is the stream entering block l + 1 (``resid_pre`` l + 1); so adding s at
+    either of the first two adds s at the third. A vector at another site, or with a layer whose
+    successor is past the last block, has no resid_pre form.
+
+    Args:
+        vector: a steering vector at any site.
+        n_layers: the model's number of blocks.
+
+    Returns:
+        ``vector`` itself at resid_pre; a copy one layer up for mlp_out / resid_post; else None.
+
+    Example:
+        >>> as_resid_pre(SteeringVector({28: s}, "mlp_out"), n_layers=30).layers
+        [29]
+    """
+    if vector.site == "resid_pre":
+        return vector
+    if vector.site not in ("mlp_out", "resid_post") or max(vector.layers) + 1 >= n_layers:
+        return None
+    return SteeringVector({k + 1: vector[k] for k in vector.layers}, "resid_pre", vector.provenance)
+
+
+def row_seeds(seed: int, n: int) -> list[int]:
+    """One sampling seed per request, derived from ``seed``: vLLM gives a seeded request its own generator,
+    so requests sharing one seed would share one random stream (HF draws all rows from one stream)."""
+    return [int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:7], "big") for i in range(n)]
+
+
+def row_specs(lm: LM, engine: Engine, vector: SteeringVector | Sequence[SteeringVector | None] | None,
+              alpha: float | Sequence[float], positions: str, n: int) -> list[dict[str, Any] | None]:
+    """Per-request steering specs: one vector and alpha for all ``n`` requests, or one of each per request."""
+    vecs = list(vector) if isinstance(vector, Sequence) else [vector] * n
+    alphas = [float(a) for a in alpha] if isinstance(alpha, Sequence) else [float(alpha)] * n
+    if len(vecs) != n or len(alphas) != n:
+        raise BackendError(f"{len(vecs)} vectors and {len(alphas)} alphas for {n} prompts; give one of each, "
+                           "or one per prompt")
+    made: dict[tuple[int, float], dict[str, Any] | None] = {}  # one spec per (vector object, alpha)
+    for v, a in zip(vecs, alphas):
+        if (id(v), a) not in made:
+            if v is not None:
+                v.check_compatible(lm)
+            up = None if v is None else as_resid_pre(v, lm.n_layers) or v  # unconvertible: register() says why
+            made[id(v), a] = spec(engine, up, a, positions)
+    return [made[id(v), a] for v, a in zip(vecs, alphas)]
+
+
+def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[SteeringVector | None] | None,
+             alpha: float | Sequence[float], max_new_tokens: int, positions: str, do_sample: bool,
+             temperature: float, seed: int | None, templated: bool) -> list[str]:
+    """What :func:`steerscope.generate` does with ``backend="vllm"`` (texts already templated).
+
+    ``vector`` and ``alpha`` may each be one per text (every request steered its own way, one engine
+    call). A vector at ``mlp_out`` / ``resid_post`` is steered at resid_pre one layer up
+    (:func:`as_resid_pre`). Sampled with a ``seed``, text i gets its own seed (:func:`row_seeds`).
+    """
     eng = engine_for(lm)
-    s = spec(eng, vector, alpha, positions)
+    specs = row_specs(lm, eng, vector, alpha, positions, len(texts))
     ids = prompt_ids(lm, texts, templated)
-    out, _ = eng.generate_ids(ids, [s] * len(ids), stop_params(lm, max_new_tokens, do_sample, temperature, seed))
+    params = stop_params(lm, max_new_tokens, do_sample, temperature, seed)
+    if do_sample and seed is not None:
+        params["seeds"] = row_seeds(seed, len(ids))
+    out, _ = eng.generate_ids(ids, specs, params)
     return [str(t) for t in lm.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -3,7 +3,8 @@
 Started by :mod:`steerscope.backends.vllm` as ``python steerscope_vllm_engine.py CONFIG_JSON``.
 Protocol: one JSON object per line on stdin, one JSON reply per line on the original stdout
 (vLLM's own logs go to stderr). Vectors travel as safetensors files named in ``register``.
-Ops: ``register {name, path}``, ``generate {prompts: [{ids, steer}], params}``, ``stats``, ``quit``.
+Ops: ``register {name, path}``, ``generate {prompts: [{ids, steer}], params}`` (``params.seeds``: one
+sampling seed per prompt, else ``params.seed`` for all), ``stats``, ``quit``.
 """
 
 from __future__ import annotations
@@ -70,15 +71,19 @@ def main() -> None:
 def _generate(llm: Any, req: dict[str, Any], known: set[str], parse_spec: Any, SamplingParams: Any,
               TokensPrompt: Any) -> dict[str, Any]:
     p = req["params"]
+    seeds = p.get("seeds")  # one per prompt (else p["seed"] for all of them)
+    if seeds is not None and len(seeds) != len(req["prompts"]):
+        raise ValueError(f"{len(seeds)} seeds for {len(req['prompts'])} prompts")
     prompts, sps = [], []
-    for item in req["prompts"]:
+    for i, item in enumerate(req["prompts"]):
         spec = item.get("steer")
         parse_spec(spec, known)  # ValueError before anything reaches the engine
         salt = _salt(spec)
         prompts.append(TokensPrompt(prompt_token_ids=item["ids"], **({"cache_salt": salt} if salt else {})))
+        seed = p.get("seed") if seeds is None else int(seeds[i])
         sps.append(SamplingParams(max_tokens=p["max_tokens"], temperature=p.get("temperature", 0.0),
                                   top_p=1.0, top_k=0,
-                                  seed=p.get("seed"), stop_token_ids=p.get("stop_token_ids") or None,
+                                  seed=seed, stop_token_ids=p.get("stop_token_ids") or None,
                                   ignore_eos=p.get("ignore_eos", False), skip_special_tokens=True,
                                   extra_args={"steerscope": spec} if spec else None))
     t0 = time.perf_counter()

@@ -34,6 +34,8 @@ class Config(StudyConfig):
         shift_alpha: alpha of the shift test and the k-subspace test; None = middle alpha.
         n_cov_prompts: prompts whose token activations form the covariance.
         n_jac_prompts: prompts whose logit Jacobians are computed (per layer).
+        backend: ``"hf"`` or ``"vllm"`` for the ``gen_*`` steps' sampled generations; not part of the
+            run's identity (a resumed run may switch), but vLLM samples with its own sampler.
 
     Example:
         >>> Config(traits=("formality",), alphas=(2.0, 4.0, 6.0)).probe_alpha
@@ -59,6 +61,8 @@ class Config(StudyConfig):
     n_cov_prompts: int = option(64, "prompts whose token activations form the covariance")
     n_jac_prompts: int = option(1, "prompts whose logit Jacobians are computed")
     seed: int = option(0, "random seed")
+    backend: str = option("hf", "engine for the sampled generations: hf or vllm (docs/vllm.md; vLLM's sampler, so "
+                                "not HF's samples)", choices=("hf", "vllm"))
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +86,13 @@ class Config(StudyConfig):
             raise StudyError("--max-new-tokens must be at least 1")
         if any(k < 1 or k > 200 for k in self.ks):
             raise StudyError("--ks must be between 1 and 200")
+
+    def identity(self) -> dict[str, Any]:
+        """What a run folder is checked against on resume: everything but ``backend`` (the engine; the
+        same distribution, sampled by vLLM's sampler instead of HF's)."""
+        d = self.to_dict()
+        d.pop("backend")
+        return d
 
     @property
     def probe_alpha(self) -> float:

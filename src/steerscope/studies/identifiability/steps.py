@@ -114,7 +114,7 @@ def generate_cell(lm: LM, cfg: Config, prompts: Sequence[str], v: torch.Tensor |
     """
     if v is None:
         texts = ss.generate(lm, prompts, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-                            temperature=cfg.temperature, seed=seed, batch_size=len(prompts))
+                            temperature=cfg.temperature, seed=seed, batch_size=len(prompts), backend=cfg.backend)
         return {"none@0": texts}
     p = v_perp(v, trait, seed)
     dirs = {"v": v, "v+v_perp": v + p, "v_perp": p}
@@ -127,7 +127,8 @@ def generate_cell(lm: LM, cfg: Config, prompts: Sequence[str], v: torch.Tensor |
                 vecs.append(as_vector(dirs[c], inject_layer))
                 alph.append(float(a))
     texts = ss.generate(lm, rows, vector=vecs, alpha=alph, max_new_tokens=cfg.max_new_tokens,  # type: ignore[arg-type]
-                        do_sample=True, temperature=cfg.temperature, seed=seed, batch_size=len(rows))
+                        do_sample=True, temperature=cfg.temperature, seed=seed, batch_size=len(rows),
+                        backend=cfg.backend)
     n = len(prompts)
     return {k: texts[i * n:(i + 1) * n] for i, k in enumerate(keys)}
 

@@ -16,7 +16,9 @@ class Config(StudyConfig):
 
     ``layers`` accepts ints (negative counts from the end) and ``"mid"``; each is trained as a
     single-layer vector. ``train_all`` adds one vector per layer trained jointly. On the command
-    line every option defaults to the ``--preset``'s value.
+    line every option defaults to the ``--preset``'s value. ``backend="vllm"`` runs the evaluation
+    generations that are unsteered or plainly steered (a vector at alpha 1) on a vLLM engine; gated
+    biases, the LoRA policy and vectors at ``mlp_out`` of the last layer are generated with HF.
 
     Example:
         >>> Config(layers=("mid", "-1")).resolve_layers(30)
@@ -54,6 +56,15 @@ class Config(StudyConfig):
     sae_samples: int = 1  # sampled completions per train prompt, steered and unsteered
     system: str | None = None
     seed: int = option(0, "random seed")
+    backend: str = option("hf", "engine for the evaluation generations: hf or vllm (docs/vllm.md); gated biases, "
+                                "LoRA and last-layer vectors stay on hf", choices=("hf", "vllm"))
+
+    def identity(self) -> dict[str, Any]:
+        """What a run folder is checked against on resume: everything but ``backend``, which changes
+        speed, not greedy numbers (vLLM's greedy tokens are HF's; its sampler is its own)."""
+        d = self.to_dict()
+        d.pop("backend")
+        return d
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

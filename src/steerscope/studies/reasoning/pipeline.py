@@ -19,7 +19,6 @@ from steerscope.errors import StudyError
 from steerscope.models.load import load_model
 from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
-from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import Config, ReasoningConfig
@@ -58,7 +57,7 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
             continue
         trained[name] = t
         vec = st.load_vector(run, name)
-        evals[name] = run.step(f"eval_{name}", partial(st.evaluate, lm, test, cfg, name, partial(steering, lm, vec, 1.0)))
+        evals[name] = run.step(f"eval_{name}", partial(st.evaluate, lm, test, cfg, name, vec))
     evals = {n: e for n, e in evals.items() if e is not None}
     vecs = {n: st.load_vector(run, n) for n in trained}
     res: dict[str, Any] = run_extras(run, lm, cfg, vecs, evals, test, device)  # SAE, seeds, transfer, gate

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -41,9 +40,10 @@ def generations(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> list[dict[
     texts = [lm.format_chat(p.prompt, cfg.system) for p in train]
     out = []
     for cond in ("base", "steered"):
-        ctx = nullcontext if cond == "base" else (lambda: steering(lm, vec, 1.0))
+        steer = None if cond == "base" else vec
         for r in range(cfg.sae_samples):
-            comps = st._generate(lm, texts, ctx, cfg.max_new_tokens, True, cfg.seed + 31337 * (r + 1) + (cond == "steered"))
+            seed = cfg.seed + 31337 * (r + 1) + (cond == "steered")
+            comps = st._generate(lm, texts, steer, cfg.max_new_tokens, True, seed, backend=cfg.backend)
             out += [{"prompt": i, "text": t, "completion": c if c else " ", "steered": cond == "steered",
                      "correct": int(is_correct(c, p.answer))} for i, (t, c, p) in enumerate(zip(texts, comps, train))]
     return out

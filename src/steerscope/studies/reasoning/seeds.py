@@ -14,7 +14,6 @@ from typing import Any
 from steerscope.models.load import LM
 from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
-from steerscope.steer import steering
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
 
@@ -34,8 +33,7 @@ def seed_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list[Any
         if t is None:  # --report-only and not trained yet
             continue
         vec = st.load_vector(run, name)
-        ev = run.step(f"eval_{name}", partial(st.evaluate, lm, test, cfg, name,
-                                                 partial(steering, lm, vec, 1.0), samples=0))
+        ev = run.step(f"eval_{name}", partial(st.evaluate, lm, test, cfg, name, vec, samples=0))
         if ev is None:
             continue
         out[s] = {"seed": s, "eval": ev, "norm": t["norms"].get(str(layer))}

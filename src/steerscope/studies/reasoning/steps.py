@@ -9,6 +9,7 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
+from steerscope.backends import vllm as bv
 from steerscope.extract.rl import RLOOConfig, train_rloo
 from steerscope.lens import logit_lens
 from steerscope.metrics.math import is_correct, math_reward
@@ -26,8 +27,31 @@ def problems(cfg: ReasoningConfig) -> tuple[list[Problem], list[Problem]]:
     return split(cfg.n_train, cfg.n_test, cfg.difficulty, cfg.seed)
 
 
-def _generate(lm: LM, texts: Sequence[str], ctx: Callable[[], ContextManager[Any]], max_new_tokens: int,
-              do_sample: bool, seed: int, batch_size: int = 50) -> list[str]:
+Steer = SteeringVector | Callable[[], ContextManager[Any]] | None
+"""How generations are steered: a vector added at alpha 1 (either backend), a context factory such as
+a gated bias's or the LoRA policy's ``active`` (HF only), or None (unsteered)."""
+
+
+def on_vllm(lm: LM, steer: Steer, backend: str) -> bool:
+    """Whether ``backend`` is vllm and the engine can apply ``steer`` (unsteered, or a vector it can move to resid_pre)."""
+    if backend != "vllm":
+        return False
+    return steer is None or (isinstance(steer, SteeringVector) and bv.as_resid_pre(steer, lm.n_layers) is not None)
+
+
+def _generate(lm: LM, texts: Sequence[str], steer: Steer, max_new_tokens: int, do_sample: bool, seed: int,
+              batch_size: int = 50, backend: str = "hf") -> list[str]:
+    """Completions of chat-formatted ``texts``: greedy, or sampled at T = 1 (HF: global RNG seeded per batch).
+
+    On ``backend="vllm"`` where :func:`on_vllm` says so (same greedy tokens; vLLM's own sampler, one
+    seed per text derived from ``seed``); on HF otherwise.
+    """
+    if on_vllm(lm, steer, backend):
+        return bv.generate(lm, list(texts), steer, 1.0, max_new_tokens, "all", do_sample, 1.0, seed, templated=True)
+    if isinstance(steer, SteeringVector):
+        ctx: Callable[[], ContextManager[Any]] = partial(steering, lm, steer, 1.0)
+    else:
+        ctx = steer or nullcontext
     out: list[str] = []
     for i in range(0, len(texts), batch_size):
         enc = lm.tokenize(list(texts[i : i + batch_size]), padding_side="left")
@@ -42,16 +66,20 @@ def _generate(lm: LM, texts: Sequence[str], ctx: Callable[[], ContextManager[Any
     return out
 
 
-def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str,
-             ctx: Callable[[], ContextManager[Any]] = nullcontext, prefix: str = "",
-             samples: int | None = None) -> dict[str, Any]:
-    """Greedy accuracy (and ``samples``, default ``eval_samples``, samples at T=1 per problem) on the test set."""
+def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str, steer: Steer = None,
+             prefix: str = "", samples: int | None = None) -> dict[str, Any]:
+    """Greedy accuracy (and ``samples``, default ``eval_samples``, samples at T=1 per problem) on the test set.
+
+    ``steer``: a vector at alpha 1, a context factory, or None (:data:`Steer`); generated on ``cfg.backend``
+    where the engine can apply it.
+    """
     texts = [lm.format_chat(p.prompt, cfg.system) + prefix for p in test]
-    greedy = [prefix + c for c in _generate(lm, texts, ctx, cfg.max_new_tokens, False, cfg.seed)]
+    gen = partial(_generate, lm, texts, steer, cfg.max_new_tokens, backend=cfg.backend)
+    greedy = [prefix + c for c in gen(False, cfg.seed)]
     g = [int(is_correct(c, p.answer)) for c, p in zip(greedy, test)]
     s: list[int] = []
     for r in range(cfg.eval_samples if samples is None else samples):
-        comp = _generate(lm, texts, ctx, cfg.max_new_tokens, True, cfg.seed + 7919 * (r + 1))
+        comp = gen(True, cfg.seed + 7919 * (r + 1))
         s += [int(is_correct(prefix + c, p.answer)) for c, p in zip(comp, test)]
     return an.EvalResult(name, g, s, [f"{p.prompt} -> {c!r}" for p, c in zip(test, greedy)]).summary()
 
@@ -116,7 +144,7 @@ def analysis_texts(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> tuple[l
     _, test = problems(cfg)
     test = test[: cfg.n_analysis]
     texts = [lm.format_chat(p.prompt, cfg.system) for p in test]
-    comps = _generate(lm, texts, lambda: steering(lm, vec, 1.0), cfg.max_new_tokens, False, cfg.seed)
+    comps = _generate(lm, texts, vec, cfg.max_new_tokens, False, cfg.seed, backend=cfg.backend)
     return texts, [c if c else " " for c in comps], test
 
 
@@ -126,7 +154,7 @@ def pairs_step(lm: LM, run: Run, cfg: ReasoningConfig, singles: list[int], acc: 
     out = []
     for a, b in combinations(singles, 2):
         v = load_vector(run, f"L{a}") + load_vector(run, f"L{b}")
-        ev = evaluate(lm, test, cfg, f"L{a}+L{b}", partial(steering, lm, v, 1.0))
+        ev = evaluate(lm, test, cfg, f"L{a}+L{b}", v)
         gain = an.layer_pair_gain(ev["greedy_acc"], acc[f"L{a}"], acc[f"L{b}"], acc["all"]) if "all" in acc else None
         out.append({"pair": [a, b], "eval": ev, "gain": gain})
     return {"pairs": out}
@@ -138,5 +166,5 @@ def random_control(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int
     g = torch.Generator().manual_seed(cfg.seed)
     r = torch.randn(lm.d_model, generator=g)
     rv = SteeringVector({layer: r / r.norm() * vec[layer].norm()}, "mlp_out")
-    ev = evaluate(lm, test, cfg, f"random L{layer}", lambda: steering(lm, rv, 1.0))
+    ev = evaluate(lm, test, cfg, f"random L{layer}", rv)
     return {"layer": layer, "norm": float(vec[layer].norm()), "eval": ev}

@@ -14,7 +14,6 @@ from typing import Any
 from steerscope.models.load import LM, load_model
 from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
-from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
@@ -44,7 +43,7 @@ def a_to_b(run: Run, tgt: LM, cfg: ReasoningConfig, layer: int, test: list[Any])
     va_on_b = an.transfer_vector(st.load_vector(run, f"L{layer}"), tgt)
     out = {"B_base": run.step("transfer_B_base", lambda: st.evaluate(tgt, test, cfg, "B base", samples=0)),
            "A_to_B": run.step("transfer_A_to_B", lambda: st.evaluate(
-               tgt, test, cfg, "A's vector on B", lambda: steering(tgt, va_on_b, 1.0), samples=0))}
+               tgt, test, cfg, "A's vector on B", va_on_b, samples=0))}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -55,11 +54,10 @@ def b_to_a(run: Run, lm: LM, tgt: LM, cfg: ReasoningConfig, layer: int, test: li
     if t is None:  # --report-only and not trained yet
         return {}
     vec_b = st.load_vector(run, name)
-    own = run.step("transfer_B_own", lambda: st.evaluate(tgt, test, cfg, "B own", lambda: steering(tgt, vec_b, 1.0),
-                                                         samples=0))
+    own = run.step("transfer_B_own", lambda: st.evaluate(tgt, test, cfg, "B own", vec_b, samples=0))
     vb_on_a = an.transfer_vector(vec_b, lm)
     back = run.step("transfer_B_to_A", lambda: st.evaluate(
-        lm, test, cfg, "B's vector on A", lambda: steering(lm, vb_on_a, 1.0), samples=0))
+        lm, test, cfg, "B's vector on A", vb_on_a, samples=0))
     out = {"train_B": t, "B_own": own, "B_to_A": back}
     return {k: v for k, v in out.items() if v is not None}
 
