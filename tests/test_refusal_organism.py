@@ -40,3 +40,15 @@ def test_shipped_vectors_load_and_fit_the_organism():
     for n in names:
         v = ss.SteeringVector.load(n)
         assert v.d_model == 576 and len(v) == 1 and v.provenance.model == "smollm2-135m-safe"
+
+
+def test_shipped_vectors_carry_the_dtype_independent_fingerprint():
+    import warnings
+
+    safe = ss.load_model("smollm2-135m-safe", dtype="bfloat16")
+    for n in [n for n in ss.vector.shipped_vectors() if n.startswith("smollm2-135m-safe/")]:
+        v = ss.SteeringVector.load(n)
+        assert v.provenance.fingerprint == safe.fingerprint, n  # not the old fp32-sample hash
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fingerprint mismatch would warn
+            v.check_compatible(safe, strict_fingerprint=True)

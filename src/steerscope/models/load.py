@@ -188,7 +188,9 @@ def load_model(
 
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
     source, adapter = _resolve_source(name_or_path)
-    kwargs: dict[str, Any] = {"dtype": dt}
+    # an adapter is merged in float32, then cast: a bf16 organism is then the rounded fp32 one (same
+    # weights up to rounding, same fingerprint), not a merge done in bf16 arithmetic
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if adapter is not None else dt}
     if Path(source).is_dir():
         kwargs["use_safetensors"] = True  # local folders: safetensors only, never unpickled
     if attn_implementation:
@@ -206,7 +208,7 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
     if adapter is not None:
-        model = _merge_adapter(model, adapter)
+        model = _merge_adapter(model, adapter).to(dt)
     model.to(dev).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
