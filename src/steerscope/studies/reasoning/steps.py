@@ -47,7 +47,8 @@ def _generate(lm: LM, texts: Sequence[str], steer: Steer, max_new_tokens: int, d
     seed per text derived from ``seed``); on HF otherwise.
     """
     if on_vllm(lm, steer, backend):
-        return bv.generate(lm, list(texts), steer, 1.0, max_new_tokens, "all", do_sample, 1.0, seed, templated=True)
+        vec = steer if isinstance(steer, SteeringVector) else None  # on_vllm: a vector or None
+        return bv.generate(lm, list(texts), vec, 1.0, max_new_tokens, "all", do_sample, 1.0, seed, templated=True)
     if isinstance(steer, SteeringVector):
         ctx: Callable[[], ContextManager[Any]] = partial(steering, lm, steer, 1.0)
     else:
