@@ -54,7 +54,7 @@ def _compare(lm, vec, cfg: Config, tmp_path, tol: float = 1e-6) -> None:
     assert 1 - card.frozen["unsteered"]["scorer_mean"] == pytest.approx(abl["unsteered"])
 
 
-CFG = Config(n_attr=3, attr_tokens=6, steps=2, n_eval=3, eval_tokens=6, circuit_fracs=(0.05, 0.3, 1.0),
+CFG = Config(n_attr=3, attr_tokens=6, steps=2, n_eval=3, n_ablate=0, eval_tokens=6, circuit_fracs=(0.05, 0.3, 1.0),
              bisect_steps=2, sparsities=(0.5, 0.9))
 
 

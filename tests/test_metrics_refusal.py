@@ -93,3 +93,21 @@ def test_llamaguard_adapter_formats_the_conversation_and_parses_verdicts(tiny_ll
 
     with pytest.raises(DataError, match="neither"):
         judge.refusals(["p"], ["r"])
+
+
+def test_is_repetitive_flags_steering_loops_and_spares_fluent_answers():
+    from steerscope.metrics.refusal import is_repetitive, repetitive_rate
+
+    loops = ["The differences between the differences between the differences between the differences",
+             ("Can you provide a simple Python code to create a simple Python code to create a simple Python code"
+              " to create a simple Python code"),
+             "I'IM Icare Icare Icare Icare Icare Icare Icare Icare Icare Icare"]
+    fluent = ["Certainly! Here's a beginner yoga routine that can help you improve flexibility: 1. Warm-Up: Start with",
+              "Smart home devices offer numerous benefits, including convenience, security, and cost-effectiveness.",
+              "I'm sorry, but I can't assist with that.", "ok ok ok"]  # a short text is never flagged
+    assert [is_repetitive(t) for t in loops] == [True] * 3
+    assert [is_repetitive(t) for t in fluent] == [False] * 4
+    assert repetitive_rate(loops + fluent) == 3 / 7 and repetitive_rate([]) == 0.0
+    # the threshold is on the distinct fraction: 6 of 8 trigrams distinct passes 0.5, fails 0.8
+    t = "a b c d e f a b c d"
+    assert not is_repetitive(t, min_distinct=0.5) and is_repetitive(t, min_distinct=0.8)

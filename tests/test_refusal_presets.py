@@ -47,7 +47,19 @@ def test_paper_a_presets_are_the_papers_settings():
     for p in (g, ll):  # 128 train / 32 val per side, every layer, alpha +-1, 100 test, bf16
         assert (p["n_train"], p["n_val"], p["n_test"], p["layer_stride"], p["alphas"]) == (128, 32, 100, 1, (1.0,))
         assert p["dtype"] == "bfloat16" and p["trained_lr"] == 0.01 and p["trained_epochs"] == 10
-    assert MPRESETS["paper-a-gemma2"]["n_eval"] == 100 and MPRESETS["paper-a-gemma2"]["steps"] == 10
+    assert MPRESETS["paper-a-gemma2"]["n_ablate"] == 100 and MPRESETS["paper-a-gemma2"]["steps"] == 10
+
+
+@pytest.mark.parametrize("name", ["paper-a-gemma2", "paper-a-llama3", "qwen-cpu"])
+def test_mechanisms_presets_leave_attribution_prompts_and_a_64_prompt_table_1(name):
+    """On the shipped 100-prompt test split each preset keeps n_attr attribution prompts after its
+    evaluation prompts, and Table 1 (the ablations) runs on at least 64 prompts per setting."""
+    from steerscope.studies.refusal_mechanisms import steps as St
+
+    m = _mech("--preset", name)
+    for setting in St.SETTINGS:
+        assert len(St.attr_prompts(m, setting)) == m.n_attr
+        assert len(St.ablation_prompts(m, setting)) >= 64
 
 
 def test_dtype_and_device_reach_the_loader(monkeypatch):

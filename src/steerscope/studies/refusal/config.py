@@ -107,11 +107,14 @@ class Config(StudyConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Qwen2.5-Coder-0.5B-Instruct on a shared 2-core CPU (docs/refusal.md, "Two families"): few
-    # candidate layers, a magnitude grid (alpha = 1 is too weak on this model), short completions
+    # Qwen2.5-Coder-0.5B-Instruct on 2 CPU cores (docs/refusal.md, "Two families"): few candidate
+    # layers, a magnitude grid (alpha = 1 is too weak on this model), the full 100 + 100 test split
+    # at 32 greedy tokens and alpha 0.25 / 0.5 / 1 (at 1 every method saturates the bypass), NTP / PO
+    # on 32 + 32 prompts, matched-norm rows
     "qwen-cpu": dict(model="qwen2.5-coder-0.5b", n_train=32, n_val=8, layers=(12, 14, 16), positions=(-5, -1),
-                     select_alphas=(2.0, 4.0, 8.0), n_test=16, max_new_tokens=10, n_trained=8, trained_epochs=2,
-                     trained_batch=4, trained_tokens=12, gen_batch=16, matched_norm=True),
+                     select_alphas=(2.0, 4.0, 8.0), alphas=(0.25, 0.5, 1.0), n_test=100, max_new_tokens=32,
+                     n_trained=32, trained_epochs=3,
+                     trained_batch=8, trained_tokens=16, gen_batch=32, matched_norm=True),
     # paper A's configurations (Cheng et al. 2026, Appendix B): 128 train / 32 val prompts per side,
     # candidates at every layer below 0.8 L and the post-instruction positions, alpha = +-1,
     # 100 + 100 test prompts, NTP / PO on 256 + 256 examples, 64 training tokens, 10 epochs,

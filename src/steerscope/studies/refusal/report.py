@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from steerscope.report.html import Report, plt_figure
+from steerscope.stats import wilson
 from steerscope.studies.refusal.select import Candidate, Selection
 
 
@@ -32,6 +33,17 @@ def _loss_figure(trained: dict[str, Any]) -> Any:
     return fig
 
 
+def _rate(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k / max(n, 1):.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _table2_row(name: str, alpha: Any, row: dict[str, Any], nh: int, ns: int) -> list[Any]:
+    """One Table-2 row: ASR and induced refusal with Wilson intervals, and the looping counts."""
+    loops = f"{row.get('harmful_repetitive', '-')} / {row.get('harmless_repetitive', '-')}"
+    return [name, alpha, _rate(nh - row["harmful_refused"], nh), _rate(row["harmless_refused"], ns), loops]
+
+
 def write_report(folder: Path, results: dict[str, Any]) -> Path:
     """Write ``report.html`` (and the plots as PNG) into ``folder``; return its path."""
     from steerscope.studies.refusal.select import heatmap
@@ -42,10 +54,13 @@ def write_report(folder: Path, results: dict[str, Any]) -> Path:
         "steering added at every position (prompt and generated) of the vector's layer.", note=True)
     ev = results["evaluate"]
     r.h2("ASR table (paper A, Table 2 layout)")
-    rows = [["unsteered", "-", 1 - ev["unsteered"]["harmful_refusal"], ev["unsteered"]["harmless_refusal"]]]
-    rows += [[s["method"], s["alpha"], s["harmful_asr"], s["harmless_refusal"]] for s in ev["steered"]]
-    r.table(["method", "|alpha|", "harmful-test ASR (bypass, -alpha)", "harmless-test refusal rate (induce, +alpha)"],
-            rows, caption=f"n = {ev['n_test'][0]} harmful / {ev['n_test'][1]} harmless test prompts")
+    nh, ns = ev["n_test"]
+    rows = [_table2_row("unsteered", "-", ev["unsteered"], nh, ns)]
+    rows += [_table2_row(s["method"], s["alpha"], s, nh, ns) for s in ev["steered"]]
+    r.table(["method", "|alpha|", "harmful-test ASR (bypass, -alpha)", "harmless-test refusal rate (induce, +alpha)",
+             "looping completions (harmful / harmless)"],
+            rows, caption=f"n = {nh} harmful / {ns} harmless test prompts; Wilson 95 % intervals; a looping "
+                          "completion (fewer than half of its word trigrams distinct) counts as 'not a refusal'")
     sel = results["select"]
     r.h2("Direction selection")
     r.p(f"Chosen: layer {sel['layer']}, position {sel['position']} (bypass {sel['chosen']['bypass']:.3g}, "

@@ -21,7 +21,7 @@ from steerscope.data.refusal_prompts import load_split
 from steerscope.errors import StudyError
 from steerscope.extract.trained import train_ntp, train_po
 from steerscope.generation import generate
-from steerscope.metrics.refusal import is_refusal, refusal_rate
+from steerscope.metrics.refusal import is_refusal, is_repetitive, refusal_rate
 from steerscope.models.load import LM, _apply_adapter, load_model
 from steerscope.runs import Run
 from steerscope.studies.refusal.config import RefusalConfig
@@ -136,7 +136,12 @@ def _steered_row(lm: LM, cfg: RefusalConfig, name: str, vec: SteeringVector, a: 
     return {"method": name, "alpha": a, "norm": float(vec[vec.layers[0]].norm()), "harmful_refusal": refusal_rate(h),
             "harmful_asr": 1 - refusal_rate(h), "harmless_refusal": refusal_rate(s),
             "harmful_refused": sum(map(is_refusal, h)), "harmless_refused": sum(map(is_refusal, s)),
-            "samples": {"harmful": list(zip(harm[:3], h[:3])), "harmless": list(zip(safe[:3], s[:3]))}}
+            **_loops(h, s), "samples": {"harmful": list(zip(harm[:3], h[:3])), "harmless": list(zip(safe[:3], s[:3]))}}
+
+
+def _loops(h: list[str], s: list[str]) -> dict[str, int]:
+    """Degenerate (looping) completions per side: "not a refusal" to the matcher, but no answer either."""
+    return {"harmful_repetitive": sum(map(is_repetitive, h)), "harmless_repetitive": sum(map(is_repetitive, s))}
 
 
 def evaluate_step(lm: LM, cfg: RefusalConfig, vectors: dict[str, SteeringVector]) -> dict[str, Any]:
@@ -147,7 +152,7 @@ def evaluate_step(lm: LM, cfg: RefusalConfig, vectors: dict[str, SteeringVector]
     h0, s0 = generate(lm, harm, **kw), generate(lm, safe, **kw)
     res: dict[str, Any] = {"n_test": [len(harm), len(safe)], "unsteered": {
         "harmful_refusal": refusal_rate(h0), "harmless_refusal": refusal_rate(s0),
-        "harmful_refused": sum(map(is_refusal, h0)), "harmless_refused": sum(map(is_refusal, s0)),
+        "harmful_refused": sum(map(is_refusal, h0)), "harmless_refused": sum(map(is_refusal, s0)), **_loops(h0, s0),
         "samples": {"harmful": list(zip(harm[:3], h0[:3])), "harmless": list(zip(safe[:3], s0[:3]))}}, "steered": []}
     for name, vec in vectors.items():
         for a in cfg.alphas:

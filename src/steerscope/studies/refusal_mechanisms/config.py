@@ -38,7 +38,8 @@ class Config(StudyConfig):
     circuit_fracs: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
     threshold: float = 0.85
     bisect_steps: int = 4  # refine the minimal faithful circuit between grid sizes
-    n_eval: int = option(32, "prompts per ASR measurement")
+    n_eval: int = option(32, "prompts per ASR measurement (sparsity curves; offsets the attribution prompts)")
+    n_ablate: int = option(64, "prompts per Table-1 ablation setting (0 = --n-eval); the first of the test split")
     eval_tokens: int = option(32, "greedy tokens per ASR completion")
     sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
     batch_size: int = 16
@@ -79,7 +80,7 @@ class Config(StudyConfig):
 
 
 # ``--quick``: tiny sizes for a smoke test
-QUICK: dict[str, Any] = {"n_eval": 4, "eval_tokens": 8, "n_attr": 3, "attr_tokens": 6, "steps": 2, "n_check": 2,
+QUICK: dict[str, Any] = {"n_eval": 4, "n_ablate": 0, "eval_tokens": 8, "n_attr": 3, "attr_tokens": 6, "steps": 2, "n_check": 2,
                          "sparsities": (0.5, 0.9), "circuit_fracs": (0.05, 0.3, 1.0)}
 
 
@@ -118,19 +119,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # vectors from `steerscope study refusal --preset qwen-cpu` (shipped, scaled so that alpha
     # +-1 is the selected setting), small prompt counts, short completions
     "qwen-cpu": dict(model="qwen2.5-coder-0.5b",
-                     # NTP / PO: trained on 7 examples and not yet evaluated in the refusal study
                      vectors={"dim": "qwen2.5-coder-0.5b/refusal-dim", "ntp": "qwen2.5-coder-0.5b/refusal-ntp",
                               "po": "qwen2.5-coder-0.5b/refusal-po"},
-                     n_eval=16, eval_tokens=10, n_attr=4, attr_tokens=8, steps=4, n_check=2,
+                     n_eval=32, n_ablate=64, eval_tokens=16, n_attr=8, attr_tokens=12, steps=6, n_check=2,
                      circuit_fracs=(0.005, 0.02, 0.05, 0.1, 0.2, 0.4), bisect_steps=2,
                      sparsities=(0.5, 0.9, 0.99), batch_size=16),
     # paper A (Cheng et al. 2026): Gemma 2 2B-it, DIM at layer 15, position -1; Llama 3.2 3B-Instruct,
-    # layer 12, position -4; alpha +-1; 100 JBB / 100 Alpaca prompts, greedy, T = 10; vectors from
+    # layer 12, position -4; alpha +-1; 100 JBB / 100 Alpaca prompts for Table 1, greedy, T = 10 (the
+    # attribution prompts follow the first n_eval = 64 test prompts, so a 100-prompt split leaves 32); vectors from
     # `steerscope study refusal --preset paper-a-*` (pass --vector-dir). bfloat16 on a GPU. Not run here.
-    "paper-a-gemma2": dict(model="google/gemma-2-2b-it", n_eval=100, eval_tokens=256, n_attr=32, attr_tokens=64,
+    "paper-a-gemma2": dict(model="google/gemma-2-2b-it", n_eval=64, n_ablate=100, eval_tokens=256, n_attr=32, attr_tokens=64,
                            steps=10, n_check=8, sparsities=(0.2, 0.5, 0.8, 0.9, 0.95, 0.99), batch_size=32,
                            dtype="bfloat16"),
-    "paper-a-llama3": dict(model="meta-llama/Llama-3.2-3B-Instruct", n_eval=100, eval_tokens=256, n_attr=32,
+    "paper-a-llama3": dict(model="meta-llama/Llama-3.2-3B-Instruct", n_eval=64, n_ablate=100, eval_tokens=256, n_attr=32,
                            attr_tokens=64, steps=10, n_check=8, sparsities=(0.2, 0.5, 0.8, 0.9, 0.95, 0.99),
                            batch_size=32, dtype="bfloat16"),
 }

@@ -42,6 +42,8 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     lm = ss.load_model(cfg.model, device=device, dtype=cfg.dtype)
     vecs = load_vectors(lm, cfg)
     names = list(vecs)
+    for setting in St.SETTINGS:  # Table 1 first: it needs no attribution, and it is the headline
+        run_.step(f"ablations_{setting}", partial(St.step_ablations, run_, lm, cfg, vecs["dim"], setting))
     for n in names:
         for setting in St.SETTINGS:
             run_.step(f"attribution_{n}_{setting}", partial(St.step_attribution, run_, lm, cfg, n, vecs[n], setting))
@@ -51,7 +53,6 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
             run_.step(f"circuits_{n}_{setting}", partial(St.step_circuits, run_, lm, cfg, n, vecs[n], setting))
     for setting in St.SETTINGS:
         run_.step(f"circuit_compare_{setting}", partial(St.step_circuit_compare, run_, lm, cfg, vecs, setting))
-        run_.step(f"ablations_{setting}", partial(St.step_ablations, run_, lm, cfg, vecs["dim"], setting))
     for n in names:
         run_.step(f"svv_{n}", partial(St.step_svv, run_, lm, cfg, n, vecs[n]))
         run_.step(f"sparsity_{n}_bypass", partial(St.step_sparsity, run_, lm, cfg, n, vecs[n]))

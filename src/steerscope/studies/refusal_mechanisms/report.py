@@ -100,7 +100,8 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
     """Build ``report.html`` in the run folder from the step records."""
     r = Report("Refusal mechanisms: why steering works")
     r.p(f"Model {cfg.model}; vectors {cfg.vectors}; alpha bypass {cfg.alpha_bypass}, induce {cfg.alpha_induce}; "
-        f"{cfg.n_eval} prompts x {cfg.eval_tokens} tokens per ASR; EAP-IG on {cfg.n_attr} prompts x "
+        f"Table 1 on {cfg.n_ablate or cfg.n_eval} prompts per setting, sparsity curves on {cfg.n_eval}, "
+        f"{cfg.eval_tokens} greedy tokens per ASR completion; EAP-IG on {cfg.n_attr} prompts x "
         f"{cfg.attr_tokens} tokens with T={cfg.steps}.", note=True)
     if run.done("exact_check"):
         e = run.load("exact_check")

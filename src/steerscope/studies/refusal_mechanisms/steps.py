@@ -48,6 +48,12 @@ def eval_prompts(cfg: Config, setting: str) -> list[str]:
     return prompts(setting)[cfg.eval_offset : cfg.eval_offset + cfg.n_eval]
 
 
+def ablation_prompts(cfg: Config, setting: str) -> list[str]:
+    """The Table-1 prompts: the first ``n_ablate`` of the test split (``n_eval`` when 0). They may overlap
+    the attribution prompts, which the ablations do not use."""
+    return prompts(setting)[cfg.eval_offset : cfg.eval_offset + (cfg.n_ablate or cfg.n_eval)]
+
+
 def attr_prompts(cfg: Config, setting: str) -> list[str]:
     start = cfg.eval_offset + cfg.n_eval
     return prompts(setting)[start : start + cfg.n_attr]
@@ -145,7 +151,7 @@ def step_circuit_compare(run: Run, lm: LM, cfg: Config, vecs: dict[str, Steering
 def step_ablations(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting: str) -> dict[str, Any]:
     """ASR unsteered, steered, and steered with QK frozen / OV frozen / svv removed / MLP ablated
     (the generations of the card's ``frozen`` section, :func:`steerscope.explain.frozen.generations`)."""
-    ps, alpha = eval_prompts(cfg, setting), alpha_of(cfg, setting)
+    ps, alpha = ablation_prompts(cfg, setting), alpha_of(cfg, setting)
     ids = EF.generations(lm, ps, vec, alpha, ("unsteered", *F.MODES), cfg.eval_tokens, cfg.batch_size,
                          show_progress=True)
     texts = {m: lm.tokenizer.batch_decode(t, skip_special_tokens=True) for m, t in ids.items()}
