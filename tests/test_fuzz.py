@@ -208,6 +208,29 @@ STUDY_ARGS = {
     "device_bad": ["identifiability", "--device", "tpu9"],
 }
 
+# sizes and magnitudes of the refusal studies, refused before the run folder or a model is touched
+REFUSAL_STUDY_ARGS = {
+    "refusal_n_test_0": ["refusal", "--n-test", "0"],
+    "refusal_tokens_negative": ["refusal", "--max-new-tokens", "-4"],
+    "refusal_alphas_nan": ["refusal", "--alphas", "nan"],
+    "refusal_alphas_negative": ["refusal", "--alphas", "-1"],
+    "refusal_select_alphas_zero": ["refusal", "--select-alphas", "0"],
+    "mechanisms_n_eval_negative": ["refusal-mechanisms", "--n-eval", "-3"],
+    "mechanisms_n_ablate_negative": ["refusal-mechanisms", "--n-ablate", "-1"],
+    "mechanisms_eval_tokens_0": ["refusal-mechanisms", "--eval-tokens", "0"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSAL_STUDY_ARGS))
+def test_refusal_studies_reject_bad_sizes_before_the_run_folder(case, tmp_path, no_model, capsys, monkeypatch):
+    from steerscope.studies.refusal import steps as refusal_steps
+
+    monkeypatch.setattr(refusal_steps, "load_model", ss.load_model)  # the no_model stand-in
+    study, option, value = REFUSAL_STUDY_ARGS[case]
+    out = tmp_path / "run"
+    line = _one_error(capsys, main(["study", study, "--out", str(out), option, value]))
+    assert option in line and not out.exists(), line
+
 
 @pytest.mark.parametrize("case", sorted(STUDY_ARGS))
 def test_study_rejects_bad_options_and_keeps_the_run_folder(case, tmp_path, no_model, capsys):

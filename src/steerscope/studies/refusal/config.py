@@ -75,6 +75,24 @@ class Config(StudyConfig):
     backend: str = option("hf", "engine for the ASR table's generations (vllm: docs/vllm.md)", choices=("hf", "vllm"))
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse impossible sizes and magnitudes in one line, before any model loads."""
+        import math
+
+        from steerscope.errors import StudyError
+
+        for name in ("n_train", "n_val", "n_test", "max_new_tokens", "n_trained", "trained_epochs", "trained_batch",
+                     "trained_tokens", "gen_batch", "layer_stride", "threads"):
+            if getattr(self, name) < 1:
+                raise StudyError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        for name in ("alphas", "select_alphas"):
+            bad = [a for a in getattr(self, name) if not (math.isfinite(a) and a > 0)]
+            if bad or not getattr(self, name):
+                raise StudyError(f"--{name.replace('_', '-')} must be finite magnitudes > 0 (got {bad or 'none'}); "
+                                 "the sign is set by the direction (bypass -a, induce +a)")
+        if not (math.isfinite(self.trained_lr) and self.trained_lr > 0):
+            raise StudyError(f"--trained-lr must be a finite number > 0 (got {self.trained_lr})")
+
     def identity(self) -> dict[str, Any]:
         """What a run folder is checked against on resume (``threads`` and ``backend`` change speed, not
         numbers: greedy vLLM output is HF's token for token)."""
