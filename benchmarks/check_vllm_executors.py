@@ -46,7 +46,7 @@ def main(backends: list[str]) -> None:
     lm = ss.load_model("smollm2-135m")
     v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
     vec = ss.SteeringVector({12: v / v.norm() * 4})
-    ids = bv.prompt_ids(lm, PROMPTS, templated=True)
+    ids = bv.prompt_ids(lm, PROMPTS, templated=True)  # the raw prompts, no chat template (docs/vllm.md)
     a, b = (run(x, lm, vec, ids) for x in backends)
     for case in a:
         same = [sum(x == y for x, y in zip(r1, r2)) for r1, r2 in zip(a[case], b[case])]

@@ -93,6 +93,16 @@ class StudyConfig:
 
         return {f.name: plain(getattr(self, f.name)) for f, _ in self._fields()}
 
+    def require_at_least_one(self, *names: str) -> None:
+        """Raise a one-line :class:`StudyError` naming the option of the first field in ``names`` below 1.
+
+        Example:
+            >>> cfg.require_at_least_one("n_test", "max_new_tokens")  # in a subclass's ``__post_init__``
+        """
+        for name in names:
+            if getattr(self, name) < 1:
+                raise StudyError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+
     def identity(self) -> dict[str, Any]:
         """What a run folder's ``config.json`` holds and is checked against on resume (default: everything)."""
         return self.to_dict()

@@ -82,8 +82,7 @@ class Config(StudyConfig):
             raise StudyError("--seeds needs at least one seed")
         if self.n_prompts < 2 or self.n_prompts > 40:
             raise StudyError("--n-prompts must be between 2 and 40 (the neutral set has 40 prompts)")
-        if self.max_new_tokens < 1:
-            raise StudyError("--max-new-tokens must be at least 1")
+        self.require_at_least_one("max_new_tokens")
         if any(k < 1 or k > 200 for k in self.ks):
             raise StudyError("--ks must be between 1 and 200")
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from steerscope.errors import StudyError
 from steerscope.studies.protocol import StudyConfig, option, split_list
 
 
@@ -77,14 +79,8 @@ class Config(StudyConfig):
 
     def __post_init__(self) -> None:
         """Refuse impossible sizes and magnitudes in one line, before any model loads."""
-        import math
-
-        from steerscope.errors import StudyError
-
-        for name in ("n_train", "n_val", "n_test", "max_new_tokens", "n_trained", "trained_epochs", "trained_batch",
-                     "trained_tokens", "gen_batch", "layer_stride", "threads"):
-            if getattr(self, name) < 1:
-                raise StudyError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        self.require_at_least_one("n_train", "n_val", "n_test", "max_new_tokens", "n_trained", "trained_epochs",
+                                  "trained_batch", "trained_tokens", "gen_batch", "layer_stride", "threads")
         for name in ("alphas", "select_alphas"):
             bad = [a for a in getattr(self, name) if not (math.isfinite(a) and a > 0)]
             if bad or not getattr(self, name):

@@ -50,9 +50,7 @@ class Config(StudyConfig):
     def __post_init__(self) -> None:
         if self.alpha_bypass >= 0 or self.alpha_induce <= 0:
             raise StudyError("use --alpha-bypass < 0 (subtract s on harmful prompts) and --alpha-induce > 0")
-        for name in ("n_eval", "n_attr", "attr_tokens", "steps", "eval_tokens", "batch_size", "n_check"):
-            if getattr(self, name) < 1:
-                raise StudyError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        self.require_at_least_one("n_eval", "n_attr", "attr_tokens", "steps", "eval_tokens", "batch_size", "n_check")
         if self.n_ablate < 0:
             raise StudyError(f"--n-ablate must be 0 (= --n-eval) or more (got {self.n_ablate})")
 
