@@ -1,5 +1,8 @@
 """vLLM backend parity: greedy fp32, token for token equal to steerscope's HF path.
 
+Each case runs on an eager engine (worker hooks) and on a compiled one (vLLM's torch.compile, with
+the graph-safe steering buffers of ``steerscope_vllm_plugin`` built into the model before tracing).
+
 8 prompts x 32 new tokens, on SmolLM2-135M and on a tiny random Qwen2 (SmolLM2's tokenizer):
 unsteered, one layer, three layers (layer 0 included: vLLM's residual is None there), a mixed
 continuous batch (each request its own vector and positions, some none) and directional ablation.
@@ -69,14 +72,20 @@ def tiny_qwen2(tokenizer) -> ss.LM:
     return ss.from_hf(model, tokenizer, name="tiny-qwen2-d128")
 
 
-@pytest.fixture(scope="module", params=["smollm2", "qwen2-tiny"])
+@pytest.fixture(scope="module", params=["smollm2", "qwen2-tiny", "smollm2-compiled", "qwen2-tiny-compiled"])
 def setup(request, smol):
-    if request.param == "smollm2":
+    """Eager engines (hooks) and compiled ones (vLLM's torch.compile with the graph-safe steering buffers)."""
+    if request.param.startswith("smollm2"):
         lm, layers1, layers3, norm = smol, [12], [0, 12, 20], 10.0
     else:
         lm = tiny_qwen2(smol.tokenizer)
         layers1, layers3, norm = [2], [0, 1, 3], 4.0
-    engine = bv.engine_for(lm)  # the engine ss.generate(backend="vllm") uses
+    compiled = request.param.endswith("-compiled")
+    engine = bv.engine_for(lm, compiled=compiled)  # the engine ss.generate(backend="vllm") uses when eager
+    if compiled:
+        # really compiled (else this would only repeat the eager cases through other hooks)
+        assert engine.info.get("graph") is True and engine.info["enforce_eager"] is False, engine.info
+        assert "NONE" not in engine.info["compilation_mode"].upper(), engine.info
     texts = [lm.format_chat(p) for p in PROMPTS]
     yield dict(lm=lm, engine=engine, texts=texts, ids=bv.prompt_ids(lm, texts, True),
                one=rand_vec(lm, layers1, norm, 0), three=rand_vec(lm, layers3, norm / 2, 1), name=request.param)

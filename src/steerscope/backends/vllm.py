@@ -92,18 +92,25 @@ class Engine:
         dtype: ``float32`` (parity) or ``bfloat16``.
         prefix_caching: keep vLLM's prefix cache on (steered requests are salted per configuration).
         engine_kwargs: more ``LLM(...)`` arguments (e.g. ``max_model_len``, ``tensor_parallel_size``).
+        compiled: keep vLLM's compilation (torch.compile; piecewise CUDA graphs on GPU) and steer through
+            graph-safe buffers built into the model (``steerscope_vllm_plugin``) instead of eager hooks.
+        ablation_sites: with ``compiled``, also build the directional-ablation sites (four projections per
+            layer on every step); without them a compiled engine refuses ablation requests.
     """
 
     model: str
     dtype: str = "float32"
     prefix_caching: bool = True
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    compiled: bool = False
+    ablation_sites: bool = True
     startup_timeout: float = 900.0
     _proc: subprocess.Popen[str] | None = field(default=None, repr=False)
     _vectors: dict[str, str] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
     log_path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def start(self) -> Engine:
         """Start the process and wait until the model is loaded and hooked."""
@@ -111,15 +118,17 @@ class Engine:
         self._tmp = tempfile.TemporaryDirectory(prefix="steerscope-vllm-")
         self.log_path = Path(self._tmp.name) / "engine.log"
         cfg = {"model": self.model, "dtype": self.dtype, "prefix_caching": self.prefix_caching,
-               "engine_kwargs": self.engine_kwargs}
+               "engine_kwargs": self.engine_kwargs, "compiled": self.compiled}
         env = engine_env()
+        if self.compiled:
+            env["STEERSCOPE_VLLM_GRAPH"] = graph_env(self.model, self.ablation_sites)
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # this process is already the engine's own
         log = open(self.log_path, "w")
         self._proc = subprocess.Popen([str(py), str(ENGINE_DIR / "steerscope_vllm_engine.py"), json.dumps(cfg)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                                       env=env, bufsize=1)
         log.close()
-        self._read()
+        self.info = self._read()
         return self
 
     def _read(self) -> dict[str, Any]:
@@ -188,17 +197,35 @@ class Engine:
             self._tmp = None
 
 
-_ENGINES: dict[tuple[str, str, str], Engine] = {}
+def graph_env(model: str | Path, ablation_sites: bool = True) -> str:
+    """``$STEERSCOPE_VLLM_GRAPH`` for a model folder: its config.json architectures (``;ablate`` with ablation sites).
+
+    Example:
+        >>> graph_env(export_folder(lm))
+        'LlamaForCausalLM;ablate'
+    """
+    try:
+        archs = json.loads((Path(model) / "config.json").read_text())["architectures"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BackendError(f"{model}: cannot read the architectures of config.json ({e}); "
+                           "compiled=True needs them") from None
+    return ",".join(archs) + (";ablate" if ablation_sites else "")
 
 
-def engine_for(lm: LM, **engine_kwargs: Any) -> Engine:
-    """The cached engine on ``lm``'s weights (started on first use, stopped at exit or by :func:`close_engines`)."""
+_ENGINES: dict[tuple[str, str, str, bool], Engine] = {}
+
+
+def engine_for(lm: LM, compiled: bool = False, **engine_kwargs: Any) -> Engine:
+    """The cached engine on ``lm``'s weights (started on first use, stopped at exit or by :func:`close_engines`).
+
+    ``compiled=True``: vLLM's compiled model with graph-safe steering buffers (see :class:`Engine`).
+    """
     dtype = str(lm.dtype).removeprefix("torch.")
     folder = str(export_folder(lm))
-    key = (folder, dtype, json.dumps(engine_kwargs, sort_keys=True))
+    key = (folder, dtype, json.dumps(engine_kwargs, sort_keys=True), compiled)
     eng = _ENGINES.get(key)
     if eng is None or eng._proc is None or eng._proc.poll() is not None:
-        eng = Engine(folder, dtype=dtype, engine_kwargs=engine_kwargs).start()
+        eng = Engine(folder, dtype=dtype, engine_kwargs=engine_kwargs, compiled=compiled).start()
         _ENGINES[key] = eng
     return eng
 

@@ -152,11 +152,20 @@ class SteerExtension:
         from vllm.config import CompilationMode
 
         cfg = self.vllm_config  # type: ignore[attr-defined]
-        if cfg.compilation_config.mode != CompilationMode.NONE or not cfg.model_config.enforce_eager:
-            raise RuntimeError("steerscope steering needs an eager model (hooks do not run in a compiled or "
-                               "CUDA-graph model): start vLLM with enforce_eager=True / --enforce-eager")
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        sites = getattr(model, "_steerscope_sites", None)  # graph-safe buffers (steerscope_vllm_plugin)
+        compiled = cfg.compilation_config.mode != CompilationMode.NONE or not cfg.model_config.enforce_eager
+        if compiled and sites is None:
+            raise RuntimeError("steerscope steering of a compiled model needs the graph-safe sites, built with the "
+                               "model (set STEERSCOPE_VLLM_GRAPH to its architectures; steerscope's launchers do "
+                               "this with compiled=True / --compiled), or start vLLM with --enforce-eager")
+        if sites is not None:
+            mode = str(getattr(cfg.compilation_config, "cudagraph_mode", "NONE"))
+            if "FULL" in mode.upper():
+                raise RuntimeError(f"cudagraph_mode {mode} replays the whole forward, so the per-step buffer writes "
+                                   "would not run; use cudagraph_mode PIECEWISE (or NONE)")
         if getattr(self, "_ss_handles", None):
-            return {"version": version, "layers": self._ss_n_layers}
+            return {"version": version, "layers": self._ss_n_layers, "graph": sites is not None}
         self._ss_vectors: dict[str, dict[int, torch.Tensor]] = {}
         self._ss_specs: dict[str, Spec | None] = {}
         self._ss_step: _Step | None = None
@@ -164,11 +173,16 @@ class SteerExtension:
         self._ss_bad: list[str] = []
         for name, path in json.loads(os.environ.get("STEERSCOPE_VECTORS", "{}")).items():
             self.steerscope_register(name, path)
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
         layers = model.model.layers
         self._ss_n_layers = len(layers)
         self._ss_d_model = int(cfg.model_config.get_hidden_size())
+        self._ss_sites = sites
+        self._ss_table_key: Any = None
         handles = [model.register_forward_pre_hook(self._ss_begin_step, with_kwargs=True)]
+        if sites is not None:  # the layers' in-graph hooks exist already; this eager hook only writes buffers
+            self._ss_handles = handles
+            return {"version": version, "layers": self._ss_n_layers, "graph": True,
+                    "compilation_mode": str(cfg.compilation_config.mode), "enforce_eager": cfg.model_config.enforce_eager}
         for i, layer in enumerate(layers):
             if type(layer).__name__ == "PPMissingLayer":  # another pipeline stage holds it
                 continue
@@ -176,7 +190,7 @@ class SteerExtension:
             for sub in ("self_attn", "mlp"):
                 handles.append(getattr(layer, sub).register_forward_hook(self._ss_out_hook))
         self._ss_handles = handles
-        return {"version": version, "layers": self._ss_n_layers}
+        return {"version": version, "layers": self._ss_n_layers, "graph": False}
 
     def steerscope_register(self, name: str, path: str) -> list[int]:
         """Load a vector file under ``name`` (replacing one of that name); returns its layers."""
@@ -190,6 +204,7 @@ class SteerExtension:
                 raise ValueError(f"vector {name!r} has layer {layer}; the model has {n_layers}")
         self._ss_vectors[name] = vec
         self._ss_specs.clear()
+        self._ss_table_key = None
         return sorted(vec)
 
     def steerscope_stats(self) -> dict[str, Any]:
@@ -213,19 +228,24 @@ class SteerExtension:
 
     def _ss_begin_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._ss_step = None
+        sites = self._ss_sites
         runner = self.model_runner  # type: ignore[attr-defined]
         ib = runner.input_batch
         n = int(ib.num_reqs)
-        if n == 0:
-            return
-        req_ids = list(ib.req_ids[:n])
+        req_ids = list(ib.req_ids[:n]) if n else []
         if len(self._ss_specs) > 4 * max(n, 64):
             self._ss_specs = {r: self._ss_specs[r] for r in req_ids if r in self._ss_specs}
         specs = [self._ss_spec(r) for r in req_ids]
         if all(s is None for s in specs):
+            if sites is not None and self._ss_table_key != ():
+                sites.idx.zero_()  # every token reads the zero row
+                self._ss_table_key = ()
             return
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         if positions is None:
+            if sites is not None:
+                sites.idx.zero_()
+                self._ss_table_key = ()
             return
         qsl = torch.from_numpy(runner.query_start_loc.np[: n + 1].astype("int64"))
         counts = qsl.diff()
@@ -236,7 +256,49 @@ class SteerExtension:
         self._ss_last = {"tokens": int(tok_req.shape[0]), "prompt_len": prompt_len.tolist(),
                          "counts": counts.tolist(), "generated_tokens": int(is_gen.sum()),
                          "positions": pos[:80].tolist(), "req_ids": req_ids}
+        if sites is not None:
+            self._ss_write_sites(sites, req_ids, specs, tok_req, is_gen)
+            return
         self._ss_step = self._ss_build(specs, tok_req, is_gen, positions.device)
+
+    def _ss_write_sites(self, sites: Any, req_ids: list[str], specs: list[Spec | None], tok_req: torch.Tensor,
+                        is_gen: torch.Tensor) -> None:
+        """Graph mode: token -> row indices every step; the rows themselves when the batch's steering changed."""
+        n, t = len(specs), int(tok_req.shape[0])
+        if 2 * n + 1 > sites.rows or t > sites.max_tokens:
+            raise RuntimeError(f"steerscope: step of {n} requests / {t} tokens exceeds the graph buffers "
+                               f"({(sites.rows - 1) // 2} / {sites.max_tokens})")
+        steered = torch.tensor([s is not None for s in specs])
+        rows = torch.where(steered[tok_req], 1 + 2 * tok_req + is_gen.long(), torch.zeros_like(tok_req))
+        idx = torch.zeros(sites.max_tokens, dtype=torch.int64)
+        idx[:t] = rows
+        sites.idx.copy_(idx)
+        key = (tuple(req_ids), tuple(specs))
+        if key == self._ss_table_key:
+            return
+        n_layers, d = sites.table.shape[0], sites.table.shape[2]
+        table = torch.zeros(n_layers, 2 * n + 1, d)
+        rt = torch.zeros(2 * n + 1, d) if sites.rtable is not None else None
+        for i, s in enumerate(specs):
+            if s is None:
+                continue
+            for name, alpha in s.vectors:
+                for layer, v in self._ss_vectors[name].items():
+                    if s.positions in ("all", "prompt"):
+                        table[layer, 1 + 2 * i] += alpha * v
+                    if s.positions in ("all", "generated"):
+                        table[layer, 2 + 2 * i] += alpha * v
+            if s.ablate:
+                if rt is None:
+                    raise RuntimeError("steerscope: this compiled engine was built without ablation sites; "
+                                       "start it with STEERSCOPE_VLLM_GRAPH='<arch>;ablate'")
+                v = next(iter(self._ss_vectors[s.ablate].values()))
+                rt[1 + 2 * i] = rt[2 + 2 * i] = v / v.norm()
+        sites.table[:, : 2 * n + 1].copy_(table)
+        if rt is not None:
+            sites.rtable[: 2 * n + 1].copy_(rt)
+        self._ss_calls += 1
+        self._ss_table_key = key
 
     def _ss_build(self, specs: list[Spec | None], tok_req: torch.Tensor, is_gen: torch.Tensor,
                   device: torch.device) -> _Step:

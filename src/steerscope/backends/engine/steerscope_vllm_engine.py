@@ -41,7 +41,10 @@ def main() -> None:
     kwargs = dict(cfg.get("engine_kwargs", {}))
     if kwargs.get("tensor_parallel_size", 1) == 1 and kwargs.get("pipeline_parallel_size", 1) == 1:
         kwargs.setdefault("distributed_executor_backend", "uni")  # worker in the engine process: one import less
-    llm = LLM(model=cfg["model"], dtype=cfg.get("dtype", "float32"), enforce_eager=True, seed=cfg.get("seed", 0),
+    # compiled: vLLM's default compilation, steered through the graph-safe buffers that steerscope_vllm_plugin
+    # builds into the model ($STEERSCOPE_VLLM_GRAPH, set by the launcher); else eager with hooks
+    llm = LLM(model=cfg["model"], dtype=cfg.get("dtype", "float32"), enforce_eager=not cfg.get("compiled", False),
+              seed=cfg.get("seed", 0),
               worker_extension_cls="steerscope_vllm_adapter.SteerExtension",
               enable_prefix_caching=cfg.get("prefix_caching", True), **kwargs)
     info = llm.collective_rpc("steerscope_install")[0]
