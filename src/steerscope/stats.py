@@ -6,7 +6,13 @@
 - :func:`jsd`, :func:`histogram_jsd` — Jensen-Shannon divergence (base 2) of histograms.
 - :func:`wilson` — Wilson score interval of a proportion (Wilson 1927).
 - :func:`paired_diff` — mean paired difference with its normal-approximation interval.
-- :func:`mcnemar_p` — exact two-sided McNemar test of paired 0/1 outcomes.
+- :func:`mcnemar_exact`, :func:`mcnemar_p` — exact two-sided McNemar test from the discordant counts, or
+  of paired 0/1 outcomes (McNemar 1947).
+- :func:`holm` — Holm-Bonferroni adjusted p-values (Holm 1979).
+- :func:`tost`, :class:`Tost` — two one-sided pooled t-tests of equivalence within ±margin in Cohen's d
+  units, with a three-way verdict (Schuirmann 1987).
+- :func:`cluster_bootstrap` — percentile bootstrap resampling whole clusters (e.g. a prompt with its seeds);
+  :func:`mean_ci` and :func:`ratio_of_means_ci` apply it to a mean and to a paired ratio of mean shifts.
 - :func:`fit_logistic` — L2-regularised logistic regression by L-BFGS.
 
 Example:
@@ -19,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,7 +34,16 @@ import torch
 from steerscope.errors import SteerscopeError
 
 Numbers = Sequence[float] | np.ndarray
+Table = Numbers | Sequence[Sequence[float]]  # [n] or [n k]: prompts × seeds
 Stat = Callable[[np.ndarray, np.ndarray], float]
+
+
+def _pooled_sd(x: np.ndarray, y: np.ndarray) -> float:
+    """Pooled SD (ddof=1) of two samples of at least two values each."""
+    if len(x) < 2 or len(y) < 2:
+        raise SteerscopeError("Cohen's d needs at least two scores per group; use more prompts or seeds")
+    ss = (len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1)
+    return float(np.sqrt(ss / (len(x) + len(y) - 2)))
 
 
 def cohens_d(a: Numbers, b: Numbers) -> float:
@@ -44,11 +60,7 @@ def cohens_d(a: Numbers, b: Numbers) -> float:
         1.0
     """
     x, y = np.asarray(a, float), np.asarray(b, float)
-    if len(x) < 2 or len(y) < 2:
-        raise SteerscopeError("Cohen's d needs at least two scores per group; use more prompts or seeds")
-    na, nb = len(x), len(y)
-    pooled = float(np.sqrt(((na - 1) * x.var(ddof=1) + (nb - 1) * y.var(ddof=1)) / (na + nb - 2)))
-    diff = float(x.mean() - y.mean())
+    pooled, diff = _pooled_sd(x, y), float(x.mean() - y.mean())
     if pooled == 0:
         return 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
     return diff / pooled
@@ -80,11 +92,97 @@ def bootstrap_ci(a: Numbers, b: Numbers, stat: Stat = cohens_d, n_boot: int = 20
         ia = rng.integers(0, len(x), len(x))
         ib = ia if paired else rng.integers(0, len(y), len(y))
         vals[i] = stat(x[ia], y[ib])
+    return _percentile_interval(vals, level)
+
+
+def _percentile_interval(vals: np.ndarray, level: float) -> tuple[float, float]:
+    """Central ``level`` percentile interval of the finite values; (nan, nan) when there are none."""
     vals = vals[np.isfinite(vals)]
     if vals.size == 0:
         return float("nan"), float("nan")
     q = (1 - level) / 2
     return float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))
+
+
+def cluster_bootstrap(stat: Callable[[np.ndarray], float], n_clusters: int, n_boot: int = 2000,
+                      level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval resampling whole clusters (e.g. a prompt with all its seeds).
+
+    Each resample draws ``n_clusters`` indices with replacement; the caller maps clusters to its rows.
+
+    Args:
+        stat: statistic of an int array ``idx`` [n_clusters] of cluster indices.
+        n_clusters: number of clusters (>= 1).
+        n_boot, level, seed: resamples (non-finite statistics are dropped), coverage, numpy generator seed.
+
+    Returns:
+        (low, high); (nan, nan) when no resample gave a finite statistic.
+
+    Example:
+        >>> x = np.random.randn(20, 3)  # prompts × seeds
+        >>> cluster_bootstrap(lambda idx: float(x[idx].mean()), 20)
+    """
+    if n_clusters < 1:
+        raise SteerscopeError("a cluster bootstrap needs at least one cluster (prompt)")
+    rng = np.random.default_rng(seed)
+    vals = np.array([stat(rng.integers(0, n_clusters, n_clusters)) for _ in range(n_boot)], dtype=float)
+    return _percentile_interval(vals, level)
+
+
+def _row_means(x: Table) -> np.ndarray:
+    """[n] values per cluster: x itself when 1-D, the mean of each row when 2-D [n k]."""
+    a = np.asarray(x, float)
+    if a.ndim not in (1, 2) or a.shape[0] == 0:
+        raise SteerscopeError(f"expected scores [n] or [n, k] (prompts × seeds) with n >= 1; got shape {a.shape}")
+    return a.mean(axis=1) if a.ndim == 2 else a
+
+
+def mean_ci(x: Table, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean with its cluster-bootstrap interval; clusters are the rows (prompts) of a [n k] table.
+
+    Args:
+        x: [n] one value per prompt, or [n k] prompts × seeds.
+        n_boot, level, seed: as in :func:`cluster_bootstrap`.
+
+    Returns:
+        (point, low, high).
+
+    Example:
+        >>> mean_ci(np.random.randn(30, 4))
+    """
+    m = _row_means(x)
+    lo, hi = cluster_bootstrap(lambda idx: float(m[idx].mean()), len(m), n_boot, level, seed)
+    return float(m.mean()), lo, hi
+
+
+def ratio_of_means_ci(x: Table, steer: Numbers, base: Numbers, n_boot: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(mean x - mean base) / (mean steer - mean base) with a paired cluster-bootstrap interval.
+
+    Rows (prompts) are resampled together (paired); a resample with |denominator| < 1e-12 is dropped.
+
+    Args:
+        x: [n] or [n k] (prompts × seeds; a prompt's value is the mean of its row).
+        steer, base: [n].
+        n_boot, level, seed: as in :func:`cluster_bootstrap`.
+
+    Returns:
+        (point, low, high); point is nan when the denominator is ~0.
+
+    Example:
+        >>> ratio_of_means_ci([0.5, 0.6], [1.0, 1.1], [0.0, 0.1])[0]
+        0.5
+    """
+    m, s, b = _row_means(x), np.asarray(steer, float), np.asarray(base, float)
+    if s.shape != m.shape or b.shape != m.shape:
+        raise SteerscopeError(f"steer and base must be [n] with n = {len(m)} rows of x; got {s.shape}, {b.shape}")
+
+    def ratio(idx: np.ndarray) -> float:
+        den = float(s[idx].mean() - b[idx].mean())
+        return float(m[idx].mean() - b[idx].mean()) / den if abs(den) >= 1e-12 else float("nan")
+
+    lo, hi = cluster_bootstrap(ratio, len(m), n_boot, level, seed)
+    return ratio(np.arange(len(m))), lo, hi
 
 
 def jsd(p: Numbers, q: Numbers) -> float:
@@ -153,8 +251,28 @@ def paired_diff(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> tupl
     return m, m - z * se, m + z * se
 
 
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value from the two discordant counts (binomial test of b vs c at 1/2).
+
+    Args:
+        b, c: the discordant counts of the 2×2 table (only-first succeeds, only-second succeeds).
+
+    Returns:
+        min(1, 2 P[Binomial(b + c, 1/2) <= min(b, c)]); 1.0 when b = c = 0.
+
+    Example:
+        >>> mcnemar_exact(4, 14)
+        0.0309...
+    """
+    if b < 0 or c < 0:
+        raise SteerscopeError(f"McNemar counts must be >= 0; got b={b}, c={c}")
+    n = b + c  # n = 0: tail = 1, p = 1
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / (1 << n)
+    return min(1.0, 2 * tail)
+
+
 def mcnemar_p(a: Sequence[int], b: Sequence[int]) -> float:
-    """Exact two-sided McNemar p-value of paired 0/1 outcomes (binomial test on the discordant pairs).
+    """Exact two-sided McNemar p-value of paired 0/1 outcomes (:func:`mcnemar_exact` of the discordant pairs).
 
     Example:
         >>> mcnemar_p([1, 0], [1, 0])
@@ -162,11 +280,90 @@ def mcnemar_p(a: Sequence[int], b: Sequence[int]) -> float:
     """
     n01 = sum(1 for x, y in zip(a, b) if x == 0 and y == 1)
     n10 = sum(1 for x, y in zip(a, b) if x == 1 and y == 0)
-    n = n01 + n10
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(0, min(n01, n10) + 1)) / (1 << n)
-    return min(1.0, 2 * tail)
+    return mcnemar_exact(n01, n10)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values: sorted ascending, min(1, max_{j <= i} (m - j) p_(j)), input order.
+
+    Args:
+        pvalues: m p-values in [0, 1].
+
+    Returns:
+        the m adjusted p-values, same order as the input.
+
+    Example:
+        >>> holm([0.01, 0.04, 0.03])
+        [0.03, 0.06, 0.06]
+    """
+    p = np.asarray(pvalues, float).reshape(-1)
+    if not np.all((p >= 0) & (p <= 1)):
+        raise SteerscopeError("Holm needs p-values in [0, 1] (no nan); check the tests that produced them")
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(p[order] * np.arange(len(p), 0, -1)))
+    return [float(v) for v in adjusted]
+
+
+@dataclass(frozen=True)
+class Tost:
+    """Equivalence test of two samples within ±``margin`` in Cohen's d units (see :func:`tost`).
+
+    Attributes:
+        d: Cohen's d of x over y.
+        margin: the equivalence margin in units of the pooled SD.
+        p_lower, p_upper: one-sided p of H0 "d <= -margin" and of H0 "d >= +margin".
+        p: max(p_lower, p_upper), the TOST p-value (nan when both samples are constant).
+        verdict: "equivalent" | "different" | "undecided".
+        n_x, n_y: sample sizes.
+    """
+
+    d: float
+    margin: float
+    p_lower: float
+    p_upper: float
+    p: float
+    verdict: str
+    n_x: int
+    n_y: int
+
+
+def tost(x: Numbers, y: Numbers, margin: float = 0.2, alpha: float = 0.05) -> Tost:
+    """Two one-sided pooled-variance t-tests of equivalence of x and y within ±margin × pooled SD.
+
+    Verdict: "equivalent" when the TOST p < ``alpha``; "different" when the ordinary two-sided pooled t-test
+    p < ``alpha`` and |d| >= ``margin``; otherwise "undecided".
+
+    Args:
+        x, y: the two samples, at least two values each.
+        margin: equivalence margin in Cohen's d units (> 0).
+        alpha: level of the tests.
+
+    Returns:
+        a :class:`Tost` record.
+
+    Example:
+        >>> tost(np.random.randn(500), np.random.randn(500), margin=0.3).verdict
+        'equivalent'
+    """
+    from scipy.stats import t as student_t
+
+    if margin <= 0:
+        raise SteerscopeError(f"the equivalence margin must be > 0 (in Cohen's d units); got {margin}")
+    a, b = np.asarray(x, float), np.asarray(y, float)
+    sd, d = _pooled_sd(a, b), cohens_d(a, b)
+    df, scale = len(a) + len(b) - 2, math.sqrt(1 / len(a) + 1 / len(b))  # scale = SE / pooled SD
+    if sd > 0:
+        p_lower = float(student_t.sf((d + margin) / scale, df))
+        p_upper = float(student_t.cdf((d - margin) / scale, df))
+        p_two = float(2 * student_t.sf(abs(d) / scale, df))
+    else:  # constant samples: equivalence is untestable; a difference is certain
+        p_lower = p_upper = float("nan")
+        p_two = 0.0 if d != 0 else 1.0
+    p = max(p_lower, p_upper)
+    verdict = ("equivalent" if p < alpha else "different" if p_two < alpha and abs(d) >= margin
+               else "undecided")
+    return Tost(d, margin, p_lower, p_upper, p, verdict, len(a), len(b))
 
 
 def fit_logistic(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, l2: float = 1e-2,
