@@ -12,7 +12,8 @@ import torch
 import steerscope as ss
 from steerscope.explain import KEYS, Settings, dose, explain, sparsity
 from steerscope.explain import behaviour as B
-from steerscope.explain.context import Context, MemoryRun
+from steerscope.explain.context import Context
+from steerscope.runs import MemoryRun
 from steerscope.steer import steering
 from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, smol_tokenizer, tiny_lm, tiny_vector  # noqa: F401
 
@@ -50,7 +51,7 @@ def test_card_has_exactly_the_contract_keys_and_is_strict_json(card) -> None:
     assert d["unsupported"] == {}
     assert all(d[k] is not None for k in KEYS if k != "unsupported")
     for mode in ("qk", "ov", "svv", "mlp"):
-        assert math.isfinite(d["frozen"][mode]["effect_retained"])
+        assert math.isfinite(d["frozen"][mode]["effect_retained"]["value"])
     assert 0 < d["circuit"]["edge_fraction"] <= 1 and 0 < d["sparsity"]["fraction_needed"] <= 1
     assert isinstance(d["verdict"], str) and "EAP-IG" in d["verdict"]
 
@@ -65,8 +66,8 @@ def test_vector_section_relative_norm_is_norm_over_mean_residual_norm(lm, vec, c
     keep = enc["attention_mask"].bool().clone()
     keep[torch.arange(len(keep)), keep.float().argmax(1)] = False
     mean = float(x[keep].norm(dim=-1).mean())
-    assert card.vector["mean_resid_norm"]["1"] == pytest.approx(mean, rel=1e-4)
-    assert card.vector["relative_norm"]["1"] == pytest.approx(float(vec[1].norm()) / mean, rel=1e-4)
+    assert card.vector.mean_resid_norm["1"] == pytest.approx(mean, rel=1e-4)
+    assert card.vector.relative_norm["1"] == pytest.approx(float(vec[1].norm()) / mean, rel=1e-4)
 
 
 def test_lens_equals_a_plain_unembedding_matmul_with_and_without_the_final_norm(lm, vec, card) -> None:
@@ -78,15 +79,15 @@ def test_lens_equals_a_plain_unembedding_matmul_with_and_without_the_final_norm(
         logits = W_U @ x
         top = [lm.tokenizer.decode([i]) for i in logits.topk(10).indices.tolist()]
         bottom = [lm.tokenizer.decode([i]) for i in (-logits).topk(10).indices.tolist()]
-        assert card.lens["top_positive"][key] == top
-        assert card.lens["top_negative"][key] == bottom
+        assert card.lens.top_positive[key] == top
+        assert card.lens.top_negative[key] == bottom
 
 
 def test_lens_flips_with_the_sign_of_alpha(lm, vec) -> None:
     from steerscope.explain import lens
 
     pos, neg = lens.section(_ctx(lm, vec, 1.0)), lens.section(_ctx(lm, vec, -1.0))
-    assert pos["top_positive"]["raw"] == neg["top_negative"]["raw"]
+    assert pos.top_positive["raw"] == neg.top_negative["raw"]
 
 
 def test_dose_kl_equals_a_direct_softmax_computation(lm, vec) -> None:
@@ -165,15 +166,16 @@ def test_tokens_reproduced_counts_through_the_first_eos() -> None:
 
 
 def test_identifiability_of_the_vector_itself_is_one(lm, vec, beh) -> None:
-    from steerscope.explain.identifiability import ratio_ci
+    from steerscope.explain.intervals import ratio
 
     ms, mb = beh.m_steer.double().numpy(), beh.m_base.double().numpy()
-    r, lo, hi = ratio_ci(ms, ms, mb, 200, 0)
+    e = ratio(ms, ms, mb, 200, 0)
+    r, lo, hi = e.value, *e.ci95
     assert r == pytest.approx(1.0) and lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
 
 
 def test_attribution_shares_sum_to_one_and_match_the_steering_node(card) -> None:
-    sh = card.attribution["share"]
+    sh = {k: e.value for k, e in card.attribution.share.items()}
     assert sh["qk"] + sh["v"] + sh["mlp"] + sh["direct"] == pytest.approx(1.0, abs=1e-4)
     assert sh["heads"] == pytest.approx(sh["qk"] + sh["v"])
 
@@ -184,8 +186,8 @@ def test_a_callable_scorer_is_applied_to_the_generations(lm, vec) -> None:
 
     card = explain(lm, vec, PROMPTS[:2], alpha=1.0, scorer=n_chars, settings=Settings.quick(), show_progress=False)
     texts = ss.generate(lm, PROMPTS[:2], vector=vec, alpha=1.0, max_new_tokens=Settings.quick().gen_tokens)
-    assert card.frozen["steered"]["scorer_mean"] == pytest.approx(np.mean([len(t) for t in texts]))
-    assert card.vector["scorer"]["name"] == "n_chars" and card.sparsity["scorer"]["ie"]
+    assert card.frozen.steered_scorer_mean == pytest.approx(np.mean([len(t) for t in texts]))
+    assert card.vector.scorer["name"] == "n_chars" and card.sparsity.scorer["ie"]
 
 
 def test_a_killed_run_resumes_from_its_records(lm, vec, tmp_path) -> None:
@@ -206,8 +208,8 @@ def test_multi_layer_vector_analyses_the_layer_with_the_largest_relative_norm(lm
     from steerscope.explain import vector_info
 
     rec = vector_info.section(lm, v, PROMPTS)
-    assert rec["analysed_layer"] == 2
-    assert vector_info.section(lm, v, PROMPTS, layer=1)["analysed_layer"] == 1
+    assert rec.analysed_layer == 2
+    assert vector_info.section(lm, v, PROMPTS, layer=1).analysed_layer == 1
 
 
 def test_non_resid_pre_vector_is_a_clear_error(lm) -> None:

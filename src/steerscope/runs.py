@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from steerscope._files import atomic_write, dumps
 from steerscope.errors import StudyError
@@ -41,6 +41,10 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are not protected
     fcntl = None  # type: ignore[assignment]
 
+if TYPE_CHECKING:
+    from steerscope.analyses.records import Record
+
+R = TypeVar("R", bound="Record")
 _META = ("_checksum", "_config", "_files", "_relpaths", "_nonfinite")
 
 
@@ -149,7 +153,80 @@ def _release(key: str) -> None:
                 os.close(held[0])  # closing the descriptor releases the flock
 
 
-class Run:
+class _Store:
+    """What both run stores share: typed records over :meth:`step`, and tensor artefacts."""
+
+    def step(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load(self, name: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def record(self, name: str, cls: type[R], fn: Callable[[], R]) -> R:
+        """Run ``fn`` (returning a record of type ``cls``) as step ``name``, or rebuild the stored one.
+
+        Example:
+            >>> rec = run.record("frozen", FrozenRecord, lambda: compute(...))
+        """
+        return cls.from_dict(self.step(name, lambda: fn().to_dict()))
+
+    def timing(self, name: str) -> dict[str, float | None]:
+        """Wall and CPU seconds of a finished step, as first computed (not when reused)."""
+        rec = self.load(name)
+        return {"wall_s": rec.get("_seconds"), "cpu_s": rec.get("_cpu_seconds")}
+
+    def save_tensors(self, name: str, tensors: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def load_tensors(self, name: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class MemoryRun(_Store):
+    """The :class:`Run` interface without a folder: records and tensors kept in memory.
+
+    Example:
+        >>> run = MemoryRun(); run.step("a", lambda: {"x": 1})["x"]
+        1
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+        self.tensors: dict[str, dict[str, Any]] = {}
+        self.log: list[str] = []
+
+    def done(self, name: str) -> bool:
+        return name in self.records
+
+    def load(self, name: str) -> dict[str, Any]:
+        if name not in self.records:
+            raise StudyError(f"step {name!r} has not run")
+        return self.records[name]
+
+    def step(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if name not in self.records:
+            self.records[name] = _timed(fn)
+        return self.records[name]
+
+    def save_tensors(self, name: str, tensors: dict[str, Any]) -> None:
+        self.tensors[name] = tensors
+
+    def load_tensors(self, name: str) -> dict[str, Any]:
+        if name not in self.tensors:
+            raise StudyError(f"no tensors {name!r} in this run")
+        return self.tensors[name]
+
+
+def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()`` with its wall and process CPU seconds added (``_seconds``, ``_cpu_seconds``)."""
+    t0, c0 = time.time(), time.process_time()
+    res = dict(fn())
+    res["_seconds"] = round(time.time() - t0, 2)
+    res["_cpu_seconds"] = round(time.process_time() - c0, 2)
+    return res
+
+
+class Run(_Store):
     """A locked run folder with resumable, validated steps.
 
     Args:
@@ -286,13 +363,11 @@ class Run:
                 return rec
             if why != "missing":
                 warn(f"record {self._record_path(name)} is {why}; recomputing step {name!r}")
-        t0 = time.time()
         self._stack.append(set())
         try:
-            res = dict(fn())
+            res = _timed(fn)
         finally:
             made = self._stack.pop()
-        res["_seconds"] = round(time.time() - t0, 2)
         write_json(self._record_path(name), self._stored(res, made))
         self.log.append(f"{name}: {res['_seconds']} s")
         return res
@@ -320,6 +395,13 @@ class Run:
         rec.update({"_files": files, "_relpaths": rels, "_nonfinite": nonfinite, "_config": self._config_hash})
         rec["_checksum"] = _checksum(rec)
         return rec
+
+    def save_tensors(self, name: str, tensors: dict[str, Any]) -> None:
+        """Store tensors as ``tensors/<name>.safetensors`` (an artefact of the step in progress)."""
+        save_tensors(self.path("tensors", f"{name}.safetensors"), tensors)
+
+    def load_tensors(self, name: str) -> dict[str, Any]:
+        return load_tensors(self.folder / "tensors" / f"{name}.safetensors")
 
     def path(self, *parts: str) -> Path:
         """A path inside the run folder (parent folders created). Called inside a step, the file it

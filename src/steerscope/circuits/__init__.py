@@ -35,6 +35,7 @@ from steerscope.circuits.faithfulness import (
     faithfulness_of,
     node_patching,
     patched_metric,
+    patched_per_prompt,
 )
 from steerscope.circuits.graph import Graph, Node, Receiver, greedy_circuit, overlap, prune, random_circuit
 from steerscope.circuits.nodes import head_outputs, model_graph, node_values
@@ -43,6 +44,6 @@ __all__ = [
     "POINTS", "Attribution", "Faithfulness", "Graph", "Node", "PatchBatch", "Receiver", "check_supported",
     "default_pass_budget", "eap_ig", "edge_effects", "faithfulness_curve", "faithfulness_of", "forward",
     "greedy_circuit", "head_outputs", "model_graph", "inputs", "metric", "node_effects", "node_patching", "node_site",
-    "node_values", "overlap", "patched_metric", "position_ids", "prepare", "prune", "random_circuit",
+    "node_values", "overlap", "patched_metric", "patched_per_prompt", "position_ids", "prepare", "prune", "random_circuit",
     "receiver_grads", "receiver_site", "scored_batches", "trim", "trim_columns",
 ]

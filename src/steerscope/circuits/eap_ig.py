@@ -70,6 +70,7 @@ class Attribution:
     m_clean: float
     m_corrupt: float
     n_samples: int
+    s_edges: torch.Tensor  # [n V] the steering node's edge scores per sample (mean over samples = edges[0])
 
     def top_nodes(self, k: int = 10, skip_s: bool = True) -> list[tuple[Node, float]]:
         """The k nodes of largest |score| as (node, score), largest first."""
@@ -116,16 +117,23 @@ def receiver_grads(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
     return torch.cat(parts, 2), pr.m[0]
 
 
-def _plain_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edge scores [U V] (summed over the steps and samples) and the summed total gradient [d_model]:
-    J_u = I (no post-sublayer norm)."""
+Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # edges [U V], gsum [d_model], s_rows [batch V]
+
+
+def _plain_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> Scores:
+    """Edge scores [U V] (summed over the steps and samples), the summed total gradient [d_model] and
+    the steering node's edge scores per sample [batch V]: J_u = I (no post-sublayer norm)."""
     edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
     gsum = torch.zeros(diff.shape[-1], dtype=torch.float64)
+    s_row = graph.index(Node.steer(graph.layer0))
+    s_rows = torch.zeros(diff.shape[0], graph.valid.shape[1], dtype=torch.float64)
     for cols, part in block_grads(lm, pr, graph, pr.k):  # [b pos n d_model] summed over the steps
         for j in range(part.shape[0]):  # contract d_model in fp32 per position, sum positions in fp64
-            edges[:, cols] += torch.einsum("pud,pvd->puv", diff[j], part[j]).double().sum(0)
+            e = torch.einsum("pud,pvd->puv", diff[j], part[j]).double().sum(0)
+            edges[:, cols] += e
+            s_rows[j, cols] += e[s_row]
         gsum += part.sum((0, 1, 2)).double()
-    return edges, gsum
+    return edges, gsum, s_rows
 
 
 def _sublayers(graph: Graph) -> Iterator[tuple[list[int], int, Sublayer, str]]:
@@ -136,16 +144,19 @@ def _sublayers(graph: Graph) -> Iterator[tuple[list[int], int, Sublayer, str]]:
         yield rows[-1:], layer, "mlp", f"M{layer}"
 
 
-def _normed_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> tuple[torch.Tensor, torch.Tensor]:
+def _normed_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> Scores:
     """As :func:`_plain_edges` with J_u = dP/dA of u's post-sublayer norm at each step (Gemma 2/3)."""
     edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
     gsum = torch.zeros(diff.shape[-1], dtype=torch.float64)
     k, b = pr.k, diff.shape[0]
     s_row = graph.index(Node.steer(graph.layer0))
+    s_rows = torch.zeros(b, graph.valid.shape[1], dtype=torch.float64)
     for cols, g in block_grads(lm, pr, graph, 1):  # per step: [k*b pos n d_model]
         summed = g.view(k, b, *g.shape[1:]).sum(0)
         gsum += summed.sum((0, 1, 2)).double()
-        edges[s_row, cols] += torch.einsum("bpd,bpvd->v", diff[:, :, s_row], summed).double()
+        per = torch.einsum("bpd,bpvd->bv", diff[:, :, s_row], summed).double()
+        s_rows[:, cols] += per
+        edges[s_row, cols] += per.sum(0)
         read = min(graph.read_order(c) for c in cols)
         for rows, layer, sub, key in _sublayers(graph):
             if graph.upstream[rows[0]].order >= read:
@@ -154,24 +165,27 @@ def _normed_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> tuple
             pulled = summed if norm is None else norm_vjp_sum(norm, post_norm_gamma(lm, layer, sub), pr.xs[key], g, k)
             edges[rows[0] : rows[-1] + 1, cols] += torch.einsum(
                 "bpud,bpvd->uv", diff[:, :, rows], pulled).double()
-    return edges, gsum
+    return edges, gsum, s_rows
 
 
 def _batch_scores(lm: LM, sub: PatchBatch, pre: Prefix, s: torch.Tensor, alpha: float, diff: torch.Tensor,
-                  graph: Graph, steps: int, pass_budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edge scores [U V] and total gradient [d_model] of one batch, summed over samples, mean over steps."""
+                  graph: Graph, steps: int, pass_budget: int) -> Scores:
+    """Edge scores [U V] and total gradient [d_model] of one batch, summed over samples, and the steering
+    node's edge scores per sample [b V]; all averaged over steps."""
     b, p = sub.ids.shape
     per_pass = max(1, min(steps, pass_budget // (b * p * (lm.n_layers - pre.layer))))
     points = [alpha * (i + 0.5) / steps for i in range(steps)]
     score = _normed_edges if has_post_norms(lm) else _plain_edges
     edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
     gsum = torch.zeros(lm.d_model, dtype=torch.float64)
+    s_rows = torch.zeros(b, graph.valid.shape[1], dtype=torch.float64)
     for j in range(0, steps, per_pass):
         pr = probe_pass(lm, sub, pre, s, points[j : j + per_pass])
-        e, g = score(pr, graph, diff, lm)
+        e, g, r = score(pr, graph, diff, lm)
         edges += e
         gsum += g
-    return edges / steps, gsum / steps
+        s_rows += r
+    return edges / steps, gsum / steps, s_rows / steps
 
 
 def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: int = 10,
@@ -204,6 +218,7 @@ def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: 
     edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
     gsum = torch.zeros(lm.d_model, dtype=torch.float64)
     n, mc, mk = pb.ids.shape[0], 0.0, 0.0
+    s_edges = torch.zeros(n, graph.valid.shape[1], dtype=torch.float64)
     for idx in scored_batches(pb, batch_size):
         cols = trim_columns(pb.rows(idx))
         sub = trim(pb.rows(idx))
@@ -215,12 +230,13 @@ def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: 
         corr = assemble(lm, outs, layer0, 0.0 * s) if corrupt is None else corrupt[idx][:, cols]
         clean, m = suffix_run(lm, sub, pre, alpha * s)
         mc += float(m.sum())
-        e, g = _batch_scores(lm, sub, pre, s, alpha, clean - corr, graph, steps, budget)
+        e, g, rows_s = _batch_scores(lm, sub, pre, s, alpha, clean - corr, graph, steps, budget)
         edges += e
         gsum += g
+        s_edges[idx] = rows_s
     edges = torch.where(graph.valid, edges, torch.zeros_like(edges)) / n
     r = alpha * gsum / n
     return Attribution(graph=graph, edges=edges.float(), nodes=edges.sum(1).float(),
                        ie_vec=(s.double() * r).float(), mean_grad=r.float(), m_clean=mc / n, m_corrupt=mk / n,
-                       n_samples=n)
+                       n_samples=n, s_edges=torch.where(graph.valid[0], s_edges, torch.zeros_like(s_edges)))
 

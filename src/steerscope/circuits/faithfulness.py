@@ -214,18 +214,29 @@ class Faithfulness:
         return None
 
 
-def faithfulness_of(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, graph: Graph,
-                    circuits: Sequence[torch.Tensor], batch_size: int = 8) -> tuple[list[float], float, float]:
-    """(faithfulness per circuit, m(full), m(empty)) averaged over samples."""
+def patched_per_prompt(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, graph: Graph,
+                       circuits: Sequence[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+    """m per sample with only each circuit's edges patched: [2 + len(circuits), n] float64, rows
+    (full graph, empty graph, *circuits).
+
+    Example:
+        >>> m = patched_per_prompt(lm, pb, vec, 4.0, graph, [circ])  # (m[2] - m[1]) / (m[0] - m[1])
+    """
     n = pb.ids.shape[0]
     full, empty = torch.ones_like(graph.valid), torch.zeros_like(graph.valid)
-    tot = torch.zeros(len(circuits) + 2, dtype=torch.float64)
+    out = torch.zeros(len(circuits) + 2, n, dtype=torch.float64)
     for i in range(0, n, batch_size):
         sub = pb.rows(slice(i, i + batch_size))
         corr = node_values(lm, sub, vector, 0.0)
         for j, c in enumerate([full, empty, *circuits]):
-            tot[j] += patched_metric(lm, sub, vector, alpha, graph, c, corr).sum().double()
-    tot /= n
+            out[j, i:i + batch_size] = patched_metric(lm, sub, vector, alpha, graph, c, corr).double().cpu()
+    return out
+
+
+def faithfulness_of(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, graph: Graph,
+                    circuits: Sequence[torch.Tensor], batch_size: int = 8) -> tuple[list[float], float, float]:
+    """(faithfulness per circuit, m(full), m(empty)) averaged over samples."""
+    tot = patched_per_prompt(lm, pb, vector, alpha, graph, circuits, batch_size).mean(1)
     mf, me = float(tot[0]), float(tot[1])
     den = mf - me if abs(mf - me) > 1e-9 else float("nan")
     return [float((t - me) / den) for t in tot[2:]], mf, me

@@ -12,52 +12,65 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from steerscope.analyses.records import Record
 from steerscope.errors import DataError, SteerscopeError, VectorError
-from steerscope.explain import attribution, circuit, dose, frozen, identifiability, lens, sparsity, vector_info
+from steerscope.explain import dose, intervals, vector_info
 from steerscope.explain.behaviour import Behaviour, build
-from steerscope.explain.context import Context, MemoryRun, ScoreFn, Settings
+from steerscope.explain.context import Context, ScoreFn, Settings
+from steerscope.explain.records import (AttributionRecord, CircuitRecord, Claim, DoseRecord, FrozenRecord,
+                                        IdentifiabilityRecord, LensRecord, SparsityRecord, VectorRecord)
 from steerscope.explain.scorers import resolve_scorer
-from steerscope.explain.verdict import verdict
+from steerscope.explain.sections import SECTIONS
+from steerscope.explain.verdict import claims_of, verdict
 from steerscope.generation import context_length
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.runs import Run, write_json
+from steerscope.runs import MemoryRun, Run, write_json
 from steerscope.vector import SteeringVector, check_finite
 
-KEYS = ("vector", "dose", "lens", "attribution", "frozen", "circuit", "sparsity", "identifiability", "verdict",
-        "unsupported")
-ANALYSES: dict[str, Callable[[Context, Behaviour], dict[str, Any]]] = {
-    "lens": lambda ctx, _b: lens.section(ctx), "attribution": attribution.section, "frozen": frozen.section,
-    "circuit": circuit.section, "sparsity": sparsity.section, "identifiability": identifiability.section}
-NEEDS = {"circuit": "attribution", "sparsity": "attribution"}
+KEYS = ("vector", "dose", "lens", "attribution", "frozen", "circuit", "sparsity", "identifiability", "claims",
+        "verdict", "unsupported")
+RECORDS: dict[str, type[Record]] = {"vector": VectorRecord, "dose": DoseRecord,
+                                    **{sec.name: sec.record for sec in SECTIONS}}
 
 
 @dataclass
 class Explanation:
-    """The mechanism card: one dict per section (None when unsupported), the verdict, and why
-    sections were skipped. ``to_dict()`` is the ``card.json`` object."""
+    """The mechanism card: one typed record per section (None when unsupported), the claims (three-way
+    verdicts), the verdict paragraph, and why sections were skipped. ``to_dict()`` is ``card.json``;
+    ``from_dict`` reads it back into records."""
 
-    vector: dict[str, Any]
-    dose: dict[str, Any] | None = None
-    lens: dict[str, Any] | None = None
-    attribution: dict[str, Any] | None = None
-    frozen: dict[str, Any] | None = None
-    circuit: dict[str, Any] | None = None
-    sparsity: dict[str, Any] | None = None
-    identifiability: dict[str, Any] | None = None
+    vector: VectorRecord
+    dose: DoseRecord | None = None
+    lens: LensRecord | None = None
+    attribution: AttributionRecord | None = None
+    frozen: FrozenRecord | None = None
+    circuit: CircuitRecord | None = None
+    sparsity: SparsityRecord | None = None
+    identifiability: IdentifiabilityRecord | None = None
+    claims: list[Claim] = field(default_factory=list)
     verdict: str = ""
     unsupported: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict with exactly the card keys (non-finite numbers become None)."""
-        return {k: _clean(getattr(self, k)) for k in KEYS}
+        return {k: _clean(_plain(getattr(self, k))) for k in KEYS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Explanation:
+        """The card of a ``card.json`` object (records rebuilt; nulls read back as NaN where a number is due)."""
+        recs = {k: RECORDS[k].from_dict(data[k]) if data.get(k) is not None else None for k in RECORDS}
+        return cls(**recs, claims=[Claim.from_dict(c) for c in data.get("claims") or []],  # type: ignore[arg-type]
+                   verdict=data.get("verdict", ""), unsupported=dict(data.get("unsupported") or {}))
+
+    def section(self, name: str) -> Record | None:
+        return getattr(self, name)  # type: ignore[no-any-return]
 
     def write(self, out: str | Path) -> tuple[Path, Path]:
         """Write ``out/card.json`` and ``out/card.html``."""
@@ -65,7 +78,15 @@ class Explanation:
 
         out = Path(out)
         write_json(out / "card.json", self.to_dict())
-        return out / "card.json", write_card(self.to_dict(), out / "card.html")
+        return out / "card.json", write_card(self, out / "card.html")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Record):
+        return x.to_dict()
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
 
 
 def _clean(x: Any) -> Any:
@@ -78,29 +99,8 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _timed(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-    """``fn`` with its process CPU time added to the record (``_cpu_seconds``; the runner adds ``_seconds``)."""
-    def run() -> dict[str, Any]:
-        t0 = time.process_time()
-        rec = dict(fn())
-        rec["_cpu_seconds"] = round(time.process_time() - t0, 2)
-        return rec
-    return run
-
-
-def _bind(fn: Callable[[Context, Behaviour], dict[str, Any]], ctx: Context, beh: Behaviour
-          ) -> Callable[[], dict[str, Any]]:
+def _bind(fn: Callable[[Context, Behaviour], Record], ctx: Context, beh: Behaviour) -> Callable[[], Record]:
     return lambda: fn(ctx, beh)
-
-
-def _timings(run: Run | MemoryRun, names: Sequence[str]) -> dict[str, dict[str, float | None]]:
-    """Wall and CPU seconds of each finished section (as first computed, not when reused)."""
-    out = {}
-    for n in names:
-        if run.done(n):
-            rec = run.load(n)
-            out[n] = {"wall_s": rec.get("_seconds"), "cpu_s": rec.get("_cpu_seconds")}
-    return out
 
 
 def _digest(vector: SteeringVector, prompts: Sequence[str]) -> tuple[str, str]:
@@ -145,7 +145,7 @@ def _check_context(lm: LM, prompts: Sequence[str], n_new: int) -> None:
 def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None, alpha: float | None = None,
             scorer: str | ScoreFn | None = None, quick: bool = False, out: str | Path | None = None,
             layer: int | None = None, settings: Settings | None = None, force: bool = False,
-            show_progress: bool = True) -> Explanation:
+            show_progress: bool = True, sections: Sequence[str] | None = None) -> Explanation:
     """Explain why a steering vector works on a model: the mechanism card.
 
     Args:
@@ -156,13 +156,15 @@ def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None
             callable ``texts -> scores``; adds scorer means to the generation-based sections.
         quick: small sizes (:meth:`Settings.quick`). out: a folder: resumable, writes card.json/.html.
         layer: the layer to analyse for a multi-layer vector (default: largest relative norm).
+        sections: compute only these sections after ``vector`` and ``dose`` (default: all of
+            :data:`~steerscope.explain.sections.SECTIONS`); the others are listed as not computed.
 
     Returns:
         :class:`Explanation`.
 
     Example:
         >>> card = explain(lm, ss.SteeringVector.load("formality.safetensors"), alpha=6.0, quick=True)
-        >>> card.frozen["ov"]["effect_retained"]
+        >>> card.frozen.ov.effect_retained  # Estimate(value=..., ci95=(lo, hi), n=8)
     """
     check_inputs(vector, alpha, layer)
     vector.check_compatible(lm)
@@ -172,30 +174,35 @@ def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None
     fn, scorer_info = resolve_scorer(scorer)
     vsha, psha = _digest(vector, prompts)
     config = {"model": lm.name, "vector": vsha, "prompts": psha, "alpha": alpha, "layer": layer,
-              "scorer": scorer_info["name"], "settings": st.to_dict()}
+              "scorer": scorer_info["name"], "settings": st.to_dict(), "sections": list(sections or [])}
     run: Run | MemoryRun = Run(out, config=config, force=force) if out is not None else MemoryRun()
-    rec = run.step("vector", _timed(lambda: vector_info.section(lm, vector, prompts, layer)))
-    one = vector.select([rec["analysed_layer"]])
+    info = run.record("vector", VectorRecord, lambda: vector_info.section(lm, vector, prompts, layer))
+    one = vector.select([info.analysed_layer])
     ctx = Context(lm, one, alpha if alpha is not None else 1.0, prompts, st, run, fn, scorer_info["name"],
                   show_progress)
-    d = run.step("dose", _timed(lambda: dose.section(ctx, alpha, rec["relative_norm"][str(ctx.layer)])))
-    ctx = ctx.with_alpha(float(d["chosen_alpha"]))  # (extras, with the dose builds, are shared)
-    card = Explanation(vector={**rec, "model": lm.name, "alpha": ctx.alpha, "n_prompts": len(prompts),
-                               "scorer": scorer_info, "quick": quick}, dose=d)
+    d = run.record("dose", DoseRecord, lambda: dose.section(ctx, alpha, info.relative_norm[str(ctx.layer)]))
+    ctx = ctx.with_alpha(float(d.chosen_alpha))  # (the dose section's builds are shared)
     beh = _behaviour(ctx)
-    card.vector["metric_gap"] = beh.gap
-    card.vector["scored_positions"] = int(beh.pb.mask.sum())
-    for name in progress(list(ANALYSES), desc="explain", enabled=show_progress):
-        need = NEEDS.get(name)
-        if need in card.unsupported:
-            card.unsupported[name] = f"needs the {need} section ({card.unsupported[need]})"
+    ms, mb = beh.m_steer.double().numpy(), beh.m_base.double().numpy()
+    card = Explanation(vector=replace(info, model=lm.name, name=vector.provenance.method or "", alpha=ctx.alpha,
+                                      n_prompts=len(prompts), scorer=scorer_info, quick=quick,
+                                      metric_gap=intervals.mean(ms - mb, st.n_boot, st.seed),
+                                      scored_positions=int(beh.pb.mask.sum())), dose=d)
+    todo = [sec for sec in SECTIONS if sections is None or sec.name in sections]
+    for sec in progress(todo, desc="explain", enabled=show_progress):
+        missing = [n for n in sec.needs if n in card.unsupported or getattr(card, n) is None]
+        if missing:
+            why = card.unsupported.get(missing[0], "not computed")
+            card.unsupported[sec.name] = f"needs the {missing[0]} section ({why})"
             continue
         try:
-            setattr(card, name, run.step(name, _timed(_bind(ANALYSES[name], ctx, beh))))
+            setattr(card, sec.name, run.record(sec.name, sec.record, _bind(sec.compute, ctx, beh)))
         except SteerscopeError as e:
-            card.unsupported[name] = str(e)
-    card.vector["timings"] = _timings(run, ["vector", "dose", "behaviour", *ANALYSES])
-    card.verdict = verdict({k: v for k, v in card.to_dict().items() if v is not None})
+            card.unsupported[sec.name] = str(e)
+    timed = ["vector", "dose", "behaviour", *(sec.name for sec in todo)]
+    card.vector = replace(card.vector, timings={n: run.timing(n) for n in timed if run.done(n)})
+    card.claims = claims_of(card)
+    card.verdict = verdict(card)
     if out is not None:
         card.write(out)
     return card
@@ -204,11 +211,11 @@ def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None
 def _behaviour(ctx: Context) -> Behaviour:
     """The reference batch (built once, stored with the run)."""
     def make() -> dict[str, Any]:
-        beh = ctx.extras.get("builds", {}).get(ctx.alpha) or build(
+        beh = ctx.builds.get(ctx.alpha) or build(
             ctx.lm, ctx.prompts, ctx.vector, ctx.alpha, ctx.settings.n_tokens, ctx.settings.batch_size)
         ctx.save("behaviour", beh.tensors())
         return {"texts": beh.pb.texts, "gap": beh.gap, "scored_positions": int(beh.pb.mask.sum())}
-    rec = ctx.run.step("behaviour", _timed(make))
+    rec = ctx.run.step("behaviour", make)
     beh = Behaviour.from_tensors(ctx.load("behaviour"), rec["texts"])
     beh.pb.mask = beh.pb.mask.bool()
     return beh

@@ -3,7 +3,8 @@
 Faithfulness of greedy top-n circuits (exact edge-level patching, :mod:`steerscope.circuits`) on
 a grid of edge fractions; the smallest grid size reaching the threshold (0.85) is refined by
 bisection between grid points; controls: the complement of the minimal circuit and two random
-circuits of twice its size. The refusal-mechanisms study uses :func:`minimal_circuit` and
+circuits of twice its size. The minimal circuit's faithfulness gets a 95 % bootstrap interval over
+prompts (per-prompt patched metrics, a ratio of means). The refusal-mechanisms study uses :func:`minimal_circuit` and
 :func:`controls` for its circuits too.
 """
 
@@ -15,7 +16,9 @@ import torch
 
 from steerscope import circuits as C
 from steerscope.explain.behaviour import Behaviour
+from steerscope.explain import intervals
 from steerscope.explain.context import Context
+from steerscope.explain.records import CircuitRecord
 from steerscope.models.load import LM
 from steerscope.vector import SteeringVector
 
@@ -72,12 +75,17 @@ def controls(lm: LM, pb: C.PatchBatch, vector: SteeringVector, alpha: float, cir
     return {"own_size": size, "random_2x": vals[:2], "complement": vals[2], "others": vals[3:]}
 
 
-def section(ctx: Context, beh: Behaviour) -> dict[str, Any]:
-    """The ``circuit`` record (needs the attribution section's scores)."""
+def section(ctx: Context, beh: Behaviour) -> CircuitRecord:
+    """The ``circuit`` record (needs the attribution section's scores): the minimal circuit, its
+    faithfulness with a bootstrap interval over prompts, and its controls (one patching pass)."""
     st = ctx.settings
     edges = ctx.load("attribution")["edges"]
     rec, circ = minimal_circuit(ctx.lm, beh.pb, ctx.vector, ctx.alpha, edges, st.circuit_fracs, st.threshold,
                                 st.bisect_steps)
-    ctl = controls(ctx.lm, beh.pb, ctx.vector, ctx.alpha, circ, st.seed)
-    return {"edge_fraction": rec["minimal_fraction"], **rec,
-            "controls": {"complement": ctl["complement"], "random_2x": ctl["random_2x"]}}
+    g = graph_of(ctx.lm, ctx.vector)
+    size = int(circ.sum())
+    tests = [C.random_circuit(g, 2 * size, seed=st.seed + i) for i in range(2)] + [g.valid & ~circ, circ]
+    m = C.patched_per_prompt(ctx.lm, beh.pb, ctx.vector, ctx.alpha, g, tests).numpy()
+    ctl = [intervals.ratio(m[2 + j], m[0], m[1], st.n_boot, st.seed) for j in range(len(tests))]
+    return CircuitRecord(edge_fraction=rec["minimal_fraction"], **rec, complement=ctl[2].value,
+                         random_2x=[ctl[0].value, ctl[1].value], faithfulness_minimal=ctl[3])

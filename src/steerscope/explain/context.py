@@ -3,16 +3,13 @@ the prompts, the settings, the scorer and the run folder (records and tensors)."
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from steerscope.errors import StudyError
 from steerscope.models.load import LM
-from steerscope.runs import Run, load_tensors, save_tensors
+from steerscope.runs import MemoryRun, Run
 from steerscope.vector import SteeringVector
 
 ScoreFn = Callable[[Sequence[str]], Any]  # texts -> [n] scores (higher = more of the behaviour)
@@ -40,6 +37,7 @@ class Settings:
     sparsity_target: float = 0.9
     bisect_sparsity: int = 4
     perp_seeds: tuple[int, ...] = (0, 1, 2)
+    equivalence_margin: float = 0.2  # of the effect (paper C's |d| < 0.2)
     n_boot: int = 1000
     n_cov_prompts: int = 40
     lens_k: int = 10
@@ -53,35 +51,10 @@ class Settings:
         """Small sizes for a quick card (target: about two minutes on two idle CPU cores; timings in docs/explain.md)."""
         return cls(n_tokens=12, ig_steps=3, dose_factors=(0.5, 1.0, 2.0), dose_scales=(0.25, 0.5, 1.0),
                    n_neutral=8, circuit_fracs=(0.01, 0.05, 0.2), bisect_steps=0, sparsities=(0.5, 0.9, 0.99),
-                   bisect_sparsity=2, perp_seeds=(0, 1), n_boot=300, n_cov_prompts=16, gen_tokens=12)
+                   bisect_sparsity=2, perp_seeds=(0, 1), n_boot=1000, n_cov_prompts=16, gen_tokens=12)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-class MemoryRun:
-    """The :class:`~steerscope.runs.Run` interface without a folder (``out=None``)."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, dict[str, Any]] = {}
-        self.tensors: dict[str, dict[str, Any]] = {}
-        self.log: list[str] = []
-
-    def done(self, name: str) -> bool:
-        return name in self.records
-
-    def load(self, name: str) -> dict[str, Any]:
-        if name not in self.records:
-            raise StudyError(f"section {name!r} has not run")
-        return self.records[name]
-
-    def step(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if name not in self.records:
-            t0 = time.time()
-            rec = dict(fn())
-            rec["_seconds"] = round(time.time() - t0, 2)
-            self.records[name] = rec
-        return self.records[name]
 
 
 @dataclass
@@ -97,7 +70,7 @@ class Context:
     scorer: ScoreFn | None = None
     scorer_name: str | None = None
     show_progress: bool = True
-    extras: dict[str, Any] = field(default_factory=dict)
+    builds: dict[float, Any] = field(default_factory=dict)  # alpha -> Behaviour built by the dose section
 
     @property
     def layer(self) -> int:
@@ -112,16 +85,7 @@ class Context:
 
     def save(self, name: str, tensors: dict[str, Any]) -> None:
         """Store a (one-level nested) dict of tensors for later sections (safetensors in a folder run)."""
-        if isinstance(self.run, MemoryRun):
-            self.run.tensors[name] = tensors
-        else:
-            save_tensors(self._path(name), tensors)
+        self.run.save_tensors(name, tensors)
 
     def load(self, name: str) -> dict[str, Any]:
-        if isinstance(self.run, MemoryRun):
-            return self.run.tensors[name]
-        return load_tensors(self._path(name))
-
-    def _path(self, name: str) -> Path:
-        assert isinstance(self.run, Run)
-        return self.run.path("tensors", f"{name}.safetensors")
+        return self.run.load_tensors(name)

@@ -3,7 +3,8 @@
 1. For each seed, v_perp: a uniformly random direction orthogonal to s with |v_perp| = |s|
    (:func:`steerscope.identifiability.random_orthogonal`). The teacher-forced effect retained
    (relative to s, same alpha) of s + v_perp and of v_perp alone, averaged over seeds per prompt,
-   with a percentile bootstrap 95 % CI over prompts.
+   with a 95 % cluster-bootstrap interval (a prompt's row of draws is one cluster) and the 90 %
+   interval of the equivalence test (TOST within 1 ± margin; :mod:`.rules`).
 2. Null space at the layer, covariance method: singular values of the covariance of resid_pre
    at the layer over neutral-prompt tokens; null fraction = 1 - effective rank / d_model, by the
    0.05 sigma_max threshold and by the entropy rank (:func:`steerscope.identifiability.spectrum`).
@@ -19,24 +20,15 @@ import numpy as np
 import torch
 
 from steerscope import identifiability as idf
+from steerscope import stats
+from steerscope.explain import intervals
 from steerscope.explain.behaviour import Behaviour, metric_of
 from steerscope.explain.context import Context
 from steerscope.explain.dose import neutral_prompts
+from steerscope.explain.records import IdentifiabilityRecord
 from steerscope.record import recording
 from steerscope.sites import Site
 from steerscope.vector import SteeringVector
-
-
-def ratio_ci(mx: np.ndarray, ms: np.ndarray, mb: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """(mean mx - mean mb) / (mean ms - mean mb) with a percentile bootstrap 95 % CI over prompts."""
-    def ratio(i: np.ndarray) -> float:
-        den = ms[i].mean() - mb[i].mean()
-        return float((mx[i].mean() - mb[i].mean()) / den) if abs(den) > 1e-9 else float("nan")
-    rng = np.random.default_rng(seed)
-    boots = np.array([ratio(rng.integers(0, len(mx), len(mx))) for _ in range(n_boot)])
-    boots = boots[np.isfinite(boots)]
-    lo, hi = (np.quantile(boots, [0.025, 0.975]) if boots.size else (np.nan, np.nan))
-    return ratio(np.arange(len(mx))), float(lo), float(hi)
 
 
 @torch.no_grad()
@@ -59,8 +51,8 @@ def null_space(ctx: Context) -> dict[str, Any]:
     return {**rec, "n_tokens": len(x), "rank_bounded_by_tokens": len(x) - 1 < lm.d_model}
 
 
-def section(ctx: Context, beh: Behaviour) -> dict[str, Any]:
-    """The ``identifiability`` record."""
+def section(ctx: Context, beh: Behaviour) -> IdentifiabilityRecord:
+    """The ``identifiability`` record: relative effects (clusters: prompts x v_perp draws) and the null space."""
     st = ctx.settings
     v = ctx.vector[ctx.layer].float().cpu()
     runs: dict[str, list[np.ndarray]] = {"v_plus_perp": [], "perp_only": []}
@@ -70,10 +62,13 @@ def section(ctx: Context, beh: Behaviour) -> dict[str, Any]:
             sv = SteeringVector({ctx.layer: d}, site=ctx.vector.site)
             runs[key].append(metric_of(ctx.lm, beh.pb, sv, ctx.alpha, batch_size=st.batch_size).double().numpy())
     ms, mb = beh.m_steer.double().numpy(), beh.m_base.double().numpy()
-    out: dict[str, Any] = {"seeds": list(st.perp_seeds), "n_prompts": len(ms)}
-    for key, vals in runs.items():
-        r, lo, hi = ratio_ci(np.mean(vals, 0), ms, mb, st.n_boot, st.seed)
-        out[key] = {"effect_relative": r, "ci95": [lo, hi]}
-    out["null_space"] = null_space(ctx)
-    out["null_fraction"] = out["null_space"]["null_fraction_threshold"]
-    return out
+    rows = {k: np.stack(v, 1) for k, v in runs.items()}  # [prompts draws]: a prompt is one cluster
+    vp, po = (intervals.ratio(rows[k], ms, mb, st.n_boot, st.seed) for k in ("v_plus_perp", "perp_only"))
+    _, lo90, hi90 = stats.ratio_of_means_ci(rows["v_plus_perp"], ms, mb, n_boot=st.n_boot,
+                                            level=intervals.level_for(len(ms), 0.90), seed=st.seed)
+    ns = null_space(ctx)
+    return IdentifiabilityRecord(
+        seeds=list(st.perp_seeds), n_prompts=len(ms), v_plus_perp=vp, perp_only=po, v_plus_perp_ci90=(lo90, hi90),
+        margin=st.equivalence_margin, null_space=ns, null_fraction=ns["null_fraction_threshold"],
+        null_space_note=("the activation covariance's effective rank on neutral-prompt tokens (1 - rank / d_model): "
+                         "directions the residual stream barely varies along, not a behavioural null space"))

@@ -7,13 +7,14 @@ from typing import Any
 
 from steerscope import lens as L
 from steerscope.explain.context import Context
+from steerscope.explain.records import LensRecord
 
 
-def section(ctx: Context) -> dict[str, Any]:
+def section(ctx: Context) -> LensRecord:
     """The ``lens`` record: ``top_positive`` / ``top_negative`` tokens, ``raw`` and ``final_norm``.
 
     Example:
-        >>> section(ctx)["top_positive"]["raw"][:3]
+        >>> section(ctx).top_positive["raw"][:3]
     """
     sign = -1.0 if ctx.alpha < 0 else 1.0
     v = (sign * ctx.s.float())[None]
@@ -24,4 +25,4 @@ def section(ctx: Context) -> dict[str, Any]:
         bottom = L.logit_lens(ctx.lm, v, k, final_norm=fn, largest=False)[0]
         out["top_positive"][key], out["top_negative"][key] = top.tokens, bottom.tokens
         out["scores"][key] = {"top": top.scores, "bottom": bottom.scores, "top_ids": top.ids, "bottom_ids": bottom.ids}
-    return out
+    return LensRecord(**out)

@@ -5,10 +5,11 @@ an attention sink with an outsized norm, excluded)."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
+from steerscope.explain.records import VectorRecord
 from steerscope.models.load import LM
 from steerscope.record import recording
 from steerscope.sites import Site
@@ -33,18 +34,18 @@ def mean_resid_norms(lm: LM, prompts: Sequence[str], layers: Sequence[int], site
     return {layer: sums[layer] / max(count, 1) for layer in layers}
 
 
-def section(lm: LM, vector: SteeringVector, prompts: Sequence[str], layer: int | None = None) -> dict[str, Any]:
+def section(lm: LM, vector: SteeringVector, prompts: Sequence[str], layer: int | None = None) -> VectorRecord:
     """The ``vector`` record; ``analysed_layer`` is ``layer`` or the layer with the largest relative norm.
 
     Example:
-        >>> section(lm, vec, prompts)["relative_norm"]  # {"12": 0.21}
+        >>> section(lm, vec, prompts).relative_norm  # {"12": 0.21}
     """
     norms = vector.norms()
     resid = mean_resid_norms(lm, prompts, vector.layers, "resid_pre" if vector.site == "resid_pre" else vector.site)
     rel = {k: norms[k] / resid[k] if resid[k] > 0 else float("nan") for k in vector.layers}
     chosen = layer if layer is not None else max(vector.layers, key=lambda k: rel[k])
-    return {"site": vector.site, "layers": vector.layers, "d_model": vector.d_model,
-            "norm": {str(k): norms[k] for k in vector.layers},
-            "mean_resid_norm": {str(k): resid[k] for k in vector.layers},
-            "relative_norm": {str(k): rel[k] for k in vector.layers},
-            "analysed_layer": chosen, "provenance": asdict(vector.provenance)}
+    return VectorRecord(site=vector.site, layers=vector.layers, d_model=vector.d_model,
+                        norm={str(k): norms[k] for k in vector.layers},
+                        mean_resid_norm={str(k): resid[k] for k in vector.layers},
+                        relative_norm={str(k): rel[k] for k in vector.layers},
+                        analysed_layer=chosen, provenance=asdict(vector.provenance))
