@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from steerscope.explain import intervals, rules
-from steerscope.explain.records import (AttributionRecord, CircuitRecord, Claim, Estimate, FrozenPath, FrozenRecord,
-                                        IdentifiabilityRecord, SparsityRecord, SpecificControl)
+from steerscope.explain.records import (
+    AttributionRecord,
+    CircuitRecord,
+    Claim,
+    Estimate,
+    FrozenPath,
+    FrozenRecord,
+    IdentifiabilityRecord,
+    SparsityRecord,
+    SpecificControl,
+)
 
 N = 8
 

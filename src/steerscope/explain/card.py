@@ -23,8 +23,17 @@ from steerscope.errors import DataError, SteerscopeError, VectorError
 from steerscope.explain import dose, intervals, vector_info
 from steerscope.explain.behaviour import Behaviour, build
 from steerscope.explain.context import Context, ScoreFn, Settings
-from steerscope.explain.records import (AttributionRecord, CircuitRecord, Claim, DoseRecord, FrozenRecord,
-                                        IdentifiabilityRecord, LensRecord, SparsityRecord, VectorRecord)
+from steerscope.explain.records import (
+    AttributionRecord,
+    CircuitRecord,
+    Claim,
+    DoseRecord,
+    FrozenRecord,
+    IdentifiabilityRecord,
+    LensRecord,
+    SparsityRecord,
+    VectorRecord,
+)
 from steerscope.explain.scorers import resolve_scorer
 from steerscope.explain.sections import SECTIONS
 from steerscope.explain.verdict import claims_of, verdict

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import torch
 
 from steerscope import circuits as C
-from steerscope.explain.behaviour import Behaviour
 from steerscope.explain import intervals
+from steerscope.explain.behaviour import Behaviour
 from steerscope.explain.context import Context
 from steerscope.explain.records import CircuitRecord
 from steerscope.models.load import LM

@@ -14,8 +14,18 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from steerscope.explain.records import (AttributionRecord, CircuitRecord, Claim, DoseRecord, Estimate, FrozenRecord,
-                                        IdentifiabilityRecord, LensRecord, SparsityRecord, VectorRecord)
+from steerscope.explain.records import (
+    AttributionRecord,
+    CircuitRecord,
+    Claim,
+    DoseRecord,
+    Estimate,
+    FrozenRecord,
+    IdentifiabilityRecord,
+    LensRecord,
+    SparsityRecord,
+    VectorRecord,
+)
 from steerscope.report.html import Report, plt_figure
 
 if TYPE_CHECKING:

@@ -34,8 +34,18 @@ Example:
 from __future__ import annotations
 
 import math
-from steerscope.explain.records import (AttributionRecord, CircuitRecord, Claim, Estimate, FrozenPath, FrozenRecord,
-                                        IdentifiabilityRecord, SparsityRecord, SpecificControl)
+
+from steerscope.explain.records import (
+    AttributionRecord,
+    CircuitRecord,
+    Claim,
+    Estimate,
+    FrozenPath,
+    FrozenRecord,
+    IdentifiabilityRecord,
+    SparsityRecord,
+    SpecificControl,
+)
 
 SUPPORTED, CONTRADICTED, UNDECIDED = "supported", "contradicted", "undecided"
 SHARE, NEEDED, SURVIVES, FAITHFUL, SPARSE, MARGIN, COMPLETE = 0.2, 0.5, 0.8, 0.5, 0.2, 0.2, 0.25

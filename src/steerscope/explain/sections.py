@@ -21,8 +21,15 @@ from steerscope.analyses.records import Record
 from steerscope.explain import attribution, circuit, frozen, html, identifiability, lens, rules, sparsity
 from steerscope.explain.behaviour import Behaviour
 from steerscope.explain.context import Context
-from steerscope.explain.records import (AttributionRecord, CircuitRecord, Claim, FrozenRecord, IdentifiabilityRecord,
-                                        LensRecord, SparsityRecord)
+from steerscope.explain.records import (
+    AttributionRecord,
+    CircuitRecord,
+    Claim,
+    FrozenRecord,
+    IdentifiabilityRecord,
+    LensRecord,
+    SparsityRecord,
+)
 from steerscope.report.html import Report
 
 
