@@ -1,0 +1,1 @@
+"""Analyses: one module per mechanism, each returning typed records."""
