@@ -187,3 +187,24 @@ def test_the_expanded_interval_covers_at_small_n_where_the_plain_percentile_does
     assert coverage(0.95) < 0.92
     assert coverage(intervals.level_for(n)) >= 0.93
     assert intervals.level_for(10_000) == pytest.approx(0.95, abs=1e-3)
+
+
+def test_the_cli_section_names_are_the_card_sections() -> None:
+    from steerscope.cli import SECTION_NAMES
+    from steerscope.explain.sections import SECTIONS
+
+    assert SECTION_NAMES == tuple(s.name for s in SECTIONS)
+
+
+def test_score_counts_right_undecided_wrong_and_missing() -> None:
+    from steerscope.explain.validate import score, tally
+
+    claims = [Claim("attr.v", "supported", "", "", "", N), Claim("attr.mlp", "undecided", "", "", "", N),
+              Claim("dose.effect", "supported", "", "", "", N)]
+    got = score(claims, {"attr.v": "supported", "attr.mlp": "contradicted", "dose.effect": "contradicted",
+                         "frozen.ov.needed": "supported"})
+    assert got == {"attr.v": "right", "attr.mlp": "undecided", "dose.effect": "wrong", "frozen.ov.needed": "missing"}
+    from steerscope.explain.validate import CaseResult
+
+    t = tally([CaseResult("m", "c", "quick", 1.0, {}, {}, {}, got, 1.0)])
+    assert t["all"] == {"right": 1, "undecided": 1, "wrong": 1, "missing": 1} and t["attr.v"]["right"] == 1

@@ -18,7 +18,7 @@ import tempfile
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Sequence
 
 from steerscope.errors import SteerscopeError
 
@@ -62,6 +62,17 @@ def finite_float(s: str) -> float:
     if not math.isfinite(x):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {s!r}")
     return x
+
+
+def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argument type: comma-separated names, each one of ``choices``, at least one."""
+    def parse(s: str) -> list[str]:
+        names = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [n for n in names if n not in choices]
+        if not names or bad:
+            raise argparse.ArgumentTypeError(f"unknown name {(bad or [s])[0]!r}; choose from {','.join(choices)}")
+        return names
+    return parse
 
 
 def layer_list(s: str) -> list[int]:

@@ -30,6 +30,9 @@ STUDIES = {
 }
 
 
+SECTION_NAMES = ("lens", "attribution", "frozen", "circuit", "sparsity", "identifiability")  # explain.sections
+
+
 def _emit(obj: dict[str, Any], as_json: bool, text: str) -> None:
     print(dumps(obj, None) if as_json else text)
 
@@ -199,12 +202,17 @@ def cmd_explain(a: argparse.Namespace) -> None:
         prompts = [p if isinstance(p, str) else p[0] for p in load_examples(a.prompts)]
     lm = ss.load_model(a.model, device=a.device)
     card = ss.explain(lm, vec, prompts, alpha=a.alpha, scorer=None if a.scorer == "none" else a.scorer,
-                      quick=a.quick, out=a.out, layer=a.layer, force=a.force, show_progress=not a.json)
-    d = card.to_dict()
+                      quick=a.quick, out=a.out, layer=a.layer, force=a.force, show_progress=not a.json,
+                      sections=a.sections)
+    effect = next((c for c in card.claims if c.rule == "dose.effect"), None)
+    if effect is not None and effect.status != "supported":
+        print(f"warning: at alpha {card.vector.alpha:.3g} the effect is not distinguishable from a random direction's "
+              f"({effect.status}: {effect.evidence}); the mechanism claims below describe a weak or generic effect",
+              file=sys.stderr)
     if a.json:
-        print(dumps(d, None))
+        print(dumps(card.to_dict(), None))
         return
-    print(f"card: {a.out}/card.html and {a.out}/card.json\n{d['verdict']}")
+    print(f"card: {a.out}/card.html and {a.out}/card.json\n{card.verdict}")
 
 
 def cmd_study(a: argparse.Namespace) -> None:
@@ -311,10 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--prompts", default=None, help="prompts file (.txt one a line, .jsonl, .json, .csv); "
                    "default: the shipped neutral prompts")
     x.add_argument("--alpha", type=T.finite_float, default=None, help="steering scale (default: the upper end of the "
-                   "recommended dose range)")
+                   "recommended dose range; without a range, the largest alpha within the KL budget; the card states "
+                   "which alpha it used and why)")
     x.add_argument("--scorer", default="none", choices=["refusal", "formality", "sentiment", "politeness", "none"],
                    help="score generations with the refusal matcher or a validated trait classifier")
-    x.add_argument("--quick", action="store_true", help="small sizes: fewer prompts and steps, no circuit search (timings in docs/explain.md)")
+    x.add_argument("--quick", action="store_true", help="small sizes: 8 prompts, 12 response tokens, 3 EAP-IG steps, a "
+                   "3-point circuit grid without bisection, 2 v_perp draws (more claims end undecided; timings in "
+                   "docs/explain.md)")
+    x.add_argument("--sections", type=T.name_list(SECTION_NAMES), default=None,
+                   help=f"comma-separated sections to compute after vector and dose (default: all of "
+                   f"{','.join(SECTION_NAMES)})")
     x.add_argument("--layer", type=int, default=None, help="layer to analyse for a multi-layer vector "
                    "(default: largest norm relative to the residual stream)")
     x.add_argument("--out", required=True, help="output folder (resumable: finished sections are reused)")

@@ -117,8 +117,9 @@ def effects(ctx: Context, beh: Behaviour, base_scores: np.ndarray | None) -> np.
     """Per-prompt effect [n]: the metric gap m_steer - m_base on the alpha's own responses, or with a
     scorer the scorer's value on the steered response minus on the unsteered one."""
     if ctx.scorer is None or base_scores is None:
-        return (beh.m_steer - beh.m_base).double().numpy()
-    return np.asarray(ctx.scorer(beh.pb.texts), float) - base_scores
+        return np.asarray((beh.m_steer - beh.m_base).double().numpy(), float)
+    out: np.ndarray = np.asarray(ctx.scorer(beh.pb.texts), float) - base_scores
+    return out
 
 
 def control(ctx: Context, alpha: float, beh: Behaviour, base_scores: np.ndarray | None) -> SpecificControl:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import html as H
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from steerscope.explain.records import (
     AttributionRecord,
@@ -207,7 +207,7 @@ def identifiability(r: Report, d: IdentifiabilityRecord) -> None:
         f"{num(ns.get('null_fraction_entropy'))}; {ns.get('n_tokens')} tokens): {d.null_space_note}.")
 
 
-RENDER_FIRST = {"vector": vector, "dose": dose}
+RENDER_FIRST: dict[str, Callable[[Report, Any], None]] = {"vector": vector, "dose": dose}
 
 
 def write_card(card: Explanation | dict[str, Any], path: str | Path) -> Path:
@@ -218,7 +218,7 @@ def write_card(card: Explanation | dict[str, Any], path: str | Path) -> Path:
     c = Explanation.from_dict(card) if isinstance(card, dict) else card
     v = c.vector
     r = Report(f"Mechanism card: {v.name or 'vector'} on {v.model}, layer {v.analysed_layer}, alpha {num(v.alpha)}")
-    render = {**RENDER_FIRST, **{s.name: s.render for s in SECTIONS},
+    render: dict[str, Callable[[Report, Any], None]] = {**RENDER_FIRST, **{s.name: s.render for s in SECTIONS},
               "claims": claims, "verdict": lambda rep, text: rep.p(text),
               "unsupported": lambda rep, u: rep.table(["section", "reason"], list(u.items())) if u else rep.p("none")}
     for key in ("claims", *(k for k in KEYS if k != "claims")):
