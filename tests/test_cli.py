@@ -85,3 +85,34 @@ def test_load_model_errors():
         ss.load_model("/tmp/none.gguf")
     with pytest.raises(ss.SteerscopeError, match="dtype"):
         ss.load_model("smollm2-135m", dtype="int3")
+
+
+def _warnings(err: str, word: str) -> list[str]:
+    """The ``warning:`` lines of ``err`` that mention ``word`` (a progress bar may precede one on its line)."""
+    return [w for w in err.split("warning:")[1:] if word in w.split("\n")[0]]
+
+
+def test_generate_warns_once_about_another_fingerprint(tiny_folder, tmp_path, capsys):
+    prov = ss.Provenance(model="no/such-model", fingerprint="0123456789abcdef")
+    ss.SteeringVector({1: torch.ones(64)}, provenance=prov).save(tmp_path / "v.safetensors")
+    rc = main(["generate", "--model", str(tiny_folder), "--vector", str(tmp_path / "v.safetensors"), "--alpha=-1,1",
+               "--prompt", "Hello", "--max-new-tokens", "2", "--json"])
+    assert rc == 0
+    assert len(_warnings(capsys.readouterr().err, "fingerprint")) == 1
+
+
+def test_generate_without_model_uses_the_vectors_model(tiny_folder, tmp_path, capsys):
+    tiny = ss.load_model(str(tiny_folder))
+    ss.SteeringVector({1: torch.ones(64)}, provenance=ss.Provenance.for_model(tiny)).save(tmp_path / "v.safetensors")
+    rc = main(["generate", "--vector", str(tmp_path / "v.safetensors"), "--prompt", "Hello", "--max-new-tokens", "2",
+               "--json"])
+    assert rc == 0  # on the default model (d_model 576) this 64-dim vector would be refused
+    assert not _warnings(capsys.readouterr().err, "fingerprint")
+
+
+def test_generate_with_a_shipped_vector_runs_on_its_model(capsys):
+    rc = main(["generate", "--vector", "smollm2-135m-safe/refusal-dim", "--prompt", "Hi", "--max-new-tokens", "2",
+               "--json"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "smollm2-135m-safe" in err and not _warnings(err, "fingerprint")

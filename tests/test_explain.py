@@ -216,3 +216,8 @@ def test_non_resid_pre_vector_is_a_clear_error(lm) -> None:
     v = ss.SteeringVector({1: torch.randn(lm.d_model)}, site="resid_post")
     with pytest.raises(ss.SteerscopeError, match="resid_pre"):
         explain(lm, v, PROMPTS, alpha=1.0, quick=True, show_progress=False)
+
+
+def test_a_bare_string_is_one_prompt(lm, vec) -> None:
+    card = explain(lm, vec, "Tell me about your weekend.", alpha=1.0, settings=Settings.quick(), show_progress=False)
+    assert card.vector["n_prompts"] == 1

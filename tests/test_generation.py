@@ -135,3 +135,17 @@ def test_single_layer_unpacks_and_refuses_other_shapes() -> None:
     with pytest.raises(SteerscopeError, match="resid_pre"):
         mlp.single_layer()
     assert mlp.single_layer(site=None).layer == 3
+
+
+def test_a_bare_string_is_one_prompt_not_one_per_character(lm) -> None:
+    text = "Hi there"
+    one = generate(lm, text, max_new_tokens=3)
+    assert isinstance(one, list) and one == generate(lm, [text], max_new_tokens=3)
+    assert chat_batch(lm, text)["input_ids"].shape == chat_batch(lm, [text])["input_ids"].shape
+    labels = completion_batch(lm, [text], ["Hello!"])["labels"]
+    assert torch.equal(completion_batch(lm, text, "Hello!")["labels"], labels)
+    acts = ss.collect(lm, lm.format_chat(text), [1])
+    assert acts[1].shape == (1, lm.d_model)
+    vec = ss.extract(lm, "Write a formal letter.", "yo whats up", layers=[1])
+    ref = ss.extract(lm, ["Write a formal letter."], ["yo whats up"], layers=[1])
+    assert vec.provenance.n_examples == 2 and torch.allclose(vec[1], ref[1])

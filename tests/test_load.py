@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+
 import pytest
 import torch
 
@@ -43,3 +47,74 @@ def test_apply_adapter_without_weights_is_a_model_load_error(tmp_path):
 
     with pytest.raises(ModelLoadError, match="adapter_model.safetensors"):
         apply_adapter(make_tiny("llama"), tmp_path)
+
+
+class _FakeGGUFModel:
+    """Stands in for a de-quantized GGUF model: save_pretrained writes the two files the cache needs,
+    waiting at a barrier so that two first loads write at the same time."""
+
+    def __init__(self, barrier, tag: str):
+        self.config, self.barrier, self.tag = type("Config", (), {})(), barrier, tag
+
+    def save_pretrained(self, folder: str) -> None:
+        from pathlib import Path
+
+        self.barrier.wait(timeout=10)
+        (Path(folder) / "config.json").write_text(json.dumps({"writer": self.tag}))
+        time.sleep(0.05)
+        (Path(folder) / "model.safetensors").write_text(self.tag)
+
+
+def test_two_first_loads_of_a_gguf_both_end_with_a_valid_cache(tmp_path, monkeypatch):
+    import transformers
+
+    from steerscope.models import load
+
+    monkeypatch.setenv("STEERSCOPE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    barrier = threading.Barrier(2)
+    fake_tok = type("Tok", (), {"save_pretrained": lambda self, folder: None})()
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: fake_tok)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: _FakeGGUFModel(barrier, threading.current_thread().name))
+    results, errors = [], []
+
+    def first_load() -> None:
+        try:
+            results.append(load._gguf_to_folder(gguf))
+        except Exception as e:  # reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_load, name=f"writer{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    folder = results[0]
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    writer = json.loads((folder / "config.json").read_text())["writer"]
+    assert (folder / "model.safetensors").read_text() == writer  # one writer's files, not a mix
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folder left behind
+    assert load._gguf_to_folder(gguf) == folder  # a later load reuses the cache
+
+
+def test_atomic_folder_replaces_an_incomplete_folder_and_keeps_a_complete_one(tmp_path):
+    from steerscope._files import atomic_folder
+
+    folder = tmp_path / "cache" / "model"
+    folder.mkdir(parents=True)
+    (folder / "partial").write_text("left by a crash")
+
+    def write(tag: str):
+        return lambda tmp: (tmp / "model.safetensors").write_text(tag)
+
+    def complete(f) -> bool:
+        return (f / "model.safetensors").is_file()
+
+    assert atomic_folder(folder, write("first"), complete) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+    atomic_folder(folder, write("second"), complete)  # a complete folder is never replaced
+    assert (folder / "model.safetensors").read_text() == "first"
+    assert [p.name for p in folder.parent.iterdir()] == ["model"]

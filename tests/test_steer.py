@@ -256,3 +256,26 @@ def test_bad_inputs_raise_clear_errors(lm):
     with pytest.raises(SiteError, match="shape"):
         with ss.patching(lm, {"blocks.1.resid_pre": torch.zeros(1, 3, lm.d_model)}), torch.no_grad():
             lm.model(**batch_ids())
+
+
+CACHE_SPECS = ["all", "prompt", "generated", "last-2", [-1], [0, -1]]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_steered_positions_do_not_depend_on_the_kv_cache(family):
+    tiny = make_tiny(family, seed=2)
+    vec, batch = _vec(tiny, layers=(1,), scale=6.0), batch_ids(n=2, length=6, left_pad=2)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    def run(spec, cache):
+        with ss.steering(tiny, vec, alpha=4.0, positions=spec), torch.no_grad():
+            return tiny.model.generate(**batch, **kw, use_cache=cache)
+
+    with torch.no_grad():
+        plain = tiny.model.generate(**batch, **kw)
+        assert torch.equal(plain, tiny.model.generate(**batch, **kw, use_cache=False))
+    for spec in CACHE_SPECS:
+        cached = run(spec, True)
+        assert torch.equal(cached, run(spec, False)), spec
+        if spec == "generated":  # the vector is strong enough to change the output, so the test can fail
+            assert not torch.equal(cached, plain)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 
 import pytest
@@ -97,3 +99,17 @@ def test_gguf_control_vector_round_trip(tmp_path):
 def test_gguf_export_refuses_layer_zero(tmp_path):
     with pytest.raises(VectorError, match="layer 0"):
         ss.SteeringVector({0: torch.randn(8)}).export_gguf(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_files_honour_the_umask(tmp_path, umask, mode):
+    from steerscope.runs import write_json
+
+    old = os.umask(umask)
+    try:
+        ss.SteeringVector({1: torch.ones(8)}).save(tmp_path / "v.safetensors")
+        write_json(tmp_path / "card.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "v.safetensors").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "card.json").stat().st_mode) == mode

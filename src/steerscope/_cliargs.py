@@ -176,19 +176,28 @@ def _check_writable(path: str, parent: Path, kind: str) -> None:
         raise ArgError(f"--out {path}: cannot write in {parent} ({e.strerror}); choose a writable {kind}") from None
 
 
-def _one_line_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
-                      line: str | None = None) -> None:
-    print(f"warning: {safe(message)}", file=sys.stderr)
+def _one_line_warnings() -> Callable[..., None]:
+    """A ``warnings.showwarning`` printing each warning as one ``warning:`` line, each text at most once
+    (the same warning raised from several places, e.g. a vector checked by the CLI and again by steering)."""
+    seen: set[tuple[type[Warning], str]] = set()
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        key = (category, str(message))
+        if key not in seen:
+            seen.add(key)
+            print(f"warning: {safe(message)}", file=sys.stderr)
+    return show
 
 
 def run_guarded(fn: Callable[[], None], debug: bool = False) -> int:
     """Run a command: one ``error:`` line for anything that escapes (exit 2 for user and file errors,
-    1 for anything else), the traceback only with ``debug``; warnings as one ``warning:`` line."""
+    1 for anything else), the traceback only with ``debug``; warnings as one ``warning:`` line each, once."""
     old = warnings.showwarning
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            warnings.showwarning = _one_line_warning
+            warnings.showwarning = _one_line_warnings()
             fn()
     except SteerscopeError as e:
         return _fail(e, 2, debug)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+import threading
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["atomic_write", "dumps"]
+__all__ = ["atomic_folder", "atomic_write", "dumps", "file_mode", "umask"]
+
+_UMASK_LOCK = threading.Lock()
 
 
 def _default(o: Any) -> Any:
@@ -41,12 +45,42 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(_finite(obj), indent=indent, allow_nan=False)
 
 
+def umask() -> int:
+    """The process's current umask, read without changing it where the platform allows.
+
+    Linux reports it in ``/proc/self/status``; elsewhere it is read by setting and restoring it
+    under a lock (a restrictive 0o077 meanwhile, so a file another thread creates in that instant
+    is never more open than intended).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
+
+def file_mode(directory: bool = False) -> int:
+    """The mode a plain ``open`` (0o666) or ``mkdir`` (0o777) would give under the current umask."""
+    return (0o777 if directory else 0o666) & ~umask()
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a unique temp file in the same folder, fsync and rename."""
+    """Write ``data`` to ``path`` via a unique temp file in the same folder, fsync and rename.
+
+    The file gets the mode any other tool would give it (0o666 less the umask), not
+    :func:`tempfile.mkstemp`'s private 0o600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -55,6 +89,41 @@ def atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_folder(folder: Path, write: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """Fill ``folder`` by ``write(tmp)`` into a unique temp folder beside it, then rename it into place.
+
+    Concurrent writers never share a temp folder: the first rename wins, and a writer that finds a
+    ``complete`` folder already in place discards its own copy. An incomplete folder in the way (from
+    an older version or a crash) is replaced.
+
+    Args:
+        folder: the final folder. write: fills the folder it is given. complete: whether a folder is valid.
+
+    Returns:
+        ``folder``.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, file_mode(directory=True))  # mkdtemp's folder is private (0o700)
+        write(tmp)
+        for _ in range(3):
+            try:
+                os.rename(tmp, folder)  # atomic; fails when another writer's folder is already there
+                break
+            except OSError:
+                if complete(folder):
+                    break
+                shutil.rmtree(folder, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(folder.parent)
+    return folder
 
 
 def _fsync_dir(folder: Path) -> None:

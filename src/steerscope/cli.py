@@ -20,6 +20,7 @@ from steerscope import _cliargs as T
 from steerscope._cliargs import safe
 from steerscope._files import dumps
 from steerscope.errors import SteerscopeError, VectorError
+from steerscope.models.load import ALIASES, DEFAULT_MODEL
 
 # Each study package follows steerscope.studies.protocol: Config (with add_arguments / from_args), run, write_report.
 STUDIES = {
@@ -77,7 +78,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
         vec = vec.select(a.layers)
     alphas = _parse_alphas(a.alpha)
     prompts = a.prompt or ["Tell me about your weekend."]
-    lm = ss.load_model(a.model, device=a.device)
+    model = a.model or _vector_model(vec)
+    if a.model is None and model is not None:
+        print(f"note: no --model given; using {safe(model)}, the model the vector was made on", file=sys.stderr)
+    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device)
     if vec is not None:
         if str(a.vector).endswith(".gguf"):  # direction.{n_layers-1} needs the model's depth
             vec = ss.SteeringVector.load(a.vector, n_layers=lm.n_layers)
@@ -97,6 +101,22 @@ def cmd_generate(a: argparse.Namespace) -> None:
         print(f"--- unsteered:\n{_text(base[i])}")
         for alpha, outs in rows["steered"].items():
             print(f"--- steered (alpha={alpha}):\n{_text(outs[i])}")
+
+
+def _vector_model(vec: Any) -> str | None:
+    """The model a vector's provenance names, when it can be loaded here (an alias, or a local model
+    folder or .gguf file that exists); else None."""
+    name = vec.provenance.model if vec is not None else None
+    if not isinstance(name, str) or not name:
+        return None
+    if name in ALIASES:
+        return name
+    try:
+        path = Path(name)
+        local = (path / "config.json").is_file() or (name.endswith(".gguf") and path.is_file())
+    except (OSError, ValueError):  # not a path here
+        return None
+    return name if local else None
 
 
 def _text(s: str) -> str:
@@ -252,9 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser, model: bool = True) -> None:
-        if model:
-            sp.add_argument("--model", default="smollm2-135m", help="alias, folder, .gguf or hub id")
+    def common(sp: argparse.ArgumentParser, model: bool = True, model_default: str | None = DEFAULT_MODEL) -> None:
+        if model:  # no default: the command picks one (generate: the vector's model)
+            help_ = "alias, folder, .gguf or hub id" + ("" if model_default else (
+                f" (default: the model named in the vector's provenance when it can be loaded, else {DEFAULT_MODEL})"))
+            sp.add_argument("--model", default=model_default, help=help_)
             sp.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
         sp.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -278,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all, prompt, generated, last-K or integers")
     g.add_argument("--max-new-tokens", type=T.positive_int, default=48)
     g.add_argument("--seed", type=int, default=0)
-    common(g)
+    common(g, model_default=None)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="layers, norms, provenance, cosine to another vector")

@@ -25,12 +25,22 @@ from steerscope.vector import SteeringVector
 IGNORE = -100  # label of tokens that do not count
 
 
-def chat_batch(lm: LM, prompts: Sequence[str], system: str | None = None, chat: bool = True) -> Any:
+def as_texts(texts: str | Sequence[str]) -> list[str]:
+    """``texts`` as a list; a bare string is one text (never one text per character).
+
+    Example:
+        >>> as_texts("Hi there")
+        ['Hi there']
+    """
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def chat_batch(lm: LM, prompts: str | Sequence[str], system: str | None = None, chat: bool = True) -> Any:
     """Chat-format ``prompts`` (when ``chat``; else they are used as they are) and tokenize them with left padding.
 
     Args:
         lm: the model.
-        prompts: user messages (or raw texts with ``chat=False``).
+        prompts: user messages (or raw texts with ``chat=False``); a bare string is one prompt.
         system: optional system message.
         chat: apply the chat template.
 
@@ -41,16 +51,16 @@ def chat_batch(lm: LM, prompts: Sequence[str], system: str | None = None, chat: 
         >>> enc = chat_batch(lm, ["Hi", "How are you?"])
         >>> lm.model(**enc).logits.shape  # [2 pos vocab]
     """
-    texts = [lm.format_chat(p, system) if chat else p for p in prompts]
+    texts = [lm.format_chat(p, system) if chat else p for p in as_texts(prompts)]
     return lm.tokenize(texts, padding_side="left", templated=chat)
 
 
-def completion_batch(lm: LM, prompts: Sequence[str], completions: Sequence[str], max_tokens: int | None = None,
-                     system: str | None = None) -> dict[str, torch.Tensor]:
+def completion_batch(lm: LM, prompts: str | Sequence[str], completions: str | Sequence[str],
+                     max_tokens: int | None = None, system: str | None = None) -> dict[str, torch.Tensor]:
     """Right-padded chat-formatted (prompt + completion) rows; labels only on completion tokens.
 
     Args:
-        prompts, completions: one completion per prompt.
+        prompts, completions: one completion per prompt (a bare string is one prompt / completion).
         max_tokens: keep the first ``max_tokens`` completion tokens (None: all).
         system: optional system message.
 
@@ -63,7 +73,7 @@ def completion_batch(lm: LM, prompts: Sequence[str], completions: Sequence[str],
     """
     tok = lm.tokenizer
     rows, labels = [], []
-    for p, c in zip(prompts, completions):
+    for p, c in zip(as_texts(prompts), as_texts(completions)):
         pid = tok(lm.format_chat(p, system), add_special_tokens=not lm.has_chat_template)["input_ids"]
         cid = tok(c, add_special_tokens=False)["input_ids"][:max_tokens]
         rows.append(pid + cid)
@@ -138,7 +148,7 @@ class SeededSampler:
 
 def generate(
     lm: LM,
-    prompts: Sequence[str],
+    prompts: str | Sequence[str],
     vector: SteeringVector | None = None,
     alpha: float = 1.0,
     max_new_tokens: int = 64,
@@ -156,13 +166,15 @@ def generate(
 
     Greedy by default; with ``do_sample``, pure temperature sampling (no top-k / top-p) from a
     ``torch.Generator`` seeded with ``seed`` (None: a random seed), leaving the global RNG untouched.
-    Left padding; the returned strings are the new text only. ``backend="vllm"`` runs the same
-    request on a cached vLLM engine (docs/vllm.md): greedy output is token for token the HF one;
-    positions ``all`` / ``prompt`` / ``generated`` only; sampling uses vLLM's sampler.
+    Left padding; the returned strings are the new text only, one per prompt (a bare string is one
+    prompt). ``backend="vllm"`` runs the same request on a cached vLLM engine (docs/vllm.md): greedy
+    output is token for token the HF one; positions ``all`` / ``prompt`` / ``generated`` only;
+    sampling uses vLLM's sampler.
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)
     """
+    prompts = as_texts(prompts)
     if backend == "vllm":
         from steerscope.backends import vllm
 

@@ -78,31 +78,39 @@ class Call:
         n_new: number of positions in this call (the ``pos`` length the hooks see).
         past: number of cached positions before this call (0 for a prefill).
         index: how many forward calls came before this one inside the context.
+        prompt_mask: mask of the prompt [batch prompt_pos]; kept by cache-free calls that extend it (:meth:`begin`).
     """
 
     mask: torch.Tensor | None = None
     n_new: int = 0
     past: int = 0
     index: int = -1
-    prompt_mask: torch.Tensor | None = None  # mask of the prefill call [batch prompt_pos]
+    prompt_mask: torch.Tensor | None = None
+    is_prefill: bool = True  # this call starts a sequence (its tokens are the prompt), with or without a cache
     store: dict[str, Any] = field(default_factory=dict)
+    _prev: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # last cache-free ids, mask
 
-    @property
-    def is_prefill(self) -> bool:
-        return self.past == 0
-
-    def begin(self, mask: torch.Tensor, n_new: int, past: int) -> None:
-        """Start the record of a new forward call (the model's top-level pre-hook calls this)."""
-        self.mask, self.n_new, self.past = mask, n_new, past
-        self.index += 1
-        if past == 0:
-            self.prompt_mask = mask
+    def begin(self, mask: torch.Tensor, n_new: int, past: int, ids: torch.Tensor | None = None) -> None:
+        """Start the record of a new forward call (the top-level pre-hook calls this). A cache-free call whose
+        ``ids`` [batch n_new] and mask extend the last one's (``generate(use_cache=False)``) keeps the prompt."""
+        new = (ids, mask) if past == 0 and ids is not None and mask.shape == ids.shape else None
+        self.is_prefill = past == 0 and not _extends(new, self._prev)
+        self.mask, self.n_new, self.past, self._prev, self.index = mask, n_new, past, new, self.index + 1
+        self.prompt_mask = mask if self.is_prefill else self.prompt_mask
         self.store.clear()
 
     def new_mask(self) -> torch.Tensor:
         """Mask of the positions in this call [batch pos]."""
         assert self.mask is not None
         return self.mask[:, -self.n_new :]
+
+
+def _extends(new: tuple[torch.Tensor, torch.Tensor] | None, old: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    """Whether ``new`` (ids, mask) [batch pos] strictly extends ``old`` with the same rows."""
+    n = old[0].shape[1] if old is not None else 0
+    return (new is not None and old is not None and new[0].shape[0] == old[0].shape[0] and new[0].shape[1] > n
+            and new[0].device == old[0].device and torch.equal(new[0][:, :n], old[0])
+            and torch.equal(new[1][:, :n], old[1]))
 
 
 # -- the site table ------------------------------------------------------------------------------
@@ -233,7 +241,7 @@ def _top_pre(call: Call, scope: Scope) -> Callable[..., None]:
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
             mask = torch.ones(b, past + n, dtype=torch.long, device=x.device)
-        call.begin(mask, n, past)
+        call.begin(mask, n, past, ids if ids is not None and ids.dim() == 2 else None)
     return top_pre
 
 

@@ -5,11 +5,15 @@ on exception too. The math is in small pure functions (``add_at``, ``project_out
 
 Positions (``positions=``):
     ``"all"``        every position of every forward call, generated tokens included (paper A).
-    ``"prompt"``     positions of the prefill call only.
-    ``"generated"``  positions after the prefill (each decoded token).
+    ``"prompt"``     the prompt's columns only (the tokens of the call that starts the sequence).
+    ``"generated"``  the columns after the prompt (each decoded token).
     ``"last-k"``     the last k real (non-pad) prompt tokens of each row, e.g. ``"last-4"``.
     ``[i, j, ...]``  explicit prompt indices per row, negative from the end of the real prompt,
                      non-negative from its first real token (padding on either side handled).
+
+Every spec selects absolute columns of the sequence, so ``generate`` steers the same positions with
+and without the KV cache (``use_cache=False`` re-runs the whole sequence at each step; see
+:class:`steerscope.hooks.Call` for how such a step is told from a new prompt).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from steerscope.explain.records import (
 from steerscope.explain.scorers import resolve_scorer
 from steerscope.explain.sections import SECTIONS
 from steerscope.explain.verdict import claims_of, verdict
-from steerscope.generation import context_length
+from steerscope.generation import as_texts, context_length
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.runs import MemoryRun, Run, write_json
@@ -151,7 +151,7 @@ def _check_context(lm: LM, prompts: Sequence[str], n_new: int) -> None:
                         f"context of {n_ctx} positions; shorten the prompts")
 
 
-def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None, alpha: float | None = None,
+def explain(lm: LM, vector: SteeringVector, prompts: str | Sequence[str] | None = None, alpha: float | None = None,
             scorer: str | ScoreFn | None = None, quick: bool = False, out: str | Path | None = None,
             layer: int | None = None, settings: Settings | None = None, force: bool = False,
             show_progress: bool = True, sections: Sequence[str] | None = None) -> Explanation:
@@ -159,7 +159,7 @@ def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None
 
     Args:
         lm: the model. vector: any resid_pre :class:`SteeringVector` (hand-made, imported, shipped).
-        prompts: prompts to steer (default: the shipped neutral set, 16 or 8 with ``quick``).
+        prompts: prompts to steer, a bare string being one (default: the shipped neutral set, 16 or 8 with ``quick``).
         alpha: the scale; None picks the upper end of the dose section's recommended range.
         scorer: None, ``"refusal"``, a trait (``formality``, ``sentiment``, ``politeness``) or a
             callable ``texts -> scores``; adds scorer means to the generation-based sections.
@@ -178,7 +178,7 @@ def explain(lm: LM, vector: SteeringVector, prompts: Sequence[str] | None = None
     check_inputs(vector, alpha, layer)
     vector.check_compatible(lm)
     st = settings or (Settings.quick() if quick else Settings())
-    prompts = list(prompts) if prompts else dose.neutral_prompts(8 if quick else 16)
+    prompts = as_texts(prompts) if prompts else dose.neutral_prompts(8 if quick else 16)
     _check_context(lm, prompts, max(st.n_tokens, st.gen_tokens))
     fn, scorer_info = resolve_scorer(scorer)
     vsha, psha = _digest(vector, prompts)

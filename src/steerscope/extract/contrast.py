@@ -19,6 +19,7 @@ import torch
 
 from steerscope.errors import DataError, SiteError
 from steerscope.extract.aggregate import METHODS, Aggregator
+from steerscope.generation import as_texts
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
@@ -47,7 +48,7 @@ def _format(lm: LM, ex: Example, system: str | None, chat: bool) -> str:
 
 def collect(
     lm: LM,
-    texts: Sequence[str],
+    texts: str | Sequence[str],
     layers: Sequence[int],
     positions: Sequence[int] = (-1,),
     site: str = "resid_pre",
@@ -55,13 +56,15 @@ def collect(
     templated: bool = True,
     show_progress: bool = False,
 ) -> dict[int, torch.Tensor]:
-    """Activations at ``site`` for each text, averaged over ``positions``: {layer: [n d_model]}.
+    """Activations at ``site`` for each text (a bare string is one text), averaged over ``positions``:
+    {layer: [n d_model]}.
 
     Example:
         >>> acts = collect(lm, [lm.format_chat("Hi")], layers=[6])
         >>> acts[6].shape
         torch.Size([1, 576])
     """
+    texts = as_texts(texts)
     if site not in RESIDUAL_POINTS:
         raise SiteError(f"extraction reads residual-shaped sites ({', '.join(RESIDUAL_POINTS)}), not {site!r}")
     if not texts:
@@ -100,8 +103,8 @@ def collect(
 
 def extract(
     lm: LM,
-    positive: Sequence[Example],
-    negative: Sequence[Example],
+    positive: str | Sequence[Example],
+    negative: str | Sequence[Example],
     method: str | Aggregator = "dim",
     layers: Sequence[int] | None = None,
     positions: Sequence[int] = (-1,),
@@ -115,7 +118,8 @@ def extract(
 
     Args:
         lm: the model.
-        positive, negative: prompts, or (prompt, completion) pairs / ``{"prompt", "completion"}``.
+        positive, negative: prompts, or (prompt, completion) pairs / ``{"prompt", "completion"}``; a bare
+            string is one prompt.
         method: ``dim``, ``caa``, ``pca`` (= ``pca_diff``), ``pca_center``, ``probe`` or ``actadd``; or an
             aggregator ``fn(pos [n d_model], neg [m d_model]) -> direction [d_model]`` (one row per example,
             positions averaged), recorded in the provenance under its ``__name__``.
@@ -142,6 +146,8 @@ def extract(
     else:
         raise DataError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}, or pass a function "
                         "(pos, neg) -> direction")
+    positive = [positive] if isinstance(positive, str) else list(positive)
+    negative = [negative] if isinstance(negative, str) else list(negative)
     if not positive or not negative:
         raise DataError("extraction needs at least one positive and one negative example")
     if method == "caa" and not all(not isinstance(e, str) for e in list(positive) + list(negative)):

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from steerscope._files import atomic_folder
 from steerscope.errors import ModelLoadError
 from steerscope.models._source import check_source
 from steerscope.models.families import family_for
@@ -116,7 +117,7 @@ def _gguf_to_folder(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
     folder = cache_dir() / "dequantized" / f"{gguf.stem}-{key}"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    if _complete(folder):
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,16 +132,17 @@ def _gguf_to_folder(gguf: Path) -> Path:
         if hasattr(model.config, attr):
             delattr(model.config, attr)
     model.is_quantized = False
-    tmp = folder.with_suffix(".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    if folder.exists():
-        import shutil
 
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+
+    return atomic_folder(folder, write, _complete)  # a unique temp folder: concurrent first loads never mix
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a de-quantized cache folder holds a model."""
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def _resolve_source(name_or_path: str) -> tuple[str, Path | None]:
