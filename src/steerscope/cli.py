@@ -220,7 +220,10 @@ def cmd_explain(a: argparse.Namespace) -> None:
     prompts = None
     if a.prompts:
         prompts = [p if isinstance(p, str) else p[0] for p in load_examples(a.prompts)]
-    lm = ss.load_model(a.model, device=a.device)
+    model = a.model or _vector_model(vec)
+    if a.model is None and model is not None:
+        print(f"note: no --model given; using {safe(model)}, the model the vector was made on", file=sys.stderr)
+    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device)
     card = ss.explain(lm, vec, prompts, alpha=a.alpha, scorer=None if a.scorer == "none" else a.scorer,
                       quick=a.quick, out=a.out, layer=a.layer, force=a.force, show_progress=not a.json,
                       sections=a.sections)
@@ -355,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: largest norm relative to the residual stream)")
     x.add_argument("--out", required=True, help="output folder (resumable: finished sections are reused)")
     x.add_argument("--force", action="store_true", help="recompute finished sections")
-    x.add_argument("--model", default="smollm2-135m", help="alias, folder, .gguf or hub id")
+    x.add_argument("--model", default=None, help="alias, folder, .gguf or hub id (default: the model the vector's "
+                   "provenance names when it is available here, else smollm2-135m)")
     x.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
     x.add_argument("--json", action="store_true", help="print the card.json object on stdout")
     x.set_defaults(func=cmd_explain)
