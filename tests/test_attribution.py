@@ -103,3 +103,21 @@ def test_unsupported_vector_shape_raises(setup) -> None:
     two = ss.SteeringVector({0: v[1], 1: v[1]})
     with pytest.raises(SteerscopeError):
         A.eap_ig(lm, pb, two, 1.0)
+
+
+def test_per_sample_steering_node_edges_average_to_the_steering_row_and_match_single_sample_runs(setup) -> None:
+    lm, v, pb, att = setup
+    torch.testing.assert_close(att.s_edges.mean(0).float(), att.edges[0], rtol=1e-4, atol=1e-5)
+    for i in range(pb.ids.shape[0]):  # each sample's row is that sample attributed alone
+        alone = A.eap_ig(lm, pb.rows(slice(i, i + 1)), v, 1.0, steps=10, batch_size=1)
+        torch.testing.assert_close(att.s_edges[i].float(), alone.edges[0], rtol=1e-3, atol=1e-4)
+
+
+def test_patched_metrics_per_prompt_average_to_the_faithfulness(setup) -> None:
+    lm, v, pb, att = setup
+    circ = A.greedy_circuit(att.edges, att.graph, 20)
+    m = A.patched_per_prompt(lm, pb, v, 1.0, att.graph, [circ], batch_size=2)
+    (f,), mf, me = A.faithfulness_of(lm, pb, v, 1.0, att.graph, [circ])
+    assert m.shape == (3, pb.ids.shape[0])
+    assert float(m[0].mean()) == pytest.approx(mf) and float(m[1].mean()) == pytest.approx(me)
+    assert float((m[2].mean() - m[1].mean()) / (m[0].mean() - m[1].mean())) == pytest.approx(f)

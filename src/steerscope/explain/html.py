@@ -83,7 +83,8 @@ def claims(r: Report, cs: Sequence[Claim]) -> None:
                     f"{H.escape(c.test)}</span></td><td class=\"l\">{H.escape(c.evidence + decide)}</td></tr>")
     r.raw('<table><tr><th class="l">status</th><th class="l">claim and its test</th><th class="l">evidence</th></tr>'
           + "".join(rows) + "</table>")
-    r.table(["term", "meaning"], [list(g) for g in GLOSSARY])
+    r.raw('<table><tr><th class="l">term</th><th class="l">meaning</th></tr>' + "".join(
+        f'<tr><td class="l">{H.escape(t)}</td><td class="l">{H.escape(m)}</td></tr>' for t, m in GLOSSARY) + "</table>")
 
 
 def vector(r: Report, v: VectorRecord) -> None:
