@@ -12,6 +12,7 @@ import math
 from typing import TYPE_CHECKING
 
 from steerscope.explain import rules
+from steerscope.explain.html import token
 from steerscope.explain.records import Claim, DoseRecord
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def verdict(card: Explanation) -> str:
     if card.dose is not None:
         parts.append(dose_sentence(card.dose))
     if card.lens is not None:
-        parts.append("Logit lens of the added vector: " + ", ".join(repr(t) for t in card.lens.top_positive["raw"][:5])
+        parts.append("Logit lens of the added vector: " + ", ".join(f"“{token(t)}”" for t in card.lens.top_positive["raw"][:5])
                      + ".")
     if card.attribution is not None:
         sh = card.attribution.share

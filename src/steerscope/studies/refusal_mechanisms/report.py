@@ -8,6 +8,7 @@ from typing import Any
 from steerscope.circuits.graph import Graph, Node
 from steerscope.report.html import Report, plt_figure
 from steerscope.runs import Run
+from steerscope.stats import holm, mcnemar_p, wilson
 from steerscope.studies.refusal_mechanisms.config import Config
 
 SETTINGS = ("bypass", "induce")
@@ -96,6 +97,31 @@ def _sparsity_fig(rec: dict[str, Any]) -> Any:
     return fig
 
 
+def table1_tests(arec: dict[str, dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """{(setting, ablation): Holm-corrected exact McNemar p of its per-prompt outcomes vs the steered run}
+    over every ablation and setting of Table 1 (one family); empty for records without per-prompt outcomes."""
+    keys, raw = [], []
+    for setting, a in arec.items():
+        each = a.get("each")
+        if not each:
+            continue
+        for m in ("unsteered", *(m for m, _ in MODES)):
+            if m != "none" and m in each:
+                keys.append((setting, m))
+                raw.append(mcnemar_p(each["none"], each[m]))
+    return dict(zip(keys, holm(raw)))
+
+
+def _cell(a: dict[str, Any], m: str, p: float | None) -> str:
+    """``ASR [Wilson 95 %] (change in points; McNemar p)``."""
+    n = int(a["n"])
+    lo, hi = wilson(round(a[m] * n), n)
+    parts = [] if m == "unsteered" else [f"{100 * abs(a[m] - a['none']):.1f}"]
+    if p is not None:
+        parts.append(f"p = {p:.2g}")
+    return f"{a[m]:.3f} [{lo:.2f}, {hi:.2f}]" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
     """Build ``report.html`` in the run folder from the step records."""
     r = Report("Refusal mechanisms: why steering works")
@@ -137,11 +163,15 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
     if arec:
         r.h2("Frozen attention and path ablations (DIM; paper A Table 1)")
         r.figure(_ablation_fig(arec), "ASR per ablation", run.path("fig_ablations.png"))
-        hdr = ["ablation"] + [f"{s} ASR (change, pts)" for s in arec]
-        body = [["unsteered"] + [f"{a['unsteered']:.3f}" for a in arec.values()]]
+        hdr = ["ablation"] + [f"{s} ASR [Wilson 95 %] (change, pts; exact McNemar vs steered, Holm)" for s in arec]
+        tests = table1_tests(arec)
+        body = [["unsteered"] + [_cell(a, "unsteered", tests.get((s, "unsteered"))) for s, a in arec.items()]]
         for m, lab in MODES:
-            body.append([lab] + [f"{a[m]:.3f} ({100 * abs(a[m] - a['none']):.1f})" for a in arec.values()])
+            body.append([lab] + [_cell(a, m, tests.get((s, m))) for s, a in arec.items()])
         r.table(hdr, body)
+        r.p("Each cell: ASR over the n prompts of the setting with its Wilson 95 % interval; the change from the "
+            "steered run in points; the exact McNemar p-value of the paired per-prompt outcomes against the "
+            "steered run, Holm-corrected over every comparison of this table (one family).", note=True)
     r.h2("Steering value vectors: logit lens of the top heads")
     for n in names:
         if run.done(f"svv_{n}"):

@@ -157,6 +157,7 @@ def step_ablations(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting: 
     texts = {m: lm.tokenizer.batch_decode(t, skip_special_tokens=True) for m, t in ids.items()}
     out: dict[str, Any] = {"setting": setting, "alpha": alpha, "n": len(ps)}
     out.update({m: asr(t) for m, t in texts.items()})
+    out["each"] = {m: [int(x) for x in _asr_each(t)] for m, t in texts.items()}  # per prompt: paired tests
     out["samples"] = {m: t[:3] for m, t in texts.items()}
     return out
 
