@@ -173,3 +173,14 @@ def test_a_resumed_record_equals_the_computed_one_with_nan_and_inf(tmp_path):
     assert again["auc"] != again["auc"] and first["auc"] != first["auc"]
     assert again["rows"][0]["p"] == float("inf") and again["rows"][1]["p"] == 0.5
     assert again["m"]["q"] == float("-inf") and again["ci"] is None
+
+
+def test_a_lock_file_symlinked_elsewhere_is_never_followed(tmp_path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").symlink_to(victim)
+    with pytest.raises(StudyError, match="cannot use run folder"):
+        Run(folder, config={"a": 1})
+    assert victim.read_text() == "precious\n"  # opened with O_NOFOLLOW: not truncated, not written

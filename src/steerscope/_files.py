@@ -1,4 +1,4 @@
-"""Strict JSON and atomic, durable file writes (used by vectors and run folders)."""
+"""Strict JSON, atomic and durable file writes (used by vectors and run folders), and the run-folder lock."""
 
 from __future__ import annotations
 
@@ -8,9 +8,18 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from steerscope.errors import StudyError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are not protected
+    fcntl = None  # type: ignore[assignment]
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 __all__ = ["atomic_folder", "atomic_write", "dumps", "file_mode", "umask"]
 
@@ -139,3 +148,69 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# -- the folder lock ------------------------------------------------------------------------------
+_HELD: dict[str, list[Any]] = {}  # resolved folder -> [fd, refcount]; one lock per process and folder
+_HELD_LOCK = threading.Lock()
+
+
+def acquire_folder_lock(folder: Path) -> str:
+    """Take the exclusive lock of a run folder (shared within this process); :class:`StudyError` if another holds it."""
+    key = str(folder.resolve())
+    with _HELD_LOCK:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return key
+        if fcntl is None:  # pragma: no cover
+            _HELD[key] = [None, 1]
+            return key
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)  # never follow a link
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            err = _in_use(folder, fd)
+            os.close(fd)
+            raise err from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        _HELD[key] = [fd, 1]
+        return key
+
+
+def _in_use(folder: Path, fd: int) -> StudyError:
+    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+    who = f"process {holder[0]}" if holder else "another process"
+    return StudyError(f"run folder {folder} is in use by {who}; wait for it to finish or use another --out folder")
+
+
+def check_free(folder: str | Path) -> None:
+    """Raise the :class:`StudyError` a :class:`Run` would if another process holds ``folder`` now, without
+    creating or keeping anything (a command calls it before it loads a model; the Run still locks)."""
+    lock = Path(folder) / ".lock"
+    if fcntl is None or not lock.is_file():
+        return
+    with _HELD_LOCK:
+        if str(Path(folder).resolve()) in _HELD:  # this process holds it: a Run here will share it
+            return
+        try:
+            fd = os.open(lock, os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            return  # unreadable: the Run reports it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a probe: closing the descriptor releases it
+        except OSError:
+            raise _in_use(Path(folder), fd) from None
+        finally:
+            os.close(fd)
+
+
+def release_folder_lock(key: str) -> None:
+    """Release one hold of :func:`acquire_folder_lock` (the lock goes with the last)."""
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            if held[0] is not None:
+                os.close(held[0])  # closing the descriptor releases the flock

@@ -26,20 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from steerscope._files import atomic_write, dumps
+from steerscope._files import acquire_folder_lock, atomic_write, check_free, dumps, release_folder_lock
 from steerscope.errors import StudyError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are not protected
-    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from steerscope.analyses.records import Record
@@ -85,72 +78,6 @@ def _nonfinite_paths(node: Any, keys: list[Any], out: list[list[Any]]) -> None:
 def warn(msg: str) -> None:
     """Report a recovered problem in one line on stderr."""
     print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-# -- the folder lock ------------------------------------------------------------------------------
-_HELD: dict[str, list[Any]] = {}  # resolved folder -> [fd, refcount]; one lock per process and folder
-_HELD_LOCK = threading.Lock()
-
-
-def _acquire(folder: Path) -> str:
-    key = str(folder.resolve())
-    with _HELD_LOCK:
-        if key in _HELD:
-            _HELD[key][1] += 1
-            return key
-        if fcntl is None:  # pragma: no cover
-            _HELD[key] = [None, 1]
-            return key
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            err = _in_use(folder, fd)
-            os.close(fd)
-            raise err from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
-        _HELD[key] = [fd, 1]
-        return key
-
-
-def _in_use(folder: Path, fd: int) -> StudyError:
-    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
-    who = f"process {holder[0]}" if holder else "another process"
-    return StudyError(f"run folder {folder} is in use by {who}; wait for it to finish or use another --out folder")
-
-
-def check_free(folder: str | Path) -> None:
-    """Raise the :class:`StudyError` a :class:`Run` would if another process holds ``folder`` now, without
-    creating or keeping anything (a command calls it before it loads a model; the Run still locks)."""
-    lock = Path(folder) / ".lock"
-    if fcntl is None or not lock.is_file():
-        return
-    with _HELD_LOCK:
-        if str(Path(folder).resolve()) in _HELD:  # this process holds it: a Run here will share it
-            return
-        try:
-            fd = os.open(lock, os.O_RDONLY)
-        except OSError:
-            return  # unreadable: the Run reports it
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a probe: closing the descriptor releases it
-        except OSError:
-            raise _in_use(Path(folder), fd) from None
-        finally:
-            os.close(fd)
-
-
-def _release(key: str) -> None:
-    with _HELD_LOCK:
-        held = _HELD.get(key)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] == 0:
-            del _HELD[key]
-            if held[0] is not None:
-                os.close(held[0])  # closing the descriptor releases the flock
 
 
 class _Store:
@@ -246,7 +173,7 @@ class Run(_Store):
             raise StudyError(f"--out {self.folder} is a file, not a folder; give a folder path")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._lock = _acquire(self.folder)
+            self._lock = acquire_folder_lock(self.folder)
         except OSError as e:
             raise StudyError(f"cannot use run folder {self.folder} ({e.strerror or e}); choose a writable --out "
                              "folder") from None
@@ -278,7 +205,7 @@ class Run(_Store):
     def close(self) -> None:
         """Release the folder lock (also done when the object is collected or the process exits)."""
         if self._lock is not None:
-            _release(self._lock)
+            release_folder_lock(self._lock)
             self._lock = None
 
     def __enter__(self) -> Run:
@@ -447,3 +374,6 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
         else:
             out[key] = t
     return out
+
+
+__all__ = ["MemoryRun", "Run", "check_free", "load_tensors", "save_tensors", "warn", "write_json"]
