@@ -17,8 +17,9 @@ Both are used by :mod:`steerscope.extract.rl` through ``parameters()`` and ``act
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -141,12 +142,11 @@ class LoRAPolicy(torch.nn.Module):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        torch.manual_seed(seed)
         targets = list(targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)  # type: ignore[arg-type]
         for p in lm.model.parameters():
             p.requires_grad_(False)
-        inject_adapter_in_model(cfg, lm.model)
+        seeded_lora(lambda: inject_adapter_in_model(cfg, lm.model), seed)
         self.lm = [lm]
         self.named = {n.replace(".", "/"): p for n, p in lm.model.named_parameters() if "lora_" in n}
         self.params = torch.nn.ParameterDict(self.named)
@@ -171,6 +171,65 @@ class LoRAPolicy(torch.nn.Module):
             yield None
         finally:
             self._set(False)
+
+
+M = TypeVar("M")
+
+
+def seeded_lora(inject: Callable[[], M], seed: int, adapter: str = "default") -> M:
+    """Run ``inject`` (a PEFT call that adds LoRA layers) with the LoRA weights drawn from ``seed``.
+
+    PEFT initialises LoRA from the global RNG; here its draws happen inside ``torch.random.fork_rng``
+    (the global RNG is left as it was) and are then replaced by :func:`init_lora`'s, which are the
+    values PEFT draws after ``torch.manual_seed(seed)`` -- adapters trained before keep their numbers.
+
+    Args:
+        inject: e.g. ``lambda: get_peft_model(model, config)``; returns the adapted model.
+        seed: the initialisation seed.
+        adapter: the adapter's name.
+
+    Returns:
+        What ``inject`` returns.
+
+    Example:
+        >>> model = seeded_lora(lambda: get_peft_model(lm.model, LoraConfig(r=8)), seed=0)
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = inject()
+    init_lora(model, seed, adapter)  # type: ignore[arg-type]
+    return model
+
+
+@torch.no_grad()
+def init_lora(model: torch.nn.Module, seed: int, adapter: str = "default") -> None:
+    """PEFT's LoRA initialisation (kaiming-uniform A, zero B) from a generator seeded with ``seed``.
+
+    Algorithm (the draws PEFT makes from the global RNG after ``torch.manual_seed(seed)``, replayed on a
+    local generator): for each adapted layer in module order, ``nn.Linear``'s default init of A [r in],
+    then of B [out r] (both discarded by PEFT), then ``kaiming_uniform_(A, a=sqrt(5))``; B = 0. The
+    float32 draw is rounded through the base layer's dtype, as PEFT's cast to the base layer does.
+
+    Args:
+        model: a model with LoRA layers (``lora_A`` / ``lora_B`` module dicts).
+        seed: the initialisation seed.
+        adapter: the adapter's name.
+
+    Example:
+        >>> init_lora(peft_model, seed=0)
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        lora_a, lora_b = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a or lora_b is None:
+            continue
+        a, b = lora_a[adapter].weight, lora_b[adapter].weight
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        torch.empty(a.shape).uniform_(generator=g)  # nn.Linear(in, r): its default init of A
+        torch.empty(b.shape).uniform_(generator=g)  # nn.Linear(r, out): its default init of B
+        new_a = torch.nn.init.kaiming_uniform_(torch.empty(a.shape), a=math.sqrt(5), generator=g)
+        base: torch.Tensor = m.get_base_layer().weight if hasattr(m, "get_base_layer") else a  # type: ignore[operator]
+        a.copy_(new_a.to(base.dtype) if base.dtype.is_floating_point else new_a)
+        b.zero_()
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from typing import Any, Callable, ContextManager, Protocol, Sequence
 import torch
 
 from steerscope.errors import StudyError
-from steerscope.generation import IGNORE, sequence_logprobs
+from steerscope.generation import IGNORE, SeededSampler, sequence_logprobs
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.trainable import frozen_except
@@ -152,12 +152,19 @@ def surrogate_backward(lm: LM, policy: Policy, prompt_ids: torch.Tensor, prompt_
 
 def sample(lm: LM, policy: Policy, texts: list[str], k: int, max_new_tokens: int, temperature: float,
            seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """k sampled completions per text under the policy: (prompt_ids, prompt_mask, gen, gen_mask, completions)."""
+    """k sampled completions per text under the policy: (prompt_ids, prompt_mask, gen, gen_mask, completions).
+
+    Sampling at ``temperature`` (top-k / top-p off) draws from a generator seeded with ``seed``
+    (:class:`~steerscope.generation.SeededSampler`: the tokens of ``torch.manual_seed(seed)`` then HF
+    sampling), so the global RNG is not touched.
+    """
+    from transformers import LogitsProcessorList
+
     enc = lm.tokenize([t for t in texts for _ in range(k)], padding_side="left")
-    torch.manual_seed(seed)
     with policy.active(), torch.no_grad():
-        ids = lm.model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id)
+        ids = lm.model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                logits_processor=LogitsProcessorList([SeededSampler(temperature, seed)]),
+                                pad_token_id=lm.tokenizer.pad_token_id)
     P = enc["input_ids"].shape[1]
     gen = ids[:, P:]
     eos = lm.model.generation_config.eos_token_id
