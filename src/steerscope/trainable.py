@@ -13,6 +13,8 @@ Algorithm (bias-only steering, Sinii et al., 2025, arXiv 2505.18706 / 2509.06608
 
 :class:`LoRAPolicy` wraps a PEFT LoRA adapter behind the same interface, as the baseline.
 Both are used by :mod:`steerscope.extract.rl` through ``parameters()`` and ``active()``.
+:func:`trainable_steering` (one trainable vector at one site, per-row scale) is what NTP / PO training
+(:mod:`steerscope.extract.trained`) adds; both paths add through :func:`scaled_add`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,50 @@ from steerscope.sites import Site
 from steerscope.vector import Provenance, SteeringVector
 
 
+def scaled_add(x: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    """x + scale * v in x's dtype, keeping the autograd graph (the one trainable addition).
+
+    Args:
+        x: activations [batch pos d_model].
+        v: the vector [d_model] (typically a Parameter).
+        scale: None (plain x + v), a float, or one per row [batch].
+
+    Returns:
+        [batch pos d_model].
+
+    Example:
+        >>> scaled_add(torch.zeros(2, 3, 4), torch.ones(4), torch.tensor([1.0, -1.0]))[:, 0, 0]
+        tensor([ 1., -1.])
+    """
+    if scale is None:
+        return x + v.to(x.dtype)
+    s = scale if isinstance(scale, float) else scale.to(x.dtype)[:, None, None]
+    return x + s * v.to(x.dtype)
+
+
+@contextmanager
+def trainable_steering(lm: LM, layer: int, v: torch.Tensor, scale: torch.Tensor | float = 1.0,
+                       site: str = "resid_pre") -> Iterator[Call]:
+    """Add ``scale * v`` at ``blocks.{layer}.{site}``, all positions, keeping the autograd graph.
+
+    Args:
+        lm: the model.
+        layer: block index.
+        v: [d_model], typically a Parameter with ``requires_grad``.
+        scale: a float or per-row [batch] tensor (e.g. sign * alpha).
+        site: where (default ``resid_pre``).
+
+    Example:
+        >>> with trainable_steering(lm, 12, v, torch.tensor([1.0, -1.0])):
+        ...     loss = lm.model(**batch).logits.sum()   # gradients reach v
+    """
+    def fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
+        return scaled_add(x, v, scale)
+
+    with attached(lm, {Site(layer, site): fn}) as call:
+        yield call
+
+
 def gated_add(x: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None, w: torch.Tensor | None,
               b: torch.Tensor | None) -> torch.Tensor:
     """x + g ⊙ s with g = 1 + tanh(w·rms_norm(h) + b) per token, or x + s without a gate.
@@ -44,7 +90,7 @@ def gated_add(x: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None, w: torch
         [batch pos d_model].
     """
     if w is None:
-        return x + s.to(x.dtype)
+        return scaled_add(x, s)
     assert h is not None and b is not None
     hn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
     g = 1.0 + torch.tanh(hn @ w.to(h.dtype) + b)  # [batch pos]

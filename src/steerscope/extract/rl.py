@@ -22,13 +22,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 
 from steerscope.errors import StudyError
+from steerscope.extract.result import StepLog, TrainResult
 from steerscope.generation import IGNORE, SeededSampler, sequence_logprobs
 from steerscope.models.load import LM
 from steerscope.progress import progress
@@ -62,30 +63,6 @@ class RLOOConfig:
     checkpoint_every: int = 10
     seed: int = 0
     system: str | None = None
-
-
-@dataclass
-class StepLog:
-    """One training step."""
-
-    step: int
-    reward: float
-    accuracy: float
-    loss: float
-    grad_norm: float
-    gen_tokens: float
-    n_active: int
-    seconds: float
-
-
-@dataclass
-class TrainResult:
-    """The outcome of :func:`train_rloo`."""
-
-    history: list[StepLog] = field(default_factory=list)
-    n_trainable: int = 0
-    seconds: float = 0.0
-    resumed_from: int = 0
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -291,4 +268,5 @@ def _rloo_loop(lm: LM, policy: Policy, prompts: Sequence[str], answers: Sequence
             bar.set_postfix(reward=f"{sum(h.reward for h in recent) / len(recent):.3f}")
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
             save_checkpoint(ckpt, policy, opt, step + 1, history, config)
-    return TrainResult(history, n_trainable, round(time.time() - t_all, 2), start)
+    return TrainResult(history=history, n_trainable=n_trainable, seconds=round(time.time() - t_all, 2),
+                       resumed_from=start)
