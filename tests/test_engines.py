@@ -9,7 +9,8 @@ import torch
 import steerscope as ss
 from conftest import make_tiny
 from steerscope.backends import Addition, BackendError, Request, engine, requests
-from steerscope.backends.hf import HFEngine, groups
+from steerscope.backends.base import groups
+from steerscope.backends.hf import HFEngine
 from steerscope.backends.vllm import VLLMEngine
 from steerscope.generation import chat_batch
 from steerscope.hooks import hook_count

@@ -119,6 +119,47 @@ class Engine(Protocol):
         ...
 
 
+def _factory_key(factory: Any) -> Any:
+    """A context factory as a group key: itself when hashable (``bias.active == bias.active``), else its id."""
+    try:
+        hash(factory)
+    except TypeError:
+        return ("id", id(factory))
+    return factory
+
+
+def groups(requests: Sequence[Request]) -> list[list[int]]:
+    """Indices of ``requests`` that one engine call can take together, in first-appearance order.
+
+    A group shares the sampling options (seed included), whether the text is templated, and the kind of
+    intervention: one context factory, or additions at one ``positions`` setting (vectors and alphas may
+    differ per row). Unsteered rows join the first additions with their options, else form their own group.
+
+    Example:
+        >>> groups([Request("a", bias.active), Request("b", Addition(v)), Request("c")])
+        [[0], [1, 2]]
+    """
+    def key(r: Request, positions: Any) -> tuple[Any, ...]:
+        return (r.sampling(), r.template == "none", positions)
+
+    first_pos: dict[tuple[Any, ...], Any] = {}  # where unsteered rows go: the first additions of their kind
+    for r in requests:
+        if isinstance(r.intervention, Addition):
+            pos = r.intervention.positions
+            first_pos.setdefault(key(r, None), ("add", pos if isinstance(pos, str) else tuple(pos)))
+    out: dict[tuple[Any, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        iv = r.intervention
+        if isinstance(iv, Addition):
+            kind: Any = ("add", iv.positions if isinstance(iv.positions, str) else tuple(iv.positions))
+        elif iv is None:
+            kind = first_pos.get(key(r, None), None)
+        else:
+            kind = ("ctx", _factory_key(iv))
+        out.setdefault(key(r, kind), []).append(i)
+    return list(out.values())
+
+
 def engine(backend: str = "hf", batch_size: int = 16, show_progress: bool = False) -> Engine:
     """The engine of a backend name (``hf`` or ``vllm``).
 

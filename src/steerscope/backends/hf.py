@@ -20,43 +20,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ContextManager, Sequence
 
-from steerscope.backends.base import Addition, Request
+from steerscope.backends.base import Addition, Request, groups
 from steerscope.generation import SeededSampler, generate_batch
 from steerscope.models.lm import LM
 from steerscope.progress import progress
 from steerscope.steer import steering
-
-
-def _factory_key(factory: Any) -> Any:
-    """A context factory as a group key: itself when hashable (``bias.active == bias.active``), else its id."""
-    try:
-        hash(factory)
-    except TypeError:
-        return ("id", id(factory))
-    return factory
-
-
-def groups(requests: Sequence[Request]) -> list[list[int]]:
-    """Indices of ``requests`` grouped as one ``generate`` call can take them (first-appearance order)."""
-    def key(r: Request, positions: Any) -> tuple[Any, ...]:
-        return (r.sampling(), r.template == "none", positions)
-
-    first_pos: dict[tuple[Any, ...], Any] = {}  # where unsteered rows go: the first additions of their kind
-    for r in requests:
-        if isinstance(r.intervention, Addition):
-            pos = r.intervention.positions
-            first_pos.setdefault(key(r, None), ("add", pos if isinstance(pos, str) else tuple(pos)))
-    out: dict[tuple[Any, ...], list[int]] = {}
-    for i, r in enumerate(requests):
-        iv = r.intervention
-        if isinstance(iv, Addition):
-            kind: Any = ("add", iv.positions if isinstance(iv.positions, str) else tuple(iv.positions))
-        elif iv is None:
-            kind = first_pos.get(key(r, None), None)
-        else:
-            kind = ("ctx", _factory_key(iv))
-        out.setdefault(key(r, kind), []).append(i)
-    return list(out.values())
 
 
 def batch_context(lm: LM, batch: Sequence[Request]) -> ContextManager[Any]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from steerscope.backends.base import Addition, Request
+from steerscope.backends.base import Addition, Request, groups
 from steerscope.backends.base import BackendError as BackendError  # its home until the seam; still bv.BackendError
 from steerscope.models.lm import LM
 from steerscope.models.load import cache_dir
@@ -341,29 +341,15 @@ def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[Ste
     return [str(t) for t in lm.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-def _group_key(r: Request, positions: Any) -> tuple[Any, ...]:
-    return (r.sampling(), r.template == "none", positions)
-
-
-def _groups(requests: Sequence[Request]) -> list[list[int]]:
-    """Request indices per engine call: one sampling setting, templating and positions each (first-appearance
-    order); unsteered rows join the first additions of their kind, so one call serves a mixed batch."""
-    first: dict[tuple[Any, ...], Any] = {}
+def _check(requests: Sequence[Request]) -> None:
+    """Refuse what the engine cannot apply: context factories (they run in this process), last-K / index positions."""
     for r in requests:
-        if isinstance(r.intervention, Addition):
-            first.setdefault(_group_key(r, None), r.intervention.positions)
-    out: dict[tuple[Any, ...], list[int]] = {}
-    for i, r in enumerate(requests):
-        iv = r.intervention
-        if iv is not None and not isinstance(iv, Addition):
+        if r.intervention is not None and not isinstance(r.intervention, Addition):
             raise BackendError("the vLLM backend takes vector additions only; a context factory (a gated bias, "
                                "a LoRA policy's active, any Python context manager) runs in this process: "
                                "use backend='hf' (HFEngine)")
-        if isinstance(iv, Addition) and not isinstance(iv.positions, str):
+        if isinstance(r.intervention, Addition) and not isinstance(r.intervention.positions, str):
             raise BackendError("backend='vllm' takes positions all, prompt or generated; use backend='hf'")
-        pos = iv.positions if isinstance(iv, Addition) else first.get(_group_key(r, None), "all")
-        out.setdefault(_group_key(r, pos), []).append(i)
-    return list(out.values())
 
 
 class VLLMEngine:
@@ -380,8 +366,9 @@ class VLLMEngine:
 
     def generate(self, lm: LM, requests: Sequence[Request]) -> list[str]:
         """One completion (new text only) per request, in request order."""
+        _check(requests)
         out: list[str] = [""] * len(requests)
-        for idx in _groups(requests):
+        for idx in groups(requests):
             rs = [requests[i] for i in idx]
             r0 = rs[0]
             adds = [r.intervention if isinstance(r.intervention, Addition) else None for r in rs]
@@ -396,7 +383,7 @@ class VLLMEngine:
                 extra["top_p"] = r0.top_p
             if r0.top_k > 0:
                 extra["top_k"] = r0.top_k
-            pos = a0.positions if a0 is not None and isinstance(a0.positions, str) else "all"  # _groups checked it
+            pos = a0.positions if a0 is not None and isinstance(a0.positions, str) else "all"  # _check made sure
             done = generate(lm, texts, vec, alpha, r0.max_new_tokens, pos, r0.do_sample, r0.temperature, r0.seed,
                             r0.template != "none", **extra)
             for i, t in zip(idx, done):
