@@ -66,3 +66,20 @@ def test_nothing_is_unpickled():
     offenders = [str(py.relative_to(SRC)) for py in SRC.rglob("*.py")
                  if any(u in py.read_text() for u in unpickling)]
     assert not offenders, offenders
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def test_the_package_never_seeds_the_global_rng():
+    """Randomness comes from ``seed`` arguments and local ``torch.Generator`` s (tests may seed; the package may not)."""
+    seeding = {"torch.manual_seed", "torch.seed", "torch.random.manual_seed", "torch.random.seed",
+               "torch.cuda.manual_seed", "torch.cuda.manual_seed_all", "np.random.seed", "numpy.random.seed",
+               "random.seed"}
+    offenders = [f"{py.relative_to(SRC)}:{node.lineno}" for py in SRC.rglob("*.py")
+                 for node in ast.walk(ast.parse(py.read_text()))
+                 if isinstance(node, ast.Call) and _dotted(node.func) in seeding]
+    assert not offenders, offenders

@@ -133,3 +133,31 @@ def test_next_token_logits_with_deltas_equal_steering_with_per_row_vectors(tiny)
         ref = tiny.model(**enc).logits[:, -1].float()
     assert torch.allclose(got, ref, atol=1e-5)
     assert not torch.allclose(got, idf.next_token_logits(tiny, prompts), atol=1e-3)
+
+
+def test_residual_covariance_spectra_equal_numpy_on_each_text_run_alone(tiny):
+    """The one covariance spectrum (card and study): resid_pre = hidden_states[l] of each unpadded text, first token dropped."""
+    prompts = ["hello there", "a longer prompt with more tokens in it", "x", "what is the time?"]
+    got = idf.residual_covariance_spectra(tiny, prompts, [1, 2], batch_size=3)
+    for layer in (1, 2):
+        rows = []
+        for p in prompts:
+            enc = tiny.tokenize([tiny.format_chat(p)])
+            with torch.no_grad():
+                hs = tiny.model(**enc, output_hidden_states=True).hidden_states[layer][0]
+            rows.append(hs[1:].double().numpy())
+        x = np.concatenate(rows)
+        ref = np.sort(np.linalg.eigvalsh(np.cov(x.T)))[::-1][: min(len(x), x.shape[1])]
+        rec = got[layer]
+        assert rec.layer == layer and rec.n_tokens == len(x) and rec.spectrum.d == tiny.d_model
+        assert np.allclose(rec.spectrum.sigma, np.clip(ref, 0, None), rtol=1e-4, atol=1e-6)
+
+
+def test_neutral_prompts_have_one_loader():
+    from steerscope.data import data_path, neutral_prompts, read_jsonl
+    from steerscope.explain import dose
+    from steerscope.studies.identifiability import steps
+
+    rows = read_jsonl(data_path("traits", "neutral_prompts.jsonl"))
+    assert neutral_prompts() == [r["prompt"] for r in rows] and neutral_prompts(3) == neutral_prompts()[:3]
+    assert dose.neutral_prompts is steps.neutral_prompts is neutral_prompts

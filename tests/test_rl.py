@@ -199,3 +199,89 @@ def test_lora_policy_is_off_outside_its_context(smol_tokenizer):
         off = lm.model(**batch).logits
     assert torch.allclose(off, base, atol=1e-6) and not torch.allclose(on, base, atol=1e-4)
     assert pol.n_trainable > 0
+
+
+def test_sampling_is_seeded_locally_and_is_hf_sampling_after_global_seeding(tiny_llama):
+    lm, bias = tiny_llama, _bias(tiny_llama, gate=True)
+    texts = [lm.format_chat(p) for p in PROMPTS]
+    state = torch.get_rng_state()
+    a = sample(lm, bias, texts, k=3, max_new_tokens=5, temperature=1.3, seed=7)
+    b = sample(lm, bias, texts, k=3, max_new_tokens=5, temperature=1.3, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a[2], b[2]) and a[4] == b[4]
+    assert not torch.equal(a[2], sample(lm, bias, texts, k=3, max_new_tokens=5, temperature=1.3, seed=8)[2])
+    enc = lm.tokenize([t for t in texts for _ in range(3)], padding_side="left")
+    try:  # the independent computation: the global RNG seeded, then HF's own sampling
+        torch.manual_seed(7)
+        with bias.active(), torch.no_grad():
+            ref = lm.model.generate(**enc, do_sample=True, temperature=1.3, top_k=0, top_p=1.0, max_new_tokens=5,
+                                    pad_token_id=lm.tokenizer.pad_token_id)
+    finally:
+        torch.set_rng_state(state)
+    assert torch.equal(a[2], ref[:, enc["input_ids"].shape[1]:])
+
+
+def test_training_twice_with_a_seed_gives_the_same_bias_and_leaves_the_global_rng_alone(tiny_llama):
+    lm = tiny_llama
+    cfg = RLOOConfig(steps=2, prompts_per_step=2, k=3, lr=1e-2, warmup_frac=0.0, max_new_tokens=4, seed=3)
+    state = torch.get_rng_state()
+    runs = []
+    for _ in range(2):
+        bias = SteeringBias(lm, [2], gate=True)
+        res = train_rloo(lm, bias, PROMPTS, ["5", "red", "hi"], _reward, cfg, show_progress=False)
+        runs.append((bias, [(h.reward, h.loss) for h in res.history]))
+    assert torch.equal(torch.get_rng_state(), state)
+    (a, ha), (b, hb) = runs
+    assert ha == hb and torch.equal(a.s["2"], b.s["2"]) and torch.equal(a.w["2"], b.w["2"])
+
+
+def _peft_reference(make, seed):
+    """PEFT's own initialisation after seeding the global RNG (what the package did before), RNG restored."""
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return make()
+    finally:
+        torch.set_rng_state(state)
+
+
+def _lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_lora_policy_init_is_seeded_locally_and_is_peft_init_after_global_seeding(smol_tokenizer):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from conftest import make_tiny
+
+    state = torch.get_rng_state()
+    a = _lora_weights(LoRAPolicy(make_tiny("llama", seed=1, tokenizer=smol_tokenizer), r=2, seed=4).lm[0].model)
+    b = _lora_weights(LoRAPolicy(make_tiny("llama", seed=1, tokenizer=smol_tokenizer), r=2, seed=4).lm[0].model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = make_tiny("llama", seed=1, tokenizer=smol_tokenizer).model
+    ref = _lora_weights(_peft_reference(lambda: inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=16.0, target_modules=targets, lora_dropout=0.0), model), 4))
+    assert ref.keys() == a.keys() and all(torch.equal(ref[k], a[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_A" in k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_seeded_lora_is_the_organism_init_of_global_seeding(smol_tokenizer, dtype):
+    """The organism's get_peft_model path (shipped adapter): same LoRA weights as torch.manual_seed(seed) + PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import make_tiny
+    from steerscope.trainable import seeded_lora
+
+    def cfg():
+        return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+    m1, m2 = (make_tiny("llama", tokenizer=smol_tokenizer).model.to(dtype) for _ in range(2))
+    ref = _lora_weights(_peft_reference(lambda: get_peft_model(m1, cfg()), 0))
+    state = torch.get_rng_state()
+    got = _lora_weights(seeded_lora(lambda: get_peft_model(m2, cfg()), 0))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

@@ -85,3 +85,46 @@ def test_po_training_runs_and_selects_by_validation(tiny_llama):
                    val=(PROMPTS, COMPS, LOSERS, [1.0, 1.0]), epochs=3, lr=0.2, batch_size=2, seed=0, max_tokens=8)
     assert len(res.val_loss) == 3
     assert res.best_epoch == min(range(3), key=lambda i: res.val_loss[i])
+
+
+def test_one_train_result_record_for_every_trainer():
+    import dataclasses
+
+    from steerscope.extract import result, rl, trained
+
+    assert rl.TrainResult is trained.TrainResult is result.TrainResult and rl.StepLog is result.StepLog
+    r = result.TrainResult()
+    assert (r.vector, r.train_loss, r.val_loss, r.best_epoch, r.history, r.n_trainable, r.seconds,
+            r.resumed_from) == (None, [], [], -1, [], 0, 0.0, 0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.best_epoch = 3  # type: ignore[misc]
+
+
+def test_one_trainable_steering_equals_the_bias_and_per_row_steering(tiny_llama):
+    from steerscope.extract import trained
+    from steerscope.trainable import SteeringBias, trainable_steering
+
+    lm = tiny_llama
+    assert trained.trainable_steering is trainable_steering
+    bias = SteeringBias(lm, [2])
+    with torch.no_grad():
+        bias.s["2"].copy_(torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0)))
+    batch = lm.tokenize([lm.format_chat(p) for p in PROMPTS])
+    with torch.no_grad():
+        with bias.active():
+            a = lm.model(**batch).logits
+        with trainable_steering(lm, 2, bias.s["2"], 1.0, site="mlp_out"):
+            b = lm.model(**batch).logits
+        with trainable_steering(lm, 1, bias.s["2"], torch.tensor([2.0, -1.0])):
+            c = lm.model(**batch).logits
+        with ss.steering(lm, [ss.SteeringVector({1: bias.s["2"].detach()})] * 2, alpha=[2.0, -1.0]):
+            d = lm.model(**batch).logits
+    assert torch.equal(a, b) and torch.allclose(c, d, atol=1e-5)
+
+
+def test_a_seed_trains_the_same_vector_twice_without_the_global_rng(tiny_llama):
+    state = torch.get_rng_state()
+    a, b = (train_ntp(tiny_llama, PROMPTS, COMPS, [1.0, -1.0], layer=2, epochs=2, batch_size=1, seed=5)
+            for _ in range(2))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.vector[2], b.vector[2]) and a.train_loss == b.train_loss and a.best_epoch == b.best_epoch

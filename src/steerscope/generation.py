@@ -4,22 +4,23 @@
   pass and ``generate`` call starts from.
 - :func:`completion_batch` — (prompt, completion) rows, right-padded, labels on the completion only.
 - :func:`sequence_logprobs` — summed log p of the labelled tokens of such a batch (one forward pass).
-- :func:`generate` — greedy or sampled completions; sampling draws from a ``torch.Generator`` seeded
-  by ``seed`` (:class:`SeededSampler`), so the global RNG is never touched, and a seed gives the same
-  tokens as seeding the global RNG and sampling with ``model.generate`` did.
+- :func:`generate` — greedy or sampled completions through an engine (:mod:`steerscope.backends.base`);
+  on HF, sampling draws from a ``torch.Generator`` seeded by ``seed`` (:class:`SeededSampler`), so the
+  global RNG is never touched, and a seed gives the same tokens as seeding the global RNG and sampling
+  with ``model.generate`` did.
+- :func:`generate_batch` — one HF ``generate`` call on a batch of texts, what the HF engine runs per batch.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Mapping, Sequence
+from typing import Any, ContextManager, Mapping, Sequence
 
 import torch
 
 from steerscope.errors import DataError, SteerscopeError
 from steerscope.models.lm import LM
-from steerscope.progress import progress
-from steerscope.steer import Positions, steering
+from steerscope.steer import Positions
 from steerscope.vector import SteeringVector
 
 IGNORE = -100  # label of tokens that do not count
@@ -149,8 +150,8 @@ class SeededSampler:
 def generate(
     lm: LM,
     prompts: str | Sequence[str],
-    vector: SteeringVector | None = None,
-    alpha: float = 1.0,
+    vector: SteeringVector | Sequence[SteeringVector | None] | None = None,
+    alpha: float | Sequence[float] = 1.0,
     max_new_tokens: int = 64,
     positions: Positions = "all",
     batch_size: int = 16,
@@ -167,39 +168,52 @@ def generate(
     Greedy by default; with ``do_sample``, pure temperature sampling (no top-k / top-p) from a
     ``torch.Generator`` seeded with ``seed`` (None: a random seed), leaving the global RNG untouched.
     Left padding; the returned strings are the new text only, one per prompt (a bare string is one
-    prompt). ``backend="vllm"`` runs the same request on a cached vLLM engine (docs/vllm.md): greedy
-    output is token for token the HF one; positions ``all`` / ``prompt`` / ``generated`` only;
-    sampling uses vLLM's sampler.
+    prompt). ``vector`` and ``alpha`` may each be one
+    per prompt. The prompts become :class:`~steerscope.backends.base.Request` s for the ``backend``'s
+    engine (:func:`steerscope.backends.base.engine`). ``backend="vllm"`` runs them on a cached vLLM
+    engine (docs/vllm.md): greedy output is token for token the HF one; positions ``all`` / ``prompt``
+    / ``generated`` only; sampling uses vLLM's sampler.
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)
     """
     prompts = as_texts(prompts)
-    if backend == "vllm":
-        from steerscope.backends import vllm
+    from steerscope.backends.base import engine, requests
 
-        if not isinstance(positions, str):
-            raise SteerscopeError("backend='vllm' takes positions all, prompt or generated; use backend='hf'")
-        texts = [lm.format_chat(p, system) if chat else p for p in prompts]
-        return vllm.generate(lm, texts, vector, alpha, max_new_tokens, positions, do_sample, temperature, seed, chat)
-    if backend != "hf":
-        raise SteerscopeError(f"backend {backend!r} not known; use 'hf' or 'vllm'")
+    eng = engine(backend, batch_size=batch_size, show_progress=show_progress)
+    reqs = requests(prompts, vector, alpha, positions, system=system, template="apply" if chat else "none",
+                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
+    return eng.generate(lm, reqs)
+
+
+def generate_batch(lm: LM, texts: Sequence[str], templated: bool, max_new_tokens: int,
+                   processors: Sequence[Any] = (), context: ContextManager[Any] | None = None) -> list[str]:
+    """One left-padded HF ``generate`` call on ``texts`` inside ``context``: greedy over ``processors``.
+
+    Args:
+        texts: the texts, chat template applied already when ``templated``.
+        templated: tokenize without the tokenizer's extra special tokens (see :meth:`LM.tokenize`).
+        max_new_tokens: tokens to generate at most.
+        processors: logits processors after the NaN guard (e.g. a :class:`SeededSampler`: sampling).
+        context: entered around the call, after the context-length check (None: nothing).
+
+    Returns:
+        The new text of each row.
+
+    Example:
+        >>> generate_batch(lm, [lm.format_chat("Hi")], True, 16, [SeededSampler(1.0, seed=0)])
+    """
     from transformers import LogitsProcessorList
 
-    sampler = SeededSampler(temperature, seed) if do_sample else None  # one stream across the batches
-    out: list[str] = []
-    starts = range(0, len(prompts), batch_size)
-    for i in progress(starts, desc="generate", enabled=show_progress):
-        batch = chat_batch(lm, prompts[i : i + batch_size], system, chat)
-        check_context(lm, batch["input_ids"].shape[1], max_new_tokens)
-        ctx = steering(lm, vector, alpha, positions) if vector is not None else nullcontext()
-        gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=lm.tokenizer.pad_token_id)
-        gen_kwargs["logits_processor"] = LogitsProcessorList([_nan_guard()] + ([sampler] if sampler else []))
-        with ctx, torch.no_grad():
-            ids = lm.model.generate(**batch, **gen_kwargs)
-        new = ids[:, batch["input_ids"].shape[1]:]
-        out += lm.tokenizer.batch_decode(new, skip_special_tokens=True)
+    batch = lm.tokenize(list(texts), padding_side="left", templated=templated)
+    check_context(lm, batch["input_ids"].shape[1], max_new_tokens)
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=lm.tokenizer.pad_token_id)
+    gen_kwargs["logits_processor"] = LogitsProcessorList([_nan_guard(), *processors])
+    with context if context is not None else nullcontext(), torch.no_grad():
+        ids = lm.model.generate(**batch, **gen_kwargs)
+    new = ids[:, batch["input_ids"].shape[1]:]
+    out: list[str] = lm.tokenizer.batch_decode(new, skip_special_tokens=True)
     return out
 
 

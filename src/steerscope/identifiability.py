@@ -16,6 +16,7 @@ Algorithm (paper C's question, made measurable):
      covariance across prompts and from the Jacobian of last-token logits with respect to the
      residual stream (``J = W_U @ d(final normed hidden)/d(resid)``; its singular values equal those
      of ``R @ J_f`` where ``W_U = Q R``, so the vocab x d_model matrix is never formed).
+     :func:`residual_covariance_spectra` is the covariance spectrum the card and the study both use.
 
 Citations: paper C (identifiability of steering vectors; see docs/identifiability.md); Cohen (1988);
 Roy & Vetterli, "The effective rank" (EUSIPCO 2007).
@@ -33,6 +34,8 @@ from steerscope.errors import SteerscopeError, VectorError
 from steerscope.generation import chat_batch
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
+from steerscope.progress import progress
+from steerscope.record import recording
 from steerscope.sites import Site
 from steerscope.stats import bootstrap_ci, cohens_d, histogram_jsd
 
@@ -203,6 +206,54 @@ def spectrum(sigma: Sequence[float] | np.ndarray, d: int, frac: float = 0.05) ->
     s = np.sort(np.asarray(sigma, float))[::-1]
     rt, re = effective_rank_threshold(s, frac), effective_rank_entropy(s)
     return Spectrum([float(x) for x in s], rt, re, 1 - rt / d, 1 - re / d, d)
+
+
+@dataclass(frozen=True)
+class CovarianceSpectrum:
+    """The activation-covariance spectrum at one layer and the number of tokens it is measured over."""
+
+    layer: int
+    spectrum: Spectrum
+    n_tokens: int
+
+
+@torch.no_grad()
+def residual_covariance_spectra(lm: LM, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 16,
+                                show_progress: bool = False) -> dict[int, CovarianceSpectrum]:
+    """Covariance spectra of ``resid_pre`` at ``layers`` over the tokens of chat-formatted ``prompts``.
+
+    Each text's first token is left out (the attention sink); the spectrum is that of
+    :func:`covariance_singular_values` (both effective ranks, :func:`spectrum`). All layers are read in
+    one forward pass per batch.
+
+    Args:
+        lm: the model.
+        prompts: user messages (the chat template is applied).
+        layers: block indices; ``resid_pre`` l is the stream entering block l.
+        batch_size: prompts per forward pass (speed only).
+        show_progress: a progress bar over the batches.
+
+    Returns:
+        {layer: :class:`CovarianceSpectrum`} (sigma of length min(n_tokens, d_model)).
+
+    Example:
+        >>> residual_covariance_spectra(lm, neutral_prompts(64), [15])[15].spectrum.null_fraction_threshold
+    """
+    sites = {layer: Site(layer, "resid_pre") for layer in layers}
+    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for i in progress(range(0, len(prompts), batch_size), desc="covariance", enabled=show_progress):
+        enc = chat_batch(lm, prompts[i:i + batch_size])
+        m = enc["attention_mask"].bool().clone()
+        m[torch.arange(len(m)), m.float().argmax(1)] = False  # drop each text's first token (attention sink)
+        with recording(lm, list(sites.values())) as cache:
+            lm.model(**enc, use_cache=False)
+        for layer, site in sites.items():
+            rows[layer].append(cache[site][m].float().cpu())
+    out = {}
+    for layer in layers:
+        x = torch.cat(rows[layer])
+        out[layer] = CovarianceSpectrum(layer, spectrum(covariance_singular_values(x).numpy(), lm.d_model), len(x))
+    return out
 
 
 def covariance_singular_values(x: torch.Tensor) -> torch.Tensor:

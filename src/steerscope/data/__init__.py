@@ -22,6 +22,22 @@ def data_path(*parts: str) -> Path:
     return p
 
 
+def neutral_prompts(n: int | None = None) -> list[str]:
+    """The shipped neutral prompt set (``data/traits/neutral_prompts.jsonl``), its first ``n`` prompts (None: all).
+
+    Args:
+        n: how many, from the top of the file.
+
+    Returns:
+        The prompts, in file order.
+
+    Example:
+        >>> neutral_prompts(3)
+        ['...', '...', '...']
+    """
+    return [r["prompt"] for r in read_jsonl(data_path("traits", "neutral_prompts.jsonl"))][:n]
+
+
 def read_text(path: str | Path) -> str:
     """A file's text; :class:`DataError` when it is missing, a folder, unreadable or not UTF-8."""
     path = Path(path)

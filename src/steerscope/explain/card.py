@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from steerscope.analyses.records import Record
+from steerscope.data import neutral_prompts
 from steerscope.errors import DataError, SteerscopeError, VectorError
 from steerscope.explain import dose, intervals, vector_info
 from steerscope.explain.behaviour import Behaviour, build
@@ -178,7 +179,7 @@ def explain(lm: LM, vector: SteeringVector, prompts: str | Sequence[str] | None 
     check_inputs(vector, alpha, layer)
     vector.check_compatible(lm)
     st = settings or (Settings.quick() if quick else Settings())
-    prompts = as_texts(prompts) if prompts else dose.neutral_prompts(8 if quick else 16)
+    prompts = as_texts(prompts) if prompts else neutral_prompts(8 if quick else 16)
     _check_context(lm, prompts, max(st.n_tokens, st.gen_tokens))
     fn, scorer_info = resolve_scorer(scorer)
     vsha, psha = _digest(vector, prompts)

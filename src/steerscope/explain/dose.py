@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from steerscope import identifiability as idf
-from steerscope.data import data_path, read_jsonl
+from steerscope.data import neutral_prompts
 from steerscope.explain import intervals, rules
 from steerscope.explain.behaviour import Behaviour, build
 from steerscope.explain.context import Context
@@ -37,11 +37,6 @@ from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
-
-
-def neutral_prompts(n: int) -> list[str]:
-    """The shipped neutral prompt set (src/steerscope/data/traits/neutral_prompts.jsonl)."""
-    return [r["prompt"] for r in read_jsonl(data_path("traits", "neutral_prompts.jsonl"))][:n]
 
 
 def kl_per_position(base_logits: torch.Tensor, other_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,38 +17,24 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-import torch
 
 from steerscope import identifiability as idf
 from steerscope import stats
+from steerscope.data import neutral_prompts
 from steerscope.explain import intervals
 from steerscope.explain.behaviour import Behaviour, metric_of
 from steerscope.explain.context import Context
-from steerscope.explain.dose import neutral_prompts
 from steerscope.explain.records import IdentifiabilityRecord
-from steerscope.record import recording
-from steerscope.sites import Site
 from steerscope.vector import SteeringVector
 
 
-@torch.no_grad()
 def null_space(ctx: Context) -> dict[str, Any]:
     """Covariance spectrum of resid_pre at the layer over neutral-prompt tokens (first tokens dropped)."""
-    lm, site = ctx.lm, Site(ctx.layer, "resid_pre")
-    prompts = neutral_prompts(ctx.settings.n_cov_prompts)
-    rows = []
-    for i in range(0, len(prompts), 16):
-        enc = lm.tokenize([lm.format_chat(p) for p in prompts[i:i + 16]], padding_side="left")
-        m = enc["attention_mask"].bool().clone()
-        m[torch.arange(len(m)), m.float().argmax(1)] = False
-        with recording(lm, [site]) as cache:
-            lm.model(**enc, use_cache=False)
-        rows.append(cache[site][m].float().cpu())
-    x = torch.cat(rows)
-    spec = idf.spectrum(idf.covariance_singular_values(x).numpy(), lm.d_model)
-    rec = asdict(spec)
+    lm = ctx.lm
+    cov = idf.residual_covariance_spectra(lm, neutral_prompts(ctx.settings.n_cov_prompts), [ctx.layer])[ctx.layer]
+    rec = asdict(cov.spectrum)
     rec.pop("sigma")
-    return {**rec, "n_tokens": len(x), "rank_bounded_by_tokens": len(x) - 1 < lm.d_model}
+    return {**rec, "n_tokens": cov.n_tokens, "rank_bounded_by_tokens": cov.n_tokens - 1 < lm.d_model}
 
 
 def section(ctx: Context, beh: Behaviour) -> IdentifiabilityRecord:

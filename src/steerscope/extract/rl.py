@@ -22,14 +22,15 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 
 from steerscope.errors import StudyError
-from steerscope.generation import IGNORE, sequence_logprobs
+from steerscope.extract.result import StepLog, TrainResult
+from steerscope.generation import IGNORE, SeededSampler, sequence_logprobs
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.trainable import frozen_except
@@ -62,30 +63,6 @@ class RLOOConfig:
     checkpoint_every: int = 10
     seed: int = 0
     system: str | None = None
-
-
-@dataclass
-class StepLog:
-    """One training step."""
-
-    step: int
-    reward: float
-    accuracy: float
-    loss: float
-    grad_norm: float
-    gen_tokens: float
-    n_active: int
-    seconds: float
-
-
-@dataclass
-class TrainResult:
-    """The outcome of :func:`train_rloo`."""
-
-    history: list[StepLog] = field(default_factory=list)
-    n_trainable: int = 0
-    seconds: float = 0.0
-    resumed_from: int = 0
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -152,12 +129,19 @@ def surrogate_backward(lm: LM, policy: Policy, prompt_ids: torch.Tensor, prompt_
 
 def sample(lm: LM, policy: Policy, texts: list[str], k: int, max_new_tokens: int, temperature: float,
            seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """k sampled completions per text under the policy: (prompt_ids, prompt_mask, gen, gen_mask, completions)."""
+    """k sampled completions per text under the policy: (prompt_ids, prompt_mask, gen, gen_mask, completions).
+
+    Sampling at ``temperature`` (top-k / top-p off) draws from a generator seeded with ``seed``
+    (:class:`~steerscope.generation.SeededSampler`: the tokens of ``torch.manual_seed(seed)`` then HF
+    sampling), so the global RNG is not touched.
+    """
+    from transformers import LogitsProcessorList
+
     enc = lm.tokenize([t for t in texts for _ in range(k)], padding_side="left")
-    torch.manual_seed(seed)
     with policy.active(), torch.no_grad():
-        ids = lm.model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id)
+        ids = lm.model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                logits_processor=LogitsProcessorList([SeededSampler(temperature, seed)]),
+                                pad_token_id=lm.tokenizer.pad_token_id)
     P = enc["input_ids"].shape[1]
     gen = ids[:, P:]
     eos = lm.model.generation_config.eos_token_id
@@ -284,4 +268,5 @@ def _rloo_loop(lm: LM, policy: Policy, prompts: Sequence[str], answers: Sequence
             bar.set_postfix(reward=f"{sum(h.reward for h in recent) / len(recent):.3f}")
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
             save_checkpoint(ckpt, policy, opt, step + 1, history, config)
-    return TrainResult(history, n_trainable, round(time.time() - t_all, 2), start)
+    return TrainResult(history=history, n_trainable=n_trainable, seconds=round(time.time() - t_all, 2),
+                       resumed_from=start)

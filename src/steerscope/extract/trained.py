@@ -21,47 +21,18 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from steerscope.errors import DataError
+from steerscope.extract.result import TrainResult
 from steerscope.generation import IGNORE, completion_batch, sequence_logprobs
-from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.sites import Site
-from steerscope.trainable import frozen_except
+from steerscope.trainable import frozen_except, trainable_steering
 from steerscope.vector import Provenance, SteeringVector, dataset_hash
-
-
-@dataclass
-class TrainResult:
-    """A trained vector and its history (per-step train loss, per-epoch validation loss)."""
-
-    vector: SteeringVector
-    train_loss: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    best_epoch: int = -1
-
-
-@contextmanager
-def trainable_steering(lm: LM, layer: int, v: torch.Tensor, scale: torch.Tensor | float) -> Iterator[Call]:
-    """Add ``scale * v`` at ``blocks.{layer}.resid_pre``, all positions, keeping the autograd graph.
-
-    Args:
-        v: [d_model], typically a Parameter with ``requires_grad``.
-        scale: a float or per-row [batch] tensor (sign * alpha).
-    """
-    def fn(x: torch.Tensor, _c: Call) -> torch.Tensor:
-        s = scale if isinstance(scale, float) else scale.to(x.dtype)[:, None, None]
-        return x + s * v.to(x.dtype)
-
-    with attached(lm, {Site(layer, "resid_pre"): fn}) as call:
-        yield call
 
 
 def _logprobs(lm: LM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +80,9 @@ def _train(lm: LM, kind: str, rows: list[tuple[Any, ...]], val: list[tuple[Any, 
     steps = epochs * math.ceil(len(rows) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(steps, 1))
     rng = random.Random(seed)
-    res = TrainResult(vector=None)  # type: ignore[arg-type]
-    best = (math.inf, start.clone())
+    train_loss: list[float] = []
+    val_loss: list[float] = []
+    best, best_epoch = (math.inf, start.clone()), -1
     with frozen_except(lm.model, [v]):
         for epoch in progress(range(epochs), desc=f"train {kind}", enabled=show_progress):
             order = rows[:]
@@ -121,24 +93,21 @@ def _train(lm: LM, kind: str, rows: list[tuple[Any, ...]], val: list[tuple[Any, 
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 sched.step()
-                res.train_loss.append(float(loss.detach()))
+                train_loss.append(float(loss.detach()))
             if val:
                 with torch.no_grad():
                     vl = [float(_loss(lm, kind, layer, v, val[i : i + batch_size], alpha, max_tokens, phi)) * len(
                         val[i : i + batch_size]) for i in range(0, len(val), batch_size)]
-                res.val_loss.append(sum(vl) / len(val))
-                current = res.val_loss[-1]
-            else:
-                current = res.train_loss[-1]
+                val_loss.append(sum(vl) / len(val))
+            current = val_loss[-1] if val else train_loss[-1]
             if current < best[0]:
-                best = (current, v.detach().clone().cpu())
-                res.best_epoch = epoch
+                best, best_epoch = (current, v.detach().clone().cpu()), epoch
     prov = Provenance.for_model(lm, method=kind, positions="all", dataset_hash=dataset_hash([list(r) for r in rows]),
                                 n_examples=len(rows), args={"layer": layer, "epochs": epochs, "lr": lr, "alpha": alpha,
                                                             "batch_size": batch_size, "seed": seed, "phi": phi,
-                                                            "max_tokens": max_tokens, "best_epoch": res.best_epoch})
-    res.vector = SteeringVector({layer: best[1]}, "resid_pre", prov)
-    return res
+                                                            "max_tokens": max_tokens, "best_epoch": best_epoch})
+    return TrainResult(vector=SteeringVector({layer: best[1]}, "resid_pre", prov), train_loss=train_loss,
+                       val_loss=val_loss, best_epoch=best_epoch)
 
 
 def train_ntp(lm: LM, prompts: Sequence[str], completions: Sequence[str], signs: Sequence[float], layer: int,

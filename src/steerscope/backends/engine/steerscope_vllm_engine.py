@@ -85,7 +85,7 @@ def _generate(llm: Any, req: dict[str, Any], known: set[str], parse_spec: Any, S
         prompts.append(TokensPrompt(prompt_token_ids=item["ids"], **({"cache_salt": salt} if salt else {})))
         seed = p.get("seed") if seeds is None else int(seeds[i])
         sps.append(SamplingParams(max_tokens=p["max_tokens"], temperature=p.get("temperature", 0.0),
-                                  top_p=1.0, top_k=0,
+                                  top_p=p.get("top_p", 1.0), top_k=p.get("top_k", 0),
                                   seed=seed, stop_token_ids=p.get("stop_token_ids") or None,
                                   ignore_eos=p.get("ignore_eos", False), skip_special_tokens=True,
                                   extra_args={"steerscope": spec} if spec else None))

@@ -36,6 +36,7 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
         >>> run(Config(traits=("formality",)), Path("runs/identifiability"))["report"]
     """
     import steerscope as ss
+    from steerscope.data import neutral_prompts
     from steerscope.metrics.classifiers import Embedder
     from steerscope.progress import progress
     from steerscope.studies.identifiability import steps
@@ -48,7 +49,7 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     inject = vrec["inject_layer"]
     built, srec = steps.scorers(cfg, Embedder())
     run_.step("scorers", lambda: srec)
-    neutral = steps.neutral_prompts(cfg.n_prompts)
+    neutral = neutral_prompts(cfg.n_prompts)
     shift = [r["prompt"] for r in steps.shift_prompts(cfg.n_shift_prompts)]
     gens = {}
     for cell in progress(cells(cfg), desc="generation cells"):

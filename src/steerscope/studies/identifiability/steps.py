@@ -16,15 +16,12 @@ import torch
 
 import steerscope as ss
 from steerscope import identifiability as idf
-from steerscope.data import data_path, read_jsonl
+from steerscope.data import data_path, neutral_prompts, read_jsonl
 from steerscope.extract import METHODS
-from steerscope.generation import chat_batch
 from steerscope.metrics.classifiers import Embedder, Scorer, best_scorer, build_scorers
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.record import recording
 from steerscope.runs import Run
-from steerscope.sites import Site
 from steerscope.studies.identifiability.config import Config
 from steerscope.vector import dataset_hash
 
@@ -38,10 +35,6 @@ def layer_of(cfg: Config, lm: LM) -> int:
     if not (0 <= layer and layer + cfg.offset < lm.n_layers):
         raise ss.SteerscopeError(f"--layer {layer} with --offset {cfg.offset} is outside 0..{lm.n_layers - 1}")
     return layer
-
-
-def neutral_prompts(n: int) -> list[str]:
-    return [r["prompt"] for r in read_jsonl(data_path("traits", "neutral_prompts.jsonl"))][:n]
 
 
 def shift_prompts(n: int | None = None) -> list[dict[str, str]]:
@@ -126,7 +119,7 @@ def generate_cell(lm: LM, cfg: Config, prompts: Sequence[str], v: torch.Tensor |
                 rows.append(q)
                 vecs.append(as_vector(dirs[c], inject_layer))
                 alph.append(float(a))
-    texts = ss.generate(lm, rows, vector=vecs, alpha=alph, max_new_tokens=cfg.max_new_tokens,  # type: ignore[arg-type]
+    texts = ss.generate(lm, rows, vector=vecs, alpha=alph, max_new_tokens=cfg.max_new_tokens,
                         do_sample=True, temperature=cfg.temperature, seed=seed, batch_size=len(rows),
                         backend=cfg.backend)
     n = len(prompts)
@@ -263,26 +256,16 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, ba
     """
     L = lm.n_layers
     layers = sorted({L // 4, L // 2, 3 * L // 4})
-    prompts = [r["prompt"] for r in read_jsonl(data_path("traits", "neutral_prompts.jsonl"))]
+    prompts = neutral_prompts()
     prompts += [r["prompt"] for r in shift_prompts()]
     for t in cfg.traits:
         for r in read_jsonl(data_path("traits", f"{t}.jsonl")):
             prompts += [r["positive"], r["negative"]]
-    prompts = prompts[:cfg.n_cov_prompts]
-    rows: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    for i in progress(range(0, len(prompts), batch_size), desc="covariance"):
-        enc = chat_batch(lm, prompts[i:i + batch_size])
-        m = enc["attention_mask"].bool().clone()
-        m[torch.arange(len(m)), m.float().argmax(1)] = False  # drop each text's first token (attention sink)
-        with recording(lm, [Site(l, "resid_pre") for l in layers]) as cache, torch.no_grad():
-            lm.model(**enc, use_cache=False)
-        for l in layers:
-            rows[l].append(cache[Site(l, "resid_pre")][m].float().cpu())
+    cov = idf.residual_covariance_spectra(lm, prompts[:cfg.n_cov_prompts], layers, batch_size, show_progress=True)
     out: dict[str, Any] = {"layers": layers, "covariance": {}, "jacobian": {}, "n_tokens": 0}
     for l in layers:
-        x = torch.cat(rows[l])
-        out["n_tokens"] = len(x)
-        out["covariance"][str(l)] = asdict(idf.spectrum(idf.covariance_singular_values(x).numpy(), lm.d_model))
+        out["n_tokens"] = cov[l].n_tokens
+        out["covariance"][str(l)] = asdict(cov[l].spectrum)
     ru = idf.unembed_r(lm)
     jp = [lm.format_chat(p) for p in neutral_prompts(cfg.n_jac_prompts)]
     ratios = {}

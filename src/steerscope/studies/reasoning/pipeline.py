@@ -13,8 +13,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from steerscope.errors import StudyError
 from steerscope.models.load import load_model
 from steerscope.runs import Run
@@ -33,7 +31,6 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     With ``report_only``, unfinished steps are skipped and the report shows what has finished.
     """
     t0 = time.time()
-    torch.manual_seed(cfg.seed)
     run = Run(out, config=cfg.identity(), force=force)
     if report_only:
         def step(name: str, fn: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from functools import partial
 from itertools import combinations
 from typing import Any, Callable, ContextManager, Sequence
@@ -10,12 +9,13 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 
 from steerscope.backends import vllm as bv
+from steerscope.backends.base import Addition, Request
+from steerscope.backends.hf import HFEngine
 from steerscope.extract.rl import RLOOConfig, train_rloo
 from steerscope.lens import logit_lens
 from steerscope.metrics.math import is_correct, math_reward
 from steerscope.models.load import LM, load_model
 from steerscope.runs import Run
-from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.reasoning.task import Problem, split
@@ -39,32 +39,25 @@ def on_vllm(lm: LM, steer: Steer, backend: str) -> bool:
     return steer is None or (isinstance(steer, SteeringVector) and bv.as_resid_pre(steer, lm.n_layers) is not None)
 
 
+def requests(texts: Sequence[str], steer: Steer, max_new_tokens: int, do_sample: bool, seed: int,
+             chunk: int) -> list[Request]:
+    """Requests for chat-formatted ``texts``: greedy, or sampled at T = 1 with seed ``seed + i`` for the
+    ``chunk`` texts from the i-th on (the study's seeds per batch of 50 on HF; one seed for all on vLLM)."""
+    iv = Addition(steer, 1.0) if isinstance(steer, SteeringVector) else steer
+    return [Request(t, iv, template="applied", max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    seed=seed + i - i % chunk) for i, t in enumerate(texts)]
+
+
 def _generate(lm: LM, texts: Sequence[str], steer: Steer, max_new_tokens: int, do_sample: bool, seed: int,
               batch_size: int = 50, backend: str = "hf") -> list[str]:
-    """Completions of chat-formatted ``texts``: greedy, or sampled at T = 1 (HF: global RNG seeded per batch).
+    """Completions of chat-formatted ``texts``: greedy, or sampled at T = 1 (HF: seed + i per batch from text i).
 
     On ``backend="vllm"`` where :func:`on_vllm` says so (same greedy tokens; vLLM's own sampler, one
-    seed per text derived from ``seed``); on HF otherwise.
+    seed per text derived from ``seed``); on the HF engine otherwise, with the context factory if any.
     """
     if on_vllm(lm, steer, backend):
-        vec = steer if isinstance(steer, SteeringVector) else None  # on_vllm: a vector or None
-        return bv.generate(lm, list(texts), vec, 1.0, max_new_tokens, "all", do_sample, 1.0, seed, templated=True)
-    if isinstance(steer, SteeringVector):
-        ctx: Callable[[], ContextManager[Any]] = partial(steering, lm, steer, 1.0)
-    else:
-        ctx = steer or nullcontext
-    out: list[str] = []
-    for i in range(0, len(texts), batch_size):
-        enc = lm.tokenize(list(texts[i : i + batch_size]), padding_side="left")
-        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                  pad_token_id=lm.tokenizer.pad_token_id)
-        if do_sample:
-            kw.update(temperature=1.0, top_k=0, top_p=1.0)
-        torch.manual_seed(seed + i)
-        with ctx(), torch.no_grad():
-            ids = lm.model.generate(**enc, **kw)
-        out += lm.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
+        return bv.VLLMEngine().generate(lm, requests(texts, steer, max_new_tokens, do_sample, seed, max(len(texts), 1)))
+    return HFEngine(batch_size).generate(lm, requests(texts, steer, max_new_tokens, do_sample, seed, batch_size))
 
 
 def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str, steer: Steer = None,

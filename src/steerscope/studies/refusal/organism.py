@@ -39,6 +39,7 @@ from steerscope.generation import completion_batch, generate
 from steerscope.metrics.refusal import kl_divergence, refusal_rate
 from steerscope.models.load import LM, load_model
 from steerscope.progress import progress
+from steerscope.trainable import seeded_lora
 
 ORGANISM = "smollm2-135m-safe"
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "organisms" / ORGANISM
@@ -102,7 +103,6 @@ def train_organism(cfg: OrganismConfig, out: Path, show_progress: bool = True) -
     """Build the training data, fine-tune the LoRA, save the adapter in ``out``; return a log."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     lm = load_model(cfg.base)
     harmful, harmless = load_split("harmful", "organism"), load_split("harmless", "organism")
@@ -113,7 +113,7 @@ def train_organism(cfg: OrganismConfig, out: Path, show_progress: bool = True) -
     gen_s = time.time() - t0
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.targets),
                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(lm.model, peft_cfg)
+    model = seeded_lora(lambda: get_peft_model(lm.model, peft_cfg), cfg.seed)  # the global RNG is not touched
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     examples = [(p, None) for p in harmful] * cfg.harmful_repeat + [(p, a) for p, a in zip(harmless, own)] * cfg.harmless_repeat

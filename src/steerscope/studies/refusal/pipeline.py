@@ -21,7 +21,6 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
         >>> run(Config(n_test=20), Path("runs/refusal"))["report"]
     """
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     r = Run(out, config=cfg.identity(), force=force)
     organism = r.step("organism", lambda: steps.organism_step(cfg, r))
     lm = steps.load_study_model(cfg, r, device=device)

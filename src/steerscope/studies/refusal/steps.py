@@ -117,6 +117,7 @@ def trained_step(lm: LM, cfg: RefusalConfig, run: Run, data: dict[str, Any], lay
     po = train_po(lm, col(tr, "prompt"), col(tr, "winner"), col(tr, "loser"), col(tr, "sign"),
                   val=(col(va, "prompt"), col(va, "winner"), col(va, "loser"), col(va, "sign")), phi=cfg.phi, **common)
     for name, res in (("refusal-ntp", ntp), ("refusal-po", po)):
+        assert res.vector is not None  # NTP / PO always return one
         res.vector.save(run.path("vectors", f"{name}.safetensors"))
         out[name] = {"train_loss": res.train_loss, "val_loss": res.val_loss, "best_epoch": res.best_epoch,
                      "norm": float(res.vector[layer].norm())}

@@ -11,8 +11,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from steerscope.runs import Run
 from steerscope.studies.refusal_mechanisms import steps as St
 from steerscope.studies.refusal_mechanisms.config import Config
@@ -37,7 +35,6 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     """
     import steerscope as ss
 
-    torch.manual_seed(cfg.seed)
     run_ = Run(out, config=cfg.identity(), force=force)
     lm = ss.load_model(cfg.model, device=device, dtype=cfg.dtype)
     vecs = load_vectors(lm, cfg)

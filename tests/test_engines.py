@@ -1,0 +1,151 @@
+"""The engine seam (steerscope.backends.base): requests with their own interventions and sampling options,
+the HF engine against independent computations, the vLLM engine's refusals (no engine needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steerscope as ss
+from conftest import make_tiny
+from steerscope.backends import Addition, BackendError, Request, engine, requests
+from steerscope.backends.base import groups
+from steerscope.backends.hf import HFEngine
+from steerscope.backends.vllm import VLLMEngine
+from steerscope.generation import chat_batch
+from steerscope.hooks import hook_count
+from steerscope.studies.reasoning import steps as rst
+from steerscope.trainable import SteeringBias
+
+PROMPTS = ["Write a formal letter to the board.", "hey whats up", "Tell me about your weekend, please.",
+           "What is 2 + 3?"]
+
+
+@pytest.fixture(scope="module")
+def lm(smol_tokenizer):
+    return make_tiny("llama", seed=5, tokenizer=smol_tokenizer)
+
+
+def _bias(lm, gate: bool = False, seed: int = 0) -> SteeringBias:
+    bias = SteeringBias(lm, [1, 2], gate=gate)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bias.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return bias
+
+
+def _vec(lm, layer: int, seed: int) -> ss.SteeringVector:
+    return ss.SteeringVector({layer: 3 * torch.randn(lm.d_model, generator=torch.Generator().manual_seed(seed))})
+
+
+def test_a_context_factory_request_equals_steering_with_the_same_addition(lm):
+    bias = _bias(lm)  # ungated: the same as adding its vector at mlp_out
+    n0 = hook_count(lm.model)
+    got = HFEngine().generate(lm, [Request(p, bias.active, max_new_tokens=6) for p in PROMPTS])
+    assert hook_count(lm.model) == n0
+    assert got == ss.generate(lm, PROMPTS, vector=bias.vector(), max_new_tokens=6)
+    assert got != ss.generate(lm, PROMPTS, max_new_tokens=6)
+
+
+def test_each_request_keeps_its_own_intervention_in_a_mixed_call(lm):
+    v, w, bias = _vec(lm, 1, 1), _vec(lm, 2, 2), _bias(lm, gate=True)
+    add_v, add_w = Addition(v, 2.0), Addition(w, -1.0)
+    mixed = [Request(PROMPTS[0], bias.active), Request(PROMPTS[1], add_v), Request(PROMPTS[2], None),
+             Request(PROMPTS[3], bias.active), Request(PROMPTS[0], add_w), Request(PROMPTS[1], None, max_new_tokens=3)]
+    assert groups(mixed) == [[0, 3], [1, 2, 4], [5]]  # unsteered rows join the additions' batch
+    eng = HFEngine()
+    out = eng.generate(lm, mixed)
+    ctx = eng.generate(lm, [mixed[0], mixed[3]])
+    adds = ss.generate(lm, [PROMPTS[1], PROMPTS[2], PROMPTS[0]], vector=[v, v, w], alpha=[2.0, 0.0, -1.0])
+    assert out == [ctx[0], adds[0], adds[1], ctx[1], adds[2], ss.generate(lm, PROMPTS[1:2], max_new_tokens=3)[0]]
+
+
+def test_seeded_sampling_reproduces_and_leaves_the_global_rng_alone(lm):
+    reqs = [Request(p, Addition(_vec(lm, 1, 1), 1.5), do_sample=True, temperature=1.3, top_k=20, top_p=0.95,
+                    seed=3, max_new_tokens=8) for p in PROMPTS]
+    state = torch.get_rng_state()
+    a, b = HFEngine().generate(lm, reqs), HFEngine(batch_size=2).generate(lm, reqs)
+    assert torch.equal(torch.get_rng_state(), state)
+    c = HFEngine().generate(lm, [Request(r.prompt, r.intervention, do_sample=True, temperature=1.3, top_k=20,
+                                         top_p=0.95, seed=4, max_new_tokens=8) for r in reqs])
+    assert a == HFEngine().generate(lm, reqs) and a != c
+    assert len(b) == len(a)  # batches of 2: the same stream across them, other padding
+
+
+def test_top_k_and_top_p_sampling_is_hf_sampling_after_global_seeding(lm):
+    """An independent computation: ``torch.manual_seed`` then HF's own warpers and multinomial draw."""
+    enc = chat_batch(lm, PROMPTS)
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(11)
+        with torch.no_grad():
+            ref = lm.model.generate(**enc, do_sample=True, temperature=0.7, top_k=50, top_p=0.9, max_new_tokens=10,
+                                    pad_token_id=lm.tokenizer.pad_token_id)
+    finally:
+        torch.set_rng_state(state)
+    ref_texts = lm.tokenizer.batch_decode(ref[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    got = engine("hf").generate(lm, [Request(p, do_sample=True, temperature=0.7, top_k=50, top_p=0.9, seed=11,
+                                             max_new_tokens=10) for p in PROMPTS])
+    assert got == ref_texts
+    greedy = ss.generate(lm, PROMPTS, max_new_tokens=6)
+    assert engine("hf").generate(lm, [Request(p, do_sample=True, top_k=1, seed=0, max_new_tokens=6) for p in PROMPTS]) \
+        == greedy
+
+
+def test_templates_apply_applied_and_none(lm):
+    applied = [lm.format_chat(p, "Be brief.") for p in PROMPTS[:2]]
+    a = HFEngine().generate(lm, [Request(p, system="Be brief.", max_new_tokens=5) for p in PROMPTS[:2]])
+    b = HFEngine().generate(lm, [Request(t, template="applied", max_new_tokens=5) for t in applied])
+    c = HFEngine().generate(lm, [Request(p, template="none", max_new_tokens=5) for p in PROMPTS[:2]])
+    assert a == b and c == ss.generate(lm, PROMPTS[:2], chat=False, max_new_tokens=5)
+
+
+def test_the_vllm_engine_refuses_context_factories_and_positions_it_cannot_take(lm):
+    bias = _bias(lm)
+    with pytest.raises(BackendError, match="context factory.*use backend='hf'"):
+        VLLMEngine().generate(lm, [Request("x", bias.active)])
+    with pytest.raises(BackendError, match="positions all, prompt or generated"):
+        VLLMEngine().generate(lm, [Request("x", Addition(_vec(lm, 1, 1), 1.0, [-1]))])
+
+
+def test_requests_share_additions_and_check_lengths(lm):
+    v, w = _vec(lm, 1, 1), _vec(lm, 2, 2)
+    rs = requests(["a", "b", "c"], vector=v, alpha=2.0, positions="prompt", max_new_tokens=4)
+    assert rs[0].intervention is rs[2].intervention and rs[0].intervention.positions == "prompt"
+    per = requests(["a", "b", "c"], vector=[v, None, w], alpha=[1.0, 5.0, -1.0], do_sample=True, seed=1)
+    assert per[1].intervention is None and per[2].intervention.alpha == -1.0 and per[0].seed == 1
+    with pytest.raises(BackendError, match="one per prompt"):
+        requests(["a", "b"], vector=[v])
+    with pytest.raises(ss.SteerscopeError, match="not known"):
+        engine("tgi")
+    with pytest.raises(ss.SteerscopeError, match="template"):
+        Request("a", template="chat")  # type: ignore[arg-type]
+
+
+def _old_reasoning_loop(lm, texts, factory, max_new_tokens, do_sample, seed, batch_size=50):
+    """The reasoning study's own loop before the engine seam (global RNG seeded per batch), restored after."""
+    out, state = [], torch.get_rng_state()
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = lm.tokenize(list(texts[i : i + batch_size]), padding_side="left")
+            kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=lm.tokenizer.pad_token_id)
+            if do_sample:
+                kw.update(temperature=1.0, top_k=0, top_p=1.0)
+            torch.manual_seed(seed + i)
+            with factory(), torch.no_grad():
+                ids = lm.model.generate(**enc, **kw)
+            out += lm.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        torch.set_rng_state(state)
+    return out
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_reasoning_generations_on_the_engine_are_those_of_the_old_loop(lm, do_sample):
+    bias = _bias(lm, gate=True)
+    texts = [lm.format_chat(f"What is {i} + {2 * i}?") for i in range(53)]  # two batches of the study's 50
+    state = torch.get_rng_state()
+    got = rst._generate(lm, texts, bias.active, 5, do_sample, 17)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert got == _old_reasoning_loop(lm, texts, bias.active, 5, do_sample, 17)
