@@ -17,7 +17,7 @@ from steerscope.models import LM, from_hf, load_model
 from steerscope.record import ActivationCache, recording
 from steerscope.sites import Site
 from steerscope.steer import ablation, clamping, orthogonalize, patching, steering
-from steerscope.vector import Provenance, SteeringVector
+from steerscope.vector import Provenance, SteeringVector, Use
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "Provenance",
     "Site",
     "SteeringVector",
+    "Use",
     "Explanation",
     "SteerscopeError",
     "ablation",

@@ -35,7 +35,7 @@ from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.sites import Site
 from steerscope.trainable import frozen_except
-from steerscope.vector import Provenance, SteeringVector, dataset_hash
+from steerscope.vector import Provenance, SteeringVector, Use, dataset_hash
 
 
 @dataclass
@@ -136,7 +136,8 @@ def _train(lm: LM, kind: str, rows: list[tuple[Any, ...]], val: list[tuple[Any, 
     prov = Provenance.for_model(lm, method=kind, positions="all", dataset_hash=dataset_hash([list(r) for r in rows]),
                                 n_examples=len(rows), args={"layer": layer, "epochs": epochs, "lr": lr, "alpha": alpha,
                                                             "batch_size": batch_size, "seed": seed, "phi": phi,
-                                                            "max_tokens": max_tokens, "best_epoch": res.best_epoch})
+                                                            "max_tokens": max_tokens, "best_epoch": res.best_epoch},
+                                use=Use(layers=[layer], positions="all", alpha=float(alpha)))  # the scale it was trained at
     res.vector = SteeringVector({layer: best[1]}, "resid_pre", prov)
     return res
 
