@@ -22,6 +22,7 @@ from steerscope._cliargs import safe
 from steerscope._files import dumps
 from steerscope.errors import SteerscopeError, VectorError
 from steerscope.models.load import ALIASES, DEFAULT_MODEL
+from steerscope.tune import command as tune_command
 
 # Each study package follows steerscope.studies.protocol: Config (with add_arguments / from_args), run, write_report.
 STUDIES = {
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print the card.json object on stdout")
     x.set_defaults(func=cmd_explain)
 
+    tune_command.add_parser(sub, common)
     _add_studies(sub.add_parser("study", help="run a study end to end and write a report"))
     return p
 
