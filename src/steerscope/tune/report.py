@@ -13,25 +13,29 @@ from steerscope.report.html import Report, plt_figure
 from steerscope.tune.records import SearchRecord, TuneResult
 
 
-def surface(rec: SearchRecord) -> tuple[list[int], list[float], np.ndarray]:
-    """(layers, grid doses, best objective per layer x dose [layers doses], NaN where nothing was scored).
+def surface(rec: SearchRecord) -> tuple[list[int], list[float], np.ndarray, np.ndarray]:
+    """(layers, grid doses, objective per layer x dose [layers doses], partial [layers doses]).
 
-    A trial counts in the grid column nearest its dose on a log scale; the best over positions is kept.
+    A trial counts in the grid column nearest its dose on a log scale; each cell keeps the best complete
+    trial over positions, else the best pruned one's running objective (``partial`` True), else NaN.
     """
     layers, scales = sorted(rec.layers), list(rec.scales)
-    out = np.full((len(layers), len(scales)), np.nan)
+    out, partial = np.full((len(layers), len(scales)), np.nan), np.zeros((len(layers), len(scales)), bool)
     logs = np.log(np.asarray(scales))
-    for t in rec.trials:
-        if t.state != "complete" or not math.isfinite(t.objective) or t.layer not in layers:
+    for t in sorted(rec.trials, key=lambda t: t.state == "complete"):  # complete trials last: they win
+        if t.state not in ("complete", "pruned") or not math.isfinite(t.objective) or t.layer not in layers:
             continue
         i, j = layers.index(t.layer), int(np.argmin(np.abs(logs - math.log(t.scale))))
-        out[i, j] = t.objective if np.isnan(out[i, j]) else max(out[i, j], t.objective)
-    return layers, scales, out
+        if t.state == "complete" and partial[i, j]:
+            out[i, j], partial[i, j] = np.nan, False
+        if np.isnan(out[i, j]) or t.objective > out[i, j]:
+            out[i, j], partial[i, j] = t.objective, t.state == "pruned"
+    return layers, scales, out, partial
 
 
 def figure(res: TuneResult) -> Any:
     """The heatmap (left) and the chosen configuration's validation vs test effect (right)."""
-    layers, scales, z = surface(res.search)
+    layers, scales, z, partial = surface(res.search)
     fig = plt_figure(figsize=(10, 0.35 * len(layers) + 2.5))
     ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     im = ax.imshow(np.ma.masked_invalid(z), aspect="auto", origin="lower", cmap="viridis")
@@ -40,8 +44,15 @@ def figure(res: TuneResult) -> Any:
     ax.set_xlabel("dose f = |alpha v| / mean residual norm")
     ax.set_ylabel("layer")
     best = res.search.best
-    ax.plot(int(np.argmin(np.abs(np.log(scales) - math.log(best.scale)))), layers.index(best.layer), "r*", ms=14)
-    ax.set_title("validation objective (best over positions)")
+    from matplotlib.patches import Rectangle
+
+    col = int(np.argmin(np.abs(np.log(scales) - math.log(best.scale))))
+    ax.add_patch(Rectangle((col - 0.5, layers.index(best.layer) - 0.5), 1, 1, fill=False, ec="r", lw=2.5))
+    for (i, j), v in np.ndenumerate(z):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2g}" + ("*" if partial[i, j] else ""), ha="center", va="center", fontsize=7,
+                    color="w" if v < np.nanmean(z) else "k")
+    ax.set_title("validation objective (best over positions; * pruned early)")
     fig.colorbar(im, ax=ax)
     t = res.test.effect
     bx.bar([0, 1], [res.test.validation_effect, t.value], color=["#888", "#2a7"])
@@ -64,8 +75,9 @@ def write_report(res: TuneResult, path: str | Path) -> Path:
           f"(n = {t.effect.n} pairs; {t.metric}); worst-5 % KL {t.kl_worst5.value:.3g} "
           f"[{t.kl_worst5.ci95[0]:.3g}, {t.kl_worst5.ci95[1]:.3g}] over {t.kl_worst5.n} neutral prompts. "
           f"The same configuration's validation effect: {t.validation_effect:.4g}.")
-    rep.figure(figure(res), "Left: the validation objective over layer x dose (the star: the choice). Right: the "
-               "chosen configuration's effect on validation (where it was chosen) and on test (measured once).")
+    rep.figure(figure(res), "Left: the validation objective over layer x dose (red box: the choice; blank: not "
+               "scored; *: the running objective of a trial the pruner stopped). Right: the chosen configuration's "
+               "effect on validation (where it was chosen) and on test (measured once, 95 % interval).")
     rep.p(f"Search: {s.mode}, {s.evaluations} configurations scored of a {s.grid_size}-point grid "
           f"(cost {s.cost:.3g} full evaluations); objective: {s.objective}. Split: {res.split}; seed {res.seed}; "
           f"method {res.method}; scorer {res.scorer}; data {res.data_hash}.", note=True)

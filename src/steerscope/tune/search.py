@@ -28,6 +28,7 @@ from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
+from steerscope.errors import SteerscopeError
 from steerscope.progress import progress
 from steerscope.tune.records import Positions, SearchRecord, Settings, Trial
 
@@ -63,7 +64,8 @@ def grid(layers: Sequence[int], positions: Sequence[Positions], settings: Settin
 def _best(trials: Sequence[Trial]) -> Trial:
     done = [t for t in trials if t.state == "complete" and math.isfinite(t.objective)]
     if not done:
-        raise RuntimeError("no trial completed with a finite objective")
+        raise SteerscopeError("no configuration was scored to the end with a finite objective (NaN effects or KL); "
+                              "try smaller doses (Settings.scales), other layers, or check the contrast data")
     return max(done, key=lambda t: t.objective)
 
 

@@ -189,9 +189,9 @@ def _steps(run: Run | MemoryRun, lm: LM, positive: Sequence[Any], negative: Sequ
     """The run's steps: split, extract, search, test; then the files."""
     dropped = len(positive) + len(negative) - 2 * len(pairs)
     shared = all(p.prompt is not None for p in pairs)
-    sp = run.record("split", Split, lambda: split(len(pairs), st.n_neutral, seed, st.fractions, shared, dropped))
-    vector = _extract(run, lm, positive, negative, sp, method, inp.layers, st, show_progress)
     neutral = neutral_prompts(st.n_neutral)
+    sp = run.record("split", Split, lambda: split(len(pairs), len(neutral), seed, st.fractions, shared, dropped))
+    vector = _extract(run, lm, positive, negative, sp, method, inp.layers, st, show_progress)
     rec = run.record("search", SearchRecord, lambda: _search(lm, vector, [pairs[i] for i in sp.validation],
                                                              [neutral[i] for i in sp.neutral_validation], inp,
                                                              kl_budget, exhaustive, seed, st, show_progress))
