@@ -72,6 +72,11 @@ def test_derived_vectors_drop_a_recommendation_that_no_longer_fits():
     assert v.select([2]).provenance.use == USE and v.select([3]).provenance.use is None
     with pytest.raises(VectorError):
         Use(operation="add", alpha=float("nan"))
+    from steerscope.backends.vllm import as_resid_pre
+
+    post = ss.SteeringVector({1: torch.ones(8)}, "mlp_out", ss.Provenance(use=Use(site="mlp_out", layers=[1], alpha=2.0)))
+    moved = as_resid_pre(post, n_layers=4)  # the same vector one layer up: its record follows it
+    assert moved.provenance.use == Use(site="resid_pre", layers=[2], alpha=2.0)
 
 
 def test_steering_without_alpha_uses_the_recommendation_bit_identically(one_thread):
