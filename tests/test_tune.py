@@ -171,6 +171,7 @@ def test_exhaustive_scores_every_grid_point_once(one_thread):
     res = tune(lm, POS, NEG, layers=[1, 2], positions=["all"], exhaustive=True, settings=TINY, seed=0)
     s = res.search
     assert s.mode == "exhaustive" and s.evaluations == s.grid_size == 6 and res.vector_path is None
+    assert res.vector.layers == [s.best.layer] and res.vector.provenance.use.alpha == s.best.alpha  # no folder needed
     assert {(t.layer, round(t.scale, 9)) for t in s.trials} == {(k, round(f, 9)) for k in (1, 2)
                                                                  for f in search.scale_grid(TINY)}
     assert s.best.objective == max(t.objective for t in s.trials)

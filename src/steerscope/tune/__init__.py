@@ -18,7 +18,7 @@ Algorithm:
 
 Example:
     >>> res = ss.tune(lm, formal, casual, out="runs/tune-formality")
-    >>> with ss.steering(lm, ss.SteeringVector.load(res.vector_path)):  # the recommended alpha
+    >>> with ss.steering(lm, res.vector):  # the recommended alpha (the file: res.vector_path)
     ...     ...
 """
 

@@ -8,11 +8,12 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from steerscope.analyses.records import Record
 from steerscope.explain.records import Estimate
+from steerscope.vector import SteeringVector
 
 Positions = str | list[int]
 
@@ -129,7 +130,8 @@ class TestFigure(Record):
 
 @dataclass(frozen=True)
 class TuneResult(Record):
-    """What ``tune`` found. ``summary()`` is the ``--json`` object."""
+    """What ``tune`` found. ``vector`` is the tuned vector (its ``use`` record filled), also without a run
+    folder; ``summary()`` is the ``--json`` object."""
 
     vector_path: str | None
     recommended: Recommended
@@ -142,6 +144,13 @@ class TuneResult(Record):
     scorer: str
     data_hash: str
     report_path: str | None = None
+    vector: SteeringVector | None = field(default=None, compare=False, repr=False)  # the tuned vector; not in JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data without ``vector`` (it is the file at ``vector_path``)."""
+        out = super().to_dict()
+        del out["vector"]
+        return out
 
     def summary(self) -> dict[str, Any]:
         """``{"vector", "recommended", "test", "search"}`` as ``steerscope tune --json`` prints it."""

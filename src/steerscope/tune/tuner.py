@@ -200,10 +200,9 @@ def _steps(run: Run | MemoryRun, lm: LM, positive: Sequence[Any], negative: Sequ
                                                           [neutral[i] for i in sp.neutral_test], inp, best, st, seed))
     chosen = Recommended(best.layer, best.alpha, best.positions, vector.site, kl_budget, best.scale,
                          alpha_range(rec, kl_budget))
-    result = TuneResult(None, chosen, test, rec, sp.sizes(), seed, lm.name, inp.method_name, inp.scorer_name, data)
-    if isinstance(run, Run):
-        result = _write(run, result, tuned_vector(vector, chosen, test, data))
-    return result
+    result = TuneResult(None, chosen, test, rec, sp.sizes(), seed, lm.name, inp.method_name, inp.scorer_name, data,
+                        vector=tuned_vector(vector, chosen, test, data))
+    return _write(run, result) if isinstance(run, Run) else result
 
 
 def _search(lm: LM, vector: SteeringVector, pairs: list[Pair], neutral: list[str], inp: _Inputs, kl_budget: float,
@@ -218,11 +217,12 @@ def _search(lm: LM, vector: SteeringVector, pairs: list[Pair], neutral: list[str
     return search.tpe(evaluate, inp.layers, inp.positions, st, inp.budget, seed, what, show)
 
 
-def _write(run: Run, result: TuneResult, vector: SteeringVector) -> TuneResult:
+def _write(run: Run, result: TuneResult) -> TuneResult:
     """Save the tuned vector, ``tune.json`` and ``report.html`` in the run folder."""
     from steerscope.tune.report import write_report
 
-    path = vector.save(run.folder / "vector.safetensors")
+    assert result.vector is not None
+    path = result.vector.save(run.folder / "vector.safetensors")
     result = replace(result, vector_path=str(path), report_path=str(run.folder / "report.html"))
     write_json(run.folder / "tune.json", result.to_dict())
     write_report(result, run.folder / "report.html")
