@@ -12,9 +12,10 @@ from typing import Any, Callable
 
 from steerscope import _cliargs as T
 from steerscope._cliargs import safe
+from steerscope.extract.aggregate import METHODS
 
 SCORERS = ("logodds", "refusal", "formality", "sentiment", "politeness")
-METHOD_NAMES = ("dim", "caa", "pca", "pca_diff", "pca_center", "probe")  # steerscope.extract.METHODS less actadd
+METHOD_NAMES = tuple(m for m in METHODS if m != "actadd")  # actadd takes one pair, a split needs six
 
 
 def layer_spec(s: str) -> list[int]:
