@@ -14,6 +14,7 @@ import torch
 import steerscope as ss
 from conftest import make_tiny
 from steerscope.cli import main
+from steerscope.control_vectors import write_control_vector
 from steerscope.explain import KEYS, explain
 from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, smol_tokenizer, tiny_lm  # noqa: F401
 
@@ -33,7 +34,8 @@ def test_cli_explains_a_gguf_imported_vector_and_prints_the_card_json(model_dir,
     folder, lm = model_dir
     g = torch.Generator().manual_seed(3)
     made = ss.SteeringVector({2: 3.0 * torch.randn(lm.d_model, generator=g)})  # hand-made, no provenance
-    gguf = made.export_gguf(tmp_path / "control.gguf")
+    # as llama.cpp or repeng write it: no steerscope.* keys (export_gguf's would restore the provenance)
+    gguf = write_control_vector(tmp_path / "control.gguf", {"direction.1": made[2].numpy()}, "tiny")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:3]))
     out = tmp_path / "card"

@@ -78,7 +78,7 @@ def test_transfer_needs_same_depth_and_width(smol_tokenizer):
     assert torch.equal(t[1], v[1]) and t.provenance.args["source_model"] == a.name
     assert t.provenance.fingerprint == b.fingerprint
     enc = b.tokenize([b.format_chat("hi")])
-    with torch.no_grad(), ss.steering(b, t):
+    with torch.no_grad(), ss.steering(b, t, 1.0):
         steered = b.model(**enc).logits
     assert not torch.allclose(steered, b.model(**enc).logits)
     deep = ss.SteeringVector({1: torch.ones(a.d_model)}, "mlp_out", ss.Provenance(n_layers=30))

@@ -144,9 +144,9 @@ def test_mlp_out_steering_equals_resid_pre_one_layer_up(family, smol_tokenizer):
     enc = lm.tokenize(["The quick brown fox jumps over the lazy dog."], templated=False)
     with torch.no_grad():
         base = lm.model(**enc).logits
-        with ss.steering(lm, v):
+        with ss.steering(lm, v, 1.0):
             a = lm.model(**enc).logits
-        with ss.steering(lm, up):
+        with ss.steering(lm, up, 1.0):
             b = lm.model(**enc).logits
     assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, base, atol=1e-2)
     assert bv.as_resid_pre(ss.SteeringVector({1: s}, "resid_post"), lm.n_layers).layers == [2]

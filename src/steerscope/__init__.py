@@ -6,6 +6,7 @@ Example:
     >>> vec = ss.extract(lm, positive, negative, method="dim", layers=[12], positions=[-1])
     >>> with ss.steering(lm, vec, alpha=-1.0):
     ...     out = lm.model.generate(**lm.tokenize([lm.format_chat("Hi")]), max_new_tokens=16)
+    >>> res = ss.tune(lm, positive, negative, out="runs/tune")  # layer, alpha, positions on held-out data
 """
 
 from steerscope.errors import SteerscopeError
@@ -17,7 +18,8 @@ from steerscope.models import LM, from_hf, load_model
 from steerscope.record import ActivationCache, recording
 from steerscope.sites import Site
 from steerscope.steer import ablation, clamping, orthogonalize, patching, steering
-from steerscope.vector import Provenance, SteeringVector
+from steerscope.tune import TuneResult, tune
+from steerscope.vector import Provenance, SteeringVector, Use
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,8 @@ __all__ = [
     "Provenance",
     "Site",
     "SteeringVector",
+    "TuneResult",
+    "Use",
     "Explanation",
     "SteerscopeError",
     "ablation",
@@ -42,4 +46,5 @@ __all__ = [
     "patching",
     "recording",
     "steering",
+    "tune",
 ]

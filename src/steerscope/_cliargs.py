@@ -143,6 +143,21 @@ def shell_words(s: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"cannot split {s!r} into arguments ({e}); check the quotes") from None
 
 
+def check_numbers(a: argparse.Namespace) -> None:
+    """Refuse NaN/inf in any numeric option, including comma lists such as ``--alphas nan``."""
+    for key, val in vars(a).items():
+        vals = val.split(",") if isinstance(val, str) else [val] if isinstance(val, float) else []
+        nums = []
+        for v in vals:
+            try:
+                nums.append(float(v))
+            except (TypeError, ValueError):
+                break
+        else:
+            if nums and not all(math.isfinite(x) for x in nums):
+                raise ArgError(f"--{key.replace('_', '-')} must be finite numbers, got {val!r}")
+
+
 def check_out_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
     """Check before any work that ``path`` can be written as a file (not a folder, parent writable)."""
     p = Path(path).expanduser()

@@ -13,6 +13,7 @@ import importlib
 import math
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ from steerscope._cliargs import safe
 from steerscope._files import dumps
 from steerscope.errors import SteerscopeError, VectorError
 from steerscope.models.load import ALIASES, DEFAULT_MODEL
+from steerscope.tune import command as tune_command
 
 # Each study package follows steerscope.studies.protocol: Config (with add_arguments / from_args), run, write_report.
 STUDIES = {
@@ -146,7 +148,7 @@ def cmd_inspect(a: argparse.Namespace) -> None:
 
     vec = ss.SteeringVector.load(a.vector)
     info: dict[str, Any] = {"site": vec.site, "layers": vec.layers, "d_model": vec.d_model, "norms": vec.norms(),
-                            "provenance": vec.provenance.__dict__}
+                            "provenance": asdict(vec.provenance)}
     if a.compare:
         info["cosine"] = vec.cosine(ss.SteeringVector.load(a.compare))
     if a.json:
@@ -156,9 +158,13 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     for k, n in vec.norms().items():
         cos = f"  cos={info['cosine'][k]:+.4f}" if "cosine" in info and k in info["cosine"] else ""
         print(f"  layer {k:3d}: norm {n:.4f}{cos}")
-    for key, val in vec.provenance.__dict__.items():
-        if val not in (None, {}, []):
+    for key, val in info["provenance"].items():
+        if val not in (None, {}, []) and key != "use":
             print(f"  {key}: {safe(val)}")
+    if vec.provenance.use is not None:
+        print("  use (how the file is meant to be applied):")
+        for key, val in ((k, v) for k, v in info["provenance"]["use"].items() if v not in (None, [])):
+            print(f"    {key}: {safe(val)}")
 
 
 def cmd_vectors(a: argparse.Namespace) -> None:
@@ -243,7 +249,7 @@ def cmd_study(a: argparse.Namespace) -> None:
 
     T.check_out_folder(a.out)
     check_free(a.out)
-    _check_numbers(a)
+    T.check_numbers(a)
     study = importlib.import_module(STUDIES[a.study])
     if a.report_only:
         summary: dict[str, Any] = {"report": str(study.write_report(Path(a.out)))}
@@ -253,21 +259,6 @@ def cmd_study(a: argparse.Namespace) -> None:
         print(dumps(summary, None))
     else:
         print(f"report: {safe(summary.get('report'))}")
-
-
-def _check_numbers(a: argparse.Namespace) -> None:
-    """Refuse NaN/inf in any numeric option, including comma lists such as ``--alphas nan``."""
-    for key, val in vars(a).items():
-        vals = val.split(",") if isinstance(val, str) else [val] if isinstance(val, float) else []
-        nums = []
-        for v in vals:
-            try:
-                nums.append(float(v))
-            except (TypeError, ValueError):
-                break
-        else:
-            if nums and not all(math.isfinite(x) for x in nums):
-                raise T.ArgError(f"--{key.replace('_', '-')} must be finite numbers, got {val!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print the card.json object on stdout")
     x.set_defaults(func=cmd_explain)
 
+    tune_command.add_parser(sub, common)
     _add_studies(sub.add_parser("study", help="run a study end to end and write a report"))
     return p
 

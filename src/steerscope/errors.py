@@ -42,3 +42,7 @@ class ClassifierError(SteerscopeError):
 
 class FingerprintWarning(UserWarning):
     """A vector was made on a model with other weights than the one it is applied to."""
+
+
+class RecommendedAlpha(UserWarning):
+    """``steering`` was called without an alpha and uses the one the vector's ``use`` record recommends."""

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from steerscope.errors import SiteError, VectorError
+from steerscope.errors import RecommendedAlpha, SiteError, VectorError
 from steerscope.hooks import Call, attached
 from steerscope.models.lm import LM
 from steerscope.sites import Site
@@ -125,26 +126,55 @@ def _per_row(vectors: SteeringVector | Sequence[SteeringVector], alpha: float | 
     return vecs[0].site, out
 
 
+def recommended(vector: SteeringVector | Sequence[SteeringVector], positions: Positions | None
+                ) -> tuple[SteeringVector, float, Positions]:
+    """The vector's own recommendation (its provenance ``use`` record, e.g. written by ``steerscope tune``):
+    the vector restricted to the record's layers, its alpha, and its positions unless ``positions`` is given.
+
+    Raises:
+        VectorError: several vectors, no recommended alpha, or a record for another operation or site.
+    """
+    use = vector.provenance.use if isinstance(vector, SteeringVector) else None
+    if not isinstance(vector, SteeringVector) or use is None or use.alpha is None:
+        raise VectorError("no alpha given and this vector carries no recommended alpha (its provenance has no "
+                          "'use' record); pass alpha=..., or tune one with `steerscope tune` / ss.tune")
+    if use.operation != "add" or use.site != vector.site:
+        raise VectorError(f"this vector's use record is for {use.operation} at {use.site}, not additive steering at "
+                          f"{vector.site}; pass alpha=... to add it anyway")
+    missing = [k for k in use.layers if k not in vector]
+    if missing:
+        raise VectorError(f"the use record names layers {missing} that this vector lacks; pass alpha=...")
+    vec = vector.select(use.layers) if use.layers else vector
+    pos = use.positions if positions is None else positions
+    return vec, use.alpha, pos
+
+
 @contextmanager
 def steering(
     lm: LM,
     vector: SteeringVector | Sequence[SteeringVector],
-    alpha: float | Sequence[float] | torch.Tensor = 1.0,
-    positions: Positions = "all",
+    alpha: float | Sequence[float] | torch.Tensor | None = None,
+    positions: Positions | None = None,
 ) -> Iterator[Call]:
     """Add ``alpha * vector[l]`` at the vector's site of every layer l it has.
 
     Args:
         lm: the model.
         vector: one vector, or one per batch row (rows steered differently in one batch).
-        alpha: scale; a float, or one per batch row.
-        positions: see the module docstring.
+        alpha: scale; a float, or one per batch row. None: the vector's recommended alpha, at the layers
+            and (unless ``positions`` is given) the positions of its ``use`` record (:func:`recommended`;
+            a one-line warning says so); a vector without a recommendation is refused.
+        positions: see the module docstring (default ``"all"``).
 
     Example:
         >>> with steering(lm, vec, alpha=-1.0):
         ...     out = lm.model.generate(**batch, max_new_tokens=32)
     """
-    positions = check_positions(positions)
+    if alpha is None:
+        vector, alpha, positions = recommended(vector, positions)
+        warnings.warn(f"no alpha given: using the vector's recommended alpha {alpha:.4g} at layers "
+                      f"{vector.layers}, positions {positions!r}", RecommendedAlpha, stacklevel=3)
+    positions = check_positions("all" if positions is None else positions)
     site, deltas = _per_row(vector, alpha, lm)
     hooks = {}
     for layer, delta in deltas.items():

@@ -29,7 +29,7 @@ from steerscope.errors import SiteError
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.sites import Site
-from steerscope.vector import Provenance, SteeringVector
+from steerscope.vector import Provenance, SteeringVector, Use
 
 
 def scaled_add(x: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -166,8 +166,8 @@ class SteeringBias(torch.nn.Module):
     def vector(self, **provenance_args: object) -> SteeringVector:
         """The biases as an ordinary ``mlp_out`` :class:`SteeringVector` (gate dropped)."""
         lm = self.lm[0]
-        prov = Provenance.for_model(lm, method="rl-bias", positions="all",
-                                    args={"gated": self.gated, **provenance_args})
+        prov = Provenance.for_model(lm, method="rl-bias", positions="all", args={"gated": self.gated, **provenance_args},
+                                    use=Use(site="mlp_out", layers=list(self.layers), positions="all", alpha=1.0))
         return SteeringVector({x: self.s[str(x)].detach().float().cpu() for x in self.layers}, "mlp_out", prov)
 
 

@@ -12,13 +12,15 @@ import json
 import math
 import operator
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 import torch
 
+from steerscope.analyses.records import Record
+from steerscope.data import shipped_vectors as shipped_vectors  # re-exported: it lived here
 from steerscope.errors import FingerprintWarning, SiteError, VectorError
 from steerscope.sites import RESIDUAL_POINTS
 
@@ -58,17 +60,58 @@ class LayerDirection(NamedTuple):
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("steerscope")
-    except Exception:
+    except PackageNotFoundError:
         return "0+unknown"
+
+
+OPERATIONS = ("add", "ablate", "clamp")
+
+
+@dataclass(frozen=True)
+class Use(Record):
+    """How a vector is meant to be applied, the file's contract (``steerscope tune`` writes it): the
+    recommended ``alpha`` (and range) of ``operation`` at ``layers`` of ``site`` over the token scope
+    ``positions`` (a :mod:`steerscope.steer` spec); the ``effect`` (``effect_ci95``, ``effect_n``,
+    ``effect_metric``) and ``kl_worst5`` measured there on held-out data within ``kl_budget`` nats;
+    ``tuned_on``: the hash of that data.
+
+    Example:
+        >>> Use(layers=[12], alpha=6.0, positions="all").operation
+        'add'
+    """
+
+    operation: str = "add"
+    site: str = "resid_pre"
+    layers: list[int] = field(default_factory=list)
+    positions: str | list[int] = "all"
+    alpha: float | None = None
+    alpha_range: tuple[float, float] | None = None
+    kl_budget: float | None = None
+    kl_worst5: float | None = None
+    effect: float | None = None
+    effect_ci95: tuple[float, float] | None = None
+    effect_n: int | None = None
+    effect_metric: str | None = None
+    tuned_on: str | None = None
+
+    def __post_init__(self) -> None:
+        bad = [(k, v) for k, v, ok in (("operation", self.operation, OPERATIONS), ("site", self.site, RESIDUAL_POINTS))
+               if v not in ok] + [("alpha", x) for x in (self.alpha, *(self.alpha_range or ()), self.kl_budget)
+                                  if x is not None and not math.isfinite(x)]
+        if bad:
+            raise VectorError(f"use.{bad[0][0]} {bad[0][1]!r} is not valid (operations: {', '.join(OPERATIONS)}; "
+                              f"sites: {', '.join(RESIDUAL_POINTS)}; alpha, its range and the KL budget finite)")
+        object.__setattr__(self, "layers", [_layer_index(k) for k in self.layers])
 
 
 @dataclass
 class Provenance:
-    """Where a vector came from. Every field is optional; a hand-made vector has none."""
+    """Where a vector came from, and (``use``) how it is meant to be applied. Every field is
+    optional; a hand-made vector has none."""
 
     model: str | None = None
     fingerprint: str | None = None
@@ -80,6 +123,7 @@ class Provenance:
     n_examples: int | None = None
     args: dict[str, Any] = field(default_factory=dict)
     library_version: str = field(default_factory=_version)
+    use: Use | None = None
 
     @classmethod
     def for_model(cls, lm: LM, **kw: Any) -> Provenance:
@@ -100,12 +144,8 @@ class SteeringVector:
         torch.Size([576])
     """
 
-    def __init__(
-        self,
-        directions: Mapping[int, torch.Tensor],
-        site: str = "resid_pre",
-        provenance: Provenance | None = None,
-    ) -> None:
+    def __init__(self, directions: Mapping[int, torch.Tensor], site: str = "resid_pre",
+                 provenance: Provenance | None = None) -> None:
         if not directions:
             raise VectorError("a steering vector needs at least one layer: SteeringVector({layer: tensor})")
         if site not in RESIDUAL_POINTS:
@@ -159,7 +199,8 @@ class SteeringVector:
 
     # -- arithmetic --------------------------------------------------------------------------
     def _like(self, dirs: dict[int, torch.Tensor], method: str) -> SteeringVector:
-        prov = Provenance(**{**asdict(self.provenance), "method": method})
+        """A derived vector: its provenance without ``use`` (a recommended alpha is for this vector only)."""
+        prov = replace(self.provenance, method=method, args=dict(self.provenance.args), use=None)
         return SteeringVector(dirs, self.site, prov)
 
     def _check_other(self, other: SteeringVector) -> None:
@@ -200,8 +241,11 @@ class SteeringVector:
         return self._like(out, self.provenance.method or "normalized")
 
     def select(self, layers: Iterable[int]) -> SteeringVector:
-        """A vector with only ``layers``."""
-        return SteeringVector({k: self[k] for k in layers}, self.site, self.provenance)
+        """A vector with only ``layers``; its ``use`` record is kept when they include the layers it names."""
+        layers = list(layers)
+        use = self.provenance.use
+        prov = self.provenance if use is None or set(use.layers) <= set(layers) else replace(self.provenance, use=None)
+        return SteeringVector({k: self[k] for k in layers}, self.site, prov)
 
     def single_layer(self, site: str | None = "resid_pre", purpose: str = "this analysis") -> LayerDirection:
         """The layer and direction of a one-layer vector, for analyses that take exactly one.
@@ -238,10 +282,8 @@ class SteeringVector:
     def check_compatible(self, lm: LM, strict_fingerprint: bool = False) -> None:
         """Raise :class:`VectorError` if the vector cannot be applied to ``lm``; warn on another fingerprint."""
         if self.d_model != lm.d_model:
-            raise VectorError(
-                f"vector has size {self.d_model} but model {lm.name} has d_model {lm.d_model}: "
-                f"it was made for another model ({self.provenance.model or 'unknown'}); re-extract it on this model"
-            )
+            raise VectorError(f"vector has size {self.d_model} but model {lm.name} has d_model {lm.d_model}: it was "
+                              f"made for another model ({self.provenance.model or 'unknown'}); re-extract it on this model")
         bad = [k for k in self.layers if k >= lm.n_layers]
         if bad:
             hint = ""
@@ -274,9 +316,8 @@ class SteeringVector:
     @classmethod
     def load(cls, path_or_name: str | Path, n_layers: int | None = None) -> SteeringVector:
         """Load from a ``.safetensors`` file, a ``.gguf`` control vector, or a shipped name
-        ``"<model-alias>/<name>"`` (e.g. ``"smollm2-135m-safe/refusal-dim"``).
-
-        ``n_layers`` (the target model's) only matters for ``.gguf`` files: see :func:`steerscope.control_vectors.import_gguf`."""
+        ``"<model-alias>/<name>"`` (e.g. ``"smollm2-135m-safe/refusal-dim"``); ``n_layers`` (the target
+        model's) only matters for ``.gguf`` files: see :func:`steerscope.control_vectors.import_gguf`."""
         from safetensors import safe_open
 
         path = Path(path_or_name)
@@ -310,12 +351,8 @@ class SteeringVector:
         return cls(dirs, meta["site"], meta["provenance"])
 
     def export_gguf(self, path: str | Path, model_hint: str | None = None) -> Path:
-        """Write a llama.cpp control vector (``--control-vector``), as repeng does.
-
-        llama.cpp adds ``direction.{n}`` to the output of block ``n`` (our ``resid_post`` of
-        block n, which is ``resid_pre`` of block n+1); resid_pre layers are shifted by one.
-        See :func:`steerscope.control_vectors.export_gguf`.
-        """
+        """Write a llama.cpp control vector (``--control-vector``; resid_pre layers shift by one, the
+        provenance and ``use`` travel as ``steerscope.*`` keys): :func:`steerscope.control_vectors.export_gguf`."""
         from steerscope.control_vectors import export_gguf
 
         return export_gguf(self, path, model_hint)
@@ -339,18 +376,16 @@ def _parse_meta(raw: str, path: Path) -> dict[str, Any]:
         raise VectorError(f"{path}: unknown provenance fields {unknown[:5]}; re-save the vector")
     if not isinstance(prov.get("args", {}), dict):
         raise VectorError(f"{path}: provenance 'args' must be an object; re-save the vector")
-    return {"site": site, "provenance": Provenance(**prov)}
+    return {"site": site, "provenance": provenance_from_dict(prov, str(path))}
 
 
-def shipped_vectors() -> list[str]:
-    """Names of vectors shipped inside the package, as ``"<alias>/<name>"``."""
-    root = resources.files("steerscope") / "data" / "vectors"
-    out = []
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.is_dir():
-                out += [f"{d.name}/{f.name[:-12]}" for f in d.iterdir() if f.name.endswith(".safetensors")]
-    return sorted(out)
+def provenance_from_dict(prov: dict[str, Any], where: str) -> Provenance:
+    """:class:`Provenance` of ``asdict`` data, its ``use`` record validated (:class:`VectorError` naming ``where``)."""
+    use = prov.get("use")
+    try:
+        return Provenance(**{**prov, "use": Use.from_dict(use) if use is not None else None})
+    except (TypeError, ValueError, AttributeError, VectorError) as e:
+        raise VectorError(f"{where}: malformed provenance 'use' record ({e}); re-save the vector") from None
 
 
 def check_finite(x: float, what: str) -> float:

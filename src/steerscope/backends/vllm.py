@@ -21,7 +21,7 @@ import os
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -295,7 +295,10 @@ def as_resid_pre(vector: SteeringVector, n_layers: int) -> SteeringVector | None
         return vector
     if vector.site not in ("mlp_out", "resid_post") or max(vector.layers) + 1 >= n_layers:
         return None
-    return SteeringVector({k + 1: vector[k] for k in vector.layers}, "resid_pre", vector.provenance)
+    prov, use = vector.provenance, vector.provenance.use
+    if use is not None and use.site == vector.site:  # the same recommendation, named at its new site
+        prov = replace(prov, use=replace(use, site="resid_pre", layers=[k + 1 for k in use.layers]))
+    return SteeringVector({k + 1: vector[k] for k in vector.layers}, "resid_pre", prov)
 
 
 def row_seeds(seed: int, n: int) -> list[int]:

@@ -38,6 +38,17 @@ def neutral_prompts(n: int | None = None) -> list[str]:
     return [r["prompt"] for r in read_jsonl(data_path("traits", "neutral_prompts.jsonl"))][:n]
 
 
+def shipped_vectors() -> list[str]:
+    """Names of vectors shipped inside the package, as ``"<alias>/<name>"``."""
+    root = resources.files("steerscope") / "data" / "vectors"
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir():
+                out += [f"{d.name}/{f.name[:-12]}" for f in d.iterdir() if f.name.endswith(".safetensors")]
+    return sorted(out)
+
+
 def read_text(path: str | Path) -> str:
     """A file's text; :class:`DataError` when it is missing, a folder, unreadable or not UTF-8."""
     path = Path(path)

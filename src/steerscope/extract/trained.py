@@ -32,7 +32,7 @@ from steerscope.generation import IGNORE, completion_batch, sequence_logprobs
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.trainable import frozen_except, trainable_steering
-from steerscope.vector import Provenance, SteeringVector, dataset_hash
+from steerscope.vector import Provenance, SteeringVector, Use, dataset_hash
 
 
 def _logprobs(lm: LM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +105,8 @@ def _train(lm: LM, kind: str, rows: list[tuple[Any, ...]], val: list[tuple[Any, 
     prov = Provenance.for_model(lm, method=kind, positions="all", dataset_hash=dataset_hash([list(r) for r in rows]),
                                 n_examples=len(rows), args={"layer": layer, "epochs": epochs, "lr": lr, "alpha": alpha,
                                                             "batch_size": batch_size, "seed": seed, "phi": phi,
-                                                            "max_tokens": max_tokens, "best_epoch": best_epoch})
+                                                            "max_tokens": max_tokens, "best_epoch": best_epoch},
+                                use=Use(layers=[layer], positions="all", alpha=float(alpha)))  # the scale it was trained at
     return TrainResult(vector=SteeringVector({layer: best[1]}, "resid_pre", prov), train_loss=train_loss,
                        val_loss=val_loss, best_epoch=best_epoch)
 
