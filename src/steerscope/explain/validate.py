@@ -22,11 +22,11 @@ from typing import Mapping, Sequence
 
 from steerscope.analyses.planted import PlantedCase
 from steerscope.analyses.records import Record
+from steerscope.errors import FingerprintWarning
 from steerscope.explain.card import explain
 from steerscope.explain.context import Settings
 from steerscope.explain.records import Claim
 from steerscope.models.load import LM
-from steerscope.errors import FingerprintWarning
 from steerscope.vector import SteeringVector
 
 OUTCOMES = ("right", "undecided", "wrong", "missing")

@@ -10,9 +10,9 @@ from typing import Any, Generator, Sequence
 
 import numpy as np
 
+from steerscope.data import neutral_prompts
 from steerscope.errors import DataError, SteerscopeError
 from steerscope.explain import intervals
-from steerscope.explain.dose import neutral_prompts
 from steerscope.explain.scorers import resolve_scorer
 from steerscope.explain.vector_info import mean_resid_norms
 from steerscope.extract import METHODS, Aggregator, extract
