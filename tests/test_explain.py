@@ -220,4 +220,4 @@ def test_non_resid_pre_vector_is_a_clear_error(lm) -> None:
 
 def test_a_bare_string_is_one_prompt(lm, vec) -> None:
     card = explain(lm, vec, "Tell me about your weekend.", alpha=1.0, settings=Settings.quick(), show_progress=False)
-    assert card.vector["n_prompts"] == 1
+    assert card.vector.n_prompts == 1
