@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import steerscope as ss
+from steerscope.analyses.trainable import LoRAPolicy, SteeringBias
 from steerscope.extract.rl import (
     RLOOConfig,
     completion_mask,
@@ -16,7 +17,6 @@ from steerscope.extract.rl import (
     train_rloo,
 )
 from steerscope.hooks import hook_count
-from steerscope.trainable import LoRAPolicy, SteeringBias
 
 PROMPTS = ["What is 2 + 3?", "Name a colour.", "Say hi"]
 

@@ -8,6 +8,7 @@ Example:
     ...     out = lm.model.generate(**lm.tokenize([lm.format_chat("Hi")]), max_new_tokens=16)
 """
 
+from steerscope import control_vectors  # noqa: F401  (registers the .gguf format with SteeringVector)
 from steerscope.errors import SteerscopeError
 from steerscope.explain import Explanation, explain
 from steerscope.extract import collect, extract

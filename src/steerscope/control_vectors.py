@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from steerscope.errors import VectorError
-from steerscope.vector import Provenance, SteeringVector
+from steerscope.vector import FILE_FORMATS, FileFormat, Provenance, SteeringVector
 
 
 def export_gguf(vec: SteeringVector, path: str | Path, model_hint: str | None = None) -> Path:
@@ -107,3 +107,6 @@ def import_gguf(path: str | Path, n_layers: int | None = None) -> SteeringVector
     if n_layers is not None and max(dirs) == n_layers - 1:
         return SteeringVector(dirs, "resid_post", prov)
     return SteeringVector({n + 1: d for n, d in dirs.items()}, "resid_pre", prov)
+
+
+FILE_FORMATS[".gguf"] = FileFormat(load=import_gguf, save=export_gguf)  # SteeringVector.load / .export_gguf

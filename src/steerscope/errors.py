@@ -40,5 +40,17 @@ class ClassifierError(SteerscopeError):
     """A text classifier is missing its package or data."""
 
 
+class SAEError(SteerscopeError):
+    """Bad input to the sparse autoencoder."""
+
+
+class BackendError(SteerscopeError):
+    """The vLLM engine environment is missing, or the engine refused or failed a request."""
+
+
+class ArgError(SteerscopeError):
+    """A command-line argument is invalid."""
+
+
 class FingerprintWarning(UserWarning):
     """A vector was made on a model with other weights than the one it is applied to."""

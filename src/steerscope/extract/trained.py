@@ -28,13 +28,13 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from steerscope.analyses.trainable import frozen_except
 from steerscope.errors import DataError
 from steerscope.generation import IGNORE, completion_batch, sequence_logprobs
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.sites import Site
-from steerscope.trainable import frozen_except
 from steerscope.vector import Provenance, SteeringVector, dataset_hash
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import steerscope as ss
-from steerscope import identifiability as idf
+from steerscope.analyses import identifiability as idf
 from steerscope.data import data_path, read_jsonl
 from steerscope.extract import METHODS
 from steerscope.generation import chat_batch
