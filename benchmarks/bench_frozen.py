@@ -22,7 +22,7 @@ import time
 import torch
 
 import steerscope as ss
-from steerscope import freeze as F
+from steerscope.analyses import frozen as F
 from steerscope.data import data_path, read_jsonl
 
 

@@ -1,5 +1,6 @@
 """House rules that keep the shape of the code: the core never imports the studies, the studies never
-import each other, and hooks.py is the only place that registers PyTorch hooks."""
+import each other, hooks.py is the only place that registers PyTorch hooks, few top-level modules, one
+error hierarchy, no import cycle, no private cross-imports, and no global seeding in the library."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "steerscope"
+ENGINE = SRC / "backends" / "engine"  # engine-side code: runs in vLLM's environment, never imports steerscope
 
 
 def _imports(path: Path) -> set[str]:
@@ -83,3 +85,247 @@ def test_the_package_never_seeds_the_global_rng():
                  for node in ast.walk(ast.parse(py.read_text()))
                  if isinstance(node, ast.Call) and _dotted(node.func) in seeding]
     assert not offenders, offenders
+
+
+# -- top-level modules -----------------------------------------------------------------------------
+
+MAX_TOP_LEVEL = 15
+
+
+def _top_level_modules(root: Path) -> list[str]:
+    return sorted(py.name for py in root.glob("*.py"))
+
+
+def test_at_most_fifteen_top_level_modules():
+    """Mechanisms live in analyses/, the card in explain/, ...: the top level stays small."""
+    mods = _top_level_modules(SRC)
+    assert len(mods) <= MAX_TOP_LEVEL, f"{len(mods)} modules in src/steerscope/ (at most {MAX_TOP_LEVEL}): {mods}"
+
+
+def test_top_level_rule_can_fail(tmp_path):
+    for i in range(MAX_TOP_LEVEL + 1):
+        (tmp_path / f"m{i}.py").write_text("")
+    assert len(_top_level_modules(tmp_path)) > MAX_TOP_LEVEL
+
+
+# -- one error hierarchy ---------------------------------------------------------------------------
+
+# Private control-flow exceptions that never leave their module (not errors a user sees).
+CONTROL_FLOW_EXCEPTIONS = {("extract/contrast.py", "_Stop")}  # a hook ends a forward pass early
+
+
+def _exception_classes(root: Path) -> list[tuple[str, str]]:
+    """(path relative to ``root``, class name) of every exception class outside errors.py and engine-side
+    code: a class named ``*Error`` / ``*Warning``, or one with a base named ``*Error`` / ``*Exception`` /
+    ``*Warning`` (or ``BaseException``)."""
+    out = []
+    for py in sorted(root.rglob("*.py")):
+        rel = py.relative_to(root)
+        if rel.as_posix() == "errors.py" or rel.parts[:2] == ("backends", "engine"):
+            continue
+        for node in ast.walk(ast.parse(py.read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            bases = [b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else "" for b in node.bases]
+            if node.name.endswith(("Error", "Warning")) or any(b.endswith(("Error", "Exception", "Warning")) for b in bases):
+                out.append((rel.as_posix(), node.name))
+    return out
+
+
+def test_every_exception_class_is_defined_in_errors_py():
+    """errors.py is the one hierarchy: the CLI's one-line errors and the docs list it. Modules that raise
+    an error import it from there (and may re-export it, e.g. ``steerscope.analyses.sae.SAEError``)."""
+    offenders = [f"{rel}: {name}" for rel, name in _exception_classes(SRC) if (rel, name) not in CONTROL_FLOW_EXCEPTIONS]
+    assert not offenders, offenders
+
+
+def test_error_rule_can_fail(tmp_path):
+    (tmp_path / "errors.py").write_text("class SteerscopeError(Exception): ...\n")
+    (tmp_path / "m.py").write_text("from errors import SteerscopeError\nclass BadInput(SteerscopeError): ...\n"
+                                   "class OddWarning(UserWarning): ...\n")
+    assert _exception_classes(tmp_path) == [("m.py", "BadInput"), ("m.py", "OddWarning")]
+
+
+# -- no import cycle -------------------------------------------------------------------------------
+
+# Lazy (function-level) imports that close a cycle, as (importer, imported). Only ever shrinks: delete an
+# entry when its import is gone. An entry must never be a module-level import.
+LAZY_CYCLE_EDGES = {
+    # write_card imports the card type and the section list inside the function; card.py and
+    # sections.py import html at module level (Explanation.write, each Section's render).
+    ("steerscope.explain.html", "steerscope.explain.card"),
+    ("steerscope.explain.html", "steerscope.explain.sections"),
+}
+
+
+def _module_name(py: Path, root: Path) -> str:
+    parts = list(py.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _import_edges(root: Path) -> dict[str, dict[str, bool]]:
+    """module -> {imported module: imported at module level?} over ``root`` (engine side left out).
+
+    Every ``import`` / ``from ... import`` counts, at any depth (inside functions too), absolute or
+    relative; ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else to ``pkg``.
+    Blocks under ``if TYPE_CHECKING:`` never run and do not count. A parent package's ``__init__`` (which
+    Python runs first) is not an edge: only the named module is."""
+    mods = {_module_name(py, root): py for py in root.rglob("*.py")
+            if py.relative_to(root).parts[:2] != ("backends", "engine")}
+    graph: dict[str, dict[str, bool]] = {}
+    for me, py in mods.items():
+        pkg = me if py.name == "__init__.py" else me.rpartition(".")[0]
+        edges: dict[str, bool] = {}
+
+        def add(target: str, top: bool, me: str = me, edges: dict[str, bool] = edges) -> None:
+            if target in mods and target != me:
+                edges[target] = edges.get(target, False) or top
+
+        def visit(node: ast.AST, top: bool, pkg: str = pkg, add=add) -> None:
+            if isinstance(node, ast.If) and _is_type_checking(node):
+                children: list[ast.AST] = list(node.orelse)
+            else:
+                children = list(ast.iter_child_nodes(node))
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    add(a.name, top)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                for a in node.names:
+                    add(f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base, top)
+            inner = top and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            for child in children:
+                visit(child, inner)
+
+        visit(ast.parse(py.read_text()), True)
+        graph[me] = edges
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None when the graph is acyclic."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def dfs(v: str) -> list[str] | None:
+        state[v] = 1
+        path.append(v)
+        for w in sorted(graph.get(v, ())):
+            if state.get(w) == 1:
+                return path[path.index(w):] + [w]
+            if w not in state and (found := dfs(w)):
+                return found
+        state[v] = 2
+        path.pop()
+        return None
+
+    for v in sorted(graph):
+        if v not in state and (found := dfs(v)):
+            return found
+    return None
+
+
+def test_no_import_cycle_among_steerscope_modules():
+    """One direction between any two modules (vector <- control_vectors, never both), counting lazy
+    imports inside functions; the only exceptions are the documented LAZY_CYCLE_EDGES."""
+    graph = _import_edges(SRC)
+    eager = [f"{a} -> {b}" for a, b in LAZY_CYCLE_EDGES if graph.get(a, {}).get(b)]
+    assert not eager, f"allowlisted as lazy but imported at module level: {eager}"
+    pruned = {m: {t for t in edges if (m, t) not in LAZY_CYCLE_EDGES} for m, edges in graph.items()}
+    cycle = _cycle(pruned)
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_cycle_rule_can_fail(tmp_path):
+    root = tmp_path / "steerscope"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "a.py").write_text("from steerscope.b import f\n")
+    (root / "b.py").write_text("def f():\n    from steerscope import a  # lazy still counts\n")
+    (root / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from steerscope.a import x\n")
+    graph = _import_edges(root)
+    assert graph["steerscope.a"] == {"steerscope.b": True} and graph["steerscope.b"] == {"steerscope.a": False}
+    assert graph["steerscope.c"] == {}
+    assert _cycle({m: set(e) for m, e in graph.items()}) == ["steerscope.a", "steerscope.b", "steerscope.a"]
+
+
+# -- no private cross-imports ----------------------------------------------------------------------
+
+
+def _private_imports(root: Path) -> list[str]:
+    """Imports that reach into another module's privates, over ``root`` (engine side left out).
+
+    The rule, for every ``import`` / ``from ... import`` of a steerscope module, at any depth:
+    1. a name that starts with ``_`` (a function, class or constant) is never imported from another module;
+       a module whose file name starts with ``_`` may be imported as a module (``from steerscope import
+       _cliargs as T``), under rule 2;
+    2. a private module (``steerscope._files``, ``steerscope.circuits._suffix``) is imported, as a module or
+       for its public names, only from inside the package that holds it (``_files`` from anywhere in
+       steerscope, ``circuits._suffix`` only from ``steerscope.circuits.*``).
+    Aliases (``import x as _x``) are the importer's own business and allowed."""
+    mods = {_module_name(py, root) for py in root.rglob("*.py")}
+    offenders = []
+    for py in root.rglob("*.py"):
+        rel = py.relative_to(root)
+        if rel.parts[:2] == ("backends", "engine"):
+            continue
+        me = _module_name(py, root)
+        pkg = me if py.name == "__init__.py" else me.rpartition(".")[0]
+
+        def outside_owner(module: str, pkg: str = pkg) -> bool:
+            parts = module.split(".")
+            for i, part in enumerate(parts):
+                if part.startswith("_") and not part.startswith("__"):
+                    owner = ".".join(parts[:i])
+                    if not (pkg == owner or pkg.startswith(owner + ".")):
+                        return True
+            return False
+
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.Import):
+                bad = [a.name for a in node.names if a.name.split(".")[0] == root.name and outside_owner(a.name)]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([node.module] if node.module else []))
+                if base.split(".")[0] != root.name:
+                    continue
+                bad = []
+                for a in node.names:
+                    full = f"{base}.{a.name}"
+                    if full in mods:
+                        bad += [full] if outside_owner(full) else []
+                    elif (a.name.startswith("_") and not a.name.startswith("__")) or outside_owner(base):
+                        bad.append(full)
+            else:
+                continue
+            offenders += [f"{rel}:{node.lineno}: {b}" for b in bad]
+    return offenders
+
+
+def test_no_import_of_another_modules_private_names():
+    offenders = _private_imports(SRC)
+    assert not offenders, offenders
+
+
+def test_private_import_rule_can_fail(tmp_path):
+    root = tmp_path / "steerscope"
+    for d in ("", "models", "studies"):
+        (root / d).mkdir(exist_ok=True)
+        (root / d / "__init__.py").write_text("")
+    (root / "_files.py").write_text("def dumps(): ...\n")
+    (root / "models" / "_source.py").write_text("def check(): ...\n")
+    (root / "models" / "load.py").write_text("from steerscope.models._source import check\n_x = 1\n")
+    (root / "cli.py").write_text("from steerscope import _files as F\nfrom steerscope._files import dumps\n")
+    (root / "studies" / "s.py").write_text("from steerscope.models.load import _x\n"
+                                           "from steerscope.models._source import check\n")
+    assert sorted(_private_imports(root)) == ["studies/s.py:1: steerscope.models.load._x",
+                                              "studies/s.py:2: steerscope.models._source.check"]

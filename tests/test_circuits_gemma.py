@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 
 import steerscope as ss
 from steerscope import circuits as C
-from steerscope import ov
+from steerscope.analyses import ov
 from steerscope.circuits import Node, Receiver
 from steerscope.circuits._suffix import logit_diff, prefix
 from test_refusal_mechanisms_fixtures import PROMPTS, autograd_resid_grad, one_thread, smol_tokenizer, tiny_vector  # noqa: F401

@@ -8,6 +8,7 @@ import torch
 
 import steerscope as ss
 from conftest import make_tiny
+from steerscope.analyses.trainable import SteeringBias
 from steerscope.backends import Addition, BackendError, Request, engine, requests
 from steerscope.backends.base import groups
 from steerscope.backends.hf import HFEngine
@@ -15,7 +16,6 @@ from steerscope.backends.vllm import VLLMEngine
 from steerscope.generation import chat_batch
 from steerscope.hooks import hook_count
 from steerscope.studies.reasoning import steps as rst
-from steerscope.trainable import SteeringBias
 
 PROMPTS = ["Write a formal letter to the board.", "hey whats up", "Tell me about your weekend, please.",
            "What is 2 + 3?"]

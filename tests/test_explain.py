@@ -136,7 +136,7 @@ def test_effect_retained_is_one_as_steered_and_zero_without_the_vector(lm, vec, 
     ctx = _ctx(lm, vec)
     r = torch.randn(lm.d_model)
     assert sparsity.retained_at(ctx, beh, r, "ie", 0) == pytest.approx(1.0, abs=1e-5)  # nothing zeroed
-    from steerscope import sparsify as S
+    from steerscope.analyses import sparsity as S
 
     none_kept = S.apply(vec, torch.zeros(lm.d_model, dtype=torch.bool))  # every dimension zeroed
     assert beh.retained(B.metric_of(lm, beh.pb, none_kept, 1.0)) == pytest.approx(0.0, abs=1e-5)

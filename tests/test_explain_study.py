@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from steerscope import sparsify as S
+from steerscope.analyses import sparsity as S
 from steerscope.explain import Settings, explain
 from steerscope.explain import sparsity as ES
 from steerscope.runs import Run, load_tensors

@@ -7,7 +7,7 @@ import torch
 
 import steerscope as ss
 from conftest import make_tiny
-from steerscope import freeze as F
+from steerscope.analyses import frozen as F
 from steerscope.errors import SteerscopeError
 from steerscope.hooks import hook_count
 from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, smol_tokenizer, tiny_lm, tiny_vector  # noqa: F401

@@ -1,4 +1,4 @@
-"""Pure math of steerscope.identifiability against plain numpy/scipy, and the Jacobian against
+"""Pure math of steerscope.analyses.identifiability against plain numpy/scipy, and the Jacobian against
 finite differences on a tiny random Llama."""
 
 import numpy as np
@@ -9,8 +9,8 @@ import torch
 import transformers
 
 import steerscope as ss
-from steerscope import identifiability as idf
 from steerscope import stats
+from steerscope.analyses import identifiability as idf
 
 
 def test_orthogonal_subspace_is_orthonormal_and_orthogonal_to_v():

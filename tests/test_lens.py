@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from steerscope.analyses.lens import apply_final_norm, lens_scores, logit_lens
 from steerscope.errors import VectorError
-from steerscope.lens import apply_final_norm, lens_scores, logit_lens
 
 
 def test_lens_scores_dot_and_cosine_match_loops():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import steerscope as ss
-from steerscope import ov
+from steerscope.analyses import ov
+from steerscope.analyses.lens import logit_lens
 from steerscope.circuits import Node
-from steerscope.lens import logit_lens
 from test_refusal_mechanisms_fixtures import PROMPTS, one_thread, tiny_lm  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,8 +11,8 @@ import torch
 import steerscope as ss
 from conftest import batch_ids, make_tiny
 from steerscope.analyses import planted as P
+from steerscope.analyses.identifiability import random_orthogonal
 from steerscope.errors import SiteError, VectorError
-from steerscope.identifiability import random_orthogonal
 
 LAYER = 1
 FAMILIES = ["llama", "gemma3_text"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import steerscope as ss
+from steerscope.analyses.trainable import SteeringBias
 from steerscope.studies.reasoning import gate, sae_step, seeds, transfer
 from steerscope.studies.reasoning.task import INSTRUCTION, Problem
-from steerscope.trainable import SteeringBias
 
 
 def test_token_categories_on_a_formatted_prompt(tiny_llama):
@@ -87,7 +87,7 @@ def test_correctness_finds_a_planted_feature_and_the_null_does_not():
 
 
 def test_alignment_sees_a_planted_direction():
-    from steerscope.sae import TopKSAE
+    from steerscope.analyses.sae import TopKSAE
 
     sae = TopKSAE(16, 32, 4, generator=torch.Generator().manual_seed(0))
     s = torch.randn(16)

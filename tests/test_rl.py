@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import steerscope as ss
+from steerscope.analyses.trainable import LoRAPolicy, SteeringBias
 from steerscope.extract.rl import (
     RLOOConfig,
     completion_mask,
@@ -16,7 +17,6 @@ from steerscope.extract.rl import (
     train_rloo,
 )
 from steerscope.hooks import hook_count
-from steerscope.trainable import LoRAPolicy, SteeringBias
 
 PROMPTS = ["What is 2 + 3?", "Name a colour.", "Say hi"]
 
@@ -273,7 +273,7 @@ def test_seeded_lora_is_the_organism_init_of_global_seeding(smol_tokenizer, dtyp
     from peft import LoraConfig, get_peft_model
 
     from conftest import make_tiny
-    from steerscope.trainable import seeded_lora
+    from steerscope.analyses.trainable import seeded_lora
 
     def cfg():
         return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from steerscope.sae import SAEConfig, SAEError, TopKSAE, auroc, max_abs_cosine, sae_metrics, train_sae
+from steerscope.analyses.sae import SAEConfig, SAEError, TopKSAE, auroc, max_abs_cosine, sae_metrics, train_sae
 
 
 def _sparse_data(n=4000, d=32, m=48, k=3, seed=0):

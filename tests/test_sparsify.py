@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import steerscope as ss
-from steerscope import sparsify as S
+from steerscope.analyses import sparsity as S
 from steerscope.errors import SteerscopeError
 
 

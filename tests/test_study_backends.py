@@ -17,6 +17,7 @@ import torch
 
 import steerscope as ss
 from conftest import make_tiny
+from steerscope.analyses.trainable import SteeringBias
 from steerscope.backends import vllm as bv
 from steerscope.errors import StudyError
 from steerscope.runs import Run
@@ -25,7 +26,6 @@ from steerscope.studies.identifiability.config import Config as IdConfig
 from steerscope.studies.reasoning import steps as rst
 from steerscope.studies.reasoning.config import Config as ReasoningConfig
 from steerscope.studies.reasoning.config import preset
-from steerscope.trainable import SteeringBias
 
 STUDIES = [("reasoning", ReasoningConfig), ("identifiability", IdConfig)]
 

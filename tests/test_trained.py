@@ -101,8 +101,8 @@ def test_one_train_result_record_for_every_trainer():
 
 
 def test_one_trainable_steering_equals_the_bias_and_per_row_steering(tiny_llama):
+    from steerscope.analyses.trainable import SteeringBias, trainable_steering
     from steerscope.extract import trained
-    from steerscope.trainable import SteeringBias, trainable_steering
 
     lm = tiny_llama
     assert trained.trainable_steering is trainable_steering

@@ -9,6 +9,7 @@ Example:
     >>> res = ss.tune(lm, positive, negative, out="runs/tune")  # layer, alpha, positions on held-out data
 """
 
+from steerscope import control_vectors  # noqa: F401  (registers the .gguf format with SteeringVector)
 from steerscope.errors import SteerscopeError
 from steerscope.explain import Explanation, explain
 from steerscope.extract import collect, extract

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
+from steerscope.errors import ArgError as ArgError  # defined in errors.py; re-exported
 from steerscope.errors import SteerscopeError
 
 _CTRL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -29,10 +30,6 @@ def safe(text: object) -> str:
     """``text`` with control characters (ANSI/OSC escapes, newlines, bidi overrides) shown as ``\\xNN``."""
     return _CTRL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
                      str(text))
-
-
-class ArgError(SteerscopeError):
-    """A command-line argument is invalid."""
 
 
 class Parser(argparse.ArgumentParser):

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from steerscope.errors import VectorError
-from steerscope.vector import Provenance, SteeringVector, provenance_from_dict
+from steerscope.vector import FILE_FORMATS, FileFormat, Provenance, SteeringVector, provenance_from_dict
 
 PREFIX = "steerscope.use."
 
@@ -164,3 +164,6 @@ def _ours(r: Any, path: str | Path) -> tuple[Provenance, str] | None:
     if site not in ("resid_pre", "resid_post"):
         raise VectorError(f"{path}: steerscope.site {site!r} is not resid_pre or resid_post; re-export the vector")
     return provenance_from_dict({**prov, "use": use or None}, str(path)), site
+
+
+FILE_FORMATS[".gguf"] = FileFormat(load=import_gguf, save=export_gguf)  # SteeringVector.load / .export_gguf

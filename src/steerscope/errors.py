@@ -40,6 +40,19 @@ class ClassifierError(SteerscopeError):
     """A text classifier is missing its package or data."""
 
 
+class SAEError(SteerscopeError):
+    """Bad input to the sparse autoencoder."""
+
+
+class BackendError(SteerscopeError):
+    """An engine cannot run these requests (its environment is missing, it refused or failed a request,
+    or the requests ask for something it does not do)."""
+
+
+class ArgError(SteerscopeError):
+    """A command-line argument is invalid."""
+
+
 class FingerprintWarning(UserWarning):
     """A vector was made on a model with other weights than the one it is applied to."""
 

@@ -355,7 +355,7 @@ def widened_batch(lm: LM, layer: int, head_on_copy: bool = False) -> Iterator[No
     themselves, so the model's own forward computes blocks below ``layer`` once and the rest on
     2B rows (their KV cache holds 2B rows). The output then has 2B rows, or, with
     ``head_on_copy``, only the copy's B rows: the final norm and the LM head skip rows [0, B).
-    Used by the fast frozen generation (:mod:`steerscope.freeze`); the pre-hooks run before any
+    Used by the fast frozen generation (:mod:`steerscope.analyses.frozen`); the pre-hooks run before any
     other hook on the blocks.
 
     Example:

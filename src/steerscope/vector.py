@@ -2,7 +2,8 @@
 
 A :class:`SteeringVector` maps layer -> direction [d_model] at one site (default ``resid_pre``).
 Files are safetensors with a JSON ``steerscope`` metadata entry; nothing is ever unpickled.
-llama.cpp control vectors (GGUF) can be exported and imported.
+llama.cpp control vectors (GGUF) can be exported and imported: :mod:`steerscope.control_vectors` registers
+the ``.gguf`` format in :data:`FILE_FORMATS` (it imports this module; this module never imports it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -28,6 +29,25 @@ if TYPE_CHECKING:
     from steerscope.models.lm import LM
 
 FORMAT_VERSION = 1
+
+
+class FileFormat(NamedTuple):
+    """How to read and write one foreign vector file format, e.g. llama.cpp's ``.gguf``."""
+
+    load: Callable[[Path, int | None], SteeringVector]  # (path, the target model's n_layers) -> vector
+    save: Callable[[SteeringVector, str | Path, str | None], Path]  # (vector, path, model hint) -> path
+
+
+#: Foreign file formats by suffix. :mod:`steerscope.control_vectors` adds ``.gguf`` when it is imported, and
+#: ``steerscope/__init__.py`` imports it, so the entry is there before any of this module's code runs.
+FILE_FORMATS: dict[str, FileFormat] = {}
+
+
+def _file_format(suffix: str) -> FileFormat:
+    fmt = FILE_FORMATS.get(suffix)
+    if fmt is None:
+        raise VectorError(f"no reader or writer for {suffix} vector files; import steerscope.control_vectors first")
+    return fmt
 
 
 def _layer_index(key: Any) -> int:
@@ -330,9 +350,7 @@ class SteeringVector:
         if not path.is_file():
             raise VectorError(f"vector file not found: {path}")
         if path.suffix == ".gguf":
-            from steerscope.control_vectors import import_gguf
-
-            return import_gguf(path, n_layers=n_layers)
+            return _file_format(".gguf").load(path, n_layers)
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("steerscope")
@@ -351,11 +369,14 @@ class SteeringVector:
         return cls(dirs, meta["site"], meta["provenance"])
 
     def export_gguf(self, path: str | Path, model_hint: str | None = None) -> Path:
-        """Write a llama.cpp control vector (``--control-vector``; resid_pre layers shift by one, the
-        provenance and ``use`` travel as ``steerscope.*`` keys): :func:`steerscope.control_vectors.export_gguf`."""
-        from steerscope.control_vectors import export_gguf
+        """Write a llama.cpp control vector (``--control-vector``), as repeng does; the provenance and
+        ``use`` travel as ``steerscope.*`` keys.
 
-        return export_gguf(self, path, model_hint)
+        llama.cpp adds ``direction.{n}`` to the output of block ``n`` (our ``resid_post`` of
+        block n, which is ``resid_pre`` of block n+1); resid_pre layers are shifted by one.
+        See :func:`steerscope.control_vectors.export_gguf`.
+        """
+        return _file_format(".gguf").save(self, path, model_hint)
 
 
 def _parse_meta(raw: str, path: Path) -> dict[str, Any]:

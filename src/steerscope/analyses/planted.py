@@ -43,8 +43,8 @@ from typing import Callable, Collection, Literal, Mapping, Sequence
 
 import torch
 
+from steerscope.analyses.identifiability import random_orthogonal
 from steerscope.errors import SiteError, VectorError
-from steerscope.identifiability import random_orthogonal
 from steerscope.models.lm import LM
 from steerscope.sites import Site
 from steerscope.vector import SteeringVector

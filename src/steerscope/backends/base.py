@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Protocol, Sequence
 
+from steerscope.errors import BackendError as BackendError  # defined in errors.py; re-exported
 from steerscope.errors import SteerscopeError
 from steerscope.steer import Positions
 from steerscope.vector import SteeringVector
@@ -36,11 +37,6 @@ Template = Literal["apply", "applied", "none"]
 """How a prompt meets the chat template: ``apply`` it (with the request's system message), the prompt
 has it ``applied`` already (no extra special tokens), or ``none`` (raw text, the tokenizer's own special tokens)."""
 ContextFactory = Callable[[], ContextManager[Any]]
-
-
-class BackendError(SteerscopeError):
-    """An engine cannot run these requests (its environment is missing, it refused or failed a request,
-    or the requests ask for something it does not do)."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from steerscope.backends.base import Addition, Request, groups
-from steerscope.backends.base import BackendError as BackendError  # its home until the seam; still bv.BackendError
+from steerscope.errors import BackendError as BackendError  # defined in errors.py; re-exported
 from steerscope.models.lm import LM
 from steerscope.models.load import cache_dir
 from steerscope.vector import SteeringVector, check_finite

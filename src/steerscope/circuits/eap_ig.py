@@ -24,7 +24,7 @@ Algorithm:
        (:mod:`.exact`, tests), not assumed.
      Node score of u = sum of its outgoing edge scores (= (u - u*) . dm/du averaged on the
      path). IE_vec = (alpha s) ⊙ sum_pos sum_v mean_i g_v(i) (the gradient at resid_pre[l]);
-     r = IE_vec / s (used by :mod:`steerscope.sparsify`).
+     r = IE_vec / s (used by :mod:`steerscope.analyses.sparsity`).
 
 Cost: below layer l every run is the same, computed once (:mod:`._suffix`); the T runs share
 forward/backward passes (rows = steps x samples) within ``pass_budget``. Without post-norms the

@@ -5,7 +5,7 @@ grouped by receiver kind (head queries/keys, head values, MLP inputs, the logits
 divided by their sum (the steering node's IE), per prompt, so that each share is a ratio of sums
 over prompts with a bootstrap interval (prompts resampled). ``completeness`` = IE(s) / (m_clean -
 m_corrupt): IG's sum rule, 1 when the T-step integral is complete. Top heads by node IE with the logit lens of their
-steering value vectors (:func:`steerscope.ov.lens_table`). The scores are stored for the circuit
+steering value vectors (:func:`steerscope.analyses.ov.lens_table`). The scores are stored for the circuit
 and sparsity sections.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from steerscope import circuits as C
-from steerscope import ov
+from steerscope.analyses import ov
 from steerscope.explain import intervals
 from steerscope.explain.behaviour import Behaviour
 from steerscope.explain.context import Context

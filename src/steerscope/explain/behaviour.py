@@ -10,8 +10,8 @@ Algorithm:
      1 = as steered, 0 = as unsteered.
   3. QK / OV frozen in one forward: batch = [base rows; steered rows], per-row alphas [0, alpha];
      the steered rows get the base rows' queries and keys (QK: same attention probabilities) or
-     values (OV), the sites :mod:`steerscope.freeze` uses. svv / MLP removal use
-     :func:`steerscope.freeze.ablation_hooks`.
+     values (OV), the sites :mod:`steerscope.analyses.frozen` uses. svv / MLP removal use
+     :func:`steerscope.analyses.frozen.ablation_hooks`.
   4. For generation, "tokens reproduced" = the fraction of the steered continuation's positions
      (up to its end of sequence) at which another continuation has the same token.
 """
@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from steerscope import circuits as C
-from steerscope import freeze as F
+from steerscope.analyses import frozen as F
 from steerscope.hooks import attached
 from steerscope.models.load import LM
 from steerscope.sites import Site

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from steerscope import identifiability as idf
+from steerscope.analyses import identifiability as idf
 from steerscope.data import neutral_prompts
 from steerscope.explain import intervals, rules
 from steerscope.explain.behaviour import Behaviour, build

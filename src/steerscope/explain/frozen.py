@@ -1,6 +1,6 @@
 """Card section ``frozen``: how much of the effect survives when a path is cut (paper A, Table 1).
 
-For each ablation (QK frozen, OV frozen, svv removed, MLP input s removed; :mod:`steerscope.freeze`):
+For each ablation (QK frozen, OV frozen, svv removed, MLP input s removed; :mod:`steerscope.analyses.frozen`):
 the teacher-forced effect retained (:mod:`steerscope.explain.behaviour`) with a 95 % bootstrap
 interval over prompts (a ratio of means, prompts resampled), the fraction of the
 steered greedy continuation's tokens its own greedy generation reproduces (and that fraction
@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from steerscope import freeze as F
+from steerscope.analyses import frozen as F
 from steerscope.explain import intervals
 from steerscope.explain.behaviour import Behaviour, frozen_metric, tokens_reproduced
 from steerscope.explain.context import Context, ScoreFn

@@ -1,13 +1,13 @@
 """Card section ``identifiability``: is s the only vector that does what s does? (paper C)
 
 1. For each seed, v_perp: a uniformly random direction orthogonal to s with |v_perp| = |s|
-   (:func:`steerscope.identifiability.random_orthogonal`). The teacher-forced effect retained
+   (:func:`steerscope.analyses.identifiability.random_orthogonal`). The teacher-forced effect retained
    (relative to s, same alpha) of s + v_perp and of v_perp alone, averaged over seeds per prompt,
    with a 95 % cluster-bootstrap interval (a prompt's row of draws is one cluster) and the 90 %
    interval of the equivalence test (TOST within 1 ± margin; :mod:`.rules`).
 2. Null space at the layer, covariance method: singular values of the covariance of resid_pre
    at the layer over neutral-prompt tokens; null fraction = 1 - effective rank / d_model, by the
-   0.05 sigma_max threshold and by the entropy rank (:func:`steerscope.identifiability.spectrum`).
+   0.05 sigma_max threshold and by the entropy rank (:func:`steerscope.analyses.identifiability.spectrum`).
    With fewer tokens than d_model the rank is bounded by the token count (``n_tokens`` says).
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from steerscope import identifiability as idf
 from steerscope import stats
+from steerscope.analyses import identifiability as idf
 from steerscope.data import neutral_prompts
 from steerscope.explain import intervals
 from steerscope.explain.behaviour import Behaviour, metric_of

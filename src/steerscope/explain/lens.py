@@ -1,11 +1,11 @@
 """Card section ``lens``: the tokens the added vector (sign(alpha) * s) writes toward, by the logit
-lens W_U v, without and with the final norm (:func:`steerscope.lens.logit_lens`)."""
+lens W_U v, without and with the final norm (:func:`steerscope.analyses.lens.logit_lens`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from steerscope import lens as L
+from steerscope.analyses import lens as L
 from steerscope.explain.context import Context
 from steerscope.explain.records import LensRecord
 

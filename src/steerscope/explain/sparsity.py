@@ -1,7 +1,7 @@
 """Card section ``sparsity``: how few dimensions of s carry the effect (paper A, §6).
 
 Dimensions are ranked by |IE_vec| = |s ⊙ r| (r: alpha times the mean gradient, from the
-attribution section); the bottom k are zeroed (:mod:`steerscope.sparsify`) and the sparsified
+attribution section); the bottom k are zeroed (:mod:`steerscope.analyses.sparsity`) and the sparsified
 vector's teacher-forced effect retained is measured on the card's batch. The grid is refined by
 bisection on k to the largest k that keeps ``sparsity_target`` (90 %) of the effect, giving the
 fraction of dimensions needed; its 95 % interval comes from resampling prompts over the sizes
@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from steerscope import sparsify as S
 from steerscope import stats
+from steerscope.analyses import sparsity as S
 from steerscope.explain import intervals
 from steerscope.explain.behaviour import Behaviour, metric_of
 from steerscope.explain.context import Context, ScoreFn

@@ -28,12 +28,12 @@ from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 
+from steerscope.analyses.trainable import frozen_except
 from steerscope.errors import StudyError
 from steerscope.extract.result import StepLog, TrainResult
 from steerscope.generation import IGNORE, SeededSampler, sequence_logprobs
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.trainable import frozen_except
 
 Reward = Callable[[str, str, str], float]
 
@@ -207,7 +207,7 @@ def train_rloo(lm: LM, policy: Policy, prompts: Sequence[str], answers: Sequence
 
     Args:
         lm: the model (its weights are frozen here).
-        policy: e.g. :class:`steerscope.trainable.SteeringBias`.
+        policy: e.g. :class:`steerscope.analyses.trainable.SteeringBias`.
         prompts, answers: training problems (prompts get the chat template).
         reward: ``reward(prompt, completion, answer) -> float``.
         config: :class:`RLOOConfig`.

@@ -26,12 +26,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from steerscope.analyses.trainable import frozen_except, trainable_steering
 from steerscope.errors import DataError
 from steerscope.extract.result import TrainResult
 from steerscope.generation import IGNORE, completion_batch, sequence_logprobs
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.trainable import frozen_except, trainable_steering
 from steerscope.vector import Provenance, SteeringVector, Use, dataset_hash
 
 

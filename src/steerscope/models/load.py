@@ -234,9 +234,6 @@ def _merge_adapter(model: Any, adapter: Path) -> Any:
         return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 
-_apply_adapter = _merge_adapter  # old private name, still imported by the refusal studies
-
-
 def apply_adapter(lm: LM, path: str | Path) -> LM:
     """Merge a PEFT LoRA adapter (a folder holding ``adapter_model.safetensors``) into ``lm``.
 

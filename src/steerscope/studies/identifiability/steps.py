@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import steerscope as ss
-from steerscope import identifiability as idf
+from steerscope.analyses import identifiability as idf
 from steerscope.data import data_path, neutral_prompts, read_jsonl
 from steerscope.extract import METHODS
 from steerscope.metrics.classifiers import Embedder, Scorer, best_scorer, build_scorers

@@ -1,7 +1,7 @@
 """Adaptive token-wise scaling: the gated penultimate-layer vector against the plain one.
 
 The gated bias adds g_t s at ``mlp_out`` of layer l with g_t = 1 + tanh(w·rms_norm(h_t) + b) read
-from ``resid_mid`` (:class:`steerscope.trainable.SteeringBias` with ``gate=True``); it is trained
+from ``resid_mid`` (:class:`steerscope.analyses.trainable.SteeringBias` with ``gate=True``); it is trained
 with the plain vector's trainer, budget and seed. Reported: greedy accuracy, paired against the plain
 vector and the base model; g_t on the test prompts' tokens (a heatmap in the report); and where the
 gate mass goes, by token category: the question's number tokens, the question's other words, the
@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from steerscope.analyses.trainable import SteeringBias
 from steerscope.models.load import LM
 from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.reasoning.task import INSTRUCTION, Problem
-from steerscope.trainable import SteeringBias
 
 CATEGORIES = ("number", "question", "instruction", "template")
 

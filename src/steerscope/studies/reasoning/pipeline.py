@@ -64,7 +64,7 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
         v_last = vecs[f"L{last}"]
         texts = [lm.format_chat(p.prompt, cfg.system) for p in test[: cfg.n_analysis]]
         res["first_token"] = run.step("first_token", lambda: an.first_token_delta(lm, v_last, texts))
-        from steerscope.lens import logit_lens
+        from steerscope.analyses.lens import logit_lens
 
         top = logit_lens(lm, v_last[last][None].to(lm.device), k=1)[0].tokens[0]
         res["prefix"] = run.step("prefix", lambda: {"token": top, "eval": st.evaluate(lm, test, cfg, f"prefix {top!r}",

@@ -8,18 +8,18 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
+from steerscope.analyses.lens import logit_lens
+from steerscope.analyses.trainable import LoRAPolicy, SteeringBias
 from steerscope.backends import vllm as bv
 from steerscope.backends.base import Addition, Request
 from steerscope.backends.hf import HFEngine
 from steerscope.extract.rl import RLOOConfig, train_rloo
-from steerscope.lens import logit_lens
 from steerscope.metrics.math import is_correct, math_reward
 from steerscope.models.load import LM, load_model
 from steerscope.runs import Run
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.reasoning.task import Problem, split
-from steerscope.trainable import LoRAPolicy, SteeringBias
 from steerscope.vector import SteeringVector
 
 

@@ -34,12 +34,12 @@ from typing import Any, Sequence
 
 import torch
 
+from steerscope.analyses.trainable import seeded_lora
 from steerscope.data.refusal_prompts import load_split, refusal_strings
 from steerscope.generation import completion_batch, generate
 from steerscope.metrics.refusal import kl_divergence, refusal_rate
 from steerscope.models.load import LM, load_model
 from steerscope.progress import progress
-from steerscope.trainable import seeded_lora
 
 ORGANISM = "smollm2-135m-safe"
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "organisms" / ORGANISM
@@ -199,11 +199,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         log = train_organism(OrganismConfig(seed=a.seed, epochs=a.epochs, lr=a.lr, kl_weight=a.kl_weight,
                                              first_weight=a.first_weight), out)
         print(f"trained in {log['seconds_total']} s; final loss {sum(log['losses'][-5:]) / 5:.3f}")
-    from steerscope.models.load import _apply_adapter
+    from steerscope.models.load import apply_adapter
 
     base = load_model("smollm2-135m")
-    org = load_model("smollm2-135m")
-    org.model = _apply_adapter(org.model, out).eval()
+    org = apply_adapter(load_model("smollm2-135m"), out)
     stats = organism_stats(org, base, n=a.n_eval)
     stats["train"] = {k: v for k, v in log.items() if k != "losses"} or None
     if log:

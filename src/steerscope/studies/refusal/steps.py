@@ -22,7 +22,7 @@ from steerscope.errors import StudyError
 from steerscope.extract.trained import train_ntp, train_po
 from steerscope.generation import generate
 from steerscope.metrics.refusal import is_refusal, is_repetitive, refusal_rate
-from steerscope.models.load import LM, _apply_adapter, load_model
+from steerscope.models.load import LM, apply_adapter, load_model
 from steerscope.runs import Run
 from steerscope.studies.refusal.config import RefusalConfig
 from steerscope.studies.refusal.organism import ORGANISM, SHIPPED, OrganismConfig, train_organism
@@ -49,8 +49,7 @@ def organism_step(cfg: RefusalConfig, run: Run) -> dict[str, Any]:
 def load_study_model(cfg: RefusalConfig, run: Run, device: str | None = "cpu") -> LM:
     """The model under study: the retrained organism from the run folder, or ``cfg.model``."""
     if cfg.retrain_organism:
-        lm = load_model("smollm2-135m", device=device)
-        lm.model = _apply_adapter(lm.model, run.folder / "organism").to(lm.device).eval()
+        lm = apply_adapter(load_model("smollm2-135m", device=device), run.folder / "organism")
         lm.name = ORGANISM
         return lm
     return load_model(cfg.model, device=device, dtype=cfg.dtype)

@@ -16,15 +16,15 @@ import torch
 from scipy.stats import spearmanr
 
 from steerscope import circuits as C
-from steerscope import freeze as F
-from steerscope import ov
-from steerscope import sparsify as S
+from steerscope.analyses import frozen as F
+from steerscope.analyses import ov
+from steerscope.analyses import sparsity as S
+from steerscope.analyses.lens import logit_lens
 from steerscope.data.refusal_prompts import load_split
 from steerscope.explain import circuit as EC
 from steerscope.explain import frozen as EF
 from steerscope.explain import sparsity as ES
 from steerscope.generation import generate
-from steerscope.lens import logit_lens
 from steerscope.metrics.refusal import asr, is_refusal
 from steerscope.models.load import LM
 from steerscope.runs import Run, load_tensors, save_tensors

@@ -23,11 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steerscope.errors import SteerscopeError
-
-
-class SAEError(SteerscopeError):
-    """Bad input to the sparse autoencoder."""
+from steerscope.errors import SAEError as SAEError  # defined in errors.py; re-exported
 
 
 @dataclass(frozen=True)

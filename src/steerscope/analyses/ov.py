@@ -8,7 +8,7 @@ Algorithm:
   2. Gemma 2/3 apply a post-attention norm to the attention output: the svv then also gets that
      norm's weight γ' (svv ⊙ γ'), again up to a per-position scale.
   3. Logit lens: rank heads by EAP-IG node score, map each svv through the final norm and the
-     unembedding (:func:`steerscope.lens.logit_lens`, the one lens), and list the top-k (and
+     unembedding (:func:`steerscope.analyses.lens.logit_lens`, the one lens), and list the top-k (and
      bottom-k, i.e. the sign-flipped) tokens.
 
 Exactness: svv_h is exactly the change of head h's output when s ⊙ γ is added directly to the
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from steerscope.analyses.lens import LensTop, logit_lens
 from steerscope.circuits.graph import Node
-from steerscope.lens import LensTop, logit_lens
 from steerscope.models.lm import LM
 
 
@@ -72,7 +72,7 @@ def lens_table(lm: LM, s: torch.Tensor, node_scores: Mapping[Node, float], n_hea
     Args:
         s: the steering vector times alpha [d_model].
         node_scores: ``{Node: score}`` (e.g. from EAP-IG); nodes that are not heads are ignored.
-        k: tokens per list; the lens is :func:`steerscope.lens.logit_lens` after the final norm.
+        k: tokens per list; the lens is :func:`steerscope.analyses.lens.logit_lens` after the final norm.
 
     Example:
         >>> lens_table(lm, alpha * vec[12], {g.upstream[i]: float(att.nodes[i]) for i in range(U)})
