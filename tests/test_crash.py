@@ -34,7 +34,7 @@ def _records(out: Path) -> dict[str, dict]:
     recs = {}
     for p in sorted((out / "steps").glob("*.json")):
         r = json.loads(p.read_text())
-        recs[p.name] = {k: v for k, v in r.items() if k not in ("_seconds", "_checksum")}
+        recs[p.name] = {k: v for k, v in r.items() if k not in ("_seconds", "_cpu_seconds", "_checksum")}
     return recs
 
 

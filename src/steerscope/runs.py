@@ -144,6 +144,14 @@ class MemoryRun(_Store):
         return self.tensors[name]
 
 
+TIMING = ("_seconds", "_cpu_seconds")  # what a store adds to each record it computes
+
+
+def without_timing(rec: dict[str, Any]) -> dict[str, Any]:
+    """A step's record without the store's timing keys (:data:`TIMING`): what the step returned."""
+    return {k: v for k, v in rec.items() if k not in TIMING}
+
+
 def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``fn()`` with its wall and process CPU seconds added (``_seconds``, ``_cpu_seconds``)."""
     t0, c0 = time.time(), time.process_time()
@@ -376,4 +384,4 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
     return out
 
 
-__all__ = ["MemoryRun", "Run", "check_free", "load_tensors", "save_tensors", "warn", "write_json"]
+__all__ = ["TIMING", "MemoryRun", "Run", "check_free", "without_timing", "load_tensors", "save_tensors", "warn", "write_json"]

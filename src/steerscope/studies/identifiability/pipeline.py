@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from steerscope.runs import Run
+from steerscope.runs import Run, without_timing
 from steerscope.studies.identifiability.config import Config
 
 Cell = tuple[str, str, int, str]  # (trait or "*", method, seed, prompt set)
@@ -57,12 +57,9 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
         prompts = neutral if pset == "neutral" else shift
         alphas = cfg.alphas if pset == "neutral" else (cfg.probe_alpha,)
         v = None if method == "none" else vecs[f"{trait}_{method}"]
-        gens[f"{trait}|{method}|{seed}|{pset}"] = run_.step(_step_name(cell), lambda: steps.generate_cell(
-            lm, cfg, prompts, v, trait, seed, inject, alphas))
-    for g in gens.values():
-        g.pop("_seconds", None)
-    scores = run_.step("scores", lambda: steps.score_texts(built, gens))
-    scores.pop("_seconds", None)
+        gens[f"{trait}|{method}|{seed}|{pset}"] = without_timing(run_.step(_step_name(cell), lambda: steps.generate_cell(
+            lm, cfg, prompts, v, trait, seed, inject, alphas)))
+    scores = without_timing(run_.step("scores", lambda: steps.score_texts(built, gens)))
     usable = {t: {s.kind: s.usable for s in built[t]} for t in cfg.traits}
     run_.step("effects", lambda: {
         "neutral": steps.effects(cfg, scores, srec["primary"], usable),
@@ -91,6 +88,4 @@ def _write(run_: Run, cfg: Config) -> tuple[Path, dict[str, Any]]:
 
 
 def _record(run_: Run, name: str) -> dict[str, Any]:
-    rec = run_.load(name)
-    rec.pop("_seconds", None)
-    return rec
+    return without_timing(run_.load(name))
