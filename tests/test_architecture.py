@@ -155,6 +155,10 @@ LAZY_CYCLE_EDGES = {
     # sections.py import html at module level (Explanation.write, each Section's render).
     ("steerscope.explain.html", "steerscope.explain.card"),
     ("steerscope.explain.html", "steerscope.explain.sections"),
+    # the engine factory picks its implementation by name at call time; the engines import the seam's
+    # request types at module level (backends.base -> backends.hf / backends.vllm are function-level)
+    ("steerscope.backends.base", "steerscope.backends.hf"),
+    ("steerscope.backends.base", "steerscope.backends.vllm"),
 }
 
 
