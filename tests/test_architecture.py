@@ -333,3 +333,11 @@ def test_private_import_rule_can_fail(tmp_path):
                                            "from steerscope.models._source import check\n")
     assert sorted(_private_imports(root)) == ["studies/s.py:1: steerscope.models.load._x",
                                               "studies/s.py:2: steerscope.models._source.check"]
+
+
+def test_mypy_is_strict_on_the_analyses_and_the_card():
+    import tomllib
+
+    cfg = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())
+    strict = {m for o in cfg["tool"]["mypy"]["overrides"] if o.get("strict") for m in o["module"]}
+    assert {"steerscope.explain.*", "steerscope.analyses.*"} <= strict
