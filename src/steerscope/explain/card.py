@@ -36,7 +36,7 @@ from steerscope.explain.records import (
     VectorRecord,
 )
 from steerscope.explain.scorers import resolve_scorer
-from steerscope.explain.sections import SECTIONS
+from steerscope.explain.sections import SECTIONS, Section
 from steerscope.explain.verdict import claims_of, verdict
 from steerscope.generation import as_texts, context_length
 from steerscope.models.load import LM
@@ -199,6 +199,20 @@ def explain(lm: LM, vector: SteeringVector, prompts: str | Sequence[str] | None 
                                       metric_gap=intervals.mean(ms - mb, st.n_boot, st.seed),
                                       scored_positions=int(beh.pb.mask.sum())), dose=d)
     todo = [sec for sec in SECTIONS if sections is None or sec.name in sections]
+    _run_sections(card, run, ctx, beh, todo, show_progress)
+    timed = ["vector", "dose", "behaviour", *(sec.name for sec in todo)]
+    card.vector = replace(card.vector, timings={n: run.timing(n) for n in timed if run.done(n)})
+    card.claims = claims_of(card)
+    card.verdict = verdict(card)
+    if out is not None:
+        card.write(out)
+    return card
+
+
+def _run_sections(card: Explanation, run: Run | MemoryRun, ctx: Context, beh: Behaviour, todo: Sequence[Section],
+                  show_progress: bool) -> None:
+    """Fill the card's sections in order; a section that raises, or needs one that is missing, is listed
+    under ``unsupported`` with the reason."""
     for sec in progress(todo, desc="explain", enabled=show_progress):
         missing = [n for n in sec.needs if n in card.unsupported or getattr(card, n) is None]
         if missing:
@@ -209,13 +223,6 @@ def explain(lm: LM, vector: SteeringVector, prompts: str | Sequence[str] | None 
             setattr(card, sec.name, run.record(sec.name, sec.record, _bind(sec.compute, ctx, beh)))
         except SteerscopeError as e:
             card.unsupported[sec.name] = str(e)
-    timed = ["vector", "dose", "behaviour", *(sec.name for sec in todo)]
-    card.vector = replace(card.vector, timings={n: run.timing(n) for n in timed if run.done(n)})
-    card.claims = claims_of(card)
-    card.verdict = verdict(card)
-    if out is not None:
-        card.write(out)
-    return card
 
 
 def _behaviour(ctx: Context) -> Behaviour:
