@@ -62,11 +62,15 @@ def token(t: str, tid: int | None = None) -> str:
     return f"<id {tid}>" if tid is not None else "<unprintable>"
 
 
+def _yerr(ests: Sequence[Estimate]) -> list[list[float]]:
+    """Matplotlib's asymmetric error bars [below, above] of each estimate's interval (0 where undefined)."""
+    return [[max(0.0, e.value - e.ci95[0]) if e.finite else 0.0 for e in ests],
+            [max(0.0, e.ci95[1] - e.value) if e.finite else 0.0 for e in ests]]
+
+
 def _errbar(ax: Any, labels: Sequence[str], ests: Sequence[Estimate], ref: Sequence[float] = ()) -> None:
     vals = [e.value for e in ests]
-    lo = [max(0.0, e.value - e.ci95[0]) if e.finite else 0.0 for e in ests]
-    hi = [max(0.0, e.ci95[1] - e.value) if e.finite else 0.0 for e in ests]
-    ax.bar(range(len(vals)), vals, yerr=[lo, hi], capsize=4, color="tab:blue", alpha=0.8)
+    ax.bar(range(len(vals)), vals, yerr=_yerr(ests), capsize=4, color="tab:blue", alpha=0.8)
     ax.set_xticks(range(len(vals)))
     ax.set_xticklabels(labels, fontsize=8)
     for y in ref:
@@ -101,10 +105,7 @@ def dose(r: Report, d: DoseRecord) -> None:
     fig = plt_figure(figsize=(8, 3))
     a1, a2 = fig.add_subplot(121), fig.add_subplot(122)
     for ax, ests, colour in ((a1, d.effect, "tab:blue"), (a2, d.kl_quantile, "tab:red")):
-        ys = [e.value for e in ests]
-        err = [[max(0.0, e.value - e.ci95[0]) if e.finite else 0.0 for e in ests],
-               [max(0.0, e.ci95[1] - e.value) if e.finite else 0.0 for e in ests]]
-        ax.errorbar(d.alphas, ys, yerr=err, marker="o", capsize=3, color=colour)
+        ax.errorbar(d.alphas, [e.value for e in ests], yerr=_yerr(ests), marker="o", capsize=3, color=colour)
         ax.axvline(d.chosen_alpha, color="black", ls=":", lw=1)
         ax.set_xlabel("alpha (dotted: the alpha used)")
     a1.set_ylabel(d.effect_kind.replace("_", " "))

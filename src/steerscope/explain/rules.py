@@ -75,12 +75,12 @@ def n_to_decide(e: Estimate, threshold: float) -> int | None:
     return max(e.n + 1, int(math.ceil(e.n * (half / gap) ** 2)))
 
 
-def above_below(rule: str, e: Estimate, threshold: float, statement: str, test: str, evidence: str) -> Claim:
-    """Supported when ``e``'s interval lies above ``threshold``, contradicted when below."""
-    if e.finite and e.ci95[0] > threshold:
-        status = SUPPORTED
-    elif e.finite and e.ci95[1] < threshold:
-        status = CONTRADICTED
+def above_below(rule: str, e: Estimate, threshold: float, statement: str, test: str, evidence: str,
+                below: bool = False) -> Claim:
+    """Supported when ``e``'s interval lies above ``threshold`` (``below``: below it), contradicted on the other side."""
+    above, under = e.finite and e.ci95[0] > threshold, e.finite and e.ci95[1] < threshold
+    if above or under:
+        status = SUPPORTED if above != below else CONTRADICTED
     else:
         status = UNDECIDED
     return Claim(rule, status, statement, test, evidence, e.n,
@@ -124,11 +124,9 @@ def shares(a: AttributionRecord) -> list[Claim]:
 def needed(p: FrozenPath, mode: str) -> Claim:
     """``frozen.<mode>.needed``."""
     e = p.effect_retained
-    c = above_below(f"frozen.{mode}.needed", e, NEEDED, f"Cutting the path by {CUT_WORDS[mode]} removes most "
+    return above_below(f"frozen.{mode}.needed", e, NEEDED, f"Cutting the path by {CUT_WORDS[mode]} removes most "
                     "of the effect.", "effect retained: 95 % interval below 0.5 (supported) or above (contradicted)",
-                    f"effect retained {fmt(e)}")
-    flip = {SUPPORTED: CONTRADICTED, CONTRADICTED: SUPPORTED, UNDECIDED: UNDECIDED}
-    return Claim(c.rule, flip[c.status], c.statement, c.test, c.evidence, c.n, c.n_to_decide)
+                    f"effect retained {fmt(e)}", below=True)
 
 
 def values_not_patterns(f: FrozenRecord) -> Claim:
@@ -163,12 +161,10 @@ def circuit(c: CircuitRecord) -> Claim | None:
 def sparse(s: SparsityRecord) -> Claim:
     """``sparsity.sparse``: under 20 % of the dimensions keep the target effect."""
     e = Estimate(s.fraction_needed, s.fraction_ci95, s.n)
-    c = above_below("sparsity.sparse", e, SPARSE, f"Under 20 % of the dimensions keep {s.target:.0%} of the effect "
+    return above_below("sparsity.sparse", e, SPARSE, f"Under 20 % of the dimensions keep {s.target:.0%} of the effect "
                     "(|IE| rule).", "95 % bootstrap interval of the fraction needed below 0.2 (supported) or above "
                     f"(contradicted), at a resolution of {100 * s.resolution:.1f} % of the dimensions",
-                    f"fraction needed {fmt(e)}")
-    flip = {SUPPORTED: CONTRADICTED, CONTRADICTED: SUPPORTED, UNDECIDED: UNDECIDED}
-    return Claim(c.rule, flip[c.status], c.statement, c.test, c.evidence, c.n, c.n_to_decide)
+                    f"fraction needed {fmt(e)}", below=True)
 
 
 def not_identifiable(i: IdentifiabilityRecord) -> Claim:
