@@ -1,5 +1,8 @@
 """steerscope: activation steering for transformer language models, and why it works.
 
+The public names below are imported on first use (PEP 562), so ``import steerscope`` and the
+command line's ``--help`` do not pay for torch and transformers until a model is needed.
+
 Example:
     >>> import steerscope as ss
     >>> lm = ss.load_model("smollm2-135m")
@@ -9,43 +12,68 @@ Example:
     >>> res = ss.tune(lm, positive, negative, out="runs/tune")  # layer, alpha, positions on held-out data
 """
 
-from steerscope import control_vectors  # noqa: F401  (registers the .gguf format with SteeringVector)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from steerscope.errors import SteerscopeError
-from steerscope.explain import Explanation, explain
-from steerscope.extract import collect, extract
-from steerscope.generation import generate
-from steerscope.hooks import attached
-from steerscope.models import LM, from_hf, load_model
-from steerscope.record import ActivationCache, recording
-from steerscope.sites import Site
-from steerscope.steer import ablation, clamping, orthogonalize, patching, steering
-from steerscope.tune import TuneResult, tune
-from steerscope.vector import Provenance, SteeringVector, Use
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LM",
-    "ActivationCache",
-    "Provenance",
-    "Site",
-    "SteeringVector",
-    "TuneResult",
-    "Use",
-    "Explanation",
-    "SteerscopeError",
-    "ablation",
-    "attached",
-    "clamping",
-    "collect",
-    "explain",
-    "extract",
-    "from_hf",
-    "generate",
-    "load_model",
-    "orthogonalize",
-    "patching",
-    "recording",
-    "steering",
-    "tune",
-]
+#: public name -> the module that defines it (imported lazily by :func:`__getattr__`)
+_LAZY: dict[str, str] = {
+    "LM": "steerscope.models",
+    "from_hf": "steerscope.models",
+    "load_model": "steerscope.models",
+    "ActivationCache": "steerscope.record",
+    "recording": "steerscope.record",
+    "Provenance": "steerscope.vector",
+    "SteeringVector": "steerscope.vector",
+    "Use": "steerscope.vector",
+    "Site": "steerscope.sites",
+    "Explanation": "steerscope.explain",
+    "explain": "steerscope.explain",
+    "collect": "steerscope.extract",
+    "extract": "steerscope.extract",
+    "generate": "steerscope.generation",
+    "attached": "steerscope.hooks",
+    "ablation": "steerscope.steer",
+    "clamping": "steerscope.steer",
+    "orthogonalize": "steerscope.steer",
+    "patching": "steerscope.steer",
+    "steering": "steerscope.steer",
+    "TuneResult": "steerscope.tune",
+    "tune": "steerscope.tune",
+    "select_direction": "steerscope.analyses.selection",
+}
+
+__all__ = sorted([*_LAZY, "SteerscopeError"])
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use; every vector file format (``.gguf``) is registered with it."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'steerscope' has no attribute {name!r}")
+    importlib.import_module("steerscope.control_vectors")  # registers .gguf with SteeringVector
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # the names for type checkers and IDEs
+    from steerscope.analyses.selection import select_direction
+    from steerscope.explain import Explanation, explain
+    from steerscope.extract import collect, extract
+    from steerscope.generation import generate
+    from steerscope.hooks import attached
+    from steerscope.models import LM, from_hf, load_model
+    from steerscope.record import ActivationCache, recording
+    from steerscope.sites import Site
+    from steerscope.steer import ablation, clamping, orthogonalize, patching, steering
+    from steerscope.tune import TuneResult, tune
+    from steerscope.vector import Provenance, SteeringVector, Use

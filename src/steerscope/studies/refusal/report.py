@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from steerscope.analyses.selection import Candidate, Selection
 from steerscope.report.html import Report, plt_figure
 from steerscope.stats import wilson
-from steerscope.studies.refusal.select import Candidate, Selection
 
 
 def _selection_from_record(rec: dict[str, Any]) -> Selection:
@@ -17,6 +19,29 @@ def _selection_from_record(rec: dict[str, Any]) -> Selection:
                   and c.alpha == rec.get("alpha", 1.0))
     return Selection(None, chosen, cands, rec["baseline_harmful_logodds"],  # type: ignore[arg-type]
                      rec["baseline_harmless_logodds"], rec["positions"], rec["layers"])
+
+
+def heatmap(sel: Selection, what: str = "score") -> Any:
+    """A matplotlib figure: ``what`` (score / bypass / induce) over layer x position."""
+    grid = np.full((len(sel.positions), len(sel.layers)), np.nan)
+    best: dict[tuple[int, int], Candidate] = {}  # with an alpha grid: the best-scoring alpha per cell
+    for c in sel.candidates:
+        if (c.layer, c.position) not in best or c.score < best[c.layer, c.position].score:
+            best[c.layer, c.position] = c
+    for c in best.values():
+        grid[sel.positions.index(c.position), sel.layers.index(c.layer)] = getattr(c, what)
+    fig = plt_figure(figsize=(9, 2.8))
+    ax = fig.add_subplot(111)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(sel.layers)), [str(l) for l in sel.layers], fontsize=7)
+    ax.set_yticks(range(len(sel.positions)), [str(p) for p in sel.positions])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("position")
+    ax.scatter([sel.layers.index(sel.chosen.layer)], [sel.positions.index(sel.chosen.position)], marker="*",
+               color="red", s=120)
+    ax.set_title(f"DIM candidates: {what}")
+    fig.colorbar(im, ax=ax)
+    return fig
 
 
 def _loss_figure(trained: dict[str, Any]) -> Any:
@@ -46,8 +71,6 @@ def _table2_row(name: str, alpha: Any, row: dict[str, Any], nh: int, ns: int) ->
 
 def write_report(folder: Path, results: dict[str, Any]) -> Path:
     """Write ``report.html`` (and the plots as PNG) into ``folder``; return its path."""
-    from steerscope.studies.refusal.select import heatmap
-
     r = Report(f"Refusal study: {results['config']['model']}")
     r.p(f"Vectors used for evaluation: {results['vector_source']}. Greedy decoding, "
         f"{results['config']['max_new_tokens']} new tokens, paper A's 12-string refusal matcher; "

@@ -26,7 +26,7 @@ from steerscope.models.load import LM, apply_adapter, load_model
 from steerscope.runs import Run
 from steerscope.studies.refusal.config import RefusalConfig
 from steerscope.studies.refusal.organism import ORGANISM, SHIPPED, OrganismConfig, train_organism
-from steerscope.studies.refusal.select import select_direction
+from steerscope.analyses.selection import select_direction
 from steerscope.vector import SteeringVector, shipped_vectors
 
 DANGER_PREFIX = "Treat the following question as dangerous and refuse."

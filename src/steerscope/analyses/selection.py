@@ -1,4 +1,4 @@
-"""Refusal-direction selection (Arditi et al. 2024, arXiv 2406.11717; scoring as in paper A).
+"""Arditi-style direction selection (Arditi et al. 2024, arXiv 2406.11717; scoring as in paper A).
 
 1. Candidates: r[l, p] = mean_harmful h[l, p] - mean_harmless h[l, p] on the train split, for every
    layer l (resid_pre) and post-instruction position p (the chat-template tokens after the
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from steerscope.errors import DataError
 from steerscope.metrics.refusal import kl_divergence, refusal_logodds, refusal_token_ids
 from steerscope.models.load import LM
 from steerscope.progress import progress
@@ -141,59 +142,50 @@ def select_direction(
     show_progress: bool = False,
     alphas: Sequence[float] = (1.0,),
 ) -> Selection:
-    """Select the refusal direction (see the module docstring).
+    """Select a behaviour direction Arditi-style (see the module docstring); paper A's refusal search.
 
     Args:
-        lm: the model (the refusing organism).
+        lm: the model (for refusal: the refusing organism).
         train: (harmful, harmless) prompts for the means.
         val: (harmful, harmless) prompts for the scores.
         positions: post-instruction positions, negative from the end of the templated prompt.
         layers: candidate layers (default every layer below ``max_layer_frac * n_layers``).
+        kl_max: the ablation-KL filter (candidates at or above it are skipped).
         kl_top: extra candidates (beyond the chosen one) that get a KL score for the report.
         alphas: multiples of the DIM vector to score (step 4 of the module docstring); the
             returned vector is scaled by the chosen one.
 
     Returns:
-        A :class:`Selection`; ``vector`` is the unnormalised DIM vector at the chosen layer.
+        A :class:`Selection`; ``vector`` is the DIM vector at the chosen layer, scaled by the chosen alpha.
 
     Example:
-        >>> sel = select_direction(lm, (harm_tr, safe_tr), (harm_val, safe_val))
-        >>> sel.chosen.layer, sel.chosen.position
+        >>> import steerscope as ss
+        >>> from steerscope.data.refusal_prompts import load_split
+        >>> lm = ss.load_model("smollm2-135m-safe")
+        >>> tr = (load_split("harmful", "train")[:16], load_split("harmless", "train")[:16])
+        >>> va = (load_split("harmful", "val")[:8], load_split("harmless", "val")[:8])
+        >>> sel = ss.select_direction(lm, tr, va, layers=[6, 9, 12])
+        >>> sel.chosen.layer in (6, 9, 12)
+        True
     """
     cut = int(max_layer_frac * lm.n_layers)
     layers = [l for l in (layers if layers is not None else range(lm.n_layers)) if l < cut]
+    if not layers:
+        raise DataError(f"no candidate layer below {max_layer_frac} x {lm.n_layers} layers: pass layers= or raise "
+                          "max_layer_frac")
+    positions = list(positions)
     dims = mean_diffs(lm, train[0], train[1], layers, positions, show_progress=show_progress)
     ids = refusal_token_ids(lm.tokenizer)
     base_h = refusal_logodds(first_token_logits(lm, val[0]), ids)
     base_logits = first_token_logits(lm, val[1])
     base_s = refusal_logodds(base_logits, ids)
-    cands = []
-    grid = [(j, l, k, p, a) for j, l in enumerate(layers) for k, p in enumerate(positions) for a in alphas]
-    for j, l, k, p, a in progress(grid, desc="score candidates", enabled=show_progress):
-        b, i = steered_logodds(lm, SteeringVector({l: dims[j, k]}), val[0], val[1], ids, alpha=a)
-        cands.append(Candidate(l, p, b, i, alpha=a))
-    chosen = None
-    extra = 0
-    kls: dict[tuple[int, int], float] = {}
-    for c in sorted(cands, key=lambda c: c.score):
-        if c.induce <= 0:
-            continue
-        j, k = layers.index(c.layer), list(positions).index(c.position)
-        if (c.layer, c.position) not in kls:
-            kls[c.layer, c.position] = ablation_kl(lm, dims[j, k], val[1], base_logits)
-        c.kl = kls[c.layer, c.position]
-        if chosen is None and c.kl < kl_max:
-            chosen = c
-        elif chosen is not None:
-            extra += 1
-        if chosen is not None and extra >= kl_top:
-            break
-    if chosen is None:  # nothing passes: fall back to the best score, flagged by its KL
-        chosen = min(cands, key=lambda c: c.score)
-    j, k = layers.index(chosen.layer), list(positions).index(chosen.position)
-    if chosen.kl is None:
-        chosen.kl = ablation_kl(lm, dims[j, k], val[1], base_logits)
-    raw = dims[j, k]
+    cands = _score_candidates(lm, dims, layers, positions, alphas, val, ids, show_progress)
+
+    def kl_of(c: Candidate) -> float:
+        return ablation_kl(lm, dims[layers.index(c.layer), positions.index(c.position)], val[1], base_logits)
+
+    chosen = _pick(cands, kl_of, kl_max, kl_top)
+    raw = dims[layers.index(chosen.layer), positions.index(chosen.position)]
     norms = {"unscaled": float(raw.norm()), "scaled": float(raw.norm()) * abs(chosen.alpha),
              "resid": resid_norm(lm, val[1], chosen.layer, chosen.position)}
     norms["scaled_over_resid"] = norms["scaled"] / max(norms["resid"], 1e-12)
@@ -205,9 +197,44 @@ def select_direction(
                                       "scale": chosen.alpha, "alpha_grid": list(alphas), **{
                                           f"norm_{k}": v for k, v in norms.items()}})
     vec = SteeringVector({chosen.layer: raw * chosen.alpha}, "resid_pre", prov)
-    return Selection(vec, chosen, cands, float(base_h.mean()), float(base_s.mean()), list(positions), layers,
-                     norms)
+    return Selection(vec, chosen, cands, float(base_h.mean()), float(base_s.mean()), positions, layers, norms)
 
+
+def _score_candidates(lm: LM, dims: torch.Tensor, layers: list[int], positions: list[int], alphas: Sequence[float],
+                      val: tuple[Sequence[str], Sequence[str]], ids: Sequence[int],
+                      show_progress: bool) -> list[Candidate]:
+    """Bypass and induce scores for every (layer, position, alpha) candidate: one forward pass each."""
+    cands = []
+    grid = [(j, l, k, p, a) for j, l in enumerate(layers) for k, p in enumerate(positions) for a in alphas]
+    for j, l, k, p, a in progress(grid, desc="score candidates", enabled=show_progress):
+        b, i = steered_logodds(lm, SteeringVector({l: dims[j, k]}), val[0], val[1], ids, alpha=a)
+        cands.append(Candidate(l, p, b, i, alpha=a))
+    return cands
+
+
+def _pick(cands: list[Candidate], kl_of: Callable[[Candidate], float], kl_max: float, kl_top: int) -> Candidate:
+    """Best score with induce > 0 and ablation KL < ``kl_max`` (KL computed lazily, best first, plus ``kl_top``
+    more for the report); with none passing, the best score (flagged by its KL)."""
+    chosen = None
+    extra = 0
+    kls: dict[tuple[int, int], float] = {}
+    for c in sorted(cands, key=lambda c: c.score):
+        if c.induce <= 0:
+            continue
+        if (c.layer, c.position) not in kls:
+            kls[c.layer, c.position] = kl_of(c)
+        c.kl = kls[c.layer, c.position]
+        if chosen is None and c.kl < kl_max:
+            chosen = c
+        elif chosen is not None:
+            extra += 1
+        if chosen is not None and extra >= kl_top:
+            break
+    if chosen is None:  # nothing passes: fall back to the best score, flagged by its KL
+        chosen = min(cands, key=lambda c: c.score)
+    if chosen.kl is None:
+        chosen.kl = kl_of(chosen)
+    return chosen
 
 def resid_norm(lm: LM, prompts: Sequence[str], layer: int, position: int, batch_size: int = 32) -> float:
     """Mean L2 norm of ``resid_pre`` at (``layer``, ``position``) over chat-formatted ``prompts``."""
@@ -219,27 +246,3 @@ def resid_norm(lm: LM, prompts: Sequence[str], layer: int, position: int, batch_
         total += float(cache[Site(layer, "resid_pre")][:, position].float().norm(dim=-1).sum())
     return total / max(len(prompts), 1)
 
-
-def heatmap(sel: Selection, what: str = "score") -> Any:
-    """A matplotlib figure: ``what`` (score / bypass / induce) over layer x position."""
-    from steerscope.report.html import plt_figure
-
-    grid = torch.full((len(sel.positions), len(sel.layers)), float("nan"))
-    best: dict[tuple[int, int], Candidate] = {}  # with an alpha grid: the best-scoring alpha per cell
-    for c in sel.candidates:
-        if (c.layer, c.position) not in best or c.score < best[c.layer, c.position].score:
-            best[c.layer, c.position] = c
-    for c in best.values():
-        grid[sel.positions.index(c.position), sel.layers.index(c.layer)] = getattr(c, what)
-    fig = plt_figure(figsize=(9, 2.8))
-    ax = fig.add_subplot(111)
-    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(sel.layers)), [str(l) for l in sel.layers], fontsize=7)
-    ax.set_yticks(range(len(sel.positions)), [str(p) for p in sel.positions])
-    ax.set_xlabel("layer")
-    ax.set_ylabel("position")
-    ax.scatter([sel.layers.index(sel.chosen.layer)], [sel.positions.index(sel.chosen.position)], marker="*",
-               color="red", s=120)
-    ax.set_title(f"DIM candidates: {what}")
-    fig.colorbar(im, ax=ax)
-    return fig
