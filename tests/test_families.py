@@ -117,3 +117,10 @@ def test_uniform_pattern_changes_logits(lm):
     with ss.attached(lm, {"blocks.0.attn.pattern": uniform}), torch.no_grad():
         out = lm.model(**batch).logits
     assert (out - ref).abs().max() > 1e-4
+
+
+def test_the_lm_repr_is_one_line_of_facts(lm):
+    text = repr(lm)
+    assert "\n" not in text and len(text) < 200
+    assert text == (f"LM(name={lm.name!r}, family={lm.model.config.model_type!r}, n_layers={lm.n_layers}, "
+                    f"d_model={lm.d_model}, dtype=float32, device=cpu)")

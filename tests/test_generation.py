@@ -149,3 +149,14 @@ def test_a_bare_string_is_one_prompt_not_one_per_character(lm) -> None:
     vec = ss.extract(lm, "Write a formal letter.", "yo whats up", layers=[1])
     ref = ss.extract(lm, ["Write a formal letter."], ["yo whats up"], layers=[1])
     assert vec.provenance.n_examples == 2 and torch.allclose(vec[1], ref[1])
+
+
+def test_generate_accepts_a_raw_tensor_with_layer_and_a_vector_file(lm, tmp_path) -> None:
+    vec = ss.SteeringVector({1: 4.0 * torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))})
+    ref = generate(lm, PROMPTS[:2], vector=vec, alpha=2.0, max_new_tokens=4)
+    assert ref != generate(lm, PROMPTS[:2], max_new_tokens=4)  # the vector changes the output
+    assert generate(lm, PROMPTS[:2], vector=vec[1], layer=1, alpha=2.0, max_new_tokens=4) == ref
+    assert generate(lm, PROMPTS[:2], vector=vec.save(tmp_path / "v.safetensors"), alpha=2.0, max_new_tokens=4) == ref
+    assert generate(lm, PROMPTS[:2], vector=[vec[1], None], layer=1, alpha=2.0, max_new_tokens=4)[0] == ref[0]
+    with pytest.raises(VectorError, match="layer="):
+        generate(lm, PROMPTS[:1], vector=vec[1], alpha=2.0, max_new_tokens=4)

@@ -118,3 +118,22 @@ def test_every_site_has_the_shape_its_table_row_documents(family):
     for point, spec in SITE_TABLE.items():
         got = c[point if point in GLOBAL_POINTS else f"blocks.1.{point}"]
         assert tuple(got.shape) == tuple(dims[a] for a in spec.shape.split()), point
+
+
+def test_an_activation_cache_is_a_full_mapping(lm):
+    from collections.abc import Mapping
+
+    sites = ["blocks.1.resid_pre", "blocks.2.mlp_out"]
+    with ss.recording(lm, sites) as c, torch.no_grad():
+        lm.model(**batch_ids())
+    assert isinstance(c, Mapping) and len(c) == 2 and list(c) == sites and list(c.keys()) == sites
+    assert [k for k, _ in c.items()] == sites and all(torch.equal(v, c[k]) for k, v in c.items())
+    assert all(torch.equal(v, c[k]) for k, v in zip(sites, c.values()))
+    assert dict(c).keys() == set(sites)
+    assert "blocks.1.resid_pre" in c and ss.Site(1, "resid_pre") in c and "blocks.3.resid_pre" not in c
+    assert "not a site" not in c and 7 not in c
+    assert torch.equal(c.get("blocks.2.mlp_out"), c["blocks.2.mlp_out"]) and c.get("blocks.0.mlp_out") is None
+    assert c.get("blocks.0.mlp_out", 5) == 5 and c == c and c != ss.ActivationCache()
+    assert "blocks.1.resid_pre" in repr(c) and "\n" not in repr(c)
+    with pytest.raises(SiteError, match="not recorded"):
+        c["blocks.3.resid_pre"]

@@ -279,3 +279,28 @@ def test_steered_positions_do_not_depend_on_the_kv_cache(family):
         assert torch.equal(cached, run(spec, False)), spec
         if spec == "generated":  # the vector is strong enough to change the output, so the test can fail
             assert not torch.equal(cached, plain)
+
+
+def test_steering_accepts_a_raw_tensor_with_layer_and_a_saved_vector_file(lm, tmp_path):
+    vec, batch = _vec(lm, layers=(2,)), batch_ids()
+    with ss.steering(lm, vec, alpha=0.7), torch.no_grad():
+        ref = lm.model(**batch).logits
+    path = vec.save(tmp_path / "v.safetensors")
+    for given, layer in ((vec[2], 2), (path, None), (str(path), None),
+                         (ss.SteeringVector({1: torch.ones(lm.d_model), 2: vec[2]}), 2)):
+        with ss.steering(lm, given, alpha=0.7, layer=layer), torch.no_grad():
+            assert torch.allclose(lm.model(**batch).logits, ref, atol=1e-6), type(given)
+    with pytest.raises(VectorError, match="layer="):
+        with ss.steering(lm, vec[2], alpha=0.7):
+            pass
+    with pytest.raises(VectorError, match="layer=5 is not in this vector"):
+        with ss.steering(lm, vec, alpha=0.7, layer=5):
+            pass
+    with pytest.raises(VectorError, match="1-D"):
+        with ss.steering(lm, torch.ones(2, lm.d_model), alpha=0.7, layer=2):
+            pass
+    r = torch.randn(lm.d_model)  # ablation takes the same forms (its coercion is shared)
+    with ss.ablation(lm, r), torch.no_grad():
+        ablated = lm.model(**batch).logits
+    with ss.ablation(lm, ss.SteeringVector({1: r}).save(tmp_path / "r.safetensors")), torch.no_grad():
+        assert torch.allclose(lm.model(**batch).logits, ablated, atol=1e-6)

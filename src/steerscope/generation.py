@@ -20,8 +20,7 @@ import torch
 
 from steerscope.errors import DataError, SteerscopeError
 from steerscope.models.lm import LM
-from steerscope.steer import Positions
-from steerscope.vector import SteeringVector
+from steerscope.steer import Positions, VectorLike, as_vectors
 
 IGNORE = -100  # label of tokens that do not count
 
@@ -150,7 +149,7 @@ class SeededSampler:
 def generate(
     lm: LM,
     prompts: str | Sequence[str],
-    vector: SteeringVector | Sequence[SteeringVector | None] | None = None,
+    vector: VectorLike | Sequence[VectorLike | None] | None = None,
     alpha: float | Sequence[float] = 1.0,
     max_new_tokens: int = 64,
     positions: Positions = "all",
@@ -162,15 +161,17 @@ def generate(
     chat: bool = True,
     show_progress: bool = False,
     backend: str = "hf",
+    layer: int | None = None,
 ) -> list[str]:
     """Generate completions for ``prompts`` (chat template applied), steered if ``vector`` is given.
 
     Greedy by default; with ``do_sample``, pure temperature sampling (no top-k / top-p) from a
     ``torch.Generator`` seeded with ``seed`` (None: a random seed), leaving the global RNG untouched.
     Left padding; the returned strings are the new text only, one per prompt (a bare string is one
-    prompt). ``vector`` and ``alpha`` may each be one
-    per prompt. The prompts become :class:`~steerscope.backends.base.Request` s for the ``backend``'s
-    engine (:func:`steerscope.backends.base.engine`). ``backend="vllm"`` runs them on a cached vLLM
+    prompt: ``generate(lm, "Hi")`` returns a list of one string). ``vector`` and ``alpha`` may each be one
+    per prompt; a vector is a :class:`SteeringVector`, a raw tensor [d_model] at ``layer=``, or a saved
+    vector's path or shipped name (:func:`steerscope.steer.as_vector`). The prompts become
+    :class:`~steerscope.backends.base.Request` s for the ``backend``'s engine (:func:`steerscope.backends.base.engine`). ``backend="vllm"`` runs them on a cached vLLM
     engine (docs/vllm.md): greedy output is token for token the HF one; positions ``all`` / ``prompt``
     / ``generated`` only; sampling uses vLLM's sampler.
 
@@ -180,8 +181,9 @@ def generate(
     prompts = as_texts(prompts)
     from steerscope.backends.base import engine, requests
 
+    vecs = None if vector is None else as_vectors(vector, lm, layer)
     eng = engine(backend, batch_size=batch_size, show_progress=show_progress)
-    reqs = requests(prompts, vector, alpha, positions, system=system, template="apply" if chat else "none",
+    reqs = requests(prompts, vecs, alpha, positions, system=system, template="apply" if chat else "none",
                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
     return eng.generate(lm, reqs)
 

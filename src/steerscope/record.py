@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -13,12 +14,22 @@ from steerscope.models.lm import LM
 from steerscope.sites import Site
 
 
-class ActivationCache:
+class ActivationCache(Mapping[str, torch.Tensor]):
     """Site -> recorded tensors, one per forward call, in each site's documented shape.
 
-    ``cache[site]`` is the concatenation over calls along the ``pos`` axis (a generation's prefill
-    and its decoded tokens); ``cache.calls(site)`` gives the per-call list (attention patterns
-    have a different key length per call, so use ``calls`` for them).
+    A read-only :class:`collections.abc.Mapping` keyed by canonical site names (``"blocks.6.resid_pre"``;
+    a :class:`Site` or any spelling :meth:`Site.parse` accepts works for lookups): ``len``, iteration,
+    ``in``, ``keys``, ``values``, ``items`` and ``get``. ``cache[site]`` is the concatenation over calls
+    along the ``pos`` axis (a generation's prefill and its decoded tokens); ``cache.calls(site)`` gives
+    the per-call list (attention patterns have a different key length per call, so use ``calls`` for
+    them: ``cache[site]``, ``values()`` and ``items()`` raise :class:`SiteError` for a pattern recorded
+    over several calls). A site that was not recorded raises :class:`SiteError` (``get`` returns the default).
+    Two caches are equal only if they are the same object (tensors have no single truth value).
+
+    Example:
+        >>> with recording(lm, ["blocks.6.resid_pre"]) as cache:
+        ...     lm.model(**batch)
+        >>> {site: x.shape for site, x in cache.items()}
     """
 
     def __init__(self) -> None:
@@ -28,6 +39,7 @@ class ActivationCache:
         self._data.setdefault(site, []).append(x)
 
     def calls(self, site: str | Site) -> list[torch.Tensor]:
+        """The per-call tensors recorded at ``site``, in call order."""
         key = str(Site.parse(site))
         if key not in self._data:
             raise SiteError(f"{key} was not recorded (recorded: {', '.join(self._data) or 'nothing yet'})")
@@ -42,12 +54,31 @@ class ActivationCache:
         return torch.cat(parts, dim=1)
 
     def __contains__(self, site: object) -> bool:
-        return str(site) in self._data
+        if not isinstance(site, (str, Site)):
+            return False
+        try:
+            return str(Site.parse(site)) in self._data
+        except SiteError:
+            return False
 
-    def keys(self) -> list[str]:
-        return list(self._data)
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, site: str | Site, default: Any = None) -> Any:
+        """``cache[site]`` if ``site`` was recorded, else ``default``."""
+        return self[site] if site in self else default
+
+    __eq__ = object.__eq__  # Mapping's item-wise == would compare tensors
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({', '.join(f'{k}: {len(v)} call(s)' for k, v in self._data.items()) or 'empty'})"
 
     def clear(self) -> None:
+        """Forget everything recorded so far."""
         self._data.clear()
 
 

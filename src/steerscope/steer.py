@@ -22,6 +22,7 @@ import copy
 import re
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -33,6 +34,9 @@ from steerscope.sites import Site
 from steerscope.vector import SteeringVector, check_finite
 
 Positions = str | Sequence[int]
+VectorLike = SteeringVector | torch.Tensor | str | Path
+"""What the interventions accept as a vector: a :class:`SteeringVector`, a raw direction [d_model] (with
+``layer=``), or the path or shipped name of a saved vector (:meth:`SteeringVector.load`)."""
 _LAST = re.compile(r"^last[-:](\d+)$")
 
 
@@ -152,42 +156,93 @@ def recommended(vector: SteeringVector | Sequence[SteeringVector], positions: Po
 @contextmanager
 def steering(
     lm: LM,
-    vector: SteeringVector | Sequence[SteeringVector],
+    vector: VectorLike | Sequence[VectorLike],
     alpha: float | Sequence[float] | torch.Tensor | None = None,
     positions: Positions | None = None,
+    layer: int | None = None,
 ) -> Iterator[Call]:
     """Add ``alpha * vector[l]`` at the vector's site of every layer l it has.
 
     Args:
         lm: the model.
-        vector: one vector, or one per batch row (rows steered differently in one batch).
+        vector: one vector, or one per batch row (rows steered differently in one batch); each a
+            :class:`SteeringVector`, a raw tensor [d_model] (needs ``layer``) or a saved vector's path
+            (:func:`as_vector`).
         alpha: scale; a float, or one per batch row. None: the vector's recommended alpha, at the layers
             and (unless ``positions`` is given) the positions of its ``use`` record (:func:`recommended`;
             a one-line warning says so); a vector without a recommendation is refused.
         positions: see the module docstring (default ``"all"``).
+        layer: the layer of a raw tensor; for a vector or file, steer at this layer only.
 
     Example:
         >>> with steering(lm, vec, alpha=-1.0):
         ...     out = lm.model.generate(**batch, max_new_tokens=32)
     """
+    got = as_vectors(vector, lm, layer)
+    vecs: SteeringVector | list[SteeringVector] = got if isinstance(got, SteeringVector) else \
+        [v for v in got if v is not None]
+    if isinstance(got, list) and len(got) != len(vecs):
+        raise VectorError("a per-row vector is None; give every row a vector (alpha=0 leaves a row unsteered)")
     if alpha is None:
-        vector, alpha, positions = recommended(vector, positions)
+        vecs, alpha, positions = recommended(vecs, positions)
         warnings.warn(f"no alpha given: using the vector's recommended alpha {alpha:.4g} at layers "
-                      f"{vector.layers}, positions {positions!r}", RecommendedAlpha, stacklevel=3)
+                      f"{vecs.layers}, positions {positions!r}", RecommendedAlpha, stacklevel=3)
     positions = check_positions("all" if positions is None else positions)
-    site, deltas = _per_row(vector, alpha, lm)
+    site, deltas = _per_row(vecs, alpha, lm)
     hooks = {}
-    for layer, delta in deltas.items():
+    for at, delta in deltas.items():
         def fn(x: torch.Tensor, call: Call, delta: torch.Tensor = delta) -> torch.Tensor:
             if delta.dim() == 2 and delta.shape[0] != x.shape[0]:
                 raise VectorError(f"{delta.shape[0]} per-row vectors/alphas for a batch of {x.shape[0]} rows")
             return add_at(x, delta, position_mask(call, positions))
-        hooks[Site(layer, site)] = fn
+        hooks[Site(at, site)] = fn
     with attached(lm, hooks) as call:
         yield call
 
 
-def _unit(direction: torch.Tensor | SteeringVector, lm: LM) -> torch.Tensor:
+def as_vector(vector: VectorLike, lm: LM, layer: int | None = None) -> SteeringVector:
+    """Coerce what a user passes as a vector into a :class:`SteeringVector` (the callers check it against ``lm``).
+
+    Args:
+        vector: a SteeringVector, a raw direction tensor [d_model], or a saved vector's path or shipped name.
+        lm: the model the vector is for.
+        layer: the layer of a raw tensor (required for one); for a vector or file, keep only this layer.
+
+    Raises:
+        VectorError: a tensor without ``layer``, of the wrong shape, or a layer the vector lacks.
+
+    Example:
+        >>> as_vector(torch.randn(lm.d_model), lm, layer=6).layers
+        [6]
+    """
+    if isinstance(vector, torch.Tensor):
+        if layer is None:
+            raise VectorError("a raw tensor has no layer; pass layer=<int> (or make ss.SteeringVector({layer: t}))")
+        if vector.dim() != 1:
+            raise VectorError(f"a raw direction must be 1-D [d_model], got shape {tuple(vector.shape)}")
+        vector = SteeringVector({int(layer): vector})
+    elif isinstance(vector, (str, Path)):
+        vector = SteeringVector.load(vector, n_layers=lm.n_layers)
+    elif not isinstance(vector, SteeringVector):
+        raise VectorError(f"expected a SteeringVector, a tensor [d_model] or a vector file, got {type(vector).__name__}")
+    if layer is not None and vector.layers != [layer]:
+        if layer not in vector:
+            raise VectorError(f"layer={layer} is not in this vector (it has layers {vector.layers})")
+        vector = vector.select([layer])
+    return vector
+
+
+def as_vectors(vector: VectorLike | Sequence[VectorLike | None], lm: LM, layer: int | None = None
+               ) -> SteeringVector | list[SteeringVector | None]:
+    """:func:`as_vector` on one vector-like, or on each of a per-row list of them (None rows stay None)."""
+    if isinstance(vector, (SteeringVector, torch.Tensor, str, Path)):
+        return as_vector(vector, lm, layer)
+    return [None if v is None else as_vector(v, lm, layer) for v in vector]
+
+
+def _unit(direction: VectorLike, lm: LM) -> torch.Tensor:
+    if isinstance(direction, (str, Path)):
+        direction = as_vector(direction, lm)
     if isinstance(direction, SteeringVector):
         if len(direction) != 1:
             raise VectorError("directional ablation takes one direction; select a single layer of the vector")
@@ -203,7 +258,7 @@ def _unit(direction: torch.Tensor | SteeringVector, lm: LM) -> torch.Tensor:
 
 
 @contextmanager
-def ablation(lm: LM, direction: torch.Tensor | SteeringVector, layers: Sequence[int] | None = None) -> Iterator[Call]:
+def ablation(lm: LM, direction: VectorLike, layers: Sequence[int] | None = None) -> Iterator[Call]:
     """Directional ablation (Arditi et al.): project r̂ out of resid_pre, attn_out and mlp_out
     at every layer (or ``layers``), all positions.
 
@@ -272,7 +327,7 @@ def _param(m: torch.nn.Module) -> torch.Tensor:
     return w
 
 
-def orthogonalize(lm: LM, direction: torch.Tensor | SteeringVector) -> LM:
+def orthogonalize(lm: LM, direction: VectorLike) -> LM:
     """Weight orthogonalisation (Arditi et al.): a new LM whose writes to the residual stream have
     no component along r̂: W ← W − r̂r̂ᵀW for the embeddings, every attention output projection and
     every MLP output projection (biases too). Equals :func:`ablation` at every layer.

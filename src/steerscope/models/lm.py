@@ -56,6 +56,12 @@ class LM:
     family: Family
     _fingerprint: str | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        """One line of facts (the HF model's own repr is ``lm.model``)."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"LM(name={self.name!r}, family={self.model.config.model_type!r}, n_layers={self.n_layers}, "
+                f"d_model={self.d_model}, dtype={dtype}, device={self.device})")
+
     # -- shape facts -------------------------------------------------------------------------
     @property
     def config(self) -> Any:
