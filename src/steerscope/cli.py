@@ -53,13 +53,10 @@ def _parse_alphas(s: str) -> list[float]:
 def cmd_extract(a: argparse.Namespace) -> None:
     import steerscope as ss
     from steerscope.data import load_examples
-    from steerscope.extract import METHODS
 
-    if a.method not in METHODS:
-        raise T.ArgError(f"--method {a.method!r} is unknown; choose one of {', '.join(METHODS)}")
     T.check_out_file(a.out)
     pos, neg = load_examples(a.positive), load_examples(a.negative)
-    lm = ss.load_model(a.model, device=a.device)
+    lm = ss.load_model(a.model, device=a.device, dtype=a.dtype)
     bad = [k for k in a.layers or [] if k >= lm.n_layers]
     if bad:
         raise T.ArgError(f"--layers {bad} out of range: {lm.name} has layers 0..{lm.n_layers - 1}")
@@ -83,7 +80,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     model = a.model or _vector_model(vec)
     if a.model is None and model is not None:
         print(f"note: no --model given; using {safe(model)}, the model the vector was made on", file=sys.stderr)
-    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device)
+    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
     if vec is not None:
         if str(a.vector).endswith(".gguf"):  # direction.{n_layers-1} needs the model's depth
             vec = ss.SteeringVector.load(a.vector, n_layers=lm.n_layers)
@@ -179,7 +176,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     import steerscope as ss
     from steerscope.data import data_path, read_jsonl
 
-    lm = ss.load_model(a.model, device=a.device)
+    lm = ss.load_model(a.model, device=a.device, dtype=a.dtype)
     pairs = read_jsonl(data_path("traits", "formality.jsonl"))[:32]
     layer = lm.n_layers // 3 if a.layer is None else a.layer
     vec = ss.extract(lm, [p["positive"] for p in pairs], [p["negative"] for p in pairs], method="dim",
@@ -229,7 +226,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
     model = a.model or _vector_model(vec)
     if a.model is None and model is not None:
         print(f"note: no --model given; using {safe(model)}, the model the vector was made on", file=sys.stderr)
-    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device)
+    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
     card = ss.explain(lm, vec, prompts, alpha=a.alpha, scorer=None if a.scorer == "none" else a.scorer,
                       quick=a.quick, out=a.out, layer=a.layer, force=a.force, show_progress=not a.json,
                       sections=a.sections)
@@ -261,72 +258,131 @@ def cmd_study(a: argparse.Namespace) -> None:
         print(f"report: {safe(summary.get('report'))}")
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICE_HELP = "cpu, auto, cuda, cuda:N or mps (default: %(default)s)"
+EXAMPLES_HELP = ("examples file: .txt one a line, .jsonl/.json (strings, or records with a \"text\" or \"prompt\" "
+                 "key), .csv")
+
+
+def _common(sp: argparse.ArgumentParser, model: bool = True, model_default: str | None = DEFAULT_MODEL) -> None:
+    """``--model``, ``--device`` and ``--dtype`` (when the command loads a model) and ``--json``."""
+    if model:  # no default: the command picks one (generate: the vector's model)
+        help_ = "alias, folder, .gguf or hub id " + ("(default: %(default)s)" if model_default else (
+            f"(default: the model named in the vector's provenance when it can be loaded, else {DEFAULT_MODEL})"))
+        sp.add_argument("--model", default=model_default, help=help_)
+        sp.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+        sp.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="weights dtype, one of %(choices)s (default: %(default)s)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: one builder per subcommand."""
     p = T.Parser(prog="steerscope", description="Activation steering and its mechanisms.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_extract, _add_generate, _add_inspect, _add_vectors, _add_demo, _add_serve, _add_vllm_setup,
+                _add_explain):
+        add(sub)
+    tune_command.add_parser(sub, _common)
+    _add_studies(sub.add_parser("study", help="run a study end to end and write a report",
+                                description="Run a study end to end and write its report (docs/studies.md)."))
+    return p
 
-    def common(sp: argparse.ArgumentParser, model: bool = True, model_default: str | None = DEFAULT_MODEL) -> None:
-        if model:  # no default: the command picks one (generate: the vector's model)
-            help_ = "alias, folder, .gguf or hub id" + ("" if model_default else (
-                f" (default: the model named in the vector's provenance when it can be loaded, else {DEFAULT_MODEL})"))
-            sp.add_argument("--model", default=model_default, help=help_)
-            sp.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
-        sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+def _add_extract(sub: Any) -> None:
+    """``extract``: a vector from contrast examples."""
+    from steerscope.extract import METHODS
 
     e = sub.add_parser("extract", help="extract a vector from contrast files")
-    e.add_argument("--positive", required=True)
-    e.add_argument("--negative", required=True)
-    e.add_argument("--method", default="dim")
-    e.add_argument("--layers", default=None, type=T.layer_list, help="e.g. 10,12 (default: middle layer)")
-    e.add_argument("--positions", default=[-1], type=T.int_positions, help="e.g. -1 or -3,-2,-1")
-    e.add_argument("--batch-size", type=T.positive_int, default=16)
-    e.add_argument("--out", required=True)
-    common(e)
+    e.add_argument("--positive", required=True, help="positive " + EXAMPLES_HELP)
+    e.add_argument("--negative", required=True, help="negative examples, paired with the positives by line; same "
+                   "formats")
+    e.add_argument("--method", default="dim", choices=list(METHODS),
+                   help="extraction method, one of %(choices)s (default: %(default)s)")
+    e.add_argument("--layers", default=None, type=T.layer_list, help="comma-separated layers, e.g. 10,12 "
+                   "(default: middle layer)")
+    e.add_argument("--positions", default=[-1], type=T.int_positions,
+                   help="comma-separated token positions, e.g. -1 or -3,-2,-1 (default: -1)")
+    e.add_argument("--batch-size", type=T.positive_int, default=16, help="prompts per forward pass "
+                   "(default: %(default)s)")
+    e.add_argument("--out", required=True, help="output .safetensors file")
+    _common(e)
     e.set_defaults(func=cmd_extract)
 
+
+def _add_generate(sub: Any) -> None:
+    """``generate``: unsteered and steered text side by side."""
     g = sub.add_parser("generate", help="unsteered and steered text side by side")
-    g.add_argument("--vector", default=None)
-    g.add_argument("--prompt", action="append")
-    g.add_argument("--alpha", default="1.0", help="one value or a sweep: --alpha=-4,-2,2,4")
-    g.add_argument("--layers", default=None, type=T.layer_list)
+    g.add_argument("--vector", default=None, help="a .safetensors file, a shipped name or a control-vector .gguf "
+                   "(default: none, unsteered text only)")
+    g.add_argument("--prompt", action="append", help="a prompt; repeat the option for several (default: one "
+                   "built-in prompt)")
+    g.add_argument("--alpha", default="1.0", help="one value or a comma-separated sweep, e.g. -4,-2,2,4 "
+                   "(default: %(default)s)")
+    g.add_argument("--layers", default=None, type=T.layer_list, help="comma-separated layers of the vector to "
+                   "steer at (default: all its layers)")
     g.add_argument("--positions", default="all", type=T.steer_positions,
-                   help="all, prompt, generated, last-K or integers")
-    g.add_argument("--max-new-tokens", type=T.positive_int, default=48)
-    g.add_argument("--seed", type=int, default=0)
-    common(g, model_default=None)
+                   help="all, prompt, generated, last-K or comma-separated integers (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=T.positive_int, default=48, help="tokens to generate "
+                   "(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of sampled generation (default: %(default)s)")
+    _common(g, model_default=None)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_inspect(sub: Any) -> None:
+    """``inspect``: layers, norms, provenance, cosine."""
     i = sub.add_parser("inspect", help="layers, norms, provenance, cosine to another vector")
-    i.add_argument("vector")
-    i.add_argument("--compare", default=None)
-    common(i, model=False)
+    i.add_argument("vector", help="a .safetensors file, a shipped name or a control-vector .gguf")
+    i.add_argument("--compare", default=None, help="a second vector: print the per-layer cosine to it "
+                   "(default: none)")
+    _common(i, model=False)
     i.set_defaults(func=cmd_inspect)
 
+
+def _add_vectors(sub: Any) -> None:
+    """``vectors``: the shipped vectors."""
     v = sub.add_parser("vectors", help="list vectors shipped in the package")
-    common(v, model=False)
+    _common(v, model=False)
     v.set_defaults(func=cmd_vectors)
 
+
+def _add_demo(sub: Any) -> None:
+    """``demo``: a formality vector on the embedded model."""
     d = sub.add_parser("demo", help="extract a formality vector and steer the embedded model")
-    d.add_argument("--layer", type=int, default=None)
-    d.add_argument("--alpha", type=T.finite_float, default=6.0)
-    d.add_argument("--max-new-tokens", type=T.positive_int, default=40)
-    common(d)
+    d.add_argument("--layer", type=int, default=None, help="layer to extract at (default: a third of the depth)")
+    d.add_argument("--alpha", type=T.finite_float, default=6.0, help="steering scale; the demo shows +alpha and "
+                   "-alpha (default: %(default)s)")
+    d.add_argument("--max-new-tokens", type=T.positive_int, default=40, help="tokens to generate "
+                   "(default: %(default)s)")
+    _common(d)
     d.set_defaults(func=cmd_demo)
 
+
+def _add_serve(sub: Any) -> None:
+    """``serve``: vLLM's server with per-request steering."""
     sv = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with steering chosen per request")
     sv.add_argument("model_name", metavar="MODEL", help="alias, folder, .gguf or hub id")
-    sv.add_argument("--vectors", default=None, help="name=path,... vectors requests may name")
-    sv.add_argument("--host", default="127.0.0.1", type=T.host, help="IP address or host name to listen on")
-    sv.add_argument("--port", type=T.port, default=8000, help="TCP port, 1..65535")
-    sv.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
-    sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. '--max-model-len 2048'")
+    sv.add_argument("--vectors", default=None, help="name=path,... vectors requests may name (default: none)")
+    sv.add_argument("--host", default="127.0.0.1", type=T.host, help="IP address or host name to listen on "
+                    "(default: %(default)s)")
+    sv.add_argument("--port", type=T.port, default=8000, help="TCP port, 1..65535 (default: %(default)s)")
+    sv.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+    sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. "
+                    "'--max-model-len 2048' (default: none)")
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_vllm_setup(sub: Any) -> None:
+    """``vllm-setup``: the engine environment."""
     vs = sub.add_parser("vllm-setup", help="create the vLLM engine environment ($STEERSCOPE_VLLM_ENV)")
-    common(vs, model=False)
+    _common(vs, model=False)
     vs.set_defaults(func=cmd_vllm_setup)
 
+
+def _add_explain(sub: Any) -> None:
+    """``explain``: the mechanism card."""
     x = sub.add_parser("explain", help="mechanism card of a steering vector (card.html + card.json)",
                        description="Explain why a steering vector works: dose, logit lens, EAP-IG attribution, "
                                    "frozen-attention ablations, minimal circuit, sparsity, identifiability.")
@@ -338,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "recommended dose range; without a range, the largest alpha within the KL budget; the card states "
                    "which alpha it used and why)")
     x.add_argument("--scorer", default="none", choices=["refusal", "formality", "sentiment", "politeness", "none"],
-                   help="score generations with the refusal matcher or a validated trait classifier")
+                   help="score generations with the refusal matcher or a validated trait classifier: %(choices)s "
+                   "(default: %(default)s)")
     x.add_argument("--quick", action="store_true", help="small sizes: 8 prompts, 12 response tokens, 3 EAP-IG steps, a "
                    "3-point circuit grid without bisection, 2 v_perp draws (more claims end undecided; timings in "
                    "docs/explain.md)")
@@ -351,26 +408,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="recompute finished sections")
     x.add_argument("--model", default=None, help="alias, folder, .gguf or hub id (default: the model the vector's "
                    "provenance names when it is available here, else smollm2-135m)")
-    x.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
+    x.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+    x.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights dtype, one of %(choices)s (default: %(default)s)")
     x.add_argument("--json", action="store_true", help="print the card.json object on stdout")
     x.set_defaults(func=cmd_explain)
-
-    tune_command.add_parser(sub, common)
-    _add_studies(sub.add_parser("study", help="run a study end to end and write a report"))
-    return p
 
 
 def _add_studies(s: argparse.ArgumentParser) -> None:
     """One subcommand per study; its options come from the study's ``Config`` (steerscope.studies.protocol)."""
     ssub = s.add_subparsers(dest="study", required=True)
     for name, package in STUDIES.items():
-        sp = ssub.add_parser(name)
-        sp.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
+        module = importlib.import_module(package)  # a broken study import fails loudly here
+        summary = (module.__doc__ or f"The {name} study.").strip().splitlines()[0]
+        sp = ssub.add_parser(name, help=summary, description=summary)
+        sp.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
         sp.add_argument("--json", action="store_true", help="print one JSON object")
-        sp.add_argument("--out", default=f"runs/{name}")
+        sp.add_argument("--out", default=f"runs/{name}", help="run folder (resumable) (default: %(default)s)")
         sp.add_argument("--force", action="store_true", help="recompute finished steps")
         sp.add_argument("--report-only", action="store_true", help="rewrite the report from finished steps; run nothing")
-        # --model, --seed and the study's own options; a broken study import fails loudly here
+        # --model, --seed and the study's own options
         importlib.import_module(package + ".config").Config.add_arguments(sp)
         sp.set_defaults(func=cmd_study)
 
