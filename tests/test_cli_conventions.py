@@ -7,7 +7,17 @@ from typing import Iterator
 
 import pytest
 
+from conftest import make_tiny
 from steerscope.cli import build_parser
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smol_tokenizer):
+    lm = make_tiny("llama", seed=5, tokenizer=smol_tokenizer)
+    d = tmp_path_factory.mktemp("tiny")
+    lm.model.save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
 
 
 def _parsers(p: argparse.ArgumentParser, path: str = "steerscope") -> Iterator[tuple[str, argparse.ArgumentParser]]:
@@ -72,3 +82,52 @@ def test_negative_layers_without_equals_sign_reach_the_layer_check() -> None:
 
     with pytest.raises(ArgError, match="layer"):
         build_parser().parse_args(["generate", "--layers", "-2,-1"])
+
+
+def test_generate_sampling_is_seeded_and_json_carries_the_settings(tiny_folder, capsys) -> None:
+    import json
+
+    from steerscope.cli import main
+
+    def run(seed: int) -> dict:
+        rc = main(["generate", "--model", str(tiny_folder), "--prompt", "Hello", "--prompt", "Tell me a story",
+                   "--max-new-tokens", "12", "--do-sample", "--temperature", "1.5", "--seed", str(seed), "--json"])
+        assert rc == 0
+        return json.loads(capsys.readouterr().out)
+
+    a, b, c = run(1), run(1), run(2)
+    assert a["unsteered"] == b["unsteered"]
+    assert a["unsteered"] != c["unsteered"]
+    assert a["do_sample"] is True and a["temperature"] == 1.5 and a["seed"] == 1
+    assert a["model"] and a["max_new_tokens"] == 12 and a["positions"] == "all"
+
+
+@pytest.fixture(scope="module")
+def one_layer_vector(tiny_folder, tmp_path_factory):
+    from steerscope.cli import main
+
+    d = tmp_path_factory.mktemp("vec")
+    (d / "pos.txt").write_text("Write a formal letter.\nCompose an official memo.\n")
+    (d / "neg.txt").write_text("yo whats up\nhey buddy lol\n")
+    out = d / "v.safetensors"
+    assert main(["extract", "--model", str(tiny_folder), "--positive", str(d / "pos.txt"), "--negative",
+                 str(d / "neg.txt"), "--layers", "1", "--positions", "-2,-1", "--out", str(out), "--json"]) == 0
+    return out
+
+
+def test_generate_prints_the_relative_dose_and_takes_alpha_relative(tiny_folder, one_layer_vector, capsys) -> None:
+    import json
+
+    from steerscope.cli import main
+
+    capsys.readouterr()
+    base = ["generate", "--model", str(tiny_folder), "--vector", str(one_layer_vector), "--prompt", "Hello",
+            "--max-new-tokens", "3"]
+    assert main(base + ["--alpha", "-2,2"]) == 0
+    assert "relative dose alpha*|v|/|resid| at alpha=-2" in capsys.readouterr().err
+    assert main(base + ["--alpha-relative", "-0.5,0.5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [d["1"] for d in res["relative_dose"].values()] == pytest.approx([0.5, 0.5])
+    assert res["alpha"][0] == pytest.approx(-res["alpha"][1]) and res["layers"] == [1]
+    assert main(base + ["--alpha", "1", "--alpha-relative", "0.5"]) == 2
+    assert "not allowed with" in capsys.readouterr().err

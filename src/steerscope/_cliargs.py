@@ -71,6 +71,14 @@ def finite_float(s: str) -> float:
     return x
 
 
+def positive_float(s: str) -> float:
+    """A finite number > 0."""
+    x = finite_float(s)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {s!r}")
+    return x
+
+
 def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     """An argument type: comma-separated names, each one of ``choices``, at least one."""
     def parse(s: str) -> list[str]:

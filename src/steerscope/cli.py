@@ -76,24 +76,37 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if vec is not None and a.layers:
         vec = vec.select(a.layers)
     alphas = _parse_alphas(a.alpha)
+    relative = _parse_alphas(a.alpha_relative) if a.alpha_relative is not None else None
     prompts = a.prompt or ["Tell me about your weekend."]
     model = a.model or _vector_model(vec)
     if a.model is None and model is not None:
         print(f"note: no --model given; using {safe(model)}, the model the vector was made on", file=sys.stderr)
     lm = ss.load_model(model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
+    doses: dict[str, Any] = {}
     if vec is not None:
         if str(a.vector).endswith(".gguf"):  # direction.{n_layers-1} needs the model's depth
             vec = ss.SteeringVector.load(a.vector, n_layers=lm.n_layers)
             vec = vec.select(a.layers) if a.layers else vec
         vec.check_compatible(lm)
-        _warn_if_huge(lm, vec, alphas, prompts)
-    base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, seed=a.seed)
+        resid = _resid_norms(lm, vec, prompts)
+        if relative is not None:  # R * |resid| / |v|, averaged over the vector's layers
+            scale = sum(r / max(float(vec[k].norm()), 1e-12) for k, r in resid.items()) / len(resid)
+            alphas = [r * scale for r in relative]
+        doses = _doses(vec, alphas, resid)
+        for alpha, per_layer in doses.items():
+            print(f"relative dose alpha*|v|/|resid| at alpha={float(alpha):.4g}: " +
+                  ", ".join(f"layer {k}: {d:.3g}" for k, d in per_layer.items()), file=sys.stderr)
+    sampling = {"do_sample": a.do_sample, "temperature": a.temperature, "seed": a.seed}
+    base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, **sampling)
     rows: dict[str, Any] = {"prompts": prompts, "unsteered": base, "steered": {}}
     for alpha in alphas if vec is not None else []:
         rows["steered"][str(alpha)] = ss.generate(lm, prompts, vector=vec, alpha=alpha,
-                                                  max_new_tokens=a.max_new_tokens, positions=a.positions, seed=a.seed)
+                                                  max_new_tokens=a.max_new_tokens, positions=a.positions, **sampling)
+    meta = {"model": lm.name, "vector": a.vector, "layers": vec.layers if vec is not None else None,
+            "positions": a.positions, "alpha": alphas if vec is not None else None,
+            "relative_dose": doses or None, "max_new_tokens": a.max_new_tokens, **sampling}
     if a.json:
-        print(dumps(rows, None))
+        print(dumps({**meta, **rows}, None))
         return
     for i, p in enumerate(prompts):
         print(f"=== prompt: {safe(p)}")
@@ -123,8 +136,8 @@ def _text(s: str) -> str:
     return "\n".join(safe(line) for line in s.strip().split("\n"))
 
 
-def _warn_if_huge(lm: Any, vec: Any, alphas: list[float], prompts: list[str]) -> None:
-    """Warn when |alpha| * |v| is far (> 10x) above the median residual norm at a steered layer."""
+def _resid_norms(lm: Any, vec: Any, prompts: list[str]) -> dict[int, float]:
+    """The median residual norm at each of the vector's layers, measured on (up to 4 of) the prompts."""
     import torch
 
     import steerscope as ss
@@ -132,12 +145,18 @@ def _warn_if_huge(lm: Any, vec: Any, alphas: list[float], prompts: list[str]) ->
     sites = [f"blocks.{k}.{vec.site}" for k in vec.layers]
     with torch.no_grad(), ss.recording(lm, sites) as cache:
         lm.model(**lm.tokenize([lm.format_chat(p) for p in prompts[:4]]))
-    for k, site in zip(vec.layers, sites):
-        resid = float(cache[site].float().norm(dim=-1).median())
-        ratio = max(abs(x) for x in alphas) * float(vec[k].norm()) / max(resid, 1e-12)
-        if ratio > 10:
-            warnings.warn(f"alpha*|v| at layer {k} is {ratio:.0f}x the residual norm there ({resid:.3g}); "
-                          "expect degenerate text (lower --alpha)", stacklevel=2)
+    return {k: float(cache[site].float().norm(dim=-1).median()) for k, site in zip(vec.layers, sites)}
+
+
+def _doses(vec: Any, alphas: list[float], resid: dict[int, float]) -> dict[str, dict[str, float]]:
+    """The relative dose alpha*|v_k|/|resid_k| per alpha and layer; warns when one is far (> 10x) above 1."""
+    out = {str(a): {str(k): abs(a) * float(vec[k].norm()) / max(r, 1e-12) for k, r in resid.items()} for a in alphas}
+    for a, per_layer in out.items():
+        for k, ratio in per_layer.items():
+            if ratio > 10:
+                warnings.warn(f"alpha*|v| at layer {k} is {ratio:.0f}x the residual norm there ({resid[int(k)]:.3g}); "
+                              "expect degenerate text (lower --alpha)", stacklevel=2)
+    return out
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
@@ -318,15 +337,23 @@ def _add_generate(sub: Any) -> None:
                    "(default: none, unsteered text only)")
     g.add_argument("--prompt", action="append", help="a prompt; repeat the option for several (default: one "
                    "built-in prompt)")
-    g.add_argument("--alpha", default="1.0", help="one value or a comma-separated sweep, e.g. -4,-2,2,4 "
-                   "(default: %(default)s)")
+    dose = g.add_mutually_exclusive_group()
+    dose.add_argument("--alpha", default="1.0", help="one value or a comma-separated sweep, e.g. -4,-2,2,4 "
+                      "(default: %(default)s)")
+    dose.add_argument("--alpha-relative", default=None, help="dose relative to the residual stream instead: "
+                      "alpha = R*|resid|/|v| (averaged over the vector's layers); one R or a comma list, e.g. -0.5,0.5 "
+                      "(default: none, use --alpha)")
     g.add_argument("--layers", default=None, type=T.layer_list, help="comma-separated layers of the vector to "
                    "steer at (default: all its layers)")
     g.add_argument("--positions", default="all", type=T.steer_positions,
                    help="all, prompt, generated, last-K or comma-separated integers (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=T.positive_int, default=48, help="tokens to generate "
                    "(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of sampled generation (default: %(default)s)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=T.positive_float, default=1.0, help="sampling temperature with "
+                   "--do-sample (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler's own generator with --do-sample; the "
+                   "same seed gives the same text (default: %(default)s)")
     _common(g, model_default=None)
     g.set_defaults(func=cmd_generate)
 
