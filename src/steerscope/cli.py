@@ -151,7 +151,7 @@ def _resid_norms(lm: Any, vec: Any, prompts: list[str]) -> dict[int, float]:
 def _doses(vec: Any, alphas: list[float], resid: dict[int, float]) -> dict[str, dict[str, float]]:
     """The relative dose alpha*|v_k|/|resid_k| per alpha and layer; warns when one is far (> 10x) above 1."""
     out = {str(a): {str(k): abs(a) * float(vec[k].norm()) / max(r, 1e-12) for k, r in resid.items()} for a in alphas}
-    for a, per_layer in out.items():
+    for per_layer in out.values():
         for k, ratio in per_layer.items():
             if ratio > 10:
                 warnings.warn(f"alpha*|v| at layer {k} is {ratio:.0f}x the residual norm there ({resid[int(k)]:.3g}); "
