@@ -131,3 +131,23 @@ def test_generate_prints_the_relative_dose_and_takes_alpha_relative(tiny_folder,
     assert res["alpha"][0] == pytest.approx(-res["alpha"][1]) and res["layers"] == [1]
     assert main(base + ["--alpha", "1", "--alpha-relative", "0.5"]) == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_inspect_compare_at_different_layers_prints_both_and_the_difference(tmp_path, capsys) -> None:
+    import json
+
+    import torch
+
+    import steerscope as ss
+    from steerscope.cli import main
+
+    ss.SteeringVector({1: torch.ones(4), 2: torch.ones(4)}).save(tmp_path / "a.safetensors")
+    ss.SteeringVector({3: 2 * torch.ones(4)}).save(tmp_path / "b.safetensors")
+    assert main(["inspect", str(tmp_path / "a.safetensors"), "--compare", str(tmp_path / "b.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "layer   1: norm 2.0000" in out and "layer   3: norm 4.0000" in out
+    assert "layers differ: only in" in out and "[1, 2]" in out and "[3]" in out and "no shared layers" in out
+    assert main(["inspect", str(tmp_path / "a.safetensors"), "--compare", str(tmp_path / "b.safetensors"),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["compare"]["layers"] == [3] and info["compare"]["only_first"] == [1, 2] and info["cosine"] == {}

@@ -163,17 +163,42 @@ def cmd_inspect(a: argparse.Namespace) -> None:
     import steerscope as ss
 
     vec = ss.SteeringVector.load(a.vector)
-    info: dict[str, Any] = {"site": vec.site, "layers": vec.layers, "d_model": vec.d_model, "norms": vec.norms(),
-                            "provenance": asdict(vec.provenance)}
+    info = _vector_info(vec)
     if a.compare:
-        info["cosine"] = vec.cosine(ss.SteeringVector.load(a.compare))
+        other = ss.SteeringVector.load(a.compare)
+        shared = [k for k in vec.layers if k in other.layers]
+        info["compare"] = {**_vector_info(other), "only_first": [k for k in vec.layers if k not in shared],
+                           "only_second": [k for k in other.layers if k not in shared]}
+        if other.d_model != vec.d_model:
+            raise VectorError(f"cannot compare: {a.vector} has size {vec.d_model}, {a.compare} has {other.d_model}")
+        info["cosine"] = vec.cosine(other) if shared else {}
     if a.json:
         print(dumps(info, None))
         return
-    print(f"site {safe(vec.site)}, d_model {vec.d_model}, layers {vec.layers}")
+    _print_vector(vec, info, a.vector)
+    if a.compare:
+        _print_vector(other, info["compare"], a.compare)
+        c = info["compare"]
+        if c["only_first"] or c["only_second"]:
+            print(f"layers differ: only in {safe(a.vector)}: {c['only_first'] or 'none'}; only in {safe(a.compare)}: "
+                  f"{c['only_second'] or 'none'}")
+        if not info["cosine"]:
+            print("no shared layers: no cosine")
+        for k, cos in info["cosine"].items():
+            print(f"  cos at layer {k:3d}: {cos:+.4f}")
+
+
+def _vector_info(vec: Any) -> dict[str, Any]:
+    """Site, layers, size, norms and provenance of a vector, as ``inspect --json`` shows them."""
+    return {"site": vec.site, "layers": vec.layers, "d_model": vec.d_model, "norms": vec.norms(),
+            "provenance": asdict(vec.provenance)}
+
+
+def _print_vector(vec: Any, info: dict[str, Any], name: str) -> None:
+    """The text form of :func:`_vector_info`."""
+    print(f"{safe(name)}: site {safe(vec.site)}, d_model {vec.d_model}, layers {vec.layers}")
     for k, n in vec.norms().items():
-        cos = f"  cos={info['cosine'][k]:+.4f}" if "cosine" in info and k in info["cosine"] else ""
-        print(f"  layer {k:3d}: norm {n:.4f}{cos}")
+        print(f"  layer {k:3d}: norm {n:.4f}")
     for key, val in info["provenance"].items():
         if val not in (None, {}, []) and key != "use":
             print(f"  {key}: {safe(val)}")
