@@ -151,3 +151,25 @@ def test_inspect_compare_at_different_layers_prints_both_and_the_difference(tmp_
                  "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["compare"]["layers"] == [3] and info["compare"]["only_first"] == [1, 2] and info["cosine"] == {}
+
+
+def test_extract_reads_the_shipped_pair_files_with_site_system_and_chat(tiny_folder, tmp_path, capsys) -> None:
+    import json
+
+    import steerscope as ss
+    from steerscope.cli import main
+    from steerscope.data import data_path
+
+    out = tmp_path / "v.safetensors"
+    pairs = data_path("traits", "formality.jsonl")
+    assert main(["extract", "--model", str(tiny_folder), "--pairs", str(pairs), "--layers", "1", "--site",
+                 "resid_post", "--no-chat", "--system", "Be brief.", "--batch-size", "64", "--out", str(out),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    n = sum(1 for line in pairs.read_text().splitlines() if line.strip())
+    assert info["n_positive"] == info["n_negative"] == n and info["site"] == "resid_post"
+    assert ss.SteeringVector.load(out).site == "resid_post"
+    assert main(["extract", "--model", str(tiny_folder), "--pairs", str(pairs), "--positive", str(pairs),
+                 "--out", str(out)]) == 2
+    assert "--pairs replaces" in capsys.readouterr().err
+    assert main(["extract", "--model", str(tiny_folder), "--out", str(out)]) == 2

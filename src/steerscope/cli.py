@@ -50,21 +50,39 @@ def _parse_alphas(s: str) -> list[float]:
     return vals
 
 
+def _contrast(a: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """The positive and negative examples: ``--pairs`` (records with "positive" and "negative"), or
+    ``--positive`` and ``--negative``."""
+    from steerscope.data import load_examples, read_jsonl
+
+    if a.pairs is None:
+        if a.positive is None or a.negative is None:
+            raise T.ArgError("extract needs --pairs FILE, or both --positive and --negative")
+        return load_examples(a.positive), load_examples(a.negative)
+    if a.positive is not None or a.negative is not None:
+        raise T.ArgError("--pairs replaces --positive/--negative; give one or the other")
+    rows = read_jsonl(a.pairs)
+    bad = [i for i, r in enumerate(rows, 1) if not {"positive", "negative"} <= set(r)]
+    if bad or not rows:
+        raise T.ArgError(f"--pairs {a.pairs}: record {bad[0] if bad else 1} lacks a \"positive\" or \"negative\" key "
+                         "(expected JSONL records such as {\"positive\": \"...\", \"negative\": \"...\"})")
+    return [r["positive"] for r in rows], [r["negative"] for r in rows]
+
+
 def cmd_extract(a: argparse.Namespace) -> None:
     import steerscope as ss
-    from steerscope.data import load_examples
 
     T.check_out_file(a.out)
-    pos, neg = load_examples(a.positive), load_examples(a.negative)
+    pos, neg = _contrast(a)
     lm = ss.load_model(a.model, device=a.device, dtype=a.dtype)
     bad = [k for k in a.layers or [] if k >= lm.n_layers]
     if bad:
         raise T.ArgError(f"--layers {bad} out of range: {lm.name} has layers 0..{lm.n_layers - 1}")
     vec = ss.extract(lm, pos, neg, method=a.method, layers=a.layers, positions=a.positions, batch_size=a.batch_size,
-                     show_progress=not a.json)
+                     site=a.site, system=a.system, chat=a.chat, show_progress=not a.json)
     vec.save(a.out)
     info = {"out": a.out, "layers": vec.layers, "norms": vec.norms(), "method": a.method, "n_positive": len(pos),
-            "n_negative": len(neg)}
+            "n_negative": len(neg), "site": a.site}
     _emit(info, a.json, f"saved {a.out}: layers {vec.layers}, norms " +
           ", ".join(f"{k}: {v:.3f}" for k, v in vec.norms().items()))
 
@@ -339,9 +357,18 @@ def _add_extract(sub: Any) -> None:
     from steerscope.extract import METHODS
 
     e = sub.add_parser("extract", help="extract a vector from contrast files")
-    e.add_argument("--positive", required=True, help="positive " + EXAMPLES_HELP)
-    e.add_argument("--negative", required=True, help="negative examples, paired with the positives by line; same "
+    from steerscope.sites import RESIDUAL_POINTS
+
+    e.add_argument("--positive", default=None, help="positive " + EXAMPLES_HELP)
+    e.add_argument("--negative", default=None, help="negative examples, paired with the positives by line; same "
                    "formats")
+    e.add_argument("--pairs", default=None, help="instead of --positive/--negative: a JSONL file of records "
+                   "{\"positive\": ..., \"negative\": ...}, such as the shipped data/traits/formality.jsonl")
+    e.add_argument("--site", default="resid_pre", choices=RESIDUAL_POINTS,
+                   help="where in each block to read and later steer, one of %(choices)s (default: %(default)s)")
+    e.add_argument("--system", default=None, help="system prompt for the chat template (default: none)")
+    e.add_argument("--chat", default=True, action=argparse.BooleanOptionalAction,
+                   help="apply the model's chat template")
     e.add_argument("--method", default="dim", choices=list(METHODS),
                    help="extraction method, one of %(choices)s (default: %(default)s)")
     e.add_argument("--layers", default=None, type=T.layer_list, help="comma-separated layers, e.g. 10,12 "
