@@ -173,3 +173,40 @@ def test_extract_reads_the_shipped_pair_files_with_site_system_and_chat(tiny_fol
                  "--out", str(out)]) == 2
     assert "--pairs replaces" in capsys.readouterr().err
     assert main(["extract", "--model", str(tiny_folder), "--out", str(out)]) == 2
+
+
+def test_run_folder_of_another_config_is_refused_naming_the_setting_and_leaves_no_steps(tmp_path) -> None:
+    from steerscope.errors import StudyError
+    from steerscope.runs import Run
+
+    with Run(tmp_path / "r", config={"seed": 0, "n": 4}):
+        pass
+    assert not (tmp_path / "r" / "steps").exists()  # nothing recorded: no empty steps/ folder
+    with pytest.raises(StudyError, match=r"seed: 0 -> 1"):
+        Run(tmp_path / "r", config={"seed": 1, "n": 4})
+    assert not (tmp_path / "r" / "steps").exists()
+    with Run(tmp_path / "r", config={"seed": 0, "n": 4}) as run:
+        run.step("a", lambda: {"x": 1})
+    assert (tmp_path / "r" / "steps" / "a.json").is_file()
+
+
+def test_study_refuses_another_config_before_the_model_loads(tmp_path, capsys, monkeypatch) -> None:
+    import json
+
+    import steerscope as ss
+    from steerscope.cli import main
+    from steerscope.studies.identifiability import Config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(Config().identity()))
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ss, "load_model", no_model)
+    monkeypatch.setattr("steerscope.models.load.load_model", no_model)
+    assert main(["study", "identifiability", "--out", str(out), "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "seed: 0 -> 7" in err
+    assert not (out / "steps").exists()

@@ -304,12 +304,14 @@ def cmd_explain(a: argparse.Namespace) -> None:
 
 
 def cmd_study(a: argparse.Namespace) -> None:
-    from steerscope.runs import check_free
+    from steerscope.runs import check_free, check_run_config
 
     T.check_out_folder(a.out)
     check_free(a.out)
     T.check_numbers(a)
     study = importlib.import_module(STUDIES[a.study])
+    if not a.report_only:  # a folder of another configuration is refused before any model loads
+        check_run_config(a.out, study.Config.from_args(a).identity(), force=a.force)
     if a.report_only:
         summary: dict[str, Any] = {"report": str(study.write_report(Path(a.out)))}
     else:
