@@ -210,3 +210,20 @@ def test_study_refuses_another_config_before_the_model_loads(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "another configuration" in err and "seed: 0 -> 7" in err
     assert not (out / "steps").exists()
+
+
+def test_generate_shows_progress_except_with_json(tiny_folder, capsys, monkeypatch) -> None:
+    import steerscope as ss
+    from steerscope.cli import main
+
+    seen: list[bool] = []
+    real = ss.generate
+
+    def spy(*a, **k):
+        seen.append(k.get("show_progress", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ss, "generate", spy)
+    assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--max-new-tokens", "2", "--json"]) == 0
+    assert seen == [True, False]

@@ -115,11 +115,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
             print(f"relative dose alpha*|v|/|resid| at alpha={float(alpha):.4g}: " +
                   ", ".join(f"layer {k}: {d:.3g}" for k, d in per_layer.items()), file=sys.stderr)
     sampling = {"do_sample": a.do_sample, "temperature": a.temperature, "seed": a.seed}
-    base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, **sampling)
+    base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, show_progress=not a.json, **sampling)
     rows: dict[str, Any] = {"prompts": prompts, "unsteered": base, "steered": {}}
     for alpha in alphas if vec is not None else []:
         rows["steered"][str(alpha)] = ss.generate(lm, prompts, vector=vec, alpha=alpha,
-                                                  max_new_tokens=a.max_new_tokens, positions=a.positions, **sampling)
+                                                  max_new_tokens=a.max_new_tokens, positions=a.positions,
+                                                  show_progress=not a.json, **sampling)
     meta = {"model": lm.name, "vector": a.vector, "layers": vec.layers if vec is not None else None,
             "positions": a.positions, "alpha": alphas if vec is not None else None,
             "relative_dose": doses or None, "max_new_tokens": a.max_new_tokens, **sampling}
