@@ -32,8 +32,18 @@ def safe(text: object) -> str:
                      str(text))
 
 
+_NUMBER = r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+_NEGATIVE_NUMBERS = re.compile(rf"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,{_NUMBER})*,?$")
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one ``error:`` line and exit 2 (no usage block)."""
+    """An ArgumentParser whose errors are one ``error:`` line and exit 2 (no usage block), and which reads
+    a negative number or a comma list starting with one (``--positions -3,-2,-1``, ``--alpha -4,4``) as a
+    value, not as an option (subcommand parsers are built from this class too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBERS
 
     def error(self, message: str) -> NoReturn:
         raise ArgError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -58,6 +68,14 @@ def finite_float(s: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
     if not math.isfinite(x):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {s!r}")
+    return x
+
+
+def positive_float(s: str) -> float:
+    """A finite number > 0."""
+    x = finite_float(s)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {s!r}")
     return x
 
 

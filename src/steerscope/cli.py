@@ -50,24 +50,39 @@ def _parse_alphas(s: str) -> list[float]:
     return vals
 
 
+def _contrast(a: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """The positive and negative examples: ``--pairs`` (records with "positive" and "negative"), or
+    ``--positive`` and ``--negative``."""
+    from steerscope.data import load_examples, read_jsonl
+
+    if a.pairs is None:
+        if a.positive is None or a.negative is None:
+            raise T.ArgError("extract needs --pairs FILE, or both --positive and --negative")
+        return load_examples(a.positive), load_examples(a.negative)
+    if a.positive is not None or a.negative is not None:
+        raise T.ArgError("--pairs replaces --positive/--negative; give one or the other")
+    rows = read_jsonl(a.pairs)
+    bad = [i for i, r in enumerate(rows, 1) if not {"positive", "negative"} <= set(r)]
+    if bad or not rows:
+        raise T.ArgError(f"--pairs {a.pairs}: record {bad[0] if bad else 1} lacks a \"positive\" or \"negative\" key "
+                         "(expected JSONL records such as {\"positive\": \"...\", \"negative\": \"...\"})")
+    return [r["positive"] for r in rows], [r["negative"] for r in rows]
+
+
 def cmd_extract(a: argparse.Namespace) -> None:
     import steerscope as ss
-    from steerscope.data import load_examples
-    from steerscope.extract import METHODS
 
-    if a.method not in METHODS:
-        raise T.ArgError(f"--method {a.method!r} is unknown; choose one of {', '.join(METHODS)}")
     T.check_out_file(a.out)
-    pos, neg = load_examples(a.positive), load_examples(a.negative)
-    lm = ss.load_model(a.model, device=a.device)
+    pos, neg = _contrast(a)
+    lm = ss.load_model(a.model, device=a.device, dtype=a.dtype)
     bad = [k for k in a.layers or [] if k >= lm.n_layers]
     if bad:
         raise T.ArgError(f"--layers {bad} out of range: {lm.name} has layers 0..{lm.n_layers - 1}")
     vec = ss.extract(lm, pos, neg, method=a.method, layers=a.layers, positions=a.positions, batch_size=a.batch_size,
-                     show_progress=not a.json)
+                     site=a.site, system=a.system, chat=a.chat, show_progress=not a.json)
     vec.save(a.out)
     info = {"out": a.out, "layers": vec.layers, "norms": vec.norms(), "method": a.method, "n_positive": len(pos),
-            "n_negative": len(neg)}
+            "n_negative": len(neg), "site": a.site}
     _emit(info, a.json, f"saved {a.out}: layers {vec.layers}, norms " +
           ", ".join(f"{k}: {v:.3f}" for k, v in vec.norms().items()))
 
@@ -79,24 +94,38 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if vec is not None and a.layers:
         vec = vec.select(a.layers)
     alphas = _parse_alphas(a.alpha)
+    relative = _parse_alphas(a.alpha_relative) if a.alpha_relative is not None else None
     prompts = a.prompt or ["Tell me about your weekend."]
     model = a.model or _vector_model(vec)
     if a.model is None and model is not None:
         print(f"note: no --model given; using {safe(model)}, the model the vector was made on", file=sys.stderr)
-    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device)
+    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
+    doses: dict[str, Any] = {}
     if vec is not None:
         if str(a.vector).endswith(".gguf"):  # direction.{n_layers-1} needs the model's depth
             vec = ss.SteeringVector.load(a.vector, n_layers=lm.n_layers)
             vec = vec.select(a.layers) if a.layers else vec
         vec.check_compatible(lm)
-        _warn_if_huge(lm, vec, alphas, prompts)
-    base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, seed=a.seed)
+        resid = _resid_norms(lm, vec, prompts)
+        if relative is not None:  # R * |resid| / |v|, averaged over the vector's layers
+            scale = sum(r / max(float(vec[k].norm()), 1e-12) for k, r in resid.items()) / len(resid)
+            alphas = [r * scale for r in relative]
+        doses = _doses(vec, alphas, resid)
+        for alpha, per_layer in doses.items():
+            print(f"relative dose alpha*|v|/|resid| at alpha={float(alpha):.4g}: " +
+                  ", ".join(f"layer {k}: {d:.3g}" for k, d in per_layer.items()), file=sys.stderr)
+    sampling = {"do_sample": a.do_sample, "temperature": a.temperature, "seed": a.seed}
+    base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, show_progress=not a.json, **sampling)
     rows: dict[str, Any] = {"prompts": prompts, "unsteered": base, "steered": {}}
     for alpha in alphas if vec is not None else []:
         rows["steered"][str(alpha)] = ss.generate(lm, prompts, vector=vec, alpha=alpha,
-                                                  max_new_tokens=a.max_new_tokens, positions=a.positions, seed=a.seed)
+                                                  max_new_tokens=a.max_new_tokens, positions=a.positions,
+                                                  show_progress=not a.json, **sampling)
+    meta = {"model": lm.name, "vector": a.vector, "layers": vec.layers if vec is not None else None,
+            "positions": a.positions, "alpha": alphas if vec is not None else None,
+            "relative_dose": doses or None, "max_new_tokens": a.max_new_tokens, **sampling}
     if a.json:
-        print(dumps(rows, None))
+        print(dumps({**meta, **rows}, None))
         return
     for i, p in enumerate(prompts):
         print(f"=== prompt: {safe(p)}")
@@ -126,8 +155,8 @@ def _text(s: str) -> str:
     return "\n".join(safe(line) for line in s.strip().split("\n"))
 
 
-def _warn_if_huge(lm: Any, vec: Any, alphas: list[float], prompts: list[str]) -> None:
-    """Warn when |alpha| * |v| is far (> 10x) above the median residual norm at a steered layer."""
+def _resid_norms(lm: Any, vec: Any, prompts: list[str]) -> dict[int, float]:
+    """The median residual norm at each of the vector's layers, measured on (up to 4 of) the prompts."""
     import torch
 
     import steerscope as ss
@@ -135,29 +164,60 @@ def _warn_if_huge(lm: Any, vec: Any, alphas: list[float], prompts: list[str]) ->
     sites = [f"blocks.{k}.{vec.site}" for k in vec.layers]
     with torch.no_grad(), ss.recording(lm, sites) as cache:
         lm.model(**lm.tokenize([lm.format_chat(p) for p in prompts[:4]]))
-    for k, site in zip(vec.layers, sites):
-        resid = float(cache[site].float().norm(dim=-1).median())
-        ratio = max(abs(x) for x in alphas) * float(vec[k].norm()) / max(resid, 1e-12)
-        if ratio > 10:
-            warnings.warn(f"alpha*|v| at layer {k} is {ratio:.0f}x the residual norm there ({resid:.3g}); "
-                          "expect degenerate text (lower --alpha)", stacklevel=2)
+    return {k: float(cache[site].float().norm(dim=-1).median()) for k, site in zip(vec.layers, sites)}
+
+
+def _doses(vec: Any, alphas: list[float], resid: dict[int, float]) -> dict[str, dict[str, float]]:
+    """The relative dose alpha*|v_k|/|resid_k| per alpha and layer; warns when one is far (> 10x) above 1."""
+    out = {str(a): {str(k): abs(a) * float(vec[k].norm()) / max(r, 1e-12) for k, r in resid.items()} for a in alphas}
+    for per_layer in out.values():
+        for k, ratio in per_layer.items():
+            if ratio > 10:
+                warnings.warn(f"alpha*|v| at layer {k} is {ratio:.0f}x the residual norm there ({resid[int(k)]:.3g}); "
+                              "expect degenerate text (lower --alpha)", stacklevel=2)
+    return out
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
     import steerscope as ss
 
     vec = ss.SteeringVector.load(a.vector)
-    info: dict[str, Any] = {"site": vec.site, "layers": vec.layers, "d_model": vec.d_model, "norms": vec.norms(),
-                            "provenance": asdict(vec.provenance)}
+    info = _vector_info(vec)
     if a.compare:
-        info["cosine"] = vec.cosine(ss.SteeringVector.load(a.compare))
+        other = ss.SteeringVector.load(a.compare)
+        shared = [k for k in vec.layers if k in other.layers]
+        info["compare"] = {**_vector_info(other), "only_first": [k for k in vec.layers if k not in shared],
+                           "only_second": [k for k in other.layers if k not in shared]}
+        if other.d_model != vec.d_model:
+            raise VectorError(f"cannot compare: {a.vector} has size {vec.d_model}, {a.compare} has {other.d_model}")
+        info["cosine"] = vec.cosine(other) if shared else {}
     if a.json:
         print(dumps(info, None))
         return
-    print(f"site {safe(vec.site)}, d_model {vec.d_model}, layers {vec.layers}")
+    _print_vector(vec, info, a.vector)
+    if a.compare:
+        _print_vector(other, info["compare"], a.compare)
+        c = info["compare"]
+        if c["only_first"] or c["only_second"]:
+            print(f"layers differ: only in {safe(a.vector)}: {c['only_first'] or 'none'}; only in {safe(a.compare)}: "
+                  f"{c['only_second'] or 'none'}")
+        if not info["cosine"]:
+            print("no shared layers: no cosine")
+        for k, cos in info["cosine"].items():
+            print(f"  cos at layer {k:3d}: {cos:+.4f}")
+
+
+def _vector_info(vec: Any) -> dict[str, Any]:
+    """Site, layers, size, norms and provenance of a vector, as ``inspect --json`` shows them."""
+    return {"site": vec.site, "layers": vec.layers, "d_model": vec.d_model, "norms": vec.norms(),
+            "provenance": asdict(vec.provenance)}
+
+
+def _print_vector(vec: Any, info: dict[str, Any], name: str) -> None:
+    """The text form of :func:`_vector_info`."""
+    print(f"{safe(name)}: site {safe(vec.site)}, d_model {vec.d_model}, layers {vec.layers}")
     for k, n in vec.norms().items():
-        cos = f"  cos={info['cosine'][k]:+.4f}" if "cosine" in info and k in info["cosine"] else ""
-        print(f"  layer {k:3d}: norm {n:.4f}{cos}")
+        print(f"  layer {k:3d}: norm {n:.4f}")
     for key, val in info["provenance"].items():
         if val not in (None, {}, []) and key != "use":
             print(f"  {key}: {safe(val)}")
@@ -179,7 +239,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     import steerscope as ss
     from steerscope.data import data_path, read_jsonl
 
-    lm = ss.load_model(a.model, device=a.device)
+    lm = ss.load_model(a.model, device=a.device, dtype=a.dtype)
     pairs = read_jsonl(data_path("traits", "formality.jsonl"))[:32]
     layer = lm.n_layers // 3 if a.layer is None else a.layer
     vec = ss.extract(lm, [p["positive"] for p in pairs], [p["negative"] for p in pairs], method="dim",
@@ -229,7 +289,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
     model = a.model or _vector_model(vec)
     if a.model is None and model is not None:
         print(f"note: no --model given; using {safe(model)}, the model the vector was made on", file=sys.stderr)
-    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device)
+    lm = ss.load_model(model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
     card = ss.explain(lm, vec, prompts, alpha=a.alpha, scorer=None if a.scorer == "none" else a.scorer,
                       quick=a.quick, out=a.out, layer=a.layer, force=a.force, show_progress=not a.json,
                       sections=a.sections)
@@ -245,12 +305,14 @@ def cmd_explain(a: argparse.Namespace) -> None:
 
 
 def cmd_study(a: argparse.Namespace) -> None:
-    from steerscope.runs import check_free
+    from steerscope.runs import check_free, check_run_config
 
     T.check_out_folder(a.out)
     check_free(a.out)
     T.check_numbers(a)
     study = importlib.import_module(STUDIES[a.study])
+    if not a.report_only:  # a folder of another configuration is refused before any model loads
+        check_run_config(a.out, study.Config.from_args(a).identity(), force=a.force)
     if a.report_only:
         summary: dict[str, Any] = {"report": str(study.write_report(Path(a.out)))}
     else:
@@ -261,72 +323,148 @@ def cmd_study(a: argparse.Namespace) -> None:
         print(f"report: {safe(summary.get('report'))}")
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICE_HELP = "cpu, auto, cuda, cuda:N or mps (default: %(default)s)"
+EXAMPLES_HELP = ("examples file: .txt one a line, .jsonl/.json (strings, or records with a \"text\" or \"prompt\" "
+                 "key), .csv")
+
+
+def _common(sp: argparse.ArgumentParser, model: bool = True, model_default: str | None = DEFAULT_MODEL) -> None:
+    """``--model``, ``--device`` and ``--dtype`` (when the command loads a model) and ``--json``."""
+    if model:  # no default: the command picks one (generate: the vector's model)
+        help_ = "alias, folder, .gguf or hub id " + ("(default: %(default)s)" if model_default else (
+            f"(default: the model named in the vector's provenance when it can be loaded, else {DEFAULT_MODEL})"))
+        sp.add_argument("--model", default=model_default, help=help_)
+        sp.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+        sp.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="weights dtype, one of %(choices)s (default: %(default)s)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: one builder per subcommand."""
     p = T.Parser(prog="steerscope", description="Activation steering and its mechanisms.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_extract, _add_generate, _add_inspect, _add_vectors, _add_demo, _add_serve, _add_vllm_setup,
+                _add_explain):
+        add(sub)
+    tune_command.add_parser(sub, _common)
+    _add_studies(sub.add_parser("study", help="run a study end to end and write a report",
+                                description="Run a study end to end and write its report (docs/studies.md)."))
+    return p
 
-    def common(sp: argparse.ArgumentParser, model: bool = True, model_default: str | None = DEFAULT_MODEL) -> None:
-        if model:  # no default: the command picks one (generate: the vector's model)
-            help_ = "alias, folder, .gguf or hub id" + ("" if model_default else (
-                f" (default: the model named in the vector's provenance when it can be loaded, else {DEFAULT_MODEL})"))
-            sp.add_argument("--model", default=model_default, help=help_)
-            sp.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
-        sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+def _add_extract(sub: Any) -> None:
+    """``extract``: a vector from contrast examples."""
+    from steerscope.extract import METHODS
 
     e = sub.add_parser("extract", help="extract a vector from contrast files")
-    e.add_argument("--positive", required=True)
-    e.add_argument("--negative", required=True)
-    e.add_argument("--method", default="dim")
-    e.add_argument("--layers", default=None, type=T.layer_list, help="e.g. 10,12 (default: middle layer)")
-    e.add_argument("--positions", default=[-1], type=T.int_positions, help="e.g. -1 or -3,-2,-1")
-    e.add_argument("--batch-size", type=T.positive_int, default=16)
-    e.add_argument("--out", required=True)
-    common(e)
+    from steerscope.sites import RESIDUAL_POINTS
+
+    e.add_argument("--positive", default=None, help="positive " + EXAMPLES_HELP)
+    e.add_argument("--negative", default=None, help="negative examples, paired with the positives by line; same "
+                   "formats")
+    e.add_argument("--pairs", default=None, help="instead of --positive/--negative: a JSONL file of records "
+                   "{\"positive\": ..., \"negative\": ...}, such as the shipped data/traits/formality.jsonl")
+    e.add_argument("--site", default="resid_pre", choices=RESIDUAL_POINTS,
+                   help="where in each block to read and later steer, one of %(choices)s (default: %(default)s)")
+    e.add_argument("--system", default=None, help="system prompt for the chat template (default: none)")
+    e.add_argument("--chat", default=True, action=argparse.BooleanOptionalAction,
+                   help="apply the model's chat template")
+    e.add_argument("--method", default="dim", choices=list(METHODS),
+                   help="extraction method, one of %(choices)s (default: %(default)s)")
+    e.add_argument("--layers", default=None, type=T.layer_list, help="comma-separated layers, e.g. 10,12 "
+                   "(default: middle layer)")
+    e.add_argument("--positions", default=[-1], type=T.int_positions,
+                   help="comma-separated token positions, e.g. -1 or -3,-2,-1 (default: -1)")
+    e.add_argument("--batch-size", type=T.positive_int, default=16, help="prompts per forward pass "
+                   "(default: %(default)s)")
+    e.add_argument("--out", required=True, help="output .safetensors file")
+    _common(e)
     e.set_defaults(func=cmd_extract)
 
+
+def _add_generate(sub: Any) -> None:
+    """``generate``: unsteered and steered text side by side."""
     g = sub.add_parser("generate", help="unsteered and steered text side by side")
-    g.add_argument("--vector", default=None)
-    g.add_argument("--prompt", action="append")
-    g.add_argument("--alpha", default="1.0", help="one value or a sweep: --alpha=-4,-2,2,4")
-    g.add_argument("--layers", default=None, type=T.layer_list)
+    g.add_argument("--vector", default=None, help="a .safetensors file, a shipped name or a control-vector .gguf "
+                   "(default: none, unsteered text only)")
+    g.add_argument("--prompt", action="append", help="a prompt; repeat the option for several (default: one "
+                   "built-in prompt)")
+    dose = g.add_mutually_exclusive_group()
+    dose.add_argument("--alpha", default="1.0", help="one value or a comma-separated sweep, e.g. -4,-2,2,4 "
+                      "(default: %(default)s)")
+    dose.add_argument("--alpha-relative", default=None, help="dose relative to the residual stream instead: "
+                      "alpha = R*|resid|/|v| (averaged over the vector's layers); one R or a comma list, e.g. -0.5,0.5 "
+                      "(default: none, use --alpha)")
+    g.add_argument("--layers", default=None, type=T.layer_list, help="comma-separated layers of the vector to "
+                   "steer at (default: all its layers)")
     g.add_argument("--positions", default="all", type=T.steer_positions,
-                   help="all, prompt, generated, last-K or integers")
-    g.add_argument("--max-new-tokens", type=T.positive_int, default=48)
-    g.add_argument("--seed", type=int, default=0)
-    common(g, model_default=None)
+                   help="all, prompt, generated, last-K or comma-separated integers (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=T.positive_int, default=48, help="tokens to generate "
+                   "(default: %(default)s)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=T.positive_float, default=1.0, help="sampling temperature with "
+                   "--do-sample (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler's own generator with --do-sample; the "
+                   "same seed gives the same text (default: %(default)s)")
+    _common(g, model_default=None)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_inspect(sub: Any) -> None:
+    """``inspect``: layers, norms, provenance, cosine."""
     i = sub.add_parser("inspect", help="layers, norms, provenance, cosine to another vector")
-    i.add_argument("vector")
-    i.add_argument("--compare", default=None)
-    common(i, model=False)
+    i.add_argument("vector", help="a .safetensors file, a shipped name or a control-vector .gguf")
+    i.add_argument("--compare", default=None, help="a second vector: print the per-layer cosine to it "
+                   "(default: none)")
+    _common(i, model=False)
     i.set_defaults(func=cmd_inspect)
 
+
+def _add_vectors(sub: Any) -> None:
+    """``vectors``: the shipped vectors."""
     v = sub.add_parser("vectors", help="list vectors shipped in the package")
-    common(v, model=False)
+    _common(v, model=False)
     v.set_defaults(func=cmd_vectors)
 
+
+def _add_demo(sub: Any) -> None:
+    """``demo``: a formality vector on the embedded model."""
     d = sub.add_parser("demo", help="extract a formality vector and steer the embedded model")
-    d.add_argument("--layer", type=int, default=None)
-    d.add_argument("--alpha", type=T.finite_float, default=6.0)
-    d.add_argument("--max-new-tokens", type=T.positive_int, default=40)
-    common(d)
+    d.add_argument("--layer", type=int, default=None, help="layer to extract at (default: a third of the depth)")
+    d.add_argument("--alpha", type=T.finite_float, default=6.0, help="steering scale; the demo shows +alpha and "
+                   "-alpha (default: %(default)s)")
+    d.add_argument("--max-new-tokens", type=T.positive_int, default=40, help="tokens to generate "
+                   "(default: %(default)s)")
+    _common(d)
     d.set_defaults(func=cmd_demo)
 
+
+def _add_serve(sub: Any) -> None:
+    """``serve``: vLLM's server with per-request steering."""
     sv = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with steering chosen per request")
     sv.add_argument("model_name", metavar="MODEL", help="alias, folder, .gguf or hub id")
-    sv.add_argument("--vectors", default=None, help="name=path,... vectors requests may name")
-    sv.add_argument("--host", default="127.0.0.1", type=T.host, help="IP address or host name to listen on")
-    sv.add_argument("--port", type=T.port, default=8000, help="TCP port, 1..65535")
-    sv.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
-    sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. '--max-model-len 2048'")
+    sv.add_argument("--vectors", default=None, help="name=path,... vectors requests may name (default: none)")
+    sv.add_argument("--host", default="127.0.0.1", type=T.host, help="IP address or host name to listen on "
+                    "(default: %(default)s)")
+    sv.add_argument("--port", type=T.port, default=8000, help="TCP port, 1..65535 (default: %(default)s)")
+    sv.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+    sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. "
+                    "'--max-model-len 2048' (default: none)")
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_vllm_setup(sub: Any) -> None:
+    """``vllm-setup``: the engine environment."""
     vs = sub.add_parser("vllm-setup", help="create the vLLM engine environment ($STEERSCOPE_VLLM_ENV)")
-    common(vs, model=False)
+    _common(vs, model=False)
     vs.set_defaults(func=cmd_vllm_setup)
 
+
+def _add_explain(sub: Any) -> None:
+    """``explain``: the mechanism card."""
     x = sub.add_parser("explain", help="mechanism card of a steering vector (card.html + card.json)",
                        description="Explain why a steering vector works: dose, logit lens, EAP-IG attribution, "
                                    "frozen-attention ablations, minimal circuit, sparsity, identifiability.")
@@ -338,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "recommended dose range; without a range, the largest alpha within the KL budget; the card states "
                    "which alpha it used and why)")
     x.add_argument("--scorer", default="none", choices=["refusal", "formality", "sentiment", "politeness", "none"],
-                   help="score generations with the refusal matcher or a validated trait classifier")
+                   help="score generations with the refusal matcher or a validated trait classifier: %(choices)s "
+                   "(default: %(default)s)")
     x.add_argument("--quick", action="store_true", help="small sizes: 8 prompts, 12 response tokens, 3 EAP-IG steps, a "
                    "3-point circuit grid without bisection, 2 v_perp draws (more claims end undecided; timings in "
                    "docs/explain.md)")
@@ -351,26 +490,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="recompute finished sections")
     x.add_argument("--model", default=None, help="alias, folder, .gguf or hub id (default: the model the vector's "
                    "provenance names when it is available here, else smollm2-135m)")
-    x.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
+    x.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+    x.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights dtype, one of %(choices)s (default: %(default)s)")
     x.add_argument("--json", action="store_true", help="print the card.json object on stdout")
     x.set_defaults(func=cmd_explain)
-
-    tune_command.add_parser(sub, common)
-    _add_studies(sub.add_parser("study", help="run a study end to end and write a report"))
-    return p
 
 
 def _add_studies(s: argparse.ArgumentParser) -> None:
     """One subcommand per study; its options come from the study's ``Config`` (steerscope.studies.protocol)."""
     ssub = s.add_subparsers(dest="study", required=True)
     for name, package in STUDIES.items():
-        sp = ssub.add_parser(name)
-        sp.add_argument("--device", default="cpu", type=T.device, help="cpu, auto, cuda, cuda:N or mps")
+        module = importlib.import_module(package)  # a broken study import fails loudly here
+        summary = (module.__doc__ or f"The {name} study.").strip().splitlines()[0]
+        sp = ssub.add_parser(name, help=summary, description=summary)
+        sp.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
         sp.add_argument("--json", action="store_true", help="print one JSON object")
-        sp.add_argument("--out", default=f"runs/{name}")
+        sp.add_argument("--out", default=f"runs/{name}", help="run folder (resumable) (default: %(default)s)")
         sp.add_argument("--force", action="store_true", help="recompute finished steps")
         sp.add_argument("--report-only", action="store_true", help="rewrite the report from finished steps; run nothing")
-        # --model, --seed and the study's own options; a broken study import fails loudly here
+        # --model, --seed and the study's own options
         importlib.import_module(package + ".config").Config.add_arguments(sp)
         sp.set_defaults(func=cmd_study)
 

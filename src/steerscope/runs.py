@@ -75,6 +75,30 @@ def _nonfinite_paths(node: Any, keys: list[Any], out: list[list[Any]]) -> None:
         for i, v in enumerate(node):
             _nonfinite_paths(v, [*keys, i], out)
 
+def config_diff(old: Any, new: dict[str, Any]) -> str:
+    """The settings that differ between a stored configuration and ``new``, e.g. ``seed: 0 -> 1``."""
+    if not isinstance(old, dict):
+        return "the stored config.json is not an object"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {dumps(old.get(k), None)} -> {dumps(new.get(k), None)}" for k in keys[:5]) + (
+        f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = False) -> None:
+    """Refuse, before any work, a run folder whose ``config.json`` holds another configuration (unless ``force``)."""
+    path = Path(folder) / "config.json"
+    if force or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return  # Run reports and rewrites an unreadable one
+    new = json.loads(dumps(config))
+    if old != new:
+        raise StudyError(f"{folder} holds a run with another configuration ({config_diff(old, new)}); "
+                         "use a new --out folder or --force")
+
+
 def warn(msg: str) -> None:
     """Report a recovered problem in one line on stderr."""
     print(f"warning: {msg}", file=sys.stderr, flush=True)
@@ -185,8 +209,7 @@ class Run(_Store):
         except OSError as e:
             raise StudyError(f"cannot use run folder {self.folder} ({e.strerror or e}); choose a writable --out "
                              "folder") from None
-        self.steps_dir = self.folder / "steps"
-        self.steps_dir.mkdir(exist_ok=True)
+        self.steps_dir = self.folder / "steps"  # made by the first record written (no empty steps/ on an error)
         self.force = force
         self.log: list[str] = []
         self._stack: list[set[Path]] = []
@@ -204,9 +227,8 @@ class Run(_Store):
                 warn(f"{cfg_path} is unreadable; rewriting it (steps of another configuration are recomputed)")
                 old = new
             if old != new:
-                raise StudyError(
-                    f"{self.folder} holds a run with another configuration; use a new --out folder or --force"
-                )
+                raise StudyError(f"{self.folder} holds a run with another configuration ({config_diff(old, new)}); "
+                                 "use a new --out folder or --force")
         write_json(cfg_path, new)
 
     # -- lifetime -------------------------------------------------------------------------------

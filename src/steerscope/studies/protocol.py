@@ -145,6 +145,8 @@ class StudyConfig:
                 elif is_tuple and default is not None:
                     default = list(default)
                 kw.update(default=default, type=str if m["sep"] else kind, nargs=m["nargs"], choices=m["choices"])
+                if m["choices"]:
+                    kw["help"] += f"; one of {', '.join(map(str, m['choices']))}"
                 if default is not None:
                     kw["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
             parser.add_argument(name, **kw)

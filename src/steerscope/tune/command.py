@@ -55,9 +55,9 @@ def add_parser(sub: Any, common: Callable[..., None]) -> None:
     t.add_argument("--positive", required=True, help="positive examples (.txt one a line, .jsonl, .json, .csv)")
     t.add_argument("--negative", required=True, help="negative examples, paired with the positives by line")
     t.add_argument("--out", required=True, help="output folder (resumable): vector.safetensors, tune.json, report.html")
-    t.add_argument("--method", default="dim", choices=METHOD_NAMES, help="extraction method (default: dim)")
-    t.add_argument("--scorer", default="logodds", choices=SCORERS, help="behaviour score: teacher-forced log-odds of "
-                   "the positive vs the negative continuation (default, no classifier), or greedy responses scored by "
+    t.add_argument("--method", default="dim", choices=METHOD_NAMES, help="extraction method, one of %(choices)s (default: %(default)s)")
+    t.add_argument("--scorer", default="logodds", choices=SCORERS, help="behaviour score, one of %(choices)s (default: "
+                   "%(default)s): teacher-forced log-odds of the positive vs the negative continuation (no classifier), or greedy responses scored by "
                    "the refusal matcher or a validated trait classifier")
     t.add_argument("--layers", default=None, type=layer_spec, help="candidate layers, e.g. 4-20 or 8,10,12 "
                    "(default: up to 12 layers evenly spaced from 15 %% to 85 %% of the depth)")
@@ -86,7 +86,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
     T.check_out_folder(a.out)  # everything the model is not needed for is checked before it loads
     check_free(a.out)
     pos, neg = load_examples(a.positive), load_examples(a.negative)
-    lm = ss.load_model(a.model, device=a.device)
+    lm = ss.load_model(a.model, device=a.device, dtype=a.dtype)
     res = tune(lm, pos, neg, method=a.method, scorer=None if a.scorer == "logodds" else a.scorer, layers=a.layers,
                positions=a.positions, kl_budget=a.kl_budget, budget_evals=a.budget_evals, exhaustive=a.exhaustive,
                seed=a.seed, out=a.out, force=a.force, settings=Settings(n_alphas=a.n_alphas),

@@ -70,7 +70,8 @@ class Config(StudyConfig):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """``--preset`` and the field options (each defaulting to the preset's value)."""
         parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                            help="configuration preset (docs/reasoning.md)")
+                            help="configuration preset (docs/reasoning.md), one of "
+                            "%(choices)s (default: %(default)s)")
         super().add_arguments(parser)
 
     @classmethod

@@ -101,7 +101,8 @@ class Config(StudyConfig):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """``--preset`` and ``--positions`` plus the field options."""
         parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                            help="a named configuration (docs/refusal.md); explicit options override it")
+                            help="a named configuration (docs/refusal.md), one of %(choices)s; "
+                            "explicit options override it (default: none)")
         parser.add_argument("--positions", default=None, help="candidate positions, e.g. -5,-1 (default -5..-1)")
         super().add_arguments(parser)
 

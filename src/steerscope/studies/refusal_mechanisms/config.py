@@ -63,7 +63,8 @@ class Config(StudyConfig):
         parser.add_argument("--vector-dir", default=None, help="a refusal run folder: use its dim/ntp/po *.safetensors")
         parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
         parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                            help="a named configuration (docs/refusal-mechanisms.md); explicit options override it")
+                            help="a named configuration (docs/refusal-mechanisms.md), one of %(choices)s; "
+                            "explicit options override it (default: none)")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> Config:

@@ -1,0 +1,229 @@
+"""Issue 26: command-line conventions (help text, negative numbers, one list syntax)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Iterator
+
+import pytest
+
+from conftest import make_tiny
+from steerscope.cli import build_parser
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smol_tokenizer):
+    lm = make_tiny("llama", seed=5, tokenizer=smol_tokenizer)
+    d = tmp_path_factory.mktemp("tiny")
+    lm.model.save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
+def _parsers(p: argparse.ArgumentParser, path: str = "steerscope") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, p
+    for act in p._actions:
+        if isinstance(act, argparse._SubParsersAction):
+            for name, sp in act.choices.items():
+                yield from _parsers(sp, f"{path} {name}")
+
+
+def _expanded(act: argparse.Action) -> str:
+    """The help text as --help shows it (%(default)s and %(choices)s filled in)."""
+    params = dict(vars(act), prog="steerscope")
+    if act.choices is not None:
+        params["choices"] = ", ".join(map(str, act.choices))
+    return (act.help or "") % params
+
+
+def test_every_option_has_help_stating_default_and_choices() -> None:
+    problems = []
+    for path, p in _parsers(build_parser()):
+        for act in p._actions:
+            if isinstance(act, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = f"{path} {'/'.join(act.option_strings) or act.dest}"
+            text = _expanded(act)
+            if not text.strip():
+                problems.append(f"{name}: no help")
+                continue
+            d = act.default
+            if d is not None and d is not False and act.nargs != 0:  # a flag's default is: not given
+                shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+                if shown not in text and str(d) not in text:
+                    problems.append(f"{name}: help does not state the default {d!r}")
+            if act.choices is not None and not all(str(c) in text for c in act.choices):
+                problems.append(f"{name}: help does not list the choices {list(act.choices)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_study_has_a_description() -> None:
+    for path, p in _parsers(build_parser()):
+        if path.startswith("steerscope study "):
+            assert p.description, f"{path} has no description"
+
+
+@pytest.mark.parametrize("argv, dest, value", [
+    (["extract", "--positive", "p", "--negative", "n", "--out", "o", "--positions", "-3,-2,-1"], "positions",
+     [-3, -2, -1]),
+    (["extract", "--positive", "p", "--negative", "n", "--out", "o", "--positions", "-1"], "positions", [-1]),
+    (["generate", "--alpha", "-4,4"], "alpha", "-4,4"),
+    (["generate", "--alpha", "-2.5"], "alpha", "-2.5"),
+    (["generate", "--positions", "-2,-1"], "positions", [-2, -1]),
+    (["demo", "--alpha", "-3"], "alpha", -3.0),
+])
+def test_negative_numbers_need_no_equals_sign(argv: list[str], dest: str, value: object) -> None:
+    assert getattr(build_parser().parse_args(argv), dest) == value
+
+
+def test_negative_layers_without_equals_sign_reach_the_layer_check() -> None:
+    """--layers -2,-1 is parsed as the option's value (then refused by the layer type, not as an unknown option)."""
+    from steerscope.errors import ArgError
+
+    with pytest.raises(ArgError, match="layer"):
+        build_parser().parse_args(["generate", "--layers", "-2,-1"])
+
+
+def test_generate_sampling_is_seeded_and_json_carries_the_settings(tiny_folder, capsys) -> None:
+    import json
+
+    from steerscope.cli import main
+
+    def run(seed: int) -> dict:
+        rc = main(["generate", "--model", str(tiny_folder), "--prompt", "Hello", "--prompt", "Tell me a story",
+                   "--max-new-tokens", "12", "--do-sample", "--temperature", "1.5", "--seed", str(seed), "--json"])
+        assert rc == 0
+        return json.loads(capsys.readouterr().out)
+
+    a, b, c = run(1), run(1), run(2)
+    assert a["unsteered"] == b["unsteered"]
+    assert a["unsteered"] != c["unsteered"]
+    assert a["do_sample"] is True and a["temperature"] == 1.5 and a["seed"] == 1
+    assert a["model"] and a["max_new_tokens"] == 12 and a["positions"] == "all"
+
+
+@pytest.fixture(scope="module")
+def one_layer_vector(tiny_folder, tmp_path_factory):
+    from steerscope.cli import main
+
+    d = tmp_path_factory.mktemp("vec")
+    (d / "pos.txt").write_text("Write a formal letter.\nCompose an official memo.\n")
+    (d / "neg.txt").write_text("yo whats up\nhey buddy lol\n")
+    out = d / "v.safetensors"
+    assert main(["extract", "--model", str(tiny_folder), "--positive", str(d / "pos.txt"), "--negative",
+                 str(d / "neg.txt"), "--layers", "1", "--positions", "-2,-1", "--out", str(out), "--json"]) == 0
+    return out
+
+
+def test_generate_prints_the_relative_dose_and_takes_alpha_relative(tiny_folder, one_layer_vector, capsys) -> None:
+    import json
+
+    from steerscope.cli import main
+
+    capsys.readouterr()
+    base = ["generate", "--model", str(tiny_folder), "--vector", str(one_layer_vector), "--prompt", "Hello",
+            "--max-new-tokens", "3"]
+    assert main(base + ["--alpha", "-2,2"]) == 0
+    assert "relative dose alpha*|v|/|resid| at alpha=-2" in capsys.readouterr().err
+    assert main(base + ["--alpha-relative", "-0.5,0.5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [d["1"] for d in res["relative_dose"].values()] == pytest.approx([0.5, 0.5])
+    assert res["alpha"][0] == pytest.approx(-res["alpha"][1]) and res["layers"] == [1]
+    assert main(base + ["--alpha", "1", "--alpha-relative", "0.5"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_inspect_compare_at_different_layers_prints_both_and_the_difference(tmp_path, capsys) -> None:
+    import json
+
+    import torch
+
+    import steerscope as ss
+    from steerscope.cli import main
+
+    ss.SteeringVector({1: torch.ones(4), 2: torch.ones(4)}).save(tmp_path / "a.safetensors")
+    ss.SteeringVector({3: 2 * torch.ones(4)}).save(tmp_path / "b.safetensors")
+    assert main(["inspect", str(tmp_path / "a.safetensors"), "--compare", str(tmp_path / "b.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "layer   1: norm 2.0000" in out and "layer   3: norm 4.0000" in out
+    assert "layers differ: only in" in out and "[1, 2]" in out and "[3]" in out and "no shared layers" in out
+    assert main(["inspect", str(tmp_path / "a.safetensors"), "--compare", str(tmp_path / "b.safetensors"),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["compare"]["layers"] == [3] and info["compare"]["only_first"] == [1, 2] and info["cosine"] == {}
+
+
+def test_extract_reads_the_shipped_pair_files_with_site_system_and_chat(tiny_folder, tmp_path, capsys) -> None:
+    import json
+
+    import steerscope as ss
+    from steerscope.cli import main
+    from steerscope.data import data_path
+
+    out = tmp_path / "v.safetensors"
+    pairs = data_path("traits", "formality.jsonl")
+    assert main(["extract", "--model", str(tiny_folder), "--pairs", str(pairs), "--layers", "1", "--site",
+                 "resid_post", "--no-chat", "--system", "Be brief.", "--batch-size", "64", "--out", str(out),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    n = sum(1 for line in pairs.read_text().splitlines() if line.strip())
+    assert info["n_positive"] == info["n_negative"] == n and info["site"] == "resid_post"
+    assert ss.SteeringVector.load(out).site == "resid_post"
+    assert main(["extract", "--model", str(tiny_folder), "--pairs", str(pairs), "--positive", str(pairs),
+                 "--out", str(out)]) == 2
+    assert "--pairs replaces" in capsys.readouterr().err
+    assert main(["extract", "--model", str(tiny_folder), "--out", str(out)]) == 2
+
+
+def test_run_folder_of_another_config_is_refused_naming_the_setting_and_leaves_no_steps(tmp_path) -> None:
+    from steerscope.errors import StudyError
+    from steerscope.runs import Run
+
+    with Run(tmp_path / "r", config={"seed": 0, "n": 4}):
+        pass
+    assert not (tmp_path / "r" / "steps").exists()  # nothing recorded: no empty steps/ folder
+    with pytest.raises(StudyError, match=r"seed: 0 -> 1"):
+        Run(tmp_path / "r", config={"seed": 1, "n": 4})
+    assert not (tmp_path / "r" / "steps").exists()
+    with Run(tmp_path / "r", config={"seed": 0, "n": 4}) as run:
+        run.step("a", lambda: {"x": 1})
+    assert (tmp_path / "r" / "steps" / "a.json").is_file()
+
+
+def test_study_refuses_another_config_before_the_model_loads(tmp_path, capsys, monkeypatch) -> None:
+    import json
+
+    import steerscope as ss
+    from steerscope.cli import main
+    from steerscope.studies.identifiability import Config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(Config().identity()))
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ss, "load_model", no_model)
+    monkeypatch.setattr("steerscope.models.load.load_model", no_model)
+    assert main(["study", "identifiability", "--out", str(out), "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "seed: 0 -> 7" in err
+    assert not (out / "steps").exists()
+
+
+def test_generate_shows_progress_except_with_json(tiny_folder, capsys, monkeypatch) -> None:
+    import steerscope as ss
+    from steerscope.cli import main
+
+    seen: list[bool] = []
+    real = ss.generate
+
+    def spy(*a, **k):
+        seen.append(k.get("show_progress", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ss, "generate", spy)
+    assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--max-new-tokens", "2", "--json"]) == 0
+    assert seen == [True, False]
