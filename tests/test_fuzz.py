@@ -581,3 +581,24 @@ def test_console_script_prints_one_line_and_no_traceback(case, files):
                          env={**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error:"), res.stderr
+
+
+# -- issue 26, item 5: prompt files ---------------------------------------------------------------
+def test_txt_prompts_split_only_at_newlines(tmp_path) -> None:
+    from steerscope.data import read_records
+
+    p = tmp_path / "p.txt"
+    p.write_bytes("one\x0cstill one\x1eand\u2028one\r\ntwo\n".encode())
+    assert read_records(p) == ["one\x0cstill one\x1eand\u2028one", "two"]
+
+
+@pytest.mark.parametrize("line", ['{"prompt": "\\ud800"}', "[" * 100_000 + "]" * 100_000],
+                         ids=["lone-surrogate", "deep-nesting"])
+def test_a_bad_jsonl_prompt_line_is_one_data_error(tmp_path, line) -> None:
+    from steerscope.data import read_jsonl
+    from steerscope.errors import DataError
+
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "ok"}\n' + line + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:2 "):
+        read_jsonl(p)
