@@ -581,3 +581,74 @@ def test_console_script_prints_one_line_and_no_traceback(case, files):
                          env={**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error:"), res.stderr
+
+
+# -- issue 26, item 5: prompt files ---------------------------------------------------------------
+def test_txt_prompts_split_only_at_newlines(tmp_path) -> None:
+    from steerscope.data import read_records
+
+    p = tmp_path / "p.txt"
+    p.write_bytes("one\x0cstill one\x1eand\u2028one\r\ntwo\n".encode())
+    assert read_records(p) == ["one\x0cstill one\x1eand\u2028one", "two"]
+
+
+@pytest.mark.parametrize("line", ['{"prompt": "\\ud800"}', "[" * 100_000 + "]" * 100_000],
+                         ids=["lone-surrogate", "deep-nesting"])
+def test_a_bad_jsonl_prompt_line_is_one_data_error(tmp_path, line) -> None:
+    from steerscope.data import read_jsonl
+    from steerscope.errors import DataError
+
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "ok"}\n' + line + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:2 "):
+        read_jsonl(p)
+
+
+# -- issue 26, item 5: vector readers --------------------------------------------------------------
+@pytest.mark.parametrize("names", [["layer.1", "layer.01"], ["layer.\u0663"], ["layer.\u00b2"], ["layer.99999"]],
+                         ids=["leading-zero-duplicate", "arabic-digit", "superscript", "too-many-layers"])
+def test_non_canonical_safetensors_layer_keys_are_refused(tmp_path, names) -> None:
+    from steerscope.vector import layer_indices
+
+    with pytest.raises(VectorError, match="block index"):
+        layer_indices({n: torch.zeros(4) for n in names}, "layer", tmp_path / "v.safetensors")
+
+
+@pytest.mark.parametrize("name", ["direction.01", "direction.\u00b2", "direction.\u0663"])
+def test_non_canonical_gguf_direction_keys_are_refused(tmp_path, name) -> None:
+    from steerscope.control_vectors import import_gguf
+
+    p = tmp_path / "cv.gguf"
+    write_control_vector(p, {"direction.1": np.zeros(4, dtype=np.float32), name: np.zeros(4, dtype=np.float32)})
+    with pytest.raises(VectorError):
+        import_gguf(p)
+
+
+def test_a_gguf_with_too_many_directions_is_refused(tmp_path) -> None:
+    from steerscope.vector import MAX_LAYERS, layer_indices
+
+    many = {f"direction.{i}": None for i in range(MAX_LAYERS + 1)}
+    with pytest.raises(VectorError, match="more than 4096 layers"):
+        layer_indices(many, "direction", tmp_path / "cv.gguf")
+
+
+@pytest.mark.parametrize("dtype", ["Q8_0", "I32"])
+def test_quantized_or_integer_gguf_directions_are_refused(tmp_path, dtype) -> None:
+    import gguf
+
+    from steerscope.control_vectors import import_gguf
+
+    p = tmp_path / "cv.gguf"
+    w = gguf.GGUFWriter(str(p), "controlvector")
+    w.add_uint32("controlvector.layer_count", 1)
+    if dtype == "I32":
+        w.add_tensor("direction.1", np.zeros(32, dtype=np.int32))
+    else:
+        raw = gguf.quants.quantize(np.ones(32, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor("direction.1", raw, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(VectorError, match=f"stored as {dtype}"):
+        import_gguf(p)

@@ -181,6 +181,134 @@ def test_a_lock_file_symlinked_elsewhere_is_never_followed(tmp_path) -> None:
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / ".lock").symlink_to(victim)
-    with pytest.raises(StudyError, match="cannot use run folder"):
+    with pytest.raises(StudyError, match="symlink"):
         Run(folder, config={"a": 1})
     assert victim.read_text() == "precious\n"  # opened with O_NOFOLLOW: not truncated, not written
+
+
+# -- issue 26: nothing a run writes or reads leaves its folder ------------------------------------
+def test_a_lock_that_is_a_fifo_or_folder_is_refused_without_blocking_or_truncating(tmp_path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / ".lock")
+    with pytest.raises(StudyError, match="not a regular file"):
+        Run(folder, config={"a": 1})
+    (folder / ".lock").unlink()
+    (folder / ".lock").mkdir()
+    with pytest.raises(StudyError, match="not a regular file"):
+        Run(folder, config={"a": 1})
+
+
+def test_a_symlinked_steps_folder_is_refused_and_nothing_is_written_through_it(tmp_path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "steps").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(StudyError, match="steps is a symlink"):
+        Run(folder, config={"a": 1})
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_symlinked_vectors_folder_is_refused_inside_a_step(tmp_path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "vectors").symlink_to(elsewhere, target_is_directory=True)
+    with Run(folder, config={"a": 1}) as run:
+        with pytest.raises(StudyError, match="leads outside the run folder"):
+            run.step("s", lambda: {"p": str(run.path("vectors", "v.safetensors"))})
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_report_html_and_figures_replace_a_symlink_and_never_write_through_it(tmp_path) -> None:
+    from steerscope.report.html import Report as HtmlReport
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    report = tmp_path / "report.html"
+    report.symlink_to(victim)
+    HtmlReport("t").write(report)
+    assert victim.read_text() == "precious\n"
+    assert not report.is_symlink() and report.read_text().startswith("<!doctype html>")
+
+
+def _tamper(folder: Path, name: str, **changes) -> None:
+    from steerscope.runs import _checksum
+
+    p = folder / "steps" / f"{name}.json"
+    rec = json.loads(p.read_text())
+    rec.update(changes)
+    rec["_checksum"] = _checksum(rec)
+    p.write_text(json.dumps(rec))
+
+
+@pytest.mark.parametrize("rel", ["../victim.txt", "/dev/zero", "/etc/hostname"])
+def test_a_record_artefact_outside_the_folder_is_not_trusted(tmp_path, rel, capsys) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    folder = tmp_path / "run"
+    with Run(folder, config={"a": 1}) as run:
+        run.step("s", lambda: {"x": 1})
+    _tamper(folder, "s", _files={rel: "0" * 64})
+    with Run(folder, config={"a": 1}) as run:
+        assert not run.done("s")
+        assert run.step("s", lambda: {"x": 2})["x"] == 2
+    assert "outside the run folder; recomputing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["../victim.txt", "/dev/zero"])
+def test_a_record_relpath_outside_the_folder_is_not_trusted(tmp_path, value) -> None:
+    folder = tmp_path / "run"
+    with Run(folder, config={"a": 1}) as run:
+        run.step("s", lambda: {"p": "x"})
+    _tamper(folder, "s", p=value, _relpaths=[["p"]])
+    with Run(folder, config={"a": 1}) as run:
+        with pytest.raises(StudyError, match="outside the run folder"):
+            run.load("s")
+
+
+@pytest.mark.parametrize("field", ["_checksum", "_config"])
+def test_a_record_without_its_integrity_fields_is_recomputed_with_a_warning(tmp_path, field, capsys) -> None:
+    folder = tmp_path / "run"
+    with Run(folder, config={"a": 1}) as run:
+        run.step("s", lambda: {"x": 1})
+    p = folder / "steps" / "s.json"
+    rec = json.loads(p.read_text())
+    del rec[field]
+    p.write_text(json.dumps(rec))
+    with Run(folder, config={"a": 1}) as run:
+        assert run.step("s", lambda: {"x": 2})["x"] == 2
+    assert "integrity fields" in capsys.readouterr().err
+
+
+def test_disk_full_while_writing_leaves_the_old_file_no_tmp_and_names_the_file(tmp_path, monkeypatch) -> None:
+    import errno
+
+    import steerscope._files as files
+    from steerscope.report.html import Report as HtmlReport
+
+    report = tmp_path / "report.html"
+    report.write_text("old report\n")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(StudyError, match=r"cannot write .*report\.html \(No space left on device\)"):
+        HtmlReport("t").write(report)
+    assert report.read_text() == "old report\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_an_interrupt_inside_the_write_window_leaves_no_tmp_file(tmp_path, monkeypatch) -> None:
+    import steerscope._files as files
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write(tmp_path / "x.json", b"{}")
+    assert list(tmp_path.iterdir()) == []

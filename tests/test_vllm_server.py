@@ -135,3 +135,12 @@ def test_bad_steering_gets_400_and_server_survives(server, steering, reason):
     assert reason in out["error"]["message"] and "\n" not in out["error"]["message"]
     status, _ = _post(port, {"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2})
     assert status == 200
+
+
+@pytest.mark.parametrize("arg", ["--served_model_name=x", "--hos", "--served-model", "--worker_extension_cls"])
+def test_own_options_in_underscore_or_prefix_spellings_are_refused(arg) -> None:
+    from steerscope.backends.serve import check_extra
+    from steerscope.errors import BackendError
+
+    with pytest.raises(BackendError, match="must not contain"):
+        check_extra([arg])

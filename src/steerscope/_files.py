@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -21,7 +22,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are n
     fcntl = None  # type: ignore[assignment]
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
-__all__ = ["atomic_folder", "atomic_write", "dumps", "file_mode", "umask"]
+__all__ = ["atomic_folder", "atomic_write", "dumps", "file_mode", "inside", "umask"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -79,24 +80,45 @@ def file_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask()
 
 
+def inside(folder: Path, path: Path, what: str = "path") -> Path:
+    """``path`` resolved, checked to lie inside ``folder`` (resolved); :class:`StudyError` otherwise.
+
+    A symlinked subfolder (``steps/``, ``vectors/``) or a ``..``/absolute component that leads out of
+    the folder is refused, so nothing a run writes or reads lands outside it.
+    """
+    root = Path(folder).resolve()
+    target = (root / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
+    if target != root and root not in target.parents:
+        raise StudyError(f"{what} {path} leads outside the run folder {folder} (a symlink or '..'); "
+                         "remove the link or use a new --out folder")
+    return target
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a unique temp file in the same folder, fsync and rename.
 
     The file gets the mode any other tool would give it (0o666 less the umask), not
-    :func:`tempfile.mkstemp`'s private 0o600.
+    :func:`tempfile.mkstemp`'s private 0o600. A symlink at ``path`` is replaced, never followed.
+    A failed write (disk full, a signal) leaves the old file and no temp file behind, and the
+    :class:`StudyError` it raises names ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as e:
+        raise StudyError(f"cannot write {path} ({e.strerror or e}); free disk space or choose a writable "
+                         "folder (the previous file, if any, is unchanged)") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
@@ -163,9 +185,19 @@ def acquire_folder_lock(folder: Path) -> str:
         if fcntl is None:  # pragma: no cover
             _HELD[key] = [None, 1]
             return key
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)  # never follow a link
+        lock = folder / ".lock"
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            raise StudyError(f"{lock} is a symlink or not a regular file; remove it (steerscope never follows "
+                             "or truncates it)")
+        # never follow a link, never block on a FIFO; the type is checked again on the open descriptor
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StudyError(f"{lock} is not a regular file; remove it")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except StudyError:
+            os.close(fd)
+            raise
         except OSError:
             err = _in_use(folder, fd)
             os.close(fd)

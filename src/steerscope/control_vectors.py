@@ -21,7 +21,14 @@ from typing import Any, Mapping
 import torch
 
 from steerscope.errors import VectorError
-from steerscope.vector import FILE_FORMATS, FileFormat, Provenance, SteeringVector, provenance_from_dict
+from steerscope.vector import (
+    FILE_FORMATS,
+    FileFormat,
+    Provenance,
+    SteeringVector,
+    layer_indices,
+    provenance_from_dict,
+)
 
 PREFIX = "steerscope.use."
 
@@ -129,17 +136,19 @@ def import_gguf(path: str | Path, n_layers: int | None = None) -> SteeringVector
     hint = None
     if hint_field is not None and hint_field.data:
         hint = bytes(hint_field.parts[hint_field.data[0]]).decode("utf-8", "replace")
+    found = {t.name: t for t in r.tensors if t.name.startswith("direction.")}
+    if len(found) != sum(t.name.startswith("direction.") for t in r.tensors):
+        raise VectorError(f"{path} holds a direction.N tensor twice; not a valid control vector")
     dirs = {}
-    for t in r.tensors:
-        if not t.name.startswith("direction."):
-            continue
-        idx = t.name.split(".", 1)[1]
-        if not idx.isdigit():
-            raise VectorError(f"{path}: tensor {t.name!r} is not direction.<block index>; not a control vector")
+    for idx_n, t in layer_indices(found, "direction", path).items():
+        kind = gguf.GGMLQuantizationType(int(t.tensor_type)).name
+        if kind not in ("F32", "F16", "BF16"):
+            raise VectorError(f"{path}: {t.name} is stored as {kind}; only F32, F16 and BF16 control-vector "
+                              "directions are read (re-export it unquantized)")
         data = np.asarray(t.data)
         if data.ndim != 1 and sum(d > 1 for d in data.shape) > 1:
             raise VectorError(f"{path}: {t.name} has shape {tuple(data.shape)}; a control vector direction is 1-D")
-        dirs[int(idx)] = torch.tensor(data.astype("float32").reshape(-1))
+        dirs[idx_n] = torch.tensor(data.astype("float32").reshape(-1))
     if not dirs:
         raise VectorError(f"{path} has no direction.N tensors; it is not a control vector")
     prov, site = _ours(r, path) or (Provenance(model=hint, method="gguf-import"), None)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from steerscope._files import acquire_folder_lock, atomic_write, check_free, dumps, release_folder_lock
+from steerscope._files import acquire_folder_lock, atomic_write, check_free, dumps, inside, release_folder_lock
 from steerscope.errors import StudyError
 
 if TYPE_CHECKING:
@@ -210,6 +210,10 @@ class Run(_Store):
             raise StudyError(f"cannot use run folder {self.folder} ({e.strerror or e}); choose a writable --out "
                              "folder") from None
         self.steps_dir = self.folder / "steps"  # made by the first record written (no empty steps/ on an error)
+        if self.steps_dir.is_symlink():
+            self.close()
+            raise StudyError(f"{self.steps_dir} is a symlink; steerscope writes records only inside the run "
+                             "folder: remove the link or use a new --out folder")
         self.force = force
         self.log: list[str] = []
         self._stack: list[set[Path]] = []
@@ -252,7 +256,9 @@ class Run(_Store):
 
     # -- records --------------------------------------------------------------------------------
     def _record_path(self, name: str) -> Path:
-        return self.steps_dir / f"{name}.json"
+        p = self.steps_dir / f"{name}.json"
+        inside(self.folder, p.parent, "records folder")
+        return p
 
     def _read(self, name: str) -> tuple[dict[str, Any] | None, str]:
         """(record, "") when valid, else (None, why)."""
@@ -265,17 +271,49 @@ class Run(_Store):
             return None, f"not valid JSON ({str(e)[:60]})"
         if not isinstance(rec, dict):
             return None, "not a JSON object"
-        if "_checksum" in rec and rec["_checksum"] != _checksum(rec):
+        if "_checksum" not in rec or "_config" not in rec:
+            return None, "missing its integrity fields (_checksum/_config)"
+        if rec["_checksum"] != _checksum(rec):
             return None, "checksum mismatch (edited or damaged)"
-        if self._config_hash and rec.get("_config", self._config_hash) != self._config_hash:
+        if self._config_hash and rec["_config"] != self._config_hash:
             return None, "computed under another configuration"
-        for rel, digest in (rec.get("_files") or {}).items():
-            f = self.folder / rel
-            if not f.exists():
-                return None, f"its artefact {rel} is missing"
-            if _sha256(f) != digest:
+        files = rec.get("_files") or {}
+        if not isinstance(files, dict):
+            return None, "its _files field is not an object"
+        for rel, digest in files.items():
+            why = self._artefact_problem(rel)
+            if why:
+                return None, why
+            if _sha256(self.folder / rel) != digest:
                 return None, f"its artefact {rel} is damaged or changed"
+        for keys in rec.get("_relpaths") or []:
+            node: Any = rec
+            try:
+                for k in keys:
+                    node = node[k]
+            except (KeyError, IndexError, TypeError):
+                continue
+            if isinstance(node, str) and self._outside(node):
+                return None, f"its path {node!r} leads outside the run folder"
         return self._resolve(rec), ""
+
+    def _outside(self, rel: str) -> bool:
+        try:
+            inside(self.folder, Path(rel))
+        except StudyError:
+            return True
+        return Path(rel).is_absolute()
+
+    def _artefact_problem(self, rel: Any) -> str:
+        """Why the artefact ``rel`` of a record is unusable ("" when it is a file or folder inside the run)."""
+        if not isinstance(rel, str) or Path(rel).is_absolute() or self._outside(rel):
+            return f"its artefact {rel!r} leads outside the run folder"
+        f = self.folder / rel
+        if not f.exists():
+            return f"its artefact {rel} is missing"
+        if not (f.is_file() or f.is_dir()):
+            return f"its artefact {rel} is not a regular file"
+        return ""
 
     def _resolve(self, rec: dict[str, Any]) -> dict[str, Any]:
         """Strip bookkeeping and turn stored relative paths into paths under this folder."""
@@ -364,7 +402,9 @@ class Run(_Store):
         """A path inside the run folder (parent folders created). Called inside a step, the file it
         names becomes an artefact of that step: hashed into the record and checked on resume."""
         p = self.folder.joinpath(*parts)
+        inside(self.folder, p.parent, "folder")
         p.parent.mkdir(parents=True, exist_ok=True)
+        inside(self.folder, p.parent, "folder")  # a symlinked subfolder (vectors/, tensors/) is refused
         if self._stack:
             self._stack[-1].add(p)
         return p

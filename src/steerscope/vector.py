@@ -25,6 +25,24 @@ from steerscope.data import shipped_vectors as shipped_vectors  # re-exported: i
 from steerscope.errors import FingerprintWarning, SiteError, VectorError
 from steerscope.sites import RESIDUAL_POINTS
 
+MAX_LAYERS = 4096  # no model has more blocks; a file claiming more directions is refused before reading them
+
+
+def layer_indices(tensors: Mapping[str, Any], prefix: str, path: str | Path) -> dict[int, Any]:
+    """``{N: value}`` of tensors named ``<prefix>.N``; :class:`VectorError` for a non-canonical index
+    (leading zeros, non-ASCII digits such as ``٣`` or ``²``), a duplicate, or more than :data:`MAX_LAYERS`."""
+    if len(tensors) > MAX_LAYERS:
+        raise VectorError(f"{path} holds {len(tensors)} {prefix}.N tensors (more than {MAX_LAYERS} layers); "
+                          "it is not a steering vector")
+    out: dict[int, Any] = {}
+    for name, value in tensors.items():
+        idx = name.split(".", 1)[1]
+        if not (idx.isascii() and idx.isdigit()) or (len(idx) > 1 and idx[0] == "0") or int(idx) >= MAX_LAYERS:
+            raise VectorError(f"{path}: tensor {name!r} is not {prefix}.<block index> (plain ASCII digits, no "
+                              "leading zeros); re-save the vector")
+        out[int(idx)] = value
+    return out
+
 if TYPE_CHECKING:
     from steerscope.models.lm import LM
 
@@ -360,10 +378,7 @@ class SteeringVector:
         if raw is None:
             raise VectorError(f"{path} has no 'steerscope' metadata; it was not written by SteeringVector.save")
         meta = _parse_meta(raw, path)
-        try:
-            dirs = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
-        except ValueError:
-            raise VectorError(f"{path} has a tensor named layer.<not an integer>; re-save the vector") from None
+        dirs = layer_indices({k: v for k, v in tensors.items() if k.startswith("layer.")}, "layer", path)
         if not dirs:
             raise VectorError(f"{path} holds no layer.N tensors; it was not written by SteeringVector.save")
         return cls(dirs, meta["site"], meta["provenance"])

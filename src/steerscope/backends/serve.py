@@ -66,13 +66,18 @@ def load_vectors(named: dict[str, str]) -> dict[str, SteeringVector]:
 
 
 def check_extra(extra: Sequence[str]) -> None:
-    """Refuse --vllm-args that repeat an option ``steerscope serve`` sets itself."""
+    """Refuse --vllm-args that repeat an option ``steerscope serve`` sets itself, also in the spellings
+    vLLM's parser accepts for it: underscores for dashes (``--served_model_name``) and prefixes (``--hos``)."""
     for arg in extra:
-        opt = arg.split("=", 1)[0]
-        if opt in OWN_OPTIONS:
+        given = arg.split("=", 1)[0]
+        norm = "--" + given[2:].replace("_", "-") if given.startswith("--") and len(given) > 2 else given
+        matches = [o for o in OWN_OPTIONS if o == norm or o.startswith(norm)] if norm.startswith("--") else []
+        opt = norm if norm in OWN_OPTIONS else (matches[0] if len(matches) == 1 else None)
+        if opt is not None:
             own = {"--model": "MODEL", "--host": "--host", "--port": "--port"}.get(opt)
             fix = f"give it as steerscope serve {own}" if own else "steerscope serve sets it for steering"
-            raise BackendError(f"--vllm-args must not contain {opt}; {fix}")
+            spelled = f" (given as {given})" if given != opt else ""
+            raise BackendError(f"--vllm-args must not contain {opt}{spelled}; {fix}")
 
 
 def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name: str,

@@ -62,16 +62,28 @@ def read_text(path: str | Path) -> str:
         raise DataError(f"cannot read {path} ({e.strerror})") from None
 
 
+def lines(text: str) -> list[str]:
+    """``text`` split only at ``\n`` (a trailing ``\r`` dropped): not :meth:`str.splitlines`, which also
+    splits at form feeds, ``\x1c``-``\x1e``, U+2028 and other characters a prompt may contain."""
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a jsonl file of JSON objects; one clear error for a bad line."""
     rows = []
-    for i, line in enumerate(read_text(path).splitlines(), 1):
+    for i, line in enumerate(lines(read_text(path)), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape is no text
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); fix or remove that line") from None
+        except RecursionError:
+            raise DataError(f"{path}:{i} is nested too deeply; fix or remove that line") from None
+        except UnicodeEncodeError:
+            raise DataError(f"{path}:{i} holds a lone surrogate escape (not valid Unicode text); fix or "
+                            "remove that line") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{i} is a JSON {type(row).__name__}, not an object such as "
                             '{"prompt": "..."}; fix or remove that line')
@@ -85,7 +97,7 @@ def read_records(path: str | Path, allow_txt: bool = True) -> list[Any]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".txt" and allow_txt:
-        return [ln for ln in read_text(path).splitlines() if ln.strip()]
+        return [ln for ln in lines(read_text(path)) if ln.strip()]
     if suffix == ".jsonl":
         return read_jsonl(path)
     if suffix == ".json":

@@ -8,6 +8,8 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
+from steerscope._files import atomic_write
+
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}pre{background:#f7f7f7;padding:8px;white-space:pre-wrap}
@@ -59,8 +61,7 @@ class Report:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         if save_as is not None:
-            Path(save_as).parent.mkdir(parents=True, exist_ok=True)
-            Path(save_as).write_bytes(buf.getvalue())
+            atomic_write(Path(save_as), buf.getvalue())
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -73,10 +74,9 @@ class Report:
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                f"<style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>{''.join(self.parts)}</body></html>")
-        path.write_text(doc)
+        atomic_write(path, doc.encode("utf-8"))  # a symlink at path is replaced, never followed
         return path
 
 
