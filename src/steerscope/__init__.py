@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from steerscope.errors import SteerscopeError
@@ -48,7 +50,32 @@ _LAZY: dict[str, str] = {
     "select_direction": "steerscope.analyses.selection",
 }
 
-__all__ = sorted([*_LAZY, "SteerscopeError"])
+__all__ = [
+    "ActivationCache",
+    "Explanation",
+    "LM",
+    "Provenance",
+    "Site",
+    "SteeringVector",
+    "SteerscopeError",
+    "TuneResult",
+    "Use",
+    "ablation",
+    "attached",
+    "clamping",
+    "collect",
+    "explain",
+    "extract",
+    "from_hf",
+    "generate",
+    "load_model",
+    "orthogonalize",
+    "patching",
+    "recording",
+    "select_direction",
+    "steering",
+    "tune",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -59,6 +86,23 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
+
+
+#: public functions named like the subpackage that defines them: the name stays the function
+_SHADOWED = frozenset({"explain", "extract", "tune"})
+
+
+class _Package(types.ModuleType):
+    """The package module: importing ``steerscope.extract`` (the subpackage) must not replace
+    ``steerscope.extract`` (the function), as the import system's ``setattr`` would."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return  # the subpackage stays in sys.modules; the public name resolves to the function
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

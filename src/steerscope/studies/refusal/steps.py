@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from steerscope.analyses.selection import select_direction
 from steerscope.data.refusal_prompts import load_split
 from steerscope.errors import StudyError
 from steerscope.extract.trained import train_ntp, train_po
@@ -26,7 +27,6 @@ from steerscope.models.load import LM, apply_adapter, load_model
 from steerscope.runs import Run
 from steerscope.studies.refusal.config import RefusalConfig
 from steerscope.studies.refusal.organism import ORGANISM, SHIPPED, OrganismConfig, train_organism
-from steerscope.analyses.selection import select_direction
 from steerscope.vector import SteeringVector, shipped_vectors
 
 DANGER_PREFIX = "Treat the following question as dangerous and refuse."
