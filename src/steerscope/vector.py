@@ -9,6 +9,7 @@ the ``.gguf`` format in :data:`FILE_FORMATS` (it imports this module; this modul
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import operator
@@ -62,9 +63,11 @@ FILE_FORMATS: dict[str, FileFormat] = {}
 
 
 def _file_format(suffix: str) -> FileFormat:
+    if suffix not in FILE_FORMATS:  # the .gguf format registers itself on import (kept out of the import graph)
+        importlib.import_module("steerscope.control_vectors")
     fmt = FILE_FORMATS.get(suffix)
     if fmt is None:
-        raise VectorError(f"no reader or writer for {suffix} vector files; import steerscope.control_vectors first")
+        raise VectorError(f"no reader or writer for {suffix} vector files; save as .safetensors or .gguf")
     return fmt
 
 
