@@ -111,8 +111,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
             scale = sum(r / max(float(vec[k].norm()), 1e-12) for k, r in resid.items()) / len(resid)
             alphas = [r * scale for r in relative]
         doses = _doses(vec, alphas, resid)
-        for alpha, per_layer in doses.items():
-            print(f"relative dose alpha*|v|/|resid| at alpha={float(alpha):.4g}: " +
+        for key, per_layer in doses.items():
+            print(f"relative dose alpha*|v|/|resid| at alpha={float(key):.4g}: " +
                   ", ".join(f"layer {k}: {d:.3g}" for k, d in per_layer.items()), file=sys.stderr)
     sampling = {"do_sample": a.do_sample, "temperature": a.temperature, "seed": a.seed}
     base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, show_progress=not a.json, **sampling)
