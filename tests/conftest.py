@@ -81,6 +81,16 @@ def tiny_llama(smol_tokenizer):
     return make_tiny("llama", tokenizer=smol_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smol_tokenizer):
+    """A tiny random llama saved as a model folder (weights and the SmolLM2 tokenizer), for the CLI."""
+    lm = make_tiny("llama", seed=5, tokenizer=smol_tokenizer)
+    d = tmp_path_factory.mktemp("tiny")
+    lm.model.save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
 def batch_ids(n: int = 2, length: int = 7, vocab: int = 1000, seed: int = 0, left_pad: int = 0):
     """Random token ids and a mask; the first row is left-padded by ``left_pad`` tokens."""
     g = torch.Generator().manual_seed(seed)

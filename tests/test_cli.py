@@ -10,17 +10,7 @@ import pytest
 import torch
 
 import steerscope as ss
-from conftest import make_tiny
 from steerscope.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smol_tokenizer):
-    lm = make_tiny("llama", seed=5, tokenizer=smol_tokenizer)
-    d = tmp_path_factory.mktemp("tiny")
-    lm.model.save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import make_tiny
 from steerscope.cli import build_parser
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smol_tokenizer):
-    lm = make_tiny("llama", seed=5, tokenizer=smol_tokenizer)
-    d = tmp_path_factory.mktemp("tiny")
-    lm.model.save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
 
 
 def _parsers(p: argparse.ArgumentParser, path: str = "steerscope") -> Iterator[tuple[str, argparse.ArgumentParser]]:

@@ -12,10 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import steerscope as ss
-from conftest import make_tiny
 
 SRC = str(Path(ss.__file__).resolve().parents[1])
 ARGS = ["--traits", "formality", "--alphas", "2", "--seeds", "0", "--n-prompts", "2", "--max-new-tokens", "4",
@@ -44,15 +41,6 @@ def _wait_first_record(p: subprocess.Popen, out: Path) -> float:
     while p.poll() is None and not list((out / "steps").glob("*.json")):
         time.sleep(0.05)
     return time.monotonic()
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smol_tokenizer):
-    d = tmp_path_factory.mktemp("crash-model")
-    lm = make_tiny("llama", seed=5, tokenizer=smol_tokenizer)
-    lm.model.save_pretrained(d)
-    smol_tokenizer.save_pretrained(d)
-    return d
 
 
 def test_sigkill_at_random_points_then_resume_gives_identical_records(tiny_folder, tmp_path):

@@ -199,23 +199,25 @@ def test_a_lock_that_is_a_fifo_or_folder_is_refused_without_blocking_or_truncati
         Run(folder, config={"a": 1})
 
 
-def test_a_symlinked_steps_folder_is_refused_and_nothing_is_written_through_it(tmp_path) -> None:
+def _run_folder_with_symlinked(tmp_path: Path, sub: str) -> tuple[Path, Path]:
+    """(run folder, the folder outside it) where ``run/sub`` is a symlink to the outside one."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / "steps").symlink_to(elsewhere, target_is_directory=True)
+    (folder / sub).symlink_to(elsewhere, target_is_directory=True)
+    return folder, elsewhere
+
+
+def test_a_symlinked_steps_folder_is_refused_and_nothing_is_written_through_it(tmp_path) -> None:
+    folder, elsewhere = _run_folder_with_symlinked(tmp_path, "steps")
     with pytest.raises(StudyError, match="steps is a symlink"):
         Run(folder, config={"a": 1})
     assert list(elsewhere.iterdir()) == []
 
 
 def test_a_symlinked_vectors_folder_is_refused_inside_a_step(tmp_path) -> None:
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / "vectors").symlink_to(elsewhere, target_is_directory=True)
+    folder, elsewhere = _run_folder_with_symlinked(tmp_path, "vectors")
     with Run(folder, config={"a": 1}) as run:
         with pytest.raises(StudyError, match="leads outside the run folder"):
             run.step("s", lambda: {"p": str(run.path("vectors", "v.safetensors"))})

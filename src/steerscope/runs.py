@@ -298,6 +298,7 @@ class Run(_Store):
         return self._resolve(rec), ""
 
     def _outside(self, rel: str) -> bool:
+        """True when ``rel`` is absolute or resolves outside the run folder."""
         try:
             inside(self.folder, Path(rel))
         except StudyError:
@@ -306,7 +307,7 @@ class Run(_Store):
 
     def _artefact_problem(self, rel: Any) -> str:
         """Why the artefact ``rel`` of a record is unusable ("" when it is a file or folder inside the run)."""
-        if not isinstance(rel, str) or Path(rel).is_absolute() or self._outside(rel):
+        if not isinstance(rel, str) or self._outside(rel):
             return f"its artefact {rel!r} leads outside the run folder"
         f = self.folder / rel
         if not f.exists():
