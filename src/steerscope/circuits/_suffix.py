@@ -135,6 +135,7 @@ def logit_diff(lm: LM, resid: torch.Tensor, rows: torch.Tensor, y_pos: torch.Ten
     """
     h = lm.final_norm(resid)
     unembed = lm.unembedding
+    rows = rows.to(mask.device)
     r, t = mask[rows].nonzero(as_tuple=True)  # scored (row, position) pairs
     i = rows[r]
     w = lm.W_U()

@@ -123,10 +123,11 @@ Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # edges [U V], gsum [d
 def _plain_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> Scores:
     """Edge scores [U V] (summed over the steps and samples), the summed total gradient [d_model] and
     the steering node's edge scores per sample [batch V]: J_u = I (no post-sublayer norm)."""
-    edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
-    gsum = torch.zeros(diff.shape[-1], dtype=torch.float64)
+    dev = diff.device
+    edges = torch.zeros(graph.valid.shape, dtype=torch.float64, device=dev)
+    gsum = torch.zeros(diff.shape[-1], dtype=torch.float64, device=dev)
     s_row = graph.index(Node.steer(graph.layer0))
-    s_rows = torch.zeros(diff.shape[0], graph.valid.shape[1], dtype=torch.float64)
+    s_rows = torch.zeros(diff.shape[0], graph.valid.shape[1], dtype=torch.float64, device=dev)
     for cols, part in block_grads(lm, pr, graph, pr.k):  # [b pos n d_model] summed over the steps
         for j in range(part.shape[0]):  # contract d_model in fp32 per position, sum positions in fp64
             e = torch.einsum("pud,pvd->puv", diff[j], part[j]).double().sum(0)
@@ -146,11 +147,12 @@ def _sublayers(graph: Graph) -> Iterator[tuple[list[int], int, Sublayer, str]]:
 
 def _normed_edges(pr: Probes, graph: Graph, diff: torch.Tensor, lm: LM) -> Scores:
     """As :func:`_plain_edges` with J_u = dP/dA of u's post-sublayer norm at each step (Gemma 2/3)."""
-    edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
-    gsum = torch.zeros(diff.shape[-1], dtype=torch.float64)
+    dev = diff.device
+    edges = torch.zeros(graph.valid.shape, dtype=torch.float64, device=dev)
+    gsum = torch.zeros(diff.shape[-1], dtype=torch.float64, device=dev)
     k, b = pr.k, diff.shape[0]
     s_row = graph.index(Node.steer(graph.layer0))
-    s_rows = torch.zeros(b, graph.valid.shape[1], dtype=torch.float64)
+    s_rows = torch.zeros(b, graph.valid.shape[1], dtype=torch.float64, device=dev)
     for cols, g in block_grads(lm, pr, graph, 1):  # per step: [k*b pos n d_model]
         summed = g.view(k, b, *g.shape[1:]).sum(0)
         gsum += summed.sum((0, 1, 2)).double()
@@ -176,9 +178,10 @@ def _batch_scores(lm: LM, sub: PatchBatch, pre: Prefix, s: torch.Tensor, alpha: 
     per_pass = max(1, min(steps, pass_budget // (b * p * (lm.n_layers - pre.layer))))
     points = [alpha * (i + 0.5) / steps for i in range(steps)]
     score = _normed_edges if has_post_norms(lm) else _plain_edges
-    edges = torch.zeros(graph.valid.shape, dtype=torch.float64)
-    gsum = torch.zeros(lm.d_model, dtype=torch.float64)
-    s_rows = torch.zeros(b, graph.valid.shape[1], dtype=torch.float64)
+    dev = diff.device
+    edges = torch.zeros(graph.valid.shape, dtype=torch.float64, device=dev)
+    gsum = torch.zeros(lm.d_model, dtype=torch.float64, device=dev)
+    s_rows = torch.zeros(b, graph.valid.shape[1], dtype=torch.float64, device=dev)
     for j in range(0, steps, per_pass):
         pr = probe_pass(lm, sub, pre, s, points[j : j + per_pass])
         e, g, r = score(pr, graph, diff, lm)
@@ -231,9 +234,9 @@ def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: 
         clean, m = suffix_run(lm, sub, pre, alpha * s)
         mc += float(m.sum())
         e, g, rows_s = _batch_scores(lm, sub, pre, s, alpha, clean - corr, graph, steps, budget)
-        edges += e
-        gsum += g
-        s_edges[idx] = rows_s
+        edges += e.cpu()  # the scores are collected on the CPU, whatever device the model is on
+        gsum += g.cpu()
+        s_edges[idx] = rows_s.cpu()
     edges = torch.where(graph.valid, edges, torch.zeros_like(edges)) / n
     r = alpha * gsum / n
     return Attribution(graph=graph, edges=edges.float(), nodes=edges.sum(1).float(),

@@ -220,7 +220,7 @@ def patch_rows(lm: LM, pb: PatchBatch, run: SteeredRun, rows: PatchRows, tokens_
     per = max(1, tokens_per_pass // pb.ids.shape[1])
     out = torch.empty(len(rows), dtype=torch.float64)
     for chunk in progress(torch.split(order, per), desc="exact patching", enabled=show_progress):
-        out[chunk] = _one_pass(lm, pb, run, rows.take(chunk)).double()
+        out[chunk] = _one_pass(lm, pb, run, rows.take(chunk)).double().cpu()
     return out
 
 
@@ -237,7 +237,7 @@ def _effects(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
         run = steered_run(lm, sub, vector, alpha)
         rows = PatchRows.build(specs, sub.ids.shape[0])
         m = patch_rows(lm, sub, run, rows, tokens_per_pass, show_progress)
-        total.index_add_(0, rows.key, run.m.double()[rows.sample] - m)
+        total.index_add_(0, rows.key, run.m.double().cpu()[rows.sample] - m)
     return (total / n).float()
 
 

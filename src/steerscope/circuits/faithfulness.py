@@ -52,6 +52,7 @@ class _Live:
     def __init__(self, corr: torch.Tensor, drop: torch.Tensor, first: torch.Tensor) -> None:
         self.corr = corr  # [batch pos U d_model]
         self.drop = drop  # [U V] 1 where an edge is dropped
+        self.live_cols = drop.bool().any(0).cpu()  # [V] receivers with a dropped edge (no device sync per hook)
         b, p, u, d = corr.shape
         self.delta = torch.empty(u, b, p, d, dtype=corr.dtype, device=corr.device)
         self.n = 0  # nodes written so far
@@ -91,7 +92,7 @@ class _Live:
         return out
 
     def any(self, cols: list[int]) -> bool:
-        return bool(self.drop[:, cols].any())
+        return bool(self.live_cols[cols].any())
 
 
 def _receiver_hooks(lm: LM, graph: Graph, live: _Live, xs: dict[str, torch.Tensor], layer: int) -> HookMap:
@@ -160,7 +161,8 @@ def patched_metric(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float,
     layer0, s = vector.single_layer(purpose="attribution")
     corr = node_values(lm, pb, vector, 0.0) if corrupt is None else corrupt
     b, p = pb.ids.shape
-    live = _Live(corr, (graph.valid & ~keep.bool()).to(lm.dtype), (alpha * s).to(lm.dtype).expand(b, p, 1, -1))
+    live = _Live(corr, (graph.valid & ~keep.bool().cpu()).to(corr.device, lm.dtype),
+                 (alpha * s).to(corr.device, lm.dtype).expand(b, p, 1, -1))
     xs: dict[str, torch.Tensor] = {}
     lcols = graph.receiver_columns(graph.n_layers, "logits")
 

@@ -58,7 +58,7 @@ def node_hooks(lm: LM, layer0: int, outs: dict[str, torch.Tensor]) -> HookMap:
 def assemble(lm: LM, outs: dict[str, torch.Tensor], layer0: int, s_term: torch.Tensor) -> torch.Tensor:
     """Upstream node writes [batch pos U d_model] from :func:`node_hooks` records and alpha*s [d_model]."""
     b, p = outs[f"m{layer0}"].shape[:2]
-    parts = [s_term.to(lm.dtype).expand(b, p, 1, -1)]
+    parts = [s_term.to(outs[f"m{layer0}"].device, lm.dtype).expand(b, p, 1, -1)]
     for layer in range(layer0, lm.n_layers):
         parts += [head_outputs(outs[f"z{layer}"], lm.W_O(layer)), outs[f"m{layer}"][:, :, None]]
     return torch.cat(parts, 2)
@@ -85,7 +85,7 @@ def suffix_run(lm: LM, pb: PatchBatch, pre: Prefix, add: torch.Tensor,
     outs: dict[str, torch.Tensor] = {}
     rows = torch.arange(pre.n_samples, device=pre.resid.device)
     with attached(lm, {**(hooks or {}), **node_hooks(lm, pre.layer, outs)}):
-        resid, rows = run_blocks(lm, pre, pre.resid + add.to(lm.dtype), rows)
+        resid, rows = run_blocks(lm, pre, pre.resid + add.to(pre.resid.device, lm.dtype), rows)
     return assemble(lm, outs, pre.layer, add), logit_diff(lm, resid, rows, pb.y_steer, pb.y_base, pb.mask)
 
 
