@@ -38,3 +38,29 @@ def test_old_records_without_per_prompt_outcomes_get_no_test() -> None:
     a = {"n": 10, "none": 0.5, "qk": 0.4, "unsteered": 0.1}
     assert table1_tests({"bypass": a}) == {}
     assert _cell(a, "qk", None) == "0.400 [0.17, 0.69] (10.0)"
+
+
+def _table1(n: int, qk_keep: float, ov_keep: float, seed: int = 0) -> dict:
+    """Per-prompt ASR outcomes: the steered run succeeds on every prompt, the unsteered on none; an
+    ablation keeps each prompt's success with probability ``keep``."""
+    rng = np.random.default_rng(seed)
+    each = {"none": [1] * n, "unsteered": [0] * n}
+    for m, keep in (("qk", qk_keep), ("ov", ov_keep), ("svv", ov_keep), ("mlp", 1.0)):
+        each[m] = (rng.random(n) < keep).astype(int).tolist()
+    return {"n": n, "each": each, **{m: float(np.mean(v)) for m, v in each.items()}}
+
+
+@pytest.mark.parametrize("n, qk, ov, status", [(64, 1.0, 0.05, "supported"), (64, 0.2, 0.05, "contradicted"),
+                                               (4, 1.0, 0.0, "undecided")])
+def test_table1_claims_apply_the_cards_frozen_rules_to_per_prompt_outcomes(n, qk, ov, status) -> None:
+    from steerscope.studies.refusal_mechanisms.report import table1_claims
+
+    claims = dict((c.rule, c) for _s, c in table1_claims({"bypass": _table1(n, qk, ov)}))
+    assert claims["frozen.values_not_patterns"].status == status
+    assert claims["frozen.mlp.needed"].status in ("contradicted", "undecided")  # MLP ablation keeps everything
+    assert claims["frozen.ov.needed"].n == n
+    assert table1_claims({"bypass": {"n": 3, "none": 0.5, "qk": 0.4, "unsteered": 0.1}}) == []
+    induce = _table1(n, qk, ov)  # the same, with ASR falling under steering (outcomes flipped)
+    induce["each"] = {m: [1 - v for v in e] for m, e in induce["each"].items()}
+    claims = dict((c.rule, c) for _s, c in table1_claims({"induce": induce}))
+    assert claims["frozen.values_not_patterns"].status == status

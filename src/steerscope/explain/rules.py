@@ -122,8 +122,12 @@ def shares(a: AttributionRecord) -> list[Claim]:
 
 
 def needed(p: FrozenPath, mode: str) -> Claim:
-    """``frozen.<mode>.needed``."""
-    e = p.effect_retained
+    """``frozen.<mode>.needed`` of a card's frozen path."""
+    return needed_estimate(p.effect_retained, mode)
+
+
+def needed_estimate(e: Estimate, mode: str) -> Claim:
+    """``frozen.<mode>.needed`` on any estimate of the effect retained (e.g. a study's per-prompt ASR)."""
     return above_below(f"frozen.{mode}.needed", e, NEEDED, f"Cutting the path by {CUT_WORDS[mode]} removes most "
                     "of the effect.", "effect retained: 95 % interval below 0.5 (supported) or above (contradicted)",
                     f"effect retained {fmt(e)}", below=True)
@@ -131,7 +135,11 @@ def needed(p: FrozenPath, mode: str) -> Claim:
 
 def values_not_patterns(f: FrozenRecord) -> Claim:
     """``frozen.values_not_patterns`` (paper A: QK-frozen keeps the effect, OV-frozen removes it)."""
-    qk, ov = f.qk.effect_retained, f.ov.effect_retained
+    return values_not_patterns_estimates(f.qk.effect_retained, f.ov.effect_retained)
+
+
+def values_not_patterns_estimates(qk: Estimate, ov: Estimate) -> Claim:
+    """``frozen.values_not_patterns`` on any estimates of the effect QK-frozen and OV-frozen retain."""
     if qk.finite and ov.finite and qk.ci95[0] > SURVIVES and ov.ci95[1] < NEEDED:
         status = SUPPORTED
     elif (qk.finite and qk.ci95[1] < NEEDED) or (ov.finite and ov.ci95[0] > SURVIVES):

@@ -84,6 +84,10 @@ def summary(run_: Run, names: list[str]) -> dict[str, Any]:
                 c = run_.load(f"circuits_{n}_{setting}")
                 out[f"minimal_circuit_{n}_{setting}"] = {"edges": c["minimal_edges"], "of": c["n_edges_total"],
                                                          "reached": c["reached_threshold"]}
+    from steerscope.studies.refusal_mechanisms.report import table1_claims
+
+    arec = {s: run_.load(f"ablations_{s}") for s in St.SETTINGS if run_.done(f"ablations_{s}")}
+    out["table1_claims"] = [{"setting": s, **c.to_dict()} for s, c in table1_claims(arec)]
     if run_.done("exact_check"):
         out["eapig_vs_exact"] = {k: v for k, v in run_.load("exact_check").items() if k.startswith(("spearman", "time"))}
     for n in names:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from steerscope.circuits.graph import Graph, Node
+from steerscope.explain.records import Claim, Estimate
 from steerscope.report.html import Report, plt_figure
 from steerscope.runs import Run
 from steerscope.stats import holm, mcnemar_p, wilson
@@ -172,6 +173,7 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
         r.p("Each cell: ASR over the n prompts of the setting with its Wilson 95 % interval; the change from the "
             "steered run in points; the exact McNemar p-value of the paired per-prompt outcomes against the "
             "steered run, Holm-corrected over every comparison of this table (one family).", note=True)
+        _claims_table(r, arec)
     r.h2("Steering value vectors: logit lens of the top heads")
     for n in names:
         if run.done(f"svv_{n}"):
@@ -202,3 +204,59 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
     r.h2("Run log")
     r.pre("\n".join(run.log))
     return r.write(run.path("report.html"))
+
+
+def table1_claims(arec: dict[str, dict[str, Any]]) -> list[tuple[str, Claim]]:
+    """The mechanism card's frozen rules (:mod:`steerscope.explain.rules`) on Table 1's per-prompt outcomes.
+
+    Per setting: the effect retained by each ablation, (ASR_ablated - ASR_unsteered) / (ASR_steered -
+    ASR_unsteered), with a bootstrap 95 % interval over prompts (:func:`steerscope.explain.intervals.ratio`),
+    judged by ``frozen.<m>.needed`` and ``frozen.values_not_patterns``: the same three-way decisions as
+    the card's, so a sentence of the docs says no more than these claims. Empty for records without
+    per-prompt outcomes.
+
+    Example:
+        >>> [(s, c.rule, c.status) for s, c in table1_claims({"bypass": run.load("ablations_bypass")})]
+    """
+    import numpy as np
+
+    from steerscope.explain import intervals, rules
+
+    out: list[tuple[str, Claim]] = []
+    for setting, a in arec.items():
+        each = a.get("each")
+        if not each or "none" not in each or "unsteered" not in each:
+            continue
+        steer, base = np.asarray(each["none"], float), np.asarray(each["unsteered"], float)
+        est = {m: _retained(intervals, np.asarray(each[m], float), steer, base)
+               for m in ("qk", "ov", "svv", "mlp") if m in each}
+        out += [(setting, rules.needed_estimate(e, m)) for m, e in est.items()]
+        if "qk" in est and "ov" in est:
+            out.append((setting, rules.values_not_patterns_estimates(est["qk"], est["ov"])))
+    return out
+
+
+def _retained(intervals: Any, x: Any, steer: Any, base: Any) -> Estimate:
+    """Effect retained with the paired bootstrap's interval, computed with two pseudo-prompts added
+    (one whose ablation keeps the steering's success, one whose ablation loses it; an Agresti-Coull-
+    like "plus two"): on binary outcomes a plain bootstrap of, e.g., 4 of 4 prompts kept has a zero-
+    width interval and would decide a claim on 4 prompts. The point estimate is the raw one."""
+    import numpy as np
+
+    on, off = (1.0, 0.0) if steer.mean() >= base.mean() else (0.0, 1.0)  # bypass raises ASR, induce lowers it
+    pad = (np.append(x, [on, off]), np.append(steer, [on, on]), np.append(base, [off, off]))
+    e = intervals.ratio(*pad)
+    return Estimate(intervals.ratio(x, steer, base, n_boot=1).value, e.ci95, len(x))
+
+
+def _claims_table(r: Report, arec: dict[str, dict[str, Any]]) -> None:
+    claims = table1_claims(arec)
+    if not claims:
+        return
+    r.h3("The card's verdict rules on Table 1")
+    r.table(["setting", "claim", "status", "evidence: effect retained [95 % interval]", "n to decide"],
+            [[s, c.statement, c.status, c.evidence, c.n_to_decide or ""] for s, c in claims])
+    r.p("Effect retained = (ASR ablated - ASR unsteered) / (ASR steered - ASR unsteered), bootstrap over "
+        "prompts; each claim is supported or contradicted only when its interval clears the threshold "
+        "(docs/explain.md), else undecided, with the n that would likely decide it.", note=True)
+
