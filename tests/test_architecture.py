@@ -89,15 +89,19 @@ def test_the_package_never_seeds_the_global_rng():
 
 # -- top-level modules -----------------------------------------------------------------------------
 
-MAX_TOP_LEVEL = 15
+# Counted: every ``.py`` file directly in src/steerscope/, ``__init__.py`` and the private ``_cliargs.py`` /
+# ``_files.py`` included. Not counted: subpackages (``analyses/``, ``explain/``, ...), which are where
+# modules go instead.
+MAX_TOP_LEVEL = 14
 
 
 def _top_level_modules(root: Path) -> list[str]:
     return sorted(py.name for py in root.glob("*.py"))
 
 
-def test_at_most_fifteen_top_level_modules():
-    """Mechanisms live in analyses/, the card in explain/, ...: the top level stays small."""
+def test_at_most_fourteen_top_level_modules():
+    """Mechanisms live in analyses/, the card in explain/, recording beside the interventions in steer.py:
+    the top level stays small."""
     mods = _top_level_modules(SRC)
     assert len(mods) <= MAX_TOP_LEVEL, f"{len(mods)} modules in src/steerscope/ (at most {MAX_TOP_LEVEL}): {mods}"
 

@@ -32,9 +32,8 @@ from steerscope.errors import DataError
 from steerscope.metrics.refusal import kl_divergence, refusal_logodds, refusal_token_ids
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.record import recording
 from steerscope.sites import Site
-from steerscope.steer import ablation, steering
+from steerscope.steer import ablation, recording, steering
 from steerscope.vector import Provenance, SteeringVector, dataset_hash
 
 

@@ -23,8 +23,8 @@ from steerscope.generation import as_texts
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.record import recording
 from steerscope.sites import RESIDUAL_POINTS, Site
+from steerscope.steer import recording
 from steerscope.vector import Provenance, SteeringVector, dataset_hash
 
 Example = str | tuple[str, str] | dict[str, str]
