@@ -57,7 +57,7 @@ def test_card_has_exactly_the_contract_keys_and_is_strict_json(card) -> None:
 
 
 def test_vector_section_relative_norm_is_norm_over_mean_residual_norm(lm, vec, card) -> None:
-    from steerscope.record import recording
+    from steerscope.steer import recording
 
     enc = lm.tokenize([lm.format_chat(p) for p in PROMPTS], padding_side="left")
     with recording(lm, ["blocks.1.resid_pre"]) as cache, torch.no_grad():

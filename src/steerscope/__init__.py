@@ -28,8 +28,8 @@ _LAZY: dict[str, str] = {
     "LM": "steerscope.models",
     "from_hf": "steerscope.models",
     "load_model": "steerscope.models",
-    "ActivationCache": "steerscope.record",
-    "recording": "steerscope.record",
+    "ActivationCache": "steerscope.steer",
+    "recording": "steerscope.steer",
     "Provenance": "steerscope.vector",
     "SteeringVector": "steerscope.vector",
     "Use": "steerscope.vector",
@@ -116,8 +116,7 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs
     from steerscope.generation import generate
     from steerscope.hooks import attached
     from steerscope.models import LM, from_hf, load_model
-    from steerscope.record import ActivationCache, recording
     from steerscope.sites import Site
-    from steerscope.steer import ablation, clamping, orthogonalize, patching, steering
+    from steerscope.steer import ActivationCache, ablation, clamping, orthogonalize, patching, recording, steering
     from steerscope.tune import TuneResult, tune
     from steerscope.vector import Provenance, SteeringVector, Use

@@ -84,19 +84,25 @@ def config_diff(old: Any, new: dict[str, Any]) -> str:
         f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = False) -> None:
-    """Refuse, before any work, a run folder whose ``config.json`` holds another configuration (unless ``force``)."""
+def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = False) -> bool:
+    """Refuse, before any work, a run folder whose ``config.json`` holds another configuration (unless ``force``).
+
+    Returns:
+        whether the folder's ``config.json`` is there but not JSON (:class:`Run` reports it and rewrites it).
+        A file that cannot be read at all raises its ``OSError``, as opening the run would.
+    """
     path = Path(folder) / "config.json"
     if force or not path.is_file():
-        return
+        return False
     try:
         old = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return  # Run reports and rewrites an unreadable one
+    except (ValueError, UnicodeDecodeError):
+        return True
     new = json.loads(dumps(config))
     if old != new:
         raise StudyError(f"{folder} holds a run with another configuration ({config_diff(old, new)}); "
                          "use a new --out folder or --force")
+    return False
 
 
 def warn(msg: str) -> None:
@@ -223,17 +229,9 @@ class Run(_Store):
 
     def _check_config(self, config: dict[str, Any]) -> None:
         cfg_path = self.folder / "config.json"
-        new = json.loads(dumps(config))
-        if cfg_path.is_file() and not self.force:
-            try:
-                old = json.loads(cfg_path.read_text("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                warn(f"{cfg_path} is unreadable; rewriting it (steps of another configuration are recomputed)")
-                old = new
-            if old != new:
-                raise StudyError(f"{self.folder} holds a run with another configuration ({config_diff(old, new)}); "
-                                 "use a new --out folder or --force")
-        write_json(cfg_path, new)
+        if check_run_config(self.folder, config, self.force):
+            warn(f"{cfg_path} is unreadable; rewriting it (steps of another configuration are recomputed)")
+        write_json(cfg_path, json.loads(dumps(config)))
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -403,9 +401,8 @@ class Run(_Store):
         """A path inside the run folder (parent folders created). Called inside a step, the file it
         names becomes an artefact of that step: hashed into the record and checked on resume."""
         p = self.folder.joinpath(*parts)
-        inside(self.folder, p.parent, "folder")
+        inside(self.folder, p.parent, "folder")  # before mkdir: a '..' or a symlinked subfolder (vectors/) is refused
         p.parent.mkdir(parents=True, exist_ok=True)
-        inside(self.folder, p.parent, "folder")  # a symlinked subfolder (vectors/, tensors/) is refused
         if self._stack:
             self._stack[-1].add(p)
         return p

@@ -35,9 +35,9 @@ from steerscope.generation import chat_batch
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.record import recording
 from steerscope.sites import Site
 from steerscope.stats import bootstrap_ci, cohens_d, histogram_jsd
+from steerscope.steer import recording
 
 
 # -- 1. orthogonal perturbations ----------------------------------------------------------------

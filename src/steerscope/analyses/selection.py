@@ -32,9 +32,8 @@ from steerscope.errors import DataError
 from steerscope.metrics.refusal import kl_divergence, refusal_logodds, refusal_token_ids
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.record import recording
 from steerscope.sites import Site
-from steerscope.steer import ablation, steering
+from steerscope.steer import ablation, recording, steering
 from steerscope.vector import Provenance, SteeringVector, dataset_hash
 
 
@@ -186,8 +185,16 @@ def select_direction(
 
     chosen = _pick(cands, kl_of, kl_max, kl_top)
     raw = dims[layers.index(chosen.layer), positions.index(chosen.position)]
+    vec, norms = _chosen_vector(lm, raw, chosen, train, val[1], alphas)
+    return Selection(vec, chosen, cands, float(base_h.mean()), float(base_s.mean()), positions, layers, norms)
+
+
+def _chosen_vector(lm: LM, raw: torch.Tensor, chosen: Candidate, train: tuple[Sequence[str], Sequence[str]],
+                   harmless_val: Sequence[str], alphas: Sequence[float]) -> tuple[SteeringVector, dict[str, float]]:
+    """Step 4's output: the chosen DIM vector ``raw`` [d_model] scaled by the chosen alpha, with its
+    provenance, and its norms (unscaled, scaled, the mean residual norm at its site, their ratio)."""
     norms = {"unscaled": float(raw.norm()), "scaled": float(raw.norm()) * abs(chosen.alpha),
-             "resid": resid_norm(lm, val[1], chosen.layer, chosen.position)}
+             "resid": resid_norm(lm, harmless_val, chosen.layer, chosen.position)}
     norms["scaled_over_resid"] = norms["scaled"] / max(norms["resid"], 1e-12)
     prov = Provenance.for_model(lm, method="dim", positions=[chosen.position],
                                 dataset_hash=dataset_hash(list(train[0]) + ["|"] + list(train[1])),
@@ -196,8 +203,7 @@ def select_direction(
                                       "bypass": chosen.bypass, "induce": chosen.induce, "kl": chosen.kl,
                                       "scale": chosen.alpha, "alpha_grid": list(alphas), **{
                                           f"norm_{k}": v for k, v in norms.items()}})
-    vec = SteeringVector({chosen.layer: raw * chosen.alpha}, "resid_pre", prov)
-    return Selection(vec, chosen, cands, float(base_h.mean()), float(base_s.mean()), positions, layers, norms)
+    return SteeringVector({chosen.layer: raw * chosen.alpha}, "resid_pre", prov), norms
 
 
 def _score_candidates(lm: LM, dims: torch.Tensor, layers: list[int], positions: list[int], alphas: Sequence[float],

@@ -11,8 +11,8 @@ import torch
 
 from steerscope.explain.records import VectorRecord
 from steerscope.models.load import LM
-from steerscope.record import recording
 from steerscope.sites import Site
+from steerscope.steer import recording
 from steerscope.vector import SteeringVector
 
 

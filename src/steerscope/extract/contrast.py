@@ -23,8 +23,8 @@ from steerscope.generation import as_texts
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
-from steerscope.record import recording
 from steerscope.sites import RESIDUAL_POINTS, Site
+from steerscope.steer import recording
 from steerscope.vector import Provenance, SteeringVector, dataset_hash
 
 Example = str | tuple[str, str] | dict[str, str]
@@ -139,19 +139,8 @@ def extract(
         >>> vec[12].shape
         torch.Size([576])
     """
-    if callable(method):
-        fn, name = method, getattr(method, "__name__", type(method).__name__)
-    elif method in METHODS:
-        fn, name = METHODS[method], method
-    else:
-        raise DataError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}, or pass a function "
-                        "(pos, neg) -> direction")
-    positive = [positive] if isinstance(positive, str) else list(positive)
-    negative = [negative] if isinstance(negative, str) else list(negative)
-    if not positive or not negative:
-        raise DataError("extraction needs at least one positive and one negative example")
-    if method == "caa" and not all(not isinstance(e, str) for e in list(positive) + list(negative)):
-        raise DataError("method 'caa' takes (prompt, completion) pairs: the answer token is read at the completion")
+    fn, name = _aggregator(method)
+    positive, negative = _contrast_sets(positive, negative, method)
     layers = list(layers) if layers is not None else [lm.n_layers // 2]
     pos_t = [_format(lm, e, system, chat) for e in positive]
     neg_t = [_format(lm, e, system, chat) for e in negative]
@@ -164,6 +153,28 @@ def extract(
         n_examples=len(pos_t) + len(neg_t), args={"site": site, "system": system, "chat": chat},
     )
     return SteeringVector(dirs, site, prov)
+
+
+def _aggregator(method: str | Aggregator) -> tuple[Aggregator, str]:
+    """The aggregator for ``method`` (a name in :data:`METHODS`, or a function) and its name for the provenance."""
+    if callable(method):
+        return method, getattr(method, "__name__", type(method).__name__)
+    if method in METHODS:
+        return METHODS[method], method
+    raise DataError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}, or pass a function "
+                    "(pos, neg) -> direction")
+
+
+def _contrast_sets(positive: str | Sequence[Example], negative: str | Sequence[Example], method: str | Aggregator
+                   ) -> tuple[list[Example], list[Example]]:
+    """Both sets as lists (a bare string is one prompt), checked non-empty, and pairs for ``caa``."""
+    positive = [positive] if isinstance(positive, str) else list(positive)
+    negative = [negative] if isinstance(negative, str) else list(negative)
+    if not positive or not negative:
+        raise DataError("extraction needs at least one positive and one negative example")
+    if method == "caa" and not all(not isinstance(e, str) for e in list(positive) + list(negative)):
+        raise DataError("method 'caa' takes (prompt, completion) pairs: the answer token is read at the completion")
+    return positive, negative
 
 
 def _direction(fn: Aggregator, pos: torch.Tensor, neg: torch.Tensor, d_model: int) -> torch.Tensor:

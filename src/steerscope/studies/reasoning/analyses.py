@@ -22,9 +22,8 @@ import torch
 from steerscope.errors import VectorError
 from steerscope.hooks import attached
 from steerscope.models.load import LM
-from steerscope.record import recording
 from steerscope.stats import wilson
-from steerscope.steer import steering
+from steerscope.steer import recording, steering
 from steerscope.vector import Provenance, SteeringVector
 
 

@@ -33,10 +33,7 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     t0 = time.time()
     run = Run(out, config=cfg.identity(), force=force)
     if report_only:
-        def step(name: str, fn: Any) -> Any:
-            return run.load(name) if run.done(name) else None
-
-        run.step = step  # type: ignore[method-assign]
+        _only_finished_steps(run)
     lm = load_model(cfg.model, device=device)
     for p in lm.model.parameters():
         p.requires_grad_(False)
@@ -46,6 +43,35 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     evals = {"base": run.step("eval_base", lambda: st.evaluate(lm, test, cfg, "base"))}
     if evals["base"] is None:
         raise StudyError(f"{run.folder} has no finished evaluation yet; run without --report-only first")
+    trained = _train_vectors(run, lm, cfg, singles, test, evals)
+    evals = {n: e for n, e in evals.items() if e is not None}
+    vecs = {n: st.load_vector(run, n) for n in trained}
+    res: dict[str, Any] = run_extras(run, lm, cfg, vecs, evals, test, device)  # SAE, seeds, transfer, gate
+    _mechanism_steps(run, lm, cfg, singles, test, vecs, evals, res)
+    res = {k: v for k, v in res.items() if v is not None}
+    report = _finish(run, cfg, lm, evals, trained, res, t0)
+    if cfg.lora and (not report_only or run.done("lora")):  # last, so that a run cut short still has a report with everything else
+        lora = run.step("lora", lambda: st.train_and_eval_lora(run, cfg, device))
+        trained["lora"] = lora
+        evals["lora"] = lora["eval"]
+        report = _finish(run, cfg, lm, evals, trained, res, t0)
+    return report
+
+
+def _only_finished_steps(run: Run) -> None:
+    """Make ``run.step`` return a finished step's record and ``None`` for any other, computing nothing."""
+    def step(name: str, fn: Any) -> Any:
+        return run.load(name) if run.done(name) else None
+
+    run.step = step  # type: ignore[method-assign]
+
+
+def _train_vectors(run: Run, lm: Any, cfg: ReasoningConfig, singles: list[int], test: list[Any],
+                   evals: dict[str, Any]) -> dict[str, Any]:
+    """Train one vector per single layer (and one over all layers with ``train_all``) and evaluate each.
+
+    Returns the training records by vector name (``L<l>``, ``all``); each vector's evaluation goes into ``evals``.
+    """
     names = [f"L{x}" for x in singles] + (["all"] if cfg.train_all else [])
     trained: dict[str, Any] = {}
     for name, x in zip(names, [[x] for x in singles] + (["all"] if cfg.train_all else [])):
@@ -55,9 +81,14 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
         trained[name] = t
         vec = st.load_vector(run, name)
         evals[name] = run.step(f"eval_{name}", partial(st.evaluate, lm, test, cfg, name, vec))
-    evals = {n: e for n, e in evals.items() if e is not None}
-    vecs = {n: st.load_vector(run, n) for n in trained}
-    res: dict[str, Any] = run_extras(run, lm, cfg, vecs, evals, test, device)  # SAE, seeds, transfer, gate
+    return trained
+
+
+def _mechanism_steps(run: Run, lm: Any, cfg: ReasoningConfig, singles: list[int], test: list[Any],
+                     vecs: dict[str, Any], evals: dict[str, Any], res: dict[str, Any]) -> None:
+    """What the trained vectors do, one step each, in this order: logit lens; first-token change and the
+    prefix control (last-layer vector); q/k/v patching (penultimate); persistence; layer pairs; a random
+    control (penultimate). Records go into ``res``, the evaluations they make into ``evals``."""
     run.step("lens", lambda: st.lens_step(lm, vecs))
     last, pen = lm.n_layers - 1, lm.n_layers - 2
     if f"L{last}" in vecs:
@@ -75,13 +106,7 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
         v_pen = vecs[f"L{pen}"]
         res["patching"] = run.step("patching", lambda: {"layer": pen, "rows": an.qkv_patching(
             lm, v_pen, *st.analysis_texts(lm, cfg, v_pen)[:2])})
-    def _persist() -> dict[str, Any]:
-        rows = []
-        for x in singles:
-            texts, comps, _ = st.analysis_texts(lm, cfg, vecs[f"L{x}"])
-            rows.append({"vector": f"L{x}", "rows": an.persistence(lm, vecs[f"L{x}"], x, texts, comps)})
-        return {"vectors": rows}
-    res["persistence"] = run.step("persistence", _persist)
+    res["persistence"] = run.step("persistence", partial(_persistence, lm, cfg, vecs, singles))
     acc = {n: e["greedy_acc"] for n, e in evals.items()}
     if len(singles) >= 2 and all(f"L{x}" in vecs for x in singles):
         res["pairs"] = run.step("pairs", lambda: st.pairs_step(lm, run, cfg, singles, acc))
@@ -89,14 +114,15 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
         res["control"] = run.step("control_random", lambda: st.random_control(lm, cfg, vecs[f"L{pen}"], pen))
         if res["control"] is not None:
             evals[f"random L{pen}"] = res["control"]["eval"]
-    res = {k: v for k, v in res.items() if v is not None}
-    report = _finish(run, cfg, lm, evals, trained, res, t0)
-    if cfg.lora and (not report_only or run.done("lora")):  # last, so that a run cut short still has a report with everything else
-        lora = run.step("lora", lambda: st.train_and_eval_lora(run, cfg, device))
-        trained["lora"] = lora
-        evals["lora"] = lora["eval"]
-        report = _finish(run, cfg, lm, evals, trained, res, t0)
-    return report
+
+
+def _persistence(lm: Any, cfg: ReasoningConfig, vecs: dict[str, Any], singles: list[int]) -> dict[str, Any]:
+    """How the per-token residual change of each single-layer vector persists through the later layers."""
+    rows = []
+    for x in singles:
+        texts, comps, _ = st.analysis_texts(lm, cfg, vecs[f"L{x}"])
+        rows.append({"vector": f"L{x}", "rows": an.persistence(lm, vecs[f"L{x}"], x, texts, comps)})
+    return {"vectors": rows}
 
 
 def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict[str, Any], trained: dict[str, Any],

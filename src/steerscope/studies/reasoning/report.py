@@ -63,6 +63,46 @@ def _patching(r: Report, rows: list[dict[str, Any]], run: Run) -> None:
             [[x["which"], x["head"], x["kl"], x["logprob"], x["effect_removed"]] for x in rows])
 
 
+def _lens(r: Report, run: Run, lm: Any) -> None:
+    r.h2("Logit lens of each trained vector (top 10 of W_U·s)")
+    lens = run.load("lens")["rows"] if run.done("lens") else []
+    r.table(["vector", "layer", "final norm", "top tokens"],
+            [[x["vector"], x["layer"], x["final_norm"], " | ".join(repr(t) for t in x["tokens"])] for x in lens
+             if x["vector"] != "all" or x["layer"] >= lm.n_layers - 3 or x["layer"] % 5 == 0])
+
+
+def _first_token(r: Report, ft: dict[str, Any]) -> None:
+    r.h2("First generated token: change in probabilities caused by the last-layer vector")
+    r.p(f"Mean total-variation distance: {ft['total_variation']:.4f}.")
+    r.table(["token", "mean ΔP", "P base", "P steered"], ft["up"] + ft["down"])
+
+
+def _prefix(r: Report, pr: dict[str, Any], evals: dict[str, Any], lm: Any) -> None:
+    """The prefix control: the last-layer vector's top token prepended to the response, against the vector."""
+    r.h2("Prefix control")
+    last = f"L{lm.n_layers - 1}"
+    gain_v = evals[last]["greedy_acc"] - evals["base"]["greedy_acc"] if last in evals else float("nan")
+    gain_p = pr["eval"]["greedy_acc"] - evals["base"]["greedy_acc"]
+    r.p(f"Prepending the last-layer vector's top logit-lens token {pr['token']!r} to the response instead of "
+        f"steering: greedy gain {gain_p:+.3f} vs {gain_v:+.3f} with the vector "
+        f"(ratio {gain_p / gain_v if gain_v else float('nan'):.2f}).")
+
+
+def _persistence(r: Report, vectors: list[dict[str, Any]], run: Run) -> None:
+    r.h2("Persistence of the per-token residual change")
+    fig = plt_figure(figsize=(7, 3.2))
+    ax = fig.add_subplot(111)
+    rows = []
+    for v in vectors:
+        ax.plot([x["layer"] for x in v["rows"]], [x["cos_mean"] for x in v["rows"]], label=f"{v['vector']} cos(Δh, mean Δh)")
+        ax.plot([x["layer"] for x in v["rows"]], [x["cos_s"] for x in v["rows"]], "--", label=f"{v['vector']} cos(Δh, s)")
+        rows += [[v["vector"], x["layer"], x["cos_mean"], x["cos_s"], x["norm"]] for x in v["rows"]]
+    ax.set_xlabel("layer (resid_post)")
+    ax.legend(fontsize=7)
+    r.figure(fig, "Mean per-token cosines of Δh with its mean and with s.", save_as=run.path("figures", "persistence.png"))
+    r.table(["vector", "layer", "cos(Δh, mean)", "cos(Δh, s)", "|Δh|"], rows)
+
+
 def write_report(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict[str, Any], trained: dict[str, Any], res: dict[str, Any], summary: dict[str, Any]) -> Path:
     r = Report("Reasoning study: RL-trained steering vectors")
     r.p(f"Model {cfg.model} ({lm.n_layers} layers, d_model {lm.d_model}); task '{cfg.difficulty}', "
@@ -73,41 +113,16 @@ def write_report(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict[str, Any],
     _acc_table(r, evals, summary, trained)
     r.h2("Training curves")
     _curves(r, trained, run)
-    r.h2("Logit lens of each trained vector (top 10 of W_U·s)")
-    lens = run.load("lens")["rows"] if run.done("lens") else []
-    r.table(["vector", "layer", "final norm", "top tokens"],
-            [[x["vector"], x["layer"], x["final_norm"], " | ".join(repr(t) for t in x["tokens"])] for x in lens
-             if x["vector"] != "all" or x["layer"] >= lm.n_layers - 3 or x["layer"] % 5 == 0])
+    _lens(r, run, lm)
     if "first_token" in res:
-        ft = res["first_token"]
-        r.h2("First generated token: change in probabilities caused by the last-layer vector")
-        r.p(f"Mean total-variation distance: {ft['total_variation']:.4f}.")
-        r.table(["token", "mean ΔP", "P base", "P steered"], ft["up"] + ft["down"])
+        _first_token(r, res["first_token"])
     if "prefix" in res:
-        pr = res["prefix"]
-        r.h2("Prefix control")
-        last = f"L{lm.n_layers - 1}"
-        gain_v = evals[last]["greedy_acc"] - evals["base"]["greedy_acc"] if last in evals else float("nan")
-        gain_p = pr["eval"]["greedy_acc"] - evals["base"]["greedy_acc"]
-        r.p(f"Prepending the last-layer vector's top logit-lens token {pr['token']!r} to the response instead of "
-            f"steering: greedy gain {gain_p:+.3f} vs {gain_v:+.3f} with the vector "
-            f"(ratio {gain_p / gain_v if gain_v else float('nan'):.2f}).")
+        _prefix(r, res["prefix"], evals, lm)
     if "patching" in res:
         r.h2(f"q/k/v path patching of the layer-{res['patching']['layer']} vector")
         _patching(r, res["patching"]["rows"], run)
     if "persistence" in res:
-        r.h2("Persistence of the per-token residual change")
-        fig = plt_figure(figsize=(7, 3.2))
-        ax = fig.add_subplot(111)
-        rows = []
-        for v in res["persistence"]["vectors"]:
-            ax.plot([x["layer"] for x in v["rows"]], [x["cos_mean"] for x in v["rows"]], label=f"{v['vector']} cos(Δh, mean Δh)")
-            ax.plot([x["layer"] for x in v["rows"]], [x["cos_s"] for x in v["rows"]], "--", label=f"{v['vector']} cos(Δh, s)")
-            rows += [[v["vector"], x["layer"], x["cos_mean"], x["cos_s"], x["norm"]] for x in v["rows"]]
-        ax.set_xlabel("layer (resid_post)")
-        ax.legend(fontsize=7)
-        r.figure(fig, "Mean per-token cosines of Δh with its mean and with s.", save_as=run.path("figures", "persistence.png"))
-        r.table(["vector", "layer", "cos(Δh, mean)", "cos(Δh, s)", "|Δh|"], rows)
+        _persistence(r, res["persistence"]["vectors"], run)
     if "pairs" in res:
         r.h2("Layer pairs (independently trained single-layer vectors applied together)")
         r.table(["pair", "greedy acc", "95% CI", "gain (acc_pair - max single)/(acc_all - max single)"],

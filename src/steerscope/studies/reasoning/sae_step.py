@@ -24,8 +24,7 @@ import torch
 from steerscope.analyses.sae import SAEConfig, TopKSAE, auroc, sae_metrics, train_sae
 from steerscope.metrics.math import is_correct
 from steerscope.models.load import LM
-from steerscope.record import recording
-from steerscope.steer import steering
+from steerscope.steer import recording, steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig

@@ -76,6 +76,26 @@ def write_report(folder: Path, results: dict[str, Any]) -> Path:
         f"{results['config']['max_new_tokens']} new tokens, paper A's 12-string refusal matcher; "
         "steering added at every position (prompt and generated) of the vector's layer.", note=True)
     ev = results["evaluate"]
+    _asr_section(r, ev)
+    _selection_section(r, results["select"], folder)
+    if results.get("cosines"):
+        r.h2("Pairwise cosines")
+        r.table(["pair", "cosine"], [[k, v] for k, v in results["cosines"].items()])
+    if results.get("trained") and "refusal-ntp" in results["trained"]:
+        r.h2("NTP / PO training")
+        tr = results["trained"]
+        r.p(f"{tr['n_train']} training / {tr['n_val']} validation examples after filtering.")
+        r.figure(_loss_figure(tr), "loss curves", save_as=folder / "losses.png")
+    _organism_section(r, results["organism"])
+    r.h2("Sample completions")
+    for s in [{"method": "unsteered", "alpha": 0, "samples": ev["unsteered"]["samples"]}] + ev["steered"]:
+        r.h3(f"{s['method']} (|alpha| = {s['alpha']})")
+        r.pre("\n\n".join(f"[{side}] {p}\n-> {o}" for side in ("harmful", "harmless") for p, o in s["samples"][side]))
+    return r.write(folder / "report.html")
+
+
+def _asr_section(r: Report, ev: dict[str, Any]) -> None:
+    """Paper A's Table 2: ASR and induced refusal per method, with Wilson intervals."""
     r.h2("ASR table (paper A, Table 2 layout)")
     nh, ns = ev["n_test"]
     rows = [_table2_row("unsteered", "-", ev["unsteered"], nh, ns)]
@@ -84,7 +104,10 @@ def write_report(folder: Path, results: dict[str, Any]) -> Path:
              "looping completions (harmful / harmless)"],
             rows, caption=f"n = {nh} harmful / {ns} harmless test prompts; Wilson 95 % intervals; a looping "
                           "completion (fewer than half of its word trigrams distinct) counts as 'not a refusal'")
-    sel = results["select"]
+
+
+def _selection_section(r: Report, sel: dict[str, Any], folder: Path) -> None:
+    """The chosen DIM candidate, the magnitude grid and KL-filter notes, heat maps and the best candidates."""
     r.h2("Direction selection")
     r.p(f"Chosen: layer {sel['layer']}, position {sel['position']} (bypass {sel['chosen']['bypass']:.3g}, "
         f"induce {sel['chosen']['induce']:.3g}, ablation KL {sel['chosen']['kl']}); unsteered refusal "
@@ -109,16 +132,12 @@ def write_report(folder: Path, results: dict[str, Any]) -> Path:
             [[c["layer"], c["position"], c.get("alpha", 1.0), c["bypass"], c["induce"],
               c["kl"] if c["kl"] is not None else "-", c["score"]] for c in top],
             caption="best-scoring candidates (KL computed lazily)")
-    if results.get("cosines"):
-        r.h2("Pairwise cosines")
-        r.table(["pair", "cosine"], [[k, v] for k, v in results["cosines"].items()])
-    if results.get("trained") and "refusal-ntp" in results["trained"]:
-        r.h2("NTP / PO training")
-        tr = results["trained"]
-        r.p(f"{tr['n_train']} training / {tr['n_val']} validation examples after filtering.")
-        r.figure(_loss_figure(tr), "loss curves", save_as=folder / "losses.png")
+
+
+def _organism_section(r: Report, organism: dict[str, Any]) -> None:
+    """The model organism's refusal statistics (shipped or measured) and its sample answers."""
     r.h2("Organism")
-    org = results["organism"].get("shipped_stats") or results["organism"]
+    org = organism.get("shipped_stats") or organism
     keys = [k for k in ("organism_refusal_harmful", "organism_refusal_harmless", "base_refusal_harmful",
                         "base_refusal_harmless", "kl_first_token_harmless", "kl_per_token_harmless") if k in org]
     if keys:
@@ -131,8 +150,3 @@ def write_report(folder: Path, results: dict[str, Any]) -> Path:
         if smp:
             r.h3(f"organism answers ({side} test prompts)")
             r.pre("\n\n".join(f"{p}\n-> {o}" for p, o in smp))
-    r.h2("Sample completions")
-    for s in [{"method": "unsteered", "alpha": 0, "samples": ev["unsteered"]["samples"]}] + ev["steered"]:
-        r.h3(f"{s['method']} (|alpha| = {s['alpha']})")
-        r.pre("\n\n".join(f"[{side}] {p}\n-> {o}" for side in ("harmful", "harmless") for p, o in s["samples"][side]))
-    return r.write(folder / "report.html")

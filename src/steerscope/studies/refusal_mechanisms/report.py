@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from steerscope.circuits.graph import Graph, Node
+from steerscope.explain import intervals, rules
 from steerscope.explain.records import Claim, Estimate
 from steerscope.report.html import Report, plt_figure
 from steerscope.runs import Run
@@ -134,6 +137,18 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
         e = run.load("exact_check")
         r.h2("EAP-IG vs exact activation patching (real model)")
         r.table(["measure", "value"], [[k, v] for k, v in e.items() if not k.startswith("_")])
+    _attribution_section(r, run, names)
+    _circuits_section(r, run, cfg, names)
+    _ablations_section(r, run)
+    _svv_section(r, run, names)
+    _sparsity_section(r, run, names)
+    r.h2("Run log")
+    r.pre("\n".join(run.log))
+    return r.write(run.path("report.html"))
+
+
+def _attribution_section(r: Report, run: Run, names: list[str]) -> None:
+    """EAP-IG attribution: one row per vector and setting, with its top nodes."""
     r.h2("Attribution")
     rows = []
     for n in names:
@@ -143,6 +158,10 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
                 rows.append([f"{n} {s}", a["n_flipped"], len(a["rows_used"]), a["scored_positions"], a["m_clean"],
                              a["m_corrupt"], a["s_node"], ", ".join(f"{Node.from_dict(t['node'])} {t['score']:.2f}" for t in a["top_nodes"][:5])])
     r.table(["vector/setting", "flipped", "used", "scored pos", "m clean", "m base", "IE(s)", "top nodes"], rows)
+
+
+def _circuits_section(r: Report, run: Run, cfg: Config, names: list[str]) -> None:
+    """Minimal circuits: faithfulness curves, sizes, overlap and controls, and the DIM bypass drawing."""
     r.h2("Circuits (exact edge-level patching)")
     crec = {f"{n}/{s}": run.load(f"circuits_{n}_{s}") for n in names for s in SETTINGS if run.done(f"circuits_{n}_{s}")}
     if crec:
@@ -160,20 +179,29 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
                       ", ".join(f"{o}: {v:.3f}" for o, v in c["swapped"].items())] for n, c in cc["controls"].items()])
     if run.done("circuits_dim_bypass"):
         r.figure(_circuit_fig(run, "dim", "bypass"), "minimal DIM bypass circuit", run.path("fig_circuit.png"))
+
+
+def _ablations_section(r: Report, run: Run) -> None:
+    """Paper A Table 1: ASR per ablation and setting, with Wilson intervals and Holm-corrected McNemar tests."""
     arec = {s: run.load(f"ablations_{s}") for s in SETTINGS if run.done(f"ablations_{s}")}
-    if arec:
-        r.h2("Frozen attention and path ablations (DIM; paper A Table 1)")
-        r.figure(_ablation_fig(arec), "ASR per ablation", run.path("fig_ablations.png"))
-        hdr = ["ablation"] + [f"{s} ASR [Wilson 95 %] (change, pts; exact McNemar vs steered, Holm)" for s in arec]
-        tests = table1_tests(arec)
-        body = [["unsteered"] + [_cell(a, "unsteered", tests.get((s, "unsteered"))) for s, a in arec.items()]]
-        for m, lab in MODES:
-            body.append([lab] + [_cell(a, m, tests.get((s, m))) for s, a in arec.items()])
-        r.table(hdr, body)
-        r.p("Each cell: ASR over the n prompts of the setting with its Wilson 95 % interval; the change from the "
-            "steered run in points; the exact McNemar p-value of the paired per-prompt outcomes against the "
-            "steered run, Holm-corrected over every comparison of this table (one family).", note=True)
-        _claims_table(r, arec)
+    if not arec:
+        return
+    r.h2("Frozen attention and path ablations (DIM; paper A Table 1)")
+    r.figure(_ablation_fig(arec), "ASR per ablation", run.path("fig_ablations.png"))
+    hdr = ["ablation"] + [f"{s} ASR [Wilson 95 %] (change, pts; exact McNemar vs steered, Holm)" for s in arec]
+    tests = table1_tests(arec)
+    body = [["unsteered"] + [_cell(a, "unsteered", tests.get((s, "unsteered"))) for s, a in arec.items()]]
+    for m, lab in MODES:
+        body.append([lab] + [_cell(a, m, tests.get((s, m))) for s, a in arec.items()])
+    r.table(hdr, body)
+    r.p("Each cell: ASR over the n prompts of the setting with its Wilson 95 % interval; the change from the "
+        "steered run in points; the exact McNemar p-value of the paired per-prompt outcomes against the "
+        "steered run, Holm-corrected over every comparison of this table (one family).", note=True)
+    _claims_table(r, arec)
+
+
+def _svv_section(r: Report, run: Run, names: list[str]) -> None:
+    """Steering value vectors: the logit lens of each vector's top heads."""
     r.h2("Steering value vectors: logit lens of the top heads")
     for n in names:
         if run.done(f"svv_{n}"):
@@ -183,6 +211,10 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
                     [[str(Node.from_dict(h["node"])), h["score"], h["norm"], " | ".join(h["top"]["tokens"][:8]),
                       " | ".join(h["bottom"]["tokens"][:8])]
                      for h in sv["heads"]])
+
+
+def _sparsity_section(r: Report, run: Run, names: list[str]) -> None:
+    """Sparsified vectors (bypass): ASR per sparsity and method, and the IoU of the kept dimensions."""
     done_sp = [n for n in names if run.done(f"sparsity_{n}_bypass")]
     if done_sp:
         r.h2("Sparsification (bypass)")
@@ -201,9 +233,6 @@ def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
         r.table(["pair"] + [f"{a['sparsity']:.2f}" for a in next(iter(iou["pairs"].values()), [])],
                 [[k] + [f"{a['iou']:.3f} (p={a['p_value']:.1e}; {a['expected_iou']:.3f})" for a in v]
                  for k, v in iou["pairs"].items()])
-    r.h2("Run log")
-    r.pre("\n".join(run.log))
-    return r.write(run.path("report.html"))
 
 
 def table1_claims(arec: dict[str, dict[str, Any]]) -> list[tuple[str, Claim]]:
@@ -218,17 +247,13 @@ def table1_claims(arec: dict[str, dict[str, Any]]) -> list[tuple[str, Claim]]:
     Example:
         >>> [(s, c.rule, c.status) for s, c in table1_claims({"bypass": run.load("ablations_bypass")})]
     """
-    import numpy as np
-
-    from steerscope.explain import intervals, rules
-
     out: list[tuple[str, Claim]] = []
     for setting, a in arec.items():
         each = a.get("each")
         if not each or "none" not in each or "unsteered" not in each:
             continue
         steer, base = np.asarray(each["none"], float), np.asarray(each["unsteered"], float)
-        est = {m: _retained(intervals, np.asarray(each[m], float), steer, base)
+        est = {m: _retained(np.asarray(each[m], float), steer, base)
                for m in ("qk", "ov", "svv", "mlp") if m in each}
         out += [(setting, rules.needed_estimate(e, m)) for m, e in est.items()]
         if "qk" in est and "ov" in est:
@@ -236,13 +261,11 @@ def table1_claims(arec: dict[str, dict[str, Any]]) -> list[tuple[str, Claim]]:
     return out
 
 
-def _retained(intervals: Any, x: Any, steer: Any, base: Any) -> Estimate:
+def _retained(x: np.ndarray, steer: np.ndarray, base: np.ndarray) -> Estimate:
     """Effect retained with the paired bootstrap's interval, computed with two pseudo-prompts added
     (one whose ablation keeps the steering's success, one whose ablation loses it; an Agresti-Coull-
     like "plus two"): on binary outcomes a plain bootstrap of, e.g., 4 of 4 prompts kept has a zero-
     width interval and would decide a claim on 4 prompts. The point estimate is the raw one."""
-    import numpy as np
-
     on, off = (1.0, 0.0) if steer.mean() >= base.mean() else (0.0, 1.0)  # bypass raises ASR, induce lowers it
     pad = (np.append(x, [on, off]), np.append(steer, [on, on]), np.append(base, [off, off]))
     e = intervals.ratio(*pad)
