@@ -1,0 +1,193 @@
+"""Every fenced Python and shell example of README.md and docs/*.md runs as written (issue 26).
+
+One test per block, named ``file:line`` (the line of the opening fence). A Python block runs in a fresh
+interpreter; a shell block runs in bash (``set -euo pipefail``) with a ``steerscope`` on the ``PATH`` that runs
+``python -m steerscope.cli``, so each command is its own process, as on a reader's terminal. Both run with
+``PYTHONPATH=src`` (this checkout), offline (``HF_HUB_OFFLINE``), one thread, in a temporary folder
+that holds symlinks to the checkout's ``src/`` and ``benchmarks/`` (the README's commands are run from
+the checkout). The blocks of one page share that folder and run in page order, as a reader runs
+them: a block may read a file an earlier block wrote (selecting one block with ``-k`` runs the earlier
+blocks of its page first).
+
+A block too expensive for the test suite (a whole study, vLLM, a GPU, the hub, an install command)
+carries an HTML comment on the line right before its fence::
+
+    <!-- doc-test: skip (runs the whole study, ~15 min) -->
+
+The reason in parentheses is required; a marker without one, a marker not followed by a runnable fence,
+and a fence without a language (an example could hide there untested) fail. Blocks that are not
+examples say so by their language: ``text`` for a command synopsis, ``json`` for an output sample.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RUNNABLE = {"python": "python", "py": "python", "bash": "shell", "sh": "shell", "console": "shell", "shell": "shell"}
+MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
+SKIP = re.compile(r"^skip\s*\((?P<reason>.*\S.*)\)$")
+FENCE = re.compile(r"^(?P<ticks>```+)(?P<lang>[^`\s]*)\s*$")
+TIMEOUT_S = 600  # one block; the whole file is budgeted at a few minutes (see the module docstring)
+SHELL_PRELUDE = "set -euo pipefail\n"
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block: where it opens, its language, its text and the marker line above it (if any)."""
+
+    page: Path
+    line: int  # 1-based line of the opening fence
+    lang: str
+    code: str
+    marker: str | None  # the text after "doc-test:" on the line right above the fence
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+    @property
+    def kind(self) -> str | None:
+        return RUNNABLE.get(self.lang.lower())
+
+    @property
+    def skip_reason(self) -> str | None:
+        m = SKIP.match(self.marker or "")
+        return m.group("reason").strip() if m else None
+
+
+def parse(page: Path) -> list[Block]:
+    """The fenced blocks of a markdown page, in page order."""
+    lines = page.read_text().split("\n")
+    out, i = [], 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        close = next((j for j in range(i + 1, len(lines)) if lines[j].startswith(m.group("ticks"))
+                      and not lines[j].strip("`").strip()), None)
+        if close is None:
+            raise AssertionError(f"{page.relative_to(ROOT)}:{i + 1}: fence never closed")
+        above = MARKER.match(lines[i - 1]) if i else None
+        out.append(Block(page, i + 1, m.group("lang"), "\n".join(lines[i + 1:close]) + "\n",
+                         above.group("body") if above else None))
+        i = close + 1
+    return out
+
+
+BLOCKS = [b for page in PAGES for b in parse(page)]
+EXAMPLES = [b for b in BLOCKS if b.kind]
+
+
+def _markers(page: Path) -> list[tuple[int, str]]:
+    return [(n, m.group("body")) for n, ln in enumerate(page.read_text().split("\n"), 1) if (m := MARKER.match(ln))]
+
+
+def test_every_fence_names_its_language():
+    bare = [b.id for b in BLOCKS if not b.lang]
+    assert not bare, f"fences without a language (python/bash for examples, text/json for the rest): {bare}"
+
+
+def test_every_doc_test_marker_gives_a_reason_and_sits_on_a_runnable_fence():
+    bad = []
+    for page in PAGES:
+        fences = {b.line: b for b in parse(page)}
+        for n, body in _markers(page):
+            block = fences.get(n + 1)
+            where = f"{page.relative_to(ROOT)}:{n}"
+            if not SKIP.match(body):
+                bad.append(f"{where}: {body!r} is not 'skip (reason)' (a skip needs its reason)")
+            elif block is None or block.kind is None:
+                bad.append(f"{where}: the marker is not on the line right above a python or shell fence")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_examples_were_found():
+    assert len(EXAMPLES) >= 20 and any(b.page.name == "README.md" and b.kind == "python" for b in EXAMPLES)
+
+
+class _Page:
+    """The shared working folder of one page and which of its blocks already ran."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.done, self.failed = folder, set[int](), set[int]()
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, _Page]:
+    out = {}
+    for page in PAGES:
+        folder = tmp_path_factory.mktemp(page.stem)
+        for name in ("src", "benchmarks"):
+            (folder / name).symlink_to(ROOT / name, target_is_directory=True)
+        out[page] = _Page(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``steerscope`` command for this checkout (the installed entry point may belong to another one)."""
+    folder = tmp_path_factory.mktemp("bin")
+    exe = folder / "steerscope"
+    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m steerscope.cli "$@"\n')
+    exe.chmod(0o755)
+    return folder
+
+
+def _env(bin_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", STEERSCOPE_NO_PROGRESS="1", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    env["PATH"] = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _run(block: Block, folder: Path, bin_dir: Path) -> None:
+    """Run one block in ``folder``; fail with its output when it raises or exits non-zero."""
+    if block.kind == "python":
+        script = folder / f"block_{block.line}.py"
+        script.write_text(block.code)
+        cmd = [sys.executable, script.name]
+    else:
+        script = folder / f"block_{block.line}.sh"
+        script.write_text(SHELL_PRELUDE + block.code)
+        cmd = ["bash", script.name]
+    try:
+        r = subprocess.run(cmd, cwd=folder, env=_env(bin_dir), capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{block.id} did not finish in {TIMEOUT_S} s")
+    if r.returncode != 0:
+        pytest.fail(f"{block.id} exited with {r.returncode}:\n--- code\n{block.code}--- output (tail)\n"
+                    f"{(r.stdout + r.stderr)[-4000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", EXAMPLES, ids=[b.id for b in EXAMPLES])
+def test_doc_example_runs_as_written(block: Block, pages: dict[Path, _Page], bin_dir: Path):
+    if block.marker is not None:
+        reason = block.skip_reason
+        assert reason, f"{block.id}: the doc-test marker {block.marker!r} needs a reason: skip (why)"
+        pytest.skip(reason)
+    page = pages[block.page]
+    for earlier in [b for b in EXAMPLES if b.page == block.page and b.line < block.line and b.marker is None]:
+        if earlier.line in page.failed:
+            pytest.fail(f"{block.id} comes after {earlier.id} on its page, which failed")
+        if earlier.line not in page.done:  # a reader runs the page in order
+            page.failed.add(earlier.line)
+            _run(earlier, page.folder, bin_dir)
+            page.failed.discard(earlier.line)
+            page.done.add(earlier.line)
+    page.failed.add(block.line)
+    _run(block, page.folder, bin_dir)
+    page.failed.discard(block.line)
+    page.done.add(block.line)
