@@ -217,3 +217,29 @@ def test_generate_shows_progress_except_with_json(tiny_folder, capsys, monkeypat
     assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
     assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--max-new-tokens", "2", "--json"]) == 0
     assert seen == [True, False]
+
+
+def test_generate_top_k_1_equals_greedy_and_json_carries_top_p_top_k(tiny_folder, capsys) -> None:
+    import json
+
+    from steerscope.cli import main
+
+    def run(*extra: str) -> dict:
+        assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hello", "--max-new-tokens", "8",
+                     "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    greedy = run()
+    top1 = run("--do-sample", "--temperature", "1.5", "--top-k", "1", "--top-p", "0.9", "--seed", "3")
+    assert top1["unsteered"] == greedy["unsteered"]
+    assert top1["top_k"] == 1 and top1["top_p"] == 0.9 and greedy["top_k"] == 0 and greedy["top_p"] == 1.0
+
+
+@pytest.mark.parametrize("opt, val", [("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--top-p", "x"),
+                                      ("--top-k", "-1"), ("--top-k", "2.5")])
+def test_generate_refuses_top_p_top_k_out_of_range_in_one_line(opt, val, capsys) -> None:
+    from steerscope.cli import main
+
+    assert main(["generate", opt, val]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and opt in err and "Traceback" not in err

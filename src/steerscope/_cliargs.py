@@ -60,6 +60,28 @@ def positive_int(s: str) -> int:
     return n
 
 
+def nonnegative_int(s: str) -> int:
+    """An integer >= 0."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
+    return n
+
+
+def probability(s: str) -> float:
+    """A number in (0, 1]."""
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be greater than 0 and at most 1, got {s!r}")
+    return x
+
+
 def finite_float(s: str) -> float:
     """A finite number (NaN and inf refused)."""
     try:

@@ -114,7 +114,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         for key, per_layer in doses.items():
             print(f"relative dose alpha*|v|/|resid| at alpha={float(key):.4g}: " +
                   ", ".join(f"layer {k}: {d:.3g}" for k, d in per_layer.items()), file=sys.stderr)
-    sampling = {"do_sample": a.do_sample, "temperature": a.temperature, "seed": a.seed}
+    sampling = {"do_sample": a.do_sample, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
+                "seed": a.seed}
     base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, show_progress=not a.json, **sampling)
     rows: dict[str, Any] = {"prompts": prompts, "unsteered": base, "steered": {}}
     for alpha in alphas if vec is not None else []:
@@ -407,6 +408,10 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=T.positive_float, default=1.0, help="sampling temperature with "
                    "--do-sample (default: %(default)s)")
+    g.add_argument("--top-p", type=T.probability, default=1.0, help="nucleus sampling with --do-sample: keep the "
+                   "likeliest tokens whose probabilities sum to P, 0 < P <= 1 (default: %(default)s, off)")
+    g.add_argument("--top-k", type=T.nonnegative_int, default=0, help="with --do-sample, keep the K likeliest tokens "
+                   "(default: %(default)s, off)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler's own generator with --do-sample; the "
                    "same seed gives the same text (default: %(default)s)")
     _common(g, model_default=None)
