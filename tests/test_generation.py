@@ -212,9 +212,9 @@ def test_the_vllm_backend_passes_top_p_and_top_k_through_to_sampling_params(lm, 
 
     class LLM:
         def generate(self, prompts, sps, use_tqdm=False):
-            class O:
+            class Out:
                 outputs = [type("C", (), {"token_ids": [1]})()]
-            return [O() for _ in prompts]
+            return [Out() for _ in prompts]
 
     req = {"prompts": [{"ids": [1, 2], "steer": None}],
            "params": {"max_tokens": 3, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 1}}

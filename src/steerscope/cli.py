@@ -1,6 +1,8 @@
 """The ``steerscope`` command line: a thin front end over the library.
 
-User errors (:class:`~steerscope.errors.SteerscopeError`, bad arguments, unreadable files) print one
+Importing this module and building the parser import no torch or transformers (``--help``, ``vectors``
+and ``inspect`` start in well under 2 s; ``benchmarks/bench_startup.py``): each command imports what it
+needs when it runs. User errors (:class:`~steerscope.errors.SteerscopeError`, bad arguments, unreadable files) print one
 ``error:`` line and exit 2; anything else prints one line and exits 1 (``--debug`` shows the traceback).
 Arguments and input files are validated before a model is loaded. Commands that compute figures
 accept ``--json`` and then print exactly one strict JSON object on stdout (never NaN/Infinity).
@@ -20,9 +22,8 @@ from typing import Any, Sequence
 from steerscope import _cliargs as T
 from steerscope._cliargs import safe
 from steerscope._files import dumps
+from steerscope.data.names import ALIAS_NAMES, DEFAULT_MODEL, METHOD_NAMES
 from steerscope.errors import SteerscopeError, VectorError
-from steerscope.models.load import ALIASES, DEFAULT_MODEL
-from steerscope.tune import command as tune_command
 
 # Each study package follows steerscope.studies.protocol: Config (with add_arguments / from_args), run, write_report.
 STUDIES = {
@@ -141,7 +142,7 @@ def _vector_model(vec: Any) -> str | None:
     name = vec.provenance.model if vec is not None else None
     if not isinstance(name, str) or not name:
         return None
-    if name in ALIASES:
+    if name in ALIAS_NAMES:
         return name
     try:
         path = Path(name)
@@ -229,7 +230,7 @@ def _print_vector(vec: Any, info: dict[str, Any], name: str) -> None:
 
 
 def cmd_vectors(a: argparse.Namespace) -> None:
-    from steerscope.vector import shipped_vectors
+    from steerscope.data import shipped_vectors  # torch-free
 
     names = shipped_vectors()
     _emit({"vectors": names}, a.json, "\n".join(names) if names else "no shipped vectors")
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_extract, _add_generate, _add_inspect, _add_vectors, _add_demo, _add_serve, _add_vllm_setup,
                 _add_explain):
         add(sub)
+    from steerscope.tune import command as tune_command  # torch-free, like every parser builder here
+
     tune_command.add_parser(sub, _common)
     _add_studies(sub.add_parser("study", help="run a study end to end and write a report",
                                 description="Run a study end to end and write its report (docs/studies.md)."))
@@ -358,8 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_extract(sub: Any) -> None:
     """``extract``: a vector from contrast examples."""
-    from steerscope.extract import METHODS
-
     e = sub.add_parser("extract", help="extract a vector from contrast files")
     from steerscope.sites import RESIDUAL_POINTS
 
@@ -373,7 +374,7 @@ def _add_extract(sub: Any) -> None:
     e.add_argument("--system", default=None, help="system prompt for the chat template (default: none)")
     e.add_argument("--chat", default=True, action=argparse.BooleanOptionalAction,
                    help="apply the model's chat template")
-    e.add_argument("--method", default="dim", choices=list(METHODS),
+    e.add_argument("--method", default="dim", choices=list(METHOD_NAMES),
                    help="extraction method, one of %(choices)s (default: %(default)s)")
     e.add_argument("--layers", default=None, type=T.layer_list, help="comma-separated layers, e.g. 10,12 "
                    "(default: middle layer)")

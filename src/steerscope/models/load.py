@@ -19,12 +19,11 @@ from typing import Any, Callable
 import torch
 
 from steerscope._files import atomic_folder
+from steerscope.data.names import DEFAULT_MODEL as DEFAULT_MODEL  # torch-free home of the name; re-exported
 from steerscope.errors import ModelLoadError
 from steerscope.models._source import check_source
 from steerscope.models.families import family_for
 from steerscope.models.lm import LM as LM  # re-exported: `from steerscope.models.load import LM` still works
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:

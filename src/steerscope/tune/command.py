@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from steerscope import _cliargs as T
 from steerscope._cliargs import safe
-from steerscope.extract.aggregate import METHODS
+from steerscope.data.names import METHOD_NAMES as METHODS
 
 SCORERS = ("logodds", "refusal", "formality", "sentiment", "politeness")
 METHOD_NAMES = tuple(m for m in METHODS if m != "actadd")  # actadd takes one pair, a split needs six

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from steerscope.data.names import TRAIT_NAMES as TRAITS
 from steerscope.errors import StudyError
-from steerscope.metrics.classifiers import TRAITS
 from steerscope.studies.protocol import StudyConfig, option
 
 
