@@ -49,3 +49,21 @@ def test_the_torch_free_name_tables_agree_with_the_tables_they_mirror() -> None:
 
     assert tuple(ALIASES) == _names.ALIAS_NAMES and DEFAULT_MODEL == _names.DEFAULT_MODEL
     assert tuple(METHODS) == _names.METHOD_NAMES and tuple(TRAITS) == _names.TRAIT_NAMES
+
+
+def test_inspect_of_a_safetensors_vector_imports_no_torch_and_matches_the_steering_vector(capsys) -> None:
+    code = ("import contextlib, io\nimport steerscope.cli as c\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert c.main(['inspect', 'smollm2-135m-safe/refusal-dim', '--compare', "
+            "'smollm2-135m-safe/refusal-po']) == 0")
+    assert _heavy_modules_after(code) == []
+    import json
+
+    import steerscope as ss
+    from steerscope.cli import main
+
+    assert main(["inspect", "smollm2-135m-safe/refusal-dim", "--compare", "smollm2-135m-safe/refusal-po",
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    a, b = ss.SteeringVector.load("smollm2-135m-safe/refusal-dim"), ss.SteeringVector.load("smollm2-135m-safe/refusal-po")
+    assert info["norms"] == {str(k): v for k, v in a.norms().items()}
+    assert abs(info["cosine"]["18"] - a.cosine(b)[18]) < 1e-6

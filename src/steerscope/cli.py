@@ -180,13 +180,24 @@ def _doses(vec: Any, alphas: list[float], resid: dict[int, float]) -> dict[str, 
     return out
 
 
-def cmd_inspect(a: argparse.Namespace) -> None:
+def _view(name: str) -> Any:
+    """A vector file or shipped name as a :class:`~steerscope.data.vector_file.VectorView`: read without
+    torch unless it is a ``.gguf`` control vector (whose reader needs the SteeringVector)."""
+    from steerscope.data.vector_file import VectorView, resolve
+
+    if resolve(name).suffix != ".gguf":
+        return VectorView.load(name)
     import steerscope as ss
 
-    vec = ss.SteeringVector.load(a.vector)
+    vec = ss.SteeringVector.load(name)
+    return VectorView({k: v.numpy() for k, v in vec.directions.items()}, vec.site, vec.provenance)
+
+
+def cmd_inspect(a: argparse.Namespace) -> None:
+    vec = _view(a.vector)
     info = _vector_info(vec)
     if a.compare:
-        other = ss.SteeringVector.load(a.compare)
+        other = _view(a.compare)
         shared = [k for k in vec.layers if k in other.layers]
         info["compare"] = {**_vector_info(other), "only_first": [k for k in vec.layers if k not in shared],
                            "only_second": [k for k in other.layers if k not in shared]}
