@@ -275,7 +275,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     from steerscope.backends.serve import serve
 
-    serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=a.vllm_args, device=a.device)
+    serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=a.vllm_args, device=a.device,
+          max_body_mib=a.max_body_mib)
 
 
 def cmd_vllm_setup(a: argparse.Namespace) -> None:
@@ -468,6 +469,8 @@ def _add_serve(sub: Any) -> None:
                     "(default: %(default)s)")
     sv.add_argument("--port", type=T.port, default=8000, help="TCP port, 1..65535 (default: %(default)s)")
     sv.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+    sv.add_argument("--max-body-mib", type=T.positive_int, default=8, help="largest request body in MiB; a larger "
+                    "one gets HTTP 413 (default: %(default)s)")
     sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. "
                     "'--max-model-len 2048' (default: none)")
     sv.set_defaults(func=cmd_serve)
