@@ -243,3 +243,55 @@ def test_generate_refuses_top_p_top_k_out_of_range_in_one_line(opt, val, capsys)
     assert main(["generate", opt, val]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and opt in err and "Traceback" not in err
+
+
+def test_every_integer_option_but_seeds_has_bounds() -> None:
+    """A count or index is checked by the parser (one ``int_range`` type), never found wrong after the model loads."""
+    loose = [f"{path} {act.option_strings[0]}" for path, p in _parsers(build_parser()) for act in p._actions
+             if act.type is int and act.option_strings[0] != "--seed" and not act.choices]
+    assert not loose, loose
+
+
+@pytest.mark.parametrize("argv", [
+    ["study", "identifiability", "--n-cov-prompts", "0"], ["study", "identifiability", "--n-jac-prompts", "0"],
+    ["study", "identifiability", "--n-k-prompts", "0"], ["study", "identifiability", "--n-shift-prompts", "0"],
+    ["study", "identifiability", "--n-shift-prompts", "31"], ["study", "identifiability", "--k-traits", "0"],
+    ["study", "identifiability", "--layer", "-1"], ["study", "reasoning", "--k", "1"],
+    ["study", "reasoning", "--steps", "0"], ["study", "reasoning", "--prompts-per-step", "0"],
+    ["study", "reasoning", "--n-test", "0"], ["study", "reasoning", "--seeds", "0"],
+    ["study", "refusal-mechanisms", "--n-ablate", "-1"], ["demo", "--layer", "-2"],
+])
+def test_bad_sizes_are_refused_before_the_model_loads_and_leave_no_folder(argv, tmp_path, capsys, monkeypatch) -> None:
+    import steerscope as ss
+    from steerscope.cli import main
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ss, "load_model", no_model)
+    monkeypatch.setattr("steerscope.models.load.load_model", no_model)
+    out = tmp_path / "run"
+    assert main(argv + (["--out", str(out)] if argv[0] == "study" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and argv[2] in err
+    assert not out.exists()
+
+
+def test_a_config_built_in_python_checks_the_same_bounds() -> None:
+    from steerscope.errors import StudyError
+    from steerscope.studies.identifiability import Config
+
+    with pytest.raises(StudyError, match="--n-cov-prompts must be at least 1"):
+        Config(n_cov_prompts=0)
+
+
+def test_extract_refuses_a_line_longer_than_the_context_in_one_line(tiny_folder, tmp_path, capsys) -> None:
+    from steerscope.cli import main
+
+    (tmp_path / "pos.txt").write_text("Write a formal letter.\n" + "x" * 3_000_000 + "\n")
+    (tmp_path / "neg.txt").write_text("yo\nhey\n")
+    assert main(["extract", "--model", str(tiny_folder), "--positive", str(tmp_path / "pos.txt"), "--negative",
+                 str(tmp_path / "neg.txt"), "--layers", "1", "--out", str(tmp_path / "v.safetensors")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "positive example 2" in err[0] and "context" in err[0]
+    assert not (tmp_path / "v.safetensors").exists()

@@ -451,7 +451,7 @@ def _add_vectors(sub: Any) -> None:
 def _add_demo(sub: Any) -> None:
     """``demo``: a formality vector on the embedded model."""
     d = sub.add_parser("demo", help="extract a formality vector and steer the embedded model")
-    d.add_argument("--layer", type=int, default=None, help="layer to extract at (default: a third of the depth)")
+    d.add_argument("--layer", type=T.nonnegative_int, default=None, help="layer to extract at (default: a third of the depth)")
     d.add_argument("--alpha", type=T.finite_float, default=6.0, help="steering scale; the demo shows +alpha and "
                    "-alpha (default: %(default)s)")
     d.add_argument("--max-new-tokens", type=T.positive_int, default=40, help="tokens to generate "
@@ -504,7 +504,7 @@ def _add_explain(sub: Any) -> None:
     x.add_argument("--sections", type=T.name_list(SECTION_NAMES), default=None,
                    help=f"comma-separated sections to compute after vector and dose (default: all of "
                    f"{','.join(SECTION_NAMES)})")
-    x.add_argument("--layer", type=int, default=None, help="layer to analyse for a multi-layer vector "
+    x.add_argument("--layer", type=T.nonnegative_int, default=None, help="layer to analyse for a multi-layer vector "
                    "(default: largest norm relative to the residual stream)")
     x.add_argument("--out", required=True, help="output folder (resumable: finished sections are reused)")
     x.add_argument("--force", action="store_true", help="recompute finished sections")

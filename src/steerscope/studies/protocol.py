@@ -29,6 +29,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
+from steerscope._cliargs import int_range
 from steerscope.errors import StudyError
 
 C = TypeVar("C", bound="StudyConfig")
@@ -36,7 +37,7 @@ _KIND = {int: "integers", float: "numbers", str: "names"}
 
 
 def option(default: Any, help: str, *, flag: str | None = None, sep: str | None = None, nargs: str | None = None,
-           choices: tuple[Any, ...] | None = None) -> Any:
+           choices: tuple[Any, ...] | None = None, minimum: int | None = None, maximum: int | None = None) -> Any:
     """A dataclass field that is also a command-line option ``--<field-name>``.
 
     Args:
@@ -46,11 +47,15 @@ def option(default: Any, help: str, *, flag: str | None = None, sep: str | None 
         sep: a tuple field given as one string split on ``sep`` (``--alphas 2,4,6``).
         nargs: a tuple field given as several words (``--alphas 2 4 6``).
         choices: the allowed values.
+        minimum, maximum: bounds of an int field (e.g. ``minimum=1`` for a count): the parser refuses a
+            value outside them before anything runs, and :meth:`StudyConfig.check_ranges` refuses it in
+            a configuration built in Python.
 
     Returns:
         A ``dataclasses.field`` carrying the option in its metadata.
     """
-    meta = {"cli": True, "help": help, "flag": flag, "sep": sep, "nargs": nargs, "choices": choices}
+    meta = {"cli": True, "help": help, "flag": flag, "sep": sep, "nargs": nargs, "choices": choices,
+            "minimum": minimum, "maximum": maximum}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -92,6 +97,19 @@ class StudyConfig:
             return v
 
         return {f.name: plain(getattr(self, f.name)) for f, _ in self._fields()}
+
+    def __post_init__(self) -> None:
+        self.check_ranges()
+
+    def check_ranges(self) -> None:
+        """Raise a one-line :class:`StudyError` for an int field outside its :func:`option` bounds
+        (subclasses with their own ``__post_init__`` call ``super().__post_init__()``)."""
+        for f, _ in self._fields():
+            lo, hi, v = f.metadata.get("minimum"), f.metadata.get("maximum"), getattr(self, f.name)
+            if isinstance(v, int) and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+                bounds = " and ".join(x for x in (f"at least {lo}" if lo is not None else "",
+                                                  f"at most {hi}" if hi is not None else "") if x)
+                raise StudyError(f"--{f.name.replace('_', '-')} must be {bounds} (got {v})")
 
     def require_at_least_one(self, *names: str) -> None:
         """Raise a one-line :class:`StudyError` naming the option of the first field in ``names`` below 1.
@@ -144,7 +162,9 @@ class StudyConfig:
                     default = m["sep"].join(f"{x:g}" if isinstance(x, float) else str(x) for x in default)
                 elif is_tuple and default is not None:
                     default = list(default)
-                kw.update(default=default, type=str if m["sep"] else kind, nargs=m["nargs"], choices=m["choices"])
+                bounded = kind is int and not is_tuple and (m.get("minimum") is not None or m.get("maximum") is not None)
+                typ = int_range(m.get("minimum"), m.get("maximum")) if bounded else kind
+                kw.update(default=default, type=str if m["sep"] else typ, nargs=m["nargs"], choices=m["choices"])
                 if m["choices"]:
                     kw["help"] += f"; one of {', '.join(map(str, m['choices']))}"
                 if default is not None:
