@@ -91,7 +91,7 @@ def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = F
         return
     try:
         old = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return  # Run reports and rewrites an unreadable one
     new = json.loads(dumps(config))
     if old != new:
@@ -227,7 +227,7 @@ class Run(_Store):
         if cfg_path.is_file() and not self.force:
             try:
                 old = json.loads(cfg_path.read_text("utf-8"))
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: too deep
                 warn(f"{cfg_path} is unreadable; rewriting it (steps of another configuration are recomputed)")
                 old = new
             if old != new:
@@ -267,7 +267,7 @@ class Run(_Store):
             return None, "missing"
         try:
             rec = json.loads(p.read_text("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser's stack
             return None, f"not valid JSON ({str(e)[:60]})"
         if not isinstance(rec, dict):
             return None, "not a JSON object"

@@ -133,7 +133,11 @@ class StudyConfig:
         if unknown:
             raise StudyError(f"unknown configuration keys {unknown}; is this run folder from another study or version?")
         vals = {k: tuple(v) if _base_type(fields[k])[1] and isinstance(v, list) else v for k, v in d.items()}
-        return cls(**vals)
+        try:
+            return cls(**vals)
+        except (TypeError, ValueError, ArithmeticError) as e:  # a value of the wrong type, e.g. "traits": 5
+            raise StudyError(f"the stored configuration has a value of the wrong type ({str(e)[:100]}); is this run "
+                             "folder from another study or version?") from None
 
     @classmethod
     def load(cls: type[C], out: str | Path) -> C:
@@ -141,7 +145,16 @@ class StudyConfig:
         path = Path(out) / "config.json"
         if not path.is_file():
             raise StudyError(f"{out} holds no study run (no config.json); run the study there first")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            raw = json.loads(path.read_text("utf-8"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: too deep
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
+            raise StudyError(f"{path} is not valid JSON ({why}); rerun the study there (--force) to rewrite it, "
+                             "or use another --out") from None
+        if not isinstance(raw, dict):
+            raise StudyError(f"{path} holds a JSON {type(raw).__name__}, not a configuration object; rerun the study "
+                             "there (--force) to rewrite it, or use another --out")
+        return cls.from_dict(raw)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
