@@ -15,7 +15,7 @@ import steerscope as ss
 from steerscope.backends.vllm import ENGINE_DIR
 
 sys.path.insert(0, str(ENGINE_DIR))
-import steerscope_vllm_server as srv  # noqa: E402  (engine-side module: on the engine's PYTHONPATH)
+import steerscope_vllm_server as srv  # the engine-side module (on the engine's PYTHONPATH)
 
 KNOWN = {"a", "z"}
 NORMS = {"a": (10.0, 10.0), "z": (0.0, 0.0)}
