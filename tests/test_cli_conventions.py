@@ -295,3 +295,62 @@ def test_extract_refuses_a_line_longer_than_the_context_in_one_line(tiny_folder,
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "positive example 2" in err[0] and "context" in err[0]
     assert not (tmp_path / "v.safetensors").exists()
+
+
+def _no_model(monkeypatch) -> None:
+    import steerscope as ss
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ss, "load_model", no_model)
+    monkeypatch.setattr("steerscope.models.load.load_model", no_model)
+
+
+def test_tune_refuses_an_out_folder_of_another_config_before_the_model_loads(tmp_path, capsys, monkeypatch) -> None:
+    import json
+
+    from steerscope.cli import main
+    from steerscope.data import load_examples
+    from steerscope.tune import Settings
+    from steerscope.tune.tuner import run_config
+
+    (tmp_path / "pos.txt").write_text("Write a formal letter.\nCompose an official memo.\n")
+    (tmp_path / "neg.txt").write_text("yo whats up\nhey buddy lol\n")
+    pos, neg = load_examples(str(tmp_path / "pos.txt")), load_examples(str(tmp_path / "neg.txt"))
+    out = tmp_path / "run"
+    out.mkdir()
+    old = run_config("smollm2-135m", pos, neg, "dim", "logodds", [3, 6], ["all", "prompt"], 1.0, 5, False, 0,
+                     Settings())
+    (out / "config.json").write_text(json.dumps(old))
+    _no_model(monkeypatch)
+    argv = ["tune", "--positive", str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"), "--out",
+            str(out)]
+    assert main([*argv, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "seed: 0 -> 1" in err and err.count("\n") == 1
+    assert not (out / "steps").exists()
+    assert main(argv) == 1 and "the model was loaded" in capsys.readouterr().err  # the same settings pass the check
+
+
+def test_explain_refuses_an_out_folder_of_another_config_before_the_model_loads(tmp_path, capsys, monkeypatch) -> None:
+    import json
+
+    import steerscope as ss
+    from steerscope.cli import main
+    from steerscope.data import neutral_prompts
+    from steerscope.explain.card import card_config
+    from steerscope.explain.context import Settings
+
+    vec = ss.SteeringVector.load("smollm2-135m-safe/refusal-dim")
+    out = tmp_path / "card"
+    out.mkdir()
+    old = card_config("smollm2-135m-safe", vec, neutral_prompts(8), 6.0, None, None, Settings.quick(), None)
+    (out / "config.json").write_text(json.dumps(old))
+    _no_model(monkeypatch)
+    assert main(["explain", "smollm2-135m-safe/refusal-dim", "--quick", "--alpha", "4", "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "another configuration" in err[0] and "alpha: 6.0 -> 4.0" in err[0]
+    assert not (out / "steps").exists()
+    assert main(["explain", "smollm2-135m-safe/refusal-dim", "--quick", "--alpha", "6", "--out", str(out)]) == 1
+    assert "the model was loaded" in capsys.readouterr().err  # the same settings pass the check

@@ -303,6 +303,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
     model = a.model or _vector_model(vec)
     if a.model is None and model is not None:
         print(f"note: no --model given; using {safe(model)}, the model the vector was made on", file=sys.stderr)
+    _check_card_folder(a, vec, prompts, model or DEFAULT_MODEL)
     lm = ss.load_model(model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
     card = ss.explain(lm, vec, prompts, alpha=a.alpha, scorer=None if a.scorer == "none" else a.scorer,
                       quick=a.quick, out=a.out, layer=a.layer, force=a.force, show_progress=not a.json,
@@ -316,6 +317,20 @@ def cmd_explain(a: argparse.Namespace) -> None:
         print(dumps(card.to_dict(), None))
         return
     print(f"card: {a.out}/card.html and {a.out}/card.json\n{card.verdict}")
+
+
+def _check_card_folder(a: argparse.Namespace, vec: Any, prompts: list[str] | None, model: str) -> None:
+    """Refuse an existing ``--out`` card folder of another configuration before the model loads, naming
+    the settings that differ (the card's own check, :func:`steerscope.explain.card.card_config`)."""
+    from steerscope.data import neutral_prompts
+    from steerscope.explain.card import card_config
+    from steerscope.explain.context import Settings
+    from steerscope.runs import check_run_config
+
+    st = Settings.quick() if a.quick else Settings()
+    config = card_config(model, vec, prompts or neutral_prompts(8 if a.quick else 16), a.alpha, a.layer,
+                         None if a.scorer == "none" else a.scorer, st, a.sections)
+    check_run_config(a.out, config, force=a.force)
 
 
 def cmd_study(a: argparse.Namespace) -> None:

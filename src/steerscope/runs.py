@@ -84,8 +84,11 @@ def config_diff(old: Any, new: dict[str, Any]) -> str:
         f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = False) -> None:
-    """Refuse, before any work, a run folder whose ``config.json`` holds another configuration (unless ``force``)."""
+def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = False, partial: bool = False) -> None:
+    """Refuse, before any work, a run folder whose ``config.json`` holds another configuration (unless ``force``).
+
+    ``partial``: ``config`` holds only the settings known so far (e.g. before the model loads, which
+    fills in default layers); only those keys are compared."""
     path = Path(folder) / "config.json"
     if force or not path.is_file():
         return
@@ -94,6 +97,8 @@ def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = F
     except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return  # Run reports and rewrites an unreadable one
     new = json.loads(dumps(config))
+    if partial and isinstance(old, dict):
+        old = {k: old.get(k) for k in new}
     if old != new:
         raise StudyError(f"{folder} holds a run with another configuration ({config_diff(old, new)}); "
                          "use a new --out folder or --force")
