@@ -76,7 +76,7 @@ def finite_alpha(alpha: Any, what: str = "alpha") -> float:
     try:
         value = float(alpha)
     except OverflowError:
-        raise ValueError(f"{what} must be a finite number; an integer of about {int(alpha.bit_length() * 0.30103)} "
+        raise ValueError(f"{what} must be a finite number; an integer of about {int(int(alpha).bit_length() * 0.30103)} "
                          "digits is too large for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number, got {alpha!r}")
