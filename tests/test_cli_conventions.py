@@ -217,3 +217,140 @@ def test_generate_shows_progress_except_with_json(tiny_folder, capsys, monkeypat
     assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
     assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--max-new-tokens", "2", "--json"]) == 0
     assert seen == [True, False]
+
+
+def test_generate_top_k_1_equals_greedy_and_json_carries_top_p_top_k(tiny_folder, capsys) -> None:
+    import json
+
+    from steerscope.cli import main
+
+    def run(*extra: str) -> dict:
+        assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hello", "--max-new-tokens", "8",
+                     "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    greedy = run()
+    top1 = run("--do-sample", "--temperature", "1.5", "--top-k", "1", "--top-p", "0.9", "--seed", "3")
+    assert top1["unsteered"] == greedy["unsteered"]
+    assert top1["top_k"] == 1 and top1["top_p"] == 0.9 and greedy["top_k"] == 0 and greedy["top_p"] == 1.0
+
+
+@pytest.mark.parametrize("opt, val", [("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--top-p", "x"),
+                                      ("--top-k", "-1"), ("--top-k", "2.5")])
+def test_generate_refuses_top_p_top_k_out_of_range_in_one_line(opt, val, capsys) -> None:
+    from steerscope.cli import main
+
+    assert main(["generate", opt, val]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and opt in err and "Traceback" not in err
+
+
+def test_every_integer_option_but_seeds_has_bounds() -> None:
+    """A count or index is checked by the parser (one ``int_range`` type), never found wrong after the model loads."""
+    loose = [f"{path} {act.option_strings[0]}" for path, p in _parsers(build_parser()) for act in p._actions
+             if act.type is int and act.option_strings[0] != "--seed" and not act.choices]
+    assert not loose, loose
+
+
+@pytest.mark.parametrize("argv", [
+    ["study", "identifiability", "--n-cov-prompts", "0"], ["study", "identifiability", "--n-jac-prompts", "0"],
+    ["study", "identifiability", "--n-k-prompts", "0"], ["study", "identifiability", "--n-shift-prompts", "0"],
+    ["study", "identifiability", "--n-shift-prompts", "31"], ["study", "identifiability", "--k-traits", "0"],
+    ["study", "identifiability", "--layer", "-1"], ["study", "reasoning", "--k", "1"],
+    ["study", "reasoning", "--steps", "0"], ["study", "reasoning", "--prompts-per-step", "0"],
+    ["study", "reasoning", "--n-test", "0"], ["study", "reasoning", "--seeds", "0"],
+    ["study", "refusal-mechanisms", "--n-ablate", "-1"], ["demo", "--layer", "-2"],
+])
+def test_bad_sizes_are_refused_before_the_model_loads_and_leave_no_folder(argv, tmp_path, capsys, monkeypatch) -> None:
+    import steerscope as ss
+    from steerscope.cli import main
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ss, "load_model", no_model)
+    monkeypatch.setattr("steerscope.models.load.load_model", no_model)
+    out = tmp_path / "run"
+    assert main(argv + (["--out", str(out)] if argv[0] == "study" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and argv[2] in err
+    assert not out.exists()
+
+
+def test_a_config_built_in_python_checks_the_same_bounds() -> None:
+    from steerscope.errors import StudyError
+    from steerscope.studies.identifiability import Config
+
+    with pytest.raises(StudyError, match="--n-cov-prompts must be at least 1"):
+        Config(n_cov_prompts=0)
+
+
+def test_extract_refuses_a_line_longer_than_the_context_in_one_line(tiny_folder, tmp_path, capsys) -> None:
+    from steerscope.cli import main
+
+    (tmp_path / "pos.txt").write_text("Write a formal letter.\n" + "x" * 3_000_000 + "\n")
+    (tmp_path / "neg.txt").write_text("yo\nhey\n")
+    assert main(["extract", "--model", str(tiny_folder), "--positive", str(tmp_path / "pos.txt"), "--negative",
+                 str(tmp_path / "neg.txt"), "--layers", "1", "--out", str(tmp_path / "v.safetensors")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "positive example 2" in err[0] and "context" in err[0]
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+def _no_model(monkeypatch) -> None:
+    import steerscope as ss
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ss, "load_model", no_model)
+    monkeypatch.setattr("steerscope.models.load.load_model", no_model)
+
+
+def test_tune_refuses_an_out_folder_of_another_config_before_the_model_loads(tmp_path, capsys, monkeypatch) -> None:
+    import json
+
+    from steerscope.cli import main
+    from steerscope.data import load_examples
+    from steerscope.tune import Settings
+    from steerscope.tune.tuner import run_config
+
+    (tmp_path / "pos.txt").write_text("Write a formal letter.\nCompose an official memo.\n")
+    (tmp_path / "neg.txt").write_text("yo whats up\nhey buddy lol\n")
+    pos, neg = load_examples(str(tmp_path / "pos.txt")), load_examples(str(tmp_path / "neg.txt"))
+    out = tmp_path / "run"
+    out.mkdir()
+    old = run_config("smollm2-135m", pos, neg, "dim", "logodds", [3, 6], ["all", "prompt"], 1.0, 5, False, 0,
+                     Settings())
+    (out / "config.json").write_text(json.dumps(old))
+    _no_model(monkeypatch)
+    argv = ["tune", "--positive", str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"), "--out",
+            str(out)]
+    assert main([*argv, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "seed: 0 -> 1" in err and err.count("\n") == 1
+    assert not (out / "steps").exists()
+    assert main(argv) == 1 and "the model was loaded" in capsys.readouterr().err  # the same settings pass the check
+
+
+def test_explain_refuses_an_out_folder_of_another_config_before_the_model_loads(tmp_path, capsys, monkeypatch) -> None:
+    import json
+
+    import steerscope as ss
+    from steerscope.cli import main
+    from steerscope.data import neutral_prompts
+    from steerscope.explain.card import card_config
+    from steerscope.explain.context import Settings
+
+    vec = ss.SteeringVector.load("smollm2-135m-safe/refusal-dim")
+    out = tmp_path / "card"
+    out.mkdir()
+    old = card_config("smollm2-135m-safe", vec, neutral_prompts(8), 6.0, None, None, Settings.quick(), None)
+    (out / "config.json").write_text(json.dumps(old))
+    _no_model(monkeypatch)
+    assert main(["explain", "smollm2-135m-safe/refusal-dim", "--quick", "--alpha", "4", "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "another configuration" in err[0] and "alpha: 6.0 -> 4.0" in err[0]
+    assert not (out / "steps").exists()
+    assert main(["explain", "smollm2-135m-safe/refusal-dim", "--quick", "--alpha", "6", "--out", str(out)]) == 1
+    assert "the model was loaded" in capsys.readouterr().err  # the same settings pass the check

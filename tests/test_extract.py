@@ -119,3 +119,24 @@ def test_forward_pass_stops_after_deepest_needed_layer(lm):
         for h in handles:
             h.remove()
     assert max(ran) == 1  # blocks 2 and 3 never ran
+
+
+def test_a_text_longer_than_the_context_is_refused_naming_it_before_any_batch(lm, monkeypatch) -> None:
+    """The tiny model has 256 positions: a 10 MB line is refused by its length in characters (never
+    tokenised), a 300-token one by its token count; the message names the example."""
+    calls = []
+    real = lm.tokenizer.__class__.__call__
+
+    def spy(self, text, *a, **k):
+        calls.append(len(text) if isinstance(text, str) else sum(map(len, text)))
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(lm.tokenizer.__class__, "__call__", spy)
+    huge = "word " * 2_000_000
+    with pytest.raises(DataError, match="negative example 2 has .* characters.*context of 256"):
+        ss.extract(lm, ["a", "b"], ["c", huge], layers=[1])
+    assert not calls or max(calls) < 100_000  # the 10 MB text was never tokenised
+    with pytest.raises(DataError, match="positive example 1 is .* tokens long"):
+        ss.extract(lm, ["hello " * 300, "b"], ["c", "d"], layers=[1])
+    with pytest.raises(DataError, match="text 1 is"):
+        ss.collect(lm, ["hello " * 300], layers=[1])

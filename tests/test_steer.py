@@ -304,3 +304,13 @@ def test_steering_accepts_a_raw_tensor_with_layer_and_a_saved_vector_file(lm, tm
         ablated = lm.model(**batch).logits
     with ss.ablation(lm, ss.SteeringVector({1: r}).save(tmp_path / "r.safetensors")), torch.no_grad():
         assert torch.allclose(lm.model(**batch).logits, ablated, atol=1e-6)
+
+
+def test_ablation_and_clamping_refuse_a_zero_vector_before_any_hook(lm):
+    zero = ss.SteeringVector({1: torch.zeros(lm.d_model)})
+    for ctx in (lambda: ss.ablation(lm, zero), lambda: ss.ablation(lm, torch.zeros(lm.d_model)),
+                lambda: ss.clamping(lm, zero, 1.0)):
+        with pytest.raises(VectorError, match="non-zero"):
+            with ctx():
+                pass
+        assert hook_count(lm.model) == 0

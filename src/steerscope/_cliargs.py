@@ -49,15 +49,43 @@ class Parser(argparse.ArgumentParser):
         raise ArgError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def positive_int(s: str) -> int:
-    """An integer >= 1."""
+def int_range(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    """An argument type: a whole number in [minimum, maximum] (either bound may be None), so a count such
+    as ``--n-cov-prompts 0`` is refused by the parser, before anything loads.
+
+    Example:
+        >>> parser.add_argument("--n-prompts", type=int_range(1, 40))
+    """
+    want = " and ".join(x for x in (f">= {minimum}" if minimum is not None else "",
+                                    f"<= {maximum}" if maximum is not None else "") if x) or "(any)"
+
+    def parse(s: str) -> int:
+        try:
+            n = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number {want}, got {s!r}") from None
+        if minimum is not None and n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        if maximum is not None and n > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {n}")
+        return n
+    parse.__name__ = f"int_range({minimum}, {maximum})"
+    return parse
+
+
+positive_int = int_range(1)  # a count: at least 1
+nonnegative_int = int_range(0)  # a layer index, or a count where 0 means off
+
+
+def probability(s: str) -> float:
+    """A number in (0, 1]."""
     try:
-        n = int(s)
+        x = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be greater than 0 and at most 1, got {s!r}")
+    return x
 
 
 def finite_float(s: str) -> float:

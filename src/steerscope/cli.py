@@ -1,6 +1,8 @@
 """The ``steerscope`` command line: a thin front end over the library.
 
-User errors (:class:`~steerscope.errors.SteerscopeError`, bad arguments, unreadable files) print one
+Importing this module and building the parser import no torch or transformers (``--help``, ``vectors``
+and ``inspect`` start in well under 2 s; ``benchmarks/bench_startup.py``): each command imports what it
+needs when it runs. User errors (:class:`~steerscope.errors.SteerscopeError`, bad arguments, unreadable files) print one
 ``error:`` line and exit 2; anything else prints one line and exits 1 (``--debug`` shows the traceback).
 Arguments and input files are validated before a model is loaded. Commands that compute figures
 accept ``--json`` and then print exactly one strict JSON object on stdout (never NaN/Infinity).
@@ -20,9 +22,8 @@ from typing import Any, Sequence
 from steerscope import _cliargs as T
 from steerscope._cliargs import safe
 from steerscope._files import dumps
+from steerscope.data.names import ALIAS_NAMES, DEFAULT_MODEL, METHOD_NAMES
 from steerscope.errors import SteerscopeError, VectorError
-from steerscope.models.load import ALIASES, DEFAULT_MODEL
-from steerscope.tune import command as tune_command
 
 # Each study package follows steerscope.studies.protocol: Config (with add_arguments / from_args), run, write_report.
 STUDIES = {
@@ -114,7 +115,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         for key, per_layer in doses.items():
             print(f"relative dose alpha*|v|/|resid| at alpha={float(key):.4g}: " +
                   ", ".join(f"layer {k}: {d:.3g}" for k, d in per_layer.items()), file=sys.stderr)
-    sampling = {"do_sample": a.do_sample, "temperature": a.temperature, "seed": a.seed}
+    sampling = {"do_sample": a.do_sample, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
+                "seed": a.seed}
     base = ss.generate(lm, prompts, max_new_tokens=a.max_new_tokens, show_progress=not a.json, **sampling)
     rows: dict[str, Any] = {"prompts": prompts, "unsteered": base, "steered": {}}
     for alpha in alphas if vec is not None else []:
@@ -140,7 +142,7 @@ def _vector_model(vec: Any) -> str | None:
     name = vec.provenance.model if vec is not None else None
     if not isinstance(name, str) or not name:
         return None
-    if name in ALIASES:
+    if name in ALIAS_NAMES:
         return name
     try:
         path = Path(name)
@@ -178,13 +180,24 @@ def _doses(vec: Any, alphas: list[float], resid: dict[int, float]) -> dict[str, 
     return out
 
 
-def cmd_inspect(a: argparse.Namespace) -> None:
+def _view(name: str) -> Any:
+    """A vector file or shipped name as a :class:`~steerscope.data.vector_file.VectorView`: read without
+    torch unless it is a ``.gguf`` control vector (whose reader needs the SteeringVector)."""
+    from steerscope.data.vector_file import VectorView, resolve
+
+    if resolve(name).suffix != ".gguf":
+        return VectorView.load(name)
     import steerscope as ss
 
-    vec = ss.SteeringVector.load(a.vector)
+    vec = ss.SteeringVector.load(name)
+    return VectorView({k: v.numpy() for k, v in vec.directions.items()}, vec.site, vec.provenance)
+
+
+def cmd_inspect(a: argparse.Namespace) -> None:
+    vec = _view(a.vector)
     info = _vector_info(vec)
     if a.compare:
-        other = ss.SteeringVector.load(a.compare)
+        other = _view(a.compare)
         shared = [k for k in vec.layers if k in other.layers]
         info["compare"] = {**_vector_info(other), "only_first": [k for k in vec.layers if k not in shared],
                            "only_second": [k for k in other.layers if k not in shared]}
@@ -228,7 +241,7 @@ def _print_vector(vec: Any, info: dict[str, Any], name: str) -> None:
 
 
 def cmd_vectors(a: argparse.Namespace) -> None:
-    from steerscope.vector import shipped_vectors
+    from steerscope.data import shipped_vectors  # torch-free
 
     names = shipped_vectors()
     _emit({"vectors": names}, a.json, "\n".join(names) if names else "no shipped vectors")
@@ -262,7 +275,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     from steerscope.backends.serve import serve
 
-    serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=a.vllm_args, device=a.device)
+    serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=a.vllm_args, device=a.device,
+          max_body_mib=a.max_body_mib)
 
 
 def cmd_vllm_setup(a: argparse.Namespace) -> None:
@@ -289,6 +303,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
     model = a.model or _vector_model(vec)
     if a.model is None and model is not None:
         print(f"note: no --model given; using {safe(model)}, the model the vector was made on", file=sys.stderr)
+    _check_card_folder(a, vec, prompts, model or DEFAULT_MODEL)
     lm = ss.load_model(model or DEFAULT_MODEL, device=a.device, dtype=a.dtype)
     card = ss.explain(lm, vec, prompts, alpha=a.alpha, scorer=None if a.scorer == "none" else a.scorer,
                       quick=a.quick, out=a.out, layer=a.layer, force=a.force, show_progress=not a.json,
@@ -302,6 +317,20 @@ def cmd_explain(a: argparse.Namespace) -> None:
         print(dumps(card.to_dict(), None))
         return
     print(f"card: {a.out}/card.html and {a.out}/card.json\n{card.verdict}")
+
+
+def _check_card_folder(a: argparse.Namespace, vec: Any, prompts: list[str] | None, model: str) -> None:
+    """Refuse an existing ``--out`` card folder of another configuration before the model loads, naming
+    the settings that differ (the card's own check, :func:`steerscope.explain.card.card_config`)."""
+    from steerscope.data import neutral_prompts
+    from steerscope.explain.card import card_config
+    from steerscope.explain.context import Settings
+    from steerscope.runs import check_run_config
+
+    st = Settings.quick() if a.quick else Settings()
+    config = card_config(model, vec, prompts or neutral_prompts(8 if a.quick else 16), a.alpha, a.layer,
+                         None if a.scorer == "none" else a.scorer, st, a.sections)
+    check_run_config(a.out, config, force=a.force)
 
 
 def cmd_study(a: argparse.Namespace) -> None:
@@ -349,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_extract, _add_generate, _add_inspect, _add_vectors, _add_demo, _add_serve, _add_vllm_setup,
                 _add_explain):
         add(sub)
+    from steerscope.tune import command as tune_command  # torch-free, like every parser builder here
+
     tune_command.add_parser(sub, _common)
     _add_studies(sub.add_parser("study", help="run a study end to end and write a report",
                                 description="Run a study end to end and write its report (docs/studies.md)."))
@@ -357,8 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_extract(sub: Any) -> None:
     """``extract``: a vector from contrast examples."""
-    from steerscope.extract import METHODS
-
     e = sub.add_parser("extract", help="extract a vector from contrast files")
     from steerscope.sites import RESIDUAL_POINTS
 
@@ -372,7 +401,7 @@ def _add_extract(sub: Any) -> None:
     e.add_argument("--system", default=None, help="system prompt for the chat template (default: none)")
     e.add_argument("--chat", default=True, action=argparse.BooleanOptionalAction,
                    help="apply the model's chat template")
-    e.add_argument("--method", default="dim", choices=list(METHODS),
+    e.add_argument("--method", default="dim", choices=list(METHOD_NAMES),
                    help="extraction method, one of %(choices)s (default: %(default)s)")
     e.add_argument("--layers", default=None, type=T.layer_list, help="comma-separated layers, e.g. 10,12 "
                    "(default: middle layer)")
@@ -407,6 +436,10 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=T.positive_float, default=1.0, help="sampling temperature with "
                    "--do-sample (default: %(default)s)")
+    g.add_argument("--top-p", type=T.probability, default=1.0, help="nucleus sampling with --do-sample: keep the "
+                   "likeliest tokens whose probabilities sum to P, 0 < P <= 1 (default: %(default)s, off)")
+    g.add_argument("--top-k", type=T.nonnegative_int, default=0, help="with --do-sample, keep the K likeliest tokens "
+                   "(default: %(default)s, off)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler's own generator with --do-sample; the "
                    "same seed gives the same text (default: %(default)s)")
     _common(g, model_default=None)
@@ -433,7 +466,7 @@ def _add_vectors(sub: Any) -> None:
 def _add_demo(sub: Any) -> None:
     """``demo``: a formality vector on the embedded model."""
     d = sub.add_parser("demo", help="extract a formality vector and steer the embedded model")
-    d.add_argument("--layer", type=int, default=None, help="layer to extract at (default: a third of the depth)")
+    d.add_argument("--layer", type=T.nonnegative_int, default=None, help="layer to extract at (default: a third of the depth)")
     d.add_argument("--alpha", type=T.finite_float, default=6.0, help="steering scale; the demo shows +alpha and "
                    "-alpha (default: %(default)s)")
     d.add_argument("--max-new-tokens", type=T.positive_int, default=40, help="tokens to generate "
@@ -451,6 +484,8 @@ def _add_serve(sub: Any) -> None:
                     "(default: %(default)s)")
     sv.add_argument("--port", type=T.port, default=8000, help="TCP port, 1..65535 (default: %(default)s)")
     sv.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+    sv.add_argument("--max-body-mib", type=T.positive_int, default=8, help="largest request body in MiB; a larger "
+                    "one gets HTTP 413 (default: %(default)s)")
     sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. "
                     "'--max-model-len 2048' (default: none)")
     sv.set_defaults(func=cmd_serve)
@@ -484,7 +519,7 @@ def _add_explain(sub: Any) -> None:
     x.add_argument("--sections", type=T.name_list(SECTION_NAMES), default=None,
                    help=f"comma-separated sections to compute after vector and dose (default: all of "
                    f"{','.join(SECTION_NAMES)})")
-    x.add_argument("--layer", type=int, default=None, help="layer to analyse for a multi-layer vector "
+    x.add_argument("--layer", type=T.nonnegative_int, default=None, help="layer to analyse for a multi-layer vector "
                    "(default: largest norm relative to the residual stream)")
     x.add_argument("--out", required=True, help="output folder (resumable: finished sections are reused)")
     x.add_argument("--force", action="store_true", help="recompute finished sections")

@@ -159,14 +159,18 @@ def generate(
     temperature: float = 1.0,
     seed: int | None = None,
     chat: bool = True,
+    top_p: float = 1.0,
+    top_k: int = 0,
     show_progress: bool = False,
     backend: str = "hf",
     layer: int | None = None,
 ) -> list[str]:
     """Generate completions for ``prompts`` (chat template applied), steered if ``vector`` is given.
 
-    Greedy by default; with ``do_sample``, pure temperature sampling (no top-k / top-p) from a
-    ``torch.Generator`` seeded with ``seed`` (None: a random seed), leaving the global RNG untouched.
+    Greedy by default; with ``do_sample``, sampling at ``temperature`` from a ``torch.Generator``
+    seeded with ``seed`` (None: a random seed), leaving the global RNG untouched; ``top_k`` (> 0: keep
+    the k likeliest tokens; 0 = off) and ``top_p`` (< 1: nucleus sampling; 1.0 = off) filter first,
+    in HF's order (temperature, top-k, top-p). They are ignored when greedy.
     Left padding; the returned strings are the new text only, one per prompt (a bare string is one
     prompt: ``generate(lm, "Hi")`` returns a list of one string). ``vector`` and ``alpha`` may each be one
     per prompt; a vector is a :class:`SteeringVector`, a raw tensor [d_model] at ``layer=``, or a saved
@@ -184,7 +188,8 @@ def generate(
     vecs = None if vector is None else as_vectors(vector, lm, layer)
     eng = engine(backend, batch_size=batch_size, show_progress=show_progress)
     reqs = requests(prompts, vecs, alpha, positions, system=system, template="apply" if chat else "none",
-                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
+                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed,
+                    top_p=top_p, top_k=top_k)
     return eng.generate(lm, reqs)
 
 

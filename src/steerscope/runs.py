@@ -84,8 +84,11 @@ def config_diff(old: Any, new: dict[str, Any]) -> str:
         f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = False) -> bool:
+def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = False, partial: bool = False) -> bool:
     """Refuse, before any work, a run folder whose ``config.json`` holds another configuration (unless ``force``).
+
+    ``partial``: ``config`` holds only the settings known so far (e.g. before the model loads, which
+    fills in default layers); only those keys are compared.
 
     Returns:
         whether the folder's ``config.json`` is there but not JSON (:class:`Run` reports it and rewrites it).
@@ -96,9 +99,11 @@ def check_run_config(folder: str | Path, config: dict[str, Any], force: bool = F
         return False
     try:
         old = json.loads(path.read_text("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: too deep
         return True
     new = json.loads(dumps(config))
+    if partial and isinstance(old, dict):
+        old = {k: old.get(k) for k in new}
     if old != new:
         raise StudyError(f"{folder} holds a run with another configuration ({config_diff(old, new)}); "
                          "use a new --out folder or --force")
@@ -265,7 +270,7 @@ class Run(_Store):
             return None, "missing"
         try:
             rec = json.loads(p.read_text("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser's stack
             return None, f"not valid JSON ({str(e)[:60]})"
         if not isinstance(rec, dict):
             return None, "not a JSON object"

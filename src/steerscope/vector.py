@@ -1,5 +1,8 @@
 """Steering vectors: per-layer directions with provenance, stored as safetensors.
 
+The torch-free half (provenance records, metadata checks, the file reader) is
+:mod:`steerscope.data.vector_file`; its names are re-exported here.
+
 A :class:`SteeringVector` maps layer -> direction [d_model] at one site (default ``resid_pre``).
 Files are safetensors with a JSON ``steerscope`` metadata entry; nothing is ever unpickled.
 llama.cpp control vectors (GGUF) can be exported and imported: :mod:`steerscope.control_vectors` registers
@@ -11,43 +14,28 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import math
-import operator
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
-from importlib import resources
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from steerscope.analyses.records import Record
 from steerscope.data import shipped_vectors as shipped_vectors  # re-exported: it lived here
+from steerscope.data.vector_file import FORMAT_VERSION as FORMAT_VERSION  # the torch-free half, re-exported
+from steerscope.data.vector_file import MAX_LAYERS as MAX_LAYERS
+from steerscope.data.vector_file import OPERATIONS as OPERATIONS
+from steerscope.data.vector_file import Provenance as Provenance
+from steerscope.data.vector_file import Use as Use
+from steerscope.data.vector_file import check_finite as check_finite
+from steerscope.data.vector_file import layer_index, read_safetensors, resolve
+from steerscope.data.vector_file import layer_indices as layer_indices
+from steerscope.data.vector_file import provenance_from_dict as provenance_from_dict
 from steerscope.errors import FingerprintWarning, SiteError, VectorError
 from steerscope.sites import RESIDUAL_POINTS
 
-MAX_LAYERS = 4096  # no model has more blocks; a file claiming more directions is refused before reading them
-
-
-def layer_indices(tensors: Mapping[str, Any], prefix: str, path: str | Path) -> dict[int, Any]:
-    """``{N: value}`` of tensors named ``<prefix>.N``; :class:`VectorError` for a non-canonical index
-    (leading zeros, non-ASCII digits such as ``٣`` or ``²``), a duplicate, or more than :data:`MAX_LAYERS`."""
-    if len(tensors) > MAX_LAYERS:
-        raise VectorError(f"{path} holds {len(tensors)} {prefix}.N tensors (more than {MAX_LAYERS} layers); "
-                          "it is not a steering vector")
-    out: dict[int, Any] = {}
-    for name, value in tensors.items():
-        idx = name.split(".", 1)[1]
-        if not (idx.isascii() and idx.isdigit()) or (len(idx) > 1 and idx[0] == "0") or int(idx) >= MAX_LAYERS:
-            raise VectorError(f"{path}: tensor {name!r} is not {prefix}.<block index> (plain ASCII digits, no "
-                              "leading zeros); re-save the vector")
-        out[int(idx)] = value
-    return out
-
 if TYPE_CHECKING:
     from steerscope.models.lm import LM
-
-FORMAT_VERSION = 1
 
 
 class FileFormat(NamedTuple):
@@ -71,19 +59,6 @@ def _file_format(suffix: str) -> FileFormat:
     return fmt
 
 
-def _layer_index(key: Any) -> int:
-    """A layer key as a non-negative int; floats, bools and strings are refused, never truncated."""
-    if isinstance(key, bool) or isinstance(key, float):
-        raise VectorError(f"layer keys are integer block indices, got {key!r}")
-    try:
-        layer = operator.index(key)
-    except TypeError:
-        raise VectorError(f"layer keys are integer block indices, got {key!r}") from None
-    if layer < 0:
-        raise VectorError(f"layer {layer}: layers are non-negative block indices")
-    return layer
-
-
 def dataset_hash(items: Iterable[Any]) -> str:
     """A short stable hash of a dataset (list of strings or pairs)."""
     h = hashlib.sha256()
@@ -98,77 +73,6 @@ class LayerDirection(NamedTuple):
 
     layer: int
     direction: torch.Tensor
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("steerscope")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-OPERATIONS = ("add", "ablate", "clamp")
-
-
-@dataclass(frozen=True)
-class Use(Record):
-    """How a vector is meant to be applied, the file's contract (``steerscope tune`` writes it): the
-    recommended ``alpha`` (and range) of ``operation`` at ``layers`` of ``site`` over the token scope
-    ``positions`` (a :mod:`steerscope.steer` spec); the ``effect`` (``effect_ci95``, ``effect_n``,
-    ``effect_metric``) and ``kl_worst5`` measured there on held-out data within ``kl_budget`` nats;
-    ``tuned_on``: the hash of that data.
-
-    Example:
-        >>> Use(layers=[12], alpha=6.0, positions="all").operation
-        'add'
-    """
-
-    operation: str = "add"
-    site: str = "resid_pre"
-    layers: list[int] = field(default_factory=list)
-    positions: str | list[int] = "all"
-    alpha: float | None = None
-    alpha_range: tuple[float, float] | None = None
-    kl_budget: float | None = None
-    kl_worst5: float | None = None
-    effect: float | None = None
-    effect_ci95: tuple[float, float] | None = None
-    effect_n: int | None = None
-    effect_metric: str | None = None
-    tuned_on: str | None = None
-
-    def __post_init__(self) -> None:
-        bad = [(k, v) for k, v, ok in (("operation", self.operation, OPERATIONS), ("site", self.site, RESIDUAL_POINTS))
-               if v not in ok] + [("alpha", x) for x in (self.alpha, *(self.alpha_range or ()), self.kl_budget)
-                                  if x is not None and not math.isfinite(x)]
-        if bad:
-            raise VectorError(f"use.{bad[0][0]} {bad[0][1]!r} is not valid (operations: {', '.join(OPERATIONS)}; "
-                              f"sites: {', '.join(RESIDUAL_POINTS)}; alpha, its range and the KL budget finite)")
-        object.__setattr__(self, "layers", [_layer_index(k) for k in self.layers])
-
-
-@dataclass
-class Provenance:
-    """Where a vector came from, and (``use``) how it is meant to be applied. Every field is
-    optional; a hand-made vector has none."""
-
-    model: str | None = None
-    fingerprint: str | None = None
-    d_model: int | None = None
-    n_layers: int | None = None
-    method: str | None = None
-    positions: list[int] | str | None = None
-    dataset_hash: str | None = None
-    n_examples: int | None = None
-    args: dict[str, Any] = field(default_factory=dict)
-    library_version: str = field(default_factory=_version)
-    use: Use | None = None
-
-    @classmethod
-    def for_model(cls, lm: LM, **kw: Any) -> Provenance:
-        return cls(model=lm.name, fingerprint=lm.fingerprint, d_model=lm.d_model, n_layers=lm.n_layers, **kw)
 
 
 class SteeringVector:
@@ -194,7 +98,7 @@ class SteeringVector:
         dirs: dict[int, torch.Tensor] = {}
         dims = set()
         for key, t in directions.items():
-            layer = _layer_index(key)
+            layer = layer_index(key)
             t = torch.as_tensor(t).detach()
             if t.dim() != 1:
                 raise VectorError(f"layer {layer}: a direction must be 1-D [d_model], got shape {tuple(t.shape)}")
@@ -359,32 +263,11 @@ class SteeringVector:
         """Load from a ``.safetensors`` file, a ``.gguf`` control vector, or a shipped name
         ``"<model-alias>/<name>"`` (e.g. ``"smollm2-135m-safe/refusal-dim"``); ``n_layers`` (the target
         model's) only matters for ``.gguf`` files: see :func:`steerscope.control_vectors.import_gguf`."""
-        from safetensors import safe_open
-
-        path = Path(path_or_name)
-        if not path.exists() and not str(path_or_name).endswith((".safetensors", ".gguf")):
-            shipped = resources.files("steerscope") / "data" / "vectors" / f"{path_or_name}.safetensors"
-            if not shipped.is_file():
-                raise VectorError(f"no vector file or shipped vector named {str(path_or_name)!r}; "
-                                  f"shipped: {', '.join(shipped_vectors()) or 'none'}")
-            path = Path(str(shipped))
-        if not path.is_file():
-            raise VectorError(f"vector file not found: {path}")
+        path = resolve(path_or_name)
         if path.suffix == ".gguf":
             return _file_format(".gguf").load(path, n_layers)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("steerscope")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise VectorError(f"{path} is not a readable safetensors file ({str(e)[:120]}); re-save the vector") from None
-        if raw is None:
-            raise VectorError(f"{path} has no 'steerscope' metadata; it was not written by SteeringVector.save")
-        meta = _parse_meta(raw, path)
-        dirs = layer_indices({k: v for k, v in tensors.items() if k.startswith("layer.")}, "layer", path)
-        if not dirs:
-            raise VectorError(f"{path} holds no layer.N tensors; it was not written by SteeringVector.save")
-        return cls(dirs, meta["site"], meta["provenance"])
+        site, prov, dirs = read_safetensors(path, "pt")
+        return cls(dirs, site, prov)
 
     def export_gguf(self, path: str | Path, model_hint: str | None = None) -> Path:
         """Write a llama.cpp control vector (``--control-vector``), as repeng does; the provenance and
@@ -395,40 +278,3 @@ class SteeringVector:
         See :func:`steerscope.control_vectors.export_gguf`.
         """
         return _file_format(".gguf").save(self, path, model_hint)
-
-
-def _parse_meta(raw: str, path: Path) -> dict[str, Any]:
-    """The ``steerscope`` metadata entry as {"site": str, "provenance": Provenance}, validated."""
-    try:
-        meta = json.loads(raw)
-    except ValueError as e:
-        raise VectorError(f"{path} has malformed metadata ({e}); re-save the vector") from None
-    if not isinstance(meta, dict):
-        raise VectorError(f"{path}: its steerscope metadata is a JSON {type(meta).__name__}, not an object; "
-                          "re-save the vector")
-    site, prov = meta.get("site", "resid_pre"), meta.get("provenance") or {}
-    if not isinstance(site, str) or not isinstance(prov, dict):
-        raise VectorError(f"{path}: metadata 'site' must be a string and 'provenance' an object; re-save the vector")
-    names = {f.name for f in fields(Provenance)}
-    unknown = sorted(set(prov) - names)
-    if unknown:
-        raise VectorError(f"{path}: unknown provenance fields {unknown[:5]}; re-save the vector")
-    if not isinstance(prov.get("args", {}), dict):
-        raise VectorError(f"{path}: provenance 'args' must be an object; re-save the vector")
-    return {"site": site, "provenance": provenance_from_dict(prov, str(path))}
-
-
-def provenance_from_dict(prov: dict[str, Any], where: str) -> Provenance:
-    """:class:`Provenance` of ``asdict`` data, its ``use`` record validated (:class:`VectorError` naming ``where``)."""
-    use = prov.get("use")
-    try:
-        return Provenance(**{**prov, "use": Use.from_dict(use) if use is not None else None})
-    except (TypeError, ValueError, AttributeError, VectorError) as e:
-        raise VectorError(f"{where}: malformed provenance 'use' record ({e}); re-save the vector") from None
-
-
-def check_finite(x: float, what: str) -> float:
-    """Raise :class:`VectorError` if a scalar such as alpha is NaN or infinite."""
-    if not math.isfinite(x):
-        raise VectorError(f"{what} must be a finite number, got {x}")
-    return x

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Protocol, Sequence
 
@@ -97,12 +98,24 @@ class Request:
         if not (self.intervention is None or isinstance(self.intervention, Addition) or callable(self.intervention)):
             raise SteerscopeError("a request's intervention is an Addition(vector, alpha, positions), a function "
                                   "returning a context manager, or None")
+        check_sampling(self.temperature if self.do_sample else 1.0, self.top_p, self.top_k)
 
     def sampling(self) -> tuple[Any, ...]:
         """The options that decide how tokens are picked (only ``max_new_tokens`` when greedy)."""
         if not self.do_sample:
             return (self.max_new_tokens, False)
         return (self.max_new_tokens, True, self.temperature, self.top_p, self.top_k, self.seed)
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    """Refuse sampling options out of range: temperature > 0, 0 < top_p <= 1, top_k a whole number >= 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not \
+            math.isfinite(temperature) or temperature <= 0:
+        raise SteerscopeError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise SteerscopeError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise SteerscopeError(f"top_k must be a whole number >= 0 (0 = off), got {top_k!r}")
 
 
 class Engine(Protocol):

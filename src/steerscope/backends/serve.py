@@ -81,8 +81,9 @@ def check_extra(extra: Sequence[str]) -> None:
 
 
 def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name: str,
-               extra: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
-    """The ``vllm serve`` command line and environment for a steered server."""
+               extra: Sequence[str] = (), max_body_mib: int = 8) -> tuple[list[str], dict[str, str]]:
+    """The ``vllm serve`` command line and environment for a steered server (request bodies capped at
+    ``max_body_mib`` MiB by the middleware: HTTP 413 above)."""
     py = engine_python()
     assert py is not None
     argv = [str(py), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", folder,
@@ -97,11 +98,12 @@ def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name:
         argv += ["--distributed-executor-backend", "uni"]
     env = engine_env()
     env["STEERSCOPE_VECTORS"] = json.dumps(vectors)
+    env["STEERSCOPE_MAX_BODY_BYTES"] = str(int(max_body_mib) << 20)
     return argv, env
 
 
 def serve(model: str, vectors: str | None, host: str = "127.0.0.1", port: int = 8000,
-          extra: Sequence[str] = (), device: str = "cpu") -> None:
+          extra: Sequence[str] = (), device: str = "cpu", max_body_mib: int = 8) -> None:
     """Check the vectors against ``model``, export its weights for vLLM and replace this process with the server."""
     import steerscope as ss
     from steerscope.backends.vllm import export_folder
@@ -115,7 +117,7 @@ def serve(model: str, vectors: str | None, host: str = "127.0.0.1", port: int = 
         vec.check_compatible(lm)
     folder = str(export_folder(lm))
     del lm
-    argv, env = serve_argv(folder, named, host, port, model, extra)
+    argv, env = serve_argv(folder, named, host, port, model, extra, max_body_mib)
     print(f"steerscope serve: {model} on http://{host}:{port} with vectors {sorted(named) or 'none'}", file=sys.stderr)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)

@@ -121,6 +121,19 @@ def _digest(vector: SteeringVector, prompts: Sequence[str]) -> tuple[str, str]:
     return h.hexdigest()[:16], hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
+def card_config(model: str, vector: SteeringVector, prompts: Sequence[str], alpha: float | None, layer: int | None,
+                scorer: str | None, settings: Settings, sections: Sequence[str] | None) -> dict[str, Any]:
+    """What a card folder's ``config.json`` holds (the command line checks an existing ``--out`` with it
+    before the model loads).
+
+    Example:
+        >>> card_config("smollm2-135m", vec, neutral_prompts(16), 6.0, None, None, Settings(), None)
+    """
+    vsha, psha = _digest(vector, prompts)
+    return {"model": model, "vector": vsha, "prompts": psha, "alpha": alpha, "layer": layer, "scorer": scorer,
+            "settings": settings.to_dict(), "sections": list(sections or [])}
+
+
 def check_inputs(vector: SteeringVector, alpha: float | None = None, layer: int | None = None) -> None:
     """Refuse, before any model work, what no card can be made of: a vector at another site than
     resid_pre, a ``layer`` it lacks, a zero direction, or an alpha that is zero, NaN/inf, or whose
@@ -182,9 +195,7 @@ def explain(lm: LM, vector: SteeringVector, prompts: str | Sequence[str] | None 
     prompts = as_texts(prompts) if prompts else neutral_prompts(8 if quick else 16)
     _check_context(lm, prompts, max(st.n_tokens, st.gen_tokens))
     fn, scorer_info = resolve_scorer(scorer)
-    vsha, psha = _digest(vector, prompts)
-    config = {"model": lm.name, "vector": vsha, "prompts": psha, "alpha": alpha, "layer": layer,
-              "scorer": scorer_info["name"], "settings": st.to_dict(), "sections": list(sections or [])}
+    config = card_config(lm.name, vector, prompts, alpha, layer, scorer_info["name"], st, sections)
     run: Run | MemoryRun = Run(out, config=config, force=force) if out is not None else MemoryRun()
     info = run.record("vector", VectorRecord, lambda: vector_info.section(lm, vector, prompts, layer))
     one = vector.select([info.analysed_layer])

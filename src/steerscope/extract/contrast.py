@@ -13,13 +13,13 @@ Algorithm:
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from steerscope.errors import DataError, SiteError
 from steerscope.extract.aggregate import METHODS, Aggregator
-from steerscope.generation import as_texts
+from steerscope.generation import as_texts, context_length
 from steerscope.hooks import Call, attached
 from steerscope.models.load import LM
 from steerscope.progress import progress
@@ -46,6 +46,31 @@ def _format(lm: LM, ex: Example, system: str | None, chat: bool) -> str:
     return prompt + (completion or "")
 
 
+MAX_CHARS_PER_POSITION = 64  # no tokenizer packs more characters into one token: a longer text cannot fit
+FALLBACK_CONTEXT = 1 << 17  # positions assumed when the config does not say
+
+
+def check_lengths(lm: LM, texts: Sequence[str], templated: bool = True,
+                  label: Callable[[int], str] = lambda i: f"text {i + 1}") -> None:
+    """Raise :class:`DataError` naming the first text that cannot fit ``lm``'s context, before any batch is
+    tokenised and padded: first by its length in characters (free), then in tokens (one text at a time).
+
+    Example:
+        >>> check_lengths(lm, [lm.format_chat(p) for p in prompts], label=lambda i: f"prompt {i + 1}")
+    """
+    n_ctx = context_length(lm) or FALLBACK_CONTEXT
+    for i, t in enumerate(texts):
+        if len(t) > n_ctx * MAX_CHARS_PER_POSITION:
+            raise DataError(f"{label(i)} has {len(t)} characters, more than {lm.name}'s context of {n_ctx} positions "
+                            "can hold; shorten or split it")
+    add_special = not (templated and lm.has_chat_template)
+    for i, t in enumerate(texts):
+        n = len(lm.tokenizer(t, add_special_tokens=add_special)["input_ids"])
+        if n > n_ctx:
+            raise DataError(f"{label(i)} is {n} tokens long, more than {lm.name}'s context of {n_ctx} positions; "
+                            "shorten or split it")
+
+
 def collect(
     lm: LM,
     texts: str | Sequence[str],
@@ -55,9 +80,11 @@ def collect(
     batch_size: int = 16,
     templated: bool = True,
     show_progress: bool = False,
+    check: bool = True,
 ) -> dict[int, torch.Tensor]:
     """Activations at ``site`` for each text (a bare string is one text), averaged over ``positions``:
-    {layer: [n d_model]}.
+    {layer: [n d_model]}. A text longer than the context is refused first (:func:`check_lengths`; ``check=False``
+    when the caller has checked already).
 
     Example:
         >>> acts = collect(lm, [lm.format_chat("Hi")], layers=[6])
@@ -71,6 +98,8 @@ def collect(
         raise DataError("no examples to collect activations from")
     for layer in layers:
         Site(layer, site).check(lm.n_layers)
+    if check:
+        check_lengths(lm, texts, templated)
     deepest = max(layers)
     stop_site = Site(deepest, "resid_pre" if site == "resid_pre" else "resid_post")
 
@@ -144,7 +173,11 @@ def extract(
     layers = list(layers) if layers is not None else [lm.n_layers // 2]
     pos_t = [_format(lm, e, system, chat) for e in positive]
     neg_t = [_format(lm, e, system, chat) for e in negative]
-    acts = collect(lm, pos_t + neg_t, layers, positions, site, batch_size, templated=chat, show_progress=show_progress)
+    n_pos = len(pos_t)
+    check_lengths(lm, pos_t + neg_t, chat, lambda i: f"positive example {i + 1}" if i < n_pos else
+                  f"negative example {i - n_pos + 1}")
+    acts = collect(lm, pos_t + neg_t, layers, positions, site, batch_size, templated=chat, show_progress=show_progress,
+                   check=False)
     n = len(pos_t)
     dirs = {l: _direction(fn, a[:n], a[n:], lm.d_model) for l, a in acts.items()}
     _warn_degenerate(pos_t, neg_t, dirs)

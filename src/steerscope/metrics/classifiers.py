@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from steerscope.data import data_path, read_jsonl
+from steerscope.data.names import TRAIT_NAMES
 from steerscope.errors import ClassifierError, DataError
 from steerscope.stats import fit_logistic
 
 MIN_ACCURACY = 0.8
 PROBE_STEPS = 100  # L-BFGS iterations of the probe
-TRAITS = ("formality", "sentiment", "politeness")
+TRAITS = TRAIT_NAMES
 
 POLES: dict[str, tuple[list[str], list[str]]] = {
     "formality": (["A formal, professional and official piece of writing.",

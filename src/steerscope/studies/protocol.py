@@ -29,6 +29,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
+from steerscope._cliargs import int_range
 from steerscope.errors import StudyError
 
 C = TypeVar("C", bound="StudyConfig")
@@ -36,7 +37,7 @@ _KIND = {int: "integers", float: "numbers", str: "names"}
 
 
 def option(default: Any, help: str, *, flag: str | None = None, sep: str | None = None, nargs: str | None = None,
-           choices: tuple[Any, ...] | None = None) -> Any:
+           choices: tuple[Any, ...] | None = None, minimum: int | None = None, maximum: int | None = None) -> Any:
     """A dataclass field that is also a command-line option ``--<field-name>``.
 
     Args:
@@ -46,11 +47,15 @@ def option(default: Any, help: str, *, flag: str | None = None, sep: str | None 
         sep: a tuple field given as one string split on ``sep`` (``--alphas 2,4,6``).
         nargs: a tuple field given as several words (``--alphas 2 4 6``).
         choices: the allowed values.
+        minimum, maximum: bounds of an int field (e.g. ``minimum=1`` for a count): the parser refuses a
+            value outside them before anything runs, and :meth:`StudyConfig.check_ranges` refuses it in
+            a configuration built in Python.
 
     Returns:
         A ``dataclasses.field`` carrying the option in its metadata.
     """
-    meta = {"cli": True, "help": help, "flag": flag, "sep": sep, "nargs": nargs, "choices": choices}
+    meta = {"cli": True, "help": help, "flag": flag, "sep": sep, "nargs": nargs, "choices": choices,
+            "minimum": minimum, "maximum": maximum}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -93,6 +98,19 @@ class StudyConfig:
 
         return {f.name: plain(getattr(self, f.name)) for f, _ in self._fields()}
 
+    def __post_init__(self) -> None:
+        self.check_ranges()
+
+    def check_ranges(self) -> None:
+        """Raise a one-line :class:`StudyError` for an int field outside its :func:`option` bounds
+        (subclasses with their own ``__post_init__`` call ``super().__post_init__()``)."""
+        for f, _ in self._fields():
+            lo, hi, v = f.metadata.get("minimum"), f.metadata.get("maximum"), getattr(self, f.name)
+            if isinstance(v, int) and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+                bounds = " and ".join(x for x in (f"at least {lo}" if lo is not None else "",
+                                                  f"at most {hi}" if hi is not None else "") if x)
+                raise StudyError(f"--{f.name.replace('_', '-')} must be {bounds} (got {v})")
+
     def require_at_least_one(self, *names: str) -> None:
         """Raise a one-line :class:`StudyError` naming the option of the first field in ``names`` below 1.
 
@@ -115,7 +133,11 @@ class StudyConfig:
         if unknown:
             raise StudyError(f"unknown configuration keys {unknown}; is this run folder from another study or version?")
         vals = {k: tuple(v) if _base_type(fields[k])[1] and isinstance(v, list) else v for k, v in d.items()}
-        return cls(**vals)
+        try:
+            return cls(**vals)
+        except (TypeError, ValueError, ArithmeticError) as e:  # a value of the wrong type, e.g. "traits": 5
+            raise StudyError(f"the stored configuration has a value of the wrong type ({str(e)[:100]}); is this run "
+                             "folder from another study or version?") from None
 
     @classmethod
     def load(cls: type[C], out: str | Path) -> C:
@@ -123,7 +145,16 @@ class StudyConfig:
         path = Path(out) / "config.json"
         if not path.is_file():
             raise StudyError(f"{out} holds no study run (no config.json); run the study there first")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            raw = json.loads(path.read_text("utf-8"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: too deep
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
+            raise StudyError(f"{path} is not valid JSON ({why}); rerun the study there (--force) to rewrite it, "
+                             "or use another --out") from None
+        if not isinstance(raw, dict):
+            raise StudyError(f"{path} holds a JSON {type(raw).__name__}, not a configuration object; rerun the study "
+                             "there (--force) to rewrite it, or use another --out")
+        return cls.from_dict(raw)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -144,7 +175,9 @@ class StudyConfig:
                     default = m["sep"].join(f"{x:g}" if isinstance(x, float) else str(x) for x in default)
                 elif is_tuple and default is not None:
                     default = list(default)
-                kw.update(default=default, type=str if m["sep"] else kind, nargs=m["nargs"], choices=m["choices"])
+                bounded = kind is int and not is_tuple and (m.get("minimum") is not None or m.get("maximum") is not None)
+                typ = int_range(m.get("minimum"), m.get("maximum")) if bounded else kind
+                kw.update(default=default, type=str if m["sep"] else typ, nargs=m["nargs"], choices=m["choices"])
                 if m["choices"]:
                     kw["help"] += f"; one of {', '.join(map(str, m['choices']))}"
                 if default is not None:

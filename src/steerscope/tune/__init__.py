@@ -22,8 +22,25 @@ Example:
     ...     ...
 """
 
-from steerscope.tune.records import Recommended, SearchRecord, Settings, Split, TestFigure, Trial, TuneResult
-from steerscope.tune.tuner import default_layers, tune
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["Recommended", "SearchRecord", "Settings", "Split", "TestFigure", "Trial", "TuneResult",
            "default_layers", "tune"]
+
+
+def __getattr__(name: str) -> Any:
+    """The public names on first use (PEP 562): ``steerscope.tune.command``, the CLI's parser, needs no torch."""
+    if name not in __all__:
+        raise AttributeError(f"module 'steerscope.tune' has no attribute {name!r}")
+    module = "steerscope.tune.tuner" if name in ("default_layers", "tune") else "steerscope.tune.records"
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from steerscope.tune.records import Recommended, SearchRecord, Settings, Split, TestFigure, Trial, TuneResult
+    from steerscope.tune.tuner import default_layers, tune

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from steerscope import _cliargs as T
 from steerscope._cliargs import safe
-from steerscope.extract.aggregate import METHODS
+from steerscope.data.names import METHOD_NAMES as METHODS
 
 SCORERS = ("logodds", "refusal", "formality", "sentiment", "politeness")
 METHOD_NAMES = tuple(m for m in METHODS if m != "actadd")  # actadd takes one pair, a split needs six
@@ -80,12 +80,16 @@ def cmd_tune(a: argparse.Namespace) -> None:
     import steerscope as ss
     from steerscope._files import dumps
     from steerscope.data import load_examples
-    from steerscope.runs import check_free
+    from steerscope.runs import check_free, check_run_config
     from steerscope.tune import Settings, tune
+    from steerscope.tune.tuner import run_config
 
     T.check_out_folder(a.out)  # everything the model is not needed for is checked before it loads
     check_free(a.out)
     pos, neg = load_examples(a.positive), load_examples(a.negative)
+    known = run_config(a.model, pos, neg, a.method, a.scorer, sorted(set(a.layers)) if a.layers else None,
+                       a.positions, a.kl_budget, a.budget_evals, a.exhaustive, a.seed, Settings(n_alphas=a.n_alphas))
+    check_run_config(a.out, {k: v for k, v in known.items() if v is not None}, force=a.force, partial=True)
     lm = ss.load_model(a.model, device=a.device, dtype=a.dtype)
     res = tune(lm, pos, neg, method=a.method, scorer=None if a.scorer == "logodds" else a.scorer, layers=a.layers,
                positions=a.positions, kl_budget=a.kl_budget, budget_evals=a.budget_evals, exhaustive=a.exhaustive,

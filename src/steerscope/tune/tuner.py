@@ -143,6 +143,21 @@ def tuned_vector(vector: SteeringVector, rec: Recommended, test: TestFigure, dat
     return SteeringVector({rec.layer: vector[rec.layer]}, vector.site, prov)
 
 
+def run_config(model: str, positive: Sequence[Any], negative: Sequence[Any], method: str, scorer: str,
+               layers: list[int] | None, positions: Sequence[Spec], kl_budget: float, budget: int | None,
+               exhaustive: bool, seed: int, settings: Settings) -> dict[str, Any]:
+    """What a tune folder's ``config.json`` holds; ``layers`` / ``budget`` None where not known yet (before
+    the model loads: the command line checks an existing ``--out`` with the known part).
+
+    Example:
+        >>> run_config("smollm2-135m", pos, neg, "dim", "logodds", None, ["all"], 1.0, None, False, 0, Settings())
+    """
+    specs = [p if isinstance(p, str) else list(p) for p in map(check_positions, positions)]
+    return {"model": model, "data": dataset_hash(list(positive) + ["|"] + list(negative)), "method": method,
+            "scorer": scorer, "layers": layers, "positions": specs, "kl_budget": kl_budget, "budget": budget,
+            "exhaustive": exhaustive, "seed": seed, "settings": settings.to_dict()}
+
+
 def tune(lm: LM, positive: Sequence[Any], negative: Sequence[Any], method: str | Aggregator = "dim",
          scorer: str | ScoreFn | None = None, layers: Sequence[int] | None = None,
          positions: Sequence[Spec] = ("all", "prompt"), kl_budget: float = 1.0, budget_evals: int | None = None,
@@ -170,10 +185,9 @@ def tune(lm: LM, positive: Sequence[Any], negative: Sequence[Any], method: str |
     st = settings or Settings()
     inp = check(lm, method, scorer, layers, positions, kl_budget, budget_evals, st)
     pairs, _ = pairs_of(list(positive), list(negative))
-    data = dataset_hash(list(positive) + ["|"] + list(negative))
-    config = {"model": lm.name, "data": data, "method": inp.method_name, "scorer": inp.scorer_name,
-              "layers": inp.layers, "positions": inp.positions, "kl_budget": kl_budget, "budget": inp.budget,
-              "exhaustive": exhaustive, "seed": seed, "settings": st.to_dict()}
+    config = run_config(lm.name, positive, negative, inp.method_name, inp.scorer_name, inp.layers, inp.positions,
+                        kl_budget, inp.budget, exhaustive, seed, st)
+    data = config["data"]
     run: Run | MemoryRun = Run(out, config=config, force=force) if out is not None else MemoryRun()
     try:
         return _steps(run, lm, positive, negative, pairs, method, inp, kl_budget, exhaustive, seed, st, data,

@@ -68,6 +68,21 @@ def read_vector(path: str) -> dict[int, torch.Tensor]:
     return out
 
 
+def finite_alpha(alpha: Any, what: str = "alpha") -> float:
+    """``alpha`` as a finite float; ValueError for a bool, a non-number, NaN/inf, or an integer too large
+    for a float (a 400-digit JSON integer parses as a Python int; ``float()`` of it overflows)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{what} must be a finite number, got a {type(alpha).__name__}")
+    try:
+        value = float(alpha)
+    except OverflowError:
+        raise ValueError(f"{what} must be a finite number; an integer of about {int(int(alpha).bit_length() * 0.30103)} "
+                         "digits is too large for a float") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {alpha!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Spec:
     """One request's steering: named vectors with alphas at ``positions``, or one ablated direction."""
@@ -84,8 +99,8 @@ def parse_spec(raw: Any, known: set[str] | None = None) -> Spec | None:
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ValueError("steering spec is not valid JSON") from None
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
+            raise ValueError("steering spec is not valid JSON (or is nested too deeply)") from None
     if not isinstance(raw, dict):
         raise ValueError("steering spec must be an object")
     unknown = set(raw) - {"vectors", "positions", "ablate"}
@@ -96,9 +111,7 @@ def parse_spec(raw: Any, known: set[str] | None = None) -> Spec | None:
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
             raise ValueError("vectors must be a list of [name, alpha] pairs")
         name, alpha = item
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"alpha for vector {name!r} must be a finite number, got {alpha!r}")
-        pairs.append((name, float(alpha)))
+        pairs.append((name, finite_alpha(alpha, f"alpha for vector {name!r}")))
     positions = raw.get("positions", "all")
     if positions not in POSITIONS:
         raise ValueError(f"positions {positions!r} not supported here; use one of {', '.join(POSITIONS)}")
@@ -293,7 +306,7 @@ class SteerExtension:
                     raise RuntimeError("steerscope: this compiled engine was built without ablation sites; "
                                        "start it with STEERSCOPE_VLLM_GRAPH='<arch>;ablate'")
                 v = next(iter(self._ss_vectors[s.ablate].values()))
-                rt[1 + 2 * i] = rt[2 + 2 * i] = v / v.norm()
+                rt[1 + 2 * i] = rt[2 + 2 * i] = v / v.norm().clamp_min(1e-30)  # a zero direction (refused at the door) stays 0
         sites.table[:, : 2 * n + 1].copy_(table)
         if rt is not None:
             sites.rtable[: 2 * n + 1].copy_(rt)
@@ -325,7 +338,7 @@ class SteerExtension:
             for i, s in enumerate(specs):
                 if s is not None and s.ablate:
                     v = next(iter(self._ss_vectors[s.ablate].values()))
-                    r[i] = v / v.norm()
+                    r[i] = v / v.norm().clamp_min(1e-30)  # zero stays zero: _project leaves the row alone
             ablate = r[tok_req].to(device)
         return _Step(delta, ablate)
 

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from steerscope.data.names import TRAIT_NAMES as TRAITS
 from steerscope.errors import StudyError
-from steerscope.metrics.classifiers import TRAITS
 from steerscope.studies.protocol import StudyConfig, option
 
 
@@ -44,28 +44,29 @@ class Config(StudyConfig):
 
     model: str = option("smollm2-135m", "alias, folder, .gguf or hub id")
     traits: tuple[str, ...] = option(TRAITS, "comma-separated: formality,sentiment,politeness", sep=",")
-    layer: int | None = option(None, "extraction layer (default n_layers // 2)")
+    layer: int | None = option(None, "extraction layer (default n_layers // 2)", minimum=0)
     offset: int = option(0, "inject at layer + offset (1 = paper C's code: output of layers[L//2])", choices=(0, 1))
     methods: tuple[str, ...] = option(("dim",), "vectors in the behavioural test: dim,pca", sep=",")
     alphas: tuple[float, ...] = option((3.0, 6.0), "e.g. 2,4,6 (none is always run)", sep=",")
     seeds: tuple[int, ...] = option((0, 1), "sampling / v_perp seeds, e.g. 0,1", sep=",")
-    n_prompts: int = option(8, "neutral prompts per condition (<= 40)")
-    max_new_tokens: int = option(16, "sampled tokens per completion")
+    n_prompts: int = option(8, "neutral prompts per condition (<= 40)", minimum=2, maximum=40)
+    max_new_tokens: int = option(16, "sampled tokens per completion", minimum=1)
     temperature: float = option(0.8, "sampling temperature")
     ks: tuple[int, ...] = option((1, 5, 10, 20, 50), "orthogonal subspace dimensions", sep=",")
-    n_k_prompts: int = option(2, "prompts in the k-subspace test")
-    k_traits: int = option(1, "traits (first N) in the k-subspace test")
-    n_shift_prompts: int = option(9, "shift prompts (<= 30)")
+    n_k_prompts: int = option(2, "prompts in the k-subspace test", minimum=1)
+    k_traits: int = option(1, "traits (first N) in the k-subspace test", minimum=1)
+    n_shift_prompts: int = option(9, "shift prompts (<= 30)", minimum=1, maximum=30)
     shift: bool = option(True, "skip the behavioural test on shift prompts", flag="--no-shift")
     shift_alpha: float | None = option(None, "alpha of the shift and k tests (default: middle)")
-    n_cov_prompts: int = option(64, "prompts whose token activations form the covariance")
-    n_jac_prompts: int = option(1, "prompts whose logit Jacobians are computed")
+    n_cov_prompts: int = option(64, "prompts whose token activations form the covariance", minimum=1)
+    n_jac_prompts: int = option(1, "prompts whose logit Jacobians are computed", minimum=1)
     seed: int = option(0, "random seed")
     backend: str = option("hf", "engine for the sampled generations: hf or vllm (docs/vllm.md; vLLM's sampler, so "
                                 "not HF's samples)", choices=("hf", "vllm"))
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         bad = [t for t in self.traits if t not in TRAITS]
         if bad or not self.traits:
             raise StudyError(f"unknown traits {bad}; use --traits with some of {','.join(TRAITS)}")

@@ -30,14 +30,14 @@ class Config(StudyConfig):
     model: str = option("smollm2-135m", "alias, folder, .gguf or hub id (default: the preset's)")
     difficulty: str = option("add-1d", "task difficulty (default: the preset's)")
     n_train: int = 200
-    n_test: int = option(80, "test problems (default: the preset's)")
+    n_test: int = option(80, "test problems (default: the preset's)", minimum=1)
     layers: tuple[str, ...] = option(("-2", "-1"), "single layers to train, e.g. mid,-2,-1", sep=",")
     train_all: bool = option(True, "skip the all-layers vector", flag="--no-all")
     lora: bool = option(True, "skip the LoRA baseline", flag="--no-lora")
     lora_rank: int = 2
-    steps: int = option(10, "RLOO steps per trained vector")
-    prompts_per_step: int = option(4, "prompts per RLOO step")
-    k: int = option(8, "samples per prompt")
+    steps: int = option(10, "RLOO steps per trained vector", minimum=1)
+    prompts_per_step: int = option(4, "prompts per RLOO step", minimum=1)
+    k: int = option(8, "samples per prompt (RLOO's leave-one-out baseline needs 2)", minimum=2)
     lr: float = option(0.1, "learning rate of the bias")  # SmolLM2 residual norms are 150-900: |bias| ~10-50 matters
     lora_lr: float = 1e-3
     max_new_tokens: int = 16
@@ -48,7 +48,7 @@ class Config(StudyConfig):
     transfer_model: str | None = option("smollm2-135m-safe", "a model of the same depth and width to transfer to "
                                         "(both directions, transfer.py)")
     transfer: bool = option(True, "skip the transfer step", flag="--no-transfer")
-    seeds: int = option(3, "training seeds of the penultimate-layer headline vector (seeds.py)")
+    seeds: int = option(3, "training seeds of the penultimate-layer headline vector (seeds.py)", minimum=1)
     gate_compare: bool = option(True, "skip the gated vs plain comparison (gate.py)", flag="--no-gate-compare")
     sae: bool = option(True, "skip the SAE / DiffSAE step (sae_step.py)", flag="--no-sae")
     sae_width: int = 1024

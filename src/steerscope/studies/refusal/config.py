@@ -49,23 +49,23 @@ class Config(StudyConfig):
 
     model: str = option("smollm2-135m-safe", "alias, folder, .gguf or hub id of the refusing model")
     seed: int = option(0, "random seed")
-    n_train: int = option(128, "train prompts per side for the DIM means")
-    n_val: int = option(16, "validation prompts per side for selection")
-    n_test: int = option(100, "test prompts per side for the ASR table")
+    n_train: int = option(128, "train prompts per side for the DIM means", minimum=1)
+    n_val: int = option(16, "validation prompts per side for selection", minimum=1)
+    n_test: int = option(100, "test prompts per side for the ASR table", minimum=1)
     positions: tuple[int, ...] = (-5, -4, -3, -2, -1)
-    layer_stride: int = option(2, "score every k-th layer (1 = all)")
+    layer_stride: int = option(2, "score every k-th layer (1 = all)", minimum=1)
     layers: tuple[int, ...] | None = option(None, "explicit candidate layers, e.g. 6,8,10 (overrides --layer-stride)",
                                             sep=",")
     alphas: tuple[float, ...] = option((1.0,), "steering magnitudes", nargs="+")
-    max_new_tokens: int = option(64, "greedy completion length")
-    n_trained: int = option(64, "prompts per side for NTP/PO data")
-    trained_epochs: int = option(3, "NTP / PO epochs")
+    max_new_tokens: int = option(64, "greedy completion length", minimum=1)
+    n_trained: int = option(64, "prompts per side for NTP/PO data", minimum=1)
+    trained_epochs: int = option(3, "NTP / PO epochs", minimum=1)
     # paper A: 0.01 with far more data; 0.01 barely moves the vector here
     trained_lr: float = option(0.3, "Adam learning rate for NTP / PO")
-    trained_batch: int = option(8, "NTP / PO batch size")
+    trained_batch: int = option(8, "NTP / PO batch size", minimum=1)
     trained_tokens: int = 32
     phi: float = 2e-2
-    gen_batch: int = option(32, "prompts per batched generation")
+    gen_batch: int = option(32, "prompts per batched generation", minimum=1)
     retrain_organism: bool = option(False, "rebuild the LoRA organism (slow)")
     shipped_vectors: bool = option(False, "evaluate the shipped organism vectors instead of this run's "
                                           "(skips NTP/PO training)")
@@ -73,12 +73,13 @@ class Config(StudyConfig):
                                                       "(the pick scales the saved vector)", nargs="+")
     matched_norm: bool = option(False, "also evaluate NTP/PO rescaled to the DIM norm")
     dtype: str = option("float32", "model dtype: float32 or bfloat16")
-    threads: int = option(1, "torch CPU threads")
+    threads: int = option(1, "torch CPU threads", minimum=1)
     backend: str = option("hf", "engine for the ASR table's generations (vllm: docs/vllm.md)", choices=("hf", "vllm"))
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Refuse impossible sizes and magnitudes in one line, before any model loads."""
+        super().__post_init__()
         self.require_at_least_one("n_train", "n_val", "n_test", "max_new_tokens", "n_trained", "trained_epochs",
                                   "trained_batch", "trained_tokens", "gen_batch", "layer_stride", "threads")
         for name in ("alphas", "select_alphas"):

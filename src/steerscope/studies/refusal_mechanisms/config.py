@@ -31,16 +31,18 @@ class Config(StudyConfig):
     vectors: dict[str, str] = field(default_factory=lambda: dict(SHIPPED))
     alpha_bypass: float = option(-1.0, "steering scale on harmful prompts (< 0)")
     alpha_induce: float = option(1.0, "steering scale on harmless prompts (> 0)")
-    n_attr: int = option(8, "prompts per attribution set (before the behaviour-flip filter)")
-    attr_tokens: int = option(24, "teacher-forced response length for EAP-IG")
-    steps: int = option(10, "IG midpoint steps T")
+    n_attr: int = option(8, "prompts per attribution set (before the behaviour-flip filter)", minimum=1)
+    attr_tokens: int = option(24, "teacher-forced response length for EAP-IG", minimum=1)
+    steps: int = option(10, "IG midpoint steps T", minimum=1)
     n_check: int = 4  # prompts for the EAP-IG vs exact patching check
     circuit_fracs: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
     threshold: float = 0.85
     bisect_steps: int = 4  # refine the minimal faithful circuit between grid sizes
-    n_eval: int = option(32, "prompts per ASR measurement (sparsity curves; offsets the attribution prompts)")
-    n_ablate: int = option(64, "prompts per Table-1 ablation setting (0 = --n-eval); the first of the test split")
-    eval_tokens: int = option(32, "greedy tokens per ASR completion")
+    n_eval: int = option(32, "prompts per ASR measurement (sparsity curves; offsets the attribution prompts)",
+                         minimum=1)
+    n_ablate: int = option(64, "prompts per Table-1 ablation setting (0 = --n-eval); the first of the test split",
+                           minimum=0)
+    eval_tokens: int = option(32, "greedy tokens per ASR completion", minimum=1)
     sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
     batch_size: int = 16
     seed: int = option(0, "random seed")
@@ -48,6 +50,7 @@ class Config(StudyConfig):
     dtype: str = option("float32", "model dtype: float32 or bfloat16 (the GPU presets)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.alpha_bypass >= 0 or self.alpha_induce <= 0:
             raise StudyError("use --alpha-bypass < 0 (subtract s on harmful prompts) and --alpha-induce > 0")
         self.require_at_least_one("n_eval", "n_attr", "attr_tokens", "steps", "eval_tokens", "batch_size", "n_check")
