@@ -20,7 +20,8 @@ the CPU and in float32 and ``--dtype`` on ``--device``; the largest difference o
 and of the steering delta (steered minus unsteered), relative to the largest magnitude, and
 whether the unsteered logits after the ``steering`` context are bit-identical to before (state
 restored); and in float32, EAP-IG edge scores, exact edge and node patching and a circuit's patched
-metric on the device vs the CPU on one teacher-forced batch. ``matmul_tflops`` is a bf16 8192^3 product's rate on the device (the physical anchor).
+metric on the device vs the CPU on one teacher-forced batch; ``library``: extract, generate, ablation,
+recording and a quick explain card on a tiny model on the device vs the CPU. ``matmul_tflops`` is a bf16 8192^3 product's rate on the device (the physical anchor).
 
 Usage:
     python benchmarks/gpu_check.py --out gpu_check.json          # CUDA, bf16, both shapes
@@ -280,6 +281,72 @@ def circuits_parity(device: str) -> dict[str, Any]:
     return out
 
 
+def library_paths(device: str) -> dict[str, Any]:
+    """The library's everyday paths on ``device`` vs the CPU, on a tiny Llama in float32: ``extract`` (cosine of
+    the two vectors), ``generate`` steered (prompts whose greedy text is identical), ``ablation`` (logits
+    change; state restored), ``recording`` (shape) and a quick ``explain`` card (its claims' statuses)."""
+    import copy
+
+    import steerscope as ss
+    from steerscope.generation import chat_batch
+
+    family, kw = TINY["tiny-llama"]
+    ref = build(family, kw, "cpu", torch.float32, seed=7)
+    lm = ss.from_hf(copy.deepcopy(ref.model).to(device), ref.tokenizer, name="tiny-llama")
+    pos, neg = PROMPTS[:4], [p.lower().rstrip("?.") + ", please!!" for p in PROMPTS[:4]]
+    out: dict[str, Any] = {}
+
+    def part(key: str, fn: Callable[[], Any]) -> None:
+        _section(out, key, fn)
+
+    vecs: dict[str, Any] = {}
+
+    def extract() -> dict[str, Any]:
+        for name, m in (("cpu", ref), ("device", lm)):
+            vecs[name] = ss.extract(m, pos, neg, method="dim", layers=[2], positions=[-1], show_progress=False)
+        a, b = vecs["cpu"][2].float().cpu(), vecs["device"][2].float().cpu()
+        return {"cosine": round(float(a @ b / (a.norm() * b.norm())), 6), "norm": round(float(b.norm()), 4)}
+    part("extract", extract)
+    v = vecs.get("cpu")
+    if v is None:
+        return out
+    v = ss.SteeringVector({2: v[2] * (4.0 / float(v[2].norm()))})
+
+    def generate() -> dict[str, Any]:
+        a = ss.generate(ref, PROMPTS[:4], vector=v, alpha=1.0, max_new_tokens=8)
+        b = ss.generate(lm, PROMPTS[:4], vector=v, alpha=1.0, max_new_tokens=8)
+        u = ss.generate(lm, PROMPTS[:4], max_new_tokens=8)
+        return {"identical": sum(x == y for x, y in zip(a, b)), "n": len(a), "steering_changed": sum(x != y for x, y in zip(b, u))}
+    part("generate", generate)
+
+    def ablation() -> dict[str, Any]:
+        enc = chat_batch(lm, PROMPTS[:2])
+        with torch.no_grad():
+            before = lm.model(**enc).logits
+            with ss.ablation(lm, v[2]):
+                ablated = lm.model(**enc).logits
+            after = lm.model(**enc).logits
+        return {"changed": bool((ablated - before).abs().max() > 0), "state_restored": bool(torch.equal(before, after))}
+    part("ablation", ablation)
+
+    def recording() -> dict[str, Any]:
+        enc = chat_batch(lm, PROMPTS[:2])
+        with torch.no_grad(), ss.recording(lm, ["blocks.1.resid_pre"]) as cache:
+            lm.model(**enc)
+        x = cache["blocks.1.resid_pre"]
+        return {"shape": list(x.shape), "device": str(x.device)}
+    part("recording", recording)
+
+    def explain() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        card = ss.explain(lm, v, prompts=PROMPTS[:4], alpha=1.0, quick=True, show_progress=False)
+        statuses = [c.status for c in card.claims]
+        return {"seconds": round(time.perf_counter() - t0, 1), "claims": len(statuses),
+                **{s: statuses.count(s) for s in ("supported", "contradicted", "undecided")}}
+    part("explain", explain)
+    return out
+
+
 def matmul_tflops(device: str, n: int = 8192, reps: int = 10) -> float | None:
     if not device.startswith("cuda"):
         return None
@@ -324,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per generation row")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per generation setting")
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--sections", default="all", help="comma-separated subset of matmul,parity,circuits,shapes")
+    ap.add_argument("--sections", default="all", help="comma-separated subset of matmul,parity,circuits,library,shapes")
     a = ap.parse_args(argv)
     a.batches = [int(x) for x in a.batches.split(",")]
     dtype = getattr(torch, a.dtype)
@@ -337,13 +404,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": a.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": sys.version.split()[0], "tiny": a.tiny,
     }
-    want = {"matmul", "parity", "circuits", "shapes"} if a.sections == "all" else set(a.sections.split(","))
+    want = {"matmul", "parity", "circuits", "library", "shapes"} if a.sections == "all" else set(a.sections.split(","))
     if "matmul" in want:
         _section(res, "matmul_tflops", lambda: matmul_tflops(a.device))
     if "parity" in want:
         _section(res, "parity", lambda: parity(a.device, dtype))
     if "circuits" in want:
         _section(res, "circuits_parity", lambda: circuits_parity(a.device))
+    if "library" in want:
+        _section(res, "library", lambda: library_paths(a.device))
     res["shapes"] = {}
     for name, (family, kw) in ((TINY if a.tiny else SHAPES).items() if "shapes" in want else ()):
         _section(res["shapes"], name, lambda family=family, kw=kw, name=name: run_shape(name, family, kw, a, dtype))
