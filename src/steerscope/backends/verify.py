@@ -106,14 +106,14 @@ class VerifyResult(Record):
         """One line naming the first backend that does not agree and its first differing prompt; None when ok."""
         for b in self.backends:
             if b.status == "failed":
-                return f"verify: {b.backend} failed: {b.reason}"
+                return f"{b.backend} failed: {b.reason}"
             if b.status == "DIFFER":
                 i = b.first_differing_prompt
                 if i is None:
-                    return (f"verify: {b.backend} DIFFERS from hf: tokens identical on all {len(b.prompts)} prompts but "
+                    return (f"{b.backend} DIFFERS from hf: tokens identical on all {len(b.prompts)} prompts but "
                             f"the logit-delta error {b.delta_rel_err:.3g} exceeds {self.delta_tol:g}")
                 p = b.prompts[i]
-                return (f"verify: {b.backend} DIFFERS from hf at prompt {i} ({self.prompts[i][:60]!r}): first "
+                return (f"{b.backend} DIFFERS from hf at prompt {i} ({self.prompts[i][:60]!r}): first "
                         f"differing token {p.first_diff} of {p.n_tokens}")
         return None
 
