@@ -94,7 +94,7 @@ def test_llamacpp_refuses_what_a_control_vector_cannot_do():
 
 def test_refusals_are_one_line_per_backend_and_not_failures(tiny_llama, monkeypatch):
     """llama.cpp refuses a non-residual site and an ablation; vLLM refuses clamping and last-K (both "installed")."""
-    monkeypatch.setattr(llamacpp, "missing", lambda: None)
+    monkeypatch.setattr(llamacpp, "missing", lambda lm=None: None)
     monkeypatch.setattr("steerscope.backends.vllm.engine_python", lambda required=True: "/fake/python")
     kw = dict(prompts=["Hello there"], max_new_tokens=2)
     mlp = V.verify(tiny_llama, _vec(tiny_llama, 1, "attn_out"), alpha=1.0, **kw)

@@ -67,17 +67,20 @@ def convert_script() -> Path | None:
     return Path(env).expanduser() if env and Path(env).expanduser().is_file() else None
 
 
-def missing() -> str | None:
-    """Why llama.cpp cannot run here (with the install command), or None when it can."""
+def missing(lm: LM | None = None) -> str | None:
+    """Why llama.cpp cannot run ``lm`` here (with the install command), or None when it can (without ``lm``:
+    whether llama.cpp and its converter are there)."""
     if llama_python() is None:
         return f"llama-cpp-python not found; install it: {INSTALL}"
-    if convert_script() is None and not _cached_any():
+    if convert_script() is None and (lm is None or not gguf_path(lm).is_file()):
         return f"no LLAMACPP_CONVERT (llama.cpp's convert_hf_to_gguf.py) to make the F32 GGUF; {INSTALL}"
     return None
 
 
-def _cached_any() -> bool:
-    return (cache_dir() / "llamacpp-models").is_dir() and any((cache_dir() / "llamacpp-models").glob("*.gguf"))
+def gguf_path(lm: LM) -> Path:
+    """Where the F32 GGUF of ``lm``'s weights is cached (keyed by name and weights fingerprint)."""
+    key = hashlib.sha256(f"{lm.name}:{lm.fingerprint}".encode()).hexdigest()[:16]
+    return cache_dir() / "llamacpp-models" / f"{key}-f32.gguf"
 
 
 def f32_gguf(lm: LM) -> Path:
@@ -88,8 +91,7 @@ def f32_gguf(lm: LM) -> Path:
     """
     from steerscope.backends.vllm import export_folder  # the same safetensors export the vLLM engine loads
 
-    key = hashlib.sha256(f"{lm.name}:{lm.fingerprint}".encode()).hexdigest()[:16]
-    out = cache_dir() / "llamacpp-models" / f"{key}-f32.gguf"
+    out = gguf_path(lm)
     if out.is_file():
         return out
     script = convert_script()

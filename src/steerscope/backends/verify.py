@@ -281,7 +281,7 @@ def _llamacpp(lm: LM, vector: SteeringVector, plan: Plan, ids: Sequence[Sequence
               ref: list[list[int]], delta_tol: float) -> BackendResult:
     from steerscope.backends import llamacpp
 
-    why = llamacpp.missing()
+    why = llamacpp.missing(lm)
     if why is not None:
         return BackendResult("llamacpp", "skipped", why)
     why = llamacpp.refusal(plan.operation, plan.site, plan.layers, plan.positions)
