@@ -82,6 +82,15 @@ def test_absent_backends_are_skipped_with_the_install_command(tiny_folder, tiny_
     assert "steerscope vllm-setup" in out and f"llama-cpp-python=={llamacpp.VERSION}" in out
 
 
+def test_a_control_vector_gguf_is_verified_by_its_travelling_use_record(tiny_folder, tiny_llama, tmp_path, capsys,
+                                                                           monkeypatch):
+    _absent(monkeypatch)
+    path = _vec(tiny_llama, 2, use=Use(layers=[2], alpha=1.5)).export_gguf(tmp_path / "v.gguf")
+    assert main(["verify", str(path), "--model", str(tiny_folder), "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["layers"] == [2] and out["plan"]["alpha"] == 1.5 and out["ok"]
+
+
 # -- refusals ------------------------------------------------------------------------------------------------
 def test_llamacpp_refuses_what_a_control_vector_cannot_do():
     assert llamacpp.refusal("add", "resid_pre", [12], "all") is None
