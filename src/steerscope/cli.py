@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     from steerscope.tune import command as tune_command  # torch-free, like every parser builder here
 
     tune_command.add_parser(sub, _common)
+    from steerscope.backends import verify_command  # steerscope verify (its options and command live there)
+
+    verify_command.add_parser(sub, _common)
     _add_studies(sub.add_parser("study", help="run a study end to end and write a report",
                                 description="Run a study end to end and write its report (docs/studies.md)."))
     return p
