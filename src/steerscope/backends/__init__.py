@@ -10,6 +10,18 @@ and vllm (or, for ``steerscope_llamacpp_worker.py``, llama_cpp and numpy); nothi
 vector file steers the same on hf, vllm and llamacpp.
 """
 
-from steerscope.backends.base import BACKENDS, Addition, BackendError, Engine, Request, engine, requests
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["BACKENDS", "Addition", "BackendError", "Engine", "Request", "engine", "requests"]
+
+
+def __getattr__(name: str) -> Any:
+    """The names of :mod:`steerscope.backends.base`, imported on first use (``base`` imports torch; the
+    command line imports ``backends.verify_command`` while it builds its parser, which must stay torch-free)."""
+    if name in __all__:
+        from steerscope.backends import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
