@@ -41,3 +41,7 @@ def test_gpu_check_runs_every_section_on_tiny_configs_on_the_cpu(tmp_path):
     for name, c in res["circuits_parity"].items():  # the same computation on the same device: identical
         assert c["scored_positions"] > 0, name
         assert max(c[k] for k in ("eap_ig_edges_rel", "exact_edges_rel", "exact_nodes_rel", "circuit_metric_rel")) < 1e-6
+    lib = res["library"]  # the everyday paths on the "device" (the CPU here) vs the CPU
+    assert lib["extract"]["cosine"] > 0.9999 and lib["generate"]["identical"] == lib["generate"]["n"]
+    assert lib["ablation"]["changed"] and lib["ablation"]["state_restored"]
+    assert lib["explain"]["claims"] > 0 and "error" not in lib["explain"]
