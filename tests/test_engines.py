@@ -149,3 +149,46 @@ def test_reasoning_generations_on_the_engine_are_those_of_the_old_loop(lm, do_sa
     got = rst._generate(lm, texts, bias.active, 5, do_sample, 17)
     assert torch.equal(torch.get_rng_state(), state)
     assert got == _old_reasoning_loop(lm, texts, bias.active, 5, do_sample, 17)
+
+
+def test_parallel_sizes_the_model_cannot_take_are_refused_before_any_engine_starts(lm) -> None:
+    from steerscope.backends.vllm import check_parallel, cpu_binding, engine_for
+
+    assert check_parallel(lm, {}) == 1 and check_parallel(lm, {"tensor_parallel_size": 2}) == 2  # 4 heads
+    for bad, words in (({"tensor_parallel_size": 3}, "does not divide"), ({"tensor_parallel_size": 0}, ">= 1"),
+                       ({"tensor_parallel_size": 2.0}, "whole number"), ({"pipeline_parallel_size": 9}, "exceeds")):
+        with pytest.raises(BackendError, match=words):
+            check_parallel(lm, bad)
+        with pytest.raises(BackendError, match=words):  # engine_for refuses before exporting or starting anything
+            engine_for(lm, **bad)
+    assert cpu_binding(2, [0, 1]) == "0|1" and cpu_binding(2, [4, 5, 6, 7]) == "4,5|6,7"
+    assert cpu_binding(3, [0, 1, 2, 3, 4, 5, 6]) == "0,1|2,3|4,5"
+    with pytest.raises(BackendError, match="need at least 4 CPUs"):
+        cpu_binding(4, [0, 1])
+
+
+def test_engine_options_belong_to_vllm_and_reach_its_engine(lm) -> None:
+    with pytest.raises(ss.SteerscopeError, match="backend='vllm' only"):
+        ss.generate(lm, "Hi", max_new_tokens=2, engine_args={"tensor_parallel_size": 2})
+    with pytest.raises(ss.SteerscopeError, match="backend='vllm' only"):
+        engine("hf", compiled=True)
+    eng = engine("vllm", compiled=True, engine_args={"tensor_parallel_size": 2})
+    assert isinstance(eng, VLLMEngine) and eng.compiled and eng.engine_args == {"tensor_parallel_size": 2}
+
+
+def test_serve_passes_tensor_parallelism_through_with_one_cpu_share_per_rank(monkeypatch, tmp_path) -> None:
+    from pathlib import Path
+
+    from steerscope.backends import serve as sv
+
+    monkeypatch.setattr(sv, "engine_python", lambda required=True: Path("/venv/bin/python"))
+    monkeypatch.setattr(sv, "cpu_binding", lambda ranks, cpus=None: "|".join(str(i) for i in range(ranks)))
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    argv, env = sv.serve_argv(str(tmp_path), {}, "127.0.0.1", 8000, "m")
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "uni" and "--tensor-parallel-size" not in argv
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env
+    argv, env = sv.serve_argv(str(tmp_path), {}, "127.0.0.1", 8000, "m", tensor_parallel_size=2)
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "mp" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    argv, _ = sv.serve_argv(str(tmp_path), {}, "127.0.0.1", 8000, "m", tensor_parallel_size=2, executor="ray")
+    assert argv.count("--distributed-executor-backend") == 1 and argv[argv.index("--distributed-executor-backend") + 1] == "ray"

@@ -13,6 +13,7 @@ environment (``steerscope vllm-setup``) is absent; .ci/run creates it.
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import pytest
@@ -72,16 +73,21 @@ def tiny_qwen2(tokenizer) -> ss.LM:
     return ss.from_hf(model, tokenizer, name="tiny-qwen2-d128")
 
 
-@pytest.fixture(scope="module", params=["smollm2", "qwen2-tiny", "smollm2-compiled", "qwen2-tiny-compiled"])
+@pytest.fixture(scope="module", params=["smollm2", "qwen2-tiny", "smollm2-compiled", "qwen2-tiny-compiled",
+                                        "qwen2-tiny-tp2"])
 def setup(request, smol):
-    """Eager engines (hooks) and compiled ones (vLLM's torch.compile with the graph-safe steering buffers)."""
+    """Eager engines (hooks), compiled ones (vLLM's torch.compile with the graph-safe steering buffers), and
+    tensor parallelism: the tiny Qwen2 split over 2 CPU workers (the mp executor; each rank bound to a CPU)."""
+    if request.param.endswith("-tp2") and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("tensor parallelism over 2 CPU workers needs 2 CPUs")
     if request.param.startswith("smollm2"):
         lm, layers1, layers3, norm = smol, [12], [0, 12, 20], 10.0
     else:
         lm = tiny_qwen2(smol.tokenizer)
         layers1, layers3, norm = [2], [0, 1, 3], 4.0
     compiled = request.param.endswith("-compiled")
-    engine = bv.engine_for(lm, compiled=compiled)  # the engine ss.generate(backend="vllm") uses when eager
+    kwargs = {"tensor_parallel_size": 2} if request.param.endswith("-tp2") else {}
+    engine = bv.engine_for(lm, compiled=compiled, **kwargs)  # the engine ss.generate(backend="vllm") uses
     if compiled:
         # really compiled (else this would only repeat the eager cases through other hooks)
         assert engine.info.get("graph") is True and engine.info["enforce_eager"] is False, engine.info
@@ -153,4 +159,9 @@ def test_hooks_ran_and_generate_api_matches(setup):
             ss.generate(lm, prompts, vector=vec, max_new_tokens=12)
     else:
         run(s, [bv.spec(s["engine"], vec, 1.0)] * len(PROMPTS))
-    assert s["engine"].stats()["steered_layer_calls"] > 0
+    stats = s["engine"].stats()
+    assert stats["steered_layer_calls"] > 0
+    if s["name"].endswith("-tp2"):  # every rank steered, and holds the same steered residual stream
+        ranks = stats["ranks"]
+        assert len(ranks) == 2 and all(r["steered_layer_calls"] > 0 for r in ranks), ranks
+        assert ranks[0]["last_steered_stream_sum"] == ranks[1]["last_steered_stream_sum"] is not None, ranks

@@ -276,7 +276,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from steerscope.backends.serve import serve
 
     serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=a.vllm_args, device=a.device,
-          max_body_mib=a.max_body_mib)
+          max_body_mib=a.max_body_mib, tensor_parallel_size=a.tensor_parallel_size,
+          executor=a.distributed_executor_backend)
 
 
 def cmd_vllm_setup(a: argparse.Namespace) -> None:
@@ -489,6 +490,12 @@ def _add_serve(sub: Any) -> None:
     sv.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
     sv.add_argument("--max-body-mib", type=T.positive_int, default=8, help="largest request body in MiB; a larger "
                     "one gets HTTP 413 (default: %(default)s)")
+    sv.add_argument("--tensor-parallel-size", type=T.positive_int, default=1, help="split the model over this "
+                    "many workers (vLLM tensor parallelism; on CPU each is bound to its share of this process's "
+                    "CPUs) (default: %(default)s)")
+    sv.add_argument("--distributed-executor-backend", default=None, choices=("uni", "mp", "ray"),
+                    help="vLLM's executor: uni (one worker in the engine process), mp (one process per rank) or "
+                    "ray (a Ray cluster); default: uni for one worker, mp for more")
     sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. "
                     "'--max-model-len 2048' (default: none)")
     sv.set_defaults(func=cmd_serve)

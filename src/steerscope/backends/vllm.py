@@ -121,6 +121,9 @@ class Engine:
         if self.compiled:
             env["STEERSCOPE_VLLM_GRAPH"] = graph_env(self.model, self.ablation_sites)
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # this process is already the engine's own
+        ranks = int(self.engine_kwargs.get("tensor_parallel_size", 1)) * int(self.engine_kwargs.get("pipeline_parallel_size", 1))
+        if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:  # else vLLM stops: "Not enough allowed NUMA nodes"
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(ranks)
         log = open(self.log_path, "w")
         self._proc = subprocess.Popen([str(py), str(ENGINE_DIR / "steerscope_vllm_engine.py"), json.dumps(cfg)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -213,11 +216,46 @@ def graph_env(model: str | Path, ablation_sites: bool = True) -> str:
 _ENGINES: dict[tuple[str, str, str, bool], Engine] = {}
 
 
+def check_parallel(lm: LM, engine_kwargs: dict[str, Any]) -> int:
+    """The number of ranks ``engine_kwargs`` asks for (tensor x pipeline parallel); BackendError, before any
+    engine starts, for a size the model cannot be split into or a non-positive one."""
+    tp, pp = (engine_kwargs.get(k, 1) for k in ("tensor_parallel_size", "pipeline_parallel_size"))
+    for key, n in (("tensor_parallel_size", tp), ("pipeline_parallel_size", pp)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise BackendError(f"{key} must be a whole number >= 1, got {n!r}")
+    heads = int(getattr(lm.config, "num_attention_heads", 0) or 0)
+    if tp > 1 and heads % tp:
+        raise BackendError(f"{lm.name} has {heads} attention heads, which tensor_parallel_size={tp} does not divide; "
+                           f"use a size that divides {heads} (or 1)")
+    if pp > lm.n_layers:
+        raise BackendError(f"pipeline_parallel_size={pp} exceeds {lm.name}'s {lm.n_layers} layers")
+    return int(tp * pp)
+
+
+def cpu_binding(ranks: int, cpus: Sequence[int] | None = None) -> str:
+    """vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` CPU workers: this process's CPUs cut into contiguous
+    groups, one per rank (``"0|1"``, ``"0-3|4-7"``); BackendError when there are fewer CPUs than ranks.
+
+    Example:
+        >>> cpu_binding(2, [0, 1])
+        '0|1'
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    if len(cpus) < ranks:
+        raise BackendError(f"{ranks} vLLM CPU workers need at least {ranks} CPUs; this process may use {len(cpus)}")
+    per = len(cpus) // ranks
+    groups = [cpus[i * per:(i + 1) * per] for i in range(ranks)]
+    return "|".join(str(g[0]) if len(g) == 1 else ",".join(map(str, g)) for g in groups)
+
+
 def engine_for(lm: LM, compiled: bool = False, **engine_kwargs: Any) -> Engine:
     """The cached engine on ``lm``'s weights (started on first use, stopped at exit or by :func:`close_engines`).
 
     ``compiled=True``: vLLM's compiled model with graph-safe steering buffers (see :class:`Engine`).
+    ``engine_kwargs`` go to vLLM's ``LLM(...)`` (e.g. ``tensor_parallel_size=2``); a parallel size the model
+    cannot be split into is refused here, before anything starts (:func:`check_parallel`).
     """
+    check_parallel(lm, engine_kwargs)
     dtype = str(lm.dtype).removeprefix("torch.")
     folder = str(export_folder(lm))
     key = (folder, dtype, json.dumps(engine_kwargs, sort_keys=True), compiled)
@@ -327,14 +365,17 @@ def row_specs(lm: LM, engine: Engine, vector: SteeringVector | Sequence[Steering
 
 def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[SteeringVector | None] | None,
              alpha: float | Sequence[float], max_new_tokens: int, positions: str, do_sample: bool,
-             temperature: float, seed: int | None, templated: bool, top_p: float = 1.0, top_k: int = 0) -> list[str]:
+             temperature: float, seed: int | None, templated: bool, top_p: float = 1.0, top_k: int = 0,
+             compiled: bool = False, engine_kwargs: dict[str, Any] | None = None) -> list[str]:
     """What :func:`steerscope.generate` does with ``backend="vllm"`` (texts already templated).
+
+    ``compiled`` and ``engine_kwargs`` choose the cached engine (:func:`engine_for`).
 
     ``vector`` and ``alpha`` may each be one per text (every request steered its own way, one engine
     call). A vector at ``mlp_out`` / ``resid_post`` is steered at resid_pre one layer up
     (:func:`as_resid_pre`). Sampled with a ``seed``, text i gets its own seed (:func:`row_seeds`).
     """
-    eng = engine_for(lm)
+    eng = engine_for(lm, compiled, **(engine_kwargs or {}))
     specs = row_specs(lm, eng, vector, alpha, positions, len(texts))
     ids = prompt_ids(lm, texts, templated)
     params = stop_params(lm, max_new_tokens, do_sample, temperature, seed, top_p, top_k)
@@ -367,6 +408,11 @@ class VLLMEngine:
 
     name = "vllm"
 
+    def __init__(self, compiled: bool = False, engine_args: dict[str, Any] | None = None) -> None:
+        """``compiled``: vLLM's compiled model (graph-safe steering); ``engine_args``: more ``LLM(...)`` arguments."""
+        self.compiled = compiled
+        self.engine_args = dict(engine_args or {})
+
     def generate(self, lm: LM, requests: Sequence[Request]) -> list[str]:
         """One completion (new text only) per request, in request order."""
         _check(requests)
@@ -388,7 +434,7 @@ class VLLMEngine:
                 extra["top_k"] = r0.top_k
             pos = a0.positions if a0 is not None and isinstance(a0.positions, str) else "all"  # _check made sure
             done = generate(lm, texts, vec, alpha, r0.max_new_tokens, pos, r0.do_sample, r0.temperature, r0.seed,
-                            r0.template != "none", **extra)
+                            r0.template != "none", compiled=self.compiled, engine_kwargs=self.engine_args, **extra)
             for i, t in zip(idx, done):
                 out[i] = t
         return out

@@ -222,8 +222,10 @@ class SteerExtension:
 
     def steerscope_stats(self) -> dict[str, Any]:
         """Hook calls on steered steps (0 after steered requests means the hooks were bypassed)."""
+        stream = getattr(self, "_ss_stream", None)  # the stream just after the last steered addition (eager)
         return {"steered_layer_calls": self._ss_calls, "vectors": sorted(self._ss_vectors), "bad": self._ss_bad[-5:],
-                "last_steered_step": getattr(self, "_ss_last", None)}
+                "last_steered_step": getattr(self, "_ss_last", None),
+                "last_steered_stream_sum": None if stream is None else float(stream.double().sum())}
 
     # -- hooks -------------------------------------------------------------------------------
     def _ss_spec(self, req_id: str) -> Spec | None:
@@ -355,6 +357,7 @@ class SteerExtension:
                     hidden = _add(hidden, d.to(hidden.dtype))
                 else:
                     residual = _add(residual, d.to(residual.dtype))
+                self._ss_stream = hidden if residual is None else residual  # for stats: no copy, no sync
             if step.ablate is not None:
                 hidden = _project(hidden, step.ablate.to(hidden.dtype))
                 if residual is not None:

@@ -62,7 +62,8 @@ def main() -> None:
                 known.add(req["name"])
                 reply({"ok": True, "layers": layers})
             elif op == "stats":
-                reply({"ok": True, **llm.collective_rpc("steerscope_stats")[0]})
+                ranks = llm.collective_rpc("steerscope_stats")  # one per worker (tensor / pipeline parallel ranks)
+                reply({"ok": True, **ranks[0], "ranks": ranks})
             elif op == "generate":
                 reply(_generate(llm, req, known, parse_spec, SamplingParams, TokensPrompt))
             else:
