@@ -20,6 +20,7 @@ import torch
 
 from steerscope.errors import DataError, SteerscopeError
 from steerscope.models.lm import LM
+from steerscope.conditional.condition import Gate
 from steerscope.steer import Positions, VectorLike, as_vectors
 
 IGNORE = -100  # label of tokens that do not count
@@ -162,6 +163,7 @@ def generate(
     show_progress: bool = False,
     backend: str = "hf",
     layer: int | None = None,
+    condition: Gate | None = None,
 ) -> list[str]:
     """Generate completions for ``prompts`` (chat template applied), steered if ``vector`` is given.
 
@@ -174,6 +176,7 @@ def generate(
     :class:`~steerscope.backends.base.Request` s for the ``backend``'s engine (:func:`steerscope.backends.base.engine`). ``backend="vllm"`` runs them on a cached vLLM
     engine (docs/vllm.md): greedy output is token for token the HF one; positions ``all`` / ``prompt``
     / ``generated`` only; sampling uses vLLM's sampler.
+    ``condition`` (HF only): each row is steered only where its own gate is open (docs/conditional.md).
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)
@@ -183,7 +186,8 @@ def generate(
 
     vecs = None if vector is None else as_vectors(vector, lm, layer)
     eng = engine(backend, batch_size=batch_size, show_progress=show_progress)
-    reqs = requests(prompts, vecs, alpha, positions, system=system, template="apply" if chat else "none",
+    reqs = requests(prompts, vecs, alpha, positions, condition=condition, system=system,
+                    template="apply" if chat else "none",
                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
     return eng.generate(lm, reqs)
 
