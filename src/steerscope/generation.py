@@ -18,9 +18,9 @@ from typing import Any, ContextManager, Mapping, Sequence
 
 import torch
 
+from steerscope.conditional.condition import Gate
 from steerscope.errors import DataError, SteerscopeError
 from steerscope.models.lm import LM
-from steerscope.conditional.condition import Gate
 from steerscope.steer import Positions, VectorLike, as_vectors
 
 IGNORE = -100  # label of tokens that do not count

@@ -195,7 +195,8 @@ class Condition(Gate):
     @property
     def unit(self) -> torch.Tensor:
         """The unit direction d̂ [d_model] (float32)."""
-        return self.direction / self.direction.norm()
+        u: torch.Tensor = self.direction / self.direction.norm()
+        return u
 
     def leaves(self) -> list[Condition]:
         return [self]
