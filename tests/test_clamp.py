@@ -145,3 +145,24 @@ def test_clamps_restore_the_model_after_exit_and_exception(make_ctx):
     with torch.no_grad():
         assert torch.equal(ref, lm.model(**batch).logits)
     assert hook_count(lm.model) == before
+
+
+def test_a_clamp_spec_round_trips_through_json_and_applies_as_clamping():
+    import json
+
+    from steerscope.conditional.clamp import Clamp
+
+    lm = make_tiny("llama", seed=3)
+    vec, batch = _vec(lm), batch_ids(n=2, length=6, left_pad=1)
+    cond = Condition(torch.ones(lm.d_model), 1, 0.0, on="token")
+    spec = Clamp(vec, lo=[-0.01, 0.0], hi=0.02, positions="all", condition=cond)
+    back = Clamp.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert back.to_dict() == spec.to_dict()
+    with back.active(lm), torch.no_grad():
+        got = lm.model(**batch).logits
+    with ss.clamping(lm, vec, lo=[-0.01, 0.0], hi=0.02, condition=cond), torch.no_grad():
+        assert torch.equal(got, lm.model(**batch).logits)
+    for bad, match in (({"vector": {"2": [1.0]}}, "lo, hi"), ({"vector": [1.0], "hi": 1}, "vector"),
+                       ({"vector": {"2": [1.0]}, "hi": "x"}, "hi"), ({"vector": {"2": [1.0]}, "hi": 1, "x": 0}, "x")):
+        with pytest.raises(ConditionError, match=match):
+            Clamp.from_dict(bad)

@@ -1,8 +1,8 @@
 """Conditional steering: gates read from the model's own activations (:mod:`.condition`), how they act in a
-forward pass (:mod:`.gate`), rule lists (:mod:`.rules`) and fitting a condition on contrast prompts (:mod:`.fit`).
+forward pass (:mod:`.gate`), rule lists (:mod:`.rules`), clamp specs (:mod:`.clamp`) and fitting a condition on contrast prompts (:mod:`.fit`).
 
 Only the data and gate modules are imported here (they do not import :mod:`steerscope.steer`, which uses them);
-import :mod:`steerscope.conditional.rules` and :mod:`steerscope.conditional.fit` by their full names.
+import :mod:`steerscope.conditional.rules`, :mod:`.clamp` and :mod:`.fit` by their full names.
 
 Example:
     >>> from steerscope.conditional import Condition
