@@ -42,6 +42,10 @@ _LAZY: dict[str, str] = {
     "attached": "steerscope.hooks",
     "ablation": "steerscope.steer",
     "clamping": "steerscope.steer",
+    "Condition": "steerscope.conditional",
+    "FitReport": "steerscope.conditional.fit",
+    "Rule": "steerscope.conditional.rules",
+    "conditional_steering": "steerscope.conditional.rules",
     "orthogonalize": "steerscope.steer",
     "patching": "steerscope.steer",
     "steering": "steerscope.steer",
@@ -52,9 +56,12 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "ActivationCache",
+    "Condition",
     "Explanation",
+    "FitReport",
     "LM",
     "Provenance",
+    "Rule",
     "Site",
     "SteeringVector",
     "SteerscopeError",
@@ -64,6 +71,7 @@ __all__ = [
     "attached",
     "clamping",
     "collect",
+    "conditional_steering",
     "explain",
     "extract",
     "from_hf",
@@ -111,6 +119,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs
     from steerscope.analyses.selection import select_direction
+    from steerscope.conditional import Condition
+    from steerscope.conditional.fit import FitReport
+    from steerscope.conditional.rules import Rule, conditional_steering
     from steerscope.explain import Explanation, explain
     from steerscope.extract import collect, extract
     from steerscope.generation import generate

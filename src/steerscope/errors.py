@@ -49,6 +49,10 @@ class BackendError(SteerscopeError):
     or the requests ask for something it does not do)."""
 
 
+class ConditionError(SteerscopeError):
+    """A steering condition (gate) or clamp range is malformed, or does not fit the model."""
+
+
 class ArgError(SteerscopeError):
     """A command-line argument is invalid."""
 

@@ -18,6 +18,7 @@ from typing import Any, ContextManager, Mapping, Sequence
 
 import torch
 
+from steerscope.conditional.condition import Gate
 from steerscope.errors import DataError, SteerscopeError
 from steerscope.models.lm import LM
 from steerscope.steer import Positions, VectorLike, as_vectors
@@ -166,6 +167,7 @@ def generate(
     layer: int | None = None,
     compiled: bool = False,
     engine_args: dict[str, Any] | None = None,
+    condition: Gate | None = None,
 ) -> list[str]:
     """Generate completions for ``prompts`` (chat template applied), steered if ``vector`` is given.
 
@@ -182,6 +184,7 @@ def generate(
     / ``generated`` only; sampling uses vLLM's sampler. With vLLM, ``compiled=True`` serves the compiled model
     (graph-safe steering) and ``engine_args`` go to vLLM's engine (e.g. ``{"tensor_parallel_size": 2}``: the
     ranks are bound to this process's CPUs, docs/vllm.md).
+    ``condition`` (HF only): each row is steered only where its own gate is open (docs/conditional.md).
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)
@@ -191,9 +194,9 @@ def generate(
 
     vecs = None if vector is None else as_vectors(vector, lm, layer)
     eng = engine(backend, batch_size=batch_size, show_progress=show_progress, compiled=compiled, engine_args=engine_args)
-    reqs = requests(prompts, vecs, alpha, positions, system=system, template="apply" if chat else "none",
-                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed,
-                    top_p=top_p, top_k=top_k)
+    reqs = requests(prompts, vecs, alpha, positions, condition=condition, system=system,
+                    template="apply" if chat else "none", max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    temperature=temperature, seed=seed, top_p=top_p, top_k=top_k)
     return eng.generate(lm, reqs)
 
 

@@ -29,7 +29,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from steerscope.errors import RecommendedAlpha, SiteError, VectorError
+from steerscope.conditional.condition import Gate
+from steerscope.conditional.gate import GateState
+from steerscope.errors import ConditionError, RecommendedAlpha, SiteError, VectorError
 from steerscope.hooks import Call, HookFn, attached
 from steerscope.models.lm import LM
 from steerscope.sites import Site
@@ -100,7 +102,7 @@ def clamp_along(x: torch.Tensor, r_hat: torch.Tensor, value: float) -> torch.Ten
     return x + (value - x @ r_hat)[..., None] * r_hat
 
 
-def _per_row(vectors: SteeringVector | Sequence[SteeringVector], alpha: float | Sequence[float] | torch.Tensor,
+def per_row_deltas(vectors: SteeringVector | Sequence[SteeringVector], alpha: float | Sequence[float] | torch.Tensor,
              lm: LM) -> tuple[str, dict[int, torch.Tensor]]:
     """Deltas per layer: [d_model] when shared, [batch d_model] when per row."""
     vecs = [vectors] if isinstance(vectors, SteeringVector) else list(vectors)
@@ -162,6 +164,7 @@ def steering(
     alpha: float | Sequence[float] | torch.Tensor | None = None,
     positions: Positions | None = None,
     layer: int | None = None,
+    condition: Gate | None = None,
 ) -> Iterator[Call]:
     """Add ``alpha * vector[l]`` at the vector's site of every layer l it has.
 
@@ -175,6 +178,8 @@ def steering(
             a one-line warning says so); a vector without a recommendation is refused.
         positions: see the module docstring (default ``"all"``).
         layer: the layer of a raw tensor; for a vector or file, steer at this layer only.
+        condition: a gate (:class:`steerscope.Condition`, or ``~`` / ``|`` / ``&`` of them): each row is steered
+            only where its own gate is open (docs/conditional.md); it must read a layer <= the steering layers.
 
     Example:
         >>> with steering(lm, vec, alpha=-1.0):
@@ -190,16 +195,56 @@ def steering(
         warnings.warn(f"no alpha given: using the vector's recommended alpha {alpha:.4g} at layers "
                       f"{vecs.layers}, positions {positions!r}", RecommendedAlpha, stacklevel=3)
     positions = check_positions("all" if positions is None else positions)
-    site, deltas = _per_row(vecs, alpha, lm)
+    site, deltas = per_row_deltas(vecs, alpha, lm)
+    if condition is not None:
+        with attached(lm, gated_additions(lm, [(condition, site, deltas)], positions)) as call:
+            yield call
+        return
     hooks = {}
     for at, delta in deltas.items():
         def fn(x: torch.Tensor, call: Call, delta: torch.Tensor = delta) -> torch.Tensor:
-            if delta.dim() == 2 and delta.shape[0] != x.shape[0]:
-                raise VectorError(f"{delta.shape[0]} per-row vectors/alphas for a batch of {x.shape[0]} rows")
+            _check_rows(delta, x)
             return add_at(x, delta, position_mask(call, positions))
         hooks[Site(at, site)] = fn
     with attached(lm, hooks) as call:
         yield call
+
+
+def _check_rows(delta: torch.Tensor, x: torch.Tensor) -> None:
+    if delta.dim() == 2 and delta.shape[0] != x.shape[0]:
+        raise VectorError(f"{delta.shape[0]} per-row vectors/alphas for a batch of {x.shape[0]} rows")
+
+
+def gated_additions(lm: LM, rules: Sequence[tuple[Gate | None, str, dict[int, torch.Tensor]]],
+                    positions: Positions) -> dict[Site, list[HookFn]]:
+    """Hooks that add each rule's deltas (``{layer: [d_model] or [batch d_model]}`` at its site) where its gate
+    is open and no earlier rule's is (first match wins; :class:`steerscope.conditional.gate.GateState`).
+
+    The gate is a per-row (or per-position) 0/1 weight computed in the forward: a shut row gets ``x + 0``.
+
+    Example:
+        >>> site, deltas = per_row_deltas(vec, 4.0, lm)
+        >>> with attached(lm, gated_additions(lm, [(harmful, site, deltas)], "all")): ...
+    """
+    first = min((layer for _g, _s, deltas in rules for layer in deltas), default=0)
+    state = GateState(lm, [g for g, _s, _d in rules], first)
+    hooks = state.hooks()
+    for at in sorted({(layer, site) for _g, site, deltas in rules for layer in deltas}):
+        def fn(x: torch.Tensor, call: Call, at: tuple[int, str] = at) -> torch.Tensor:
+            m = position_mask(call, positions)
+            weights = state.weights(call, x.shape[0], x.shape[1])
+            total = None
+            for w, (_g, site, deltas) in zip(weights, rules):
+                if site != at[1] or at[0] not in deltas:
+                    continue
+                d = deltas[at[0]]
+                _check_rows(d, x)
+                w = w if m is None else w * m
+                term = w[..., None].to(x.dtype) * (d if d.dim() == 1 else d[:, None, :])
+                total = term if total is None else total + term
+            return x if total is None else x + total
+        hooks.setdefault(Site(*at), []).append(fn)
+    return hooks
 
 
 def as_vector(vector: VectorLike, lm: LM, layer: int | None = None) -> SteeringVector:
@@ -276,21 +321,81 @@ def ablation(lm: LM, direction: VectorLike, layers: Sequence[int] | None = None)
         yield call
 
 
+Bound = float | Sequence[float] | torch.Tensor | None
+"""A clamp bound: None (unbounded), one number, or one per batch row."""
+
+
+def clip_along(x: torch.Tensor, r_hat: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None
+               ) -> torch.Tensor:
+    """Clip the component along unit ``r_hat`` into [lo, hi]: h + (clip(h·r̂, lo, hi) − h·r̂) r̂.
+
+    Args:
+        x: [batch pos d_model].
+        r_hat: unit [d_model].
+        lo, hi: None (that side unbounded), a 0-d tensor, or [batch 1] (per row).
+
+    Example:
+        >>> clip_along(x, r, torch.tensor(-1.0), torch.tensor(1.0))  # |x·r| <= 1 afterwards
+    """
+    p = x @ r_hat  # [batch pos]
+    c = p if lo is None else torch.maximum(p, lo)
+    c = c if hi is None else torch.minimum(c, hi)
+    return x + (c - p)[..., None] * r_hat
+
+
+def _bound(b: Bound, name: str, lm: LM) -> torch.Tensor | None:
+    """A clamp bound as a 0-d tensor or [batch 1] (model device and dtype)."""
+    if b is None:
+        return None
+    t = torch.as_tensor(b, dtype=torch.float32).flatten() if not isinstance(b, (int, float)) else \
+        torch.tensor(float(b))
+    if not bool(torch.isfinite(t).all()) or t.numel() == 0:
+        raise ConditionError(f"clamp bound {name} must be finite numbers (one, or one per batch row)")
+    return (t if t.dim() == 0 else t[:, None]).to(lm.device, lm.dtype)
+
+
 @contextmanager
-def clamping(lm: LM, vector: SteeringVector, value: float, positions: Positions = "all") -> Iterator[Call]:
-    """Clamp the component along each layer's unit direction to ``value`` at the vector's site."""
+def clamping(lm: LM, vector: SteeringVector, value: float | None = None, positions: Positions = "all",
+             lo: Bound = None, hi: Bound = None, condition: Gate | None = None) -> Iterator[Call]:
+    """Clamp the component along each layer's unit direction at the vector's site, token by token.
+
+    Either set it to ``value`` (h ← h + (value − h·v̂) v̂), or hold it in a range (a projection clamp):
+    h ← h + (clip(h·v̂, lo, hi) − h·v̂) v̂, which changes nothing where the projection is already inside.
+
+    Args:
+        lm: the model.
+        vector: the directions, one per layer it has (only their direction counts).
+        value: the projection to set (not with ``lo`` / ``hi``).
+        positions: see the module docstring.
+        lo, hi: the range of the projection clamp: None (that side open), a number, or one per batch row.
+        condition: clamp only rows (positions) whose gate is open (see :func:`steering`).
+
+    Example:
+        >>> with clamping(lm, refusal_vec.select([8]), lo=-2.0, hi=2.0):
+        ...     lm.model.generate(**batch)
+    """
     positions = check_positions(positions)
-    check_finite(float(value), "clamp value")
+    if (value is None) == (lo is None and hi is None):
+        raise ConditionError("give clamping either value=<number> or a range lo=/hi= (not both, not neither)")
+    fixed = None if value is None else torch.tensor(check_finite(float(value), "clamp value"))
+    lo_t, hi_t = _bound(lo, "lo", lm), _bound(hi, "hi", lm)
     vector.check_compatible(lm)
-    hooks = {}
+    state = None if condition is None else GateState(lm, [condition], min(vector.layers))
+    hooks: dict[Site, list[HookFn]] = state.hooks() if state is not None else {}
     for layer in vector.layers:
         r = _unit(vector[layer], lm)
 
         def fn(x: torch.Tensor, call: Call, r: torch.Tensor = r) -> torch.Tensor:
+            for b in (lo_t, hi_t):
+                if b is not None and b.dim() == 2 and b.shape[0] != x.shape[0]:
+                    raise ConditionError(f"{b.shape[0]} per-row clamp bounds for a batch of {x.shape[0]} rows")
+            new = clamp_along(x, r, float(fixed)) if fixed is not None else clip_along(x, r, lo_t, hi_t)
             m = position_mask(call, positions)
-            new = clamp_along(x, r, value)
+            if state is not None:
+                w = state.weights(call, x.shape[0], x.shape[1])[0].bool()
+                m = w if m is None else m & w
             return new if m is None else torch.where(m[..., None], new, x)
-        hooks[Site(layer, vector.site)] = fn
+        hooks.setdefault(Site(layer, vector.site), []).append(fn)
     with attached(lm, hooks) as call:
         yield call
 

@@ -30,6 +30,7 @@ from steerscope.steer import Positions
 from steerscope.vector import SteeringVector
 
 if TYPE_CHECKING:
+    from steerscope.conditional.condition import Gate
     from steerscope.models.lm import LM
 
 BACKENDS = ("hf", "vllm")
@@ -49,6 +50,8 @@ class Addition:
         alpha: its scale.
         positions: ``all`` / ``prompt`` / ``generated`` (both engines), ``last-K`` or indices (HF only);
             see :mod:`steerscope.steer`.
+        condition: steer a row only where this gate (:class:`steerscope.Condition`, or ``~`` / ``|`` / ``&`` of
+            them) is open on its own activations (HF only for now; docs/conditional.md).
 
     Example:
         >>> Request("How do I bake bread?", Addition(vec, alpha=4.0))
@@ -57,6 +60,7 @@ class Addition:
     vector: SteeringVector
     alpha: float = 1.0
     positions: Positions = "all"
+    condition: Gate | None = None
 
 
 Intervention = Addition | ContextFactory | None
@@ -155,12 +159,13 @@ def groups(requests: Sequence[Request]) -> list[list[int]]:
     for r in requests:
         if isinstance(r.intervention, Addition):
             pos = r.intervention.positions
-            first_pos.setdefault(key(r, None), ("add", pos if isinstance(pos, str) else tuple(pos)))
+            first_pos.setdefault(key(r, None), ("add", pos if isinstance(pos, str) else tuple(pos),
+                                                r.intervention.condition))
     out: dict[tuple[Any, ...], list[int]] = {}
     for i, r in enumerate(requests):
         iv = r.intervention
         if isinstance(iv, Addition):
-            kind: Any = ("add", iv.positions if isinstance(iv.positions, str) else tuple(iv.positions))
+            kind: Any = ("add", iv.positions if isinstance(iv.positions, str) else tuple(iv.positions), iv.condition)
         elif iv is None:
             kind = first_pos.get(key(r, None), None)
         else:
@@ -200,7 +205,8 @@ def engine(backend: str = "hf", batch_size: int = 16, show_progress: bool = Fals
 
 
 def requests(prompts: Sequence[str], vector: SteeringVector | Sequence[SteeringVector | None] | None = None,
-             alpha: float | Sequence[float] = 1.0, positions: Positions = "all", **options: Any) -> list[Request]:
+             alpha: float | Sequence[float] = 1.0, positions: Positions = "all", condition: Gate | None = None,
+             **options: Any) -> list[Request]:
     """One request per prompt, steered by one vector and alpha for all, or by one of each per prompt.
 
     Args:
@@ -208,6 +214,7 @@ def requests(prompts: Sequence[str], vector: SteeringVector | Sequence[SteeringV
         vector: a vector, None, or a list with one vector (or None) per prompt.
         alpha: a float, or a list with one per prompt.
         positions: where the vectors are added.
+        condition: the gate of every steered row (see :class:`Addition`).
         options: the other :class:`Request` fields (system, template, max_new_tokens, do_sample, ...).
 
     Returns:
@@ -227,6 +234,6 @@ def requests(prompts: Sequence[str], vector: SteeringVector | Sequence[SteeringV
     out = []
     for p, v, a in zip(prompts, vecs, alphas):
         if v is not None and (id(v), a) not in made:
-            made[id(v), a] = Addition(v, a, positions)
+            made[id(v), a] = Addition(v, a, positions, condition)
         out.append(Request(p, None if v is None else made[id(v), a], **options))
     return out

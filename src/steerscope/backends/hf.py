@@ -35,9 +35,9 @@ def batch_context(lm: LM, batch: Sequence[Request]) -> ContextManager[Any]:
         return iv() if iv is not None else nullcontext()  # type: ignore[operator]
     a0 = adds[0]
     if len(adds) == len(batch) and all(a.vector is a0.vector and a.alpha == a0.alpha for a in adds):
-        return steering(lm, a0.vector, a0.alpha, a0.positions)
+        return steering(lm, a0.vector, a0.alpha, a0.positions, condition=a0.condition)
     rows = [r.intervention if isinstance(r.intervention, Addition) else Addition(a0.vector, 0.0) for r in batch]
-    return steering(lm, [a.vector for a in rows], [a.alpha for a in rows], a0.positions)
+    return steering(lm, [a.vector for a in rows], [a.alpha for a in rows], a0.positions, condition=a0.condition)
 
 
 def sampler(r: Request) -> list[Any]:

@@ -394,6 +394,8 @@ def _check(requests: Sequence[Request]) -> None:
                                "use backend='hf' (HFEngine)")
         if isinstance(r.intervention, Addition) and not isinstance(r.intervention.positions, str):
             raise BackendError("backend='vllm' takes positions all, prompt or generated; use backend='hf'")
+        if isinstance(r.intervention, Addition) and r.intervention.condition is not None:
+            raise BackendError("conditions (gated steering) run on backend='hf' only for now; use backend='hf'")
 
 
 class VLLMEngine:
