@@ -196,7 +196,7 @@ def test_the_vllm_backend_passes_top_p_and_top_k_through_to_sampling_params(lm, 
             sent.update(params)
             return [[] for _ in ids], 0.0
 
-    monkeypatch.setattr(bv, "engine_for", lambda lm: FakeEngine())
+    monkeypatch.setattr(bv, "engine_for", lambda lm, *args, **kwargs: FakeEngine())
     bv.VLLMEngine().generate(lm, [Request("Hi", do_sample=True, temperature=0.7, top_p=0.9, top_k=40, seed=1,
                                           max_new_tokens=3)])
     assert sent["top_p"] == 0.9 and sent["top_k"] == 40 and sent["temperature"] == 0.7
