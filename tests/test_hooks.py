@@ -137,3 +137,19 @@ def test_an_activation_cache_is_a_full_mapping(lm):
     assert "blocks.1.resid_pre" in repr(c) and "\n" not in repr(c)
     with pytest.raises(SiteError, match="not recorded"):
         c["blocks.3.resid_pre"]
+
+
+def test_under_generate_last_positions_line_up_with_the_logits(lm):
+    """HF's generate computes logits at each call's last position only: cache.last(site)[:, j] is the stream
+    whose final norm and unembedding give cache["logits"][:, j] (checked by recomputing the logits)."""
+    batch = batch_ids(n=2, length=4)
+    L = lm.n_layers - 1
+    with ss.recording(lm, [f"blocks.{L}.resid_post", "logits"]) as c, torch.no_grad():
+        out = lm.model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    n_new = out.shape[1] - batch["input_ids"].shape[1]
+    assert c["logits"].shape[1] == n_new == c.last(f"blocks.{L}.resid_post").shape[1]
+    assert c[f"blocks.{L}.resid_post"].shape[1] == batch["input_ids"].shape[1] + n_new - 1  # every position
+    with torch.no_grad():
+        again = lm.model.lm_head(lm.model.model.norm(c.last(f"blocks.{L}.resid_post")))
+    assert torch.allclose(again, c["logits"], atol=1e-5)
+    assert torch.equal(c["logits"].argmax(-1), out[:, batch["input_ids"].shape[1]:])  # greedy picks

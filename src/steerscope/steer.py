@@ -484,7 +484,8 @@ class ActivationCache(Mapping[str, torch.Tensor]):
     A read-only :class:`collections.abc.Mapping` keyed by canonical site names (``"blocks.6.resid_pre"``;
     a :class:`Site` or any spelling :meth:`Site.parse` accepts works for lookups): ``len``, iteration,
     ``in``, ``keys``, ``values``, ``items`` and ``get``. ``cache[site]`` is the concatenation over calls
-    along the ``pos`` axis (a generation's prefill and its decoded tokens); ``cache.calls(site)`` gives
+    along the ``pos`` axis (a generation's prefill and its decoded tokens; under ``generate``, ``logits``
+    has one position per call, and :meth:`last` gives the stream positions that line up with it); ``cache.calls(site)`` gives
     the per-call list (attention patterns have a different key length per call, so use ``calls`` for
     them: ``cache[site]``, ``values()`` and ``items()`` raise :class:`SiteError` for a pattern recorded
     over several calls). A site that was not recorded raises :class:`SiteError` (``get`` returns the default).
@@ -508,6 +509,22 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         if key not in self._data:
             raise SiteError(f"{key} was not recorded (recorded: {', '.join(self._data) or 'nothing yet'})")
         return self._data[key]
+
+    def last(self, site: str | Site) -> torch.Tensor:
+        """The last position of every call at ``site``, stacked along ``pos`` ([batch calls ...]).
+
+        Under ``generate`` this is what lines up with ``cache["logits"]``: HF computes logits only at each
+        call's last position (the prefill's last prompt token, then each decoded token), so
+        ``cache.last(resid)[:, j]`` is the stream that produced ``cache["logits"][:, j]``, the j-th new
+        token's prediction, while ``cache[resid]`` holds every position (prompt + new tokens - 1).
+
+        Example:
+            >>> with recording(lm, ["blocks.6.resid_pre", "logits"]) as cache:
+            ...     lm.model.generate(**batch, max_new_tokens=8)
+            >>> cache.last("blocks.6.resid_pre").shape[1] == cache["logits"].shape[1]  # 8 each
+            True
+        """
+        return torch.stack([x[:, -1] for x in self.calls(site)], dim=1)
 
     def __getitem__(self, site: str | Site) -> torch.Tensor:
         parts = self.calls(site)
