@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from steerscope.analyses.records import Record
 from steerscope.errors import SteerscopeError, VectorError
 from steerscope.generation import chat_batch
 from steerscope.hooks import Call, attached
@@ -173,8 +174,8 @@ def next_token_logits(lm: LM, prompts: Sequence[str], deltas: dict[int, torch.Te
 
 
 # -- 4. null space ------------------------------------------------------------------------------
-@dataclass
-class Spectrum:
+@dataclass(frozen=True)
+class Spectrum(Record):
     """Singular values with both effective ranks and null fractions."""
 
     sigma: list[float]
