@@ -95,29 +95,6 @@ class Scores(_Keyed):
 
 
 @dataclass(frozen=True)
-class Compared(Record):
-    """A :class:`~steerscope.analyses.identifiability.Comparison` as stored, with its ``real_effect``."""
-
-    d: float
-    ci_low: float
-    ci_high: float
-    mean_a: float
-    mean_b: float
-    n: int
-    corr: float | None
-    jsd: float
-    real_effect: bool
-
-    @classmethod
-    def of(cls, c: Comparison) -> Compared:
-        return cls(c.d, c.ci_low, c.ci_high, c.mean_a, c.mean_b, c.n, c.corr, c.jsd, c.real_effect)
-
-    def dci(self) -> str:
-        """``d [ci_low, ci_high]`` as the report prints it."""
-        return f"{self.d:+.2f} [{self.ci_low:+.2f}, {self.ci_high:+.2f}]"
-
-
-@dataclass(frozen=True)
 class Verdict(Record):
     """The equivalence verdict of one effect row; the optional fields are absent from the JSON when None."""
 
@@ -128,6 +105,7 @@ class Verdict(Record):
 
 
 _OPTIONAL = ("degenerate_ci", "effect_retained", "vperp_alone_effect")
+_COMPARISONS = ("v_vs_none", "vperp_sum_vs_v", "vperp_sum_vs_none", "vperp_vs_none")
 
 
 @dataclass(frozen=True)
@@ -141,17 +119,19 @@ class EffectRow(Record):
     prompts: str
     usable: bool
     primary: bool
-    v_vs_none: Compared
-    vperp_sum_vs_v: Compared
-    vperp_sum_vs_none: Compared
-    vperp_vs_none: Compared
+    v_vs_none: Comparison
+    vperp_sum_vs_v: Comparison
+    vperp_sum_vs_none: Comparison
+    vperp_vs_none: Comparison
     verdict: str
     degenerate_ci: bool | None = None
     effect_retained: float | None = None
     vperp_alone_effect: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().to_dict().items() if not (k in _OPTIONAL and v is None)}
+        """Each comparison with its ``real_effect``; the optional verdict fields only when set."""
+        d = {k: v for k, v in super().to_dict().items() if not (k in _OPTIONAL and v is None)}
+        return d | {k: d[k] | {"real_effect": getattr(self, k).real_effect} for k in _COMPARISONS}
 
 
 @dataclass(frozen=True)
@@ -251,7 +231,7 @@ class NullspaceRecord(Record):
         return {k: v for k, v in super().to_dict().items() if not (k == "fd_check" and v is None)}
 
 
-__all__ = ["Agreement", "Compared", "Conclusion", "EffectRow", "EffectsRecord", "FdCheck", "Generations", "JRatio",
+__all__ = ["Agreement", "Conclusion", "EffectRow", "EffectsRecord", "FdCheck", "Generations", "JRatio",
            "LogitsRecord", "NullspaceRecord", "ScorerCheck", "Scores", "ScorersRecord", "SubspaceRow", "Verdict",
            "VectorsRecord", "VECTORS", "SCORERS", "SCORES", "EFFECTS", "LOGITS", "NULLSPACE",
            "cell_key", "generation_step"]

@@ -25,7 +25,6 @@ from steerscope.runs import Run
 from steerscope.studies.identifiability.config import Config
 from steerscope.studies.identifiability.records import (
     Agreement,
-    Compared,
     EffectRow,
     EffectsRecord,
     FdCheck,
@@ -201,7 +200,7 @@ def _effect_rows(cfg: Config, scores: ScoreCells, where: tuple[str, str, str, st
         s = {c: pooled(f"{c}@{a:g}") for c in CONDITIONS}
         if any(len(x) < 2 for x in s.values()):
             continue
-        eff, diff, vsum, alone = (Compared.of(idf.compare(x, y, paired=True, seed=cfg.seed)) for x, y in
+        eff, diff, vsum, alone = (idf.compare(x, y, paired=True, seed=cfg.seed) for x, y in
                                   ((s["v"], none), (s["v+v_perp"], s["v"]), (s["v+v_perp"], none), (s["v_perp"], none)))
         v = verdict(usable, eff, diff, vsum, alone)
         rows.append(EffectRow(trait, method, a, kind, prompts, usable, primary, eff, diff, vsum, alone, v.verdict,
@@ -209,7 +208,8 @@ def _effect_rows(cfg: Config, scores: ScoreCells, where: tuple[str, str, str, st
     return rows
 
 
-def verdict(usable: bool, eff: Compared, diff: Compared, vsum: Compared, alone: Compared) -> Verdict:
+def verdict(usable: bool, eff: idf.Comparison, diff: idf.Comparison, vsum: idf.Comparison, alone: idf.Comparison
+            ) -> Verdict:
     """Equivalence verdict of one row: counts only where v has a real effect and the scorer is usable.
 
     Args:
