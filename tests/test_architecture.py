@@ -381,3 +381,43 @@ def test_mypy_is_strict_on_the_analyses_and_the_card():
     cfg = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())
     strict = {m for o in cfg["tool"]["mypy"]["overrides"] if o.get("strict") for m in o["module"]}
     assert {"steerscope.explain.*", "steerscope.analyses.*"} <= strict
+
+
+RECORD_STUDIES = ("identifiability", "refusal")  # studies whose steps return typed records (issue 21); the others follow
+
+
+def _untyped_returns(root: Path, studies: tuple[str, ...]) -> list[str]:
+    """Functions of the studies' steps/pipeline/report modules annotated ``-> dict[str, Any]``, except the
+    ``run`` entry point and ``summary`` (the ``--json`` output is a JSON object)."""
+    out = []
+    for study in studies:
+        for name in ("steps.py", "pipeline.py", "report.py"):
+            py = root / "studies" / study / name
+            if not py.is_file():
+                continue
+            for node in ast.walk(ast.parse(py.read_text())):
+                if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None
+                        and node.name not in ("run", "summary")
+                        and ast.unparse(node.returns) in ("dict[str, Any]", "list[dict[str, Any]]")):
+                    out.append(f"studies/{study}/{name}:{node.lineno}: {node.name}")
+    return out
+
+
+def test_converted_studies_return_records_not_dicts():
+    assert not _untyped_returns(SRC, RECORD_STUDIES)
+
+
+def test_untyped_return_rule_can_fail(tmp_path):
+    (tmp_path / "studies" / "s").mkdir(parents=True)
+    (tmp_path / "studies" / "s" / "steps.py").write_text(
+        "from typing import Any\ndef step() -> dict[str, Any]:\n    return {}\n"
+        "def run() -> dict[str, Any]:\n    return {}\ndef rows() -> list[dict[str, Any]]:\n    return []\n")
+    assert _untyped_returns(tmp_path, ("s",)) == ["studies/s/steps.py:2: step", "studies/s/steps.py:6: rows"]
+
+
+def test_mypy_is_strict_on_the_studies_that_return_records():
+    import tomllib
+
+    cfg = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())
+    strict = {m for o in cfg["tool"]["mypy"]["overrides"] if o.get("strict") for m in o["module"]}
+    assert {f"steerscope.studies.{s}.*" for s in RECORD_STUDIES} <= strict

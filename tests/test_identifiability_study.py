@@ -8,6 +8,7 @@ import pytest
 
 from steerscope.errors import StudyError
 from steerscope.runs import Run
+from steerscope.studies.identifiability import records as rc
 from steerscope.studies.identifiability import report, steps
 from steerscope.studies.identifiability.config import Config
 
@@ -48,15 +49,15 @@ def test_effects_say_equivalent_only_when_v_has_a_real_effect():
     usable = {"formality": {"probe": True}}
     rows = steps.effects(cfg, _scores(2.0, 2.0), {"formality": "probe"}, usable)
     (r,) = rows
-    assert r["v_vs_none"]["real_effect"] and r["v_vs_none"]["d"] > 1.5
-    assert r["verdict"].startswith("equivalent") and r["vperp_sum_vs_v"]["corr"] > 0.95
-    assert r["effect_retained"] == pytest.approx(1.0, abs=0.1)
+    assert r.v_vs_none.real_effect and r.v_vs_none.d > 1.5
+    assert r.verdict.startswith("equivalent") and r.vperp_sum_vs_v.corr > 0.95
+    assert r.effect_retained == pytest.approx(1.0, abs=0.1)
     (r,) = steps.effects(cfg, _scores(2.0, 0.0), {"formality": "probe"}, usable)
-    assert r["verdict"].startswith("not equivalent")
+    assert r.verdict.startswith("not equivalent")
     (r,) = steps.effects(cfg, _scores(0.0, 0.0), {"formality": "probe"}, usable)
-    assert r["verdict"].startswith("no real effect")
+    assert r.verdict.startswith("no real effect")
     (r,) = steps.effects(cfg, _scores(2.0, 2.0), {"formality": None}, {"formality": {"probe": False}})
-    assert "not used" in r["verdict"]
+    assert "not used" in r.verdict
 
 
 def test_v_perp_is_orthogonal_same_norm_and_differs_by_seed():
@@ -77,20 +78,51 @@ def test_report_renders_from_records(tmp_path):
     cfg = Config(traits=("formality",), alphas=(4.0,), seeds=(0, 1), shift=False)
     usable = {"formality": {"probe": True}}
     scores = _scores(2.0, 2.0)
-    eff = {"neutral": steps.effects(cfg, scores, {"formality": "probe"}, usable), "shift": []}
-    vrec = {"layer": 15, "inject_layer": 15, "norms": {"formality_dim": 13.0}, "cos_dim_pca": {"formality": 0.9},
-            "cos_traits": {}}
-    srec = {"scorers": {"formality": [{"kind": "probe", "accuracy": 0.96, "validation": "cv", "usable": True}]},
-            "primary": {"formality": "probe"}}
+    eff = rc.EffectsRecord(steps.effects(cfg, scores, {"formality": "probe"}, usable), [])
+    vrec = rc.VectorsRecord.from_dict({"layer": 15, "inject_layer": 15, "norms": {"formality_dim": 13.0},
+                                       "files": {}, "cos_dim_pca": {"formality": 0.9}, "cos_traits": {}})
+    srec = rc.ScorersRecord.from_dict({
+        "scorers": {"formality": [{"kind": "probe", "accuracy": 0.96, "validation": "cv", "usable": True}]},
+        "primary": {"formality": "probe"}})
     spec = {"sigma": [3.0, 1.0, 0.1], "rank_threshold": 3, "rank_entropy": 2.2, "null_fraction_threshold": 0.0,
             "null_fraction_entropy": 0.27, "d": 3}
-    nrec = {"n_tokens": 10, "covariance": {"15": spec}, "jacobian": {"15": spec}, "fd_check": {"layer": 15, "rel_err": [0.01]},
-            "J_vperp_over_J_v": {"formality": {"J_v": 2.0, "J_vperp": 1.0, "ratio": 0.5}}}
-    lrec = {"agreement": [{"trait": "formality", "prompts": "neutral", "alpha": 4.0, "vs": "v+v_perp", "l2": 1.0,
-                           "top1": 1.0, "top10": 0.9}], "subspaces": []}
-    gens = {"formality|dim|0|neutral": {"v@4": ["Dear Sir"]}}
-    path = report.write(Run(tmp_path), cfg, vrec, srec, gens, scores, eff, lrec, nrec)
+    nrec = rc.NullspaceRecord.from_dict({
+        "layers": [15], "n_tokens": 10, "covariance": {"15": spec}, "jacobian": {"15": spec},
+        "fd_check": {"layer": 15, "rel_err": [0.01]}, "J_vperp_over_J_v": {"formality": {"J_v": 2.0, "J_vperp": 1.0, "ratio": 0.5}}})
+    lrec = rc.LogitsRecord.from_dict({"agreement": [{"trait": "formality", "prompts": "neutral", "alpha": 4.0,
+                                                     "vs": "v+v_perp", "l2": 1.0, "top1": 1.0, "top10": 0.9}],
+                                      "subspaces": []})
+    gens = {"formality|dim|0|neutral": rc.Generations({"v@4": ["Dear Sir"]})}
+    path = report.write(Run(tmp_path), cfg, vrec, srec, gens, rc.Scores(scores), eff, lrec, nrec)
     html = path.read_text()
     assert "equivalent" in html and "Null space" in html and "<img" in html
     s = report.summary(cfg, vrec, srec, eff, lrec, nrec)
     assert s["n_conditions_with_real_effect"] == 1 and s["n_without_detected_difference"] == 1
+
+
+def test_every_step_record_round_trips_through_json():
+    """Each step's record rebuilds from its stored JSON (the store writes ``to_dict()``; NaN as null)."""
+    import json
+
+    cfg = Config(traits=("formality",), alphas=(4.0,), seeds=(0, 1), shift=False)
+    rows = steps.effects(cfg, _scores(2.0, 2.0), {"formality": "probe"}, {"formality": {"probe": True}})
+    rows += steps.effects(cfg, _scores(0.0, 0.0), {"formality": "probe"}, {"formality": {"probe": True}})
+    spec = {"sigma": [3.0, 1.0], "rank_threshold": 2, "rank_entropy": 1.8, "null_fraction_threshold": 0.0,
+            "null_fraction_entropy": 0.1, "d": 2}
+    recs = [
+        rc.VectorsRecord(15, 16, {"formality_dim": 13.0}, {"formality_dim": "v.safetensors"}, {"formality": 0.9}, {}),
+        rc.ScorersRecord({"formality": [rc.ScorerCheck("probe", 0.96, "cv", True)]}, {"formality": None}),
+        rc.Generations({"none@0": ["hi", "there"]}),
+        rc.Scores(_scores(1.0, 1.0)),
+        rc.EffectsRecord(rows, rows[:1]),
+        rc.LogitsRecord([rc.Agreement("formality", "neutral", 4.0, "none", 1.0, 0.5, 0.9)],
+                        [rc.SubspaceRow("formality", 4.0, 5, 0.9, 0.8, 1.0, 2.0, 0.7)]),
+        rc.NullspaceRecord.from_dict({"layers": [15], "covariance": {"15": spec}, "jacobian": {"15": spec},
+                                      "n_tokens": 4, "J_vperp_over_J_v": {"formality": {"J_v": 2.0, "J_vperp": 1.0,
+                                                                                     "ratio": 0.5}}}),
+        rc.NullspaceRecord([15], {}, {}, 4, rc.FdCheck(15, [0.01]), {}),
+    ]
+    assert "degenerate_ci" not in rows[0].to_dict() and "fd_check" not in recs[6].to_dict()
+    for rec in recs:
+        data = json.loads(json.dumps(rec.to_dict()))
+        assert type(rec).from_dict(data) == rec

@@ -104,11 +104,11 @@ def test_matched_norm_rows_rescale_ntp_po_to_the_dim_norm(monkeypatch):
             "PO": SteeringVector({3: torch.randn(8, generator=g)})}
     rec = rs.evaluate_matched_step(None, RefusalConfig(n_test=3), vecs)  # type: ignore[arg-type]
     ref = float(vecs["DIM"][3].norm())
-    assert rec["reference_norm"] == pytest.approx(ref)
-    assert [r["method"] for r in rec["steered"]] == ["NTP@|DIM|", "PO@|DIM|"]
+    assert rec.reference_norm == pytest.approx(ref)
+    assert [r.method for r in rec.steered] == ["NTP@|DIM|", "PO@|DIM|"]
     assert all(n == pytest.approx(ref, rel=1e-5) for n, _ in seen) and len(seen) == 4
     assert sorted(a for _, a in seen) == [-1.0, -1.0, 1.0, 1.0]
-    assert all(r["harmful_asr"] == 1.0 and r["harmless_refusal"] == 1.0 for r in rec["steered"])
+    assert all(r.harmful_asr == 1.0 and r.harmless_refusal == 1.0 for r in rec.steered)
 
 
 def test_shipped_qwen_vectors_record_their_scale():

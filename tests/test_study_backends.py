@@ -117,8 +117,8 @@ def test_identifiability_generations_forward_the_backend(tiny_llama, vllm_calls)
     lm, prompts = tiny_llama, ["Tell me about rain.", "Describe a chair."]
     cfg = IdConfig(traits=("formality",), alphas=(2.0, 4.0), max_new_tokens=4, backend="vllm")
     v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
-    assert ist.generate_cell(lm, cfg, prompts, None, "formality", 1, 2, cfg.alphas) == {"none@0": ["x", "x"]}
-    cell = ist.generate_cell(lm, cfg, prompts, v, "formality", 1, 2, cfg.alphas)
+    assert ist.generate_cell(lm, cfg, prompts, None, "formality", 1, 2, cfg.alphas).texts == {"none@0": ["x", "x"]}
+    cell = ist.generate_cell(lm, cfg, prompts, v, "formality", 1, 2, cfg.alphas).texts
     assert set(cell) == {f"{c}@{a:g}" for c in ist.CONDITIONS for a in cfg.alphas}
     none, steered = vllm_calls
     assert (none["vector"], none["do_sample"], none["seed"], none["temperature"]) == (None, True, 1, 0.8)
@@ -130,7 +130,7 @@ def test_identifiability_generations_forward_the_backend(tiny_llama, vllm_calls)
 
     vllm_calls.clear()
     hf = ist.generate_cell(lm, replace(cfg, backend="hf"), prompts, v, "formality", 1, 2, cfg.alphas)
-    assert not vllm_calls and len(hf) == len(cell)
+    assert not vllm_calls and len(hf.texts) == len(cell)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])

@@ -138,6 +138,7 @@ def test_identifiability_write_report_rebuilds_the_report_from_the_run_folder(tm
     from steerscope.studies import identifiability
     from steerscope.studies.identifiability import pipeline, steps
     from steerscope.studies.identifiability.config import Config
+    from steerscope.studies.identifiability.records import generation_step
     from test_identifiability_study import _scores
 
     cfg = Config(traits=("formality",), alphas=(4.0,), seeds=(0, 1), shift=False)
@@ -147,16 +148,18 @@ def test_identifiability_write_report_rebuilds_the_report_from_the_run_folder(tm
     spec = {"sigma": [3.0, 1.0], "rank_threshold": 2, "rank_entropy": 1.8, "null_fraction_threshold": 0.0,
             "null_fraction_entropy": 0.1, "d": 2}
     records = {
-        "vectors": {"layer": 15, "inject_layer": 15, "norms": {"formality_dim": 13.0}, "cos_dim_pca": {}, "cos_traits": {}},
+        "vectors": {"layer": 15, "inject_layer": 15, "norms": {"formality_dim": 13.0}, "files": {}, "cos_dim_pca": {},
+                    "cos_traits": {}},
         "scorers": {"scorers": {"formality": [{"kind": "probe", "accuracy": 0.96, "validation": "cv", "usable": True}]},
                     "primary": {"formality": "probe"}},
         "scores": scores,
-        "effects": {"neutral": steps.effects(cfg, scores, {"formality": "probe"}, usable), "shift": []},
+        "effects": {"neutral": [r.to_dict() for r in steps.effects(cfg, scores, {"formality": "probe"}, usable)],
+                    "shift": []},
         "logits": {"agreement": [], "subspaces": []},
-        "nullspace": {"n_tokens": 4, "covariance": {"15": spec}, "jacobian": {"15": spec}, "J_vperp_over_J_v": {}},
+        "nullspace": {"layers": [15], "n_tokens": 4, "covariance": {"15": spec}, "jacobian": {"15": spec}, "J_vperp_over_J_v": {}},
     }
     for cell in pipeline.cells(cfg):
-        records[pipeline._step_name(cell)] = {"v@4": ["Dear Sir"]} if cell[1] != "none" else {"none@0": ["hi"]}
+        records[generation_step(cell)] = {"v@4": ["Dear Sir"]} if cell[1] != "none" else {"none@0": ["hi"]}
     for name, rec in records.items():
         run.step(name, lambda rec=rec: rec)
     path = identifiability.write_report(tmp_path)

@@ -132,6 +132,10 @@ class _Store:
         """
         return cls.from_dict(self.step(name, lambda: fn().to_dict()))
 
+    def load_record(self, name: str, cls: type[R]) -> R:
+        """The stored record of step ``name`` as a ``cls`` (:class:`StudyError` when there is none)."""
+        return cls.from_dict(self.load(name))
+
     def timing(self, name: str) -> dict[str, float | None]:
         """Wall and CPU seconds of a finished step, as first computed (not when reused)."""
         rec = self.load(name)

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from steerscope.analyses.records import Record
 from steerscope.errors import SteerscopeError, VectorError
 from steerscope.generation import chat_batch
 from steerscope.hooks import Call, attached
@@ -90,8 +91,8 @@ def random_direction(d: int, norm: float, seed: int = 0) -> torch.Tensor:
 
 
 # -- 2. behavioural statistics (the numbers themselves: steerscope.stats) --------------------
-@dataclass
-class Comparison:
+@dataclass(frozen=True)
+class Comparison(Record):
     """Two score samples compared: Cohen's d with a bootstrap CI, paired correlation, histogram JSD."""
 
     d: float
@@ -107,6 +108,10 @@ class Comparison:
     def real_effect(self) -> bool:
         """|d| >= 0.5 with a CI that excludes 0."""
         return abs(self.d) >= 0.5 and (self.ci_low > 0 or self.ci_high < 0)
+
+    def dci(self) -> str:
+        """``d [ci_low, ci_high]`` to two decimals, e.g. ``+1.20 [+0.80, +1.70]``."""
+        return f"{self.d:+.2f} [{self.ci_low:+.2f}, {self.ci_high:+.2f}]"
 
 
 def compare(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, paired: bool = False, n_boot: int = 2000,
@@ -173,8 +178,8 @@ def next_token_logits(lm: LM, prompts: Sequence[str], deltas: dict[int, torch.Te
 
 
 # -- 4. null space ------------------------------------------------------------------------------
-@dataclass
-class Spectrum:
+@dataclass(frozen=True)
+class Spectrum(Record):
     """Singular values with both effective ranks and null fractions."""
 
     sigma: list[float]

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from steerscope.runs import Run, without_timing
+from steerscope.runs import Run
+from steerscope.studies.identifiability import records as rc
 from steerscope.studies.identifiability.config import Config
-
-Cell = tuple[str, str, int, str]  # (trait or "*", method, seed, prompt set)
+from steerscope.studies.identifiability.records import Cell
 
 
 def cells(cfg: Config) -> list[Cell]:
@@ -22,11 +22,6 @@ def cells(cfg: Config) -> list[Cell]:
         out.append(("*", "none", cfg.seeds[0], "shift"))
         out += [(t, "dim", cfg.seeds[0], "shift") for t in cfg.traits]
     return out
-
-
-def _step_name(cell: Cell) -> str:
-    trait, method, seed, pset = cell
-    return f"gen_{'none' if trait == '*' else trait}_{method}_s{seed}_{pset}"
 
 
 def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dict[str, Any]:
@@ -44,11 +39,11 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     t0 = time.time()
     run_ = Run(out, config=cfg.identity(), force=force)
     lm = ss.load_model(cfg.model, device=device)
-    vrec = run_.step("vectors", lambda: steps.vectors(run_, lm, cfg))
+    vrec = run_.record(rc.VECTORS, rc.VectorsRecord, lambda: steps.vectors(run_, lm, cfg))
     vecs = steps.load_vectors(vrec)
-    inject = vrec["inject_layer"]
+    inject = vrec.inject_layer
     built, srec = steps.scorers(cfg, Embedder())
-    run_.step("scorers", lambda: srec)
+    run_.record(rc.SCORERS, rc.ScorersRecord, lambda: srec)
     neutral = neutral_prompts(cfg.n_prompts)
     shift = [r["prompt"] for r in steps.shift_prompts(cfg.n_shift_prompts)]
     gens = {}
@@ -57,16 +52,13 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
         prompts = neutral if pset == "neutral" else shift
         alphas = cfg.alphas if pset == "neutral" else (cfg.probe_alpha,)
         v = None if method == "none" else vecs[f"{trait}_{method}"]
-        gens[f"{trait}|{method}|{seed}|{pset}"] = without_timing(run_.step(_step_name(cell), lambda: steps.generate_cell(
-            lm, cfg, prompts, v, trait, seed, inject, alphas)))
-    scores = without_timing(run_.step("scores", lambda: steps.score_texts(built, gens)))
+        gens[rc.cell_key(cell)] = run_.record(rc.generation_step(cell), rc.Generations, lambda: steps.generate_cell(
+            lm, cfg, prompts, v, trait, seed, inject, alphas))
+    scores = run_.record(rc.SCORES, rc.Scores, lambda: steps.score_texts(built, gens))
     usable = {t: {s.kind: s.usable for s in built[t]} for t in cfg.traits}
-    run_.step("effects", lambda: {
-        "neutral": steps.effects(cfg, scores, srec["primary"], usable),
-        "shift": steps.effects(cfg, scores, srec["primary"], usable, prompts="shift", alphas=[cfg.probe_alpha])
-        if cfg.shift else []})
-    run_.step("logits", lambda: steps.logits(lm, cfg, vecs, inject))
-    run_.step("nullspace", lambda: steps.nullspace(lm, cfg, vecs, vrec["layer"]))
+    run_.record(rc.EFFECTS, rc.EffectsRecord, lambda: steps.effects_step(cfg, scores, srec, usable))
+    run_.record(rc.LOGITS, rc.LogitsRecord, lambda: steps.logits(lm, cfg, vecs, inject))
+    run_.record(rc.NULLSPACE, rc.NullspaceRecord, lambda: steps.nullspace(lm, cfg, vecs, vrec.layer))
     path, summary = _write(run_, cfg)
     return {"report": str(path), "run": str(run_.folder), **summary, "steps": run_.log,
             "wall_seconds": round(time.time() - t0, 1)}
@@ -80,12 +72,10 @@ def write_report(out: Path) -> Path:
 def _write(run_: Run, cfg: Config) -> tuple[Path, dict[str, Any]]:
     from steerscope.studies.identifiability import report
 
-    rec = {name: _record(run_, name) for name in ("vectors", "scorers", "scores", "effects", "logits", "nullspace")}
-    gens = {"|".join(map(str, c)): _record(run_, _step_name(c)) for c in cells(cfg)}
-    path = report.write(run_, cfg, rec["vectors"], rec["scorers"], gens, rec["scores"], rec["effects"], rec["logits"],
-                        rec["nullspace"])
-    return path, report.summary(cfg, rec["vectors"], rec["scorers"], rec["effects"], rec["logits"], rec["nullspace"])
+    vrec, srec = run_.load_record(rc.VECTORS, rc.VectorsRecord), run_.load_record(rc.SCORERS, rc.ScorersRecord)
+    eff, lrec = run_.load_record(rc.EFFECTS, rc.EffectsRecord), run_.load_record(rc.LOGITS, rc.LogitsRecord)
+    nrec = run_.load_record(rc.NULLSPACE, rc.NullspaceRecord)
+    gens = {rc.cell_key(c): run_.load_record(rc.generation_step(c), rc.Generations) for c in cells(cfg)}
+    path = report.write(run_, cfg, vrec, srec, gens, run_.load_record(rc.SCORES, rc.Scores), eff, lrec, nrec)
+    return path, report.summary(cfg, vrec, srec, eff, lrec, nrec)
 
-
-def _record(run_: Run, name: str) -> dict[str, Any]:
-    return without_timing(run_.load(name))

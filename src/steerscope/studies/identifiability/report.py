@@ -7,67 +7,71 @@ from typing import Any
 
 import numpy as np
 
+from steerscope.analyses.identifiability import Spectrum
 from steerscope.metrics.classifiers import MIN_ACCURACY
 from steerscope.report.html import Report, plt_figure
 from steerscope.runs import Run
 from steerscope.studies.identifiability.config import Config
+from steerscope.studies.identifiability.records import (
+    Conclusion,
+    EffectsRecord,
+    Generations,
+    LogitsRecord,
+    NullspaceRecord,
+    ScorersRecord,
+    Scores,
+    VectorsRecord,
+)
 
-Rec = dict[str, Any]  # a step record
 
-
-def _dci(c: dict[str, Any]) -> str:
-    return f"{c['d']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
-
-
-def conclusions(eff: dict[str, Any]) -> list[dict[str, Any]]:
+def conclusions(eff: EffectsRecord) -> list[Conclusion]:
     """Rows that count: usable primary scorer; one line each with the verdict."""
     out = []
-    for pset, rows in eff.items():
-        if pset.startswith("_"):
-            continue
+    for pset, rows in eff.sets().items():
         for r in rows:
-            if r["primary"]:
-                out.append({"prompts": pset, "trait": r["trait"], "method": r["method"], "alpha": r["alpha"],
-                            "scorer": r["scorer"], "d_v_vs_none": _dci(r["v_vs_none"]),
-                            "v_real_effect": r["v_vs_none"]["real_effect"],
-                            "d_vsum_vs_v": _dci(r["vperp_sum_vs_v"]), "d_vperp_vs_none": _dci(r["vperp_vs_none"]),
-                            "corr": r["vperp_sum_vs_v"]["corr"], "jsd": r["vperp_sum_vs_v"]["jsd"],
-                            "verdict": r["verdict"]})
+            if r.primary:
+                out.append(Conclusion(pset, r.trait, r.method, r.alpha, r.scorer, r.v_vs_none.dci(),
+                                      r.v_vs_none.real_effect, r.vperp_sum_vs_v.dci(), r.vperp_vs_none.dci(),
+                                      r.vperp_sum_vs_v.corr, r.vperp_sum_vs_v.jsd, r.verdict))
     return out
 
 
-def summary(cfg: Config, vrec: Rec, srec: Rec, eff: Rec, lrec: Rec, nrec: Rec) -> dict[str, Any]:
+def summary(cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, eff: EffectsRecord, lrec: LogitsRecord,
+            nrec: NullspaceRecord) -> dict[str, Any]:
     """The ``--json`` summary: vectors, scorer validity, verdicts, next-token agreement, null space."""
     concl = conclusions(eff)
-    counted = [c for c in concl if c["v_real_effect"] and c["prompts"] == "neutral"]
-    equiv = [c for c in counted if c["verdict"].startswith(("equivalent", "no detected"))]
+    counted = [c for c in concl if c.v_real_effect and c.prompts == "neutral"]
+    equiv = [c for c in counted if c.verdict.startswith(("equivalent", "no detected"))]
     return {
-        "layer": vrec["layer"], "inject_layer": vrec["inject_layer"], "norms": vrec["norms"],
-        "scorers": srec["scorers"], "primary_scorer": srec["primary"],
-        "conclusions": concl,
+        "layer": vrec.layer, "inject_layer": vrec.inject_layer, "norms": vrec.norms,
+        "scorers": {t: [s.to_dict() for s in rows] for t, rows in srec.scorers.items()}, "primary_scorer": srec.primary,
+        "conclusions": [c.to_dict() for c in concl],
         "n_conditions_with_real_effect": len(counted),
         "n_without_detected_difference": len(equiv),
-        "logit_vsum_vs_v": [r for r in lrec["agreement"] if r["vs"] == "v+v_perp" and r["prompts"] == "neutral"],
-        "subspaces": lrec["subspaces"],
+        "logit_vsum_vs_v": [r.to_dict() for r in lrec.agreement if r.vs == "v+v_perp" and r.prompts == "neutral"],
+        "subspaces": [r.to_dict() for r in lrec.subspaces],
         "nullspace": {
-            kind: {l: {"rank_threshold": s["rank_threshold"], "rank_entropy": round(s["rank_entropy"], 1),
-                       "null_fraction_threshold": round(s["null_fraction_threshold"], 3),
-                       "null_fraction_entropy": round(s["null_fraction_entropy"], 3)}
-                   for l, s in nrec[kind].items()} for kind in ("covariance", "jacobian")},
-        "fd_check_rel_err": nrec.get("fd_check", {}).get("rel_err"),
-        "J_vperp_over_J_v": nrec.get("J_vperp_over_J_v"),
+            kind: {l: {"rank_threshold": s.rank_threshold, "rank_entropy": round(s.rank_entropy, 1),
+                       "null_fraction_threshold": round(s.null_fraction_threshold, 3),
+                       "null_fraction_entropy": round(s.null_fraction_entropy, 3)}
+                   for l, s in spectra.items()} for kind, spectra in _spectra(nrec).items()},
+        "fd_check_rel_err": nrec.fd_check.rel_err if nrec.fd_check else None,
+        "J_vperp_over_J_v": {t: x.to_dict() for t, x in nrec.J_vperp_over_J_v.items()},
     }
 
 
-def _hist_figure(cfg: Config, scores: dict[str, Any], srec: dict[str, Any], trait: str, alpha: float) -> Any:
-    kind = srec["primary"][trait]
+def _spectra(nrec: NullspaceRecord) -> dict[str, dict[str, Spectrum]]:
+    return {"covariance": nrec.covariance, "jacobian": nrec.jacobian}
+
+
+def _hist_figure(cfg: Config, scores: Scores, kind: str, trait: str, alpha: float) -> Any:
     fig = plt_figure(figsize=(6, 3.2))
     ax = fig.add_subplot(111)
     m = cfg.methods[0]
     series: dict[str, list[float]] = {}
     for seed in cfg.seeds:
-        none = scores.get(f"{trait}|none|{seed}|neutral")
-        cell = scores.get(f"{trait}|{m}|{seed}|neutral")
+        none = scores.cells.get(f"{trait}|none|{seed}|neutral")
+        cell = scores.cells.get(f"{trait}|{m}|{seed}|neutral")
         if none is None or cell is None:
             continue
         series.setdefault("none", []).extend(none[kind]["none@0"])
@@ -84,12 +88,12 @@ def _hist_figure(cfg: Config, scores: dict[str, Any], srec: dict[str, Any], trai
     return fig
 
 
-def _spectra_figure(nrec: dict[str, Any]) -> Any:
+def _spectra_figure(nrec: NullspaceRecord) -> Any:
     fig = plt_figure(figsize=(9, 3.4))
-    for i, kind in enumerate(("covariance", "jacobian")):
+    for i, (kind, spectra) in enumerate(_spectra(nrec).items()):
         ax = fig.add_subplot(1, 2, i + 1)
-        for l, s in nrec[kind].items():
-            sig = np.array(s["sigma"])
+        for l, s in spectra.items():
+            sig = np.array(s.sigma)
             ax.semilogy(sig / sig.max(), label=f"layer {l}")
         ax.axhline(0.05, color="k", linestyle=":", linewidth=1)
         ax.set_title(f"{kind} spectrum (sigma / sigma_max)")
@@ -98,24 +102,25 @@ def _spectra_figure(nrec: dict[str, Any]) -> Any:
     return fig
 
 
-def write(run: Run, cfg: Config, vrec: Rec, srec: Rec, gens: Rec, scores: Rec, eff: Rec, lrec: Rec, nrec: Rec) -> Path:
+def write(run: Run, cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, gens: dict[str, Generations], scores: Scores,
+          eff: EffectsRecord, lrec: LogitsRecord, nrec: NullspaceRecord) -> Path:
     """Write ``report.html`` in the run folder and return its path."""
     r = Report("Identifiability of steering vectors")
-    r.p(f"Model {cfg.model}; vectors extracted at hidden_states[{vrec['layer']}] (last prompt token), injected at "
-        f"resid_pre of block {vrec['inject_layer']} (offset {cfg.offset}), all positions. Conditions: v, v + v_perp, "
+    r.p(f"Model {cfg.model}; vectors extracted at hidden_states[{vrec.layer}] (last prompt token), injected at "
+        f"resid_pre of block {vrec.inject_layer} (offset {cfg.offset}), all positions. Conditions: v, v + v_perp, "
         f"v_perp (random, orthogonal to v, |v_perp| = |v|, a fresh one per seed), none. Seeds {list(cfg.seeds)}, "
         f"{cfg.n_prompts} neutral prompts, {cfg.max_new_tokens} new tokens, temperature {cfg.temperature}.")
     r.h2("Vectors")
-    r.table(["vector", "norm"], [[k, v] for k, v in vrec["norms"].items()])
-    r.table(["trait", "cos(DIM, PCA)"], [[k, v] for k, v in vrec["cos_dim_pca"].items()])
-    r.table(["pair", "cos(DIM, DIM)"], [[k, v] for k, v in vrec["cos_traits"].items()])
+    r.table(["vector", "norm"], [[k, v] for k, v in vrec.norms.items()])
+    r.table(["trait", "cos(DIM, PCA)"], [[k, v] for k, v in vrec.cos_dim_pca.items()])
+    r.table(["pair", "cos(DIM, DIM)"], [[k, v] for k, v in vrec.cos_traits.items()])
     r.h2("Classifier validation")
     r.p(f"Each scorer is validated on the shipped labelled texts (80 per trait). Lexicon and zero-shot scorers are not "
         f"fitted to them; the probe's accuracy is 5-fold cross-validated. Scorers under {MIN_ACCURACY:.0%} are NOT used "
-        f"for conclusions (enforced). Primary scorer per trait = most accurate usable one: {srec['primary']}.")
+        f"for conclusions (enforced). Primary scorer per trait = most accurate usable one: {srec.primary}.")
     r.table(["trait", "scorer", "accuracy", "validation", "used for conclusions"],
-            [[t, s["kind"], s["accuracy"], s["validation"], "yes" if s["usable"] else "NO (< 80%)"]
-             for t, rows in srec["scorers"].items() for s in rows])
+            [[t, s.kind, s.accuracy, s.validation, "yes" if s.usable else "NO (< 80%)"]
+             for t, rows in srec.scorers.items() for s in rows])
     r.h2("Behavioural equivalence (primary scorer)")
     r.p("Cohen's d with percentile-bootstrap 95% CIs (2000 resamples, rows paired by prompt and seed); corr = Pearson "
         "correlation of paired scores of v+v_perp and v; JSD of 10-bin score histograms. Guard: an equivalence claim "
@@ -123,48 +128,48 @@ def write(run: Run, cfg: Config, vrec: Rec, srec: Rec, gens: Rec, scores: Rec, e
     concl = conclusions(eff)
     r.table(["prompts", "trait", "method", "alpha", "scorer", "d(v vs none)", "d(v+v_perp vs v)", "d(v_perp vs none)",
              "corr", "JSD", "verdict"],
-            [[c["prompts"], c["trait"], c["method"], c["alpha"], c["scorer"], c["d_v_vs_none"], c["d_vsum_vs_v"],
-              c["d_vperp_vs_none"], "-" if c["corr"] is None else c["corr"], c["jsd"], c["verdict"]] for c in concl])
+            [[c.prompts, c.trait, c.method, c.alpha, c.scorer, c.d_v_vs_none, c.d_vsum_vs_v,
+              c.d_vperp_vs_none, "-" if c.corr is None else c.corr, c.jsd, c.verdict] for c in concl])
     r.h3("All scorers (including unusable ones, for reference)")
     r.table(["prompts", "trait", "alpha", "scorer", "usable", "d(v vs none)", "d(v+v_perp vs v)", "d(v_perp vs none)"],
-            [[p, x["trait"], x["alpha"], x["scorer"], x["usable"], _dci(x["v_vs_none"]), _dci(x["vperp_sum_vs_v"]),
-              _dci(x["vperp_vs_none"])] for p, rows in eff.items() if not p.startswith("_") for x in rows])
+            [[p, x.trait, x.alpha, x.scorer, x.usable, x.v_vs_none.dci(), x.vperp_sum_vs_v.dci(),
+              x.vperp_vs_none.dci()] for p, rows in eff.sets().items() for x in rows])
     for t in cfg.traits:
-        if srec["primary"][t]:
-            r.figure(_hist_figure(cfg, scores, srec, t, cfg.probe_alpha), f"score histograms, {t}")
+        if kind := srec.primary[t]:
+            r.figure(_hist_figure(cfg, scores, kind, t, cfg.probe_alpha), f"score histograms, {t}")
     r.h2("Next-token agreement")
     r.p("Last-token logits of chat-formatted prompts with a*v added, compared with a*(other vector): L2 distance, "
         "top-1 agreement, top-10 overlap (means over prompts; v+v_perp and random over seeds).")
     r.table(["trait", "prompts", "alpha", "v vs", "L2", "top-1", "top-10"],
-            [[x["trait"], x["prompts"], x["alpha"], x["vs"], x["l2"], x["top1"], x["top10"]] for x in lrec["agreement"]])
+            [[x.trait, x.prompts, x.alpha, x.vs, x.l2, x.top1, x.top10] for x in lrec.agreement])
     r.h3("Random k-dim orthogonal subspaces")
     r.p(f"For each k, a random k-dim subspace orthogonal to v; each basis direction u_i gives v + |v| u_i. Mean and "
         f"worst case over the k directions ({cfg.n_k_prompts} prompts).")
     r.table(["trait", "alpha", "k", "mean top-1", "worst top-1", "worst top-10", "mean L2", "max L2"],
-            [[x["trait"], x["alpha"], x["k"], x["mean_top1"], x["worst_top1"], x["worst_top10"], x["mean_l2"],
-              x["max_l2"]] for x in lrec["subspaces"]])
+            [[x.trait, x.alpha, x.k, x.mean_top1, x.worst_top1, x.worst_top10, x.mean_l2, x.max_l2]
+             for x in lrec.subspaces])
     _nullspace_section(r, cfg, nrec)
     r.h2("Samples")
-    for key, conds in list(gens.items())[:4]:
+    for key, gen in list(gens.items())[:4]:
         r.h3(key)
-        r.pre("\n\n".join(f"[{c}] {texts[0].strip()[:300]}" for c, texts in conds.items()))
+        r.pre("\n\n".join(f"[{c}] {texts[0].strip()[:300]}" for c, texts in gen.texts.items()))
     return r.write(run.path("report.html"))
 
 
-def _nullspace_section(r: Report, cfg: Config, nrec: Rec) -> None:
+def _nullspace_section(r: Report, cfg: Config, nrec: NullspaceRecord) -> None:
     r.h2("Null space")
-    r.p(f"Activation covariance of resid_pre over {nrec['n_tokens']} prompt tokens (first token of each text dropped); "
+    r.p(f"Activation covariance of resid_pre over {nrec.n_tokens} prompt tokens (first token of each text dropped); "
         f"Jacobian of last-token logits w.r.t. resid_pre at the last token (mean singular values over "
         f"{cfg.n_jac_prompts} prompts). Effective rank: #sigma > 0.05 sigma_max (paper C) and exp(entropy) of "
         f"sigma / sum sigma; null fraction = 1 - rank / d_model.")
     r.table(["method", "layer", "rank (>5% max)", "null frac", "entropy rank", "null frac (entropy)"],
-            [[k, l, s["rank_threshold"], s["null_fraction_threshold"], s["rank_entropy"], s["null_fraction_entropy"]]
-             for k in ("covariance", "jacobian") for l, s in nrec[k].items()])
+            [[k, l, s.rank_threshold, s.null_fraction_threshold, s.rank_entropy, s.null_fraction_entropy]
+             for k, spectra in _spectra(nrec).items() for l, s in spectra.items()])
     r.figure(_spectra_figure(nrec), "normalised spectra; dotted line = 5% threshold")
-    if nrec.get("fd_check"):
-        r.p(f"Finite-difference check at layer {nrec['fd_check']['layer']}: relative error of J u vs central "
-            f"differences for 3 random unit probes: {[round(e, 4) for e in nrec['fd_check']['rel_err']]}.")
-    if nrec.get("J_vperp_over_J_v"):
+    if nrec.fd_check:
+        r.p(f"Finite-difference check at layer {nrec.fd_check.layer}: relative error of J u vs central "
+            f"differences for 3 random unit probes: {[round(e, 4) for e in nrec.fd_check.rel_err]}.")
+    if nrec.J_vperp_over_J_v:
         r.table(["trait", "|J v|", "|J v_perp|", "ratio"],
-                [[t, x["J_v"], x["J_vperp"], x["ratio"]] for t, x in nrec["J_vperp_over_J_v"].items()],
+                [[t, x.J_v, x.J_vperp, x.ratio] for t, x in nrec.J_vperp_over_J_v.items()],
                 caption="first-order logit change: orthogonal perturbation vs v (Jacobian at the extraction layer)")

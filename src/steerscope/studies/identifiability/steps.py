@@ -1,4 +1,5 @@
-"""The identifiability study's steps: one function per resumable step, each returning a JSON record.
+"""The identifiability study's steps: one function per resumable step, each returning a typed record
+(:mod:`steerscope.studies.identifiability.records`).
 
 Steps: ``vectors`` (DIM/PCA per trait), ``scorers`` (validate classifiers), ``gen_*`` (sampled
 generations per trait/method/seed, all conditions batched in one generate call), ``scores``,
@@ -8,8 +9,7 @@ generations per trait/method/seed, all conditions batched in one generate call),
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any, Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,22 @@ from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.runs import Run
 from steerscope.studies.identifiability.config import Config
+from steerscope.studies.identifiability.records import (
+    Agreement,
+    EffectRow,
+    EffectsRecord,
+    FdCheck,
+    Generations,
+    JRatio,
+    LogitsRecord,
+    NullspaceRecord,
+    ScorerCheck,
+    ScorersRecord,
+    Scores,
+    SubspaceRow,
+    VectorsRecord,
+    Verdict,
+)
 from steerscope.vector import dataset_hash
 
 CONDITIONS = ("v", "v+v_perp", "v_perp")
@@ -46,10 +62,11 @@ def shift_prompts(n: int | None = None) -> list[dict[str, str]]:
 
 
 # -- vectors ------------------------------------------------------------------------------------
-def vectors(run: Run, lm: LM, cfg: Config) -> dict[str, Any]:
+def vectors(run: Run, lm: LM, cfg: Config) -> VectorsRecord:
     """Extract DIM and PCA vectors per trait at the layer; save them; norms and cosines."""
     layer = layer_of(cfg, lm)
-    out: dict[str, Any] = {"layer": layer, "inject_layer": layer + cfg.offset, "norms": {}, "files": {}}
+    norms: dict[str, float] = {}
+    files: dict[str, str] = {}
     vecs = {}
     for trait in cfg.traits:
         pairs = read_jsonl(data_path("traits", f"{trait}.jsonl"))
@@ -64,18 +81,17 @@ def vectors(run: Run, lm: LM, cfg: Config) -> dict[str, Any]:
             path = run.path("vectors", f"{trait}_{method}.safetensors")
             v.save(path)
             vecs[(trait, method)] = v[layer]
-            out["files"][f"{trait}_{method}"] = str(path)
-            out["norms"][f"{trait}_{method}"] = float(v[layer].norm())
-    out["cos_dim_pca"] = {t: float(torch.cosine_similarity(vecs[(t, "dim")], vecs[(t, "pca")], 0)) for t in cfg.traits}
-    out["cos_traits"] = {f"{a}~{b}": float(torch.cosine_similarity(vecs[(a, "dim")], vecs[(b, "dim")], 0))
-                         for i, a in enumerate(cfg.traits) for b in cfg.traits[i + 1:]}
-    return out
+            files[f"{trait}_{method}"] = str(path)
+            norms[f"{trait}_{method}"] = float(v[layer].norm())
+    cos_dim_pca = {t: float(torch.cosine_similarity(vecs[(t, "dim")], vecs[(t, "pca")], 0)) for t in cfg.traits}
+    cos_traits = {f"{a}~{b}": float(torch.cosine_similarity(vecs[(a, "dim")], vecs[(b, "dim")], 0))
+                  for i, a in enumerate(cfg.traits) for b in cfg.traits[i + 1:]}
+    return VectorsRecord(layer, layer + cfg.offset, norms, files, cos_dim_pca, cos_traits)
 
 
-def load_vectors(rec: dict[str, Any]) -> dict[str, torch.Tensor]:
+def load_vectors(rec: VectorsRecord) -> dict[str, torch.Tensor]:
     """{"trait_method": [d_model]} from the vectors record."""
-    layer = rec["layer"]
-    return {k: ss.SteeringVector.load(p)[layer] for k, p in rec["files"].items()}
+    return {k: ss.SteeringVector.load(p)[rec.layer] for k, p in rec.files.items()}
 
 
 def as_vector(direction: torch.Tensor, inject_layer: int) -> ss.SteeringVector:
@@ -88,19 +104,18 @@ def v_perp(v: torch.Tensor, trait: str, seed: int) -> torch.Tensor:
 
 
 # -- scorers ------------------------------------------------------------------------------------
-def scorers(cfg: Config, embedder: Embedder) -> tuple[dict[str, list[Scorer]], dict[str, Any]]:
+def scorers(cfg: Config, embedder: Embedder) -> tuple[dict[str, list[Scorer]], ScorersRecord]:
     """Build and validate every scorer; the record lists accuracies and which are usable."""
     built = {t: build_scorers(t, embedder, seed=cfg.seed) for t in cfg.traits}
-    rec = {t: [{"kind": s.kind, "accuracy": s.accuracy, "validation": s.validation, "usable": s.usable}
-               for s in ss_] for t, ss_ in built.items()}
+    rec = {t: [ScorerCheck(s.kind, s.accuracy, s.validation, s.usable) for s in ss_] for t, ss_ in built.items()}
     primary = {t: (b.kind if (b := best_scorer(s)) else None) for t, s in built.items()}
-    return built, {"scorers": rec, "primary": primary}
+    return built, ScorersRecord(rec, primary)
 
 
 # -- generations --------------------------------------------------------------------------------
 def generate_cell(lm: LM, cfg: Config, prompts: Sequence[str], v: torch.Tensor | None, trait: str, seed: int,
                   inject_layer: int, alphas: Sequence[float], conditions: Sequence[str] = CONDITIONS
-                  ) -> dict[str, Any]:
+                  ) -> Generations:
     """Sample completions for every (condition, alpha) x prompt in one batched generate call.
 
     ``v=None`` generates the unsteered condition only. Returns {"condition@alpha": [texts]}.
@@ -108,7 +123,7 @@ def generate_cell(lm: LM, cfg: Config, prompts: Sequence[str], v: torch.Tensor |
     if v is None:
         texts = ss.generate(lm, prompts, max_new_tokens=cfg.max_new_tokens, do_sample=True,
                             temperature=cfg.temperature, seed=seed, batch_size=len(prompts), backend=cfg.backend)
-        return {"none@0": texts}
+        return Generations({"none@0": texts})
     p = v_perp(v, trait, seed)
     dirs = {"v": v, "v+v_perp": v + p, "v_perp": p}
     keys, vecs, alph, rows = [], [], [], []
@@ -123,94 +138,113 @@ def generate_cell(lm: LM, cfg: Config, prompts: Sequence[str], v: torch.Tensor |
                         do_sample=True, temperature=cfg.temperature, seed=seed, batch_size=len(rows),
                         backend=cfg.backend)
     n = len(prompts)
-    return {k: texts[i * n:(i + 1) * n] for i, k in enumerate(keys)}
+    return Generations({k: texts[i * n:(i + 1) * n] for i, k in enumerate(keys)})
 
 
-def score_texts(built: dict[str, list[Scorer]], gens: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+def score_texts(built: dict[str, list[Scorer]], gens: Mapping[str, Generations]) -> Scores:
     """Score each generation cell with each scorer of its trait: {cell: {kind: {cond: [scores]}}}.
 
-    ``gens`` maps a cell name ``trait|method|seed|prompts`` to {"cond@alpha": texts}; the "none"
+    ``gens`` maps a cell name ``trait|method|seed|prompts`` to its generations; the "none"
     cells (``*|none|seed|prompts``) are scored with every trait's scorers."""
-    out: dict[str, Any] = {}
-    for cell, conds in gens.items():
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for cell, gen in gens.items():
         trait = cell.split("|")[0]
         traits = list(built) if trait == "*" else [trait]
         for t in traits:
             key = cell.replace("*", t, 1)
-            out[key] = {s.kind: {c: [float(x) for x in s(texts)] for c, texts in conds.items()} for s in built[t]}
-    return out
+            out[key] = {s.kind: {c: [float(x) for x in s(texts)] for c, texts in gen.texts.items()} for s in built[t]}
+    return Scores(out)
 
 
 # -- effects ------------------------------------------------------------------------------------
-def effects(cfg: Config, scores: dict[str, Any], primary: dict[str, str | None], usable: dict[str, dict[str, bool]],
-            prompts: str = "neutral", alphas: Sequence[float] | None = None) -> list[dict[str, Any]]:
+ScoreCells = Mapping[str, dict[str, dict[str, list[float]]]]  # the ``scores`` record's cells
+
+
+def effects(cfg: Config, scores: ScoreCells, primary: dict[str, str | None], usable: dict[str, dict[str, bool]],
+            prompts: str = "neutral", alphas: Sequence[float] | None = None) -> list[EffectRow]:
     """Compare conditions per trait/method/alpha/scorer, seeds pooled (rows paired by prompt and seed)."""
     alphas = list(alphas if alphas is not None else cfg.alphas)
     rows = []
     for trait in cfg.traits:
         for method in cfg.methods:
             for kind in usable[trait]:
-                def pooled(cond: str, m: str = method) -> np.ndarray:
-                    vals: list[float] = []
-                    for seed in cfg.seeds:
-                        cell = scores.get(f"{trait}|{'none' if cond == 'none@0' else m}|{seed}|{prompts}")
-                        if cell is None:
-                            continue
-                        vals += cell[kind][cond]
-                    return np.array(vals)
-                none = pooled("none@0")
-                if len(none) < 2:
-                    continue
-                for a in alphas:
-                    s = {c: pooled(f"{c}@{a:g}") for c in CONDITIONS}
-                    if any(len(x) < 2 for x in s.values()):
-                        continue
-                    r: dict[str, Any] = {"trait": trait, "method": method, "alpha": a, "scorer": kind, "prompts": prompts,
-                         "usable": usable[trait][kind], "primary": primary[trait] == kind}
-                    r["v_vs_none"] = idf.compare(s["v"], none, paired=True, seed=cfg.seed)
-                    r["vperp_sum_vs_v"] = idf.compare(s["v+v_perp"], s["v"], paired=True, seed=cfg.seed)
-                    r["vperp_sum_vs_none"] = idf.compare(s["v+v_perp"], none, paired=True, seed=cfg.seed)
-                    r["vperp_vs_none"] = idf.compare(s["v_perp"], none, paired=True, seed=cfg.seed)
-                    r.update(verdict(r))
-                    for key in ("v_vs_none", "vperp_sum_vs_v", "vperp_sum_vs_none", "vperp_vs_none"):
-                        c = r[key]
-                        r[key] = {**asdict(c), "real_effect": c.real_effect}
-                    rows.append(r)
+                rows += _effect_rows(cfg, scores, (trait, method, kind, prompts), alphas, usable[trait][kind],
+                                     primary[trait] == kind)
     return rows
 
 
-def verdict(r: dict[str, Any]) -> dict[str, Any]:
-    """Equivalence verdict of one row: counts only where v has a real effect and the scorer is usable."""
-    eff, diff, alone = r["v_vs_none"], r["vperp_sum_vs_v"], r["vperp_vs_none"]
-    if not r["usable"]:
-        return {"verdict": "scorer below 80% accuracy: not used"}
+def effects_step(cfg: Config, scores: Scores, srec: ScorersRecord, usable: dict[str, dict[str, bool]]) -> EffectsRecord:
+    """Step ``effects``: the rows on the neutral prompts and, with ``--shift``, on the shift prompts."""
+    shift = effects(cfg, scores.cells, srec.primary, usable, prompts="shift", alphas=[cfg.probe_alpha]) if cfg.shift else []
+    return EffectsRecord(effects(cfg, scores.cells, srec.primary, usable), shift)
+
+
+def _effect_rows(cfg: Config, scores: ScoreCells, where: tuple[str, str, str, str], alphas: Sequence[float],
+                 usable: bool, primary: bool) -> list[EffectRow]:
+    """The rows of one trait x method x scorer x prompt set (``where``), one per alpha with enough scores."""
+    trait, method, kind, prompts = where
+
+    def pooled(cond: str) -> np.ndarray:
+        vals: list[float] = []
+        for seed in cfg.seeds:
+            cell = scores.get(f"{trait}|{'none' if cond == 'none@0' else method}|{seed}|{prompts}")
+            if cell is not None:
+                vals += cell[kind][cond]
+        return np.array(vals)
+
+    none = pooled("none@0")
+    if len(none) < 2:
+        return []
+    rows = []
+    for a in alphas:
+        s = {c: pooled(f"{c}@{a:g}") for c in CONDITIONS}
+        if any(len(x) < 2 for x in s.values()):
+            continue
+        eff, diff, vsum, alone = (idf.compare(x, y, paired=True, seed=cfg.seed) for x, y in
+                                  ((s["v"], none), (s["v+v_perp"], s["v"]), (s["v+v_perp"], none), (s["v_perp"], none)))
+        v = verdict(usable, eff, diff, vsum, alone)
+        rows.append(EffectRow(trait, method, a, kind, prompts, usable, primary, eff, diff, vsum, alone, v.verdict,
+                              v.degenerate_ci, v.effect_retained, v.vperp_alone_effect))
+    return rows
+
+
+def verdict(usable: bool, eff: idf.Comparison, diff: idf.Comparison, vsum: idf.Comparison, alone: idf.Comparison
+            ) -> Verdict:
+    """Equivalence verdict of one row: counts only where v has a real effect and the scorer is usable.
+
+    Args:
+        eff, diff, vsum, alone: v vs none, v+v_perp vs v, v+v_perp vs none, v_perp vs none.
+    """
+    if not usable:
+        return Verdict("scorer below 80% accuracy: not used")
     n = min(c.n for c in (eff, diff, alone))
     degenerate = [k for k, c in (("v_vs_none", eff), ("vperp_sum_vs_v", diff)) if not c.ci_high - c.ci_low > 1e-9]
     if n < MIN_N or degenerate:
         why = f"n = {n} < {MIN_N} scores per condition" if n < MIN_N else f"degenerate CI ({', '.join(degenerate)})"
-        return {"verdict": f"withheld: {why}; interval-based verdicts need more prompts (--n-prompts, --seeds)",
-                "degenerate_ci": bool(degenerate)}
+        return Verdict(f"withheld: {why}; interval-based verdicts need more prompts (--n-prompts, --seeds)",
+                       degenerate_ci=bool(degenerate))
     if not eff.real_effect:
-        return {"verdict": "no real effect of v (d < 0.5 or CI includes 0): no equivalence claim"}
+        return Verdict("no real effect of v (d < 0.5 or CI includes 0): no equivalence claim")
     diff_ci_in = diff.ci_low <= 0 <= diff.ci_high
     strict = -0.5 < diff.ci_low and diff.ci_high < 0.5
-    retained = r["vperp_sum_vs_none"].d / eff.d if eff.d else float("nan")
+    retained = vsum.d / eff.d if eff.d else float("nan")
     if strict:
         v = "equivalent (CI of d[v+v_perp vs v] inside (-0.5, 0.5))"
     elif diff_ci_in and abs(diff.d) < 0.5:
         v = "no detected difference (CI includes 0, but too wide to show equivalence)"
     else:
         v = "not equivalent (v+v_perp differs from v)"
-    return {"verdict": v, "effect_retained": retained, "vperp_alone_effect": alone.real_effect}
+    return Verdict(v, effect_retained=retained, vperp_alone_effect=alone.real_effect)
 
 
 # -- next-token agreement -----------------------------------------------------------------------
-def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int) -> dict[str, Any]:
+def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int) -> LogitsRecord:
     """Next-token agreement of v with v+v_perp, a random direction, another trait's vector, PCA, none;
     and the worst case over random k-dim orthogonal subspaces."""
     sets = {"neutral": neutral_prompts(cfg.n_prompts), "shift": [r["prompt"] for r in shift_prompts(cfg.n_shift_prompts)]}
     base = {name: idf.next_token_logits(lm, ps) for name, ps in sets.items()}
-    rows, krows = [], []
+    rows: list[Agreement] = []
+    krows: list[SubspaceRow] = []
     for ti, trait in enumerate(cfg.traits):
         v = vecs[f"{trait}_dim"]
         other_name = cfg.traits[(ti + 1) % len(cfg.traits)] if len(cfg.traits) > 1 else None
@@ -228,9 +262,9 @@ def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int
                     cmp[ref] = [idf.logit_agreement(lv, idf.next_token_logits(lm, ps, {inject_layer: a * make(s)}))
                                 for s in (cfg.seeds if ref in ("v+v_perp", "random") else cfg.seeds[:1])]
                 for ref, agg in cmp.items():
-                    rows.append({"trait": trait, "prompts": name, "alpha": a, "vs": ref,
-                                 "l2": float(np.mean([x.l2 for x in agg])), "top1": float(np.mean([x.top1 for x in agg])),
-                                 "top10": float(np.mean([x.topk_overlap for x in agg]))})
+                    rows.append(Agreement(trait, name, a, ref, float(np.mean([x.l2 for x in agg])),
+                                          float(np.mean([x.top1 for x in agg])),
+                                          float(np.mean([x.topk_overlap for x in agg]))))
         if ti >= cfg.k_traits:
             continue
         ps = sets["neutral"][:cfg.n_k_prompts]
@@ -242,14 +276,14 @@ def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int
             n = len(ps)
             big = idf.next_token_logits(lm, [p for _ in range(k) for p in ps], {inject_layer: a * dirs.repeat_interleave(n, 0)})
             ags = [idf.logit_agreement(lv, big[i * n:(i + 1) * n]) for i in range(k)]
-            krows.append({"trait": trait, "alpha": a, "k": k, "mean_top1": float(np.mean([x.top1 for x in ags])),
-                          "worst_top1": float(min(x.top1 for x in ags)), "mean_l2": float(np.mean([x.l2 for x in ags])),
-                          "max_l2": float(max(x.l2 for x in ags)), "worst_top10": float(min(x.topk_overlap for x in ags))})
-    return {"agreement": rows, "subspaces": krows}
+            krows.append(SubspaceRow(trait, a, k, float(np.mean([x.top1 for x in ags])), float(min(x.top1 for x in ags)),
+                                     float(np.mean([x.l2 for x in ags])), float(max(x.l2 for x in ags)),
+                                     float(min(x.topk_overlap for x in ags))))
+    return LogitsRecord(rows, krows)
 
 
 # -- null space ---------------------------------------------------------------------------------
-def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, batch_size: int = 16) -> dict[str, Any]:
+def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, batch_size: int = 16) -> NullspaceRecord:
     """Activation-covariance and logit-Jacobian spectra at L/4, L/2, 3L/4 (+ a finite-difference check).
 
     ``batch_size``: prompts per forward pass of the covariance (speed only).
@@ -262,10 +296,8 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, ba
         for r in read_jsonl(data_path("traits", f"{t}.jsonl")):
             prompts += [r["positive"], r["negative"]]
     cov = idf.residual_covariance_spectra(lm, prompts[:cfg.n_cov_prompts], layers, batch_size, show_progress=True)
-    out: dict[str, Any] = {"layers": layers, "covariance": {}, "jacobian": {}, "n_tokens": 0}
-    for l in layers:
-        out["n_tokens"] = cov[l].n_tokens
-        out["covariance"][str(l)] = asdict(cov[l].spectrum)
+    jacobian: dict[str, idf.Spectrum] = {}
+    fd_check = None
     ru = idf.unembed_r(lm)
     jp = [lm.format_chat(p) for p in neutral_prompts(cfg.n_jac_prompts)]
     ratios = {}
@@ -275,16 +307,16 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, ba
             jf = idf.final_jacobian(lm, text, l)
             jfs.append(jf)
             sig.append(torch.linalg.svdvals(ru.double() @ jf.double()).float().numpy())
-        out["jacobian"][str(l)] = asdict(idf.spectrum(np.mean(sig, 0), lm.d_model))
+        jacobian[str(l)] = idf.spectrum(np.mean(sig, 0), lm.d_model)
         if l == layer:
             for t in cfg.traits:
                 v = vecs[f"{t}_dim"]
                 jv = float(np.mean([(ru @ (jf @ v)).norm() for jf in jfs]))
                 jp_ = float(np.mean([(ru @ (jf @ v_perp(v, t, s))).norm() for jf in jfs for s in cfg.seeds]))
-                ratios[t] = {"J_v": jv, "J_vperp": jp_, "ratio": jp_ / jv}
+                ratios[t] = JRatio(jv, jp_, jp_ / jv)
             g = torch.Generator().manual_seed(cfg.seed)
             probes = torch.randn(3, lm.d_model, generator=g)
             probes = probes / probes.norm(dim=1, keepdim=True)
-            out["fd_check"] = {"layer": l, "rel_err": idf.finite_difference_check(lm, jp[0], l, probes, eps=0.05, jf=jfs[0])}
-    out["J_vperp_over_J_v"] = ratios
-    return out
+            fd_check = FdCheck(l, idf.finite_difference_check(lm, jp[0], l, probes, eps=0.05, jf=jfs[0]))
+    return NullspaceRecord(layers, {str(l): cov[l].spectrum for l in layers}, jacobian, cov[layers[-1]].n_tokens,
+                           fd_check, ratios)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from steerscope.errors import StudyError
-from steerscope.runs import Run, write_json
+from steerscope.runs import TIMING, Run, write_json
+from steerscope.studies.refusal import records as rc
 from steerscope.studies.refusal import steps
 from steerscope.studies.refusal.config import Config
 
@@ -22,34 +24,35 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     """
     torch.set_num_threads(cfg.threads)
     r = Run(out, config=cfg.identity(), force=force)
-    organism = r.step("organism", lambda: steps.organism_step(cfg, r))
+    organism = r.record(rc.ORGANISM_STEP, rc.OrganismRecord, lambda: steps.organism_step(cfg, r))
     lm = steps.load_study_model(cfg, r, device=device)
-    sel = r.step("select", lambda: steps.select_step(lm, cfg, r))
+    sel = r.record(rc.SELECT_STEP, rc.SelectionRecord, lambda: steps.select_step(lm, cfg, r))
     dim = steps.study_vector(cfg, r, "refusal-dim")
     assert dim is not None
     layer = dim.layers[0]
-    trained: dict[str, Any] = {}
+    trained = None
     if not steps.use_shipped(cfg):
         a = max(cfg.alphas)
-        data = r.step("trained_data", lambda: steps.trained_data_step(lm, cfg, dim, a))
-        trained = r.step("trained", lambda: steps.trained_step(lm, cfg, r, data, layer, 1.0, 1.0))
+        data = r.record(rc.TRAINED_DATA_STEP, rc.TrainedDataRecord, lambda: steps.trained_data_step(lm, cfg, dim, a))
+        trained = r.record(rc.TRAINED_STEP, rc.TrainedRecord, lambda: steps.trained_step(lm, cfg, r, data, layer, 1.0, 1.0))
     vectors = {n.split("-")[1].upper(): v for n in steps.VECTOR_NAMES if (v := steps.study_vector(cfg, r, n)) is not None}
-    ev = r.step("evaluate", lambda: steps.evaluate_step(lm, cfg, vectors))
+    ev = r.record(rc.EVALUATE_STEP, rc.EvaluateRecord, lambda: steps.evaluate_step(lm, cfg, vectors))
     if cfg.matched_norm and "DIM" in vectors and len(vectors) > 1:
-        matched = r.step("evaluate_matched", lambda: steps.evaluate_matched_step(lm, cfg, vectors))
-        ev = dict(ev, steered=ev["steered"] + matched["steered"])
-    results = {"config": cfg.identity(), "organism": organism, "select": sel, "trained": trained, "evaluate": ev,
-               "cosines": steps.cosines(vectors),
-               "vector_source": "shipped" if steps.use_shipped(cfg) else "this run",
-               "shipped_pick_matches": {"layer": layer, "position": dim.provenance.positions,
-                                        "recomputed": [sel["layer"], sel["position"]]}}
-    write_json(r.folder / "results.json", results)
+        matched = r.record(rc.MATCHED_STEP, rc.MatchedRecord, lambda: steps.evaluate_matched_step(lm, cfg, vectors))
+        ev = replace(ev, steered=ev.steered + matched.steered)
+    results = rc.Results(cfg.identity(), organism, sel, trained, ev, steps.cosines(vectors),
+                         "shipped" if steps.use_shipped(cfg) else "this run",
+                         rc.PickCheck(layer, dim.provenance.positions, [sel.layer, sel.position]))
+    steps_run = (rc.ORGANISM_STEP, rc.SELECT_STEP, rc.EVALUATE_STEP) + ((rc.TRAINED_STEP,) if trained else ())
+    write_json(r.folder / "results.json", results.to_json({n: _timing(r, n) for n in steps_run}))
     report = write_report(r.folder)
-    summary = {"report": str(report), "results": str(r.folder / "results.json"), "layer": layer,
-               "unsteered": {k: v for k, v in ev["unsteered"].items() if k != "samples"},
-               "steered": [{k: v for k, v in s.items() if k != "samples"} for s in ev["steered"]],
-               "steps": r.log}
-    return summary
+    return {"report": str(report), "results": str(r.folder / "results.json"), "layer": layer,
+            "unsteered": ev.unsteered.counts(), "steered": [s.counts() for s in ev.steered], "steps": r.log}
+
+
+def _timing(r: Run, name: str) -> dict[str, float]:
+    """The store's timing keys of step ``name`` as its record holds them (kept in ``results.json``)."""
+    return {k: v for k, v in r.load(name).items() if k in TIMING}
 
 
 def write_report(out: Path) -> Path:
@@ -59,4 +62,4 @@ def write_report(out: Path) -> Path:
     path = Path(out) / "results.json"
     if not path.is_file():
         raise StudyError(f"{out} has no results.json yet; run `steerscope study refusal --out {out}` to the end first")
-    return write(Path(out), json.loads(path.read_text()))
+    return write(Path(out), rc.Results.from_dict(json.loads(path.read_text())))
