@@ -375,7 +375,7 @@ def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[Ste
     call). A vector at ``mlp_out`` / ``resid_post`` is steered at resid_pre one layer up
     (:func:`as_resid_pre`). Sampled with a ``seed``, text i gets its own seed (:func:`row_seeds`).
     """
-    eng = engine_for(lm, compiled, **(engine_kwargs or {}))
+    eng = engine_for(lm, **({"compiled": True} if compiled else {}), **(engine_kwargs or {}))
     specs = row_specs(lm, eng, vector, alpha, positions, len(texts))
     ids = prompt_ids(lm, texts, templated)
     params = stop_params(lm, max_new_tokens, do_sample, temperature, seed, top_p, top_k)
@@ -434,9 +434,13 @@ class VLLMEngine:
                 extra["top_p"] = r0.top_p
             if r0.top_k > 0:
                 extra["top_k"] = r0.top_k
+            if self.compiled:
+                extra["compiled"] = True
+            if self.engine_args:
+                extra["engine_kwargs"] = self.engine_args
             pos = a0.positions if a0 is not None and isinstance(a0.positions, str) else "all"  # _check made sure
             done = generate(lm, texts, vec, alpha, r0.max_new_tokens, pos, r0.do_sample, r0.temperature, r0.seed,
-                            r0.template != "none", compiled=self.compiled, engine_kwargs=self.engine_args, **extra)
+                            r0.template != "none", **extra)
             for i, t in zip(idx, done):
                 out[i] = t
         return out
