@@ -144,3 +144,66 @@ def test_own_options_in_underscore_or_prefix_spellings_are_refused(arg) -> None:
 
     with pytest.raises(BackendError, match="must not contain"):
         check_extra([arg])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallelism over 2 CPU workers needs 2 CPUs")
+def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
+    """``steerscope serve FOLDER --tensor-parallel-size 2`` (2 CPU workers, the mp executor): unsteered and
+    steered completions token for token the HF path's, on the tiny Qwen2 of the parity tests."""
+    from test_vllm_parity import rand_vec, tiny_qwen2
+
+    tiny = tiny_qwen2(smol.tokenizer)
+    folder = tmp_path / "tiny-qwen2"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    vec = rand_vec(tiny, [2], 4.0, 0)
+    path = vec.save(tmp_path / "a.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "steerscope.cli", "serve", str(folder), "--vectors", f"a={path}",
+                             "--port", str(port), "--tensor-parallel-size", "2", "--vllm-args", "--max-model-len 512"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(SRC)),
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            assert time.time() < deadline, "server did not come up in 15 min"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(3)
+        texts = [tiny.format_chat(p) for p in PROMPTS[:3]]
+        ids = bv.prompt_ids(tiny, texts, True)
+        eos = tiny.model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or [])
+        rows = {}
+        for steer in (None, {"vector": "a", "alpha": 1.0}):
+            got = []
+            for i in ids:
+                body = {"model": str(folder), "prompt": i, "max_tokens": N_NEW, "temperature": 0.0,
+                        "return_token_ids": True, **({"steering": steer} if steer else {})}
+                status, out = _post(port, body)
+                assert status == 200, out
+                got.append(out["choices"][0]["token_ids"])
+            batch = tiny.tokenize(texts)
+            with ss.steering(tiny, vec, 1.0) if steer else torch.no_grad(), torch.no_grad():
+                out = tiny.model.generate(**batch, max_new_tokens=N_NEW, do_sample=False,
+                                          pad_token_id=tiny.tokenizer.pad_token_id)
+            hf = [row[:next((k + 1 for k, t in enumerate(row) if t in eos), len(row))]
+                  for row in out[:, batch["input_ids"].shape[1]:].tolist()]
+            assert got == hf, f"steering {steer}"
+            rows[bool(steer)] = hf
+        assert rows[True] != rows[False], "the vector must change the text, or the comparison proves nothing"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
