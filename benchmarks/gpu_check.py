@@ -96,6 +96,15 @@ def build(family: str, kw: dict[str, Any], device: str, dtype: torch.dtype, seed
     return ss.from_hf(model.eval(), toy_tokenizer(), name=f"random-{family}")
 
 
+def copied(ref: Any, device: str, dtype: torch.dtype | None = None) -> Any:
+    """A copy of the CPU reference ``ref`` (an ``ss.LM``) on ``device`` (in ``dtype``; None: the reference's)."""
+    import copy
+
+    import steerscope as ss
+
+    return ss.from_hf(copy.deepcopy(ref.model).to(device=device, dtype=dtype or ref.dtype), ref.tokenizer, name=ref.name)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -215,7 +224,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 
 def parity(device: str, dtype: torch.dtype) -> dict[str, Any]:
     """Tiny Llama and Gemma-2: steered logits and steering deltas on ``device`` vs the CPU float32 path."""
-    import copy
 
     import steerscope as ss
     from steerscope.generation import chat_batch
@@ -233,7 +241,7 @@ def parity(device: str, dtype: torch.dtype) -> dict[str, Any]:
         base_cpu, steer_cpu = _logits(ref, enc, None), _logits(ref, enc, vec)
         res: dict[str, Any] = {}
         for dt in dict.fromkeys([torch.float32, dtype]):
-            lm = ss.from_hf(copy.deepcopy(ref.model).to(device=device, dtype=dt), ref.tokenizer, name=name)
+            lm = copied(ref, device, dt)
             e = {k: v.to(device) for k, v in enc.items()}
             v = ss.SteeringVector({k: vec[k].to(dt) for k in vec.layers})
             before = _logits(lm, e, None)
@@ -252,9 +260,7 @@ def parity(device: str, dtype: torch.dtype) -> dict[str, Any]:
 def circuits_parity(device: str) -> dict[str, Any]:
     """Tiny Llama and Gemma-2 in float32: EAP-IG scores, exact edge and node patching and a circuit's
     patched metric on ``device`` vs the CPU, on one teacher-forced batch (largest relative difference)."""
-    import copy
 
-    import steerscope as ss
     from steerscope import circuits as C
 
     out: dict[str, Any] = {}
@@ -262,7 +268,7 @@ def circuits_parity(device: str) -> dict[str, Any]:
         ref = build(family, kw, "cpu", torch.float32, seed=5)
         vec, _ = probe_vector(ref)
         pb = C.prepare(ref, PROMPTS[:3], vec, 1.0, max_new_tokens=6)
-        lm = ss.from_hf(copy.deepcopy(ref.model).to(device), ref.tokenizer, name=name)
+        lm = copied(ref, device)
         pbd = C.PatchBatch(**{k: v.to(device) for k, v in pb.tensors().items()})
         res: dict[str, Any] = {"scored_positions": int(pb.mask.sum())}
         a_cpu, a_dev = C.eap_ig(ref, pb, vec, 1.0, steps=4), C.eap_ig(lm, pbd, vec, 1.0, steps=4)
@@ -285,14 +291,13 @@ def library_paths(device: str) -> dict[str, Any]:
     """The library's everyday paths on ``device`` vs the CPU, on a tiny Llama in float32: ``extract`` (cosine of
     the two vectors), ``generate`` steered (prompts whose greedy text is identical), ``ablation`` (logits
     change; state restored), ``recording`` (shape) and a quick ``explain`` card (its claims' statuses)."""
-    import copy
 
     import steerscope as ss
     from steerscope.generation import chat_batch
 
     family, kw = TINY["tiny-llama"]
     ref = build(family, kw, "cpu", torch.float32, seed=7)
-    lm = ss.from_hf(copy.deepcopy(ref.model).to(device), ref.tokenizer, name="tiny-llama")
+    lm = copied(ref, device)
     pos, neg = PROMPTS[:4], [p.lower().rstrip("?.") + ", please!!" for p in PROMPTS[:4]]
     out: dict[str, Any] = {}
 

@@ -121,7 +121,7 @@ class Engine:
         if self.compiled:
             env["STEERSCOPE_VLLM_GRAPH"] = graph_env(self.model, self.ablation_sites)
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # this process is already the engine's own
-        ranks = int(self.engine_kwargs.get("tensor_parallel_size", 1)) * int(self.engine_kwargs.get("pipeline_parallel_size", 1))
+        ranks = parallel_ranks(self.engine_kwargs)
         if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:  # else vLLM stops: "Not enough allowed NUMA nodes"
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(ranks)
         log = open(self.log_path, "w")
@@ -216,6 +216,11 @@ def graph_env(model: str | Path, ablation_sites: bool = True) -> str:
 _ENGINES: dict[tuple[str, str, str, bool], Engine] = {}
 
 
+def parallel_ranks(engine_kwargs: dict[str, Any]) -> int:
+    """The number of engine workers ``engine_kwargs`` asks for: tensor x pipeline parallel size."""
+    return int(engine_kwargs.get("tensor_parallel_size", 1)) * int(engine_kwargs.get("pipeline_parallel_size", 1))
+
+
 def check_parallel(lm: LM, engine_kwargs: dict[str, Any]) -> int:
     """The number of ranks ``engine_kwargs`` asks for (tensor x pipeline parallel); BackendError, before any
     engine starts, for a size the model cannot be split into or a non-positive one."""
@@ -229,7 +234,7 @@ def check_parallel(lm: LM, engine_kwargs: dict[str, Any]) -> int:
                            f"use a size that divides {heads} (or 1)")
     if pp > lm.n_layers:
         raise BackendError(f"pipeline_parallel_size={pp} exceeds {lm.name}'s {lm.n_layers} layers")
-    return int(tp * pp)
+    return parallel_ranks(engine_kwargs)
 
 
 def cpu_binding(ranks: int, cpus: Sequence[int] | None = None) -> str:
