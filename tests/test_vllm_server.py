@@ -17,7 +17,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,25 +47,21 @@ def _post(port: int, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-@pytest.fixture(scope="module")
-def server(smol, tmp_path_factory):
-    d = tmp_path_factory.mktemp("vectors")
-    g = torch.Generator().manual_seed(0)
-    vecs = {"a": ss.SteeringVector({12: 10 * (v := torch.randn(smol.d_model, generator=g)) / v.norm()}),
-            "b": ss.SteeringVector({k: 5 * (v := torch.randn(smol.d_model, generator=g)) / v.norm() for k in (0, 8, 20)})}
-    paths = ",".join(f"{k}={v.save(d / f'{k}.safetensors')}" for k, v in vecs.items())
+@contextmanager
+def _serving(model: str, vectors: str, log_path: Path, *options: str) -> Iterator[int]:
+    """``steerscope serve MODEL --vectors VECTORS OPTIONS`` on a free port until healthy; its port. Stopped on exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(d / "server.log", "w")
-    env = dict(os.environ, PYTHONPATH=str(SRC))
-    proc = subprocess.Popen([sys.executable, "-m", "steerscope.cli", "serve", "smollm2-135m", "--vectors", paths,
-                             "--port", str(port), "--vllm-args", "--max-model-len 1024"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "steerscope.cli", "serve", model, "--vectors", vectors,
+                             "--port", str(port), *options],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(SRC)),
+                            start_new_session=True)
     try:
         deadline = time.time() + 900
         while time.time() < deadline:
-            assert proc.poll() is None, (d / "server.log").read_text()[-2000:]
+            assert proc.poll() is None, log_path.read_text()[-2000:]
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                     if r.status == 200:
@@ -72,7 +70,7 @@ def server(smol, tmp_path_factory):
                 time.sleep(3)
         else:
             pytest.fail("server did not come up in 15 min")
-        yield port, vecs
+        yield port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -81,6 +79,17 @@ def server(smol, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(smol, tmp_path_factory):
+    d = tmp_path_factory.mktemp("vectors")
+    g = torch.Generator().manual_seed(0)
+    vecs = {"a": ss.SteeringVector({12: 10 * (v := torch.randn(smol.d_model, generator=g)) / v.norm()}),
+            "b": ss.SteeringVector({k: 5 * (v := torch.randn(smol.d_model, generator=g)) / v.norm() for k in (0, 8, 20)})}
+    paths = ",".join(f"{k}={v.save(d / f'{k}.safetensors')}" for k, v in vecs.items())
+    with _serving("smollm2-135m", paths, d / "server.log", "--vllm-args", "--max-model-len 1024") as port:
+        yield port, vecs
 
 
 def test_concurrent_steered_requests_equal_offline(server, smol):
@@ -150,7 +159,8 @@ def test_own_options_in_underscore_or_prefix_spellings_are_refused(arg) -> None:
 def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
     """``steerscope serve FOLDER --tensor-parallel-size 2`` (2 CPU workers, the mp executor): unsteered and
     steered completions token for token the HF path's, on the tiny Qwen2 of the parity tests."""
-    from test_vllm_parity import rand_vec, tiny_qwen2
+    from test_vllm_parity import N_NEW as PARITY_NEW
+    from test_vllm_parity import hf_ids, rand_vec, tiny_qwen2
 
     tiny = tiny_qwen2(smol.tokenizer)
     folder = tmp_path / "tiny-qwen2"
@@ -158,52 +168,19 @@ def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
     tiny.tokenizer.save_pretrained(folder)
     vec = rand_vec(tiny, [2], 4.0, 0)
     path = vec.save(tmp_path / "a.safetensors")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "steerscope.cli", "serve", str(folder), "--vectors", f"a={path}",
-                             "--port", str(port), "--tensor-parallel-size", "2", "--vllm-args", "--max-model-len 512"],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(SRC)),
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 900
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.time() < deadline, "server did not come up in 15 min"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(3)
-        texts = [tiny.format_chat(p) for p in PROMPTS[:3]]
-        ids = bv.prompt_ids(tiny, texts, True)
-        eos = tiny.model.generation_config.eos_token_id
-        eos = {eos} if isinstance(eos, int) else set(eos or [])
+    texts = [tiny.format_chat(p) for p in PROMPTS[:3]]
+    with _serving(str(folder), f"a={path}", tmp_path / "server.log", "--tensor-parallel-size", "2",
+                  "--vllm-args", "--max-model-len 512") as port:
         rows = {}
         for steer in (None, {"vector": "a", "alpha": 1.0}):
             got = []
-            for i in ids:
-                body = {"model": str(folder), "prompt": i, "max_tokens": N_NEW, "temperature": 0.0,
+            for i in bv.prompt_ids(tiny, texts, True):
+                body = {"model": str(folder), "prompt": i, "max_tokens": PARITY_NEW, "temperature": 0.0,
                         "return_token_ids": True, **({"steering": steer} if steer else {})}
                 status, out = _post(port, body)
                 assert status == 200, out
                 got.append(out["choices"][0]["token_ids"])
-            batch = tiny.tokenize(texts)
-            with ss.steering(tiny, vec, 1.0) if steer else torch.no_grad(), torch.no_grad():
-                out = tiny.model.generate(**batch, max_new_tokens=N_NEW, do_sample=False,
-                                          pad_token_id=tiny.tokenizer.pad_token_id)
-            hf = [row[:next((k + 1 for k, t in enumerate(row) if t in eos), len(row))]
-                  for row in out[:, batch["input_ids"].shape[1]:].tolist()]
+            hf = hf_ids(tiny, texts, ss.steering(tiny, vec, 1.0) if steer else None)
             assert got == hf, f"steering {steer}"
             rows[bool(steer)] = hf
         assert rows[True] != rows[False], "the vector must change the text, or the comparison proves nothing"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
