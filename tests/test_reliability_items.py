@@ -108,7 +108,7 @@ def test_identifiability_withholds_the_verdict_at_tiny_n():
               "formality|dim|0|neutral": {"probe": {"v@4": list(base + 3), "v+v_perp@4": list(base + 3.01),
                                                     "v_perp@4": list(base)}}}
     (r,) = steps.effects(cfg, scores, {"formality": "probe"}, {"formality": {"probe": True}})
-    assert r["verdict"].startswith("withheld") and "equivalent" not in r["verdict"]
+    assert r.verdict.startswith("withheld") and "equivalent" not in r.verdict
 
 
 def test_identical_contrast_sets_warn_of_a_zero_vector(tiny):
