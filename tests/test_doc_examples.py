@@ -9,10 +9,16 @@ the checkout). The blocks of one page share that folder and run in page order, a
 them: a block may read a file an earlier block wrote (selecting one block with ``-k`` runs the earlier
 blocks of its page first).
 
-A block too expensive for the test suite (a whole study, vLLM, a GPU, the hub, an install command)
+A block too expensive for the test suite (a whole study, a GPU, the hub, an install command)
 carries an HTML comment on the line right before its fence::
 
     <!-- doc-test: skip (runs the whole study, ~15 min) -->
+
+A block that needs an engine installed outside the package (the vLLM venv) names the environment
+variable that points at it; it runs when the variable names an existing path (as in CI) and skips
+otherwise::
+
+    <!-- doc-test: needs STEERSCOPE_VLLM_ENV (starts a vLLM engine) -->
 
 The reason in parentheses is required; a marker without one, a marker not followed by a runnable fence,
 and a fence without a language (an example could hide there untested) fail. Blocks that are not
@@ -35,6 +41,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUNNABLE = {"python": "python", "py": "python", "bash": "shell", "sh": "shell", "console": "shell", "shell": "shell"}
 MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
 SKIP = re.compile(r"^skip\s*\((?P<reason>.*\S.*)\)$")
+NEEDS = re.compile(r"^needs\s+(?P<var>[A-Z][A-Z0-9_]*)\s*\((?P<reason>.*\S.*)\)$")
 FENCE = re.compile(r"^(?P<ticks>```+)(?P<lang>[^`\s]*)\s*$")
 TIMEOUT_S = 600  # one block; the whole file is budgeted at a few minutes (see the module docstring)
 SHELL_PRELUDE = "set -euo pipefail\n"
@@ -60,8 +67,19 @@ class Block:
 
     @property
     def skip_reason(self) -> str | None:
+        """Why this block does not run here: its ``skip`` reason, or the missing engine of a ``needs``."""
         m = SKIP.match(self.marker or "")
-        return m.group("reason").strip() if m else None
+        if m:
+            return m.group("reason").strip()
+        n = NEEDS.match(self.marker or "")
+        if n and not Path(os.environ.get(n.group("var"), "/nonexistent")).exists():
+            return f"${n.group('var')} is not set to an existing path ({n.group('reason').strip()})"
+        return None
+
+    @property
+    def runs(self) -> bool:
+        """Whether the block runs in this environment (no marker, or a ``needs`` that is met)."""
+        return self.marker is None or (NEEDS.match(self.marker) is not None and self.skip_reason is None)
 
 
 def parse(page: Path) -> list[Block]:
@@ -104,8 +122,8 @@ def test_every_doc_test_marker_gives_a_reason_and_sits_on_a_runnable_fence():
         for n, body in _markers(page):
             block = fences.get(n + 1)
             where = f"{page.relative_to(ROOT)}:{n}"
-            if not SKIP.match(body):
-                bad.append(f"{where}: {body!r} is not 'skip (reason)' (a skip needs its reason)")
+            if not (SKIP.match(body) or NEEDS.match(body)):
+                bad.append(f"{where}: {body!r} is not 'skip (reason)' or 'needs VAR (reason)' (a reason is required)")
             elif block is None or block.kind is None:
                 bad.append(f"{where}: the marker is not on the line right above a python or shell fence")
     assert not bad, "\n".join(bad)
@@ -174,12 +192,12 @@ def _run(block: Block, folder: Path, bin_dir: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("block", EXAMPLES, ids=[b.id for b in EXAMPLES])
 def test_doc_example_runs_as_written(block: Block, pages: dict[Path, _Page], bin_dir: Path):
-    if block.marker is not None:
+    if not block.runs:
         reason = block.skip_reason
         assert reason, f"{block.id}: the doc-test marker {block.marker!r} needs a reason: skip (why)"
         pytest.skip(reason)
     page = pages[block.page]
-    for earlier in [b for b in EXAMPLES if b.page == block.page and b.line < block.line and b.marker is None]:
+    for earlier in [b for b in EXAMPLES if b.page == block.page and b.line < block.line and b.runs]:
         if earlier.line in page.failed:
             pytest.fail(f"{block.id} comes after {earlier.id} on its page, which failed")
         if earlier.line not in page.done:  # a reader runs the page in order
@@ -191,3 +209,17 @@ def test_doc_example_runs_as_written(block: Block, pages: dict[Path, _Page], bin
     _run(block, page.folder, bin_dir)
     page.failed.discard(block.line)
     page.done.add(block.line)
+
+
+def test_a_needs_marker_runs_only_where_its_environment_exists(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text("<!-- doc-test: needs SS_TEST_ENGINE (an engine) -->\n```python\nprint(1)\n```\n"
+                    "<!-- doc-test: skip (too slow) -->\n```bash\ntrue\n```\n")
+    needs, skip = parse(page)
+    monkeypatch.delenv("SS_TEST_ENGINE", raising=False)
+    assert not needs.runs and "SS_TEST_ENGINE" in (needs.skip_reason or "")
+    monkeypatch.setenv("SS_TEST_ENGINE", str(tmp_path / "missing"))
+    assert not needs.runs
+    monkeypatch.setenv("SS_TEST_ENGINE", str(tmp_path))
+    assert needs.runs and needs.skip_reason is None
+    assert not skip.runs and skip.skip_reason == "too slow"
