@@ -72,6 +72,23 @@ def test_hf_only_verify_agrees_and_exits_0(tiny_folder, tiny_llama, tmp_path, ca
     assert out["plan"]["alpha"] == 2.0 and out["plan"]["source"] == "use record"
 
 
+def test_a_plan_that_changes_no_tokens_is_flagged_as_vacuous(tiny_folder, tiny_llama, tmp_path, capsys,
+                                                              monkeypatch):
+    _absent(monkeypatch)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there\nWhat is rain?\n")
+    for alpha, changed in ((1e-6, 0), (40.0, None)):
+        path = _vec(tiny_llama, 1, use=Use(layers=[1], alpha=alpha)).save(tmp_path / f"v{alpha}.safetensors")
+        argv = ["verify", str(path), "--model", str(tiny_folder), "--backends", "hf", "--prompts", str(prompts),
+                "--max-new-tokens", "6"]
+        assert main([*argv, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["changed"] == changed if changed is not None else out["changed"] >= 1
+        assert out["vacuous"] is (changed == 0)
+        main(argv)
+        assert ("warning: the steering changes no prompt's tokens" in capsys.readouterr().out) is (changed == 0)
+
+
 def test_absent_backends_are_skipped_with_the_install_command(tiny_folder, tiny_llama, tmp_path, capsys,
                                                               monkeypatch):
     _absent(monkeypatch)

@@ -16,6 +16,9 @@
    cheaply (llama.cpp), the steering delta of the next-token logits (steered minus unsteered) against HF's:
    ``|d_backend - d_hf| / |d_hf|``. A backend agrees when every prompt is identical and its worst delta error is
    at most ``delta_tol``.
+5. Whether the check says anything: HF's unsteered greedy tokens too, and ``changed`` counts the prompts whose
+   steered tokens differ from them. Agreement on prompts the plan does not change is agreement of the unsteered
+   model; when ``changed`` is 0 the result says so (:meth:`VerifyResult.vacuous`) and the command warns.
 
 Example:
     >>> res = verify(lm, ss.SteeringVector.load("tuned.safetensors"), ["hf", "vllm", "llamacpp"])
@@ -24,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -97,6 +100,12 @@ class VerifyResult(Record):
     max_new_tokens: int
     delta_tol: float
     backends: list[BackendResult]
+    changed: int | None = None  # prompts whose HF steered tokens differ from HF's unsteered ones
+
+    @property
+    def vacuous(self) -> bool:
+        """True when the plan changes no prompt's greedy tokens on HF: token agreement then says nothing."""
+        return self.changed == 0
 
     @property
     def ok(self) -> bool:
@@ -122,7 +131,7 @@ class VerifyResult(Record):
         for b, d in zip(self.backends, out["backends"]):
             d.update(identical=b.identical, n=len(b.prompts), first_differing_prompt=b.first_differing_prompt,
                      delta_rel_err=b.delta_rel_err)
-        out["ok"] = self.ok
+        out["ok"], out["vacuous"] = self.ok, self.vacuous
         return out
 
 
@@ -192,12 +201,14 @@ def first_diff(a: Sequence[int], b: Sequence[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def hf_tokens(lm: LM, vector: SteeringVector, plan: Plan, ids: Sequence[Sequence[int]], n_new: int) -> list[list[int]]:
-    """HF greedy tokens per prompt under the plan (one prompt a call), cut after the first EOS."""
+def hf_tokens(lm: LM, vector: SteeringVector, plan: Plan, ids: Sequence[Sequence[int]], n_new: int,
+              steered: bool = True) -> list[list[int]]:
+    """HF greedy tokens per prompt under the plan (``steered=False``: without it), one prompt a call, cut after
+    the first EOS."""
     eos, out = eos_ids(lm), []
     for row in ids:
         x = torch.tensor([list(row)], device=lm.device)
-        with torch.no_grad(), hf_context(lm, vector, plan):
+        with torch.no_grad(), hf_context(lm, vector, plan) if steered else nullcontext():
             gen = lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
                                     do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
         out.append(cut(gen[0, x.shape[1]:].tolist(), eos))
@@ -327,6 +338,8 @@ def verify(lm: LM, vector: SteeringVector, backends: Sequence[str] = VERIFY_BACK
     texts = list(prompts) if prompts is not None else neutral_prompts(N_PROMPTS)
     ids = prompt_ids(lm, [lm.format_chat(p) for p in texts], templated=True)
     ref = hf_tokens(lm, vector, plan, ids, max_new_tokens)
+    changed = sum(first_diff(r, u) is not None
+                  for r, u in zip(ref, hf_tokens(lm, vector, plan, ids, max_new_tokens, steered=False), strict=True))
     out = [BackendResult("hf", "reference", None, [PromptCheck(True, None, len(r)) for r in ref])]
     for name, fn in (("vllm", _vllm), ("llamacpp", _llamacpp)):
         if name in backends:
@@ -334,4 +347,4 @@ def verify(lm: LM, vector: SteeringVector, backends: Sequence[str] = VERIFY_BACK
                 out.append(fn(lm, vector, plan, ids, max_new_tokens, ref, delta_tol))
             except BackendError as e:
                 out.append(BackendResult(name, "failed", " ".join(str(e).split())[:300]))
-    return VerifyResult(lm.name, plan, texts, max_new_tokens, delta_tol, out)
+    return VerifyResult(lm.name, plan, texts, max_new_tokens, delta_tol, out, changed)

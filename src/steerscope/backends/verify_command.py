@@ -78,4 +78,9 @@ def table(res: Any) -> str:
         err = "-" if b.delta_rel_err is None else f"{b.delta_rel_err:.2e}"
         lines.append(f"{b.backend:<10} {b.status:<10} {ident:>9}  {where:<24} {err:>13}")
     lines += [f"  {b.backend} {b.status}: {safe(b.reason)}" for b in res.backends if b.reason]
+    if res.changed is not None:
+        lines.append(f"the steering changes HF's greedy tokens on {res.changed}/{len(res.prompts)} prompts")
+    if res.vacuous:
+        lines.append("warning: the steering changes no prompt's tokens here, so token agreement checks only the "
+                     "unsteered model; raise --alpha or --max-new-tokens, or use other --prompts")
     return "\n".join(lines)
