@@ -142,3 +142,31 @@ def test_generate_api_with_condition_matches_hf(setup):
     lm, prompts = s["lm"], PROMPTS[:4]
     kw = dict(vector=s["vec"], alpha=1.0, condition=s["cond"], max_new_tokens=12)
     assert ss.generate(lm, prompts, backend="vllm", **kw) == ss.generate(lm, prompts, **kw)
+
+
+@pytest.fixture(scope="module")
+def chunked(smol):
+    """The tiny Qwen2 on an engine whose steps hold 16 tokens: every prompt (about 30 tokens) is split over steps."""
+    lm = tiny_qwen2(smol.tokenizer)
+    engine = bv.engine_for(lm, max_num_batched_tokens=16, max_num_seqs=8)
+    texts = [lm.format_chat(p) for p in PROMPTS]
+    ids = bv.prompt_ids(lm, texts, True)
+    assert min(len(i) for i in ids) > 16, "the prompts must be longer than a step"
+    yield dict(lm=lm, engine=engine, texts=texts, ids=ids, name="qwen2-tiny-chunked", vec=rand_vec(lm, [2], 4.0, 0))
+    engine.close()
+
+
+def test_chunked_prefill_token_conditions_and_generated_positions_are_exact(chunked):
+    """Split prompts: on="token" gates (running state carried from chunk to chunk) and a prompt gate steering only
+    generated tokens equal HF; a prompt gate that must steer the prompt itself is reported, not silently wrong."""
+    s = chunked
+    lm, eng, vec = s["lm"], s["engine"], s["vec"]
+    tok, _ = split_condition(lm, s["texts"], 1, seed=11, on="token", reduce="mean")
+    hf = hf_ids(lm, s["texts"], ss.steering(lm, vec, alpha=1.0, condition=tok))
+    check(s, "chunked prefill, on=token", hf, run(s, [bv.spec(eng, vec, 1.0, condition=tok)] * len(PROMPTS)))
+    cond, opened = split_condition(lm, s["texts"], 1, seed=5)
+    hf = hf_ids(lm, s["texts"], ss.steering(lm, vec, alpha=1.0, positions="generated", condition=cond))
+    vl = run(s, [bv.spec(eng, vec, 1.0, "generated", condition=cond)] * len(PROMPTS))
+    check(s, f"chunked prefill, on=prompt, positions=generated (open {opened})", hf, vl)
+    eng.generate_ids(s["ids"][:1], [bv.spec(eng, vec, 1.0, condition=cond)], bv.stop_params(lm, 2, False, 1.0, None))
+    assert any("split over engine steps" in b for b in eng.stats()["bad"])

@@ -116,3 +116,16 @@ def test_compiled_engine_refuses_conditions_before_starting(tiny_llama):
     assert str(e.value) == COMPILED and "\n" not in COMPILED
     with pytest.raises(BackendError, match="eager vLLM engine only"):
         bv.VLLMEngine(compiled=True).generate(tiny_llama, [Request("Hi", Addition(vec, 1.0, condition=cond))])
+
+
+def test_a_split_prompt_chunk_is_left_unsteered_even_under_a_negated_gate():
+    """The worker's step function: a chunk without the prompt's end is not steered (and reported), the rest is."""
+    never = {"direction": [1.0] * D, "layer": 0, "threshold": 1e9}  # ~never: open once decided
+    spec = vs.parse_spec({"vectors": [["v", 1.0]], "condition": {"kind": "not", "of": never}}, {"v"})
+    vectors = {"v": {0: torch.ones(D)}}
+    states = {id(leaf): vg.fresh() for leaf in vg.spec_leaves(spec)}
+    hidden, bad = torch.randn(6, D), []
+    first, _ = vg.apply_rows([vg.Row(0, 4, torch.arange(4), 6, spec, states, {})], 0, hidden[:4], None, vectors, bad)
+    assert torch.equal(first, hidden[:4]) and len(bad) == 1 and "split" in bad[0]
+    rest, _ = vg.apply_rows([vg.Row(0, 2, torch.arange(4, 6), 6, spec, states, {})], 0, hidden[4:], None, vectors, bad)
+    assert torch.equal(rest, hidden[4:] + 1) and len(bad) == 1

@@ -19,6 +19,10 @@ Algorithm (one engine step, continuous batching):
 4. Directional ablation (Arditi et al.) projects the request's unit direction out of resid_pre
    (hidden and residual both), attn_out and mlp_out of every layer, all positions, like
    ``steerscope.ablation``.
+5. Gated requests (a spec with ``condition`` / ``rules`` / ``clamp``, parsed by ``steerscope_vllm_spec``): each
+   layer hook also runs ``steerscope_vllm_gates.apply_rows``, which reads the request's own residual at its
+   conditions' layers, keeps per-request running state across steps, and adds / clamps only where its gate is
+   open. Eager only: a compiled engine refuses such specs (:data:`COMPILED_GATES`).
 
 Hooks do not run in a compiled (torch.compile / CUDA graph) model: :meth:`steerscope_install`
 refuses unless compilation is off (``enforce_eager=True``), and the engine counts hook calls so a

@@ -16,9 +16,9 @@ flattened token layout of one engine step (each request's tokens a contiguous sl
    delta; a clamp (:func:`clip_rows`) replaces the rows where its positions and gate allow.
 
 A prompt condition needs its whole prompt before the prompt's own tokens are steered: when the scheduler
-splits a prompt over steps (chunked prefill) the earlier chunks cannot be decided; they stay shut and the
-worker reports it (``steerscope_stats()["bad"]``). Prompts that fit one step (or an engine started with
-``enable_chunked_prefill=False``) never split.
+splits a prompt over steps (chunked prefill) the earlier chunks cannot be decided: they are left unsteered,
+whatever the gate (``~c`` too), and the worker reports it (``steerscope_stats()["bad"]``). Prompts that fit one
+step (or an engine started with ``enable_chunked_prefill=False``) never split.
 """
 
 from __future__ import annotations
@@ -249,6 +249,7 @@ class Row:
     spec: Any
     states: dict[int, LeafState]
     values: dict[int, torch.Tensor]
+    undecided: bool = False  # a prompt condition whose prompt does not end in this step: no steering this step
 
 
 def rule_delta(row: Row, layer: int, vectors: dict[str, dict[int, torch.Tensor]]) -> torch.Tensor | None:
@@ -289,11 +290,13 @@ def apply_rows(rows: list[Row], layer: int, hidden: torch.Tensor, residual: torc
             for leaf in here:
                 got = leaf_decision(leaf, score(leaf, x), row.pos, row.prompt_len, row.states[id(leaf)])
                 if got is None:
+                    row.undecided = True
                     bad.append(f"a prompt condition's prompt was split over engine steps (chunked prefill); "
                                f"its first {row.count} tokens were left unsteered")
                 else:
                     row.values[id(leaf)] = got
-        delta = rule_delta(row, layer, vectors) if row.spec.rules else None
+        delta = rule_delta(row, layer, vectors) if row.spec.rules and not row.undecided else None
+        clamp_here = clamp_here and not row.undecided
         if delta is None and not clamp_here:
             continue
         if not copied:
