@@ -271,6 +271,11 @@ def rule_delta(row: Row, layer: int, vectors: dict[str, dict[int, torch.Tensor]]
     return total
 
 
+def _steers_prompt(spec: Any) -> bool:
+    return (bool(spec.rules) and spec.positions != "generated") or \
+        (spec.clamp is not None and spec.clamp.positions != "generated")
+
+
 def apply_rows(rows: list[Row], layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
                vectors: dict[str, dict[int, torch.Tensor]], bad: list[str]
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -289,10 +294,11 @@ def apply_rows(rows: list[Row], layer: int, hidden: torch.Tensor, residual: torc
             x = hidden[sl] if residual is None else hidden[sl] + residual[sl]
             for leaf in here:
                 got = leaf_decision(leaf, score(leaf, x), row.pos, row.prompt_len, row.states[id(leaf)])
-                if got is None:
+                if got is None:  # harmless when only generated tokens are steered
                     row.undecided = True
-                    bad.append(f"a prompt condition's prompt was split over engine steps (chunked prefill); "
-                               f"its first {row.count} tokens were left unsteered")
+                    if _steers_prompt(row.spec):
+                        bad.append(f"a prompt condition's prompt was split over engine steps (chunked prefill); "
+                                   f"a chunk of {row.count} prompt tokens was left unsteered")
                 else:
                     row.values[id(leaf)] = got
         delta = rule_delta(row, layer, vectors) if row.spec.rules and not row.undecided else None
