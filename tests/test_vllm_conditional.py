@@ -23,25 +23,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(bv.engine_python(required=Fal
                                                    reason="no vLLM engine environment (steerscope vllm-setup)")]
 
 
-def prompt_scores(lm, texts, direction, layer) -> torch.Tensor:
-    """Each prompt's mean projection of resid_pre at ``layer`` on unit ``direction`` (one HF forward per prompt)."""
-    u = direction / direction.norm()
+def prompt_means(lm, texts, layer) -> torch.Tensor:
+    """Each prompt's mean resid_pre at ``layer`` [prompts d_model] (one HF forward per prompt)."""
     out = []
     for t in texts:
-        batch = lm.tokenize([t])
         with torch.no_grad():
-            h = lm.model(**batch, output_hidden_states=True).hidden_states[layer][0]
-        out.append(float((h.float() @ u).mean()))
-    return torch.tensor(out)
+            out.append(lm.model(**lm.tokenize([t]), output_hidden_states=True).hidden_states[layer][0].float().mean(0))
+    return torch.stack(out)
 
 
 def split_condition(lm, texts, layer, seed, on="prompt", reduce="mean") -> tuple[ss.Condition, list[bool]]:
-    """A random-direction condition whose threshold opens exactly half the prompts (with the gap it leaves)."""
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(lm.d_model, generator=g)
-    s = prompt_scores(lm, texts, d, layer)
-    lo, hi = s.sort().values[len(texts) // 2 - 1: len(texts) // 2 + 1].tolist()
-    assert hi - lo > 1e-4, f"scores too close to split: {s.tolist()}"
+    """A condition that opens on half the prompts (a seeded half): its direction is the difference of the two
+    halves' mean residuals, its threshold midway between the 4th and 5th prompt score (a clear gap)."""
+    m = prompt_means(lm, texts, layer)
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
+    half = len(texts) // 2
+    d = m[perm[:half]].mean(0) - m[perm[half:]].mean(0)
+    s = m @ (d / d.norm())  # the mean projection of each prompt
+    lo, hi = s.sort().values[half - 1: half + 1].tolist()
+    assert hi - lo > 1e-3 * float(s.abs().max()), f"scores too close to split: {s.tolist()}"
     c = ss.Condition(d, layer=layer, threshold=(lo + hi) / 2, reduce=reduce, on=on)
     return c, (s > c.threshold).tolist()
 
