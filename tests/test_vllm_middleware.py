@@ -123,3 +123,31 @@ def test_the_middleware_answers_413_400_and_forwards_a_salted_body(tmp_path) -> 
         assert "\n" not in reply["error"]["message"]
     status, _, fwd = _call(mw, json.dumps({"prompt": "Hi", "cache_salt": "mine"}).encode())
     assert status == 200 and fwd[0]["cache_salt"].startswith("steerscope-") and fwd[0]["cache_salt"] != "mine"
+
+
+def test_the_middleware_takes_a_condition_and_a_clamp_and_answers_400_for_bad_ones(tmp_path) -> None:
+    """``steering.condition`` (Condition.to_dict JSON) and ``steering.clamp`` reach the worker as its spec; a gated
+    request gets a salt of its own (its gate reads every prompt token); bad ones get a one-line 400."""
+    a = ss.SteeringVector({2: torch.ones(8)}).save(tmp_path / "a.safetensors")
+    mw = srv.SteerMiddleware(None, vectors={"a": str(a)}, check=False)
+    cond = ss.Condition(torch.ones(8), layer=1, threshold=0.5).to_dict()
+    good = {"prompt": "Hi", "steering": {"vector": "a", "alpha": 2, "condition": {"kind": "not", "of": cond},
+                                         "clamp": {"vector": "a", "lo": -1, "hi": 1, "condition": cond}}}
+    salts = []
+    for _ in range(2):
+        status, _, fwd = _call(mw, json.dumps(good).encode())
+        spec = json.loads(fwd[0]["vllm_xargs"]["steerscope"])
+        assert status == 200 and spec["condition"]["kind"] == "not" and spec["clamp"]["hi"] == 1
+        salts.append(fwd[0]["cache_salt"])
+    assert salts[0] != salts[1]
+    status, _, fwd = _call(mw, json.dumps({"prompt": "Hi", "steering": {"clamp": {"vector": "a", "hi": 3}}}).encode())
+    assert status == 200 and json.loads(fwd[0]["vllm_xargs"]["steerscope"])["clamp"]["vector"] == "a"
+    high = dict(cond, layer=3)  # reads above the steered layer 2
+    for steering, words in (({"vector": "a", "condition": dict(cond, direction=[1.0] * 4)}, "dims"),
+                            ({"vector": "a", "condition": high}, "steering starts at layer 2"),
+                            ({"vector": "a", "condition": {"kind": "maybe"}}, "not known"),
+                            ({"vector": "a", "clamp": {"vector": "a"}}, "lo, hi"),
+                            ({"condition": cond, "clamp": {"vector": "a", "hi": 1}}, "own 'condition'")):
+        status, reply, fwd = _call(mw, json.dumps({"prompt": "Hi", "steering": steering}).encode())
+        assert status == 400 and not fwd and words in reply["error"]["message"], reply
+        assert "\n" not in reply["error"]["message"]

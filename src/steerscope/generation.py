@@ -184,7 +184,8 @@ def generate(
     / ``generated`` only; sampling uses vLLM's sampler. With vLLM, ``compiled=True`` serves the compiled model
     (graph-safe steering) and ``engine_args`` go to vLLM's engine (e.g. ``{"tensor_parallel_size": 2}``: the
     ranks are bound to this process's CPUs, docs/vllm.md).
-    ``condition`` (HF only): each row is steered only where its own gate is open (docs/conditional.md).
+    ``condition``: each row is steered only where its own gate is open (HF, and the eager vLLM engine; a compiled
+    one refuses it: docs/conditional.md).
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)

@@ -51,7 +51,7 @@ class Addition:
         positions: ``all`` / ``prompt`` / ``generated`` (both engines), ``last-K`` or indices (HF only);
             see :mod:`steerscope.steer`.
         condition: steer a row only where this gate (:class:`steerscope.Condition`, or ``~`` / ``|`` / ``&`` of
-            them) is open on its own activations (HF only for now; docs/conditional.md).
+            them) is open on its own activations (HF, and vLLM's eager engine; docs/conditional.md).
 
     Example:
         >>> Request("How do I bake bread?", Addition(vec, alpha=4.0))

