@@ -91,7 +91,7 @@ def test_random_vector_null_is_calibrated_when_b_is_itself_a_random_draw() -> No
     d, n_null, trials = 64, 19, 300
     gen = torch.Generator().manual_seed(0)
     field = torch.randn(d, generator=gen).abs() * 3  # shared by every vector: the "model's" gradient
-    keep = lambda v: S.keep_mask("ie", 0.8, v, field)  # noqa: E731
+    keep = lambda v: S.keep_mask("ie", 0.8, v, field)
     a = keep(torch.randn(d, generator=gen))
     ps, hyper = [], []
     for t in range(trials):
