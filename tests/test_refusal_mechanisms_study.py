@@ -40,7 +40,9 @@ def test_study_runs_quick_and_resumes(tmp_path, capsys) -> None:
     iou = json.loads((out / "steps" / "iou_bypass.json").read_text())
     assert iou["n_null"] == 2 and {"ie:dim-po", "paper:dim-po"} <= set(iou["null"])
     assert all(0 < row["p_value"] <= 1 for row in iou["null"]["ie:dim-po"])
-    assert "random-vector null" in html and "held-out faithfulness" in html
+    assert "random-vector null" in html and "held-out faithfulness" in html and "PatternJudge" in html
+    abl = json.loads((out / "steps" / "ablations_bypass.json").read_text())
+    assert set(abl["each_judge"]) == set(abl["each"]) and len(abl["each_judge"]["ov"]) == abl["n"]
     assert (out / "steps" / "circuits_po_induce.json").is_file()
     assert main(argv) == 0  # second run: every step cached
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

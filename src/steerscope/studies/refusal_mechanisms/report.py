@@ -234,7 +234,25 @@ def _ablations_section(r: Report, run: Run) -> None:
         "steered run in points; the exact McNemar p-value of the paired per-prompt outcomes against the "
         "steered run, Holm-corrected over every comparison of this table (one family); the discordant pairs "
         "b/c (steered succeeds and ablated fails / the reverse) are the prompts the test rests on.", note=True)
+    _judge_table(r, arec)
     _claims_table(r, arec)
+
+
+def _judge_table(r: Report, arec: dict[str, dict[str, Any]]) -> None:
+    """Table 1's ASR by the local PatternJudge beside the 12-string matcher, and how often they disagree."""
+    if not all("each_judge" in a for a in arec.values()):
+        return
+    rows = []
+    for m, lab in (("unsteered", "unsteered"), *MODES):
+        row = [lab]
+        for a in arec.values():
+            j, s = a["each_judge"][m], a["each"][m]
+            lo, hi = wilson(sum(j), len(j))
+            row.append(f"{sum(j) / len(j):.3f} [{lo:.2f}, {hi:.2f}] (matcher {sum(s) / len(s):.3f}; "
+                       f"{sum(x != y for x, y in zip(j, s))} of {len(j)} disagree)")
+        rows.append(row)
+    r.h3("Table 1 by the PatternJudge (metrics/judge.py) beside the 12-string matcher")
+    r.table(["ablation"] + [f"{s} ASR by judge [Wilson 95 %]" for s in arec], rows)
 
 
 def _svv_section(r: Report, run: Run, names: list[str]) -> None:

@@ -25,6 +25,7 @@ from steerscope.explain import circuit as EC
 from steerscope.explain import frozen as EF
 from steerscope.explain import sparsity as ES
 from steerscope.generation import generate
+from steerscope.metrics.judge import PatternJudge
 from steerscope.metrics.refusal import asr, is_refusal
 from steerscope.models.load import LM
 from steerscope.runs import Run, load_tensors, save_tensors
@@ -229,6 +230,8 @@ def step_ablations(run: Run, lm: LM, cfg: Config, vec: SteeringVector, setting: 
     out: dict[str, Any] = {"setting": setting, "alpha": alpha, "n": len(ps)}
     out.update({m: asr(t) for m, t in texts.items()})
     out["each"] = {m: [int(x) for x in _asr_each(t)] for m, t in texts.items()}  # per prompt: paired tests
+    judge = PatternJudge()  # beside the paper's matcher: it also catches refusals without a stock phrase
+    out["each_judge"] = {m: [int(not x) for x in judge.refusals(ps, t)] for m, t in texts.items()}
     out["samples"] = {m: t[:3] for m, t in texts.items()}
     return out
 
