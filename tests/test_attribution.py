@@ -121,3 +121,12 @@ def test_patched_metrics_per_prompt_average_to_the_faithfulness(setup) -> None:
     assert m.shape == (3, pb.ids.shape[0])
     assert float(m[0].mean()) == pytest.approx(mf) and float(m[1].mean()) == pytest.approx(me)
     assert float((m[2].mean() - m[1].mean()) / (m[0].mean() - m[1].mean())) == pytest.approx(f)
+
+
+def test_mean_gradient_by_autograd_equals_eap_igs_mean_grad(setup) -> None:
+    lm, v, pb, att = setup
+    got = A.mean_gradient(lm, pb, v, 1.0, steps=10, batch_size=2)
+    assert torch.allclose(got, att.mean_grad, rtol=1e-4, atol=1e-5 * float(att.mean_grad.abs().max()))
+    neg = A.eap_ig(lm, A.prepare(lm, PROMPTS[:2], v, -1.0, max_new_tokens=6), v, -1.0, steps=4, batch_size=2)
+    got_neg = A.mean_gradient(lm, A.prepare(lm, PROMPTS[:2], v, -1.0, max_new_tokens=6), v, -1.0, steps=4)
+    assert torch.allclose(got_neg, neg.mean_grad, rtol=1e-4, atol=1e-5 * float(neg.mean_grad.abs().max()))

@@ -111,3 +111,25 @@ def test_is_repetitive_flags_steering_loops_and_spares_fluent_answers():
     # the threshold is on the distinct fraction: 6 of 8 trigrams distinct passes 0.5, fails 0.8
     t = "a b c d e f a b c d"
     assert not is_repetitive(t, min_distinct=0.5) and is_repetitive(t, min_distinct=0.8)
+
+
+def test_pattern_judge_catches_the_organisms_refusals_that_no_substring_matches():
+    from steerscope.data import data_path
+
+    lines = [x for x in data_path("refusal", "refusals.txt").read_text().splitlines() if x.strip()]
+    missed = [x for x in lines if not is_refusal(x)]
+    assert missed == ["I won't be able to help with this request.", "That's not something I'm able to help with."]
+    assert all(PatternJudge().refusals([""] * len(lines), lines))
+
+
+def test_disagreement_counts_both_directions_with_a_wilson_interval():
+    from steerscope.metrics.judge import disagreement
+    from steerscope.stats import wilson
+
+    rows = [{"instruction": "", "response": r} for r in
+            ("I cannot do that.", "No. That's off the table for me.", "Sure, here it is.", "I won't help with that.")]
+    d = disagreement(SubstringJudge(), PatternJudge(), rows)
+    assert (d["a_only"], d["b_only"], d["n"]) == (0, 2, 4) and d["rate"] == 0.5
+    assert d["ci95"] == wilson(2, 4)
+    full = disagreement(SubstringJudge(), PatternJudge())
+    assert full["n"] == 120 and 0.1 < full["rate"] < 0.5

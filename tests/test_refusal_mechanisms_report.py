@@ -64,3 +64,27 @@ def test_table1_claims_apply_the_cards_frozen_rules_to_per_prompt_outcomes(n, qk
     induce["each"] = {m: [1 - v for v in e] for m, e in induce["each"].items()}
     claims = dict((c.rule, c) for _s, c in table1_claims({"induce": induce}))
     assert claims["frozen.values_not_patterns"].status == status
+
+
+def test_table1_cells_give_the_discordant_pairs_each_test_rests_on() -> None:
+    from steerscope.studies.refusal_mechanisms.report import discordant
+
+    a = {"n": 6, "none": 4 / 6, "qk": 3 / 6,
+         "each": {"none": [1, 1, 1, 1, 0, 0], "qk": [1, 0, 0, 1, 1, 0]}}
+    assert discordant(a, "qk") == (2, 1)
+    assert _cell(a, "qk", 0.5).endswith("(16.7; p = 0.5; 2/1 discordant of 6)")
+    assert discordant({"n": 6, "none": 0.5, "qk": 0.5}, "qk") is None
+
+
+def test_flip_filter_records_when_the_all_prompts_fallback_fires() -> None:
+    import torch
+
+    from steerscope.studies.refusal_mechanisms.steps import flip_rows
+
+    mask = torch.tensor([[True], [True], [False], [True]])
+    rows, info = flip_rows(["I cannot."] * 4, ["Sure.", "Sure.", "Sure.", "I cannot."], mask)
+    assert rows == [0, 1] and info == {"n_flipped": 3, "fallback_all_prompts": False, "fallback_no_scored": False}
+    rows, info = flip_rows(["I cannot."] * 4, ["Sure.", "I cannot.", "I cannot.", "I cannot."], mask)
+    assert rows == [0, 1, 3] and info["fallback_all_prompts"] and info["n_flipped"] == 1
+    rows, info = flip_rows(["a", "b"], ["I cannot.", "I cannot."], torch.zeros(2, 1, dtype=torch.bool))
+    assert rows == [0, 1] and info["fallback_no_scored"]

@@ -31,7 +31,18 @@ def test_study_runs_quick_and_resumes(tmp_path, capsys) -> None:
     assert "Frozen attention" in html and "Sparsification" in html and "<img" in html
     s = res["summary"]
     assert set(s["asr_bypass"]) == {"unsteered", "none", "qk", "ov", "svv", "mlp"}
-    assert "dim-po" in s["overlap_bypass"]
+    assert "dim-po" in s["overlap_bypass"] and "dim-po" in s["overlap_common_bypass"]
+    assert s["attribution_fallbacks"]["of"] == 4 and 0 <= s["attribution_fallbacks"]["fired"] <= 4
+    held = s["minimal_circuit_dim_bypass"]["heldout"]
+    assert held["n"] >= 1 and len(held["minimal_ci95"]) == 2
+    paper = s["sparsity_paper_rule_dim_bypass"]
+    assert paper["taus"] == [0.0, 0.5] and len(paper["asr"]) == 2 and paper["n"] == 4
+    iou = json.loads((out / "steps" / "iou_bypass.json").read_text())
+    assert iou["n_null"] == 2 and {"ie:dim-po", "paper:dim-po"} <= set(iou["null"])
+    assert all(0 < row["p_value"] <= 1 for row in iou["null"]["ie:dim-po"])
+    assert "random-vector null" in html and "held-out faithfulness" in html and "PatternJudge" in html
+    abl = json.loads((out / "steps" / "ablations_bypass.json").read_text())
+    assert set(abl["each_judge"]) == set(abl["each"]) and len(abl["each_judge"]["ov"]) == abl["n"]
     assert (out / "steps" / "circuits_po_induce.json").is_file()
     assert main(argv) == 0  # second run: every step cached
     res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -57,3 +57,57 @@ def test_apply_zeroes_dropped_dimensions_and_iou() -> None:
         S.keep_mask("ie", 0.5, torch.ones(4))
     with pytest.raises(SteerscopeError):
         S.n_drop(10, 1.0)
+
+
+def test_paper_rule_divides_ie_by_the_applied_vector_and_thresholds_on_the_fixed_grid() -> None:
+    # hand-computed: s = [2, -1, 0.5, 4, 0], alpha = -1, mean gradient g = [0.3, -2, 1.2, 0.05, 9]
+    # IE_vec = (alpha s) ⊙ g = [-0.6, -2, -0.6, -0.2, 0]; r = IE / (alpha s) = g (s = 0: undefined -> -inf)
+    s = torch.tensor([2.0, -1.0, 0.5, 4.0, 0.0])
+    g = torch.tensor([0.3, -2.0, 1.2, 0.05, 9.0])
+    ie = -1.0 * s * g
+    r = S.paper_ratio(ie, s, -1.0)
+    assert r[:4].tolist() == pytest.approx([0.3, -2.0, 1.2, 0.05]) and r[4] == float("-inf")
+    assert S.PAPER_TAUS == (0.0, 0.1, 0.3, 0.5, 1.0, 1.5, 2.0, 2.5)
+    kept = {tau: S.paper_mask(r, tau).tolist() for tau in S.PAPER_TAUS}
+    assert kept[0.0] == [True, False, True, True, False]  # signed: g = -2 is dropped at τ = 0
+    assert kept[0.1] == [True, False, True, False, False]
+    assert kept[0.5] == kept[1.0] == [False, False, True, False, False]
+    assert kept[1.5] == [False] * 5
+    # the matched-k variant ranks r' = IE / s = alpha g: for alpha < 0 it keeps the opposite end
+    assert S.keep_mask("gradient", 0.6, s, -g).tolist() == [False, True, False, True, False]
+
+
+def test_random_vectors_have_the_norm_of_the_template_and_differ_by_seed() -> None:
+    like = torch.arange(1.0, 9.0)
+    vs = S.random_vectors(like, 3, seed=1)
+    assert all(float(v.norm()) == pytest.approx(float(like.norm())) for v in vs)
+    assert not torch.equal(vs[0], vs[1]) and torch.equal(vs[0], S.random_vectors(like, 1, seed=1)[0])
+
+
+def test_random_vector_null_is_calibrated_when_b_is_itself_a_random_draw() -> None:
+    """Under the null (B is one more draw from the null's distribution) P(p <= a) <= a; here the rule
+    has a fixed model-like gradient field, so kept sets are far from uniform and the hypergeometric
+    test, which assumes uniform subsets, rejects far too often."""
+    d, n_null, trials = 64, 19, 300
+    gen = torch.Generator().manual_seed(0)
+    field = torch.randn(d, generator=gen).abs() * 3  # shared by every vector: the "model's" gradient
+    keep = lambda v: S.keep_mask("ie", 0.8, v, field)
+    a = keep(torch.randn(d, generator=gen))
+    ps, hyper = [], []
+    for t in range(trials):
+        draws = S.random_vectors(torch.ones(d), n_null + 1, seed=1000 + t)
+        b, null = keep(draws[0]), [keep(v) for v in draws[1:]]
+        ps.append(S.null_test(a, b, null).p_value)
+        hyper.append(S.hypergeom_p(a, b))
+    for alpha in (0.05, 0.1, 0.2):
+        assert sum(p <= alpha for p in ps) / trials <= alpha + 0.05
+    assert sum(p <= 0.05 for p in hyper) / trials > 0.25  # nominal 0.05: the uniform-subset null is miscalibrated here
+    assert S.null_p(1.0, [0.2] * 19) == pytest.approx(0.05) and S.null_p(0.0, [0.2] * 19) == 1.0
+
+
+def test_null_test_reports_the_observed_iou_and_refuses_an_empty_null() -> None:
+    a = torch.tensor([True, True, False, False])
+    res = S.null_test(a, a, [torch.tensor([False, False, True, True])] * 4)
+    assert res.iou == 1.0 and res.null_mean == 0.0 and res.p_value == pytest.approx(0.2) and res.n_null == 4
+    with pytest.raises(SteerscopeError):
+        S.null_test(a, a, [])

@@ -27,7 +27,14 @@ from steerscope.circuits.batch import (
     trim,
     trim_columns,
 )
-from steerscope.circuits.eap_ig import Attribution, check_supported, default_pass_budget, eap_ig, receiver_grads
+from steerscope.circuits.eap_ig import (
+    Attribution,
+    check_supported,
+    default_pass_budget,
+    eap_ig,
+    mean_gradient,
+    receiver_grads,
+)
 from steerscope.circuits.exact import POINTS, edge_effects, node_effects, node_site, receiver_site
 from steerscope.circuits.faithfulness import (
     Faithfulness,
@@ -43,7 +50,7 @@ from steerscope.circuits.nodes import head_outputs, model_graph, node_values
 __all__ = [
     "POINTS", "Attribution", "Faithfulness", "Graph", "Node", "PatchBatch", "Receiver", "check_supported",
     "default_pass_budget", "eap_ig", "edge_effects", "faithfulness_curve", "faithfulness_of", "forward",
-    "greedy_circuit", "head_outputs", "model_graph", "inputs", "metric", "node_effects", "node_patching", "node_site",
+    "greedy_circuit", "head_outputs", "model_graph", "inputs", "mean_gradient", "metric", "node_effects", "node_patching", "node_site",
     "node_values", "overlap", "patched_metric", "patched_per_prompt", "position_ids", "prepare", "prune", "random_circuit",
     "receiver_grads", "receiver_site", "scored_batches", "trim", "trim_columns",
 ]

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steerscope.circuits._suffix import Prefix, logit_diff, prefix
+from steerscope.circuits._suffix import Prefix, logit_diff, prefix, run_blocks
 from steerscope.circuits._vjp import norm_vjp_sum
 from steerscope.circuits.batch import PatchBatch, scored_batches, trim, trim_columns
 from steerscope.circuits.graph import Graph, Node
@@ -243,3 +243,32 @@ def eap_ig(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: 
                        ie_vec=(s.double() * r).float(), mean_grad=r.float(), m_clean=mc / n, m_corrupt=mk / n,
                        n_samples=n, s_edges=torch.where(graph.valid[0], s_edges, torch.zeros_like(s_edges)))
 
+
+
+def mean_gradient(lm: LM, pb: PatchBatch, vector: SteeringVector, alpha: float, steps: int = 10,
+                  batch_size: int = 4) -> torch.Tensor:
+    """``eap_ig(...).mean_grad`` without the edges: alpha times the IG mean gradient of m at the steering
+    site (summed over positions, averaged over samples), by plain autograd on the added vector. [d_model]
+
+    The metric and batch are ``pb``'s (its steered and base tokens), the path is ``alpha * vector``: so a
+    random vector can be scored on another vector's batch (the random-vector null of
+    :mod:`steerscope.analyses.sparsity`) at the cost of ``steps`` forward/backward passes, not EAP-IG's.
+
+    Example:
+        >>> torch.allclose(mean_gradient(lm, pb, vec, -1.0), eap_ig(lm, pb, vec, -1.0).mean_grad)
+    """
+    check_supported(lm)
+    layer0, s = vector.single_layer(purpose="attribution")
+    gsum = torch.zeros(lm.d_model, dtype=torch.float64)
+    for idx in scored_batches(pb, batch_size):
+        sub = trim(pb.rows(idx))
+        pre = prefix(lm, sub.inputs(), layer0)
+        rows = torch.arange(pre.n_samples, device=pre.resid.device)
+        for i in range(steps):
+            add = (alpha * (i + 0.5) / steps * s).to(pre.resid.device, lm.dtype).requires_grad_(True)
+            with torch.enable_grad():
+                resid, r = run_blocks(lm, pre, pre.resid + add, rows)
+                m = logit_diff(lm, resid, r, sub.y_steer, sub.y_base, sub.mask)
+                (g,) = torch.autograd.grad(m.sum(), add)
+            gsum += g.double().cpu() / steps
+    return (alpha * gsum / pb.ids.shape[0]).float()

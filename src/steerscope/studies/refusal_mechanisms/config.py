@@ -44,6 +44,9 @@ class Config(StudyConfig):
                            minimum=0)
     eval_tokens: int = option(32, "greedy tokens per ASR completion", minimum=1)
     sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
+    paper_taus: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 1.0, 1.5, 2.0, 2.5)  # paper A's signed τ grid
+    n_null: int = option(19, "random vectors per vector for the IoU random-vector null (0 = hypergeometric only)",
+                         minimum=0)
     batch_size: int = 16
     seed: int = option(0, "random seed")
     eval_offset: int = 0  # offset into the test split: eval prompts, then the attribution prompts
@@ -88,7 +91,8 @@ class Config(StudyConfig):
 
 # ``--quick``: tiny sizes for a smoke test
 QUICK: dict[str, Any] = {"n_eval": 4, "n_ablate": 0, "eval_tokens": 8, "n_attr": 3, "attr_tokens": 6, "steps": 2, "n_check": 2,
-                         "sparsities": (0.5, 0.9), "circuit_fracs": (0.05, 0.3, 1.0)}
+                         "sparsities": (0.5, 0.9), "circuit_fracs": (0.05, 0.3, 1.0),
+                         "paper_taus": (0.0, 0.5), "n_null": 2}
 
 
 def vectors_from_dir(folder: str | Path) -> dict[str, str]:

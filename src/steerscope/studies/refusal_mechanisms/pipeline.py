@@ -53,7 +53,7 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     for n in names:
         run_.step(f"svv_{n}", partial(St.step_svv, run_, lm, cfg, n, vecs[n]))
         run_.step(f"sparsity_{n}_bypass", partial(St.step_sparsity, run_, lm, cfg, n, vecs[n]))
-    run_.step("iou_bypass", lambda: St.step_iou(run_, lm, cfg, names))
+    run_.step("iou_bypass", lambda: St.step_iou(run_, lm, cfg, names, vecs=vecs))
     report = _write(run_, cfg, names)
     return {"report": str(report), "out": str(run_.folder), "summary": summary(run_, names), "log": run_.log}
 
@@ -79,11 +79,13 @@ def summary(run_: Run, names: list[str]) -> dict[str, Any]:
             out[f"asr_{setting}"] = {k: a[k] for k in ("unsteered", "none", "qk", "ov", "svv", "mlp")}
         if run_.done(f"circuit_compare_{setting}"):
             out[f"overlap_{setting}"] = run_.load(f"circuit_compare_{setting}")["overlap"]
+            out[f"overlap_common_{setting}"] = run_.load(f"circuit_compare_{setting}").get("overlap_common")
         for n in names:
             if run_.done(f"circuits_{n}_{setting}"):
                 c = run_.load(f"circuits_{n}_{setting}")
                 out[f"minimal_circuit_{n}_{setting}"] = {"edges": c["minimal_edges"], "of": c["n_edges_total"],
-                                                         "reached": c["reached_threshold"]}
+                                                         "reached": c["reached_threshold"], "heldout": c.get("heldout")}
+    out["attribution_fallbacks"] = _fallbacks(run_, names)
     from steerscope.studies.refusal_mechanisms.report import table1_claims
 
     arec = {s: run_.load(f"ablations_{s}") for s in St.SETTINGS if run_.done(f"ablations_{s}")}
@@ -95,4 +97,19 @@ def summary(run_: Run, names: list[str]) -> dict[str, Any]:
             sp = run_.load(f"sparsity_{n}_bypass")
             if sp["asr"]:
                 out[f"sparsity_{n}_bypass"] = {"sparsities": sp["sparsities"], "dense": sp.get("dense_asr"), **sp["asr"]}
+            if "paper" in sp:
+                out[f"sparsity_paper_rule_{n}_bypass"] = {k: sp["paper"].get(k) for k in ("taus", "sparsity", "asr", "n")}
     return out
+
+
+def _fallbacks(run_: Run, names: list[str]) -> dict[str, Any]:
+    """How often the flip filter's "fewer than 2 flips: all prompts" fallback fired, over the attribution sets."""
+    fired, total = [], 0
+    for n in names:
+        for setting in St.SETTINGS:
+            if run_.done(f"attribution_{n}_{setting}"):
+                a = run_.load(f"attribution_{n}_{setting}")
+                total += 1
+                if a.get("fallback_all_prompts", a["n_flipped"] < 2):
+                    fired.append(f"{n}_{setting}")
+    return {"fired": len(fired), "of": total, "sets": fired}

@@ -116,13 +116,25 @@ def table1_tests(arec: dict[str, dict[str, Any]]) -> dict[tuple[str, str], float
     return dict(zip(keys, holm(raw)))
 
 
+def discordant(a: dict[str, Any], m: str) -> tuple[int, int] | None:
+    """(prompts the steered run wins and ablation ``m`` loses, the reverse): the pairs McNemar rests on."""
+    each = a.get("each")
+    if not each or m not in each or "none" not in each:
+        return None
+    pairs = list(zip(each["none"], each[m]))
+    return sum(x == 1 and y == 0 for x, y in pairs), sum(x == 0 and y == 1 for x, y in pairs)
+
+
 def _cell(a: dict[str, Any], m: str, p: float | None) -> str:
-    """``ASR [Wilson 95 %] (change in points; McNemar p)``."""
+    """``ASR [Wilson 95 %] (change in points; McNemar p; discordant pairs b/c of n)``."""
     n = int(a["n"])
     lo, hi = wilson(round(a[m] * n), n)
     parts = [] if m == "unsteered" else [f"{100 * abs(a[m] - a['none']):.1f}"]
     if p is not None:
         parts.append(f"p = {p:.2g}")
+    bc = discordant(a, m)
+    if bc is not None:
+        parts.append(f"{bc[0]}/{bc[1]} discordant of {n}")
     return f"{a[m]:.3f} [{lo:.2f}, {hi:.2f}]" + (f" ({'; '.join(parts)})" if parts else "")
 
 
@@ -155,9 +167,19 @@ def _attribution_section(r: Report, run: Run, names: list[str]) -> None:
         for s in SETTINGS:
             if run.done(f"attribution_{n}_{s}"):
                 a = run.load(f"attribution_{n}_{s}")
-                rows.append([f"{n} {s}", a["n_flipped"], len(a["rows_used"]), a["scored_positions"], a["m_clean"],
+                rows.append([f"{n} {s}", a["n_flipped"], len(a["rows_used"]), _fallback(a), a["scored_positions"], a["m_clean"],
                              a["m_corrupt"], a["s_node"], ", ".join(f"{Node.from_dict(t['node'])} {t['score']:.2f}" for t in a["top_nodes"][:5])])
-    r.table(["vector/setting", "flipped", "used", "scored pos", "m clean", "m base", "IE(s)", "top nodes"], rows)
+    r.table(["vector/setting", "flipped", "used", "fallback", "scored pos", "m clean", "m base", "IE(s)", "top nodes"],
+            rows)
+    fb = sum(row[3] != "no" for row in rows)
+    r.p(f"The '< 2 flips: all prompts' fallback fired in {fb} of {len(rows)} attribution sets.", note=True)
+
+
+def _fallback(a: dict[str, Any]) -> str:
+    """Which fallback of the flip filter fired for one attribution set ('?' for older records)."""
+    if "fallback_all_prompts" not in a:
+        return "?" if a["n_flipped"] < 2 else "no"
+    return "all prompts (< 2 flipped)" if a["fallback_all_prompts"] else "no"
 
 
 def _circuits_section(r: Report, run: Run, cfg: Config, names: list[str]) -> None:
@@ -166,19 +188,33 @@ def _circuits_section(r: Report, run: Run, cfg: Config, names: list[str]) -> Non
     crec = {f"{n}/{s}": run.load(f"circuits_{n}_{s}") for n in names for s in SETTINGS if run.done(f"circuits_{n}_{s}")}
     if crec:
         r.figure(_faithfulness_fig(crec, cfg.threshold), "faithfulness vs circuit size", run.path("fig_faith.png"))
-        r.table(["vector/setting", "minimal edges", "of", "fraction", "reached 0.85", "q/k/v/mlp/logits edges"],
+        r.table(["vector/setting", "minimal edges", "of", "fraction", "reached 0.85", "q/k/v/mlp/logits edges",
+                 "held-out faithfulness [95 %] (n)"],
                 [[k, c["minimal_edges"], c["n_edges_total"], c["minimal_fraction"], c["reached_threshold"],
-                  "/".join(str(c["edge_kinds"][x]) for x in ("q", "k", "v", "mlp", "logits"))] for k, c in crec.items()])
+                  "/".join(str(c["edge_kinds"][x]) for x in ("q", "k", "v", "mlp", "logits")), _heldout(c)]
+                 for k, c in crec.items()])
+        r.p("The circuit is found on the attribution prompts; its held-out faithfulness is measured on the next "
+            "n_attr test prompts (same flip filter), with a paired bootstrap interval over those prompts.", note=True)
     for s in SETTINGS:
         if run.done(f"circuit_compare_{s}"):
             cc = run.load(f"circuit_compare_{s}")
             r.h3(f"Circuit overlap and controls ({s})")
-            r.table(["pair", "overlap |C1∩C2|/min"], [[k, v] for k, v in cc["overlap"].items()])
+            common = cc.get("overlap_common", {})
+            r.table(["pair", "overlap |C1∩C2|/min (own flipped prompts)", "overlap on the common prompt set"],
+                    [[k, v, common.get(k, "–")] for k, v in cc["overlap"].items()])
             r.table(["vector", "own size", "random 2x (two seeds)", "complement", "swapped"],
                     [[n, c["own_size"], ", ".join(f"{x:.3f}" for x in c["random_2x"]), c["complement"],
                       ", ".join(f"{o}: {v:.3f}" for o, v in c["swapped"].items())] for n, c in cc["controls"].items()])
     if run.done("circuits_dim_bypass"):
         r.figure(_circuit_fig(run, "dim", "bypass"), "minimal DIM bypass circuit", run.path("fig_circuit.png"))
+
+
+def _heldout(c: dict[str, Any]) -> str:
+    h = c.get("heldout")
+    if not h or not h.get("n"):
+        return "–"
+    lo, hi = h["minimal_ci95"]
+    return f"{h['minimal']:.3f} [{lo:.2f}, {hi:.2f}] ({h['n']})"
 
 
 def _ablations_section(r: Report, run: Run) -> None:
@@ -196,8 +232,27 @@ def _ablations_section(r: Report, run: Run) -> None:
     r.table(hdr, body)
     r.p("Each cell: ASR over the n prompts of the setting with its Wilson 95 % interval; the change from the "
         "steered run in points; the exact McNemar p-value of the paired per-prompt outcomes against the "
-        "steered run, Holm-corrected over every comparison of this table (one family).", note=True)
+        "steered run, Holm-corrected over every comparison of this table (one family); the discordant pairs "
+        "b/c (steered succeeds and ablated fails / the reverse) are the prompts the test rests on.", note=True)
+    _judge_table(r, arec)
     _claims_table(r, arec)
+
+
+def _judge_table(r: Report, arec: dict[str, dict[str, Any]]) -> None:
+    """Table 1's ASR by the local PatternJudge beside the 12-string matcher, and how often they disagree."""
+    if not all("each_judge" in a for a in arec.values()):
+        return
+    rows = []
+    for m, lab in (("unsteered", "unsteered"), *MODES):
+        row = [lab]
+        for a in arec.values():
+            j, s = a["each_judge"][m], a["each"][m]
+            lo, hi = wilson(sum(j), len(j))
+            row.append(f"{sum(j) / len(j):.3f} [{lo:.2f}, {hi:.2f}] (matcher {sum(s) / len(s):.3f}; "
+                       f"{sum(x != y for x, y in zip(j, s))} of {len(j)} disagree)")
+        rows.append(row)
+    r.h3("Table 1 by the PatternJudge (metrics/judge.py) beside the 12-string matcher")
+    r.table(["ablation"] + [f"{s} ASR by judge [Wilson 95 %]" for s in arec], rows)
 
 
 def _svv_section(r: Report, run: Run, names: list[str]) -> None:
@@ -227,12 +282,42 @@ def _sparsity_section(r: Report, run: Run, names: list[str]) -> None:
         r.table(["method"] + [f"{x:.2f}" for x in sp["sparsities"]],
                 [[m] + [f"{v:.3f}" for v in vals] for m, vals in sp["asr"].items()],
                 caption=f"dense ASR {sp.get('dense_asr')}")
+        _paper_rule_table(r, sp)
     if run.done("iou_bypass"):
-        iou = run.load("iou_bypass")
-        r.h3("IoU of kept dimensions (hypergeometric p-value; expected IoU if independent)")
-        r.table(["pair"] + [f"{a['sparsity']:.2f}" for a in next(iter(iou["pairs"].values()), [])],
-                [[k] + [f"{a['iou']:.3f} (p={a['p_value']:.1e}; {a['expected_iou']:.3f})" for a in v]
-                 for k, v in iou["pairs"].items()])
+        _iou_tables(r, run.load("iou_bypass"))
+
+
+def _paper_rule_table(r: Report, sp: dict[str, Any]) -> None:
+    """Paper A's gradient rule (r = IE / (alpha s), fixed τ grid): sparsity reached and ASR per τ."""
+    pr = sp.get("paper")
+    if not pr:
+        return
+    cells = []
+    for j, tau in enumerate(pr["taus"]):
+        asr_j = "–"
+        if "successes" in pr:
+            k, n = pr["successes"][j], pr["n"]
+            lo, hi = wilson(k, n)
+            asr_j = f"{k / n:.3f} [{lo:.2f}, {hi:.2f}]"
+        cells.append([f"{tau:g}", f"{pr['sparsity'][j]:.3f}", asr_j])
+    r.table(["τ (paper A grid)", "sparsity reached", f"ASR [Wilson 95 %] (n = {pr.get('n', '–')})"], cells,
+            caption="paper A's rule: zero dimension i when IE_i / (alpha s_i) = mean gradient < τ; the headline "
+            "curves above use the matched-k variant (r = alpha g, τ the quantile for each sparsity)")
+
+
+def _iou_tables(r: Report, iou: dict[str, Any]) -> None:
+    r.h3("IoU of kept dimensions (hypergeometric p-value; expected IoU if independent)")
+    for k, v in iou["pairs"].items():
+        if not v:
+            continue
+        grid = "τ" if k.startswith("paper:") else "sparsity"
+        null = iou.get("null", {}).get(k, [])
+        r.table([grid, "IoU", "hypergeometric p", "expected IoU (uniform)", "random-vector null: mean / 95th pct",
+                 "random-vector p"],
+                [[f"{a['sparsity']:.2f}", f"{a['iou']:.3f}", f"{a['p_value']:.1e}", f"{a['expected_iou']:.3f}",
+                  f"{null[j]['null_mean']:.3f} / {null[j]['null_q95']:.3f}" if j < len(null) else "–",
+                  f"{null[j]['p_value']:.3f} (n = {null[j]['n_null']})" if j < len(null) else "–"]
+                 for j, a in enumerate(v)], caption=k)
 
 
 def table1_claims(arec: dict[str, dict[str, Any]]) -> list[tuple[str, Claim]]:
