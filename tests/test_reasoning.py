@@ -94,7 +94,7 @@ def test_study_command_runs_end_to_end_and_resumes(tiny_llama, tmp_path):
     tiny_llama.tokenizer.save_pretrained(folder)
     out = tmp_path / "run"
     args = ["study", "reasoning", "--model", str(folder), "--preset", "tiny", "--out", str(out), "--n-test", "6",
-            "--steps", "2", "--json"]
+            "--steps", "2", "--json", "--joint-pairs"]
     assert main(args) == 0
     html = (out / "report.html").read_text()
     for section in ("Accuracy", "Training curves", "Logit lens", "First generated token", "Prefix control",
@@ -104,7 +104,19 @@ def test_study_command_runs_end_to_end_and_resumes(tiny_llama, tmp_path):
         assert section in html, section
     assert (out / "steps" / "train_L2_seed1.json").is_file() and (out / "vectors" / "L2_gated.policy.safetensors").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["accuracy"]) >= {"base", "L2", "L3", "all", "lora", "prefix", "random L2"}
+    assert set(summary["accuracy"]) >= {"base", "L2", "L3", "all", "lora", "prefix L2", "prefix L3", "random L2"}
+    from steerscope.analyses.lens import logit_lens
+
+    for layer in (2, 3):  # each prefix control writes its OWN vector's top lens token (issue 25)
+        vec = ss.SteeringVector.load(out / "vectors" / f"L{layer}.safetensors")
+        top = logit_lens(tiny_llama, vec[layer][None], k=1)[0].tokens[0]
+        assert json.loads((out / "steps" / f"prefix_L{layer}.json").read_text())["token"] == top
+    fam = summary["family"]
+    assert fam["m"] == len(fam["rows"]) >= 8 and all(r["p_holm"] >= r["p"] for r in fam["rows"])
+    assert any(r["test"] == "Wilcoxon signed-rank" for r in fam["rows"])  # pass@1, k = 2 in the tiny preset
+    pairs = json.loads((out / "steps" / "pairs.json").read_text())["pairs"]
+    assert "joint_eval" in pairs[0] and (out / "vectors" / "pair_L2_L3.safetensors").is_file()
+    assert "Tests: one family, Holm-corrected" in html
     assert summary["n_trainable"]["L3"] == tiny_llama.d_model
     assert (out / "ckpt" / "L3" / "state.json").is_file() and (out / "vectors" / "all.safetensors").is_file()
     assert ss.SteeringVector.load(out / "vectors" / "L3.safetensors").site == "mlp_out"

@@ -22,7 +22,7 @@ import torch
 from steerscope.errors import VectorError
 from steerscope.hooks import attached
 from steerscope.models.load import LM
-from steerscope.stats import wilson
+from steerscope.stats import cluster_bootstrap, mcnemar_exact, mean_ci, wilson
 from steerscope.steer import recording, steering
 from steerscope.vector import Provenance, SteeringVector
 
@@ -150,18 +150,81 @@ def transfer_vector(vec: SteeringVector, target: LM) -> SteeringVector:
     return SteeringVector(dict(vec.directions), vec.site, prov)
 
 
+def per_problem(sampled: Sequence[int], n: int) -> list[float]:
+    """Per-problem mean accuracy over its samples, from outcomes stored sample-major (``sampled[r * n + i]``)."""
+    if n == 0 or not sampled:
+        return []
+    if len(sampled) % n:
+        raise VectorError(f"{len(sampled)} sampled outcomes are not a whole number of samples of {n} problems")
+    k = len(sampled) // n
+    return [sum(sampled[r * n + i] for r in range(k)) / k for i in range(n)]
+
+
+def sampled_comparison(base: dict[str, Any], ev: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """Paired comparison of pass@1 (per-problem mean over the samples) of ``ev`` against ``base``.
+
+    Returns the mean difference with a paired percentile bootstrap interval over problems (resampling
+    problems, each with its two per-problem means), and the two-sided Wilcoxon signed-rank p-value of the
+    per-problem differences (zero differences dropped, scipy's default "wilcox"; 1.0 when all are zero).
+    None when either has no samples or they cover different problems.
+    """
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    a, b = per_problem(base.get("sampled", []), base["n"]), per_problem(ev.get("sampled", []), ev["n"])
+    if not a or not b or len(a) != len(b):
+        return None
+    d = np.asarray(b) - np.asarray(a)
+    lo, hi = cluster_bootstrap(lambda idx: float(d[idx].mean()), len(d), n_boot, seed=seed)
+    p = float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+    return {"diff": [float(d.mean()), lo, hi], "wilcoxon_p": p, "n": len(d),
+            "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
+
+
+def changed_answers(before: Sequence[int], after: Sequence[int]) -> dict[str, Any]:
+    """Paired 0/1 outcomes: wrong→right and right→wrong counts, the net change and the exact McNemar p."""
+    up = sum(1 for a, b in zip(before, after) if a == 0 and b == 1)
+    down = sum(1 for a, b in zip(before, after) if a == 1 and b == 0)
+    return {"wrong_to_right": up, "right_to_wrong": down, "net": up - down, "n": len(before),
+            "mcnemar_p": mcnemar_exact(up, down)}
+
+
+def prefix_summary(token: str, layer: int, base: dict[str, Any], vec: dict[str, Any], prefix: dict[str, Any]) -> dict[str, Any]:
+    """The prefix control of the layer-``layer`` vector: its own top lens ``token`` written at the start of
+    the response (no steering) against that same vector's gain, with changed answers in both directions.
+
+    ``ratio`` = gain of the prefix / gain of the vector (greedy; NaN when the vector's gain is 0).
+    """
+    gv = vec["greedy_acc"] - base["greedy_acc"]
+    gp = prefix["greedy_acc"] - base["greedy_acc"]
+    return {"token": token, "layer": layer, "gain_vector": gv, "gain_prefix": gp,
+            "ratio": gp / gv if gv else float("nan"),
+            "vector_vs_base": changed_answers(base["greedy"], vec["greedy"]),
+            "prefix_vs_base": changed_answers(base["greedy"], prefix["greedy"]),
+            "prefix_vs_vector": changed_answers(vec["greedy"], prefix["greedy"]),
+            "sampled_prefix_vs_base": sampled_comparison(base, prefix)}
+
+
 @dataclass
 class EvalResult:
-    """Accuracy of one condition on the test set."""
+    """Accuracy of one condition on the test set.
+
+    ``sampled`` holds ``k`` samples per problem, sample-major; pass@1 is their mean, and its interval a
+    cluster bootstrap over problems (each problem with its k samples).
+    """
 
     name: str
     greedy: list[int]
     sampled: list[int]
     examples: list[str]
+    k: int = 1
 
     def summary(self) -> dict[str, Any]:
-        g, s = self.greedy, self.sampled
-        return {"name": self.name, "greedy_acc": sum(g) / max(1, len(g)), "greedy_ci": wilson(sum(g), len(g)),
-                "sampled_acc": sum(s) / max(1, len(s)) if s else None,
-                "sampled_ci": wilson(sum(s), len(s)) if s else None, "n": len(g), "n_sampled": len(s),
+        g, s, n = self.greedy, self.sampled, len(self.greedy)
+        pp = per_problem(s, n)
+        ci = mean_ci(pp, seed=0)[1:] if pp else None
+        return {"name": self.name, "greedy_acc": sum(g) / max(1, n), "greedy_ci": wilson(sum(g), n),
+                "sampled_acc": sum(s) / len(s) if s else None, "sampled_ci": ci,
+                "sampled_ci_kind": "cluster bootstrap over problems" if pp else None,
+                "n": n, "k": self.k if s else 0, "n_sampled": len(s),
                 "greedy": g, "sampled": s, "examples": self.examples[:6]}

@@ -31,7 +31,10 @@ class Config(StudyConfig):
     difficulty: str = option("add-1d", "task difficulty (default: the preset's)")
     n_train: int = 200
     n_test: int = option(80, "test problems (default: the preset's)", minimum=1)
-    layers: tuple[str, ...] = option(("-2", "-1"), "single layers to train, e.g. mid,-2,-1", sep=",")
+    layers: tuple[str, ...] = option(("-2", "-1"), "single layers to train, e.g. mid,-2,-1; every or every:N "
+                                     "for a layer sweep (every N-th layer, paper B's Fig. 1)", sep=",")
+    joint_pairs: bool = option(False, "also train each pair of single layers jointly (one bias per layer, one "
+                               "optimiser) for the layer-pair gain", flag="--joint-pairs")
     train_all: bool = option(True, "skip the all-layers vector", flag="--no-all")
     lora: bool = option(True, "skip the LoRA baseline", flag="--no-lora")
     lora_rank: int = 2
@@ -42,7 +45,7 @@ class Config(StudyConfig):
     lora_lr: float = 1e-3
     max_new_tokens: int = 16
     temperature: float = 1.0
-    eval_samples: int = 1
+    eval_samples: int = option(8, "samples at T = 1 per test problem for pass@1, the primary accuracy", minimum=0)
     n_analysis: int = 24
     gate: bool = option(False, "adaptive per-token scaling of every trained bias")
     transfer_model: str | None = option("smollm2-135m-safe", "a model of the same depth and width to transfer to "
@@ -83,9 +86,13 @@ class Config(StudyConfig):
         out = []
         for s in self.layers:
             try:
+                if s == "every" or s.startswith("every:"):
+                    out += list(range(0, n_layers, max(1, int(s.split(":")[1]) if ":" in s else 1)))
+                    continue
                 x = n_layers // 2 if s == "mid" else int(s)
             except ValueError:
-                raise StudyError(f"layer {s!r} not understood; use ints (negative from the end) or 'mid'") from None
+                raise StudyError(f"layer {s!r} not understood; use ints (negative from the end), 'mid', "
+                                 "'every' or 'every:N'") from None
             x = x + n_layers if x < 0 else x
             if not 0 <= x < n_layers:
                 raise StudyError(f"layer {s} is out of range for a model with {n_layers} layers")
@@ -95,13 +102,17 @@ class Config(StudyConfig):
 
 PRESETS: dict[str, Config] = {
     "cpu": Config(),
+    # The harder task family (issue 25): multi-step word problems, 200 test problems, room to reason; a
+    # layer sweep (every 3rd layer) and the jointly trained pair. NOT run here (hours on 2 CPU cores).
+    "cpu-multi": Config(difficulty="multi-2-tiny", n_test=200, max_new_tokens=96, layers=("every:3", "-2", "-1"),
+                        joint_pairs=True, train_all=False),
     "tiny": Config(n_train=40, n_test=40, layers=("-2", "-1"), train_all=True, lora=True, steps=4,
-                   k=4, prompts_per_step=2, eval_samples=1, n_analysis=8, seeds=2, sae_width=256,
+                   k=4, prompts_per_step=2, eval_samples=2, n_analysis=8, seeds=2, sae_width=256,
                    sae_k=8, sae_samples=1),
     # A GPU run in the setting of Sinii et al. (2025): a math model, longer answers, 16 samples.
     "gpu-qwen-math": Config(model="Qwen/Qwen2.5-Math-1.5B", difficulty="word", n_train=2000, n_test=500,
                                      layers=("mid", "-2", "-1"), steps=300, prompts_per_step=16, k=16, lr=1e-3,
-                                     lora_rank=8, lora_lr=1e-5, max_new_tokens=512, eval_samples=4,
+                                     lora_rank=8, lora_lr=1e-5, max_new_tokens=512, eval_samples=8,
                                      n_analysis=128, transfer_model=None, sae_width=16384, sae_k=64,
                                      system="Please reason step by step, and put your final answer within \\boxed{}."),
 }

@@ -21,6 +21,7 @@ from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import Config, ReasoningConfig
 from steerscope.studies.reasoning.extras import run_extras
+from steerscope.studies.reasoning.family import family
 from steerscope.studies.reasoning.report import write_report as write_html
 
 
@@ -95,13 +96,7 @@ def _mechanism_steps(run: Run, lm: Any, cfg: ReasoningConfig, singles: list[int]
         v_last = vecs[f"L{last}"]
         texts = [lm.format_chat(p.prompt, cfg.system) for p in test[: cfg.n_analysis]]
         res["first_token"] = run.step("first_token", lambda: an.first_token_delta(lm, v_last, texts))
-        from steerscope.analyses.lens import logit_lens
-
-        top = logit_lens(lm, v_last[last][None].to(lm.device), k=1)[0].tokens[0]
-        res["prefix"] = run.step("prefix", lambda: {"token": top, "eval": st.evaluate(lm, test, cfg, f"prefix {top!r}",
-                                                                                         prefix=top)})
-        if res["prefix"] is not None:
-            evals["prefix"] = res["prefix"]["eval"]
+    res["prefix"] = _prefix_steps(run, lm, cfg, singles, test, vecs, evals)
     if f"L{pen}" in vecs:
         v_pen = vecs[f"L{pen}"]
         res["patching"] = run.step("patching", lambda: {"layer": pen, "rows": an.qkv_patching(
@@ -114,6 +109,31 @@ def _mechanism_steps(run: Run, lm: Any, cfg: ReasoningConfig, singles: list[int]
         res["control"] = run.step("control_random", lambda: st.random_control(lm, cfg, vecs[f"L{pen}"], pen))
         if res["control"] is not None:
             evals[f"random L{pen}"] = res["control"]["eval"]
+
+
+def _prefix_eval(lm: Any, cfg: ReasoningConfig, test: list[Any], name: str, token: str) -> dict[str, Any]:
+    return {"token": token, "vector": name, "eval": st.evaluate(lm, test, cfg, f"prefix {token!r} ({name})", prefix=token)}
+
+
+def _prefix_steps(run: Run, lm: Any, cfg: ReasoningConfig, singles: list[int], test: list[Any],
+                  vecs: dict[str, Any], evals: dict[str, Any]) -> dict[str, Any] | None:
+    """Prefix control per single-layer vector (step ``prefix_L<l>``): the vector's OWN top logit-lens token
+    (no final norm) written at the start of the response instead of steering, compared with that vector's
+    gain over base (:func:`analyses.prefix_summary`). Each evaluation goes into ``evals`` as ``prefix L<l>``."""
+    from steerscope.analyses.lens import logit_lens
+
+    rows = []
+    for x in singles:
+        name = f"L{x}"
+        if name not in vecs or evals.get(name) is None:
+            continue
+        top = logit_lens(lm, vecs[name][x][None].to(lm.device), k=1)[0].tokens[0]
+        ev = run.step(f"prefix_{name}", partial(_prefix_eval, lm, cfg, test, name, top))
+        if ev is None:
+            continue
+        evals[f"prefix {name}"] = ev["eval"]
+        rows.append(an.prefix_summary(top, x, evals["base"], evals[name], ev["eval"]))
+    return {"rows": rows} if rows else None
 
 
 def _persistence(lm: Any, cfg: ReasoningConfig, vecs: dict[str, Any], singles: list[int]) -> dict[str, Any]:
@@ -130,12 +150,14 @@ def _finish(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict[str, Any], trai
     """Summary dict and report.html from what has run so far."""
     summary = {
         "accuracy": {n: {"greedy": e["greedy_acc"], "greedy_ci": e["greedy_ci"], "sampled": e["sampled_acc"],
-                         "sampled_ci": e["sampled_ci"]} for n, e in evals.items()},
+                         "sampled_ci": e["sampled_ci"], "n": e["n"], "k": e.get("k")} for n, e in evals.items()},
         "mcnemar_p_vs_base": {n: mcnemar_p(evals["base"]["greedy"], e["greedy"]) for n, e in evals.items()
                               if n != "base"},
         "paired_vs_base": {n: {"greedy": paired_diff(evals["base"]["greedy"], e["greedy"]),
-                               "sampled": paired_diff(evals["base"]["sampled"], e["sampled"])
-                               if e["sampled"] else None} for n, e in evals.items() if n != "base"},
+                               "greedy_changed": an.changed_answers(evals["base"]["greedy"], e["greedy"]),
+                               "sampled": an.sampled_comparison(evals["base"], e)}
+                           for n, e in evals.items() if n != "base"},
+        "family": family(evals, res),
         "n_trainable": {n: t["n_trainable"] for n, t in trained.items()},
         "seconds": round(time.time() - t0, 1),
     }

@@ -17,20 +17,40 @@ def _ci(ci: Any) -> str:
     return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _d(x: Any) -> str:
+    return "" if x is None else f"{x[0]:+.3f} [{x[1]:+.3f}, {x[2]:+.3f}]"
+
+
 def _acc_table(r: Report, evals: dict[str, Any], summary: dict[str, Any], trained: dict[str, Any]) -> None:
+    holm = {row["name"]: row["p_holm"] for row in summary.get("family", {}).get("rows", [])}
     rows = []
     for n, e in evals.items():
         pd = summary["paired_vs_base"].get(n, {}) or {}
-        g = pd.get("greedy")
-        s = pd.get("sampled")
-        rows.append([n, trained.get(n, {}).get("n_trainable", 0), e["greedy_acc"], _ci(e["greedy_ci"]),
-                     "" if g is None else f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]",
+        s, ch = pd.get("sampled"), pd.get("greedy_changed")
+        k = e.get("k", 1 if e["sampled"] else 0)
+        rows.append([n, trained.get(n, {}).get("n_trainable", 0), e["n"], k,
                      "" if e["sampled_acc"] is None else e["sampled_acc"], _ci(e["sampled_ci"]),
-                     "" if s is None else f"{s[0]:+.3f} [{s[1]:+.3f}, {s[2]:+.3f}]",
-                     "" if n == "base" else summary.get("mcnemar_p_vs_base", {}).get(n, "")])
-    r.table(["condition", "trainable params", "greedy acc", "95% CI", "Δ vs base (paired 95% CI)",
-             "sampled acc (T=1)", "95% CI", "Δ vs base (paired 95% CI)", "McNemar p (greedy)"], rows,
-            caption="Held-out accuracy. Intervals: Wilson for accuracies, normal approximation for paired differences.")
+                     "" if s is None else _d(s["diff"]), "" if s is None else f"{s['wilcoxon_p']:.3g}",
+                     holm.get(f"{n} vs base (pass@1, k = {k})", ""),
+                     e["greedy_acc"], _ci(e["greedy_ci"]), _d(pd.get("greedy")),
+                     "" if ch is None else f"{ch['wrong_to_right']} / {ch['right_to_wrong']}",
+                     "" if ch is None else f"{ch['mcnemar_p']:.3g}", holm.get(f"{n} vs base (greedy)", "")])
+    r.table(["condition", "trainable params", "n problems", "k samples", "pass@1 (T=1, mean of k)", "95% CI",
+             "Δ pass@1 vs base [paired bootstrap]", "Wilcoxon p", "Holm p", "greedy acc", "95% Wilson",
+             "Δ greedy vs base [normal approx., descriptive]", "wrong→right / right→wrong", "exact McNemar p", "Holm p"],
+            rows, caption="Held-out accuracy. Primary: pass@1 averaged over k samples per problem at T = 1 "
+            "(interval: cluster bootstrap over problems; paired difference: bootstrap over problems of the "
+            "per-problem mean difference; test: Wilcoxon signed-rank). Secondary: greedy (Wilson interval; exact "
+            "McNemar). Holm p: adjusted over the run's whole family of tests (section 'Tests').")
+
+
+def _family(r: Report, fam: dict[str, Any]) -> None:
+    r.h2("Tests: one family, Holm-corrected")
+    r.table(["comparison", "test", "effect (Δ acc)", "p", "Holm p", "verdict"],
+            [[x["name"], x["test"], "" if x["effect"] is None else f"{x['effect']:+.3f}", f"{x['p']:.3g}",
+              f"{x['p_holm']:.3g}", x["verdict"]] for x in fam["rows"]],
+            caption=f"m = {fam['m']} paired comparisons; a difference is claimed when the Holm-adjusted "
+            f"p < {fam['alpha']}.")
 
 
 def _curves(r: Report, trained: dict[str, Any], run: Run) -> None:
@@ -77,15 +97,20 @@ def _first_token(r: Report, ft: dict[str, Any]) -> None:
     r.table(["token", "mean ΔP", "P base", "P steered"], ft["up"] + ft["down"])
 
 
-def _prefix(r: Report, pr: dict[str, Any], evals: dict[str, Any], lm: Any) -> None:
-    """The prefix control: the last-layer vector's top token prepended to the response, against the vector."""
+def _prefix(r: Report, pr: dict[str, Any]) -> None:
+    """The prefix control of each single-layer vector: its own top lens token written at the start of the response."""
     r.h2("Prefix control")
-    last = f"L{lm.n_layers - 1}"
-    gain_v = evals[last]["greedy_acc"] - evals["base"]["greedy_acc"] if last in evals else float("nan")
-    gain_p = pr["eval"]["greedy_acc"] - evals["base"]["greedy_acc"]
-    r.p(f"Prepending the last-layer vector's top logit-lens token {pr['token']!r} to the response instead of "
-        f"steering: greedy gain {gain_p:+.3f} vs {gain_v:+.3f} with the vector "
-        f"(ratio {gain_p / gain_v if gain_v else float('nan'):.2f}).")
+
+    def ch(c: dict[str, Any]) -> str:
+        return f"{c['wrong_to_right']} / {c['right_to_wrong']} (net {c['net']:+d}, McNemar p = {c['mcnemar_p']:.3g})"
+
+    r.table(["vector", "its top lens token (prefix)", "gain of the vector", "gain of the prefix", "ratio",
+             "vector vs base: wrong→right / right→wrong", "prefix vs base", "prefix vs vector"],
+            [[f"L{x['layer']}", repr(x["token"]), f"{x['gain_vector']:+.3f}", f"{x['gain_prefix']:+.3f}",
+              f"{x['ratio']:.2f}", ch(x["vector_vs_base"]), ch(x["prefix_vs_base"]), ch(x["prefix_vs_vector"])]
+             for x in pr["rows"]],
+            caption="Greedy. Each vector's own top logit-lens token (W_U·s, no final norm) is written at the start of "
+            "the response, without steering; its gain over base is compared with that vector's gain.")
 
 
 def _persistence(r: Report, vectors: list[dict[str, Any]], run: Run) -> None:
@@ -111,22 +136,27 @@ def write_report(run: Run, cfg: ReasoningConfig, lm: Any, evals: dict[str, Any],
         f"{cfg.max_new_tokens} new tokens; wall time {summary['seconds']} s (this invocation).")
     r.h2("Accuracy")
     _acc_table(r, evals, summary, trained)
+    if summary.get("family"):
+        _family(r, summary["family"])
     r.h2("Training curves")
     _curves(r, trained, run)
     _lens(r, run, lm)
     if "first_token" in res:
         _first_token(r, res["first_token"])
-    if "prefix" in res:
-        _prefix(r, res["prefix"], evals, lm)
+    if res.get("prefix"):
+        _prefix(r, res["prefix"])
     if "patching" in res:
         r.h2(f"q/k/v path patching of the layer-{res['patching']['layer']} vector")
         _patching(r, res["patching"]["rows"], run)
     if "persistence" in res:
         _persistence(r, res["persistence"]["vectors"], run)
     if "pairs" in res:
-        r.h2("Layer pairs (independently trained single-layer vectors applied together)")
-        r.table(["pair", "greedy acc", "95% CI", "gain (acc_pair - max single)/(acc_all - max single)"],
-                [[f"{p['pair'][0]}+{p['pair'][1]}", p["eval"]["greedy_acc"], _ci(p["eval"]["greedy_ci"]), p["gain"]]
+        r.h2("Layer pairs (independently trained single-layer vectors applied together; jointly trained pairs)")
+        r.table(["pair", "greedy acc", "95% CI", "gain (acc_pair - max single)/(acc_all - max single)",
+                 "jointly trained: greedy acc", "95% CI", "gain"],
+                [[f"{p['pair'][0]}+{p['pair'][1]}", p["eval"]["greedy_acc"], _ci(p["eval"]["greedy_ci"]), p["gain"],
+                  p["joint_eval"]["greedy_acc"] if "joint_eval" in p else "not trained",
+                  _ci(p["joint_eval"]["greedy_ci"]) if "joint_eval" in p else "", p.get("joint_gain", "")]
                  for p in res["pairs"]["pairs"]])
     if "seeds" in res:
         rx.seeds_section(r, res["seeds"])

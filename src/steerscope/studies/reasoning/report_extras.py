@@ -34,6 +34,7 @@ def transfer_section(r: Report, tr: dict[str, Any] | None) -> None:
         r.p((tr or {}).get("note", "not run"))
         return
     a, b, acc = tr["model_a"], tr["model_b"], tr["accuracy"]
+    r.p(f"A = {a}, B = {b}: {tr.get('relation', 'relation not recorded')}.")
     labels = (("A_base", a, "unsteered"), ("A_own", a, "own vector"), ("B_to_A", a, f"{b}'s vector"),
               ("B_base", b, "unsteered"), ("B_own", b, "own vector"), ("A_to_B", b, f"{a}'s vector"))
     cap = f"Layer {tr['layer']}; ‖s_A‖ = {tr['norm_a']:.1f}"

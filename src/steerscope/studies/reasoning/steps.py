@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import partial
+from contextlib import nullcontext
 from itertools import combinations
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -14,9 +14,11 @@ from steerscope.backends import vllm as bv
 from steerscope.backends.base import Addition, Request
 from steerscope.backends.hf import HFEngine
 from steerscope.extract.rl import RLOOConfig, train_rloo
+from steerscope.generation import RowSeededSampler, generate_batch
 from steerscope.metrics.math import is_correct, math_reward
 from steerscope.models.load import LM, load_model
 from steerscope.runs import Run
+from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.reasoning.task import Problem, split
@@ -60,22 +62,53 @@ def _generate(lm: LM, texts: Sequence[str], steer: Steer, max_new_tokens: int, d
     return HFEngine(batch_size).generate(lm, requests(texts, steer, max_new_tokens, do_sample, seed, batch_size))
 
 
+def sample_seed(seed: int, problem: int, sample: int) -> int:
+    """The seed of sample ``sample`` of test problem ``problem`` (one generator per row: batch-invariant)."""
+    return (seed * 1_000_003 + problem) * 1_009 + sample + 1
+
+
+def _steer_context(lm: LM, steer: Steer) -> ContextManager[Any]:
+    if isinstance(steer, SteeringVector):
+        return steering(lm, steer, 1.0)
+    return steer() if steer is not None else nullcontext()
+
+
+def sample_rows(lm: LM, texts: Sequence[str], steer: Steer, max_new_tokens: int, seeds: Sequence[int],
+                batch_size: int = 50, backend: str = "hf") -> list[str]:
+    """One completion at T = 1 per text, text j drawn from its own generator seeded ``seeds[j]``.
+
+    On HF every batch row has its own generator (:class:`~steerscope.generation.RowSeededSampler`),
+    so a row's tokens do not depend on the batch; on vLLM all rows go in one call seeded ``seeds[0]``, where
+    the engine gives each row its own seed (``backends.vllm.row_seeds``; vLLM's sampler, not HF's).
+    """
+    if on_vllm(lm, steer, backend):
+        return bv.VLLMEngine().generate(lm, requests(texts, steer, max_new_tokens, True, seeds[0] if seeds else 0,
+                                                     max(len(texts), 1)))
+    out: list[str] = []
+    for i in range(0, len(texts), batch_size):
+        sampler = RowSeededSampler(1.0, seeds[i: i + batch_size])
+        out += generate_batch(lm, texts[i: i + batch_size], True, max_new_tokens, [sampler], _steer_context(lm, steer))
+    return out
+
+
 def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str, steer: Steer = None,
              prefix: str = "", samples: int | None = None) -> dict[str, Any]:
-    """Greedy accuracy (and ``samples``, default ``eval_samples``, samples at T=1 per problem) on the test set.
+    """Greedy accuracy and ``samples`` (default ``eval_samples``) samples at T = 1 per problem on the test set.
 
+    The sampled outcomes are stored sample-major (``sampled[r * n + i]`` is sample r of problem i), each
+    drawn with :func:`sample_seed` ``(cfg.seed, i, r)``; pass@1 = their mean (:class:`analyses.EvalResult`).
     ``steer``: a vector at alpha 1, a context factory, or None (:data:`Steer`); generated on ``cfg.backend``
     where the engine can apply it.
     """
     texts = [lm.format_chat(p.prompt, cfg.system) + prefix for p in test]
-    gen = partial(_generate, lm, texts, steer, cfg.max_new_tokens, backend=cfg.backend)
-    greedy = [prefix + c for c in gen(False, cfg.seed)]
+    greedy = [prefix + c for c in _generate(lm, texts, steer, cfg.max_new_tokens, False, cfg.seed, backend=cfg.backend)]
     g = [int(is_correct(c, p.answer)) for c, p in zip(greedy, test)]
-    s: list[int] = []
-    for r in range(cfg.eval_samples if samples is None else samples):
-        comp = gen(True, cfg.seed + 7919 * (r + 1))
-        s += [int(is_correct(prefix + c, p.answer)) for c, p in zip(comp, test)]
-    return an.EvalResult(name, g, s, [f"{p.prompt} -> {c!r}" for p, c in zip(test, greedy)]).summary()
+    k = cfg.eval_samples if samples is None else samples
+    rows = [(r, i) for r in range(k) for i in range(len(test))]
+    comp = sample_rows(lm, [texts[i] for _, i in rows], steer, cfg.max_new_tokens,
+                       [sample_seed(cfg.seed, i, r) for r, i in rows], backend=cfg.backend)
+    s = [int(is_correct(prefix + c, test[i].answer)) for c, (_, i) in zip(comp, rows)]
+    return an.EvalResult(name, g, s, [f"{p.prompt} -> {c!r}" for p, c in zip(test, greedy)], k).summary()
 
 
 def _rloo_cfg(cfg: ReasoningConfig, lr: float, seed: int | None = None) -> RLOOConfig:
@@ -143,14 +176,23 @@ def analysis_texts(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> tuple[l
 
 
 def pairs_step(lm: LM, run: Run, cfg: ReasoningConfig, singles: list[int], acc: dict[str, float]) -> dict[str, Any]:
-    """Apply two independently trained single-layer vectors together; layer-pair gain per pair."""
+    """Per pair of single layers: the two independently trained vectors applied together and, with
+    ``cfg.joint_pairs``, a pair trained jointly (``vectors/pair_L<a>_L<b>``, paper B's setting); the
+    layer-pair gain (acc_pair - max single) / (acc_all - max single) of each (needs the all-layers vector)."""
     _, test = problems(cfg)
     out = []
     for a, b in combinations(singles, 2):
         v = load_vector(run, f"L{a}") + load_vector(run, f"L{b}")
-        ev = evaluate(lm, test, cfg, f"L{a}+L{b}", v)
-        gain = an.layer_pair_gain(ev["greedy_acc"], acc[f"L{a}"], acc[f"L{b}"], acc["all"]) if "all" in acc else None
-        out.append({"pair": [a, b], "eval": ev, "gain": gain})
+        row: dict[str, Any] = {"pair": [a, b], "eval": evaluate(lm, test, cfg, f"L{a}+L{b}", v)}
+        if cfg.joint_pairs:
+            name = f"pair_L{a}_L{b}"
+            row["joint_train"] = train_vector(run, lm, cfg, name, [a, b])
+            row["joint_eval"] = evaluate(lm, test, cfg, name, load_vector(run, name))
+        for key, g in (("gain", "eval"), ("joint_gain", "joint_eval")):
+            if g in row and "all" in acc:
+                row[key] = an.layer_pair_gain(row[g]["greedy_acc"], acc[f"L{a}"], acc[f"L{b}"], acc["all"])
+        row.setdefault("gain", None)
+        out.append(row)
     return {"pairs": out}
 
 

@@ -1,8 +1,9 @@
 """A generated arithmetic task with verifiable answers, sized for SmolLM2-135M-Instruct on CPU.
 
 Problems are short word problems or expressions whose answer is an integer. ``difficulty``
-picks the kind (measured unsteered greedy accuracy of SmolLM2-135M-Instruct, 24 new tokens,
-is in docs/reasoning.md). The generator is deterministic given ``seed``; train and test sets use
+picks the kind (measured unsteered greedy accuracy of SmolLM2-135M-Instruct is in docs/reasoning.md);
+``multi-2-add``, ``multi-2-small``, ``multi-2`` and ``multi-3`` are multi-step word problems (:func:`multi_step`), graded
+like every task by math-verify (``metrics/math.py``). The generator is deterministic given ``seed``; train and test sets use
 disjoint problem strings.
 """
 
@@ -56,10 +57,44 @@ def _one(rng: random.Random, difficulty: str) -> Problem:
         q = (f"{name} has {a} {item}. {name} buys {b} more and then gives away {c}. "
              f"How many {item} does {name} have now?")
         return Problem(q, str(a + b - c))
-    raise StudyError(f"unknown difficulty {difficulty!r}; use one of add-1d, add-small, add, mul, two-step, word")
+    if difficulty in MULTI_STEP:
+        return multi_step(rng, *MULTI_STEP[difficulty])
+    raise StudyError(f"unknown difficulty {difficulty!r}; use one of {', '.join(DIFFICULTIES)}")
 
 
-DIFFICULTIES = ("add-1d", "add-small", "add", "mul", "two-step", "word")
+_GAIN = ["finds {n} more", "buys {n} more", "gets {n} more from a friend", "is given {n} more"]
+_LOSE = ["gives {n} away", "loses {n}", "sells {n}", "uses {n}"]
+
+MULTI_STEP: dict[str, tuple[int, int, bool]] = {
+    "multi-2-tiny": (2, 3, True), "multi-2-add": (2, 5, False), "multi-2-small": (2, 5, True), "multi-2": (2, 9, True),
+    "multi-3": (3, 9, True)}
+"""Multi-step word problems: name -> (operations after the start amount, largest operand, losses allowed)."""
+
+
+def multi_step(rng: random.Random, n_ops: int, top: int, losses: bool = True) -> Problem:
+    """A word problem with a start amount and ``n_ops`` gains or losses (operands 1..``top``, start 2..``top``).
+
+    Every intermediate amount stays >= 0, so each sentence is possible; the answer is the final amount.
+    With ``losses=False`` every step is a gain (additions only).
+    Phrasings (names, items, verbs) are drawn from small lists, so thousands of distinct problems exist.
+    """
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    amount = rng.randint(2, top)
+    parts = [f"{name} has {amount} {item}."]
+    for i in range(n_ops):
+        n = rng.randint(1, top)
+        if losses and amount - n >= 0 and rng.random() < 0.5:
+            amount -= n
+            verb = rng.choice(_LOSE)
+        else:
+            amount += n
+            verb = rng.choice(_GAIN)
+        parts.append(("Then " if i else "") + f"{name} {verb.format(n=n)}.")
+    parts.append(f"How many {item} does {name} have now?")
+    return Problem(" ".join(parts), str(amount))
+
+
+DIFFICULTIES = ("add-1d", "add-small", "add", "mul", "two-step", "word", *MULTI_STEP)
 
 
 def make_problems(n: int, difficulty: str = "two-step", seed: int = 0, exclude: set[str] | None = None) -> list[Problem]:

@@ -1,7 +1,9 @@
 """Transfer of trained vectors between two models of the same depth and width, both directions.
 
-For the study model A and its sibling B (default ``smollm2-135m-safe``, a fine-tune of
-SmolLM2-135M-Instruct): B's own penultimate-layer vector is trained with the same trainer, budget
+For the study model A and a model B of the same shape (default ``smollm2-135m-safe``, which is A
+plus a merged LoRA safety fine-tune: a LoRA fine-tune *of A*, not a separately trained model; no pair
+of separately trained same-shape models ships -- SmolLM2-135M has 30 layers and d_model 576, Gemma 3
+270M 18 and 640, Qwen2.5-Coder-0.5B 24 and 896; :func:`relation` names the pair in every record): B's own penultimate-layer vector is trained with the same trainer, budget
 and seed as A's; then A's vector is applied to B and B's to A. Every condition is evaluated greedily
 on the same test problems, so differences are paired: transferred vs the target's unsteered
 accuracy and vs the target's own trained vector (Sinii et al. 2025 copy the biases the same way).
@@ -18,6 +20,17 @@ from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.vector import SteeringVector
+
+
+def relation(a: str, b: str) -> str:
+    """What B is with respect to A, for the verdict: a LoRA fine-tune of A when B's built-in alias is A plus
+    an adapter, else a separately loaded model of the same shape whose training relation is not known here."""
+    from steerscope.models.load import ALIASES
+
+    al = ALIASES.get(b)
+    if al is not None and al.adapter is not None and al.base == a:
+        return f"{b} is a LoRA fine-tune of {a} (merged adapter), not a separately trained model"
+    return f"{b} is a separately loaded model of {a}'s shape; how it was trained relative to {a} is not recorded"
 
 
 def _frozen(name: str, device: str) -> LM:
@@ -75,7 +88,7 @@ def transfer_summary(a: str, b: str, layer: int, parts: dict[str, dict[str, Any]
     """
     acc = {k: {"greedy_acc": e["greedy_acc"], "greedy_ci": e["greedy_ci"], "n": e["n"]}
            for k, e in parts.items() if "greedy" in e}
-    out: dict[str, Any] = {"done": True, "model_a": a, "model_b": b, "layer": layer, "accuracy": acc,
+    out: dict[str, Any] = {"done": True, "model_a": a, "model_b": b, "relation": relation(a, b), "layer": layer, "accuracy": acc,
                            "norm_a": float(vec_a[layer].norm()), "on_A": {}, "on_B": {}}
     if "A_to_B" in parts and "B_base" in parts:
         out["on_B"]["transferred_vs_base"] = _cmp(parts["B_base"], parts["A_to_B"])

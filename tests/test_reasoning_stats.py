@@ -1,0 +1,140 @@
+"""The reasoning study's statistics (issue 25): pass@1 over k samples, per-row sampling seeds, the prefix
+control against its own vector, one Holm-corrected family of tests, the transfer pair's name, the harder task."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from steerscope import stats
+from steerscope.errors import SteerscopeError
+from steerscope.generation import RowSeededSampler, SeededSampler
+from steerscope.studies.reasoning import analyses as an
+from steerscope.studies.reasoning import transfer
+from steerscope.studies.reasoning.config import ReasoningConfig
+from steerscope.studies.reasoning.family import family
+from steerscope.studies.reasoning.task import MULTI_STEP, make_problems, split
+
+
+def _ev(g, sampled=(), k=0):
+    return {"greedy": list(g), "greedy_acc": sum(g) / len(g), "greedy_ci": (0, 1), "n": len(g),
+            "sampled": list(sampled), "k": k}
+
+
+def test_row_seeded_sampler_draws_each_row_as_its_own_seeded_sampler():
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    rows, alone = RowSeededSampler(1.0, [7, 8, 9]), [SeededSampler(1.0, s) for s in (7, 8, 9)]
+    for _ in range(3):  # the streams advance step by step, as in generate
+        batch = rows(ids, scores)
+        for i in range(3):
+            assert torch.equal(batch[i], alone[i](ids[i:i + 1], scores[i:i + 1])[0])
+    swapped = RowSeededSampler(1.0, [9, 7])(ids[:2], scores[[2, 0]])  # another batch: the same draw per row
+    assert torch.equal(swapped[0], SeededSampler(1.0, 9)(ids[:1], scores[2:3])[0])
+    with pytest.raises(SteerscopeError):
+        RowSeededSampler(1.0, [1])(ids, scores)
+
+
+def test_pass_at_1_is_the_mean_of_per_problem_means_with_a_cluster_interval():
+    # 3 problems, k = 2, sample-major: sample 0 = [1, 0, 0], sample 1 = [1, 1, 0]
+    ev = an.EvalResult("x", [1, 0, 0], [1, 0, 0, 1, 1, 0], [], k=2).summary()
+    assert an.per_problem(ev["sampled"], 3) == [1.0, 0.5, 0.0]
+    assert ev["sampled_acc"] == pytest.approx(0.5) and ev["k"] == 2
+    lo, hi = ev["sampled_ci"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0 and ev["sampled_ci_kind"].startswith("cluster bootstrap")
+    with pytest.raises(Exception):
+        an.per_problem([1, 0, 1, 1], 3)
+
+
+def test_sampled_comparison_by_hand_and_wilcoxon_exact_tail():
+    n, k = 5, 2
+    base = _ev([0] * n, [0] * (n * k), k)
+    # per-problem differences 0.5, 1, 0.5, 1, 0.5 -> ties; take distinct magnitudes instead with k = 4
+    k = 4
+    base = _ev([0] * n, [0] * (n * k), k)
+    per = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]  # 0.25 .. 1.0 (one tie)
+    steered = _ev([0] * n, [per[i][r] for r in range(k) for i in range(n)], k)
+    c = an.sampled_comparison(base, steered)
+    assert c["diff"][0] == pytest.approx((0.25 + 0.5 + 0.75 + 1 + 1) / 5)
+    assert c["diff"][1] <= c["diff"][0] <= c["diff"][2] and c["better"] == 5 and c["worse"] == 0
+    from scipy.stats import wilcoxon
+
+    assert c["wilcoxon_p"] == pytest.approx(wilcoxon([0.25, 0.5, 0.75, 1, 1]).pvalue)
+    # no ties: the exact two-sided tail of the signed-rank statistic, all 5 positive: 2 / 2^5
+    per = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    steered = _ev([0] * n, [per[i][r] for r in range(5) for i in range(n)], 5)
+    assert an.sampled_comparison(_ev([0] * n, [0] * 25, 5), steered)["wilcoxon_p"] == pytest.approx(2 / 32)
+    assert an.sampled_comparison(base, base)["wilcoxon_p"] == 1.0
+    assert an.sampled_comparison(base, _ev([0] * n))is None  # greedy only: no sampled comparison
+
+
+def test_changed_answers_count_both_directions_and_use_exact_mcnemar():
+    before = [0] * 14 + [1] * 4 + [1] * 5 + [0] * 2
+    after = [1] * 14 + [0] * 4 + [1] * 5 + [0] * 2
+    c = an.changed_answers(before, after)
+    assert (c["wrong_to_right"], c["right_to_wrong"], c["net"], c["n"]) == (14, 4, 10, 25)
+    assert c["mcnemar_p"] == pytest.approx(2 * sum(__import__("math").comb(18, i) for i in range(5)) / 2**18)
+
+
+def test_prefix_summary_compares_the_prefix_with_its_own_vector():
+    base, vec, pre = _ev([0, 0, 1, 1, 0]), _ev([1, 1, 1, 0, 0]), _ev([1, 0, 0, 1, 1])
+    s = an.prefix_summary("To", 28, base, vec, pre)
+    assert s["layer"] == 28 and s["token"] == "To"
+    assert s["gain_vector"] == pytest.approx(0.2) and s["gain_prefix"] == pytest.approx(0.2)
+    assert s["ratio"] == pytest.approx(1.0)
+    assert (s["prefix_vs_base"]["wrong_to_right"], s["prefix_vs_base"]["right_to_wrong"]) == (2, 1)
+    assert (s["vector_vs_base"]["wrong_to_right"], s["vector_vs_base"]["right_to_wrong"]) == (2, 1)
+    assert (s["prefix_vs_vector"]["wrong_to_right"], s["prefix_vs_vector"]["right_to_wrong"]) == (2, 2)
+
+
+def test_family_holm_corrects_every_paired_comparison_of_a_run():
+    base = _ev([0] * 20)
+    evals = {"base": base, "L28": _ev([1] * 6 + [0] * 14), "random L28": _ev([0] * 20)}
+    res = {"prefix": {"rows": [an.prefix_summary("8", 28, base, evals["L28"], _ev([1] * 2 + [0] * 18))]},
+           "gate": {"vs_plain": {"diff": (0.1, 0, 0), "mcnemar_p": 0.2}, "vs_base": {"diff": (0.3, 0, 0), "mcnemar_p": 0.01}}}
+    fam = family(evals, res)
+    names = [r["name"] for r in fam["rows"]]
+    assert names == ["L28 vs base (greedy)", "random L28 vs base (greedy)", "prefix '8' vs L28 vector (greedy)",
+                     "gated vector vs_plain (greedy)", "gated vector vs_base (greedy)"]
+    ps = [r["p"] for r in fam["rows"]]
+    assert ps[0] == pytest.approx(2 / 2**6) and ps[1] == 1.0 and ps[2] == pytest.approx(2 / 2**4)
+    assert [r["p_holm"] for r in fam["rows"]] == pytest.approx(stats.holm(ps))
+    # by hand: sorted 0.01, 0.03125, 0.125, 0.2, 1 -> x5, x4, x3, x2, x1 = 0.05, 0.125, 0.375, 0.4, 1
+    assert fam["rows"][4]["p_holm"] == pytest.approx(0.05) and fam["rows"][4]["verdict"] == "no significant difference"
+    assert fam["rows"][0]["p_holm"] == pytest.approx(0.125) and fam["rows"][2]["p_holm"] == pytest.approx(0.375)
+    assert fam["m"] == 5
+    assert family(evals, res, alpha=0.2)["rows"][0]["verdict"] == "difference"
+
+
+def test_transfer_names_the_lora_fine_tune():
+    rel = transfer.relation("smollm2-135m", "smollm2-135m-safe")
+    assert "LoRA fine-tune of smollm2-135m" in rel and "not a separately trained" in rel
+    assert "not recorded" in transfer.relation("a", "some/other-model")
+
+
+@pytest.mark.parametrize("difficulty", sorted(MULTI_STEP))
+def test_multi_step_problems_are_correct_deterministic_and_plentiful(difficulty):
+    _, test = split(50, 200, difficulty, seed=0)
+    assert len({p.question for p in test}) == 200 and test == split(50, 200, difficulty, seed=0)[1]
+    n_ops, top, losses = MULTI_STEP[difficulty]
+    for p in test:  # recompute each answer from the text
+        nums = [int(x) for x in re.findall(r"\d+", p.question)]
+        assert len(nums) == n_ops + 1 and all(1 <= x <= top for x in nums[1:])
+        amount = nums[0]
+        for sentence, x in zip(p.question.split(". ")[1:], nums[1:]):
+            lose = any(w in sentence for w in ("gives", "loses", "sells", "uses"))
+            assert losses or not lose
+            amount += -x if lose else x
+            assert amount >= 0
+        assert str(amount) == p.answer
+    assert make_problems(5, difficulty, seed=1) == make_problems(5, difficulty, seed=1)
+
+
+def test_config_layer_sweep_and_joint_pairs_option():
+    assert ReasoningConfig(layers=("every:10",)).resolve_layers(30) == [0, 10, 20]
+    assert ReasoningConfig(layers=("every", "-1")).resolve_layers(4) == [0, 1, 2, 3]
+    assert ReasoningConfig().eval_samples >= 8 and ReasoningConfig(joint_pairs=True).joint_pairs
+    with pytest.raises(SteerscopeError):
+        ReasoningConfig(layers=("every:x",)).resolve_layers(30)
