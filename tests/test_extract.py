@@ -140,3 +140,22 @@ def test_a_text_longer_than_the_context_is_refused_naming_it_before_any_batch(lm
         ss.extract(lm, ["hello " * 300, "b"], ["c", "d"], layers=[1])
     with pytest.raises(DataError, match="text 1 is"):
         ss.collect(lm, ["hello " * 300], layers=[1])
+
+
+def test_paper_c_pca_is_the_centred_top_direction_and_can_be_orthogonal_to_dim():
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    mu, w = torch.zeros(d), torch.zeros(d)
+    mu[0], w[1] = 1.0, 1.0
+    neg = torch.randn(50, d, generator=g)
+    s = torch.randn(50, 1, generator=g) * 5.0
+    s = s - s.mean()  # the pairs' differences vary most along w, orthogonal to their mean mu
+    pos = neg + mu + s * w + 0.01 * torch.randn(50, d, generator=g)
+    dim, paper = aggregate.diff_in_means(pos, neg), aggregate.METHODS["pca_paper"](pos, neg)
+    assert float(paper.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(torch.cosine_similarity(dim, paper, 0))) < 0.1  # far from DIM (= mu)
+    assert abs(float(paper @ w)) > 0.99
+    # when the differences vary along their mean, the paper's PCA is DIM's direction up to sign
+    pos2 = neg + (1 + 0.5 * torch.randn(50, 1, generator=g)) * mu + 0.01 * torch.randn(50, d, generator=g)
+    cos = float(torch.cosine_similarity(aggregate.diff_in_means(pos2, neg), aggregate.METHODS["pca_paper"](pos2, neg), 0))
+    assert abs(cos) > 0.99

@@ -161,3 +161,20 @@ def test_neutral_prompts_have_one_loader():
     rows = read_jsonl(data_path("traits", "neutral_prompts.jsonl"))
     assert neutral_prompts() == [r["prompt"] for r in rows] and neutral_prompts(3) == neutral_prompts()[:3]
     assert dose.neutral_prompts is steps.neutral_prompts is neutral_prompts
+
+
+def test_null_space_definitions_on_a_covariance_of_known_rank():
+    d, r = 64, 6
+    q = torch.linalg.qr(torch.randn(d, r, generator=torch.Generator().manual_seed(0)))[0].T  # [r d] orthonormal
+    x = torch.cat([q, -q]) * 3.0  # 2r points: mean 0, covariance with r equal non-zero eigenvalues
+    s = idf.spectrum(idf.covariance_singular_values(x).numpy(), d)
+    assert s.rank_threshold == r and s.null_fraction_threshold == pytest.approx(1 - r / d)
+    assert s.rank_entropy == pytest.approx(r, rel=1e-4) and s.null_fraction_entropy == pytest.approx(1 - r / d, abs=1e-4)
+    # paper C's definition probes a map of rank r with 1000 unit directions: (1000 - r) / 1000
+    jac = torch.randn(40, r, dtype=torch.float64) @ q.double()  # [out d] of rank r
+    p = idf.probe_null_fraction(jac, n_probes=1000, seed=1)
+    assert (p.rank, p.n_probes) == (r, 1000) and p.null_fraction == pytest.approx((1000 - r) / 1000)
+    # the paper's fraction counts probes: a full-rank map (no null space at all) still gets (1000 - d) / 1000
+    full = idf.probe_null_fraction(torch.eye(d, dtype=torch.float64), n_probes=1000)
+    assert full.rank == d and full.null_fraction == pytest.approx(1 - d / 1000)
+    assert idf.spectrum(np.ones(d), d).null_fraction_threshold == 0.0

@@ -6,11 +6,13 @@ import argparse
 import numpy as np
 import pytest
 
+from steerscope.analyses import identifiability as idf
 from steerscope.errors import StudyError
 from steerscope.runs import Run
 from steerscope.studies.identifiability import records as rc
 from steerscope.studies.identifiability import report, steps
-from steerscope.studies.identifiability.config import Config
+from steerscope.studies.identifiability.config import PAPER_C, Config
+from steerscope.studies.identifiability.equivalence import equivalence
 
 
 def test_config_rejects_bad_options_with_fix_it_messages():
@@ -93,11 +95,15 @@ def test_report_renders_from_records(tmp_path):
                                                      "vs": "v+v_perp", "l2": 1.0, "top1": 1.0, "top10": 0.9}],
                                       "subspaces": []})
     gens = {"formality|dim|0|neutral": rc.Generations({"v@4": ["Dear Sir"]})}
-    path = report.write(Run(tmp_path), cfg, vrec, srec, gens, rc.Scores(scores), eff, lrec, nrec)
+    eq = equivalence(cfg, scores, {"formality": "probe"})
+    path = report.write(Run(tmp_path), cfg, vrec, srec, gens, rc.Scores(scores), eff, lrec, nrec, eq)
     html = path.read_text()
-    assert "equivalent" in html and "Null space" in html and "<img" in html
-    s = report.summary(cfg, vrec, srec, eff, lrec, nrec)
+    assert "equivalent" in html and "not a behavioural null space" in html and "<img" in html
+    assert "TOST at |d| &lt; 0.2" in html or "TOST at |d| < 0.2" in html
+    s = report.summary(cfg, vrec, srec, eff, lrec, nrec, eq)
     assert s["n_conditions_with_real_effect"] == 1 and s["n_without_detected_difference"] == 1
+    row = s["equivalence"]["rows"][0]
+    assert (row["test"]["n_prompts"], row["test"]["n_seeds"]) == (40, 2) and row["verdict"] in ("equivalent", "undecided")
 
 
 def test_every_step_record_round_trips_through_json():
@@ -121,8 +127,56 @@ def test_every_step_record_round_trips_through_json():
                                       "n_tokens": 4, "J_vperp_over_J_v": {"formality": {"J_v": 2.0, "J_vperp": 1.0,
                                                                                      "ratio": 0.5}}}),
         rc.NullspaceRecord([15], {}, {}, 4, rc.FdCheck(15, [0.01]), {}),
+        rc.NullspaceRecord([15], {}, {}, 4, None, {}, {"15": idf.ProbeNullFraction(1000, 25, 0.975)}),
+        equivalence(cfg, _scores(2.0, 2.0), {"formality": "probe"}),
     ]
     assert "degenerate_ci" not in rows[0].to_dict() and "fd_check" not in recs[6].to_dict()
     for rec in recs:
         data = json.loads(json.dumps(rec.to_dict()))
         assert type(rec).from_dict(data) == rec
+
+
+def _eq_scores(d_sum: float, d_pca: float, n: int, seeds=(0, 1), effect_v: float = 2.0, seed: int = 0) -> dict:
+    """Scores with known effects: v moves the score by ``effect_v`` SDs; v+v_perp and paper C's PCA vector
+    differ from v by ``d_sum`` and ``d_pca`` SDs."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in seeds:
+        out[f"formality|none|{s}|neutral"] = {"probe": {"none@0": list(rng.normal(0, 1, n))}}
+        out[f"formality|dim|{s}|neutral"] = {"probe": {
+            "v@4": list(rng.normal(effect_v, 1, n)), "v+v_perp@4": list(rng.normal(effect_v + d_sum, 1, n)),
+            "v_perp@4": list(rng.normal(0, 1, n))}}
+        out[f"formality|pca_paper|{s}|neutral"] = {"probe": {"v@4": list(rng.normal(effect_v + d_pca, 1, n))}}
+    return out
+
+
+def test_equivalence_step_decides_each_comparison_on_scores_with_known_d():
+    cfg = Config(traits=("formality",), alphas=(4.0,), seeds=(0, 1, 2), methods=("dim", "pca_paper"), shift=False)
+    rec = equivalence(cfg, _eq_scores(0.0, 0.8, 40, seeds=(0, 1, 2)), {"formality": "probe"})
+    assert [r.comparison for r in rec.rows] == ["v+v_perp vs v", "v[pca_paper] vs v[dim]"] and rec.family_size == 4
+    same, pca = rec.rows
+    assert pca.verdict == "different" and pca.test.d == pytest.approx(0.8, abs=0.25)
+    assert same.verdict in ("equivalent", "undecided") and same.v_moves_score and same.guard.d > 1.5
+    assert (same.test.n_prompts, same.test.n_seeds) == (40, 3)
+    # 40 prompts x 3 seeds is too few to show |d| < 0.2 (the power calculation: ~429 per group); 300 x 3 is enough
+    assert same.verdict == "undecided"
+    big = equivalence(cfg, _eq_scores(0.0, 0.0, 300, seeds=(0, 1, 2)), {"formality": "probe"})
+    assert [r.verdict for r in big.rows] == ["equivalent", "equivalent"]
+    # a trait without a usable scorer gives no row
+    assert equivalence(cfg, _eq_scores(0.0, 0.0, 10), {"formality": None}).rows == []
+
+
+def test_paper_c_setting_is_a_config_and_its_positions_reach_generate(monkeypatch):
+    import torch
+
+    cfg = Config(**PAPER_C)
+    assert cfg.alphas == (1.0,) and cfg.positions == "last+generated" and cfg.offset == 1
+    assert "positions" in cfg.identity() and "positions" not in Config().identity()  # old run folders still resume
+    seen = {}
+    monkeypatch.setattr(steps.ss, "generate", lambda lm, rows, **kw: seen.update(kw) or ["x"] * len(rows))
+    gen = steps.generate_cell(None, cfg, ["p1", "p2"], torch.ones(8), "formality", 0, 3, cfg.alphas, ("v",))
+    assert seen["positions"] == "last+generated" and list(gen.texts) == ["v@1"]
+    with pytest.raises(StudyError, match="--methods"):
+        Config(methods=("pca_paper",))
+    with pytest.raises(StudyError, match="--margin"):
+        Config(margin=0.0)

@@ -127,6 +127,25 @@ def test_prompt_and_generated_positions_partition_all(lm):
     torch.testing.assert_close(deltas["all"][0], r0 + vec[2])
 
 
+def test_last_and_generated_steers_the_last_prompt_token_then_every_decoded_token(lm):
+    vec, batch = _vec(lm), batch_ids(n=2, length=7, left_pad=3)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with ss.recording(lm, ["blocks.2.resid_pre"]) as ref, torch.no_grad():
+        lm.model.generate(**batch, **kw)
+    with ss.steering(lm, vec, 1.0, positions="last+generated"), ss.recording(lm, ["blocks.2.resid_pre"]) as c, \
+            torch.no_grad():
+        lm.model.generate(**batch, **kw)
+    got, base = c.calls("blocks.2.resid_pre"), ref.calls("blocks.2.resid_pre")
+    # prefill: only column 6 (each row's last real prompt token) moves by exactly vec
+    torch.testing.assert_close(got[0][:, :6], base[0][:, :6])
+    torch.testing.assert_close(got[0][:, 6], base[0][:, 6] + vec[2])
+    assert all(x.shape[1] == 1 for x in got[1:]) and len(got) == 4  # each decode call is steered (x differs)
+    with ss.steering(lm, vec, 1.0, positions="last-1"), ss.recording(lm, ["blocks.2.resid_pre"]) as c1, \
+            torch.no_grad():
+        lm.model.generate(**batch, **kw)
+    assert not torch.allclose(got[1], c1.calls("blocks.2.resid_pre")[1])  # last-1 leaves decode calls alone
+
+
 def test_per_row_alphas_in_one_batch_equal_separate_runs(lm):
     vec = _vec(lm)
     batch = batch_ids(n=3)
@@ -258,7 +277,7 @@ def test_bad_inputs_raise_clear_errors(lm):
             lm.model(**batch_ids())
 
 
-CACHE_SPECS = ["all", "prompt", "generated", "last-2", [-1], [0, -1]]
+CACHE_SPECS = ["all", "prompt", "generated", "last-2", [-1], [0, -1], "last+generated"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])

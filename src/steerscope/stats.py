@@ -122,11 +122,16 @@ def cluster_bootstrap(stat: Callable[[np.ndarray], float], n_clusters: int, n_bo
         >>> x = np.random.randn(20, 3)  # prompts × seeds
         >>> cluster_bootstrap(lambda idx: float(x[idx].mean()), 20)
     """
+    return _percentile_interval(cluster_bootstrap_values(stat, n_clusters, n_boot, seed), level)
+
+
+def cluster_bootstrap_values(stat: Callable[[np.ndarray], float], n_clusters: int, n_boot: int = 2000,
+                             seed: int = 0) -> np.ndarray:
+    """The ``n_boot`` resampled values behind :func:`cluster_bootstrap` (non-finite ones included). [n_boot]."""
     if n_clusters < 1:
         raise SteerscopeError("a cluster bootstrap needs at least one cluster (prompt)")
     rng = np.random.default_rng(seed)
-    vals = np.array([stat(rng.integers(0, n_clusters, n_clusters)) for _ in range(n_boot)], dtype=float)
-    return _percentile_interval(vals, level)
+    return np.array([stat(rng.integers(0, n_clusters, n_clusters)) for _ in range(n_boot)], dtype=float)
 
 
 def _row_means(x: Table) -> np.ndarray:

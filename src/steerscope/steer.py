@@ -9,6 +9,8 @@ Positions (``positions=``):
     ``"prompt"``     the prompt's columns only (the tokens of the call that starts the sequence).
     ``"generated"``  the columns after the prompt (each decoded token).
     ``"last-k"``     the last k real (non-pad) prompt tokens of each row, e.g. ``"last-4"``.
+    ``"last+generated"`` the last prompt token, then each generated token: the last position of every
+                     forward call with a KV cache (paper C's hook, ``h[:, -1] += alpha * v``).
     ``[i, j, ...]``  explicit prompt indices per row, negative from the end of the real prompt,
                      non-negative from its first real token (padding on either side handled).
 
@@ -42,14 +44,16 @@ VectorLike = SteeringVector | torch.Tensor | str | Path
 """What the interventions accept as a vector: a :class:`SteeringVector`, a raw direction [d_model] (with
 ``layer=``), or the path or shipped name of a saved vector (:meth:`SteeringVector.load`)."""
 _LAST = re.compile(r"^last[-:](\d+)$")
+LAST_AND_GENERATED = "last+generated"
 
 
 def check_positions(positions: Positions) -> Positions:
     """Validate a positions spec; raise :class:`SiteError` with the accepted forms."""
     if isinstance(positions, str):
-        if positions in ("all", "prompt", "generated") or _LAST.match(positions):
+        if positions in ("all", "prompt", "generated", LAST_AND_GENERATED) or _LAST.match(positions):
             return positions
-        raise SiteError(f"positions {positions!r} not understood; use all, prompt, generated, last-K or a list of ints")
+        raise SiteError(f"positions {positions!r} not understood; use all, prompt, generated, last-K, "
+                        f"{LAST_AND_GENERATED} or a list of ints")
     try:
         return [int(i) for i in positions]
     except (TypeError, ValueError):
@@ -69,6 +73,10 @@ def position_mask(call: Call, positions: Positions) -> torch.Tensor | None:
         return in_prompt
     if positions == "generated":
         return ~in_prompt
+    if positions == LAST_AND_GENERATED:
+        last = position_mask(call, "last-1")
+        assert last is not None
+        return last | ~in_prompt
     pm = call.prompt_mask.bool()
     real_len = pm.sum(1)  # [batch]
     start = pm.float().argmax(1)  # first real column (left padding)

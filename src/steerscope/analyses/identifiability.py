@@ -12,7 +12,10 @@ Algorithm (paper C's question, made measurable):
   3. Next-token equivalence: L2 distance of next-token logits, top-1 agreement, top-k overlap.
   4. Null space: effective rank of a spectrum, two ways: the count of singular values above
      ``0.05 * sigma_max`` (paper C) and the entropy effective rank ``exp(H(p))``, ``p = s / sum s``
-     (Roy & Vetterli 2007); null fraction ``1 - rank / d``. Spectra come from the activation
+     (Roy & Vetterli 2007); null fraction ``1 - rank / d`` (paper C's code instead probes the Jacobian with
+     1000 random unit directions and reports ``(probes - rank) / probes``: :func:`probe_null_fraction`).
+     A small covariance rank says the stream barely *varies* along most directions; it is not a
+     behavioural null space (directions along which steering changes nothing). Spectra come from the activation
      covariance across prompts and from the Jacobian of last-token logits with respect to the
      residual stream (``J = W_U @ d(final normed hidden)/d(resid)``; its singular values equal those
      of ``R @ J_f`` where ``W_U = Q R``, so the vocab x d_model matrix is never formed).
@@ -211,6 +214,35 @@ def spectrum(sigma: Sequence[float] | np.ndarray, d: int, frac: float = 0.05) ->
     s = np.sort(np.asarray(sigma, float))[::-1]
     rt, re = effective_rank_threshold(s, frac), effective_rank_entropy(s)
     return Spectrum([float(x) for x in s], rt, re, 1 - rt / d, 1 - re / d, d)
+
+
+@dataclass(frozen=True)
+class ProbeNullFraction(Record):
+    """Paper C's null fraction: ``(probes - rank) / probes`` of the matrix of ``n_probes`` probed Jacobian rows."""
+
+    n_probes: int
+    rank: int
+    null_fraction: float
+
+
+def probe_null_fraction(jac: torch.Tensor, n_probes: int = 1000, seed: int = 0, frac: float = 0.05
+                        ) -> ProbeNullFraction:
+    """Paper C's code's definition: probe ``jac`` [out d_in] with ``n_probes`` random unit directions u_i,
+    stack the responses ``J u_i`` [n_probes out], count singular values > ``frac * sigma_max`` (the rank),
+    and report ``(n_probes - rank) / n_probes``. The rank is at most d_in, so with more probes than d_in
+    the fraction is at least 1 - d_in / n_probes whatever the model does: it counts probes, not dimensions
+    (compare :func:`spectrum`'s ``1 - rank / d``).
+
+    Example:
+        >>> probe_null_fraction(torch.randn(8, 4) @ torch.randn(4, 16), n_probes=100).rank
+        4
+    """
+    j = torch.as_tensor(jac).double()
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n_probes, j.shape[1], generator=g, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    rank = effective_rank_threshold(torch.linalg.svdvals(u @ j.T).numpy(), frac)
+    return ProbeNullFraction(n_probes, rank, (n_probes - rank) / n_probes)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,12 @@ from steerscope.data.names import TRAIT_NAMES as TRAITS
 from steerscope.errors import StudyError
 from steerscope.studies.protocol import StudyConfig, option
 
+METHODS = ("dim", "pca", "pca_paper")
+PAPER_C: dict[str, Any] = dict(alphas=(1.0,), positions="last+generated", offset=1)
+"""Paper C's steering setting (its code): alpha = 1, the vector added at the last position of every forward
+call, at the output of ``layers[L//2]`` (offset 1). ``Config(**PAPER_C)``; on the command line
+``--alphas 1 --positions last+generated --offset 1``."""
+
 
 @dataclass(frozen=True)
 class Config(StudyConfig):
@@ -21,7 +27,13 @@ class Config(StudyConfig):
         layer: extraction layer (``hidden_states[layer]``); None = n_layers // 2.
         offset: injection layer = layer + offset (1 reproduces paper C's code, which reads
             hidden_states[L//2] but adds at the output of layers[L//2]).
-        methods: extraction methods used in the behavioural experiment (dim, pca).
+        methods: extraction methods used in the behavioural experiment: dim, pca (``pca_diff``, oriented and
+            scaled like DIM) and pca_paper (paper C's PCA variant: first PC of the *centred* per-pair
+            differences, rescaled here to |DIM| so the two vectors differ in direction only; only its ``v``
+            condition is generated, and it is compared with DIM's ``v``).
+        positions: where the vector is added: ``all`` (every position, generated tokens included) or
+            ``last+generated`` (the last position of every forward call: paper C's hook).
+        margin: the equivalence margin in Cohen's d units (paper C's |d| < 0.2).
         alphas: steering scales swept (0 = no steering is always run as "none").
         seeds: sampling seeds; each seed also draws a fresh v_perp.
         n_prompts: neutral prompts per condition.
@@ -46,7 +58,10 @@ class Config(StudyConfig):
     traits: tuple[str, ...] = option(TRAITS, "comma-separated: formality,sentiment,politeness", sep=",")
     layer: int | None = option(None, "extraction layer (default n_layers // 2)", minimum=0)
     offset: int = option(0, "inject at layer + offset (1 = paper C's code: output of layers[L//2])", choices=(0, 1))
-    methods: tuple[str, ...] = option(("dim",), "vectors in the behavioural test: dim,pca", sep=",")
+    methods: tuple[str, ...] = option(("dim",), "vectors in the behavioural test: dim,pca,pca_paper", sep=",")
+    positions: str = option("all", "where to add the vector (last+generated = paper C's hook)",
+                            choices=("all", "last+generated"))
+    margin: float = option(0.2, "equivalence margin in Cohen's d units (paper C: 0.2)")
     alphas: tuple[float, ...] = option((3.0, 6.0), "e.g. 2,4,6 (none is always run)", sep=",")
     seeds: tuple[int, ...] = option((0, 1), "sampling / v_perp seeds, e.g. 0,1", sep=",")
     n_prompts: int = option(8, "neutral prompts per condition (<= 40)", minimum=2, maximum=40)
@@ -72,8 +87,11 @@ class Config(StudyConfig):
             raise StudyError(f"unknown traits {bad}; use --traits with some of {','.join(TRAITS)}")
         if self.offset not in (0, 1):
             raise StudyError(f"--offset must be 0 or 1, got {self.offset}")
-        if [m for m in self.methods if m not in ("dim", "pca")] or not self.methods:
-            raise StudyError(f"--methods takes dim and/or pca, got {','.join(self.methods)}")
+        if [m for m in self.methods if m not in METHODS] or not self.methods or self.methods[0] == "pca_paper":
+            raise StudyError(f"--methods takes some of {','.join(METHODS)} (pca_paper not first: it is compared "
+                             f"with the first), got {','.join(self.methods)}")
+        if not (math.isfinite(self.margin) and self.margin > 0):
+            raise StudyError(f"--margin must be a positive number (Cohen's d units), got {self.margin}")
         if not self.alphas or not all(math.isfinite(a) and a > 0 for a in self.alphas):
             raise StudyError("--alphas must be positive finite numbers (alpha 0 is always run as 'none')")
         if not math.isfinite(self.temperature) or self.temperature <= 0 or (
@@ -89,9 +107,13 @@ class Config(StudyConfig):
 
     def identity(self) -> dict[str, Any]:
         """What a run folder is checked against on resume: everything but ``backend`` (the engine; the
-        same distribution, sampled by vLLM's sampler instead of HF's)."""
+        same distribution, sampled by vLLM's sampler instead of HF's). ``positions`` and ``margin`` appear only
+        when not at their defaults, so run folders written before these options existed still resume."""
         d = self.to_dict()
         d.pop("backend")
+        for k, default in (("positions", "all"), ("margin", 0.2)):
+            if d[k] == default:
+                d.pop(k)
         return d
 
     @property

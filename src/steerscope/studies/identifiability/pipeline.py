@@ -35,6 +35,7 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     from steerscope.metrics.classifiers import Embedder
     from steerscope.progress import progress
     from steerscope.studies.identifiability import steps
+    from steerscope.studies.identifiability.equivalence import equivalence
 
     t0 = time.time()
     run_ = Run(out, config=cfg.identity(), force=force)
@@ -52,11 +53,13 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
         prompts = neutral if pset == "neutral" else shift
         alphas = cfg.alphas if pset == "neutral" else (cfg.probe_alpha,)
         v = None if method == "none" else vecs[f"{trait}_{method}"]
+        conds = ("v",) if method == "pca_paper" else steps.CONDITIONS  # paper C's PCA is compared with DIM's v only
         gens[rc.cell_key(cell)] = run_.record(rc.generation_step(cell), rc.Generations, lambda: steps.generate_cell(
-            lm, cfg, prompts, v, trait, seed, inject, alphas))
+            lm, cfg, prompts, v, trait, seed, inject, alphas, conds))
     scores = run_.record(rc.SCORES, rc.Scores, lambda: steps.score_texts(built, gens))
     usable = {t: {s.kind: s.usable for s in built[t]} for t in cfg.traits}
     run_.record(rc.EFFECTS, rc.EffectsRecord, lambda: steps.effects_step(cfg, scores, srec, usable))
+    run_.record(rc.EQUIVALENCE, rc.EquivalenceRecord, lambda: equivalence(cfg, scores.cells, srec.primary))
     run_.record(rc.LOGITS, rc.LogitsRecord, lambda: steps.logits(lm, cfg, vecs, inject))
     run_.record(rc.NULLSPACE, rc.NullspaceRecord, lambda: steps.nullspace(lm, cfg, vecs, vrec.layer))
     path, summary = _write(run_, cfg)
@@ -75,7 +78,8 @@ def _write(run_: Run, cfg: Config) -> tuple[Path, dict[str, Any]]:
     vrec, srec = run_.load_record(rc.VECTORS, rc.VectorsRecord), run_.load_record(rc.SCORERS, rc.ScorersRecord)
     eff, lrec = run_.load_record(rc.EFFECTS, rc.EffectsRecord), run_.load_record(rc.LOGITS, rc.LogitsRecord)
     nrec = run_.load_record(rc.NULLSPACE, rc.NullspaceRecord)
+    eq = run_.load_record(rc.EQUIVALENCE, rc.EquivalenceRecord)
     gens = {rc.cell_key(c): run_.load_record(rc.generation_step(c), rc.Generations) for c in cells(cfg)}
-    path = report.write(run_, cfg, vrec, srec, gens, run_.load_record(rc.SCORES, rc.Scores), eff, lrec, nrec)
-    return path, report.summary(cfg, vrec, srec, eff, lrec, nrec)
+    path = report.write(run_, cfg, vrec, srec, gens, run_.load_record(rc.SCORES, rc.Scores), eff, lrec, nrec, eq)
+    return path, report.summary(cfg, vrec, srec, eff, lrec, nrec, eq)
 

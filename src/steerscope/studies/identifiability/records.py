@@ -17,12 +17,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from steerscope.analyses.identifiability import Comparison, Spectrum
+from steerscope.analyses.equivalence import ClusterTost
+from steerscope.analyses.identifiability import Comparison, ProbeNullFraction, Spectrum
 from steerscope.analyses.records import Record
 
 K = TypeVar("K", bound="_Keyed")
 
 VECTORS, SCORERS, SCORES, EFFECTS, LOGITS, NULLSPACE = "vectors", "scorers", "scores", "effects", "logits", "nullspace"
+EQUIVALENCE = "equivalence"
 Cell = tuple[str, str, int, str]  # (trait or "*", method, seed, prompt set)
 
 
@@ -60,6 +62,9 @@ class VectorsRecord(Record):
     files: dict[str, str]  # "trait_method" -> vector file in the run folder
     cos_dim_pca: dict[str, float]  # trait -> cos(DIM, PCA)
     cos_traits: dict[str, float]  # "a~b" -> cos of the two traits' DIM vectors
+    # "trait|method" -> cos(DIM, method) for every contrast method on the same activations (pca_paper: paper C's
+    # centred, unit-norm PCA; its sign is the SVD's, so its cosine may be negative)
+    cos_methods: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,34 @@ class EffectsRecord(Record):
 
 
 @dataclass(frozen=True)
+class EquivalenceRow(Record):
+    """One decided comparison (primary scorer): a cluster-bootstrap TOST at the margin, Holm over the family.
+
+    ``comparison`` is ``"v+v_perp vs v"`` or ``"v[pca_paper] vs v[dim]"``; ``guard`` is v against no steering
+    (the same test), since an equivalence means nothing unless v itself moves the score."""
+
+    trait: str
+    alpha: float
+    comparison: str
+    scorer: str
+    test: ClusterTost
+    verdict: str  # equivalent | different | undecided (Holm-adjusted, alpha 0.05)
+    p_equiv_holm: float
+    p_diff_holm: float
+    guard: ClusterTost
+    v_moves_score: bool  # guard: 95 % interval of d(v vs none) excludes 0
+
+
+@dataclass(frozen=True)
+class EquivalenceRecord(Record):
+    """Step ``equivalence``: the decided rows; the family is every row's two tests (2 x len(rows) p-values)."""
+
+    margin: float
+    rows: list[EquivalenceRow]
+    family_size: int
+
+
+@dataclass(frozen=True)
 class Conclusion(Record):
     """One row that counts (primary scorer), as the report's table and the ``--json`` summary show it."""
 
@@ -226,12 +259,13 @@ class NullspaceRecord(Record):
     n_tokens: int
     fd_check: FdCheck | None = None  # absent from the JSON when the extraction layer is not among ``layers``
     J_vperp_over_J_v: dict[str, JRatio] = field(default_factory=dict)  # trait -> ratio
+    probe_null: dict[str, ProbeNullFraction] = field(default_factory=dict)  # layer -> paper C's (probes - rank) / probes
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in super().to_dict().items() if not (k == "fd_check" and v is None)}
 
 
-__all__ = ["Agreement", "Conclusion", "EffectRow", "EffectsRecord", "FdCheck", "Generations", "JRatio",
+__all__ = ["Agreement", "Conclusion", "EffectRow", "EffectsRecord", "EquivalenceRecord", "EquivalenceRow", "FdCheck", "Generations", "JRatio",
            "LogitsRecord", "NullspaceRecord", "ScorerCheck", "Scores", "ScorersRecord", "SubspaceRow", "Verdict",
-           "VectorsRecord", "VECTORS", "SCORERS", "SCORES", "EFFECTS", "LOGITS", "NULLSPACE",
+           "VectorsRecord", "VECTORS", "SCORERS", "SCORES", "EFFECTS", "LOGITS", "NULLSPACE", "EQUIVALENCE",
            "cell_key", "generation_step"]

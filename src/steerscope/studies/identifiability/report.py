@@ -15,6 +15,7 @@ from steerscope.studies.identifiability.config import Config
 from steerscope.studies.identifiability.records import (
     Conclusion,
     EffectsRecord,
+    EquivalenceRecord,
     Generations,
     LogitsRecord,
     NullspaceRecord,
@@ -37,24 +38,28 @@ def conclusions(eff: EffectsRecord) -> list[Conclusion]:
 
 
 def summary(cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, eff: EffectsRecord, lrec: LogitsRecord,
-            nrec: NullspaceRecord) -> dict[str, Any]:
-    """The ``--json`` summary: vectors, scorer validity, verdicts, next-token agreement, null space."""
+            nrec: NullspaceRecord, eq: EquivalenceRecord | None = None) -> dict[str, Any]:
+    """The ``--json`` summary: vectors, scorer validity, verdicts, decided equivalence, next-token agreement,
+    spectral ranks (not a behavioural null space)."""
     concl = conclusions(eff)
     counted = [c for c in concl if c.v_real_effect and c.prompts == "neutral"]
     equiv = [c for c in counted if c.verdict.startswith(("equivalent", "no detected"))]
     return {
         "layer": vrec.layer, "inject_layer": vrec.inject_layer, "norms": vrec.norms,
         "scorers": {t: [s.to_dict() for s in rows] for t, rows in srec.scorers.items()}, "primary_scorer": srec.primary,
+        "cos_methods": vrec.cos_methods,
         "conclusions": [c.to_dict() for c in concl],
+        "equivalence": eq.to_dict() if eq else None,
         "n_conditions_with_real_effect": len(counted),
         "n_without_detected_difference": len(equiv),
         "logit_vsum_vs_v": [r.to_dict() for r in lrec.agreement if r.vs == "v+v_perp" and r.prompts == "neutral"],
         "subspaces": [r.to_dict() for r in lrec.subspaces],
-        "nullspace": {
+        "spectral_rank": {
             kind: {l: {"rank_threshold": s.rank_threshold, "rank_entropy": round(s.rank_entropy, 1),
                        "null_fraction_threshold": round(s.null_fraction_threshold, 3),
                        "null_fraction_entropy": round(s.null_fraction_entropy, 3)}
                    for l, s in spectra.items()} for kind, spectra in _spectra(nrec).items()},
+        "paper_c_probe_null_fraction": {l: x.to_dict() for l, x in nrec.probe_null.items()},
         "fd_check_rel_err": nrec.fd_check.rel_err if nrec.fd_check else None,
         "J_vperp_over_J_v": {t: x.to_dict() for t, x in nrec.J_vperp_over_J_v.items()},
     }
@@ -103,17 +108,21 @@ def _spectra_figure(nrec: NullspaceRecord) -> Any:
 
 
 def write(run: Run, cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, gens: dict[str, Generations], scores: Scores,
-          eff: EffectsRecord, lrec: LogitsRecord, nrec: NullspaceRecord) -> Path:
+          eff: EffectsRecord, lrec: LogitsRecord, nrec: NullspaceRecord, eq: EquivalenceRecord | None = None) -> Path:
     """Write ``report.html`` in the run folder and return its path."""
     r = Report("Identifiability of steering vectors")
     r.p(f"Model {cfg.model}; vectors extracted at hidden_states[{vrec.layer}] (last prompt token), injected at "
-        f"resid_pre of block {vrec.inject_layer} (offset {cfg.offset}), all positions. Conditions: v, v + v_perp, "
+        f"resid_pre of block {vrec.inject_layer} (offset {cfg.offset}), positions {cfg.positions}. Conditions: v, v + v_perp, "
         f"v_perp (random, orthogonal to v, |v_perp| = |v|, a fresh one per seed), none. Seeds {list(cfg.seeds)}, "
         f"{cfg.n_prompts} neutral prompts, {cfg.max_new_tokens} new tokens, temperature {cfg.temperature}.")
     r.h2("Vectors")
     r.table(["vector", "norm"], [[k, v] for k, v in vrec.norms.items()])
     r.table(["trait", "cos(DIM, PCA)"], [[k, v] for k, v in vrec.cos_dim_pca.items()])
     r.table(["pair", "cos(DIM, DIM)"], [[k, v] for k, v in vrec.cos_traits.items()])
+    if vrec.cos_methods:
+        r.table(["trait | method", "cos(DIM, method)"], [[k, v] for k, v in vrec.cos_methods.items()],
+                caption="extraction choices on the same activations; pca_paper = paper C's PCA (centred, unit norm, "
+                        "sign as the SVD gives it)")
     r.h2("Classifier validation")
     r.p(f"Each scorer is validated on the shipped labelled texts (80 per trait). Lexicon and zero-shot scorers are not "
         f"fitted to them; the probe's accuracy is 5-fold cross-validated. Scorers under {MIN_ACCURACY:.0%} are NOT used "
@@ -130,6 +139,8 @@ def write(run: Run, cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, gens:
              "corr", "JSD", "verdict"],
             [[c.prompts, c.trait, c.method, c.alpha, c.scorer, c.d_v_vs_none, c.d_vsum_vs_v,
               c.d_vperp_vs_none, "-" if c.corr is None else c.corr, c.jsd, c.verdict] for c in concl])
+    if eq is not None:
+        _equivalence_section(r, eq)
     r.h3("All scorers (including unusable ones, for reference)")
     r.table(["prompts", "trait", "alpha", "scorer", "usable", "d(v vs none)", "d(v+v_perp vs v)", "d(v_perp vs none)"],
             [[p, x.trait, x.alpha, x.scorer, x.usable, x.v_vs_none.dci(), x.vperp_sum_vs_v.dci(),
@@ -156,12 +167,34 @@ def write(run: Run, cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, gens:
     return r.write(run.path("report.html"))
 
 
+def _equivalence_section(r: Report, eq: EquivalenceRecord) -> None:
+    r.h3(f"Equivalence decided: TOST at |d| < {eq.margin:g}, cluster bootstrap over prompts, Holm over "
+         f"{eq.family_size} tests")
+    r.p("d = Cohen's d of the first condition over the second on prompts x seeds; the 90 % interval is the TOST's "
+        "(percentile, prompts resampled with their seeds). Verdict: equivalent (Holm p_equiv < 0.05), different "
+        "(Holm p_diff < 0.05 and |d| >= margin), else undecided. Guard: d(v vs none) with its 95 % interval; an "
+        "equivalence where v does not move the score says nothing.")
+    r.table(["trait", "alpha", "comparison", "scorer", "prompts x seeds", "d", "90% CI", "p_equiv (Holm)",
+             "p_diff (Holm)", "verdict", "guard d(v vs none) [95% CI]"],
+            [[x.trait, x.alpha, x.comparison, x.scorer, f"{x.test.n_prompts} x {x.test.n_seeds}", round(x.test.d, 3),
+              f"[{x.test.ci90[0]:+.2f}, {x.test.ci90[1]:+.2f}]", x.p_equiv_holm, x.p_diff_holm, x.verdict,
+              f"{x.guard.d:+.2f} [{x.guard.ci95[0]:+.2f}, {x.guard.ci95[1]:+.2f}]"] for x in eq.rows])
+
+
 def _nullspace_section(r: Report, cfg: Config, nrec: NullspaceRecord) -> None:
-    r.h2("Null space")
+    r.h2("Spectral rank (not a behavioural null space)")
     r.p(f"Activation covariance of resid_pre over {nrec.n_tokens} prompt tokens (first token of each text dropped); "
         f"Jacobian of last-token logits w.r.t. resid_pre at the last token (mean singular values over "
         f"{cfg.n_jac_prompts} prompts). Effective rank: #sigma > 0.05 sigma_max (paper C) and exp(entropy) of "
-        f"sigma / sum sigma; null fraction = 1 - rank / d_model.")
+        f"sigma / sum sigma; 'null fraction' = 1 - rank / d_model. A low covariance rank says the stream barely varies "
+        f"along most directions, not that steering along them does nothing; the Jacobian's is a first-order, "
+        f"one-token statement about the logits.")
+    if nrec.probe_null:
+        r.table(["layer", "probes", "rank of probed J", "(probes - rank) / probes", "1 - rank / d_model (Jacobian)"],
+                [[l, x.n_probes, x.rank, x.null_fraction, nrec.jacobian[l].null_fraction_threshold]
+                 for l, x in nrec.probe_null.items()],
+                caption="paper C's definition (its code: 1000 random unit probes, one prompt) beside the project's; "
+                        "the probe rank is at most d_model, so with 1000 probes the paper's fraction is >= 1 - d/1000")
     r.table(["method", "layer", "rank (>5% max)", "null frac", "entropy rank", "null frac (entropy)"],
             [[k, l, s.rank_threshold, s.null_fraction_threshold, s.rank_entropy, s.null_fraction_entropy]
              for k, spectra in _spectra(nrec).items() for l, s in spectra.items()])

@@ -42,6 +42,7 @@ from steerscope.studies.identifiability.records import (
 from steerscope.vector import dataset_hash
 
 CONDITIONS = ("v", "v+v_perp", "v_perp")
+PAPER_PROBES = 1000  # paper C's random unit probes of the Jacobian (its (probes - rank) / probes)
 MIN_N = 10  # scores per condition (seeds pooled) below which no interval-based verdict is given
 
 
@@ -67,17 +68,22 @@ def vectors(run: Run, lm: LM, cfg: Config) -> VectorsRecord:
     layer = layer_of(cfg, lm)
     norms: dict[str, float] = {}
     files: dict[str, str] = {}
-    vecs = {}
+    cos_methods: dict[str, float] = {}
+    vecs: dict[tuple[str, str], torch.Tensor] = {}
     for trait in cfg.traits:
         pairs = read_jsonl(data_path("traits", f"{trait}.jsonl"))
         pos, neg = [p["positive"] for p in pairs], [p["negative"] for p in pairs]
         # one activation pass serves both methods (what ss.extract does, without running it twice)
         acts = ss.collect(lm, [lm.format_chat(p) for p in pos + neg], [layer], positions=[-1])[layer]
-        for method in ("dim", "pca"):
+        cos_methods.update(method_cosines(trait, acts[:len(pos)], acts[len(pos):]))
+        for method in ("dim", "pca") + (("pca_paper",) if "pca_paper" in cfg.methods else ()):
             prov = ss.Provenance.for_model(lm, method=method, positions=[-1], n_examples=len(pos) + len(neg),
                                            dataset_hash=dataset_hash(pos + ["|"] + neg),
                                            args={"site": "resid_pre", "trait": trait, "study": "identifiability"})
-            v = ss.SteeringVector({layer: METHODS[method](acts[:len(pos)], acts[len(pos):])}, "resid_pre", prov)
+            d = METHODS[method](acts[:len(pos)], acts[len(pos):])
+            if method == "pca_paper":  # the paper's unit vector, rescaled to |DIM|: the pair differs in direction only
+                d = d * vecs[(trait, "dim")].norm()
+            v = ss.SteeringVector({layer: d}, "resid_pre", prov)
             path = run.path("vectors", f"{trait}_{method}.safetensors")
             v.save(path)
             vecs[(trait, method)] = v[layer]
@@ -86,7 +92,17 @@ def vectors(run: Run, lm: LM, cfg: Config) -> VectorsRecord:
     cos_dim_pca = {t: float(torch.cosine_similarity(vecs[(t, "dim")], vecs[(t, "pca")], 0)) for t in cfg.traits}
     cos_traits = {f"{a}~{b}": float(torch.cosine_similarity(vecs[(a, "dim")], vecs[(b, "dim")], 0))
                   for i, a in enumerate(cfg.traits) for b in cfg.traits[i + 1:]}
-    return VectorsRecord(layer, layer + cfg.offset, norms, files, cos_dim_pca, cos_traits)
+    return VectorsRecord(layer, layer + cfg.offset, norms, files, cos_dim_pca, cos_traits, cos_methods)
+
+
+COSINE_METHODS = ("caa", "pca_diff", "pca_center", "pca_paper", "probe")  # extraction choices compared with DIM
+
+
+def method_cosines(trait: str, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
+    """{"trait|method": cos(DIM, method)} for the contrast methods of :data:`COSINE_METHODS` on one set of
+    activations (pos, neg [pairs d_model])."""
+    dim = METHODS["dim"](pos, neg)
+    return {f"{trait}|{m}": float(torch.cosine_similarity(dim, METHODS[m](pos, neg), 0)) for m in COSINE_METHODS}
 
 
 def load_vectors(rec: VectorsRecord) -> dict[str, torch.Tensor]:
@@ -134,7 +150,7 @@ def generate_cell(lm: LM, cfg: Config, prompts: Sequence[str], v: torch.Tensor |
                 rows.append(q)
                 vecs.append(as_vector(dirs[c], inject_layer))
                 alph.append(float(a))
-    texts = ss.generate(lm, rows, vector=vecs, alpha=alph, max_new_tokens=cfg.max_new_tokens,
+    texts = ss.generate(lm, rows, vector=vecs, alpha=alph, max_new_tokens=cfg.max_new_tokens, positions=cfg.positions,
                         do_sample=True, temperature=cfg.temperature, seed=seed, batch_size=len(rows),
                         backend=cfg.backend)
     n = len(prompts)
@@ -189,7 +205,7 @@ def _effect_rows(cfg: Config, scores: ScoreCells, where: tuple[str, str, str, st
         for seed in cfg.seeds:
             cell = scores.get(f"{trait}|{'none' if cond == 'none@0' else method}|{seed}|{prompts}")
             if cell is not None:
-                vals += cell[kind][cond]
+                vals += cell[kind].get(cond, [])
         return np.array(vals)
 
     none = pooled("none@0")
@@ -301,6 +317,7 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, ba
     ru = idf.unembed_r(lm)
     jp = [lm.format_chat(p) for p in neutral_prompts(cfg.n_jac_prompts)]
     ratios = {}
+    probe_null: dict[str, idf.ProbeNullFraction] = {}
     for l in progress(layers, desc="jacobians"):
         sig, jfs = [], []
         for text in jp:
@@ -308,6 +325,7 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, ba
             jfs.append(jf)
             sig.append(torch.linalg.svdvals(ru.double() @ jf.double()).float().numpy())
         jacobian[str(l)] = idf.spectrum(np.mean(sig, 0), lm.d_model)
+        probe_null[str(l)] = idf.probe_null_fraction(ru.double() @ jfs[0].double(), PAPER_PROBES, cfg.seed)
         if l == layer:
             for t in cfg.traits:
                 v = vecs[f"{t}_dim"]
@@ -319,4 +337,4 @@ def nullspace(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], layer: int, ba
             probes = probes / probes.norm(dim=1, keepdim=True)
             fd_check = FdCheck(l, idf.finite_difference_check(lm, jp[0], l, probes, eps=0.05, jf=jfs[0]))
     return NullspaceRecord(layers, {str(l): cov[l].spectrum for l in layers}, jacobian, cov[layers[-1]].n_tokens,
-                           fd_check, ratios)
+                           fd_check, ratios, probe_null)
