@@ -138,6 +138,7 @@ def test_identifiability_write_report_rebuilds_the_report_from_the_run_folder(tm
     from steerscope.studies import identifiability
     from steerscope.studies.identifiability import pipeline, steps
     from steerscope.studies.identifiability.config import Config
+    from steerscope.studies.identifiability.equivalence import equivalence
     from steerscope.studies.identifiability.records import generation_step
     from test_identifiability_study import _scores
 
@@ -158,10 +159,11 @@ def test_identifiability_write_report_rebuilds_the_report_from_the_run_folder(tm
         "logits": {"agreement": [], "subspaces": []},
         "nullspace": {"layers": [15], "n_tokens": 4, "covariance": {"15": spec}, "jacobian": {"15": spec}, "J_vperp_over_J_v": {}},
     }
+    records["equivalence"] = equivalence(cfg, scores, {"formality": "probe"}).to_dict()
     for cell in pipeline.cells(cfg):
         records[generation_step(cell)] = {"v@4": ["Dear Sir"]} if cell[1] != "none" else {"none@0": ["hi"]}
     for name, rec in records.items():
         run.step(name, lambda rec=rec: rec)
     path = identifiability.write_report(tmp_path)
     html = path.read_text()
-    assert path == tmp_path / "report.html" and "equivalent" in html and "Null space" in html and "Dear Sir" in html
+    assert path == tmp_path / "report.html" and "equivalent" in html and "Spectral rank (not a behavioural null space)" in html and "Dear Sir" in html

@@ -19,5 +19,5 @@ from __future__ import annotations
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIAS_NAMES = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "smollm2-135m-safe")
-METHOD_NAMES = ("dim", "caa", "pca", "pca_diff", "pca_center", "probe", "actadd")
+METHOD_NAMES = ("dim", "caa", "pca", "pca_diff", "pca_center", "pca_paper", "probe", "actadd")
 TRAIT_NAMES = ("formality", "sentiment", "politeness")
