@@ -17,7 +17,8 @@ import torch
 import steerscope as ss
 from steerscope.backends import vllm as bv
 from steerscope.conditional.clamp import Clamp
-from test_vllm_parity import N_NEW, PROMPTS, agreement, hf_ids, rand_vec, tiny_qwen2
+from test_vllm_parity import PROMPTS, check, hf_ids, rand_vec, tiny_qwen2
+from test_vllm_parity import run as parity_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bv.engine_python(required=False) is None,
                                                    reason="no vLLM engine environment (steerscope vllm-setup)")]
@@ -62,15 +63,10 @@ def setup(request, smol):
 
 
 def run(s, specs):
-    out, _ = s["engine"].generate_ids(s["ids"], specs, bv.stop_params(s["lm"], N_NEW, False, 1.0, None))
+    """The parity tests' engine call, and no request reported as split across a gate decision."""
+    out = parity_run(s, specs)
     assert not s["engine"].stats()["bad"], s["engine"].stats()["bad"]
     return out
-
-
-def check(s, case, hf, vl):
-    eq, total = agreement(hf, vl)
-    print(f"vllm-conditional {s['name']} {case}: {eq}/{total} tokens equal")
-    assert hf == vl, f"{case}: {eq}/{total} tokens equal"
 
 
 def reference(s):
