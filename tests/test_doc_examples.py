@@ -59,7 +59,8 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page.name
+        return f"{page}:{self.line}"
 
     @property
     def kind(self) -> str | None:
@@ -223,3 +224,100 @@ def test_a_needs_marker_runs_only_where_its_environment_exists(tmp_path, monkeyp
     monkeypatch.setenv("SS_TEST_ENGINE", str(tmp_path))
     assert needs.runs and needs.skip_reason is None
     assert not skip.runs and skip.skip_reason == "too slow"
+
+
+# --- blocks that do not run here are still checked: every command parses, every name exists -----------------
+
+def _commands(code: str) -> list[list[str]]:
+    """The simple commands of a shell block (continuations joined, comments dropped, split at ``&&``/``|``/``;``)."""
+    import shlex
+
+    lex = shlex.shlex(re.sub(r"\\\n", " ", code), posix=True, punctuation_chars=True)
+    lex.whitespace_split, lex.commenters = True, "#"
+    out: list[list[str]] = [[]]
+    for tok in lex:
+        if tok in ("&&", "||", "|", ";", "&", "\n") or set(tok) <= set("&|;"):
+            out.append([])
+        else:
+            out[-1].append(tok)
+    return [c for c in out if c]
+
+
+def _steerscope_argv(cmd: list[str]) -> list[str] | None:
+    """The arguments of a ``steerscope`` command (after ``nice``/``env`` prefixes), or None for other commands."""
+    return cmd[cmd.index("steerscope") + 1:] if "steerscope" in cmd else None
+
+
+def _check_shell(block: Block) -> list[str]:
+    import contextlib
+    import importlib.util
+    import io
+
+    from steerscope.cli import build_parser
+    from steerscope.errors import ArgError
+
+    bad, lines = [], []
+    for ln in re.sub(r"\\\n", " ", block.code).split("\n") + [""]:  # one command per line (a quote may span lines)
+        lines.append(ln)
+        try:
+            cmds = _commands("\n".join(lines))
+        except ValueError:  # an open quote: the command goes on on the next line
+            continue
+        lines = []
+        for cmd in cmds:
+            argv = _steerscope_argv(cmd)
+            if argv is not None:
+                err = io.StringIO()
+                try:
+                    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                        build_parser().parse_args(argv)
+                except ArgError as e:
+                    bad.append(f"{block.id}: `steerscope {' '.join(argv)}`: {e}")
+                except SystemExit as e:  # --help exits 0
+                    if e.code:
+                        bad.append(f"{block.id}: `steerscope {' '.join(argv)}`: {err.getvalue().strip()}")
+            elif cmd[:2] == ["python", "-m"] and cmd[2].startswith("steerscope"):
+                if importlib.util.find_spec(cmd[2]) is None:
+                    bad.append(f"{block.id}: no module {cmd[2]}")
+    return bad
+
+
+def _check_python(block: Block) -> list[str]:
+    """Compiles, and every ``ss.<name>`` / ``from steerscope... import <name>`` it uses exists."""
+    import ast
+    import importlib
+
+    tree = ast.parse(block.code, filename=block.id)  # a SyntaxError fails the test with its line
+    bad, ss = [], importlib.import_module("steerscope")
+    aliases = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+               if a.name == "steerscope"}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases \
+                and not hasattr(ss, n.attr):
+            bad.append(f"{block.id}: steerscope has no attribute {n.attr!r}")
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("steerscope"):
+            mod = importlib.import_module(n.module or "")
+            bad += [f"{block.id}: {n.module} has no {a.name!r}" for a in n.names
+                    if not hasattr(mod, a.name) and importlib.util.find_spec(f"{n.module}.{a.name}") is None]
+    return bad
+
+
+def test_examples_that_do_not_run_here_still_parse_and_name_what_exists():
+    """A skipped block is not unchecked: its ``steerscope`` commands parse with today's CLI (no removed flag such
+    as the old ``--trained-tokens``, no unknown preset) and its Python compiles and names existing API."""
+    checked = [b for b in EXAMPLES if not b.runs]
+    assert checked, "no skipped examples found (the check would be vacuous)"
+    bad = [msg for b in checked for msg in (_check_shell(b) if b.kind == "shell" else _check_python(b))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_skipped_block_check_can_fail(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("<!-- doc-test: skip (slow) -->\n```bash\nnice -n 5 steerscope study refusal \\\n"
+                    "  --trained-tokens 4   # gone\nsteerscope study reasoning --preset tiny && echo ok\n```\n"
+                    "<!-- doc-test: skip (slow) -->\n```python\nimport steerscope as ss\nss.no_such_fn()\n"
+                    "from steerscope import steering, nothing_here\n```\n")
+    shell, py = parse(page)
+    assert len(_check_shell(shell)) == 1 and "--trained-tokens" in _check_shell(shell)[0]
+    assert sorted(m.split(": ", 1)[1] for m in _check_python(py)) == [
+        "steerscope has no 'nothing_here'", "steerscope has no attribute 'no_such_fn'"]
