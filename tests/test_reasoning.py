@@ -57,16 +57,16 @@ def test_qkv_patching_and_persistence_against_known_answers(tiny_llama):
     g = torch.Generator().manual_seed(0)
     after_last = ss.SteeringVector({3: torch.randn(lm.d_model, generator=g)}, "mlp_out")
     rows = an.qkv_patching(lm, after_last, texts, comps)
-    assert all(abs(r["kl"]) < 1e-6 for r in rows)  # q/k/v of the last layer do not see this vector
+    assert all(abs(r.kl) < 1e-6 for r in rows)  # q/k/v of the last layer do not see this vector
     pen = ss.SteeringVector({2: 3 * torch.randn(lm.d_model, generator=g)}, "mlp_out")
     rows = an.qkv_patching(lm, pen, texts, comps)
     assert len(rows) == (lm.n_heads + 1) + 2 * (lm.n_kv_heads + 1)
-    assert max(r["kl"] for r in rows) > 1e-6
+    assert max(r.kl for r in rows) > 1e-6
     per = an.persistence(lm, pen, 2, texts, comps)
-    assert per[0]["layer"] == 2 and per[0]["cos_s"] == pytest.approx(1.0, abs=1e-4)  # Δh = s right after the MLP
-    assert per[0]["cos_mean"] == pytest.approx(1.0, abs=1e-4) and len(per) == 2
+    assert per[0].layer == 2 and per[0].cos_s == pytest.approx(1.0, abs=1e-4)  # Δh = s right after the MLP
+    assert per[0].cos_mean == pytest.approx(1.0, abs=1e-4) and len(per) == 2
     ft = an.first_token_delta(lm, pen, texts, k=3)
-    assert len(ft["up"]) == 3 and ft["up"][0][1] >= ft["up"][-1][1] and 0 <= ft["total_variation"] <= 1
+    assert len(ft.up) == 3 and ft.up[0][1] >= ft.up[-1][1] and 0 <= ft.total_variation <= 1
 
 
 def test_transfer_needs_same_depth_and_width(smol_tokenizer):
@@ -120,8 +120,57 @@ def test_study_command_runs_end_to_end_and_resumes(tiny_llama, tmp_path):
     assert summary["n_trainable"]["L3"] == tiny_llama.d_model
     assert (out / "ckpt" / "L3" / "state.json").is_file() and (out / "vectors" / "all.safetensors").is_file()
     assert ss.SteeringVector.load(out / "vectors" / "L3.safetensors").site == "mlp_out"
+    _check_records_round_trip(out)
+    assert list(summary) == ["accuracy", "mcnemar_p_vs_base", "paired_vs_base", "family", "n_trainable", "seconds"]
     assert main(args) == 0  # resume: every step cached
     assert "cached" in (out / "report.html").read_text()
     (out / "steps" / "pairs.json").unlink()
     assert main(args + ["--report-only"]) == 0  # rewrites the report, runs nothing
     assert not (out / "steps" / "pairs.json").exists() and "Layer pairs" not in (out / "report.html").read_text()
+
+
+def _step_record_class(name: str) -> type:
+    from steerscope.studies.reasoning import records as rc
+
+    fixed = {rc.DATA: rc.DataRecord, rc.LENS: rc.LensRecord, rc.FIRST_TOKEN: rc.FirstTokenRecord,
+             rc.PATCHING: rc.PatchingRecord, rc.PERSISTENCE: rc.PersistenceRecord, rc.PAIRS: rc.PairsRecord,
+             rc.CONTROL: rc.ControlRecord, rc.LORA: rc.LoraRecord, rc.SAE: rc.SaeRecord,
+             rc.GATE_VALUES: rc.GateValuesRecord}
+    if name in fixed:
+        return fixed[name]
+    prefixes = (("train_", rc.TrainRecord), ("eval_", rc.EvalRecord), ("transfer_", rc.EvalRecord),
+                ("prefix_", rc.PrefixEval))
+    return next(cls for p, cls in prefixes if name.startswith(p))
+
+
+def _check_records_round_trip(out):
+    """Every step's stored JSON is rebuilt by its record class, whose ``to_dict`` gives the same keys in the
+    same order and the same values (the run folders of the dict-based version read as before)."""
+    from steerscope.runs import Run
+
+    run = Run(out)
+    names = sorted(p.stem for p in (out / "steps").glob("*.json"))
+    assert {"data", "eval_base", "train_L2", "lens", "sae", "pairs", "gate_values", "prefix_L2"} <= set(names)
+    for name in names:
+        stored = {k: v for k, v in run.load(name).items() if not k.startswith("_")}
+        rec = run.load_record(name, _step_record_class(name))
+        assert json.dumps(rec.to_dict()) == json.dumps(stored), name
+        assert json.dumps(type(rec).from_dict(rec.to_dict()).to_dict()) == json.dumps(stored), name  # NaN-safe equality
+
+
+def test_a_step_record_round_trips_through_the_run_store(tmp_path):
+    from steerscope.runs import Run
+    from steerscope.studies.reasoning import records as rc
+
+    ev = an.EvalResult("L2", [1, 0, 1], [1, 0, 0, 1, 1, 0], ["a -> '1'"], k=2).summary()
+    assert rc.EvalRecord.from_dict(ev.to_dict()) == ev
+    keys = ["name", "greedy_acc", "greedy_ci", "sampled_acc", "sampled_ci", "sampled_ci_kind", "n", "k", "n_sampled",
+            "greedy", "sampled", "examples"]  # the keys (and their order) of the dict-based version
+    assert list(ev.to_dict()) == keys
+    with Run(tmp_path / "run") as run:
+        got = run.record(rc.eval_step("L2"), rc.EvalRecord, lambda: ev)
+        assert got == ev and run.load_record("eval_L2", rc.EvalRecord) == ev
+        stored = json.loads((tmp_path / "run" / "steps" / "eval_L2.json").read_text())
+        assert [k for k in stored if not k.startswith("_")] == keys
+    row = rc.PairRow([2, 3], ev, gain=0.5)
+    assert list(row.to_dict()) == ["pair", "eval", "gain"] and rc.PairRow.from_dict(row.to_dict()) == row

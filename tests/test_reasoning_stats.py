@@ -12,15 +12,16 @@ from steerscope import stats
 from steerscope.errors import SteerscopeError
 from steerscope.generation import RowSeededSampler, SeededSampler
 from steerscope.studies.reasoning import analyses as an
+from steerscope.studies.reasoning import records as rc
 from steerscope.studies.reasoning import transfer
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.reasoning.family import family
+from steerscope.studies.reasoning.records import EvalRecord
 from steerscope.studies.reasoning.task import MULTI_STEP, make_problems, split
 
 
 def _ev(g, sampled=(), k=0):
-    return {"greedy": list(g), "greedy_acc": sum(g) / len(g), "greedy_ci": (0, 1), "n": len(g),
-            "sampled": list(sampled), "k": k}
+    return EvalRecord("x", sum(g) / len(g), (0, 1), None, None, None, len(g), k, len(sampled), list(g), list(sampled), [])
 
 
 def test_row_seeded_sampler_draws_each_row_as_its_own_seeded_sampler():
@@ -40,10 +41,11 @@ def test_row_seeded_sampler_draws_each_row_as_its_own_seeded_sampler():
 def test_pass_at_1_is_the_mean_of_per_problem_means_with_a_cluster_interval():
     # 3 problems, k = 2, sample-major: sample 0 = [1, 0, 0], sample 1 = [1, 1, 0]
     ev = an.EvalResult("x", [1, 0, 0], [1, 0, 0, 1, 1, 0], [], k=2).summary()
-    assert an.per_problem(ev["sampled"], 3) == [1.0, 0.5, 0.0]
-    assert ev["sampled_acc"] == pytest.approx(0.5) and ev["k"] == 2
-    lo, hi = ev["sampled_ci"]
-    assert 0.0 <= lo <= 0.5 <= hi <= 1.0 and ev["sampled_ci_kind"].startswith("cluster bootstrap")
+    assert an.per_problem(ev.sampled, 3) == [1.0, 0.5, 0.0]
+    assert ev.sampled_acc == pytest.approx(0.5) and ev.k == 2
+    assert ev.sampled_ci is not None and ev.sampled_ci_kind is not None
+    lo, hi = ev.sampled_ci
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0 and ev.sampled_ci_kind.startswith("cluster bootstrap")
     with pytest.raises(Exception):
         an.per_problem([1, 0, 1, 1], 3)
 
@@ -57,16 +59,16 @@ def test_sampled_comparison_by_hand_and_wilcoxon_exact_tail():
     per = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]  # 0.25 .. 1.0 (one tie)
     steered = _ev([0] * n, [per[i][r] for r in range(k) for i in range(n)], k)
     c = an.sampled_comparison(base, steered)
-    assert c["diff"][0] == pytest.approx((0.25 + 0.5 + 0.75 + 1 + 1) / 5)
-    assert c["diff"][1] <= c["diff"][0] <= c["diff"][2] and c["better"] == 5 and c["worse"] == 0
+    assert c is not None and c.diff[0] == pytest.approx((0.25 + 0.5 + 0.75 + 1 + 1) / 5)
+    assert c.diff[1] <= c.diff[0] <= c.diff[2] and c.better == 5 and c.worse == 0
     from scipy.stats import wilcoxon
 
-    assert c["wilcoxon_p"] == pytest.approx(wilcoxon([0.25, 0.5, 0.75, 1, 1]).pvalue)
+    assert c.wilcoxon_p == pytest.approx(wilcoxon([0.25, 0.5, 0.75, 1, 1]).pvalue)
     # no ties: the exact two-sided tail of the signed-rank statistic, all 5 positive: 2 / 2^5
     per = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     steered = _ev([0] * n, [per[i][r] for r in range(5) for i in range(n)], 5)
-    assert an.sampled_comparison(_ev([0] * n, [0] * 25, 5), steered)["wilcoxon_p"] == pytest.approx(2 / 32)
-    assert an.sampled_comparison(base, base)["wilcoxon_p"] == 1.0
+    assert an.sampled_comparison(_ev([0] * n, [0] * 25, 5), steered).wilcoxon_p == pytest.approx(2 / 32)
+    assert an.sampled_comparison(base, base).wilcoxon_p == 1.0
     assert an.sampled_comparison(base, _ev([0] * n))is None  # greedy only: no sampled comparison
 
 
@@ -74,38 +76,40 @@ def test_changed_answers_count_both_directions_and_use_exact_mcnemar():
     before = [0] * 14 + [1] * 4 + [1] * 5 + [0] * 2
     after = [1] * 14 + [0] * 4 + [1] * 5 + [0] * 2
     c = an.changed_answers(before, after)
-    assert (c["wrong_to_right"], c["right_to_wrong"], c["net"], c["n"]) == (14, 4, 10, 25)
-    assert c["mcnemar_p"] == pytest.approx(2 * sum(__import__("math").comb(18, i) for i in range(5)) / 2**18)
+    assert (c.wrong_to_right, c.right_to_wrong, c.net, c.n) == (14, 4, 10, 25)
+    assert c.mcnemar_p == pytest.approx(2 * sum(__import__("math").comb(18, i) for i in range(5)) / 2**18)
 
 
 def test_prefix_summary_compares_the_prefix_with_its_own_vector():
     base, vec, pre = _ev([0, 0, 1, 1, 0]), _ev([1, 1, 1, 0, 0]), _ev([1, 0, 0, 1, 1])
     s = an.prefix_summary("To", 28, base, vec, pre)
-    assert s["layer"] == 28 and s["token"] == "To"
-    assert s["gain_vector"] == pytest.approx(0.2) and s["gain_prefix"] == pytest.approx(0.2)
-    assert s["ratio"] == pytest.approx(1.0)
-    assert (s["prefix_vs_base"]["wrong_to_right"], s["prefix_vs_base"]["right_to_wrong"]) == (2, 1)
-    assert (s["vector_vs_base"]["wrong_to_right"], s["vector_vs_base"]["right_to_wrong"]) == (2, 1)
-    assert (s["prefix_vs_vector"]["wrong_to_right"], s["prefix_vs_vector"]["right_to_wrong"]) == (2, 2)
+    assert s.layer == 28 and s.token == "To"
+    assert s.gain_vector == pytest.approx(0.2) and s.gain_prefix == pytest.approx(0.2)
+    assert s.ratio == pytest.approx(1.0)
+    assert (s.prefix_vs_base.wrong_to_right, s.prefix_vs_base.right_to_wrong) == (2, 1)
+    assert (s.vector_vs_base.wrong_to_right, s.vector_vs_base.right_to_wrong) == (2, 1)
+    assert (s.prefix_vs_vector.wrong_to_right, s.prefix_vs_vector.right_to_wrong) == (2, 2)
 
 
 def test_family_holm_corrects_every_paired_comparison_of_a_run():
     base = _ev([0] * 20)
     evals = {"base": base, "L28": _ev([1] * 6 + [0] * 14), "random L28": _ev([0] * 20)}
-    res = {"prefix": {"rows": [an.prefix_summary("8", 28, base, evals["L28"], _ev([1] * 2 + [0] * 18))]},
-           "gate": {"vs_plain": {"diff": (0.1, 0, 0), "mcnemar_p": 0.2}, "vs_base": {"diff": (0.3, 0, 0), "mcnemar_p": 0.01}}}
+    gate = rc.GateSummary(28, 0, 0.0, 0.0, 0.0, rc.Accuracy(0.0, (0, 1), 20), rc.Comparison((0.1, 0, 0), 0.2),
+                          rc.Comparison((0.3, 0, 0), 0.01), {}, 0, [])
+    res = rc.Findings(prefix=rc.PrefixRecord([an.prefix_summary("8", 28, base, evals["L28"], _ev([1] * 2 + [0] * 18))]),
+                      gate=gate)
     fam = family(evals, res)
-    names = [r["name"] for r in fam["rows"]]
+    names = [r.name for r in fam.rows]
     assert names == ["L28 vs base (greedy)", "random L28 vs base (greedy)", "prefix '8' vs L28 vector (greedy)",
                      "gated vector vs_plain (greedy)", "gated vector vs_base (greedy)"]
-    ps = [r["p"] for r in fam["rows"]]
+    ps = [r.p for r in fam.rows]
     assert ps[0] == pytest.approx(2 / 2**6) and ps[1] == 1.0 and ps[2] == pytest.approx(2 / 2**4)
-    assert [r["p_holm"] for r in fam["rows"]] == pytest.approx(stats.holm(ps))
+    assert [r.p_holm for r in fam.rows] == pytest.approx(stats.holm(ps))
     # by hand: sorted 0.01, 0.03125, 0.125, 0.2, 1 -> x5, x4, x3, x2, x1 = 0.05, 0.125, 0.375, 0.4, 1
-    assert fam["rows"][4]["p_holm"] == pytest.approx(0.05) and fam["rows"][4]["verdict"] == "no significant difference"
-    assert fam["rows"][0]["p_holm"] == pytest.approx(0.125) and fam["rows"][2]["p_holm"] == pytest.approx(0.375)
-    assert fam["m"] == 5
-    assert family(evals, res, alpha=0.2)["rows"][0]["verdict"] == "difference"
+    assert fam.rows[4].p_holm == pytest.approx(0.05) and fam.rows[4].verdict == "no significant difference"
+    assert fam.rows[0].p_holm == pytest.approx(0.125) and fam.rows[2].p_holm == pytest.approx(0.375)
+    assert fam.m == 5
+    assert family(evals, res, alpha=0.2).rows[0].verdict == "difference"
 
 
 def test_transfer_names_the_lora_fine_tune():

@@ -91,7 +91,7 @@ def test_reasoning_evaluation_runs_on_vllm_where_the_engine_can_steer(tiny_llama
     cfg = preset("tiny", n_test=3, eval_samples=1, backend="vllm")
     _, test = rst.problems(cfg)
     ev = rst.evaluate(lm, test, cfg, "base")
-    assert ev["n"] == 3 and ev["n_sampled"] == 3 and not hf_calls
+    assert ev.n == 3 and ev.n_sampled == 3 and not hf_calls
     greedy, sampled = vllm_calls
     assert greedy["texts"] == [lm.format_chat(p.prompt, cfg.system) for p in test] and greedy["templated"]
     assert (greedy["vector"], greedy["alpha"], greedy["positions"], greedy["do_sample"]) == (None, 1.0, "all", False)

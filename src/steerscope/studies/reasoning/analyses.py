@@ -24,6 +24,15 @@ from steerscope.hooks import attached
 from steerscope.models.load import LM
 from steerscope.stats import cluster_bootstrap, mcnemar_exact, mean_ci, wilson
 from steerscope.steer import recording, steering
+from steerscope.studies.reasoning.records import (
+    Changed,
+    EvalRecord,
+    FirstTokenRecord,
+    PatchRow,
+    PersistenceRow,
+    PrefixRow,
+    SampledComparison,
+)
 from steerscope.vector import Provenance, SteeringVector
 
 
@@ -53,7 +62,7 @@ def _completion_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
     return lp, tok, mask[:, 1:]
 
 
-def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int = 10) -> dict[str, Any]:
+def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int = 10) -> FirstTokenRecord:
     """Mean change of next-token probabilities at the first generated position; top k up and down."""
     enc = lm.tokenize(list(texts), padding_side="left")
     with torch.no_grad():
@@ -63,14 +72,14 @@ def first_token_delta(lm: LM, vec: SteeringVector, texts: Sequence[str], k: int 
     d = (p1 - p0).mean(0)
     up, down = d.topk(k), (-d).topk(k)
     dec = lm.tokenizer.decode
-    return {"up": [[dec([i]), float(v), float(p0[:, i].mean()), float(p1[:, i].mean())]
-                   for v, i in zip(up.values.tolist(), up.indices.tolist())],
-            "down": [[dec([i]), -float(v), float(p0[:, i].mean()), float(p1[:, i].mean())]
-                     for v, i in zip(down.values.tolist(), down.indices.tolist())],
-            "total_variation": float(0.5 * (p1 - p0).abs().sum(-1).mean())}
+    return FirstTokenRecord([(dec([i]), float(v), float(p0[:, i].mean()), float(p1[:, i].mean()))
+                             for v, i in zip(up.values.tolist(), up.indices.tolist())],
+                            [(dec([i]), -float(v), float(p0[:, i].mean()), float(p1[:, i].mean()))
+                             for v, i in zip(down.values.tolist(), down.indices.tolist())],
+                            float(0.5 * (p1 - p0).abs().sum(-1).mean()))
 
 
-def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions: Sequence[str]) -> list[dict[str, Any]]:
+def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions: Sequence[str]) -> list[PatchRow]:
     """Per-head q/k/v path patching of ``vec`` (applied at all positions) in the last layer.
 
     Returns one record per (which, head) and per (which, "all"): KL(steered ‖ patched) averaged over
@@ -90,7 +99,7 @@ def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions:
     lp_s, tok_s, _ = _completion_stats(steer, ids, mask)
     mf = m.float()
     lpb, lps = float((tok_b * mf).sum(1).mean()), float((tok_s * mf).sum(1).mean())
-    out = []
+    out: list[PatchRow] = []
     for w in "qkv":
         clean = base_cache[f"blocks.{L}.attn.{w}"]
         n = clean.shape[2]
@@ -108,12 +117,12 @@ def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions:
             kl = (lp_s.exp() * (lp_s - lp_p)).sum(-1)
             lpp = float((tok_p * mf).sum(1).mean())
             eff = (lps - lpp) / (lps - lpb) if abs(lps - lpb) > 1e-9 else float("nan")
-            out.append({"which": w, "head": h, "kl": float((kl * mf).sum() / mf.sum()), "logprob": lpp,
-                        "effect_removed": eff, "logprob_base": lpb, "logprob_steered": lps})
+            out.append(PatchRow(w, h, float((kl * mf).sum() / mf.sum()), lpp, eff, lpb, lps))
     return out
 
 
-def persistence(lm: LM, vec: SteeringVector, layer: int, texts: Sequence[str], completions: Sequence[str]) -> list[dict[str, Any]]:
+def persistence(lm: LM, vec: SteeringVector, layer: int, texts: Sequence[str], completions: Sequence[str]
+                ) -> list[PersistenceRow]:
     """Per later layer m ≥ layer: mean_t cos(Δh_t, mean Δh) and mean_t cos(Δh_t, s) at resid_post m."""
     enc, _ = _batch(lm, texts, completions)
     real = enc["attention_mask"].bool()
@@ -131,8 +140,7 @@ def persistence(lm: LM, vec: SteeringVector, layer: int, texts: Sequence[str], c
         mean = dh.mean(0)
         cm = torch.nn.functional.cosine_similarity(dh, mean[None], dim=-1)
         cs = torch.nn.functional.cosine_similarity(dh, s[None].float(), dim=-1)
-        out.append({"layer": m, "cos_mean": float(cm.mean()), "cos_s": float(cs.mean()),
-                    "norm": float(dh.norm(dim=-1).mean())})
+        out.append(PersistenceRow(m, float(cm.mean()), float(cs.mean()), float(dh.norm(dim=-1).mean())))
     return out
 
 
@@ -160,7 +168,7 @@ def per_problem(sampled: Sequence[int], n: int) -> list[float]:
     return [sum(sampled[r * n + i] for r in range(k)) / k for i in range(n)]
 
 
-def sampled_comparison(base: dict[str, Any], ev: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+def sampled_comparison(base: EvalRecord, ev: EvalRecord, n_boot: int = 2000, seed: int = 0) -> SampledComparison | None:
     """Paired comparison of pass@1 (per-problem mean over the samples) of ``ev`` against ``base``.
 
     Returns the mean difference with a paired percentile bootstrap interval over problems (resampling
@@ -171,38 +179,33 @@ def sampled_comparison(base: dict[str, Any], ev: dict[str, Any], n_boot: int = 2
     import numpy as np
     from scipy.stats import wilcoxon
 
-    a, b = per_problem(base.get("sampled", []), base["n"]), per_problem(ev.get("sampled", []), ev["n"])
+    a, b = per_problem(base.sampled, base.n), per_problem(ev.sampled, ev.n)
     if not a or not b or len(a) != len(b):
         return None
     d = np.asarray(b) - np.asarray(a)
     lo, hi = cluster_bootstrap(lambda idx: float(d[idx].mean()), len(d), n_boot, seed=seed)
     p = float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
-    return {"diff": [float(d.mean()), lo, hi], "wilcoxon_p": p, "n": len(d),
-            "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
+    return SampledComparison((float(d.mean()), lo, hi), p, len(d), int((d > 0).sum()), int((d < 0).sum()))
 
 
-def changed_answers(before: Sequence[int], after: Sequence[int]) -> dict[str, Any]:
+def changed_answers(before: Sequence[int], after: Sequence[int]) -> Changed:
     """Paired 0/1 outcomes: wrong→right and right→wrong counts, the net change and the exact McNemar p."""
     up = sum(1 for a, b in zip(before, after) if a == 0 and b == 1)
     down = sum(1 for a, b in zip(before, after) if a == 1 and b == 0)
-    return {"wrong_to_right": up, "right_to_wrong": down, "net": up - down, "n": len(before),
-            "mcnemar_p": mcnemar_exact(up, down)}
+    return Changed(up, down, up - down, len(before), mcnemar_exact(up, down))
 
 
-def prefix_summary(token: str, layer: int, base: dict[str, Any], vec: dict[str, Any], prefix: dict[str, Any]) -> dict[str, Any]:
+def prefix_summary(token: str, layer: int, base: EvalRecord, vec: EvalRecord, prefix: EvalRecord) -> PrefixRow:
     """The prefix control of the layer-``layer`` vector: its own top lens ``token`` written at the start of
     the response (no steering) against that same vector's gain, with changed answers in both directions.
 
     ``ratio`` = gain of the prefix / gain of the vector (greedy; NaN when the vector's gain is 0).
     """
-    gv = vec["greedy_acc"] - base["greedy_acc"]
-    gp = prefix["greedy_acc"] - base["greedy_acc"]
-    return {"token": token, "layer": layer, "gain_vector": gv, "gain_prefix": gp,
-            "ratio": gp / gv if gv else float("nan"),
-            "vector_vs_base": changed_answers(base["greedy"], vec["greedy"]),
-            "prefix_vs_base": changed_answers(base["greedy"], prefix["greedy"]),
-            "prefix_vs_vector": changed_answers(vec["greedy"], prefix["greedy"]),
-            "sampled_prefix_vs_base": sampled_comparison(base, prefix)}
+    gv = vec.greedy_acc - base.greedy_acc
+    gp = prefix.greedy_acc - base.greedy_acc
+    return PrefixRow(token, layer, gv, gp, gp / gv if gv else float("nan"), changed_answers(base.greedy, vec.greedy),
+                     changed_answers(base.greedy, prefix.greedy), changed_answers(vec.greedy, prefix.greedy),
+                     sampled_comparison(base, prefix))
 
 
 @dataclass
@@ -219,12 +222,10 @@ class EvalResult:
     examples: list[str]
     k: int = 1
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> EvalRecord:
         g, s, n = self.greedy, self.sampled, len(self.greedy)
         pp = per_problem(s, n)
         ci = mean_ci(pp, seed=0)[1:] if pp else None
-        return {"name": self.name, "greedy_acc": sum(g) / max(1, n), "greedy_ci": wilson(sum(g), n),
-                "sampled_acc": sum(s) / len(s) if s else None, "sampled_ci": ci,
-                "sampled_ci_kind": "cluster bootstrap over problems" if pp else None,
-                "n": n, "k": self.k if s else 0, "n_sampled": len(s),
-                "greedy": g, "sampled": s, "examples": self.examples[:6]}
+        return EvalRecord(self.name, sum(g) / max(1, n), wilson(sum(g), n), sum(s) / len(s) if s else None, ci,
+                          "cluster bootstrap over problems" if pp else None, n, self.k if s else 0, len(s), g, s,
+                          self.examples[:6])

@@ -12,7 +12,6 @@ the default system prompt, newlines).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -21,8 +20,19 @@ from steerscope.analyses.trainable import SteeringBias
 from steerscope.models.load import LM
 from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
+from steerscope.studies.reasoning import records as rc
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
+from steerscope.studies.reasoning.records import (
+    Accuracy,
+    Comparison,
+    EvalRecord,
+    GateMass,
+    GateRow,
+    GateSummary,
+    GateValuesRecord,
+    TrainRecord,
+)
 from steerscope.studies.reasoning.task import INSTRUCTION, Problem
 
 CATEGORIES = ("number", "question", "instruction", "template")
@@ -48,7 +58,7 @@ def token_category(text: str, start: int, end: int, question: tuple[int, int], i
     return "template"
 
 
-def gate_values(lm: LM, bias: SteeringBias, texts: list[str], problems: list[Problem]) -> list[dict[str, Any]]:
+def gate_values(lm: LM, bias: SteeringBias, texts: list[str], problems: list[Problem]) -> list[GateRow]:
     """Per prompt: tokens, their category and g_t (teacher-forced on the prompt alone)."""
     layer = bias.layers[0]
     out = []
@@ -65,47 +75,45 @@ def gate_values(lm: LM, bias: SteeringBias, texts: list[str], problems: list[Pro
         q, i = (qs, qs + len(p.question)), (ins, ins + len(INSTRUCTION))
         toks = [text[a:b] for a, b in offs]
         cats = [token_category(text, a, b, q, i) for a, b in offs]
-        out.append({"tokens": toks, "categories": cats, "gate": [round(float(x), 4) for x in g.tolist()]})
+        out.append(GateRow(toks, cats, [round(float(x), 4) for x in g.tolist()]))
     return out
 
 
-def gate_mass(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def gate_mass(rows: list[GateRow]) -> dict[str, GateMass]:
     """Per category: token share, share of the gate mass Σg, mean g, and mean |g - 1|."""
     n: dict[str, int] = defaultdict(int)
     mass: dict[str, float] = defaultdict(float)
     dev: dict[str, float] = defaultdict(float)
     for r in rows:
-        for c, g in zip(r["categories"], r["gate"]):
+        for c, g in zip(r.categories, r.gate):
             n[c] += 1
             mass[c] += g
             dev[c] += abs(g - 1.0)
     tn, tm = sum(n.values()), sum(mass.values())
-    return {c: {"tokens": n[c], "token_share": n[c] / tn, "mass_share": mass[c] / tm, "mean_gate": mass[c] / n[c],
-                "mean_abs_dev": dev[c] / n[c]} for c in CATEGORIES if n[c]}
+    return {c: GateMass(n[c], n[c] / tn, mass[c] / tm, mass[c] / n[c], dev[c] / n[c]) for c in CATEGORIES if n[c]}
 
 
-def gate_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list[Any], base_eval: dict[str, Any],
-              plain_eval: dict[str, Any]) -> dict[str, Any] | None:
-    """Resumable steps ``train_L<l>_gated``, ``eval_L<l>_gated``, ``gate_values``; returns the summary."""
-    name = f"L{layer}_gated"
-    t = run.step(f"train_{name}", lambda: st.train_vector(run, lm, cfg, name, [layer], gate=True))
+def gate_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list[Problem], base_eval: EvalRecord,
+              plain_eval: EvalRecord) -> GateSummary | None:
+    """Resumable steps ``train_L<l>_gated``, ``eval_L<l>_gated``, ``gate_values``; returns the summary.
+
+    Example:
+        >>> gate_runs(run, lm, cfg, 28, test, evals["base"], evals["L28"]).vs_plain.mcnemar_p
+    """
+    name = rc.gated_name(layer)
+    t = run.record(rc.train_step(name), TrainRecord, lambda: st.train_vector(run, lm, cfg, name, [layer], gate=True))
     if t is None:  # --report-only and not trained yet
         return None
     bias = load_gated(run, lm, name, layer)
-    ev = run.step(f"eval_{name}", lambda: st.evaluate(lm, test, cfg, name, bias.active, samples=0))
+    ev = run.record(rc.eval_step(name), EvalRecord, lambda: st.evaluate(lm, test, cfg, name, bias.active, samples=0))
     probs = test[: cfg.n_analysis]
     texts = [lm.format_chat(p.prompt, cfg.system) for p in probs]
-    vals = run.step("gate_values", lambda: {"rows": gate_values(lm, bias, texts, probs)})
+    vals = run.record(rc.GATE_VALUES, GateValuesRecord, lambda: GateValuesRecord(gate_values(lm, bias, texts, probs)))
     if ev is None or vals is None:
         return None
-    summary: dict[str, Any] = {
-        "layer": layer, "n_trainable": t["n_trainable"], "norm": float(bias.s[str(layer)].detach().norm()),
-        "gate_b": float(bias.b[str(layer)].detach()), "gate_w_norm": float(bias.w[str(layer)].detach().norm()),
-        "eval": {k: ev[k] for k in ("greedy_acc", "greedy_ci", "n")},
-        "vs_plain": {"diff": paired_diff(plain_eval["greedy"], ev["greedy"]),
-                     "mcnemar_p": mcnemar_p(plain_eval["greedy"], ev["greedy"])},
-        "vs_base": {"diff": paired_diff(base_eval["greedy"], ev["greedy"]),
-                    "mcnemar_p": mcnemar_p(base_eval["greedy"], ev["greedy"])},
-        "mass": gate_mass(vals["rows"]), "n_prompts": len(vals["rows"]), "heatmap": vals["rows"][:8],
-    }
-    return summary
+    return GateSummary(
+        layer, t.n_trainable, float(bias.s[str(layer)].detach().norm()), float(bias.b[str(layer)].detach()),
+        float(bias.w[str(layer)].detach().norm()), Accuracy.of(ev),
+        Comparison(paired_diff(plain_eval.greedy, ev.greedy), mcnemar_p(plain_eval.greedy, ev.greedy)),
+        Comparison(paired_diff(base_eval.greedy, ev.greedy), mcnemar_p(base_eval.greedy, ev.greedy)),
+        gate_mass(vals.rows), len(vals.rows), vals.rows[:8])

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -28,34 +28,58 @@ from steerscope.steer import recording, steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
+from steerscope.studies.reasoning.records import (
+    Alignment,
+    Correctness,
+    Generation,
+    MaxActivating,
+    MaxToken,
+    SaeExample,
+    SaeFit,
+    SaeRecord,
+)
 from steerscope.vector import SteeringVector
 
 N_PERM = 200
 
 
-def generations(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> list[dict[str, Any]]:
+def generations(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> list[Generation]:
     """Sampled completions of the train prompts, unsteered and steered, with correctness labels."""
     train, _ = st.problems(cfg)
     texts = [lm.format_chat(p.prompt, cfg.system) for p in train]
-    out = []
+    out: list[Generation] = []
     for cond in ("base", "steered"):
         steer = None if cond == "base" else vec
         for r in range(cfg.sae_samples):
             seed = cfg.seed + 31337 * (r + 1) + (cond == "steered")
             comps = st._generate(lm, texts, steer, cfg.max_new_tokens, True, seed, backend=cfg.backend)
-            out += [{"prompt": i, "text": t, "completion": c if c else " ", "steered": cond == "steered",
-                     "correct": int(is_correct(c, p.answer))} for i, (t, c, p) in enumerate(zip(texts, comps, train))]
+            out += [Generation(i, t, c if c else " ", cond == "steered", int(is_correct(c, p.answer)))
+                    for i, (t, c, p) in enumerate(zip(texts, comps, train))]
     return out
 
 
-def activations(lm: LM, gens: list[dict[str, Any]], vec: SteeringVector, layer: int, batch: int = 50) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Activations:
+    """Token rows of the SAE (``x``) and DiffSAE (``diff``) inputs with each row's generation index, position in
+    it, completion flag and token id; ``diff_layer`` is where the differences are read."""
+
+    x: torch.Tensor
+    diff: torch.Tensor
+    gen: torch.Tensor
+    completion: torch.Tensor
+    ids: torch.Tensor
+    pos: torch.Tensor
+    diff_layer: int
+
+
+def activations(lm: LM, gens: list[Generation], vec: SteeringVector, layer: int, batch: int = 50) -> Activations:
     """Token rows of the SAE and DiffSAE inputs with their generation index, position and completion flag."""
     dl = min(layer + 1, lm.n_layers - 1)
     sa, sd = f"blocks.{layer}.resid_post", f"blocks.{dl}.resid_post"
     xs, ds, gi, comp, ids, pos = [], [], [], [], [], []
     for s in range(0, len(gens), batch):
         chunk = gens[s : s + batch]
-        enc, mask = an._batch(lm, [g["text"] for g in chunk], [g["completion"] for g in chunk])
+        enc, mask = an._batch(lm, [g.text for g in chunk], [g.completion for g in chunk])
         with torch.no_grad():
             with recording(lm, [sa, sd]) as c0:
                 lm.model(**enc)
@@ -64,7 +88,7 @@ def activations(lm: LM, gens: list[dict[str, Any]], vec: SteeringVector, layer: 
         real = enc["attention_mask"].bool().clone()
         first = real.float().argmax(1)
         real[torch.arange(real.shape[0]), first] = False
-        steered = torch.tensor([g["steered"] for g in chunk], device=real.device)[:, None, None]
+        steered = torch.tensor([g.steered for g in chunk], device=real.device)[:, None, None]
         x = torch.where(steered, c1[sa], c0[sa]).float()
         xs.append(x[real].cpu())
         ds.append((c1[sd] - c0[sd]).float()[real].cpu())
@@ -73,8 +97,7 @@ def activations(lm: LM, gens: list[dict[str, Any]], vec: SteeringVector, layer: 
         pos.append(t.cpu())
         comp.append(mask[real].cpu())
         ids.append(enc["input_ids"][real].cpu())
-    return {"x": torch.cat(xs), "diff": torch.cat(ds), "gen": torch.cat(gi), "completion": torch.cat(comp),
-            "ids": torch.cat(ids), "pos": torch.cat(pos), "diff_layer": dl}
+    return Activations(torch.cat(xs), torch.cat(ds), torch.cat(gi), torch.cat(comp), torch.cat(ids), torch.cat(pos), dl)
 
 
 def per_generation(sae: TopKSAE, x: torch.Tensor, gen: torch.Tensor, comp: torch.Tensor, n: int) -> torch.Tensor:
@@ -99,10 +122,10 @@ def _orient(a_tr: float, a_te: float) -> float:
     return a_te if a_tr >= 0.5 else 1.0 - a_te
 
 
-def correctness(f: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, seed: int) -> dict[str, Any]:
+def correctness(f: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, seed: int) -> Correctness:
     """Held-out AUROC of the features selected on the training half, with a permutation baseline."""
     if len(set(y[tr].tolist())) < 2 or len(set(y[~tr].tolist())) < 2:
-        return {"note": "one class only in a split; no AUROC"}
+        return Correctness(note="one class only in a split; no AUROC")
     top, a_tr, a_te = select_and_test(f, y, tr)
     obs = _orient(a_tr[0], a_te[0])
     g = torch.Generator().manual_seed(seed * 1_000_003 + 171_717)
@@ -114,13 +137,12 @@ def correctness(f: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, seed: int) -
         _, ptr, pte = select_and_test(f, yp, tr, k=1)
         null.append(_orient(ptr[0], pte[0]))
     nt = torch.tensor(null)
-    return {"features": top, "auroc_train": a_tr, "auroc_heldout": a_te, "best_heldout_oriented": obs,
-            "null_mean": float(nt.mean()), "null_q95": float(nt.quantile(0.95)), "n_perm": len(null),
-            "p_perm": (1 + int((nt >= obs).sum())) / (1 + len(null)),
-            "n_train": int(tr.sum()), "n_heldout": int((~tr).sum()), "pos_rate": float(y.float().mean())}
+    return Correctness(top, a_tr, a_te, obs, float(nt.mean()), float(nt.quantile(0.95)), len(null),
+                       (1 + int((nt >= obs).sum())) / (1 + len(null)), int(tr.sum()), int((~tr).sum()),
+                       float(y.float().mean()))
 
 
-def alignment(sae: TopKSAE, s: torch.Tensor, seed: int) -> dict[str, Any]:
+def alignment(sae: TopKSAE, s: torch.Tensor, seed: int) -> Alignment:
     """max_j |cos(W_dec[j], s)| and its feature, against 200 random Gaussian directions."""
     w = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
     c = w @ (s.float() / s.float().norm())
@@ -129,13 +151,12 @@ def alignment(sae: TopKSAE, s: torch.Tensor, seed: int) -> dict[str, Any]:
     r = torch.nn.functional.normalize(torch.randn(N_PERM, w.shape[1], generator=g), dim=-1)
     rand = (r @ w.T).abs().max(1).values
     top = c.abs().topk(5).indices.tolist()
-    return {"max_abs_cos": float(c.abs()[j]), "feature": j, "sign": float(torch.sign(c[j])),
-            "top": [[i, float(c[i])] for i in top], "random_mean": float(rand.mean()),
-            "random_q95": float(rand.quantile(0.95)), "random_max": float(rand.max())}
+    return Alignment(float(c.abs()[j]), j, float(torch.sign(c[j])), [(i, float(c[i])) for i in top],
+                     float(rand.mean()), float(rand.quantile(0.95)), float(rand.max()))
 
 
-def max_activating(lm: LM, sae: TopKSAE, x: torch.Tensor, acts: dict[str, Any], features: list[int], n: int = 5,
-                   context: int = 8) -> list[dict[str, Any]]:
+def max_activating(lm: LM, sae: TopKSAE, x: torch.Tensor, acts: Activations, features: list[int], n: int = 5,
+                   context: int = 8) -> list[MaxActivating]:
     """For each feature, the ``n`` tokens with the largest code, each with ``context`` tokens before it."""
     with torch.no_grad():
         pre = torch.cat([sae.encode(x[i : i + 4096])[:, features] for i in range(0, x.shape[0], 4096)])
@@ -145,49 +166,45 @@ def max_activating(lm: LM, sae: TopKSAE, x: torch.Tensor, acts: dict[str, Any], 
         vals, rows = pre[:, col].topk(min(n, pre.shape[0]))
         items = []
         for v, r in zip(vals.tolist(), rows.tolist()):
-            same = (acts["gen"] == acts["gen"][r]) & (acts["pos"] <= acts["pos"][r]) & (acts["pos"] > acts["pos"][r] - context - 1)
-            ctx_ids = acts["ids"][same].tolist()
-            items.append({"value": round(v, 4), "token": dec([int(acts["ids"][r])]), "context": dec(ctx_ids[:-1]),
-                          "in_completion": bool(acts["completion"][r])})
-        out.append({"feature": j, "top": items})
+            same = (acts.gen == acts.gen[r]) & (acts.pos <= acts.pos[r]) & (acts.pos > acts.pos[r] - context - 1)
+            ctx_ids = acts.ids[same].tolist()
+            items.append(MaxToken(round(v, 4), dec([int(acts.ids[r])]), dec(ctx_ids[:-1]), bool(acts.completion[r])))
+        out.append(MaxActivating(j, items))
     return out
 
 
-def _fit_and_report(lm: LM, x: torch.Tensor, acts: dict[str, Any], gens: list[dict[str, Any]], tr_tok: torch.Tensor,
-                    tr_gen: torch.Tensor, s: torch.Tensor, cfg: ReasoningConfig, rows: torch.Tensor | None) -> dict[str, Any]:
+def _fit_and_report(lm: LM, x: torch.Tensor, acts: Activations, gens: list[Generation], tr_tok: torch.Tensor,
+                    tr_gen: torch.Tensor, s: torch.Tensor, cfg: ReasoningConfig, rows: torch.Tensor | None) -> SaeFit:
     """Train one SAE on the training tokens; FVE/L0 held out; correctness, alignment, max-activating."""
     keep = torch.ones(len(gens), dtype=torch.bool) if rows is None else rows
     fit = train_sae(x[tr_tok], SAEConfig(width=cfg.sae_width, k=cfg.sae_k, steps=1000, batch_size=256, lr=1e-3,
                                          seed=cfg.seed))
     fve, l0, dead = sae_metrics(fit.sae, x[~tr_tok])
-    f = per_generation(fit.sae, x, acts["gen"], acts["completion"], len(gens))
-    y = torch.tensor([g["correct"] for g in gens])
+    f = per_generation(fit.sae, x, acts.gen, acts.completion, len(gens))
+    y = torch.tensor([g.correct for g in gens])
     cor = correctness(f[keep], y[keep], tr_gen[keep], cfg.seed)
     al = alignment(fit.sae, s, cfg.seed)
-    feats = (cor.get("features", [])[:3]) + [al["feature"]]
-    return {"fve_train": fit.fve, "l0_train": fit.l0, "fve_heldout": fve, "l0_heldout": l0, "dead_fraction": dead,
-            "n_tokens_train": int(tr_tok.sum()), "n_tokens_heldout": int((~tr_tok).sum()),
-            "width": cfg.sae_width, "k": cfg.sae_k, "correctness": cor, "alignment": al,
-            "max_activating": max_activating(lm, fit.sae, x, acts, list(dict.fromkeys(feats)))}
+    feats = (cor.features or [])[:3] + [al.feature]
+    return SaeFit(fit.fve, fit.l0, fve, l0, dead, int(tr_tok.sum()), int((~tr_tok).sum()), cfg.sae_width, cfg.sae_k,
+                  cor, al, max_activating(lm, fit.sae, x, acts, list(dict.fromkeys(feats))))
 
 
-def sae_runs(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int) -> dict[str, Any]:
+def sae_runs(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int) -> SaeRecord:
     """The whole SAE / DiffSAE analysis as one record (the ``sae`` step)."""
     gens = generations(lm, cfg, vec)
     acts = activations(lm, gens, vec, layer)
-    n_prompts = max(g["prompt"] for g in gens) + 1
+    n_prompts = max(g.prompt for g in gens) + 1
     g = torch.Generator().manual_seed(cfg.seed)
     train_prompts = torch.zeros(n_prompts, dtype=torch.bool)
     train_prompts[torch.randperm(n_prompts, generator=g)[: n_prompts // 2]] = True
-    tr_gen = train_prompts[torch.tensor([x["prompt"] for x in gens])]
-    tr_tok = tr_gen[acts["gen"]]
+    tr_gen = train_prompts[torch.tensor([x.prompt for x in gens])]
+    tr_tok = tr_gen[acts.gen]
     s = vec[layer].float()
-    plain = _fit_and_report(lm, acts["x"], acts, gens, tr_tok, tr_gen, s, cfg, None)
-    diff = _fit_and_report(lm, acts["diff"], acts, gens, tr_tok, tr_gen, s, cfg, None)
-    steered = torch.tensor([x["steered"] for x in gens])
-    acc = {c: float(torch.tensor([x["correct"] for x in gens if x["steered"] == (c == "steered")]).float().mean())
+    plain = _fit_and_report(lm, acts.x, acts, gens, tr_tok, tr_gen, s, cfg, None)
+    diff = _fit_and_report(lm, acts.diff, acts, gens, tr_tok, tr_gen, s, cfg, None)
+    steered = torch.tensor([x.steered for x in gens])
+    acc = {c: float(torch.tensor([x.correct for x in gens if x.steered == (c == "steered")]).float().mean())
            for c in ("base", "steered")}
-    return {"layer": layer, "diff_layer": acts["diff_layer"], "n_generations": len(gens), "n_prompts": n_prompts,
-            "n_steered": int(steered.sum()), "sampled_acc": acc, "sae": plain, "diffsae": diff,
-            "diff_mean_cos_s": float(torch.nn.functional.cosine_similarity(acts["diff"].mean(0), s, dim=0)),
-            "examples": [{k: x[k] for k in ("completion", "steered", "correct")} for x in gens[:: max(1, len(gens) // 8)]]}
+    return SaeRecord(layer, acts.diff_layer, len(gens), n_prompts, int(steered.sum()), acc, plain, diff,
+                     float(torch.nn.functional.cosine_similarity(acts.diff.mean(0), s, dim=0)),
+                     [SaeExample(x.completion, x.steered, x.correct) for x in gens[:: max(1, len(gens) // 8)]])

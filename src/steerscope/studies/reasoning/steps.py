@@ -1,8 +1,9 @@
-"""The resumable steps of the reasoning study; each returns a JSON-serialisable record."""
+"""The resumable steps of the reasoning study; each returns a typed record (:mod:`.records`)."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 from itertools import combinations
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -13,6 +14,7 @@ from steerscope.analyses.trainable import LoRAPolicy, SteeringBias
 from steerscope.backends import vllm as bv
 from steerscope.backends.base import Addition, Request
 from steerscope.backends.hf import HFEngine
+from steerscope.extract.result import StepLog
 from steerscope.extract.rl import RLOOConfig, train_rloo
 from steerscope.generation import RowSeededSampler, generate_batch
 from steerscope.metrics.math import is_correct, math_reward
@@ -20,12 +22,29 @@ from steerscope.models.load import LM, load_model
 from steerscope.runs import Run
 from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
+from steerscope.studies.reasoning import records as rc
 from steerscope.studies.reasoning.config import ReasoningConfig
+from steerscope.studies.reasoning.records import (
+    ControlRecord,
+    EvalRecord,
+    HistoryRow,
+    LensRecord,
+    LensRow,
+    LoraRecord,
+    PairRow,
+    PairsRecord,
+    TrainRecord,
+)
 from steerscope.studies.reasoning.task import Problem, split
 from steerscope.vector import SteeringVector
 
 
 def problems(cfg: ReasoningConfig) -> tuple[list[Problem], list[Problem]]:
+    """The train and test problems of ``cfg`` (its difficulty and seed).
+
+    Example:
+        >>> train, test = problems(ReasoningConfig(n_train=10, n_test=5))
+    """
     return split(cfg.n_train, cfg.n_test, cfg.difficulty, cfg.seed)
 
 
@@ -92,7 +111,7 @@ def sample_rows(lm: LM, texts: Sequence[str], steer: Steer, max_new_tokens: int,
 
 
 def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str, steer: Steer = None,
-             prefix: str = "", samples: int | None = None) -> dict[str, Any]:
+             prefix: str = "", samples: int | None = None) -> EvalRecord:
     """Greedy accuracy and ``samples`` (default ``eval_samples``) samples at T = 1 per problem on the test set.
 
     The sampled outcomes are stored sample-major (``sampled[r * n + i]`` is sample r of problem i), each
@@ -118,7 +137,7 @@ def _rloo_cfg(cfg: ReasoningConfig, lr: float, seed: int | None = None) -> RLOOC
 
 
 def train_vector(run: Run, lm: LM, cfg: ReasoningConfig, name: str, layers: list[int] | str,
-                 train_seed: int | None = None, gate: bool | None = None) -> dict[str, Any]:
+                 train_seed: int | None = None, gate: bool | None = None) -> TrainRecord:
     """Train a steering bias with RLOO (checkpointed under ckpt/<name>); save vectors/<name>.safetensors.
 
     ``train_seed`` (default ``cfg.seed``) seeds the sampling and prompt order only: the problems are
@@ -135,15 +154,21 @@ def train_vector(run: Run, lm: LM, cfg: ReasoningConfig, name: str, layers: list
 
         save_file({n: p.detach().cpu().contiguous() for n, p in bias.named_parameters()},
                   str(run.path("vectors", f"{name}.policy.safetensors")))
-    return {"name": name, "layers": bias.layers, "n_trainable": res.n_trainable, "train_seconds": res.seconds,
-            "history": [h.__dict__ for h in res.history], "norms": vec.norms(), "resumed_from": res.resumed_from}
+    return TrainRecord(name, list(bias.layers), res.n_trainable, res.seconds, _history(res.history),
+                       {str(k): v for k, v in vec.norms().items()}, res.resumed_from)
+
+
+def _history(log: Sequence[StepLog]) -> list[HistoryRow]:
+    """The trainer's step log as records (each step's fields as they are)."""
+    return [HistoryRow(**h.__dict__) for h in log]
 
 
 def load_vector(run: Run, name: str) -> SteeringVector:
+    """The trained vector ``name`` of the run (``vectors/<name>.safetensors``)."""
     return SteeringVector.load(run.path("vectors", f"{name}.safetensors"))
 
 
-def train_and_eval_lora(run: Run, cfg: ReasoningConfig, device: str) -> dict[str, Any]:
+def train_and_eval_lora(run: Run, cfg: ReasoningConfig, device: str) -> LoraRecord:
     """The LoRA baseline: same trainer and budget, on its own copy of the model; evaluated at the end."""
     lm = load_model(cfg.model, device=device)
     train, test = problems(cfg)
@@ -151,19 +176,22 @@ def train_and_eval_lora(run: Run, cfg: ReasoningConfig, device: str) -> dict[str
     res = train_rloo(lm, pol, [p.prompt for p in train], [p.answer for p in train], math_reward,
                      _rloo_cfg(cfg, cfg.lora_lr), checkpoint_dir=run.path("ckpt", "lora", "x").parent)
     ev = evaluate(lm, test, cfg, "LoRA", pol.active)
-    return {"name": "lora", "n_trainable": res.n_trainable, "train_seconds": res.seconds,
-            "history": [h.__dict__ for h in res.history], "eval": ev, "resumed_from": res.resumed_from}
+    return LoraRecord("lora", res.n_trainable, res.seconds, _history(res.history), ev, res.resumed_from)
 
 
-def lens_step(lm: LM, vecs: dict[str, SteeringVector], k: int = 10) -> dict[str, Any]:
+def lens_step(lm: LM, vecs: dict[str, SteeringVector], k: int = 10) -> LensRecord:
+    """The top ``k`` logit-lens tokens of each vector at each of its layers, without and with the final norm.
+
+    Example:
+        >>> lens_step(lm, {"L28": vec}).rows[0].tokens
+    """
     rows = []
     for name, v in vecs.items():
         for layer in v.layers:
             for fn in (False, True):
                 top = logit_lens(lm, v[layer][None].to(lm.device), k=k, final_norm=fn)[0]
-                rows.append({"vector": name, "layer": layer, "final_norm": fn, "tokens": top.tokens,
-                             "scores": [round(x, 3) for x in top.scores]})
-    return {"rows": rows}
+                rows.append(LensRow(name, layer, fn, list(top.tokens), [round(x, 3) for x in top.scores]))
+    return LensRecord(rows)
 
 
 def analysis_texts(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> tuple[list[str], list[str], list[Problem]]:
@@ -175,32 +203,33 @@ def analysis_texts(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> tuple[l
     return texts, [c if c else " " for c in comps], test
 
 
-def pairs_step(lm: LM, run: Run, cfg: ReasoningConfig, singles: list[int], acc: dict[str, float]) -> dict[str, Any]:
+def pairs_step(lm: LM, run: Run, cfg: ReasoningConfig, singles: list[int], acc: dict[str, float]) -> PairsRecord:
     """Per pair of single layers: the two independently trained vectors applied together and, with
     ``cfg.joint_pairs``, a pair trained jointly (``vectors/pair_L<a>_L<b>``, paper B's setting); the
     layer-pair gain (acc_pair - max single) / (acc_all - max single) of each (needs the all-layers vector)."""
     _, test = problems(cfg)
     out = []
     for a, b in combinations(singles, 2):
-        v = load_vector(run, f"L{a}") + load_vector(run, f"L{b}")
-        row: dict[str, Any] = {"pair": [a, b], "eval": evaluate(lm, test, cfg, f"L{a}+L{b}", v)}
+        na, nb = rc.vector_name(a), rc.vector_name(b)
+        row = PairRow([a, b], evaluate(lm, test, cfg, f"{na}+{nb}", load_vector(run, na) + load_vector(run, nb)))
         if cfg.joint_pairs:
-            name = f"pair_L{a}_L{b}"
-            row["joint_train"] = train_vector(run, lm, cfg, name, [a, b])
-            row["joint_eval"] = evaluate(lm, test, cfg, name, load_vector(run, name))
-        for key, g in (("gain", "eval"), ("joint_gain", "joint_eval")):
-            if g in row and "all" in acc:
-                row[key] = an.layer_pair_gain(row[g]["greedy_acc"], acc[f"L{a}"], acc[f"L{b}"], acc["all"])
-        row.setdefault("gain", None)
+            name = rc.pair_name(a, b)
+            row = replace(row, joint_train=train_vector(run, lm, cfg, name, [a, b]),
+                          joint_eval=evaluate(lm, test, cfg, name, load_vector(run, name)))
+        if "all" in acc:
+            def gain(ev: EvalRecord | None) -> float | None:
+                return None if ev is None else an.layer_pair_gain(ev.greedy_acc, acc[na], acc[nb], acc["all"])
+
+            row = replace(row, gain=gain(row.eval), joint_gain=gain(row.joint_eval))
         out.append(row)
-    return {"pairs": out}
+    return PairsRecord(out)
 
 
-def random_control(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int) -> dict[str, Any]:
+def random_control(lm: LM, cfg: ReasoningConfig, vec: SteeringVector, layer: int) -> ControlRecord:
     """A random direction with the trained vector's norm at the same layer, evaluated like the vector."""
     _, test = problems(cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     r = torch.randn(lm.d_model, generator=g)
     rv = SteeringVector({layer: r / r.norm() * vec[layer].norm()}, "mlp_out")
     ev = evaluate(lm, test, cfg, f"random L{layer}", rv)
-    return {"layer": layer, "norm": float(vec[layer].norm()), "eval": ev}
+    return ControlRecord(layer, float(vec[layer].norm()), ev)

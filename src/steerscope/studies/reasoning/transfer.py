@@ -11,14 +11,15 @@ accuracy and vs the target's own trained vector (Sinii et al. 2025 copy the bias
 
 from __future__ import annotations
 
-from typing import Any
-
 from steerscope.models.load import LM, load_model
 from steerscope.runs import Run
 from steerscope.stats import mcnemar_p, paired_diff
 from steerscope.studies.reasoning import analyses as an
+from steerscope.studies.reasoning import records as rc
 from steerscope.studies.reasoning import steps as st
 from steerscope.studies.reasoning.config import ReasoningConfig
+from steerscope.studies.reasoning.records import Accuracy, Comparison, EvalRecord, TrainRecord, TransferSummary
+from steerscope.studies.reasoning.task import Problem
 from steerscope.vector import SteeringVector
 
 
@@ -51,54 +52,68 @@ def load_target(cfg: ReasoningConfig, lm: LM, device: str) -> tuple[LM | None, s
     return tgt, None
 
 
-def a_to_b(run: Run, tgt: LM, cfg: ReasoningConfig, layer: int, test: list[Any]) -> dict[str, dict[str, Any]]:
-    """Steps ``transfer_B_base`` and ``transfer_A_to_B`` (no training)."""
-    va_on_b = an.transfer_vector(st.load_vector(run, f"L{layer}"), tgt)
-    out = {"B_base": run.step("transfer_B_base", lambda: st.evaluate(tgt, test, cfg, "B base", samples=0)),
-           "A_to_B": run.step("transfer_A_to_B", lambda: st.evaluate(
+def a_to_b(run: Run, tgt: LM, cfg: ReasoningConfig, layer: int, test: list[Problem]) -> dict[str, EvalRecord]:
+    """Steps ``transfer_B_base`` and ``transfer_A_to_B`` (no training).
+
+    Example:
+        >>> a_to_b(run, tgt, cfg, 28, test)["A_to_B"].greedy_acc
+    """
+    va_on_b = an.transfer_vector(st.load_vector(run, rc.vector_name(layer)), tgt)
+    out = {"B_base": run.record(rc.TRANSFER_B_BASE, EvalRecord, lambda: st.evaluate(tgt, test, cfg, "B base", samples=0)),
+           "A_to_B": run.record(rc.TRANSFER_A_TO_B, EvalRecord, lambda: st.evaluate(
                tgt, test, cfg, "A's vector on B", va_on_b, samples=0))}
     return {k: v for k, v in out.items() if v is not None}
 
 
-def b_to_a(run: Run, lm: LM, tgt: LM, cfg: ReasoningConfig, layer: int, test: list[Any]) -> dict[str, dict[str, Any]]:
-    """Steps ``train_B_L<l>`` (B's own vector, same trainer, budget and seed), ``transfer_B_own``, ``transfer_B_to_A``."""
-    name = f"B_L{layer}"
-    t = run.step(f"train_{name}", lambda: st.train_vector(run, tgt, cfg, name, [layer]))
+def b_to_a(run: Run, lm: LM, tgt: LM, cfg: ReasoningConfig, layer: int, test: list[Problem]
+           ) -> tuple[TrainRecord | None, dict[str, EvalRecord]]:
+    """Steps ``train_B_L<l>`` (B's own vector, same trainer, budget and seed), ``transfer_B_own``, ``transfer_B_to_A``.
+
+    Returns B's training record (None when not trained) and the evaluations under ``B_own`` and ``B_to_A``.
+
+    Example:
+        >>> trained, evals = b_to_a(run, lm, tgt, cfg, 28, test)
+    """
+    name = rc.b_name(layer)
+    t = run.record(rc.train_step(name), TrainRecord, lambda: st.train_vector(run, tgt, cfg, name, [layer]))
     if t is None:  # --report-only and not trained yet
-        return {}
+        return None, {}
     vec_b = st.load_vector(run, name)
-    own = run.step("transfer_B_own", lambda: st.evaluate(tgt, test, cfg, "B own", vec_b, samples=0))
+    own = run.record(rc.TRANSFER_B_OWN, EvalRecord, lambda: st.evaluate(tgt, test, cfg, "B own", vec_b, samples=0))
     vb_on_a = an.transfer_vector(vec_b, lm)
-    back = run.step("transfer_B_to_A", lambda: st.evaluate(
+    back = run.record(rc.TRANSFER_B_TO_A, EvalRecord, lambda: st.evaluate(
         lm, test, cfg, "B's vector on A", vb_on_a, samples=0))
-    out = {"train_B": t, "B_own": own, "B_to_A": back}
-    return {k: v for k, v in out.items() if v is not None}
+    out = {"B_own": own, "B_to_A": back}
+    return t, {k: v for k, v in out.items() if v is not None}
 
 
-def _cmp(ref: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
-    return {"diff": paired_diff(ref["greedy"], ev["greedy"]), "mcnemar_p": mcnemar_p(ref["greedy"], ev["greedy"])}
+def _cmp(ref: EvalRecord, ev: EvalRecord) -> Comparison:
+    return Comparison(paired_diff(ref.greedy, ev.greedy), mcnemar_p(ref.greedy, ev.greedy))
 
 
-def transfer_summary(a: str, b: str, layer: int, parts: dict[str, dict[str, Any]], vec_a: SteeringVector,
-                     vec_b: SteeringVector | None) -> dict[str, Any]:
+def transfer_summary(a: str, b: str, layer: int, parts: dict[str, EvalRecord], vec_a: SteeringVector,
+                     vec_b: SteeringVector | None) -> TransferSummary:
     """Accuracies and paired comparisons for the directions that have run, and the two vectors' cosine.
 
     ``parts`` holds evaluation records under ``A_base``, ``A_own``, ``B_base``, ``A_to_B`` and, once B's
     vector is trained, ``B_own`` and ``B_to_A``.
+
+    Example:
+        >>> transfer_summary("A", "B", 28, parts, vec_a, None).on_B["transferred_vs_base"].diff
     """
-    acc = {k: {"greedy_acc": e["greedy_acc"], "greedy_ci": e["greedy_ci"], "n": e["n"]}
-           for k, e in parts.items() if "greedy" in e}
-    out: dict[str, Any] = {"done": True, "model_a": a, "model_b": b, "relation": relation(a, b), "layer": layer, "accuracy": acc,
-                           "norm_a": float(vec_a[layer].norm()), "on_A": {}, "on_B": {}}
+    on_a: dict[str, Comparison] = {}
+    on_b: dict[str, Comparison] = {}
+    cos = norm_b = None
     if "A_to_B" in parts and "B_base" in parts:
-        out["on_B"]["transferred_vs_base"] = _cmp(parts["B_base"], parts["A_to_B"])
+        on_b["transferred_vs_base"] = _cmp(parts["B_base"], parts["A_to_B"])
     if vec_b is not None and "B_own" in parts and "B_to_A" in parts:
         sa, sb = vec_a[layer], vec_b[layer]
-        out["cosine_a_b"] = float((sa @ sb) / (sa.norm() * sb.norm()).clamp_min(1e-12))
-        out["norm_b"] = float(sb.norm())
-        out["on_B"]["transferred_vs_own"] = _cmp(parts["B_own"], parts["A_to_B"])
-        out["on_B"]["own_vs_base"] = _cmp(parts["B_base"], parts["B_own"])
-        out["on_A"]["transferred_vs_base"] = _cmp(parts["A_base"], parts["B_to_A"])
-        out["on_A"]["transferred_vs_own"] = _cmp(parts["A_own"], parts["B_to_A"])
-    out["on_A"]["own_vs_base"] = _cmp(parts["A_base"], parts["A_own"])
-    return out
+        cos = float((sa @ sb) / (sa.norm() * sb.norm()).clamp_min(1e-12))
+        norm_b = float(sb.norm())
+        on_b["transferred_vs_own"] = _cmp(parts["B_own"], parts["A_to_B"])
+        on_b["own_vs_base"] = _cmp(parts["B_base"], parts["B_own"])
+        on_a["transferred_vs_base"] = _cmp(parts["A_base"], parts["B_to_A"])
+        on_a["transferred_vs_own"] = _cmp(parts["A_own"], parts["B_to_A"])
+    on_a["own_vs_base"] = _cmp(parts["A_base"], parts["A_own"])
+    return TransferSummary(True, a, b, relation(a, b), layer, {k: Accuracy.of(e) for k, e in parts.items()},
+                           float(vec_a[layer].norm()), on_a, on_b, cos, norm_b)
