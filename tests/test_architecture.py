@@ -383,7 +383,7 @@ def test_mypy_is_strict_on_the_analyses_and_the_card():
     assert {"steerscope.explain.*", "steerscope.analyses.*"} <= strict
 
 
-RECORD_STUDIES = ("identifiability", "refusal")  # studies whose steps return typed records (issue 21); the others follow
+RECORD_STUDIES = ("identifiability", "reasoning", "refusal")  # studies whose steps return typed records (issue 21)
 
 
 def _untyped_returns(root: Path, studies: tuple[str, ...]) -> list[str]:
