@@ -31,27 +31,27 @@ def _compare(lm, vec, cfg: Config, tmp_path, tol: float = 1e-6) -> None:
     circ = St.step_circuits(run, lm, cfg, "dim", vec, "bypass")
     abl = St.step_ablations(run, lm, cfg, vec, "bypass")
     sp = St.step_sparsity(run, lm, cfg, "dim", vec, "bypass")
-    prompts = [St.attr_prompts(cfg, "bypass")[i] for i in att["rows_used"]]  # the study's attribution batch
+    prompts = [St.attr_prompts(cfg, "bypass")[i] for i in att.rows_used]  # the study's attribution batch
     card = explain(lm, vec, prompts, alpha=cfg.alpha_bypass, settings=_settings(cfg), out=tmp_path / "card",
                    show_progress=False)
-    assert card.circuit.sizes == circ["sizes"] and card.circuit.n_edges_total == circ["n_edges_total"]
-    assert card.circuit.faithfulness == pytest.approx(circ["faithfulness"], abs=tol)
-    assert card.circuit.edge_fraction == circ["minimal_fraction"]
+    assert card.circuit.sizes == circ.sizes and card.circuit.n_edges_total == circ.n_edges_total
+    assert card.circuit.faithfulness == pytest.approx(circ.faithfulness, abs=tol)
+    assert card.circuit.edge_fraction == circ.minimal_fraction
     r = load_tensors(tmp_path / "card" / "tensors" / "attribution.safetensors")["mean_grad"].float()
     s = vec[vec.layers[0]].float()
     for method in S.METHODS:  # the same kept dimensions from the same attribution
         assert [S.keep_mask(method, x, s, r, seed=cfg.seed).nonzero()[:, 0].tolist()
-                for x in cfg.sparsities] == sp["keep"][method]
+                for x in cfg.sparsities] == sp.keep[method]
     evals = St.eval_prompts(cfg, "bypass")
     curve = ES.scored_curve(lm, evals, vec, cfg.alpha_bypass, r, S.METHODS, cfg.sparsities, St._asr_each,
                             cfg.eval_tokens, cfg.batch_size, cfg.seed)
-    assert curve == sp["asr"]
+    assert curve == sp.asr
     card = explain(lm, vec, evals, alpha=cfg.alpha_bypass, scorer="refusal", settings=_settings(cfg),
                    show_progress=False)
     for mode in ("qk", "ov", "svv", "mlp"):  # the card scores the refusal rate; the study reports ASR = 1 - it
-        assert 1 - card.frozen.path(mode).scorer_mean == pytest.approx(abl[mode])
-    assert 1 - card.frozen.steered_scorer_mean == pytest.approx(abl["none"])
-    assert 1 - card.frozen.unsteered_scorer_mean == pytest.approx(abl["unsteered"])
+        assert 1 - card.frozen.path(mode).scorer_mean == pytest.approx(abl.asr(mode))
+    assert 1 - card.frozen.steered_scorer_mean == pytest.approx(abl.none)
+    assert 1 - card.frozen.unsteered_scorer_mean == pytest.approx(abl.unsteered)
 
 
 CFG = Config(n_attr=3, attr_tokens=6, steps=2, n_eval=3, n_ablate=0, eval_tokens=6, circuit_fracs=(0.05, 0.3, 1.0),

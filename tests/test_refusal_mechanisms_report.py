@@ -7,7 +7,13 @@ import pytest
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
+from steerscope.studies.refusal_mechanisms.records import ABLATION_MODES, AblationsRecord
 from steerscope.studies.refusal_mechanisms.report import _cell, table1_tests
+
+
+def _abl(d: dict) -> AblationsRecord:
+    """An ablations record from the JSON of a (possibly older, partial) record; absent columns read 0."""
+    return AblationsRecord.from_dict({"setting": "bypass", "alpha": -1.0, **{m: 0.0 for m in ABLATION_MODES}, **d})
 
 
 def test_table1_uses_exact_mcnemar_against_the_steered_run_with_holm_over_the_whole_table() -> None:
@@ -18,12 +24,12 @@ def test_table1_uses_exact_mcnemar_against_the_steered_run_with_holm_over_the_wh
         each = {"none": steered.tolist(), "unsteered": [0] * 40}
         for m, flip in (("qk", 0.05), ("ov", 0.5), ("svv", 0.3), ("mlp", 0.1)):
             each[m] = np.where(rng.random(40) < flip, 1 - steered, steered).tolist()
-        arec[setting] = {"n": 40, "each": each, **{m: float(np.mean(v)) for m, v in each.items()}}
+        arec[setting] = _abl({"n": 40, "each": each, **{m: float(np.mean(v)) for m, v in each.items()}})
     got = table1_tests(arec)
     keys = [(s, m) for s in arec for m in ("unsteered", "qk", "ov", "svv", "mlp")]
     raw = []
     for s, m in keys:
-        x, y = np.array(arec[s]["each"]["none"]), np.array(arec[s]["each"][m])
+        x, y = np.array(arec[s].each["none"]), np.array(arec[s].each[m])
         table = [[np.sum((x == 1) & (y == 1)), np.sum((x == 1) & (y == 0))],
                  [np.sum((x == 0) & (y == 1)), np.sum((x == 0) & (y == 0))]]
         raw.append(mcnemar(table, exact=True).pvalue)
@@ -35,7 +41,7 @@ def test_table1_uses_exact_mcnemar_against_the_steered_run_with_holm_over_the_wh
 
 
 def test_old_records_without_per_prompt_outcomes_get_no_test() -> None:
-    a = {"n": 10, "none": 0.5, "qk": 0.4, "unsteered": 0.1}
+    a = _abl({"n": 10, "none": 0.5, "qk": 0.4, "unsteered": 0.1})
     assert table1_tests({"bypass": a}) == {}
     assert _cell(a, "qk", None) == "0.400 [0.17, 0.69] (10.0)"
 
@@ -55,25 +61,25 @@ def _table1(n: int, qk_keep: float, ov_keep: float, seed: int = 0) -> dict:
 def test_table1_claims_apply_the_cards_frozen_rules_to_per_prompt_outcomes(n, qk, ov, status) -> None:
     from steerscope.studies.refusal_mechanisms.report import table1_claims
 
-    claims = dict((c.rule, c) for _s, c in table1_claims({"bypass": _table1(n, qk, ov)}))
+    claims = dict((c.rule, c) for _s, c in table1_claims({"bypass": _abl(_table1(n, qk, ov))}))
     assert claims["frozen.values_not_patterns"].status == status
     assert claims["frozen.mlp.needed"].status in ("contradicted", "undecided")  # MLP ablation keeps everything
     assert claims["frozen.ov.needed"].n == n
-    assert table1_claims({"bypass": {"n": 3, "none": 0.5, "qk": 0.4, "unsteered": 0.1}}) == []
+    assert table1_claims({"bypass": _abl({"n": 3, "none": 0.5, "qk": 0.4, "unsteered": 0.1})}) == []
     induce = _table1(n, qk, ov)  # the same, with ASR falling under steering (outcomes flipped)
     induce["each"] = {m: [1 - v for v in e] for m, e in induce["each"].items()}
-    claims = dict((c.rule, c) for _s, c in table1_claims({"induce": induce}))
+    claims = dict((c.rule, c) for _s, c in table1_claims({"induce": _abl(induce)}))
     assert claims["frozen.values_not_patterns"].status == status
 
 
 def test_table1_cells_give_the_discordant_pairs_each_test_rests_on() -> None:
     from steerscope.studies.refusal_mechanisms.report import discordant
 
-    a = {"n": 6, "none": 4 / 6, "qk": 3 / 6,
-         "each": {"none": [1, 1, 1, 1, 0, 0], "qk": [1, 0, 0, 1, 1, 0]}}
+    a = _abl({"n": 6, "none": 4 / 6, "qk": 3 / 6,
+              "each": {"none": [1, 1, 1, 1, 0, 0], "qk": [1, 0, 0, 1, 1, 0]}})
     assert discordant(a, "qk") == (2, 1)
     assert _cell(a, "qk", 0.5).endswith("(16.7; p = 0.5; 2/1 discordant of 6)")
-    assert discordant({"n": 6, "none": 0.5, "qk": 0.5}, "qk") is None
+    assert discordant(_abl({"n": 6, "none": 0.5, "qk": 0.5}), "qk") is None
 
 
 def test_flip_filter_records_when_the_all_prompts_fallback_fires() -> None:
@@ -83,8 +89,9 @@ def test_flip_filter_records_when_the_all_prompts_fallback_fires() -> None:
 
     mask = torch.tensor([[True], [True], [False], [True]])
     rows, info = flip_rows(["I cannot."] * 4, ["Sure.", "Sure.", "Sure.", "I cannot."], mask)
-    assert rows == [0, 1] and info == {"n_flipped": 3, "fallback_all_prompts": False, "fallback_no_scored": False}
+    assert rows == [0, 1] and info.to_dict() == {"n_flipped": 3, "fallback_all_prompts": False,
+                                                 "fallback_no_scored": False}
     rows, info = flip_rows(["I cannot."] * 4, ["Sure.", "I cannot.", "I cannot.", "I cannot."], mask)
-    assert rows == [0, 1, 3] and info["fallback_all_prompts"] and info["n_flipped"] == 1
+    assert rows == [0, 1, 3] and info.fallback_all_prompts and info.n_flipped == 1
     rows, info = flip_rows(["a", "b"], ["I cannot.", "I cannot."], torch.zeros(2, 1, dtype=torch.bool))
-    assert rows == [0, 1] and info["fallback_no_scored"]
+    assert rows == [0, 1] and info.fallback_no_scored

@@ -12,13 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from steerscope.runs import Run
+from steerscope.studies.refusal_mechanisms import records as rc
 from steerscope.studies.refusal_mechanisms import steps as St
 from steerscope.studies.refusal_mechanisms.config import Config
+from steerscope.studies.refusal_mechanisms.records import StudyRecords
+from steerscope.vector import SteeringVector
 
 
-def load_vectors(lm: Any, cfg: Config) -> dict[str, Any]:
-    from steerscope.vector import SteeringVector
+def load_vectors(lm: Any, cfg: Config) -> dict[str, SteeringVector]:
+    """The study's vectors, checked against the model, each at its first layer.
 
+    Example:
+        >>> load_vectors(lm, Config())["dim"].layers
+    """
     vecs = {}
     for name, src in cfg.vectors.items():
         v = SteeringVector.load(src)
@@ -35,31 +41,38 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
     """
     import steerscope as ss
 
-    run_ = Run(out, config=cfg.identity(), force=force)
+    r = Run(out, config=cfg.identity(), force=force)
     lm = ss.load_model(cfg.model, device=device, dtype=cfg.dtype)
     vecs = load_vectors(lm, cfg)
     names = list(vecs)
-    for setting in St.SETTINGS:  # Table 1 first: it needs no attribution, and it is the headline
-        run_.step(f"ablations_{setting}", partial(St.step_ablations, run_, lm, cfg, vecs["dim"], setting))
+    for s in rc.SETTINGS:  # Table 1 first: it needs no attribution, and it is the headline
+        r.record(rc.ablations_step(s), rc.AblationsRecord, partial(St.step_ablations, r, lm, cfg, vecs["dim"], s))
     for n in names:
-        for setting in St.SETTINGS:
-            run_.step(f"attribution_{n}_{setting}", partial(St.step_attribution, run_, lm, cfg, n, vecs[n], setting))
-    run_.step("exact_check", lambda: St.step_exact_check(run_, lm, cfg, vecs["dim"]))
+        for s in rc.SETTINGS:
+            r.record(rc.attribution_step(n, s), rc.AttributionRecord,
+                     partial(St.step_attribution, r, lm, cfg, n, vecs[n], s))
+    r.record(rc.EXACT_CHECK, rc.ExactCheckRecord, lambda: St.step_exact_check(r, lm, cfg, vecs["dim"]))
     for n in names:
-        for setting in St.SETTINGS:
-            run_.step(f"circuits_{n}_{setting}", partial(St.step_circuits, run_, lm, cfg, n, vecs[n], setting))
-    for setting in St.SETTINGS:
-        run_.step(f"circuit_compare_{setting}", partial(St.step_circuit_compare, run_, lm, cfg, vecs, setting))
+        for s in rc.SETTINGS:
+            r.record(rc.circuits_step(n, s), rc.CircuitsRecord, partial(St.step_circuits, r, lm, cfg, n, vecs[n], s))
+    for s in rc.SETTINGS:
+        r.record(rc.circuit_compare_step(s), rc.CircuitCompareRecord,
+                 partial(St.step_circuit_compare, r, lm, cfg, vecs, s))
     for n in names:
-        run_.step(f"svv_{n}", partial(St.step_svv, run_, lm, cfg, n, vecs[n]))
-        run_.step(f"sparsity_{n}_bypass", partial(St.step_sparsity, run_, lm, cfg, n, vecs[n]))
-    run_.step("iou_bypass", lambda: St.step_iou(run_, lm, cfg, names, vecs=vecs))
-    report = _write(run_, cfg, names)
-    return {"report": str(report), "out": str(run_.folder), "summary": summary(run_, names), "log": run_.log}
+        r.record(rc.svv_step(n), rc.SvvRecord, partial(St.step_svv, r, lm, cfg, n, vecs[n]))
+        r.record(rc.sparsity_step(n), rc.SparsityRecord, partial(St.step_sparsity, r, lm, cfg, n, vecs[n]))
+    r.record(rc.iou_step(), rc.IouRecord, lambda: St.step_iou(r, lm, cfg, names, vecs=vecs))
+    report = _write(r, cfg, names)
+    return {"report": str(report), "out": str(r.folder), "summary": summary(r, names), "log": r.log}
 
 
 def write_report(out: Path) -> Path:
-    """Rewrite ``out/report.html`` from the finished steps (unfinished ones are left out); return its path."""
+    """Rewrite ``out/report.html`` from the finished steps (unfinished ones are left out); return its path.
+
+    Example:
+        >>> write_report(Path("runs/refusal-mechanisms")).name
+        'report.html'
+    """
     cfg = Config.load(out)
     return _write(Run(out), cfg, list(cfg.vectors))
 
@@ -67,49 +80,44 @@ def write_report(out: Path) -> Path:
 def _write(run_: Run, cfg: Config, names: list[str]) -> Path:
     from steerscope.studies.refusal_mechanisms.report import write_report as write
 
-    return write(run_, cfg, names)
+    return write(run_, cfg, StudyRecords.load(run_, names))
 
 
 def summary(run_: Run, names: list[str]) -> dict[str, Any]:
-    """The headline numbers (the paper A findings to check)."""
-    out: dict[str, Any] = {}
-    for setting in St.SETTINGS:
-        if run_.done(f"ablations_{setting}"):
-            a = run_.load(f"ablations_{setting}")
-            out[f"asr_{setting}"] = {k: a[k] for k in ("unsteered", "none", "qk", "ov", "svv", "mlp")}
-        if run_.done(f"circuit_compare_{setting}"):
-            out[f"overlap_{setting}"] = run_.load(f"circuit_compare_{setting}")["overlap"]
-            out[f"overlap_common_{setting}"] = run_.load(f"circuit_compare_{setting}").get("overlap_common")
-        for n in names:
-            if run_.done(f"circuits_{n}_{setting}"):
-                c = run_.load(f"circuits_{n}_{setting}")
-                out[f"minimal_circuit_{n}_{setting}"] = {"edges": c["minimal_edges"], "of": c["n_edges_total"],
-                                                         "reached": c["reached_threshold"], "heldout": c.get("heldout")}
-    out["attribution_fallbacks"] = _fallbacks(run_, names)
+    """The headline numbers (the paper A findings to check), from the finished steps' records.
+
+    Example:
+        >>> summary(Run("runs/refusal-mechanisms"), ["dim", "po"])["asr_bypass"]["none"]
+    """
     from steerscope.studies.refusal_mechanisms.report import table1_claims
 
-    arec = {s: run_.load(f"ablations_{s}") for s in St.SETTINGS if run_.done(f"ablations_{s}")}
-    out["table1_claims"] = [{"setting": s, **c.to_dict()} for s, c in table1_claims(arec)]
-    if run_.done("exact_check"):
-        out["eapig_vs_exact"] = {k: v for k, v in run_.load("exact_check").items() if k.startswith(("spearman", "time"))}
-    for n in names:
-        if run_.done(f"sparsity_{n}_bypass"):
-            sp = run_.load(f"sparsity_{n}_bypass")
-            if sp["asr"]:
-                out[f"sparsity_{n}_bypass"] = {"sparsities": sp["sparsities"], "dense": sp.get("dense_asr"), **sp["asr"]}
-            if "paper" in sp:
-                out[f"sparsity_paper_rule_{n}_bypass"] = {k: sp["paper"].get(k) for k in ("taus", "sparsity", "asr", "n")}
+    recs = StudyRecords.load(run_, names)
+    out: dict[str, Any] = {}
+    for s in rc.SETTINGS:
+        if s in recs.ablations:
+            out[f"asr_{s}"] = {m: recs.ablations[s].asr(m) for m in rc.ABLATION_MODES}
+        if s in recs.compare:
+            out[f"overlap_{s}"] = recs.compare[s].overlap
+            out[f"overlap_common_{s}"] = recs.compare[s].overlap_common
+        for n in names:
+            if (c := recs.circuits.get((n, s))) is not None:
+                out[f"minimal_circuit_{n}_{s}"] = {"edges": c.minimal_edges, "of": c.n_edges_total,
+                                                   "reached": c.reached_threshold,
+                                                   "heldout": c.heldout.to_dict() if c.heldout else None}
+    out["attribution_fallbacks"] = _fallbacks(recs).to_dict()
+    out["table1_claims"] = [{"setting": s, **c.to_dict()} for s, c in table1_claims(recs.ablations)]
+    if recs.exact is not None:
+        out["eapig_vs_exact"] = {k: v for k, v in recs.exact.to_dict().items() if k.startswith(("spearman", "time"))}
+    for n, sp in recs.sparsity.items():
+        if sp.asr:
+            out[f"sparsity_{n}_bypass"] = {"sparsities": sp.sparsities, "dense": sp.dense_asr, **sp.asr}
+        if sp.paper is not None:
+            paper = sp.paper.to_dict()
+            out[f"sparsity_paper_rule_{n}_bypass"] = {k: paper.get(k) for k in ("taus", "sparsity", "asr", "n")}
     return out
 
 
-def _fallbacks(run_: Run, names: list[str]) -> dict[str, Any]:
+def _fallbacks(recs: StudyRecords) -> rc.Fallbacks:
     """How often the flip filter's "fewer than 2 flips: all prompts" fallback fired, over the attribution sets."""
-    fired, total = [], 0
-    for n in names:
-        for setting in St.SETTINGS:
-            if run_.done(f"attribution_{n}_{setting}"):
-                a = run_.load(f"attribution_{n}_{setting}")
-                total += 1
-                if a.get("fallback_all_prompts", a["n_flipped"] < 2):
-                    fired.append(f"{n}_{setting}")
-    return {"fired": len(fired), "of": total, "sets": fired}
+    fired = [f"{n}_{s}" for (n, s), a in recs.attribution.items() if a.fallback_fired()]
+    return rc.Fallbacks(len(fired), len(recs.attribution), fired)

@@ -1,4 +1,5 @@
-"""HTML report of the refusal-mechanisms study: tables and figures from the step records only."""
+"""HTML report of the refusal-mechanisms study: tables and figures from the step records only
+(:class:`steerscope.studies.refusal_mechanisms.records.StudyRecords`, read by attribute)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,26 @@ from typing import Any
 
 import numpy as np
 
-from steerscope.circuits.graph import Graph, Node
+from steerscope.circuits.graph import Graph
 from steerscope.explain import intervals, rules
 from steerscope.explain.records import Claim, Estimate
 from steerscope.report.html import Report, plt_figure
 from steerscope.runs import Run
 from steerscope.stats import holm, mcnemar_p, wilson
+from steerscope.studies.refusal_mechanisms import records as rc
 from steerscope.studies.refusal_mechanisms.config import Config
+from steerscope.studies.refusal_mechanisms.records import AblationsRecord, StudyRecords
 
-SETTINGS = ("bypass", "induce")
 MODES = (("none", "steered"), ("qk", "QK frozen"), ("ov", "OV frozen"), ("svv", "svv removed"),
          ("mlp", "MLP input s removed"))
 
 
-def _faithfulness_fig(recs: dict[str, dict[str, Any]], threshold: float) -> Any:
+def _faithfulness_fig(recs: dict[str, rc.CircuitsRecord], threshold: float) -> Any:
     fig = plt_figure(figsize=(6, 3.6))
     ax = fig.add_subplot(111)
     for name, r in recs.items():
-        frac = [n / r["n_edges_total"] for n in r["n_edges_pruned"]]
-        ax.plot(frac, r["faithfulness"], marker="o", label=f"{name} ({r['setting']})")
+        frac = [n / r.n_edges_total for n in r.n_edges_pruned]
+        ax.plot(frac, r.faithfulness, marker="o", label=f"{name} ({r.setting})")
     ax.axhline(threshold, color="grey", ls="--", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("circuit size (fraction of edges, after pruning)")
@@ -34,14 +36,13 @@ def _faithfulness_fig(recs: dict[str, dict[str, Any]], threshold: float) -> Any:
     return fig
 
 
-def _circuit_fig(run: Run, name: str, setting: str) -> Any:
+def _circuit_fig(run: Run, rec: rc.CircuitsRecord) -> Any:
     """Layered drawing of the minimal circuit: nodes per layer (heads, MLP), edges as lines."""
     from steerscope.runs import load_tensors
 
-    circ = load_tensors(run.path("tensors", f"circuit_{name}_{setting}.safetensors"))["circuit"]
-    rec = run.load(f"circuits_{name}_{setting}")
-    gi = rec["graph"]
-    g = Graph.from_dict(gi)
+    name, setting = rec.vector, rec.setting
+    circ = load_tensors(run.path("tensors", f"{rc.circuit_tensors(name, setting)}.safetensors"))["circuit"]
+    g = Graph.from_dict(rec.graph)
     per_up, l0, n_layers = g.n_heads, g.layer0, g.n_layers
 
     def up_xy(i: int) -> tuple[float, float]:
@@ -69,17 +70,17 @@ def _circuit_fig(run: Run, name: str, setting: str) -> Any:
     ax.scatter([up_xy(i)[0] for i in used], [up_xy(i)[1] for i in used], s=12, color="k", zorder=3)
     ax.set_xlabel("head index (MLP at right)")
     ax.set_ylabel("layer")
-    ax.set_title(f"{name} {setting}: {rec['minimal_edges']} edges (blue q, green k, red v, purple MLP, black logits)",
+    ax.set_title(f"{name} {setting}: {rec.minimal_edges} edges (blue q, green k, red v, purple MLP, black logits)",
                  fontsize=9)
     return fig
 
 
-def _ablation_fig(recs: dict[str, dict[str, Any]]) -> Any:
+def _ablation_fig(recs: dict[str, AblationsRecord]) -> Any:
     fig = plt_figure(figsize=(7, 3.4))
     ax = fig.add_subplot(111)
     w = 0.38
     for i, (setting, r) in enumerate(recs.items()):
-        vals = [r["unsteered"]] + [r[m] for m, _ in MODES]
+        vals = [r.unsteered] + [r.asr(m) for m, _ in MODES]
         ax.bar([j + i * w for j in range(len(vals))], vals, width=w, label=setting)
     ax.set_xticks([j + w / 2 for j in range(len(MODES) + 1)])
     ax.set_xticklabels(["unsteered"] + [lab for _, lab in MODES], rotation=20, fontsize=8)
@@ -88,25 +89,29 @@ def _ablation_fig(recs: dict[str, dict[str, Any]]) -> Any:
     return fig
 
 
-def _sparsity_fig(rec: dict[str, Any]) -> Any:
+def _sparsity_fig(rec: rc.SparsityRecord) -> Any:
     fig = plt_figure(figsize=(6, 3.6))
     ax = fig.add_subplot(111)
-    for method, vals in rec["asr"].items():
-        ax.plot(rec["sparsities"], vals, marker="o", label=method)
-    if rec.get("dense_asr") is not None:
-        ax.axhline(rec["dense_asr"], color="grey", ls="--", lw=1, label="dense")
+    for method, vals in rec.asr.items():
+        ax.plot(rec.sparsities, vals, marker="o", label=method)
+    if rec.dense_asr is not None:
+        ax.axhline(rec.dense_asr, color="grey", ls="--", lw=1, label="dense")
     ax.set_xlabel("sparsity (fraction of dimensions zeroed)")
     ax.set_ylabel("ASR")
     ax.legend(fontsize=8)
     return fig
 
 
-def table1_tests(arec: dict[str, dict[str, Any]]) -> dict[tuple[str, str], float]:
+def table1_tests(arec: dict[str, AblationsRecord]) -> dict[tuple[str, str], float]:
     """{(setting, ablation): Holm-corrected exact McNemar p of its per-prompt outcomes vs the steered run}
-    over every ablation and setting of Table 1 (one family); empty for records without per-prompt outcomes."""
+    over every ablation and setting of Table 1 (one family); empty for records without per-prompt outcomes.
+
+    Example:
+        >>> table1_tests({"bypass": run.load_record("ablations_bypass", AblationsRecord)})[("bypass", "ov")]
+    """
     keys, raw = [], []
     for setting, a in arec.items():
-        each = a.get("each")
+        each = a.each
         if not each:
             continue
         for m in ("unsteered", *(m for m, _ in MODES)):
@@ -116,110 +121,112 @@ def table1_tests(arec: dict[str, dict[str, Any]]) -> dict[tuple[str, str], float
     return dict(zip(keys, holm(raw)))
 
 
-def discordant(a: dict[str, Any], m: str) -> tuple[int, int] | None:
-    """(prompts the steered run wins and ablation ``m`` loses, the reverse): the pairs McNemar rests on."""
-    each = a.get("each")
+def discordant(a: AblationsRecord, m: str) -> tuple[int, int] | None:
+    """(prompts the steered run wins and ablation ``m`` loses, the reverse): the pairs McNemar rests on.
+
+    Example:
+        >>> discordant(run.load_record("ablations_bypass", AblationsRecord), "ov")
+    """
+    each = a.each
     if not each or m not in each or "none" not in each:
         return None
     pairs = list(zip(each["none"], each[m]))
     return sum(x == 1 and y == 0 for x, y in pairs), sum(x == 0 and y == 1 for x, y in pairs)
 
 
-def _cell(a: dict[str, Any], m: str, p: float | None) -> str:
+def _cell(a: AblationsRecord, m: str, p: float | None) -> str:
     """``ASR [Wilson 95 %] (change in points; McNemar p; discordant pairs b/c of n)``."""
-    n = int(a["n"])
-    lo, hi = wilson(round(a[m] * n), n)
-    parts = [] if m == "unsteered" else [f"{100 * abs(a[m] - a['none']):.1f}"]
+    n, x = a.n, a.asr(m)
+    lo, hi = wilson(round(x * n), n)
+    parts = [] if m == "unsteered" else [f"{100 * abs(x - a.none):.1f}"]
     if p is not None:
         parts.append(f"p = {p:.2g}")
     bc = discordant(a, m)
     if bc is not None:
         parts.append(f"{bc[0]}/{bc[1]} discordant of {n}")
-    return f"{a[m]:.3f} [{lo:.2f}, {hi:.2f}]" + (f" ({'; '.join(parts)})" if parts else "")
+    return f"{x:.3f} [{lo:.2f}, {hi:.2f}]" + (f" ({'; '.join(parts)})" if parts else "")
 
 
-def write_report(run: Run, cfg: Config, names: list[str]) -> Path:
-    """Build ``report.html`` in the run folder from the step records."""
+def write_report(run: Run, cfg: Config, recs: StudyRecords) -> Path:
+    """Build ``report.html`` in the run folder from the finished steps' records.
+
+    Example:
+        >>> write_report(run, cfg, StudyRecords.load(run, list(cfg.vectors))).name
+        'report.html'
+    """
     r = Report("Refusal mechanisms: why steering works")
     r.p(f"Model {cfg.model}; vectors {cfg.vectors}; alpha bypass {cfg.alpha_bypass}, induce {cfg.alpha_induce}; "
         f"Table 1 on {cfg.n_ablate or cfg.n_eval} prompts per setting, sparsity curves on {cfg.n_eval}, "
         f"{cfg.eval_tokens} greedy tokens per ASR completion; EAP-IG on {cfg.n_attr} prompts x "
         f"{cfg.attr_tokens} tokens with T={cfg.steps}.", note=True)
-    if run.done("exact_check"):
-        e = run.load("exact_check")
+    if recs.exact is not None:
         r.h2("EAP-IG vs exact activation patching (real model)")
-        r.table(["measure", "value"], [[k, v] for k, v in e.items() if not k.startswith("_")])
-    _attribution_section(r, run, names)
-    _circuits_section(r, run, cfg, names)
-    _ablations_section(r, run)
-    _svv_section(r, run, names)
-    _sparsity_section(r, run, names)
+        r.table(["measure", "value"], [[k, v] for k, v in recs.exact.to_dict().items()])
+    _attribution_section(r, recs)
+    _circuits_section(r, run, cfg, recs)
+    _ablations_section(r, run, recs.ablations)
+    _svv_section(r, recs)
+    _sparsity_section(r, run, recs)
     r.h2("Run log")
     r.pre("\n".join(run.log))
     return r.write(run.path("report.html"))
 
 
-def _attribution_section(r: Report, run: Run, names: list[str]) -> None:
+def _attribution_section(r: Report, recs: StudyRecords) -> None:
     """EAP-IG attribution: one row per vector and setting, with its top nodes."""
     r.h2("Attribution")
     rows = []
-    for n in names:
-        for s in SETTINGS:
-            if run.done(f"attribution_{n}_{s}"):
-                a = run.load(f"attribution_{n}_{s}")
-                rows.append([f"{n} {s}", a["n_flipped"], len(a["rows_used"]), _fallback(a), a["scored_positions"], a["m_clean"],
-                             a["m_corrupt"], a["s_node"], ", ".join(f"{Node.from_dict(t['node'])} {t['score']:.2f}" for t in a["top_nodes"][:5])])
+    for (n, s), a in recs.attribution.items():
+        rows.append([f"{n} {s}", a.n_flipped, len(a.rows_used), _fallback(a), a.scored_positions, a.m_clean,
+                     a.m_corrupt, a.s_node, ", ".join(f"{t.graph_node()} {t.score:.2f}" for t in a.top_nodes[:5])])
     r.table(["vector/setting", "flipped", "used", "fallback", "scored pos", "m clean", "m base", "IE(s)", "top nodes"],
             rows)
     fb = sum(row[3] != "no" for row in rows)
     r.p(f"The '< 2 flips: all prompts' fallback fired in {fb} of {len(rows)} attribution sets.", note=True)
 
 
-def _fallback(a: dict[str, Any]) -> str:
+def _fallback(a: rc.AttributionRecord) -> str:
     """Which fallback of the flip filter fired for one attribution set ('?' for older records)."""
-    if "fallback_all_prompts" not in a:
-        return "?" if a["n_flipped"] < 2 else "no"
-    return "all prompts (< 2 flipped)" if a["fallback_all_prompts"] else "no"
+    if a.fallback_all_prompts is None:
+        return "?" if a.n_flipped < 2 else "no"
+    return "all prompts (< 2 flipped)" if a.fallback_all_prompts else "no"
 
 
-def _circuits_section(r: Report, run: Run, cfg: Config, names: list[str]) -> None:
+def _circuits_section(r: Report, run: Run, cfg: Config, recs: StudyRecords) -> None:
     """Minimal circuits: faithfulness curves, sizes, overlap and controls, and the DIM bypass drawing."""
     r.h2("Circuits (exact edge-level patching)")
-    crec = {f"{n}/{s}": run.load(f"circuits_{n}_{s}") for n in names for s in SETTINGS if run.done(f"circuits_{n}_{s}")}
+    crec = {f"{n}/{s}": c for (n, s), c in recs.circuits.items()}
     if crec:
         r.figure(_faithfulness_fig(crec, cfg.threshold), "faithfulness vs circuit size", run.path("fig_faith.png"))
         r.table(["vector/setting", "minimal edges", "of", "fraction", "reached 0.85", "q/k/v/mlp/logits edges",
                  "held-out faithfulness [95 %] (n)"],
-                [[k, c["minimal_edges"], c["n_edges_total"], c["minimal_fraction"], c["reached_threshold"],
-                  "/".join(str(c["edge_kinds"][x]) for x in ("q", "k", "v", "mlp", "logits")), _heldout(c)]
+                [[k, c.minimal_edges, c.n_edges_total, c.minimal_fraction, c.reached_threshold,
+                  "/".join(str(c.edge_kinds[x]) for x in ("q", "k", "v", "mlp", "logits")), _heldout(c)]
                  for k, c in crec.items()])
         r.p("The circuit is found on the attribution prompts; its held-out faithfulness is measured on the next "
             "n_attr test prompts (same flip filter), with a paired bootstrap interval over those prompts.", note=True)
-    for s in SETTINGS:
-        if run.done(f"circuit_compare_{s}"):
-            cc = run.load(f"circuit_compare_{s}")
-            r.h3(f"Circuit overlap and controls ({s})")
-            common = cc.get("overlap_common", {})
-            r.table(["pair", "overlap |C1∩C2|/min (own flipped prompts)", "overlap on the common prompt set"],
-                    [[k, v, common.get(k, "–")] for k, v in cc["overlap"].items()])
-            r.table(["vector", "own size", "random 2x (two seeds)", "complement", "swapped"],
-                    [[n, c["own_size"], ", ".join(f"{x:.3f}" for x in c["random_2x"]), c["complement"],
-                      ", ".join(f"{o}: {v:.3f}" for o, v in c["swapped"].items())] for n, c in cc["controls"].items()])
-    if run.done("circuits_dim_bypass"):
-        r.figure(_circuit_fig(run, "dim", "bypass"), "minimal DIM bypass circuit", run.path("fig_circuit.png"))
+    for s, cc in recs.compare.items():
+        r.h3(f"Circuit overlap and controls ({s})")
+        common = cc.overlap_common or {}
+        r.table(["pair", "overlap |C1∩C2|/min (own flipped prompts)", "overlap on the common prompt set"],
+                [[k, v, common.get(k, "–")] for k, v in cc.overlap.items()])
+        r.table(["vector", "own size", "random 2x (two seeds)", "complement", "swapped"],
+                [[n, c.own_size, ", ".join(f"{x:.3f}" for x in c.random_2x), c.complement,
+                  ", ".join(f"{o}: {v:.3f}" for o, v in c.swapped.items())] for n, c in cc.controls.items()])
+    if (dim := recs.circuits.get(("dim", "bypass"))) is not None:
+        r.figure(_circuit_fig(run, dim), "minimal DIM bypass circuit", run.path("fig_circuit.png"))
 
 
-def _heldout(c: dict[str, Any]) -> str:
-    h = c.get("heldout")
-    if not h or not h.get("n"):
+def _heldout(c: rc.CircuitsRecord) -> str:
+    h = c.heldout
+    if not h or not h.n or h.minimal is None or h.minimal_ci95 is None:
         return "–"
-    lo, hi = h["minimal_ci95"]
-    return f"{h['minimal']:.3f} [{lo:.2f}, {hi:.2f}] ({h['n']})"
+    lo, hi = h.minimal_ci95
+    return f"{h.minimal:.3f} [{lo:.2f}, {hi:.2f}] ({h.n})"
 
 
-def _ablations_section(r: Report, run: Run) -> None:
+def _ablations_section(r: Report, run: Run, arec: dict[str, AblationsRecord]) -> None:
     """Paper A Table 1: ASR per ablation and setting, with Wilson intervals and Holm-corrected McNemar tests."""
-    arec = {s: run.load(f"ablations_{s}") for s in SETTINGS if run.done(f"ablations_{s}")}
     if not arec:
         return
     r.h2("Frozen attention and path ablations (DIM; paper A Table 1)")
@@ -238,15 +245,17 @@ def _ablations_section(r: Report, run: Run) -> None:
     _claims_table(r, arec)
 
 
-def _judge_table(r: Report, arec: dict[str, dict[str, Any]]) -> None:
+def _judge_table(r: Report, arec: dict[str, AblationsRecord]) -> None:
     """Table 1's ASR by the local PatternJudge beside the 12-string matcher, and how often they disagree."""
-    if not all("each_judge" in a for a in arec.values()):
+    outcomes = [(a.each_judge, a.each) for a in arec.values()]
+    if not all(j is not None and e is not None for j, e in outcomes):
         return
     rows = []
     for m, lab in (("unsteered", "unsteered"), *MODES):
         row = [lab]
-        for a in arec.values():
-            j, s = a["each_judge"][m], a["each"][m]
+        for judged, matched in outcomes:
+            assert judged is not None and matched is not None
+            j, s = judged[m], matched[m]
             lo, hi = wilson(sum(j), len(j))
             row.append(f"{sum(j) / len(j):.3f} [{lo:.2f}, {hi:.2f}] (matcher {sum(s) / len(s):.3f}; "
                        f"{sum(x != y for x, y in zip(j, s))} of {len(j)} disagree)")
@@ -255,72 +264,67 @@ def _judge_table(r: Report, arec: dict[str, dict[str, Any]]) -> None:
     r.table(["ablation"] + [f"{s} ASR by judge [Wilson 95 %]" for s in arec], rows)
 
 
-def _svv_section(r: Report, run: Run, names: list[str]) -> None:
+def _svv_section(r: Report, recs: StudyRecords) -> None:
     """Steering value vectors: the logit lens of each vector's top heads."""
     r.h2("Steering value vectors: logit lens of the top heads")
-    for n in names:
-        if run.done(f"svv_{n}"):
-            sv = run.load(f"svv_{n}")
-            r.h3(f"{n}: raw vector top: {' | '.join(sv['raw_vector']['top'][:8])}")
-            r.table(["head", "node IE", "|svv|", "top tokens", "bottom tokens (sign flipped)"],
-                    [[str(Node.from_dict(h["node"])), h["score"], h["norm"], " | ".join(h["top"]["tokens"][:8]),
-                      " | ".join(h["bottom"]["tokens"][:8])]
-                     for h in sv["heads"]])
+    for n, sv in recs.svv.items():
+        r.h3(f"{n}: raw vector top: {' | '.join(sv.raw_vector.top[:8])}")
+        r.table(["head", "node IE", "|svv|", "top tokens", "bottom tokens (sign flipped)"],
+                [[str(h.graph_node()), h.score, h.norm, " | ".join(h.top.tokens[:8]), " | ".join(h.bottom.tokens[:8])]
+                 for h in sv.heads])
 
 
-def _sparsity_section(r: Report, run: Run, names: list[str]) -> None:
+def _sparsity_section(r: Report, run: Run, recs: StudyRecords) -> None:
     """Sparsified vectors (bypass): ASR per sparsity and method, and the IoU of the kept dimensions."""
-    done_sp = [n for n in names if run.done(f"sparsity_{n}_bypass")]
-    if done_sp:
+    if recs.sparsity:
         r.h2("Sparsification (bypass)")
-    for n in done_sp:
-        sp = run.load(f"sparsity_{n}_bypass")
-        if not sp["asr"]:
+    for n, sp in recs.sparsity.items():
+        if not sp.asr:
             continue
         r.h3(f"{n}")
         r.figure(_sparsity_fig(sp), f"ASR vs sparsity ({n})", run.path(f"fig_sparsity_{n}.png"))
-        r.table(["method"] + [f"{x:.2f}" for x in sp["sparsities"]],
-                [[m] + [f"{v:.3f}" for v in vals] for m, vals in sp["asr"].items()],
-                caption=f"dense ASR {sp.get('dense_asr')}")
+        r.table(["method"] + [f"{x:.2f}" for x in sp.sparsities],
+                [[m] + [f"{v:.3f}" for v in vals] for m, vals in sp.asr.items()],
+                caption=f"dense ASR {sp.dense_asr}")
         _paper_rule_table(r, sp)
-    if run.done("iou_bypass"):
-        _iou_tables(r, run.load("iou_bypass"))
+    if recs.iou is not None:
+        _iou_tables(r, recs.iou)
 
 
-def _paper_rule_table(r: Report, sp: dict[str, Any]) -> None:
+def _paper_rule_table(r: Report, sp: rc.SparsityRecord) -> None:
     """Paper A's gradient rule (r = IE / (alpha s), fixed τ grid): sparsity reached and ASR per τ."""
-    pr = sp.get("paper")
+    pr = sp.paper
     if not pr:
         return
     cells = []
-    for j, tau in enumerate(pr["taus"]):
+    for j, tau in enumerate(pr.taus):
         asr_j = "–"
-        if "successes" in pr:
-            k, n = pr["successes"][j], pr["n"]
+        if pr.successes is not None and pr.n is not None:
+            k, n = pr.successes[j], pr.n
             lo, hi = wilson(k, n)
             asr_j = f"{k / n:.3f} [{lo:.2f}, {hi:.2f}]"
-        cells.append([f"{tau:g}", f"{pr['sparsity'][j]:.3f}", asr_j])
-    r.table(["τ (paper A grid)", "sparsity reached", f"ASR [Wilson 95 %] (n = {pr.get('n', '–')})"], cells,
-            caption="paper A's rule: zero dimension i when IE_i / (alpha s_i) = mean gradient < τ; the headline "
+        cells.append([f"{tau:g}", f"{pr.sparsity[j]:.3f}", asr_j])
+    r.table(["τ (paper A grid)", "sparsity reached", f"ASR [Wilson 95 %] (n = {'–' if pr.n is None else pr.n})"],
+            cells, caption="paper A's rule: zero dimension i when IE_i / (alpha s_i) = mean gradient < τ; the headline "
             "curves above use the matched-k variant (r = alpha g, τ the quantile for each sparsity)")
 
 
-def _iou_tables(r: Report, iou: dict[str, Any]) -> None:
+def _iou_tables(r: Report, iou: rc.IouRecord) -> None:
     r.h3("IoU of kept dimensions (hypergeometric p-value; expected IoU if independent)")
-    for k, v in iou["pairs"].items():
+    for k, v in iou.pairs.items():
         if not v:
             continue
         grid = "τ" if k.startswith("paper:") else "sparsity"
-        null = iou.get("null", {}).get(k, [])
+        null = iou.null.get(k, [])
         r.table([grid, "IoU", "hypergeometric p", "expected IoU (uniform)", "random-vector null: mean / 95th pct",
                  "random-vector p"],
-                [[f"{a['sparsity']:.2f}", f"{a['iou']:.3f}", f"{a['p_value']:.1e}", f"{a['expected_iou']:.3f}",
-                  f"{null[j]['null_mean']:.3f} / {null[j]['null_q95']:.3f}" if j < len(null) else "–",
-                  f"{null[j]['p_value']:.3f} (n = {null[j]['n_null']})" if j < len(null) else "–"]
+                [[f"{a.sparsity:.2f}", f"{a.iou:.3f}", f"{a.p_value:.1e}", f"{a.expected_iou:.3f}",
+                  f"{null[j].null_mean:.3f} / {null[j].null_q95:.3f}" if j < len(null) else "–",
+                  f"{null[j].p_value:.3f} (n = {null[j].n_null})" if j < len(null) else "–"]
                  for j, a in enumerate(v)], caption=k)
 
 
-def table1_claims(arec: dict[str, dict[str, Any]]) -> list[tuple[str, Claim]]:
+def table1_claims(arec: dict[str, AblationsRecord]) -> list[tuple[str, Claim]]:
     """The mechanism card's frozen rules (:mod:`steerscope.explain.rules`) on Table 1's per-prompt outcomes.
 
     Per setting: the effect retained by each ablation, (ASR_ablated - ASR_unsteered) / (ASR_steered -
@@ -330,11 +334,12 @@ def table1_claims(arec: dict[str, dict[str, Any]]) -> list[tuple[str, Claim]]:
     per-prompt outcomes.
 
     Example:
-        >>> [(s, c.rule, c.status) for s, c in table1_claims({"bypass": run.load("ablations_bypass")})]
+        >>> arec = {"bypass": run.load_record("ablations_bypass", AblationsRecord)}
+        >>> [(s, c.rule, c.status) for s, c in table1_claims(arec)]
     """
     out: list[tuple[str, Claim]] = []
     for setting, a in arec.items():
-        each = a.get("each")
+        each = a.each
         if not each or "none" not in each or "unsteered" not in each:
             continue
         steer, base = np.asarray(each["none"], float), np.asarray(each["unsteered"], float)
@@ -357,7 +362,7 @@ def _retained(x: np.ndarray, steer: np.ndarray, base: np.ndarray) -> Estimate:
     return Estimate(intervals.ratio(x, steer, base, n_boot=1).value, e.ci95, len(x))
 
 
-def _claims_table(r: Report, arec: dict[str, dict[str, Any]]) -> None:
+def _claims_table(r: Report, arec: dict[str, AblationsRecord]) -> None:
     claims = table1_claims(arec)
     if not claims:
         return
