@@ -383,7 +383,7 @@ def test_mypy_is_strict_on_the_analyses_and_the_card():
     assert {"steerscope.explain.*", "steerscope.analyses.*"} <= strict
 
 
-RECORD_STUDIES = ("identifiability", "reasoning", "refusal")  # studies whose steps return typed records (issue 21)
+RECORD_STUDIES = ("identifiability", "reasoning", "refusal", "refusal_mechanisms")  # studies whose steps return typed records (issue 21)
 
 
 def _untyped_returns(root: Path, studies: tuple[str, ...]) -> list[str]:
@@ -405,6 +405,12 @@ def _untyped_returns(root: Path, studies: tuple[str, ...]) -> list[str]:
 
 def test_converted_studies_return_records_not_dicts():
     assert not _untyped_returns(SRC, RECORD_STUDIES)
+
+
+def test_every_study_returns_records():
+    """A new study package joins RECORD_STUDIES (typed step records, strict mypy) from its first commit."""
+    studies = {d.name for d in (SRC / "studies").iterdir() if (d / "pipeline.py").is_file()}
+    assert studies and studies == set(RECORD_STUDIES)
 
 
 def test_untyped_return_rule_can_fail(tmp_path):
