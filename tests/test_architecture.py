@@ -427,3 +427,27 @@ def test_mypy_is_strict_on_the_studies_that_return_records():
     cfg = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())
     strict = {m for o in cfg["tool"]["mypy"]["overrides"] if o.get("strict") for m in o["module"]}
     assert {f"steerscope.studies.{s}.*" for s in RECORD_STUDIES} <= strict
+
+
+def _store_branches(root: Path) -> list[str]:
+    """``isinstance(x, Run)`` / ``isinstance(x, MemoryRun)`` calls: code that branches on which run store it has."""
+    out = []
+    for py in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                names = {n.id if isinstance(n, ast.Name) else getattr(n, "attr", "") for n in ast.walk(node.args[1])}
+                if names & {"Run", "MemoryRun", "_Store"}:
+                    out.append(f"{py.relative_to(root).as_posix()}:{node.lineno}")
+    return out
+
+
+def test_no_code_branches_on_the_run_store():
+    """The folder store and the in-memory store share one interface (records, tensors, vectors, close): no caller
+    asks which one it holds (issue 21)."""
+    assert not _store_branches(SRC)
+
+
+def test_store_branch_rule_can_fail(tmp_path):
+    (tmp_path / "m.py").write_text("def f(run):\n    if isinstance(run, MemoryRun):\n        return 1\n"
+                                   "    return isinstance(run, (int, runs.Run))\n")
+    assert _store_branches(tmp_path) == ["m.py:2", "m.py:4"]

@@ -29,3 +29,23 @@ def test_tensor_artefacts_round_trip_and_corruption_is_a_clear_error(tmp_path):
     (tmp_path / "b.safetensors").write_bytes(b"junk")
     with pytest.raises(StudyError, match="unreadable"):
         load_tensors(tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("store", ["folder", "memory"])
+def test_a_vector_step_is_made_once_and_kept_by_either_store(tmp_path, store):
+    from steerscope.runs import MemoryRun
+    from steerscope.vector import SteeringVector
+
+    calls = []
+
+    def make():
+        calls.append(1)
+        return SteeringVector({3: torch.arange(4.0)})
+
+    run = Run(tmp_path / "r", config={"a": 1}) if store == "folder" else MemoryRun()
+    first = run.vector_step("extract", make)
+    again = (Run(tmp_path / "r", config={"a": 1}) if store == "folder" else run).vector_step("extract", make)
+    assert calls == [1] and first.layers == again.layers == [3] and torch.equal(again[3], torch.arange(4.0))
+    assert (run.folder is None) == (store == "memory")
+    assert store == "memory" or (tmp_path / "r" / "extract.safetensors").is_file()
+    run.close()

@@ -36,6 +36,7 @@ from steerscope.errors import StudyError
 
 if TYPE_CHECKING:
     from steerscope.analyses.records import Record
+    from steerscope.vector import SteeringVector
 
 R = TypeVar("R", bound="Record")
 _META = ("_checksum", "_config", "_files", "_relpaths", "_nonfinite")
@@ -147,6 +148,20 @@ class _Store:
     def load_tensors(self, name: str) -> dict[str, Any]:
         raise NotImplementedError
 
+    folder: Path | None = None  # the run folder; None for a store kept in memory
+
+    def vector_step(self, name: str, make: Callable[[], SteeringVector]) -> SteeringVector:
+        """Run ``make`` as step ``name`` and keep its vector as the step's artefact (``<name>.safetensors`` in a
+        folder run, with metadata; in memory otherwise); a finished step's vector is reloaded, not remade.
+
+        Example:
+            >>> v = run.vector_step("extract", lambda: ss.extract(lm, pos, neg, layers=[6]))
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the store holds (a folder run's lock); nothing for a store kept in memory."""
+
 
 class MemoryRun(_Store):
     """The :class:`Run` interface without a folder: records and tensors kept in memory.
@@ -159,7 +174,16 @@ class MemoryRun(_Store):
     def __init__(self) -> None:
         self.records: dict[str, dict[str, Any]] = {}
         self.tensors: dict[str, dict[str, Any]] = {}
+        self.vectors: dict[str, SteeringVector] = {}
         self.log: list[str] = []
+
+    def vector_step(self, name: str, make: Callable[[], SteeringVector]) -> SteeringVector:
+        def build() -> dict[str, Any]:
+            self.vectors[name] = make()
+            return {"vector": name}
+
+        self.step(name, build)
+        return self.vectors[name]
 
     def done(self, name: str) -> bool:
         return name in self.records
@@ -212,6 +236,8 @@ class Run(_Store):
         >>> with Run("runs/refusal", config={"seed": 0}) as run:
         ...     res = run.step("select", lambda: {"layer": 12})
     """
+
+    folder: Path
 
     def __init__(self, folder: str | Path, config: dict[str, Any] | None = None, force: bool = False) -> None:
         self._lock: str | None = None
@@ -405,6 +431,12 @@ class Run(_Store):
 
     def load_tensors(self, name: str) -> dict[str, Any]:
         return load_tensors(self.folder / "tensors" / f"{name}.safetensors")
+
+    def vector_step(self, name: str, make: Callable[[], SteeringVector]) -> SteeringVector:
+        from steerscope.vector import SteeringVector as Vector  # torch: imported when a vector step runs
+
+        rec = self.step(name, lambda: {"path": str(make().save(self.path(f"{name}.safetensors")))})
+        return Vector.load(rec["path"])
 
     def path(self, *parts: str) -> Path:
         """A path inside the run folder (parent folders created). Called inside a step, the file it

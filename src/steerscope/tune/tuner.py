@@ -116,10 +116,7 @@ def _extract(run: Run | MemoryRun, lm: LM, positive: Sequence[Any], negative: Se
     def make() -> SteeringVector:
         return extract(lm, [positive[i] for i in sp.train], [negative[i] for i in sp.train], method=method,
                        layers=layers, positions=st.extract_positions, batch_size=st.batch_size, show_progress=show)
-    if isinstance(run, MemoryRun):
-        return make()
-    rec = run.step("extract", lambda: {"path": str(make().save(run.path("extract.safetensors")))})
-    return SteeringVector.load(rec["path"])
+    return run.vector_step("extract", make)
 
 
 def _measure(lm: LM, vector: SteeringVector, pairs: list[Pair], neutral: list[str], inp: _Inputs, best: Trial,
@@ -193,8 +190,7 @@ def tune(lm: LM, positive: Sequence[Any], negative: Sequence[Any], method: str |
         return _steps(run, lm, positive, negative, pairs, method, inp, kl_budget, exhaustive, seed, st, data,
                       show_progress)
     finally:
-        if isinstance(run, Run):
-            run.close()
+        run.close()
 
 
 def _steps(run: Run | MemoryRun, lm: LM, positive: Sequence[Any], negative: Sequence[Any], pairs: list[Pair],
@@ -216,7 +212,7 @@ def _steps(run: Run | MemoryRun, lm: LM, positive: Sequence[Any], negative: Sequ
                          alpha_range(rec, kl_budget))
     result = TuneResult(None, chosen, test, rec, sp.sizes(), seed, lm.name, inp.method_name, inp.scorer_name, data,
                         vector=tuned_vector(vector, chosen, test, data))
-    return _write(run, result) if isinstance(run, Run) else result
+    return result if run.folder is None else _write(run.folder, result)
 
 
 def _search(lm: LM, vector: SteeringVector, pairs: list[Pair], neutral: list[str], inp: _Inputs, kl_budget: float,
@@ -231,13 +227,13 @@ def _search(lm: LM, vector: SteeringVector, pairs: list[Pair], neutral: list[str
     return search.tpe(evaluate, inp.layers, inp.positions, st, inp.budget, seed, what, show)
 
 
-def _write(run: Run, result: TuneResult) -> TuneResult:
+def _write(folder: Path, result: TuneResult) -> TuneResult:
     """Save the tuned vector, ``tune.json`` and ``report.html`` in the run folder."""
     from steerscope.tune.report import write_report
 
     assert result.vector is not None
-    path = result.vector.save(run.folder / "vector.safetensors")
-    result = replace(result, vector_path=str(path), report_path=str(run.folder / "report.html"))
-    write_json(run.folder / "tune.json", result.to_dict())
-    write_report(result, run.folder / "report.html")
+    path = result.vector.save(folder / "vector.safetensors")
+    result = replace(result, vector_path=str(path), report_path=str(folder / "report.html"))
+    write_json(folder / "tune.json", result.to_dict())
+    write_report(result, folder / "report.html")
     return result
