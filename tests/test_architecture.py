@@ -451,3 +451,44 @@ def test_store_branch_rule_can_fail(tmp_path):
     (tmp_path / "m.py").write_text("def f(run):\n    if isinstance(run, MemoryRun):\n        return 1\n"
                                    "    return isinstance(run, (int, runs.Run))\n")
     assert _store_branches(tmp_path) == ["m.py:2", "m.py:4"]
+
+
+NOT_RECORDS = {  # dataclasses of analyses/ that are not JSON result records, and why
+    "SAEConfig": "training settings", "SAEFit": "holds tensors and the trained SAE", "PlantedCase": "a surgery recipe",
+    "Candidate": "scored in place during the search", "Selection": "holds the chosen SteeringVector",
+    "LensRow": "holds a graph Node (has its own to_dict)", "Record": "the base class",
+}
+
+
+def _non_record_dataclasses(root: Path) -> list[str]:
+    out = []
+    for py in sorted((root / "analyses").glob("*.py")):
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+                frozen = any("frozen=True" in ast.unparse(d) for d in node.decorator_list)
+                is_record = any(ast.unparse(b) == "Record" for b in node.bases)
+                if not (frozen and is_record) and node.name not in NOT_RECORDS:
+                    out.append(f"analyses/{py.name}:{node.lineno} {node.name}")
+    return out
+
+
+def test_analysis_results_are_frozen_records():
+    """Every result dataclass of analyses/ is a frozen Record (JSON round trip), or is listed with its reason."""
+    assert not _non_record_dataclasses(SRC)
+
+
+def test_analysis_result_records_round_trip():
+    from steerscope.analyses.identifiability import LogitAgreement
+    from steerscope.analyses.lens import LensTop
+    from steerscope.analyses.sparsity import Agreement, NullTest
+
+    for rec in (Agreement(0.9, 0.5, 1e-3, 0.05), NullTest(0.5, 0.3, 0.45, 0.05, 19), LensTop(["a"], [1], [0.5]),
+                LogitAgreement(0.1, 1.0, 0.8, 10)):
+        assert type(rec).from_dict(rec.to_dict()) == rec
+
+
+def test_non_record_rule_can_fail(tmp_path):
+    (tmp_path / "analyses").mkdir()
+    (tmp_path / "analyses" / "m.py").write_text("from dataclasses import dataclass\n@dataclass\nclass A:\n    x: int\n"
+                                                "@dataclass(frozen=True)\nclass B(Record):\n    x: int\n")
+    assert _non_record_dataclasses(tmp_path) == ["analyses/m.py:3 A"]

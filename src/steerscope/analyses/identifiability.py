@@ -130,8 +130,8 @@ def compare(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, pa
 
 
 # -- 3. next-token agreement --------------------------------------------------------------------
-@dataclass
-class LogitAgreement:
+@dataclass(frozen=True)
+class LogitAgreement(Record):
     """Agreement of two sets of next-token logits over prompts (means over rows)."""
 
     l2: float
@@ -246,7 +246,7 @@ def probe_null_fraction(jac: torch.Tensor, n_probes: int = 1000, seed: int = 0, 
 
 
 @dataclass(frozen=True)
-class CovarianceSpectrum:
+class CovarianceSpectrum(Record):
     """The activation-covariance spectrum at one layer and the number of tokens it is measured over."""
 
     layer: int

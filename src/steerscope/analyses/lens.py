@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from steerscope.analyses.records import Record
 from steerscope.errors import VectorError
 from steerscope.models.lm import LM
 
 
-@dataclass
-class LensTop:
+@dataclass(frozen=True)
+class LensTop(Record):
     """The top tokens of one vector."""
 
     tokens: list[str]

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from steerscope.analyses.records import Record
 from steerscope.errors import SteerscopeError
 from steerscope.vector import SteeringVector
 
@@ -131,8 +132,8 @@ def hypergeom_p(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(hypergeom.sf(x - 1, d, na, nb))
 
 
-@dataclass
-class Agreement:
+@dataclass(frozen=True)
+class Agreement(Record):
     """Kept-set agreement of two vectors at one sparsity."""
 
     sparsity: float
@@ -157,8 +158,8 @@ def random_vectors(like: torch.Tensor, n: int, seed: int = 0) -> list[torch.Tens
     return out
 
 
-@dataclass
-class NullTest:
+@dataclass(frozen=True)
+class NullTest(Record):
     """IoU of A's kept set with B's, against the IoUs of A's with the kept sets of random vectors."""
 
     iou: float
