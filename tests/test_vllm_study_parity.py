@@ -39,10 +39,10 @@ def test_reasoning_greedy_evaluation_on_vllm_equals_hf(setup):
     r = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
     vec = ss.SteeringVector({lm.n_layers - 2: NORM * r / r.norm()}, "mlp_out")
     hf = {n: st.evaluate(lm, test, replace(cfg, backend="hf"), n, s, samples=0) for n, s in (("base", None), ("v", vec))}
-    assert hf["v"]["examples"] != hf["base"]["examples"], "the vector must change the text, or parity proves nothing"
+    assert hf["v"].examples != hf["base"].examples, "the vector must change the text, or parity proves nothing"
     for name, steer in (("base", None), ("v", vec)):
         vl = st.evaluate(lm, test, cfg, name, steer, samples=0)
-        print(f"vllm study parity {name}: {vl['examples']}")
+        print(f"vllm study parity {name}: {vl.examples}")
         assert vl == hf[name], name
     assert bv.engine_for(lm).stats()["steered_layer_calls"] > 0
 

@@ -10,11 +10,14 @@ prompts (per-prompt patched metrics, a ratio of means). The refusal-mechanisms s
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from steerscope import circuits as C
+from steerscope.analyses.records import Record
 from steerscope.explain import intervals
 from steerscope.explain.behaviour import Behaviour
 from steerscope.explain.context import Context
@@ -23,13 +26,46 @@ from steerscope.models.load import LM
 from steerscope.vector import SteeringVector
 
 
+@dataclass(frozen=True)
+class MinimalCircuit(Record):
+    """:func:`minimal_circuit`'s result: the faithfulness curve on the grid and the minimal faithful circuit."""
+
+    sizes: list[int]
+    n_edges_pruned: list[int]
+    faithfulness: list[float]
+    m_full: float
+    m_empty: float
+    n_edges_total: int
+    minimal_top_n: int
+    minimal_edges: int
+    minimal_fraction: float
+    reached_threshold: bool
+    threshold: float
+    edge_kinds: dict[str, int]
+    graph: dict[str, Any]  # :meth:`Graph.to_dict`
+
+    def fields(self) -> dict[str, Any]:
+        """The fields by name (not converted to JSON), for records that extend this one."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class CircuitControls(Record):
+    """:func:`controls`' result: the circuit's size and the faithfulness of its controls."""
+
+    own_size: int
+    random_2x: list[float]  # two random circuits of twice the size
+    complement: float
+    others: list[float]  # the ``others`` circuits, in order
+
+
 def graph_of(lm: LM, vector: SteeringVector) -> C.Graph:
     return C.model_graph(lm, vector.layers[0])
 
 
 def minimal_circuit(lm: LM, pb: C.PatchBatch, vector: SteeringVector, alpha: float, edges: torch.Tensor,
                     fracs: Sequence[float], threshold: float = 0.85, bisect_steps: int = 4
-                    ) -> tuple[dict[str, Any], torch.Tensor]:
+                    ) -> tuple[MinimalCircuit, torch.Tensor]:
     """Faithfulness curve and the minimal faithful circuit (bool [U V]).
 
     Example:
@@ -49,11 +85,9 @@ def minimal_circuit(lm: LM, pb: C.PatchBatch, vector: SteeringVector, alpha: flo
         (f_mid,), _, _ = C.faithfulness_of(lm, pb, vector, alpha, g, [C.greedy_circuit(edges, g, mid)])
         lo, hi = (lo, mid) if f_mid >= threshold else (mid, hi)
     circ = C.greedy_circuit(edges, g, hi)
-    rec = {"sizes": sizes, "n_edges_pruned": fc.n_edges, "faithfulness": fc.values, "m_full": fc.m_full,
-           "m_empty": fc.m_empty, "n_edges_total": g.n_edges, "minimal_top_n": hi,
-           "minimal_edges": int(circ.sum()), "minimal_fraction": int(circ.sum()) / g.n_edges,
-           "reached_threshold": reached, "threshold": threshold, "edge_kinds": edge_kinds(circ, g),
-           "graph": g.to_dict()}
+    rec = MinimalCircuit(sizes, list(fc.n_edges), list(fc.values), fc.m_full, fc.m_empty, g.n_edges, hi,
+                         int(circ.sum()), int(circ.sum()) / g.n_edges, reached, threshold, edge_kinds(circ, g),
+                         g.to_dict())
     return rec, circ
 
 
@@ -66,13 +100,13 @@ def edge_kinds(circ: torch.Tensor, g: C.Graph) -> dict[str, int]:
 
 
 def controls(lm: LM, pb: C.PatchBatch, vector: SteeringVector, alpha: float, circ: torch.Tensor, seed: int = 0,
-             others: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
+             others: Sequence[torch.Tensor] = ()) -> CircuitControls:
     """Faithfulness of two random circuits of twice the size, the complement, and ``others``."""
     g = graph_of(lm, vector)
     size = int(circ.sum())
     tests = [C.random_circuit(g, 2 * size, seed=seed + i) for i in range(2)] + [g.valid & ~circ] + list(others)
     vals, _, _ = C.faithfulness_of(lm, pb, vector, alpha, g, tests)
-    return {"own_size": size, "random_2x": vals[:2], "complement": vals[2], "others": vals[3:]}
+    return CircuitControls(size, list(vals[:2]), vals[2], list(vals[3:]))
 
 
 def section(ctx: Context, beh: Behaviour) -> CircuitRecord:
@@ -87,5 +121,5 @@ def section(ctx: Context, beh: Behaviour) -> CircuitRecord:
     tests = [C.random_circuit(g, 2 * size, seed=st.seed + i) for i in range(2)] + [g.valid & ~circ, circ]
     m = C.patched_per_prompt(ctx.lm, beh.pb, ctx.vector, ctx.alpha, g, tests).numpy()
     ctl = [intervals.ratio(m[2 + j], m[0], m[1], st.n_boot, st.seed) for j in range(len(tests))]
-    return CircuitRecord(edge_fraction=rec["minimal_fraction"], **rec, complement=ctl[2].value,
+    return CircuitRecord(edge_fraction=rec.minimal_fraction, **rec.fields(), complement=ctl[2].value,
                          random_2x=[ctl[0].value, ctl[1].value], faithfulness_minimal=ctl[3])

@@ -204,8 +204,8 @@ def step_circuits(run: Run, lm: LM, cfg: Config, name: str, vec: SteeringVector,
     rec, circ = EC.minimal_circuit(lm, _attr_batch(att), vec, alpha, att.edges,
                                    cfg.circuit_fracs, cfg.threshold, cfg.bisect_steps)
     save_tensors(_tensor_path(run, rc.circuit_tensors(name, setting)), {"circuit": circ})
-    return rc.CircuitsRecord(vector=name, setting=setting, **rec,
-                             heldout=heldout_faithfulness(lm, cfg, vec, alpha, setting, att.edges, rec["sizes"], circ))
+    return rc.CircuitsRecord(vector=name, setting=setting, **rec.fields(),
+                             heldout=heldout_faithfulness(lm, cfg, vec, alpha, setting, att.edges, rec.sizes, circ))
 
 
 def heldout_faithfulness(lm: LM, cfg: Config, vec: SteeringVector, alpha: float, setting: str, edges: torch.Tensor,
@@ -251,7 +251,7 @@ def step_circuit_compare(run: Run, lm: LM, cfg: Config, vecs: dict[str, Steering
         pb = _attr_batch(load_attr(run, n, setting))
         others = [o for o in names if o != n and circs[o].shape == circs[n].shape]
         ctl = EC.controls(lm, pb, vecs[n], alpha_of(cfg, setting), circs[n], cfg.seed, [circs[o] for o in others])
-        controls[n] = rc.Controls(ctl["own_size"], ctl["random_2x"], ctl["complement"], dict(zip(others, ctl["others"])))
+        controls[n] = rc.Controls(ctl.own_size, ctl.random_2x, ctl.complement, dict(zip(others, ctl.others)))
     return rc.CircuitCompareRecord(setting=setting, overlap=overlap, rows_used=rows, overlap_common={
         f"{a}-{b}": C.overlap(common[a], common[b]) for a, b in pairs if a in common and b in common}, controls=controls)
 
