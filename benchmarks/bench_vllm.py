@@ -12,8 +12,15 @@ runs an F32 GGUF of the same weights (``--gguf-model``, else made by llama.cpp's
 time (llama-cpp-python has no batched generate), with the vector as a control vector
 (``llama_set_adapter_cvec``, the buffer ``--control-vector-scaled`` builds).
 
+``--compiled`` times the same three configurations on vLLM's compiled engine too (torch.compile with the
+graph-safe steering buffers), after the eager one, each in its own engine. Every run also measures this
+machine's fp32 matmul rate with torch (GFLOP/s, at the start and the end) and reports each engine row as a
+fraction of it (tokens/s x 2 x parameters / matmul rate): how far from the compute limit the engine runs.
+``--skip-hf --skip-peers`` leaves only the engine rows.
+
 Run:
     STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm.py --json > bench_vllm.json
+    STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm.py --compiled --skip-hf --skip-peers --repeats 5 --json
 """
 
 from __future__ import annotations
@@ -128,8 +135,21 @@ def hf_time(lm: ss.LM, texts: list[str], vec: ss.SteeringVector | None, n: int) 
     return time.perf_counter() - t
 
 
-def vllm_rounds(lm: ss.LM, texts: list[str], vec: ss.SteeringVector, n: int, repeats: int) -> list[dict]:
-    eng = bv.engine_for(lm)
+def matmul_gflops(seconds: float = 3.0, size: int = 1024) -> float:
+    """This machine's fp32 matmul rate with torch's threads (GFLOP/s, best of ~``seconds`` of 1024^3 products):
+    the compute-limit anchor for every engine row (tokens/s x 2 x parameters / this)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def vllm_rounds(lm: ss.LM, texts: list[str], vec: ss.SteeringVector, n: int, repeats: int,
+                compiled: bool = False) -> list[dict]:
+    eng = bv.engine_for(lm, compiled=compiled)
     ids = bv.prompt_ids(lm, texts, True)
     params = {"max_tokens": n, "temperature": 0.0, "stop_token_ids": [], "ignore_eos": True}
     g = torch.Generator().manual_seed(1)
@@ -175,6 +195,8 @@ def main() -> None:
     ap.add_argument("--gguf-model", default=os.environ.get("STEERSCOPE_F32_GGUF"))
     ap.add_argument("--convert-script", default=os.environ.get("LLAMACPP_CONVERT", "convert_hf_to_gguf.py"))
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--compiled", action="store_true", help="also time vLLM's compiled engine (graph-safe steering)")
+    ap.add_argument("--skip-peers", action="store_true", help="no nnsight / llama.cpp rows")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     n = a.new_tokens
@@ -183,20 +205,37 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     vec = ss.SteeringVector({12: 8 * (v := torch.randn(lm.d_model, generator=g)) / v.norm()})
     res: dict = {"prompts": len(texts), "new_tokens": n, "threads": torch.get_num_threads(), "load_start": load()}
-    rounds = vllm_rounds(lm, texts, vec, n, a.repeats)
-    res["vllm_rounds"] = rounds
+    res["matmul_gflops"] = matmul_gflops()
+    params = sum(p.numel() for p in lm.model.parameters())
+    res["parameters"] = params
     tok = len(texts) * n
-    res["vllm_tok_s"] = {k: tok / statistics.median(r[k] for r in rounds)
-                         for k in ("unsteered", "steered", "per_request")}
-    res["steer_overhead_pct"] = statistics.median(100 * (r["steered"] / r["unsteered"] - 1) for r in rounds)
-    res["per_request_vs_same_pct"] = statistics.median(100 * (r["per_request"] / r["steered"] - 1) for r in rounds)
-    bv.close_engines()
+    for mode in ("eager", "compiled") if a.compiled else ("eager",):
+        rounds = vllm_rounds(lm, texts, vec, n, a.repeats, compiled=mode == "compiled")
+        pre = "vllm" if mode == "eager" else "vllm_compiled"
+        res[f"{pre}_rounds"] = rounds
+        res[f"{pre}_tok_s"] = {k: tok / statistics.median(r[k] for r in rounds)
+                               for k in ("unsteered", "steered", "per_request")}
+        res[f"{pre}_compute_fraction"] = {k: v * 2 * params / (res["matmul_gflops"] * 1e9)
+                                          for k, v in res[f"{pre}_tok_s"].items()}
+        for name, num, den in (("steer_overhead_pct", "steered", "unsteered"),
+                               ("per_request_vs_same_pct", "per_request", "steered")):
+            xs = [100 * (r[num] / r[den] - 1) for r in rounds]
+            res[f"{pre}_{name}" if mode == "compiled" else name] = statistics.median(xs)
+            res[f"{pre}_{name}_range"] = [min(xs), max(xs)]
+        bv.close_engines()
+    if a.compiled:
+        res["compiled_vs_eager_tok_s"] = {k: res["vllm_compiled_tok_s"][k] / res["vllm_tok_s"][k]
+                                          for k in ("unsteered", "steered", "per_request")}
+    res["matmul_gflops_end"] = matmul_gflops()
     if not a.skip_hf:
         res["load_hf"] = load()
         res["hf_steered_s"] = hf_time(lm, texts, vec, n)
         res["hf_unsteered_s"] = hf_time(lm, texts, None, n)
         res["hf_tok_s_steered"] = tok / res["hf_steered_s"]
         res["vllm_vs_hf_steered_speedup"] = res["vllm_tok_s"]["steered"] / res["hf_tok_s_steered"]
+    if a.skip_peers:
+        print(json.dumps(res, indent=None if a.json else 2))
+        return
     res["load_nnsight"] = load()
     res["nnsight"] = peer(a.nnsight_python, NNSIGHT, {"folder": str(bv.export_folder(lm)), "texts": texts, "n": n,
                                                       "layer": 12, "vec": vec[12].tolist(),

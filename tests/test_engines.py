@@ -192,3 +192,28 @@ def test_serve_passes_tensor_parallelism_through_with_one_cpu_share_per_rank(mon
     assert argv[argv.index("--distributed-executor-backend") + 1] == "mp" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
     argv, _ = sv.serve_argv(str(tmp_path), {}, "127.0.0.1", 8000, "m", tensor_parallel_size=2, executor="ray")
     assert argv.count("--distributed-executor-backend") == 1 and argv[argv.index("--distributed-executor-backend") + 1] == "ray"
+
+
+def test_pack_keeps_a_group_that_fits_in_order_and_cuts_a_larger_one_within_the_budget():
+    from steerscope.backends.hf import pack
+
+    assert pack([3, 1, 2], [9, 4, 7], 8, 3 * 17) == [[3, 1, 2]]  # fits: one call, request order
+    lengths = [5, 30, 6, 12, 12, 40, 3, 8]
+    got = pack(list(range(8)), lengths, 10, 96)
+    assert sorted(i for b in got for i in b) == list(range(8))  # every row once
+    for b in got:  # within the budget, except a row that alone exceeds it
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 10) <= 96
+    assert [5] in got and len(got) < 8  # 40 + 10 tokens: alone; the short rows share calls
+
+
+def test_packed_batches_return_each_row_what_it_gets_alone_in_request_order(lm):
+    prompts = [PROMPTS[i % 4] * (1 + i % 3) for i in range(7)]  # lengths differ, so packing reorders rows
+    v = _vec(lm, 1, 2)
+    reqs = [Request(p, Addition(v, 1.5), max_new_tokens=5) for p in prompts]
+    packed = HFEngine(token_budget=3 * 60).generate(lm, reqs)
+    from steerscope.backends.hf import pack
+
+    enc = [len(lm.tokenize([lm.format_chat(p)])["input_ids"][0]) for p in prompts]
+    assert len(pack(list(range(7)), enc, 5, 3 * 60)) > 1  # really more than one call
+    assert packed == HFEngine(batch_size=1).generate(lm, reqs)
+    assert packed == ss.generate(lm, prompts, vector=v, alpha=1.5, max_new_tokens=5)  # default: one call

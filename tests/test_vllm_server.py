@@ -184,3 +184,44 @@ def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
             assert got == hf, f"steering {steer}"
             rows[bool(steer)] = hf
         assert rows[True] != rows[False], "the vector must change the text, or the comparison proves nothing"
+
+
+def test_serve_compiled_equals_hf_and_refuses_a_condition(smol, tmp_path):
+    """``steerscope serve FOLDER --compiled`` (vLLM's torch.compile, steered through the graph-safe buffers):
+    unsteered, steered and ablated completions token for token the HF path's on the tiny Qwen2 of the parity
+    tests; a condition gets a one-line HTTP 400 and the server keeps serving."""
+    from test_vllm_parity import N_NEW as PARITY_NEW
+    from test_vllm_parity import hf_ids, rand_vec, tiny_qwen2
+
+    tiny = tiny_qwen2(smol.tokenizer)
+    folder = tmp_path / "tiny-qwen2"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    vec = rand_vec(tiny, [2], 4.0, 0)
+    path = vec.save(tmp_path / "a.safetensors")
+    texts = [tiny.format_chat(p) for p in PROMPTS[:3]]
+    ids = bv.prompt_ids(tiny, texts, True)
+    cases = {"none": (None, None), "steer": ({"vector": "a", "alpha": 1.0}, ss.steering(tiny, vec, 1.0)),
+             "ablate": ({"ablate": "a"}, ss.ablation(tiny, vec))}
+    with _serving(str(folder), f"a={path}", tmp_path / "server.log", "--compiled",
+                  "--vllm-args", "--max-model-len 512") as port:
+        rows = {}
+        for name, (steer, ctx) in cases.items():
+            got = []
+            for i in ids:
+                body = {"model": str(folder), "prompt": i, "max_tokens": PARITY_NEW, "temperature": 0.0,
+                        "return_token_ids": True, **({"steering": steer} if steer else {})}
+                status, out = _post(port, body)
+                assert status == 200, out
+                got.append(out["choices"][0]["token_ids"])
+            rows[name] = hf_ids(tiny, texts, ctx)
+            assert got == rows[name], f"compiled server, {name}"
+        assert rows["steer"] != rows["none"] and rows["ablate"] != rows["none"], "the comparison must be able to fail"
+        cond = ss.Condition(torch.ones(tiny.d_model), layer=1, threshold=0.0).to_dict()
+        status, out = _post(port, {"model": str(folder), "prompt": ids[0], "max_tokens": 4,
+                                   "steering": {"vector": "a", "condition": cond}})
+        assert status == 400 and "without --compiled" in out["error"]["message"], out
+        status, _ = _post(port, {"model": str(folder), "prompt": ids[0], "max_tokens": 4})
+        assert status == 200
+    log = (tmp_path / "server.log").read_text()
+    assert "(compiled)" in log

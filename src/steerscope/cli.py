@@ -277,7 +277,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=a.vllm_args, device=a.device,
           max_body_mib=a.max_body_mib, tensor_parallel_size=a.tensor_parallel_size,
-          executor=a.distributed_executor_backend)
+          executor=a.distributed_executor_backend, compiled=a.compiled)
 
 
 def cmd_vllm_setup(a: argparse.Namespace) -> None:
@@ -497,6 +497,9 @@ def _add_serve(sub: Any) -> None:
     sv.add_argument("--distributed-executor-backend", default=None, choices=("uni", "mp", "ray"),
                     help="vLLM's executor: uni (one worker in the engine process), mp (one process per rank) or "
                     "ray (a Ray cluster); default: uni for one worker, mp for more")
+    sv.add_argument("--compiled", action="store_true", help="serve vLLM's compiled model (torch.compile; CUDA "
+                    "graphs on GPU) with graph-safe steering sites; conditions and clamps then get HTTP 400 "
+                    "(default: eager, every steering option)")
     sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. "
                     "'--max-model-len 2048' (default: none)")
     sv.set_defaults(func=cmd_serve)

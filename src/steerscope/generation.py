@@ -180,7 +180,7 @@ def generate(
     alpha: float | Sequence[float] = 1.0,
     max_new_tokens: int = 64,
     positions: Positions = "all",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     system: str | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -210,6 +210,8 @@ def generate(
     / ``generated`` only; sampling uses vLLM's sampler. With vLLM, ``compiled=True`` serves the compiled model
     (graph-safe steering) and ``engine_args`` go to vLLM's engine (e.g. ``{"tensor_parallel_size": 2}``: the
     ranks are bound to this process's CPUs, docs/vllm.md).
+    ``batch_size``: rows per HF ``generate`` call; None (default) packs rows into calls of at most 8192
+    tokens (rows x (longest prompt + new tokens)), one call when they fit (:mod:`steerscope.backends.hf`).
     ``condition``: each row is steered only where its own gate is open (HF, and the eager vLLM engine; a compiled
     one refuses it: docs/conditional.md).
 

@@ -174,13 +174,13 @@ def groups(requests: Sequence[Request]) -> list[list[int]]:
     return list(out.values())
 
 
-def engine(backend: str = "hf", batch_size: int = 16, show_progress: bool = False, compiled: bool = False,
+def engine(backend: str = "hf", batch_size: int | None = None, show_progress: bool = False, compiled: bool = False,
            engine_args: dict[str, Any] | None = None) -> Engine:
     """The engine of a backend name (``hf`` or ``vllm``).
 
     Args:
         backend: ``hf`` or ``vllm``.
-        batch_size: prompts per HF ``generate`` call (vLLM batches continuously).
+        batch_size: prompts per HF ``generate`` call (None: packed to a token budget; vLLM batches continuously).
         show_progress: a progress bar over HF batches.
         compiled, engine_args: vLLM only: its compiled mode, and more ``LLM(...)`` arguments
             (e.g. ``{"tensor_parallel_size": 2}``); refused for ``hf``.

@@ -29,6 +29,7 @@ from steerscope.backends.vllm import (
     engine_env,
     engine_python,
     env_dir,
+    graph_env,
 )
 from steerscope.vector import SteeringVector
 
@@ -92,15 +93,17 @@ def check_extra(extra: Sequence[str]) -> None:
 
 def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name: str,
                extra: Sequence[str] = (), max_body_mib: int = 8, tensor_parallel_size: int = 1,
-               executor: str | None = None) -> tuple[list[str], dict[str, str]]:
+               executor: str | None = None, compiled: bool = False) -> tuple[list[str], dict[str, str]]:
     """The ``vllm serve`` command line and environment for a steered server (request bodies capped at
     ``max_body_mib`` MiB by the middleware: HTTP 413 above). ``tensor_parallel_size`` > 1 runs that many
-    workers (executor ``mp`` unless ``executor`` says otherwise), each bound to its share of the CPUs."""
+    workers (executor ``mp`` unless ``executor`` says otherwise), each bound to its share of the CPUs.
+    ``compiled``: vLLM's compiled model with the graph-safe steering sites (ablation sites included) instead of
+    ``--enforce-eager``; conditions and clamps are then refused per request (HTTP 400)."""
     py = engine_python()
     assert py is not None
     argv = [str(py), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", folder,
             "--host", host, "--port", str(port),
-            "--served-model-name", name, "--dtype", "float32", "--enforce-eager",
+            "--served-model-name", name, "--dtype", "float32", *([] if compiled else ["--enforce-eager"]),
             "--worker-extension-cls", "steerscope_vllm_adapter.SteerExtension",
             "--middleware", "steerscope_vllm_server.SteerMiddleware", *extra]
     if tensor_parallel_size > 1 or executor is not None:
@@ -114,6 +117,8 @@ def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name:
     env = engine_env()
     env["STEERSCOPE_VECTORS"] = json.dumps(vectors)
     env["STEERSCOPE_MAX_BODY_BYTES"] = str(int(max_body_mib) << 20)
+    if compiled:
+        env["STEERSCOPE_VLLM_GRAPH"] = graph_env(folder, ablation_sites=True)
     if tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tensor_parallel_size)
     return argv, env
@@ -121,7 +126,7 @@ def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name:
 
 def serve(model: str, vectors: str | None, host: str = "127.0.0.1", port: int = 8000,
           extra: Sequence[str] = (), device: str = "cpu", max_body_mib: int = 8, tensor_parallel_size: int = 1,
-          executor: str | None = None) -> None:
+          executor: str | None = None, compiled: bool = False) -> None:
     """Check the vectors against ``model``, export its weights for vLLM and replace this process with the server
     (``tensor_parallel_size`` workers, refused first when the model's heads cannot be split that way)."""
     import steerscope as ss
@@ -137,8 +142,11 @@ def serve(model: str, vectors: str | None, host: str = "127.0.0.1", port: int = 
     check_parallel(lm, {"tensor_parallel_size": tensor_parallel_size})
     folder = str(export_folder(lm))
     del lm
-    argv, env = serve_argv(folder, named, host, port, model, extra, max_body_mib, tensor_parallel_size, executor)
-    print(f"steerscope serve: {model} on http://{host}:{port} with vectors {sorted(named) or 'none'}", file=sys.stderr)
+    argv, env = serve_argv(folder, named, host, port, model, extra, max_body_mib, tensor_parallel_size, executor,
+                           compiled)
+    mode = "compiled" if compiled else "eager"
+    print(f"steerscope serve: {model} ({mode}) on http://{host}:{port} with vectors {sorted(named) or 'none'}",
+          file=sys.stderr)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)
 

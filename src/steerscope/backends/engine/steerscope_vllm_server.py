@@ -133,7 +133,7 @@ def to_spec(steering: Any) -> dict[str, Any]:
 
 
 def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | None = None,
-            shapes: dict[str, tuple[list[int], int]] | None = None) -> dict[str, Any]:
+            shapes: dict[str, tuple[list[int], int]] | None = None, compiled: bool = False) -> dict[str, Any]:
     """Validate and rewrite one request body in place (steering -> ``vllm_xargs``, ``cache_salt`` always set).
 
     Args:
@@ -143,6 +143,7 @@ def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | 
             direction and an ``alpha * vector`` that overflows float32 (None: not checked).
         shapes: per name, (layers, width): refuses a condition of another width, or one that reads a layer above
             the vectors it gates (None: not checked here; the worker still refuses it, leaving it unsteered).
+        compiled: the server runs the compiled model, which cannot run conditions or clamps (refused).
 
     Returns:
         ``data``, rewritten. ValueError (one line) for anything refused.
@@ -164,6 +165,10 @@ def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | 
     else:
         check_doses(list(spec.vectors) + [p for _, ps in spec.rules for p in ps], spec.ablate, norms or {})
         if spec.gated:
+            if compiled:
+                from steerscope_vllm_adapter import COMPILED_GATES
+
+                raise ValueError(COMPILED_GATES.replace("use compiled=False", "serve without --compiled"))
             check_gated(spec, shapes)
             text = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True)
         else:
@@ -244,12 +249,13 @@ class SteerMiddleware:
         self.norms = vector_norms(named)
         self.shapes = vector_shapes(named)
         self.max_body = max_body_bytes() if max_body is None else max_body
+        self.compiled = bool(os.environ.get("STEERSCOPE_VLLM_GRAPH"))  # set by `steerscope serve --compiled`
         self._installed = False
         self._lock = asyncio.Lock()
 
     def rewrite(self, data: Any) -> dict[str, Any]:
         """Validate and rewrite one request body in place; returns it (see :func:`rewrite`)."""
-        return rewrite(data, self.known, self.norms, self.shapes)
+        return rewrite(data, self.known, self.norms, self.shapes, self.compiled)
 
     async def _install(self, scope: dict[str, Any]) -> None:
         async with self._lock:
