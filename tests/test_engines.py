@@ -217,3 +217,13 @@ def test_packed_batches_return_each_row_what_it_gets_alone_in_request_order(lm):
     assert len(pack(list(range(7)), enc, 5, 3 * 60)) > 1  # really more than one call
     assert packed == HFEngine(batch_size=1).generate(lm, reqs)
     assert packed == ss.generate(lm, prompts, vector=v, alpha=1.5, max_new_tokens=5)  # default: one call
+
+
+def test_an_engine_that_dies_at_start_is_reported_by_its_last_exception_line() -> None:
+    from steerscope.backends.vllm import _cause
+
+    log = ("INFO starting\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+           "(EngineCore pid=7) ValueError: current platform cpu does not support ray.\nINFO shutting down\n")
+    assert _cause(log) == ": ValueError: current platform cpu does not support ray."
+    assert _cause("RuntimeError: first\nvllm.errors.EngineDeadError: second\n") == ": vllm.errors.EngineDeadError: second"
+    assert _cause("all fine\n") == ""

