@@ -25,6 +25,7 @@ import torch
 
 import steerscope as ss
 from steerscope.backends import vllm as bv
+from steerscope.backends.verify import cut, eos_ids
 
 PROMPTS = ["Write a Python function that reverses a string.", "What is the capital of France?",
            "Explain recursion in one sentence.", "Name three sorting algorithms.", "Hi",
@@ -37,13 +38,8 @@ def hf_ids(lm: ss.LM, texts: list[str], n: int, ctx: Any = None) -> list[list[in
     batch = lm.tokenize(texts, padding_side="left")
     with ctx or nullcontext(), torch.no_grad():
         out = lm.model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-    eos = lm.model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or [])
-    rows = []
-    for row in out[:, batch["input_ids"].shape[1]:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        rows.append(row[:cut])
-    return rows
+    eos = eos_ids(lm)
+    return [cut(row, eos) for row in out[:, batch["input_ids"].shape[1]:].tolist()]
 
 
 def first_gap(lm: ss.LM, text: str, hf: list[int], vl: list[int], ctx: Any) -> dict[str, Any] | None:

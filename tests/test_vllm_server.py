@@ -155,20 +155,26 @@ def test_own_options_in_underscore_or_prefix_spellings_are_refused(arg) -> None:
         check_extra([arg])
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallelism over 2 CPU workers needs 2 CPUs")
-def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
-    """``steerscope serve FOLDER --tensor-parallel-size 2`` (2 CPU workers, the mp executor): unsteered and
-    steered completions token for token the HF path's, on the tiny Qwen2 of the parity tests."""
-    from test_vllm_parity import N_NEW as PARITY_NEW
-    from test_vllm_parity import hf_ids, rand_vec, tiny_qwen2
+def _tiny_qwen2_served(smol, tmp_path):
+    """The tiny Qwen2 of the parity tests saved as a folder, a vector file for it ("a") and 3 templated prompts."""
+    from test_vllm_parity import rand_vec, tiny_qwen2
 
     tiny = tiny_qwen2(smol.tokenizer)
     folder = tmp_path / "tiny-qwen2"
     tiny.model.save_pretrained(folder)
     tiny.tokenizer.save_pretrained(folder)
     vec = rand_vec(tiny, [2], 4.0, 0)
-    path = vec.save(tmp_path / "a.safetensors")
-    texts = [tiny.format_chat(p) for p in PROMPTS[:3]]
+    return tiny, folder, vec, vec.save(tmp_path / "a.safetensors"), [tiny.format_chat(p) for p in PROMPTS[:3]]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallelism over 2 CPU workers needs 2 CPUs")
+def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
+    """``steerscope serve FOLDER --tensor-parallel-size 2`` (2 CPU workers, the mp executor): unsteered and
+    steered completions token for token the HF path's, on the tiny Qwen2 of the parity tests."""
+    from test_vllm_parity import N_NEW as PARITY_NEW
+    from test_vllm_parity import hf_ids
+
+    tiny, folder, vec, path, texts = _tiny_qwen2_served(smol, tmp_path)
     with _serving(str(folder), f"a={path}", tmp_path / "server.log", "--tensor-parallel-size", "2",
                   "--vllm-args", "--max-model-len 512") as port:
         rows = {}
@@ -191,15 +197,9 @@ def test_serve_compiled_equals_hf_and_refuses_a_condition(smol, tmp_path):
     unsteered, steered and ablated completions token for token the HF path's on the tiny Qwen2 of the parity
     tests; a condition gets a one-line HTTP 400 and the server keeps serving."""
     from test_vllm_parity import N_NEW as PARITY_NEW
-    from test_vllm_parity import hf_ids, rand_vec, tiny_qwen2
+    from test_vllm_parity import hf_ids
 
-    tiny = tiny_qwen2(smol.tokenizer)
-    folder = tmp_path / "tiny-qwen2"
-    tiny.model.save_pretrained(folder)
-    tiny.tokenizer.save_pretrained(folder)
-    vec = rand_vec(tiny, [2], 4.0, 0)
-    path = vec.save(tmp_path / "a.safetensors")
-    texts = [tiny.format_chat(p) for p in PROMPTS[:3]]
+    tiny, folder, vec, path, texts = _tiny_qwen2_served(smol, tmp_path)
     ids = bv.prompt_ids(tiny, texts, True)
     cases = {"none": (None, None), "steer": ({"vector": "a", "alpha": 1.0}, ss.steering(tiny, vec, 1.0)),
              "ablate": ({"ablate": "a"}, ss.ablation(tiny, vec))}
