@@ -105,7 +105,6 @@ class HFEngine:
         return pack(idx, lengths, first.max_new_tokens, self.token_budget)
 
 
-
 def pack(idx: Sequence[int], lengths: Sequence[int], new_tokens: int, budget: int) -> list[list[int]]:
     """Rows ``idx`` (prompt ``lengths`` in tokens) in batches of at most ``budget`` rows x (longest prompt +
     ``new_tokens``): all in one batch in their order when they fit, else sorted by length and packed
