@@ -20,6 +20,13 @@ otherwise::
 
     <!-- doc-test: needs STEERSCOPE_VLLM_ENV (starts a vLLM engine) -->
 
+A whole study or card is run at tiny sizes: ``shrink`` runs the block as written, except that each ``steerscope``
+command whose subcommand is in :data:`SHRINK` gets that entry's options appended (argparse keeps an option's
+last value, so they override the block's own sizes, model and device; ``{tiny}`` is a tiny random llama saved
+with SmolLM2's tokenizer). It checks the sequence of commands a page gives, at a cost of seconds::
+
+    <!-- doc-test: shrink (whole studies; tiny sizes here) -->
+
 The reason in parentheses is required; a marker without one, a marker not followed by a runnable fence,
 and a fence without a language (an example could hide there untested) fail. Blocks that are not
 examples say so by their language: ``text`` for a command synopsis, ``json`` for an output sample.
@@ -42,6 +49,13 @@ RUNNABLE = {"python": "python", "py": "python", "bash": "shell", "sh": "shell", 
 MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
 SKIP = re.compile(r"^skip\s*\((?P<reason>.*\S.*)\)$")
 NEEDS = re.compile(r"^needs\s+(?P<var>[A-Z][A-Z0-9_]*)\s*\((?P<reason>.*\S.*)\)$")
+SHRINK_RE = re.compile(r"^shrink\s*\((?P<reason>.*\S.*)\)$")
+# options appended to a ``shrink`` block's commands, by subcommand (the longest match wins)
+SHRINK: dict[str, str] = {
+    "study identifiability": "--model {tiny} --traits formality --alphas 2 --seeds 0 --n-prompts 2 --max-new-tokens 4 "
+                             "--ks 1 --n-k-prompts 1 --n-shift-prompts 3 --n-cov-prompts 4 --n-jac-prompts 1 "
+                             "--device cpu",
+}
 FENCE = re.compile(r"^(?P<ticks>```+)(?P<lang>[^`\s]*)\s*$")
 TIMEOUT_S = 600  # one block; the whole file is budgeted at a few minutes (see the module docstring)
 SHELL_PRELUDE = "set -euo pipefail\n"
@@ -67,6 +81,11 @@ class Block:
         return RUNNABLE.get(self.lang.lower())
 
     @property
+    def shrunk(self) -> bool:
+        """Whether the block runs at the test's tiny sizes (a ``shrink`` marker)."""
+        return SHRINK_RE.match(self.marker or "") is not None
+
+    @property
     def skip_reason(self) -> str | None:
         """Why this block does not run here: its ``skip`` reason, or the missing engine of a ``needs``."""
         m = SKIP.match(self.marker or "")
@@ -80,7 +99,7 @@ class Block:
     @property
     def runs(self) -> bool:
         """Whether the block runs in this environment (no marker, or a ``needs`` that is met)."""
-        return self.marker is None or (NEEDS.match(self.marker) is not None and self.skip_reason is None)
+        return self.marker is None or self.shrunk or (NEEDS.match(self.marker) is not None and self.skip_reason is None)
 
 
 def parse(page: Path) -> list[Block]:
@@ -123,8 +142,9 @@ def test_every_doc_test_marker_gives_a_reason_and_sits_on_a_runnable_fence():
         for n, body in _markers(page):
             block = fences.get(n + 1)
             where = f"{page.relative_to(ROOT)}:{n}"
-            if not (SKIP.match(body) or NEEDS.match(body)):
-                bad.append(f"{where}: {body!r} is not 'skip (reason)' or 'needs VAR (reason)' (a reason is required)")
+            if not (SKIP.match(body) or NEEDS.match(body) or SHRINK_RE.match(body)):
+                bad.append(f"{where}: {body!r} is not 'skip (reason)', 'shrink (reason)' or 'needs VAR (reason)' "
+                           "(a reason is required)")
             elif block is None or block.kind is None:
                 bad.append(f"{where}: the marker is not on the line right above a python or shell fence")
     assert not bad, "\n".join(bad)
@@ -162,6 +182,27 @@ def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def shrink_bin(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path) -> Path:
+    """A ``steerscope`` that appends :data:`SHRINK`'s options for its subcommand (for ``shrink`` blocks)."""
+    import json
+    import shutil
+
+    folder, tiny = tmp_path_factory.mktemp("bin-shrink"), tmp_path_factory.mktemp("tiny-long") / "model"
+    shutil.copytree(tiny_folder, tiny)  # with room for the GPU presets' 512 new tokens
+    cfg = json.loads((tiny / "config.json").read_text())
+    (tiny / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 2048}))
+    exe = folder / "steerscope"
+    table = {k: v.format(tiny=tiny).split() for k, v in SHRINK.items()}
+    exe.write_text(f"#!{sys.executable}\nimport os, sys\nTABLE = {table!r}\n"
+                   "argv = sys.argv[1:]\n"
+                   "keys = [k for k in sorted(TABLE, key=len, reverse=True) if argv[:len(k.split())] == k.split()]\n"
+                   "argv += TABLE[keys[0]] if keys else []\n"
+                   "os.execv(sys.executable, [sys.executable, '-m', 'steerscope.cli', *argv])\n")
+    exe.chmod(0o755)
+    return folder
+
+
 def _env(bin_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""),
@@ -171,8 +212,10 @@ def _env(bin_dir: Path) -> dict[str, str]:
     return env
 
 
-def _run(block: Block, folder: Path, bin_dir: Path) -> None:
+def _run(block: Block, folder: Path, bin_dir: Path, shrink_dir: Path) -> None:
     """Run one block in ``folder``; fail with its output when it raises or exits non-zero."""
+    if block.shrunk:
+        bin_dir = shrink_dir
     if block.kind == "python":
         script = folder / f"block_{block.line}.py"
         script.write_text(block.code)
@@ -192,7 +235,7 @@ def _run(block: Block, folder: Path, bin_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", EXAMPLES, ids=[b.id for b in EXAMPLES])
-def test_doc_example_runs_as_written(block: Block, pages: dict[Path, _Page], bin_dir: Path):
+def test_doc_example_runs_as_written(block: Block, pages: dict[Path, _Page], bin_dir: Path, shrink_bin: Path):
     if not block.runs:
         reason = block.skip_reason
         assert reason, f"{block.id}: the doc-test marker {block.marker!r} needs a reason: skip (why)"
@@ -203,11 +246,11 @@ def test_doc_example_runs_as_written(block: Block, pages: dict[Path, _Page], bin
             pytest.fail(f"{block.id} comes after {earlier.id} on its page, which failed")
         if earlier.line not in page.done:  # a reader runs the page in order
             page.failed.add(earlier.line)
-            _run(earlier, page.folder, bin_dir)
+            _run(earlier, page.folder, bin_dir, shrink_bin)
             page.failed.discard(earlier.line)
             page.done.add(earlier.line)
     page.failed.add(block.line)
-    _run(block, page.folder, bin_dir)
+    _run(block, page.folder, bin_dir, shrink_bin)
     page.failed.discard(block.line)
     page.done.add(block.line)
 
@@ -224,6 +267,14 @@ def test_a_needs_marker_runs_only_where_its_environment_exists(tmp_path, monkeyp
     monkeypatch.setenv("SS_TEST_ENGINE", str(tmp_path))
     assert needs.runs and needs.skip_reason is None
     assert not skip.runs and skip.skip_reason == "too slow"
+    (shrunk,) = parse(_write(tmp_path / "p2.md", "<!-- doc-test: shrink (a study) -->\n```bash\ntrue\n```\n"))
+    assert shrunk.shrunk and shrunk.runs and shrunk.skip_reason is None
+    assert not needs.shrunk and not skip.shrunk
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 # --- blocks that do not run here are still checked: every command parses, every name exists -----------------

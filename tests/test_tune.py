@@ -207,3 +207,22 @@ def test_a_callable_scorer_scores_greedy_responses(one_thread):
     res = tune(lm, POS, NEG, layers=[2], positions=["all"], scorer=length, budget_evals=1,
                settings=Settings(n_alphas=2, n_neutral=2, kl_tokens=2, n_boot=100, rungs=1, gen_tokens=3))
     assert res.scorer == "length" and "length" in res.test.metric and calls  # baseline + steered, val and test
+
+
+def test_the_alpha_range_always_holds_the_recommended_alpha():
+    """Seen on gemma3-270m formality: the best trial, penalised for KL over the budget, still won, and the range
+    (budget-fitting trials only) was [1.22, 1.22] around a recommended 1.42."""
+    from types import SimpleNamespace
+
+    from steerscope.tune.tuner import alpha_range
+
+    def trial(alpha: float, objective: float, kl: float) -> SimpleNamespace:
+        return SimpleNamespace(state="complete", layer=3, positions="all", alpha=alpha, objective=objective,
+                               kl_worst5=kl)
+
+    best = trial(1.42, 5.0, 1.3)  # over the budget of 1.0
+    rec = SimpleNamespace(best=best, trials=[best, trial(1.22, 4.8, 0.9), trial(0.5, 1.0, 0.1)])
+    assert alpha_range(rec, 1.0) == (1.22, 1.42)  # type: ignore[arg-type]
+    assert alpha_range(rec, 2.0) == (1.22, 1.42)  # type: ignore[arg-type]
+    rec = SimpleNamespace(best=best, trials=[best])
+    assert alpha_range(rec, 1.0) == (1.42, 1.42)  # type: ignore[arg-type]

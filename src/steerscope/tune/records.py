@@ -104,7 +104,7 @@ class SearchRecord(Record):
 
 @dataclass(frozen=True)
 class Recommended(Record):
-    """The chosen configuration; ``alpha_range``: the alphas at its layer and positions whose
+    """The chosen configuration; ``alpha_range``: ``alpha`` and the alphas at its layer and positions whose
     validation objective is within 10 % of the best and whose KL fits the budget."""
 
     layer: int

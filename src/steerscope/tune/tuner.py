@@ -101,12 +101,13 @@ def _objective(ev: Evaluator, norms: dict[int, float], kl_budget: float, st: Set
 
 
 def alpha_range(rec: SearchRecord, kl_budget: float) -> tuple[float, float]:
-    """The alphas at the best trial's layer and positions within 10 % of its objective and within the budget."""
+    """The best trial's alpha and the alphas at its layer and positions within 10 % of its objective and within
+    the budget (the best alpha is always inside: a penalised best over the budget once fell outside its range)."""
     b = rec.best
     near = [t.alpha for t in rec.trials if t.state == "complete" and t.layer == b.layer
             and search.label(t.positions) == search.label(b.positions) and t.kl_worst5 <= kl_budget
             and t.objective >= b.objective - 0.1 * abs(b.objective)]
-    near = near or [b.alpha]
+    near = [*near, b.alpha]
     return min(near), max(near)
 
 
