@@ -98,7 +98,7 @@ class Block:
 
     @property
     def runs(self) -> bool:
-        """Whether the block runs in this environment (no marker, or a ``needs`` that is met)."""
+        """Whether the block runs in this environment (no marker, a ``shrink``, or a ``needs`` that is met)."""
         return self.marker is None or self.shrunk or (NEEDS.match(self.marker) is not None and self.skip_reason is None)
 
 
@@ -185,15 +185,9 @@ def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def shrink_bin(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path) -> Path:
     """A ``steerscope`` that appends :data:`SHRINK`'s options for its subcommand (for ``shrink`` blocks)."""
-    import json
-    import shutil
-
-    folder, tiny = tmp_path_factory.mktemp("bin-shrink"), tmp_path_factory.mktemp("tiny-long") / "model"
-    shutil.copytree(tiny_folder, tiny)  # with room for the GPU presets' 512 new tokens
-    cfg = json.loads((tiny / "config.json").read_text())
-    (tiny / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 2048}))
+    folder = tmp_path_factory.mktemp("bin-shrink")
     exe = folder / "steerscope"
-    table = {k: v.format(tiny=tiny).split() for k, v in SHRINK.items()}
+    table = {k: v.format(tiny=tiny_folder).split() for k, v in SHRINK.items()}
     exe.write_text(f"#!{sys.executable}\nimport os, sys\nTABLE = {table!r}\n"
                    "argv = sys.argv[1:]\n"
                    "keys = [k for k in sorted(TABLE, key=len, reverse=True) if argv[:len(k.split())] == k.split()]\n"
@@ -267,14 +261,10 @@ def test_a_needs_marker_runs_only_where_its_environment_exists(tmp_path, monkeyp
     monkeypatch.setenv("SS_TEST_ENGINE", str(tmp_path))
     assert needs.runs and needs.skip_reason is None
     assert not skip.runs and skip.skip_reason == "too slow"
-    (shrunk,) = parse(_write(tmp_path / "p2.md", "<!-- doc-test: shrink (a study) -->\n```bash\ntrue\n```\n"))
+    page.write_text("<!-- doc-test: shrink (a study) -->\n```bash\ntrue\n```\n")
+    (shrunk,) = parse(page)
     assert shrunk.shrunk and shrunk.runs and shrunk.skip_reason is None
     assert not needs.shrunk and not skip.shrunk
-
-
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
 
 
 # --- blocks that do not run here are still checked: every command parses, every name exists -----------------
