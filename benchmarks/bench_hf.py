@@ -29,31 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import steerscope as ss
-from bench_vllm import PROMPTS, peer
+from bench_vllm import NNSIGHT, PROMPTS, peer
 from steerscope.backends import vllm as bv
-
-NNSIGHT = r'''
-import json, sys, time, torch
-from nnsight import LanguageModel
-cfg = json.loads(open(sys.argv[1]).read()); torch.set_num_threads(cfg["threads"])
-model = LanguageModel(cfg["folder"], dispatch=True, dtype=torch.float32)
-tok = model.tokenizer; tok.padding_side = "left"
-vec = torch.tensor(cfg["vec"])
-texts = cfg["texts"]
-res = {}
-for steer in (False, True):  # module level: nnsight binds saved values in this frame
-    t = time.perf_counter()
-    with model.generate(texts, max_new_tokens=cfg["n"], do_sample=False, pad_token_id=tok.pad_token_id) as tracer:
-        if steer:  # resid_pre of layer L = output of layer L-1, every generation step (bounded iter)
-            for step in tracer.iter[0:cfg["n"]]:
-                model.model.layers[cfg["layer"] - 1].output[:] += vec
-        ids = tracer.result.save()
-    dt = time.perf_counter() - t
-    n_in = len(tok(texts, padding=True, add_special_tokens=False)["input_ids"][0])
-    res["steered" if steer else "unsteered"] = dt
-    res["texts_steered" if steer else "texts_unsteered"] = tok.batch_decode(ids[:, n_in:], skip_special_tokens=True)
-print(json.dumps(res))
-'''
 
 
 def timed(fn) -> tuple[float, list[str]]:

@@ -44,6 +44,8 @@ TOPICS = ["rain", "bread", "the sea", "chess", "trains", "owls", "tea", "winter"
           "rivers", "clocks", "salt", "paper", "bridges", "gardens", "wolves", "copper", "deserts", "kites", "honey",
           "stone", "lamps", "snow", "violins", "forests", "ink", "islands", "wheat", "mirrors"]
 PROMPTS = [f"Write a short paragraph about {t}." for t in TOPICS]
+# nnsight's steered generate (one script for this file and bench_hf.py): rows run to ``n`` tokens when the job
+# says ``"fixed_length"`` (equal work steered or not), else stop at EOS as ``ss.generate`` does
 NNSIGHT = r'''
 import json, sys, time, torch
 from nnsight import LanguageModel
@@ -52,18 +54,22 @@ model = LanguageModel(cfg["folder"], dispatch=True, dtype=torch.float32)
 tok = model.tokenizer; tok.padding_side = "left"
 vec = torch.tensor(cfg["vec"])
 texts = cfg["texts"]
+fixed = {"min_new_tokens": cfg["n"]} if cfg.get("fixed_length") else {}
 res = {}
 for steer in (False, True):  # module level: nnsight binds saved values in this frame
     t = time.perf_counter()
-    with model.generate(texts, max_new_tokens=cfg["n"], min_new_tokens=cfg["n"], do_sample=False,
-                        pad_token_id=tok.pad_token_id) as tracer:
+    with model.generate(texts, max_new_tokens=cfg["n"], do_sample=False, pad_token_id=tok.pad_token_id,
+                        **fixed) as tracer:
         if steer:  # resid_pre of layer L = output of layer L-1, every generation step (bounded iter)
             for step in tracer.iter[0:cfg["n"]]:
                 model.model.layers[cfg["layer"] - 1].output[:] += vec
         ids = tracer.result.save()
     res[steer] = (time.perf_counter() - t, ids.tolist())
 (tu, iu), (ts, is_) = res[False], res[True]
-print(json.dumps({"unsteered": tu, "steered": ts, "rows_changed_by_steering": sum(a != b for a, b in zip(iu, is_))}))
+n_in = len(tok(texts, padding=True, add_special_tokens=False)["input_ids"][0])
+print(json.dumps({"unsteered": tu, "steered": ts, "rows_changed_by_steering": sum(a != b for a, b in zip(iu, is_)),
+                  **{"texts_" + k: tok.batch_decode([r[n_in:] for r in rows], skip_special_tokens=True)
+                     for k, rows in (("unsteered", iu), ("steered", is_))}}))
 '''
 
 LLAMA = r'''
@@ -238,7 +244,7 @@ def main() -> None:
         return
     res["load_nnsight"] = load()
     res["nnsight"] = peer(a.nnsight_python, NNSIGHT, {"folder": str(bv.export_folder(lm)), "texts": texts, "n": n,
-                                                      "layer": 12, "vec": vec[12].tolist(),
+                                                      "fixed_length": True, "layer": 12, "vec": vec[12].tolist(),
                                                       "threads": torch.get_num_threads()})
     res["load_llama_cpp"] = load()
     res["llama_cpp"] = (peer(a.llama_python, LLAMA, llama_cfg(lm, texts, vec, a)) if a.llama_python

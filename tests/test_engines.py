@@ -11,7 +11,7 @@ from conftest import make_tiny
 from steerscope.analyses.trainable import SteeringBias
 from steerscope.backends import Addition, BackendError, Request, engine, requests
 from steerscope.backends.base import groups
-from steerscope.backends.hf import HFEngine
+from steerscope.backends.hf import BYTE_SLACK, HFEngine
 from steerscope.backends.vllm import VLLMEngine
 from steerscope.generation import chat_batch
 from steerscope.hooks import hook_count
@@ -217,6 +217,20 @@ def test_packed_batches_return_each_row_what_it_gets_alone_in_request_order(lm):
     assert len(pack(list(range(7)), enc, 5, 3 * 60)) > 1  # really more than one call
     assert packed == HFEngine(batch_size=1).generate(lm, reqs)
     assert packed == ss.generate(lm, prompts, vector=v, alpha=1.5, max_new_tokens=5)  # default: one call
+
+
+def test_a_group_that_surely_fits_the_budget_is_not_tokenized_to_pack_it(lm, monkeypatch):
+    texts = [lm.format_chat(p) for p in PROMPTS[:3]]
+    first = Request(PROMPTS[0], max_new_tokens=4)
+    calls = []
+    real = lm.tokenize
+    monkeypatch.setattr(lm, "tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert HFEngine().batches(lm, [0, 1, 2], texts, first) == [[0, 1, 2]] and not calls  # the byte bound fits
+    tight = 3 * (max(len(t.encode()) for t in texts) + 4)  # below the byte bound: lengths are needed
+    got = HFEngine(token_budget=tight).batches(lm, [0, 1, 2], texts, first)
+    assert calls and sorted(i for b in got for i in b) == [0, 1, 2]
+    for t in texts:  # the bound holds: no prompt has more tokens than bytes + the slack
+        assert len(real([t])["input_ids"][0]) <= len(t.encode()) + BYTE_SLACK
 
 
 def test_an_engine_that_dies_at_start_is_reported_by_its_last_exception_line() -> None:

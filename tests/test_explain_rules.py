@@ -96,8 +96,10 @@ def test_the_worked_formality_card_no_longer_earns_the_values_verdict() -> None:
 
 
 def _circuit(faith: tuple[float, float]) -> CircuitRecord:
-    return CircuitRecord(0.05, [1], [1], [0.9], 2.0, 0.0, 100, 5, 5, 0.05, True, 0.85, {}, {}, 0.1, [0.1, 0.1],
-                         E(sum(faith) / 2, *faith))
+    return CircuitRecord(edge_fraction=0.05, sizes=[1], n_edges_pruned=[1], faithfulness=[0.9], m_full=2.0,
+                         m_empty=0.0, n_edges_total=100, minimal_top_n=5, minimal_edges=5, minimal_fraction=0.05,
+                         reached_threshold=True, threshold=0.85, edge_kinds={}, graph={}, complement=0.1,
+                         random_2x=[0.1, 0.1], faithfulness_minimal=E(sum(faith) / 2, *faith))
 
 
 @pytest.mark.parametrize("faith, status", [((0.7, 0.95), "supported"), ((0.1, 0.4), "contradicted"),

@@ -33,6 +33,7 @@ from steerscope.progress import progress
 from steerscope.steer import steering
 
 TOKEN_BUDGET = 8192  # rows x (longest prompt + new tokens) per generate call when batch_size is None
+BYTE_SLACK = 8  # tokens a prompt may have beyond its UTF-8 bytes (BOS/EOS, a dummy-prefix space)
 
 
 def batch_context(lm: LM, batch: Sequence[Request]) -> ContextManager[Any]:
@@ -100,6 +101,11 @@ class HFEngine:
         """The rows of one group cut into ``generate`` calls (see the module docstring)."""
         if self.batch_size is not None:
             return [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        # a token covers at least one UTF-8 byte (a few more for special tokens and a leading-space marker):
+        # when that bound fits, the group is one call and is not tokenized twice (generate_batch tokenizes it)
+        bound = max(len(texts[i].encode()) for i in idx) + BYTE_SLACK
+        if len(idx) * (bound + first.max_new_tokens) <= self.token_budget:
+            return [list(idx)]
         enc = lm.tokenize([texts[i] for i in idx], templated=first.template != "none")
         lengths = [int(n) for n in enc["attention_mask"].sum(1)]
         return pack(idx, lengths, first.max_new_tokens, self.token_budget)

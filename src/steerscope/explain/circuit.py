@@ -10,9 +10,8 @@ prompts (per-prompt patched metrics, a ratio of means). The refusal-mechanisms s
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -21,32 +20,9 @@ from steerscope.analyses.records import Record
 from steerscope.explain import intervals
 from steerscope.explain.behaviour import Behaviour
 from steerscope.explain.context import Context
-from steerscope.explain.records import CircuitRecord
+from steerscope.explain.records import CircuitRecord, MinimalCircuit
 from steerscope.models.load import LM
 from steerscope.vector import SteeringVector
-
-
-@dataclass(frozen=True)
-class MinimalCircuit(Record):
-    """:func:`minimal_circuit`'s result: the faithfulness curve on the grid and the minimal faithful circuit."""
-
-    sizes: list[int]
-    n_edges_pruned: list[int]
-    faithfulness: list[float]
-    m_full: float
-    m_empty: float
-    n_edges_total: int
-    minimal_top_n: int
-    minimal_edges: int
-    minimal_fraction: float
-    reached_threshold: bool
-    threshold: float
-    edge_kinds: dict[str, int]
-    graph: dict[str, Any]  # :meth:`Graph.to_dict`
-
-    def fields(self) -> dict[str, Any]:
-        """The fields by name (not converted to JSON), for records that extend this one."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True)

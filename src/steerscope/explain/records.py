@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,10 +181,10 @@ class FrozenRecord(Record):
 
 
 @dataclass(frozen=True)
-class CircuitRecord(Record):
-    """Section ``circuit``: the minimal faithful circuit, its faithfulness interval and controls."""
+class MinimalCircuit(Record):
+    """:func:`steerscope.explain.circuit.minimal_circuit`'s result: the faithfulness curve on the grid and the
+    minimal faithful circuit (the card's and the refusal-mechanisms study's circuit records extend it)."""
 
-    edge_fraction: float
     sizes: list[int]
     n_edges_pruned: list[int]
     faithfulness: list[float]
@@ -196,7 +197,19 @@ class CircuitRecord(Record):
     reached_threshold: bool
     threshold: float
     edge_kinds: dict[str, int]
-    graph: dict[str, Any]
+    graph: dict[str, Any]  # :meth:`Graph.to_dict`
+
+    def fields(self) -> dict[str, Any]:
+        """The fields by name (not converted to JSON), for records that extend this one."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitRecord(MinimalCircuit):
+    """Section ``circuit``: the minimal faithful circuit (:class:`MinimalCircuit`'s fields), its faithfulness
+    interval and controls."""
+
+    edge_fraction: float
     complement: float
     random_2x: list[float]
     faithfulness_minimal: Estimate | None = None

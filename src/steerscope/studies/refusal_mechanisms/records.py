@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Hashable, TypeVar
 
 from steerscope.analyses.records import Record
 from steerscope.circuits.graph import Node
+from steerscope.explain.records import MinimalCircuit
 from steerscope.runs import Run
 
 R = TypeVar("R", bound=Record)
@@ -172,28 +173,19 @@ class Heldout(_Sparse):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CircuitsRecord(_Sparse):
+class CircuitsRecord(_Sparse, MinimalCircuit):
     """Step ``circuits_<vector>_<setting>``: the faithfulness curve and minimal faithful circuit
-    (:func:`steerscope.explain.circuit.minimal_circuit`'s fields) and its held-out faithfulness."""
+    (:class:`~steerscope.explain.records.MinimalCircuit`'s fields) and its held-out faithfulness."""
 
     _OPTIONAL: ClassVar[tuple[str, ...]] = ("heldout",)
 
     vector: str
     setting: str
-    sizes: list[int]
-    n_edges_pruned: list[int]
-    faithfulness: list[float]
-    m_full: float
-    m_empty: float
-    n_edges_total: int
-    minimal_top_n: int
-    minimal_edges: int
-    minimal_fraction: float
-    reached_threshold: bool
-    threshold: float
-    edge_kinds: dict[str, int]
-    graph: dict[str, Any]  # :meth:`Graph.to_dict`
     heldout: Heldout | None = None  # None: a record made before the held-out check
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()  # the base's fields come first; earlier versions wrote vector and setting first
+        return {"vector": d.pop("vector"), "setting": d.pop("setting"), **d}
 
 
 @dataclass(frozen=True)
