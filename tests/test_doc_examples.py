@@ -52,6 +52,12 @@ NEEDS = re.compile(r"^needs\s+(?P<var>[A-Z][A-Z0-9_]*)\s*\((?P<reason>.*\S.*)\)$
 SHRINK_RE = re.compile(r"^shrink\s*\((?P<reason>.*\S.*)\)$")
 # options appended to a ``shrink`` block's commands, by subcommand (the longest match wins)
 SHRINK: dict[str, str] = {
+    "explain": "--sections lens",
+    "study refusal": "--n-train 16 --n-val 4 --layers 16,18 --n-test 4 --max-new-tokens 8 --n-trained 8 "
+                     "--trained-epochs 1 --gen-batch 16 --device cpu",
+    "study refusal-mechanisms": "--model {tiny} --vector-dir {tiny_vectors} --quick --device cpu",
+    "study reasoning": "--model {tiny} --steps 1 --prompts-per-step 1 --k 2 --n-test 2 --eval-samples 1 --seeds 1 "
+                       "--max-new-tokens 4 --no-sae --device cpu",
     "study identifiability": "--model {tiny} --traits formality --alphas 2 --seeds 0 --n-prompts 2 --max-new-tokens 4 "
                              "--ks 1 --n-k-prompts 1 --n-shift-prompts 3 --n-cov-prompts 4 --n-jac-prompts 1 "
                              "--device cpu",
@@ -184,10 +190,20 @@ def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def shrink_bin(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path) -> Path:
-    """A ``steerscope`` that appends :data:`SHRINK`'s options for its subcommand (for ``shrink`` blocks)."""
+    """A ``steerscope`` that appends :data:`SHRINK`'s options for its subcommand (for ``shrink`` blocks);
+    ``{tiny_vectors}`` holds a DIM and a PO vector of the tiny model (random directions) for the studies."""
+    import torch
+
+    import steerscope as ss
+
     folder = tmp_path_factory.mktemp("bin-shrink")
+    vectors = tmp_path_factory.mktemp("tiny-vectors")
+    d_model = ss.load_model(str(tiny_folder)).d_model
+    for seed, name in ((1, "dim"), (2, "po")):
+        g = torch.Generator().manual_seed(seed)
+        ss.SteeringVector({1: 2.0 * torch.randn(d_model, generator=g)}).save(vectors / f"refusal-{name}.safetensors")
     exe = folder / "steerscope"
-    table = {k: v.format(tiny=tiny_folder).split() for k, v in SHRINK.items()}
+    table = {k: v.format(tiny=tiny_folder, tiny_vectors=vectors).split() for k, v in SHRINK.items()}
     exe.write_text(f"#!{sys.executable}\nimport os, sys\nTABLE = {table!r}\n"
                    "argv = sys.argv[1:]\n"
                    "keys = [k for k in sorted(TABLE, key=len, reverse=True) if argv[:len(k.split())] == k.split()]\n"

@@ -317,7 +317,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
     if a.json:
         print(dumps(card.to_dict(), None))
         return
-    print(f"card: {a.out}/card.html and {a.out}/card.json\n{card.verdict}")
+    print(f"card: {Path(a.out) / 'card.html'} and {Path(a.out) / 'card.json'}\n{card.verdict}")
 
 
 def _check_card_folder(a: argparse.Namespace, vec: Any, prompts: list[str] | None, model: str) -> None:

@@ -43,7 +43,8 @@ class Config(StudyConfig):
     k: int = option(8, "samples per prompt (RLOO's leave-one-out baseline needs 2)", minimum=2)
     lr: float = option(0.1, "learning rate of the bias")  # SmolLM2 residual norms are 150-900: |bias| ~10-50 matters
     lora_lr: float = 1e-3
-    max_new_tokens: int = 16
+    max_new_tokens: int = option(16, "new tokens per generation, training and evaluation (default: the preset's)",
+                                 minimum=1)
     temperature: float = 1.0
     eval_samples: int = option(8, "samples at T = 1 per test problem for pass@1, the primary accuracy", minimum=0)
     n_analysis: int = 24
