@@ -14,6 +14,7 @@ Usage (one model a run; several CPU-minutes on Qwen2.5-Coder-0.5B)::
     python benchmarks/conditional_refusal.py --model qwen2.5-coder-0.5b --alpha 0.5 --out benchmarks/results/conditional_refusal
     python benchmarks/conditional_refusal.py --model smollm2-135m-safe --alpha 1.0 --out benchmarks/results/conditional_refusal
     python benchmarks/conditional_refusal.py --model qwen2.5-coder-0.5b --alpha 0.5 --reduce last  # gate on the last prompt token
+    python benchmarks/conditional_refusal.py --model qwen2.5-coder-0.5b --alpha 0.5 --reduce last --max-fpr 0.05
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens (default: %(default)s)")
     ap.add_argument("--reduce", default="mean", choices=("mean", "last", "max"),
                     help="how the gate pools the prompt's tokens, one of %(choices)s (default: %(default)s)")
+    ap.add_argument("--max-fpr", type=float, default=None,
+                    help="fit the gate for the most harmful prompts caught at this validation false-positive rate "
+                         "on harmless ones (default: by balanced accuracy)")
     ap.add_argument("--out", default="benchmarks/results/conditional_refusal", help="output folder")
     a = ap.parse_args()
     t0 = time.time()
@@ -75,7 +79,7 @@ def main() -> None:
     (layer,) = vec.layers
     # the gate must read a residual the steering has not touched yet: layers up to the steering layer
     gate = ss.Condition.fit(lm, load_split("harmful", "train")[: a.n_train], load_split("harmless", "train")[: a.n_train],
-                            layers=range(layer + 1), reduce=a.reduce, seed=0)
+                            layers=range(layer + 1), reduce=a.reduce, seed=0, max_fpr=a.max_fpr)
     harmful, harmless = load_split("harmful", "test")[: a.n_test], load_split("harmless", "test")[: a.n_test]
     res = {"harmful": arms(lm, harmful, vec, a.alpha, gate, a.max_new_tokens),
            "harmless": arms(lm, harmless, vec, a.alpha, gate, a.max_new_tokens)}
@@ -90,7 +94,7 @@ def main() -> None:
                                 seed=0)
     cos = float(torch.nn.functional.cosine_similarity(at_steer.direction.float(), vec[layer].float(), dim=0))
     out = {"model": a.model, "vector": a.vector or f"{a.model}/refusal-dim", "steer_layer": layer, "alpha": a.alpha,
-           "reduce": a.reduce,
+           "reduce": a.reduce, "max_fpr": a.max_fpr,
            "positions": "all", "max_new_tokens": a.max_new_tokens, "gate": gate.to_dict(),
            "gate_report": gate.report.to_dict() if gate.report else None,
            "probe_at_steer_layer": {"cosine_with_steering_vector": cos,
@@ -102,7 +106,8 @@ def main() -> None:
            "tests": tests, "seconds": round(time.time() - t0, 1)}
     path = Path(a.out)
     path.mkdir(parents=True, exist_ok=True)
-    (path / (f"{a.model}.json" if a.reduce == "mean" else f"{a.model}-{a.reduce}.json")).write_text(json.dumps(out, indent=1, default=str) + "\n")
+    name = a.model + ("" if a.reduce == "mean" else f"-{a.reduce}") + ("" if a.max_fpr is None else f"-fpr{a.max_fpr:g}")
+    (path / f"{name}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     r = out["rates"]
     for side in ("harmful", "harmless"):
         print(side, {arm: f"{v['rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" for arm, v in r[side].items()})

@@ -11,7 +11,7 @@ import torch
 import steerscope as ss
 from conftest import make_tiny
 from steerscope.conditional import Condition
-from steerscope.conditional.fit import balanced_accuracy, best_threshold, split
+from steerscope.conditional.fit import balanced_accuracy, best_threshold, split, threshold_at_fpr
 from steerscope.errors import DataError
 
 WORDS = ["apple", "river", "music", "stone", "cloud", "green", "paper", "light", "horse", "glass", "money", "bread"]
@@ -39,6 +39,27 @@ def test_best_threshold_maximises_balanced_accuracy_by_brute_force():
     grid = np.linspace(-5, 5, 20001)
     assert ba == pytest.approx(max(balanced_accuracy(pos, neg, x) for x in grid))
     assert balanced_accuracy(pos, neg, t) == ba
+
+
+@pytest.mark.parametrize("max_fpr", [0.0, 0.1, 0.25, 0.5])
+def test_threshold_at_fpr_opens_on_the_most_positives_within_the_false_positive_budget(max_fpr):
+    g = np.random.default_rng(1)
+    pos, neg = g.normal(1, 1, 40), g.normal(0, 1, 20)
+    t, tpr = threshold_at_fpr(pos, neg, max_fpr)
+    assert np.mean(neg > t) <= max_fpr and tpr == np.mean(pos > t)
+    grid = np.linspace(-6, 6, 24001)  # brute force: no threshold within the budget opens on more positives
+    assert tpr == max(np.mean(pos > x) for x in grid if np.mean(neg > x) <= max_fpr)
+    assert threshold_at_fpr(np.array([2.0, 3.0]), np.array([0.0, 1.0, 2.5]), 0.34) == (1.5, 1.0)
+
+
+def test_a_fit_for_a_false_positive_budget_chooses_by_the_true_positive_rate_there(tiny):
+    cond = Condition.fit(tiny, POS, NEG, layers=[0, 1, 2], reduce="last", seed=3, max_fpr=0.0)
+    r = cond.report
+    assert r is not None and r.metric == "tpr_at_fpr" and r.max_fpr == 0.0
+    assert r.val_by_layer[r.layer] == max(r.val_by_layer.values())
+    assert json.loads(json.dumps(r.to_dict()))["max_fpr"] == 0.0
+    with pytest.raises(DataError, match="max_fpr"):
+        Condition.fit(tiny, POS, NEG, layers=[0], max_fpr=1.5)
 
 
 @pytest.mark.parametrize("reduce", ["mean", "last", "max"])

@@ -9,6 +9,9 @@
 4. On validation: each layer's best threshold by **balanced accuracy** (mean of the true-positive and the
    true-negative rate; thresholds midway between sorted validation scores, ties to the middle one); the layer
    with the highest validation balanced accuracy wins (ties: the lowest layer, which can gate the most layers).
+   With ``max_fpr`` (a safety gate that may fire on at most that share of negatives): each layer's threshold is
+   the lowest one whose validation false-positive rate is at most ``max_fpr``, and the layer with the highest
+   validation true-positive rate there wins (ties: the lowest layer); the Neyman-Pearson choice.
 5. On test (never seen before): balanced accuracy of the chosen layer and threshold, with a 95 % stratified
    percentile bootstrap interval (:func:`steerscope.stats.bootstrap_ci`, classes resampled separately) and
    Wilson intervals of the two rates (:func:`steerscope.stats.wilson`).
@@ -40,8 +43,10 @@ class FitReport:
     """How a condition was fitted (module docstring) and how well it separates held-out prompts.
 
     ``n_*`` are (positive, negative) counts; rates and balanced accuracies are in [0, 1]; ``val_by_layer`` is each
-    candidate layer's best validation balanced accuracy (a layer where the train class means coincide, e.g. the
-    last token of a chat template at layer 0, is left out); ``n`` is the number of test prompts.
+    candidate layer's best validation ``metric`` (balanced accuracy, or with ``max_fpr`` the true-positive rate at
+    the threshold that keeps the validation false-positive rate within it; a layer where the train class means
+    coincide, e.g. the last token of a chat template at layer 0, is left out); ``val_balanced_accuracy`` is the
+    chosen layer's and threshold's; ``n`` is the number of test prompts.
 
     Example:
         >>> r = harmful.report; print(f"{r.test_balanced_accuracy:.2f} {r.test_ci95} n={r.n}")
@@ -63,7 +68,8 @@ class FitReport:
     test_tnr: float
     test_tnr_ci95: tuple[float, float]
     val_by_layer: dict[int, float] = field(default_factory=dict)
-    metric: str = "balanced_accuracy"
+    metric: str = "balanced_accuracy"  # or "tpr_at_fpr" (with max_fpr): what val_by_layer holds and the layer maximised
+    max_fpr: float | None = None
     interval: str = "stratified percentile bootstrap, 2000 resamples"
 
     @property
@@ -119,6 +125,20 @@ def best_threshold(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
     best = np.flatnonzero(ba == ba.max())
     i = best[len(best) // 2]
     return float(cands[i]), float(ba[i])
+
+
+def threshold_at_fpr(pos: np.ndarray, neg: np.ndarray, max_fpr: float) -> tuple[float, float]:
+    """(threshold, true-positive rate) of the gate ``score > threshold`` with the most true positives among those
+    that open on at most ``max_fpr`` of ``neg``: the lowest such threshold (candidates as in :func:`best_threshold`).
+
+    Example:
+        >>> threshold_at_fpr(np.array([2.0, 3.0]), np.array([0.0, 1.0, 2.5]), 0.34)
+        (1.5, 1.0)
+    """
+    s = np.unique(np.concatenate([pos, neg]))
+    cands = np.concatenate([[s[0] - 1.0], (s[:-1] + s[1:]) / 2, [s[-1] + 1.0]])
+    t = float(min(c for c in cands if np.mean(neg > c) <= max_fpr))  # the top candidate opens on none
+    return t, float(np.mean(pos > t))
 
 
 def balanced_accuracy(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float:
@@ -185,12 +205,14 @@ def _scores(lm: LM, texts: Sequence[str], probes: dict[int, tuple[torch.Tensor, 
 
 
 def _check(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int] | None,
-           fractions: Sequence[float]) -> list[int]:
+           fractions: Sequence[float], max_fpr: float | None) -> list[int]:
     if isinstance(positive, str) or isinstance(negative, str):
         raise DataError("positive and negative are lists of prompts, not single strings")
     if min(len(positive), len(negative)) < 4:
         raise DataError(f"fitting a condition needs at least 4 prompts per class (train, validation and test), "
                         f"got {len(positive)} positive and {len(negative)} negative")
+    if max_fpr is not None and not 0 <= max_fpr < 1:
+        raise DataError(f"max_fpr is a false-positive rate in [0, 1), got {max_fpr}")
     if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
         raise DataError(f"fractions are (train, validation, test), each > 0, summing to 1; got {tuple(fractions)}")
     cand = list(range(lm.n_layers)) if layers is None else [int(x) for x in layers]
@@ -210,7 +232,8 @@ def _test_figures(pos: np.ndarray, neg: np.ndarray, threshold: float, seed: int)
 
 def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int] | None = None,
               reduce: str = "mean", seed: int = 0, system: str | None = None, chat: bool = True,
-              batch_size: int = 16, fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> ProbeFit:
+              batch_size: int = 16, fractions: Sequence[float] = (0.5, 0.25, 0.25),
+              max_fpr: float | None = None) -> ProbeFit:
     """Fit a gate's direction, normalisation, layer and threshold (the module docstring's five steps).
 
     Args:
@@ -222,6 +245,8 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
         system: system message of the chat template; chat: apply the template (as ``ss.generate`` does).
         batch_size: prompts per forward pass.
         fractions: (train, validation, test) shares of each class.
+        max_fpr: choose the layer and threshold for the highest true-positive rate at a validation false-positive
+            rate of at most this (None: by balanced accuracy); see the module docstring, step 4.
 
     Returns:
         A :class:`ProbeFit` (direction, center, scale, :class:`FitReport`).
@@ -229,7 +254,7 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
     Example:
         >>> fit = fit_probe(lm, harmful, harmless, layers=[4, 6, 8], seed=0)
     """
-    cand = _check(lm, positive, negative, layers, fractions)
+    cand = _check(lm, positive, negative, layers, fractions, max_fpr)
     n_p = len(positive)
     texts = [lm.format_chat(p, system) if chat else p for p in [*positive, *negative]]
     y = np.array([1] * n_p + [0] * len(negative))
@@ -242,15 +267,22 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
     if not probes:
         raise DataError("the positive and negative prompts have identical mean activations at every candidate layer")
     scores = _scores(lm, texts, probes, feats, reduce, chat, batch_size)
-    val = {layer: best_threshold(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0])
-           for layer, s in scores.items()}
+    if max_fpr is None:
+        val = {layer: best_threshold(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0])
+               for layer, s in scores.items()}
+    else:
+        val = {layer: threshold_at_fpr(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0], max_fpr)
+               for layer, s in scores.items()}
     layer = max(val, key=lambda k: (val[k][1], -k))
     threshold = val[layer][0]
+    v = scores[layer][parts[1]]
+    val_ba = balanced_accuracy(v[y[parts[1]] == 1], v[y[parts[1]] == 0], threshold)
     test = scores[layer][parts[2]]
     figures = _test_figures(test[y[parts[2]] == 1], test[y[parts[2]] == 0], threshold, seed)
     report = FitReport(layer=layer, threshold=threshold, reduce=reduce, seed=seed,
                        fractions=(float(fractions[0]), float(fractions[1]), float(fractions[2])),
                        n_train=(len(sp[0]), len(sn[0])), n_val=(len(sp[1]), len(sn[1])), n_test=(len(sp[2]), len(sn[2])),
-                       val_balanced_accuracy=val[layer][1], val_by_layer={k: v[1] for k, v in val.items()}, **figures)
+                       val_balanced_accuracy=val_ba, val_by_layer={k: v[1] for k, v in val.items()},
+                       metric="balanced_accuracy" if max_fpr is None else "tpr_at_fpr", max_fpr=max_fpr, **figures)
     u, c, s = probes[layer]
     return ProbeFit(direction=u, center=c, scale=s, report=report)
