@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -267,12 +268,8 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
     if not probes:
         raise DataError("the positive and negative prompts have identical mean activations at every candidate layer")
     scores = _scores(lm, texts, probes, feats, reduce, chat, batch_size)
-    if max_fpr is None:
-        val = {layer: best_threshold(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0])
-               for layer, s in scores.items()}
-    else:
-        val = {layer: threshold_at_fpr(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0], max_fpr)
-               for layer, s in scores.items()}
+    rule = best_threshold if max_fpr is None else partial(threshold_at_fpr, max_fpr=max_fpr)
+    val = {layer: rule(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0]) for layer, s in scores.items()}
     layer = max(val, key=lambda k: (val[k][1], -k))
     threshold = val[layer][0]
     v = scores[layer][parts[1]]
