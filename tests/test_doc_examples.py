@@ -23,7 +23,9 @@ otherwise::
 A whole study or card is run at tiny sizes: ``shrink`` runs the block as written, except that each ``steerscope``
 command whose subcommand is in :data:`SHRINK` gets that entry's options appended (argparse keeps an option's
 last value, so they override the block's own sizes, model and device; ``{tiny}`` is a tiny random llama saved
-with SmolLM2's tokenizer). It checks the sequence of commands a page gives, at a cost of seconds::
+with SmolLM2's tokenizer, ``{tiny_vectors}`` a folder of two random vectors for it). It checks the sequence of
+commands a page gives (and that each configuration has a run folder of its own), at a cost of seconds to a
+minute or two per block::
 
     <!-- doc-test: shrink (whole studies; tiny sizes here) -->
 
