@@ -109,6 +109,7 @@ def test_family_holm_corrects_every_paired_comparison_of_a_run():
     assert fam.rows[4].p_holm == pytest.approx(0.05) and fam.rows[4].verdict == "no significant difference"
     assert fam.rows[0].p_holm == pytest.approx(0.125) and fam.rows[2].p_holm == pytest.approx(0.375)
     assert fam.m == 5
+    assert [r.n for r in fam.rows] == [20] * 5  # every row pairs the 20 problems (the gate's rows said 0 before)
     assert family(evals, res, alpha=0.2).rows[0].verdict == "difference"
 
 
