@@ -153,3 +153,35 @@ def test_under_generate_last_positions_line_up_with_the_logits(lm):
         again = lm.model.lm_head(lm.model.model.norm(c.last(f"blocks.{L}.resid_post")))
     assert torch.allclose(again, c["logits"], atol=1e-5)
     assert torch.equal(c["logits"].argmax(-1), out[:, batch["input_ids"].shape[1]:])  # greedy picks
+
+
+@pytest.mark.parametrize("how", ["forward", "module", "submodule"])
+def test_a_compiled_model_is_refused_instead_of_silently_ignoring_the_hooks(how):
+    """Dynamo does not guard on module hooks: after ``torch.compile`` a hook added later never runs, so a
+    steered forward gave the unsteered logits (seen on a tiny llama). Every hook context now refuses."""
+    from steerscope.errors import UnsupportedModelError
+    from steerscope.hooks import block_inputs, compiled_part
+
+    lm = make_tiny("llama", seed=3)
+    vec = ss.SteeringVector({1: torch.ones(lm.d_model)})
+    assert compiled_part(lm.model) is None
+    with ss.steering(lm, vec, 1.0):  # uncompiled: fine
+        pass
+    if how == "forward":
+        lm.model.forward = torch.compile(lm.model.forward)  # lazy: nothing is compiled until a call
+        expected = ""
+    elif how == "module":
+        lm.model.compile()
+        expected = ""
+    else:
+        lm.blocks[1].compile()
+        expected = compiled_part(lm.model)
+        assert expected and expected.endswith("layers.1")
+    assert compiled_part(lm.model) == expected
+    with pytest.raises(UnsupportedModelError, match="torch.compile"):
+        with ss.steering(lm, vec, 1.0):
+            pass
+    with pytest.raises(UnsupportedModelError, match="silently"):
+        with block_inputs(lm, [1]):
+            pass
+    assert hook_count(lm.model) == 0  # nothing was left attached

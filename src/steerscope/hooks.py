@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
-from steerscope.errors import SiteError
+from steerscope.errors import SiteError, UnsupportedModelError
 from steerscope.models import attention as _attention
 from steerscope.models.lm import LM
 from steerscope.sites import SITE_TABLE, Site, SiteSpec
@@ -245,6 +245,35 @@ def _top_pre(call: Call, scope: Scope) -> Callable[..., None]:
     return top_pre
 
 
+def compiled_part(model: torch.nn.Module) -> str | None:
+    """The name of the first module of ``model`` that ``torch.compile`` wrapped ("" for the model itself), or None.
+
+    Covers ``torch.compile(model)``, ``model.compile()``, a compiled ``forward`` assigned to a module and
+    transformers' own compiled call (``generate`` with a static cache may compile one).
+
+    Example:
+        >>> compiled_part(lm.model) is None
+        True
+    """
+    for name, mod in model.named_modules():
+        if (hasattr(mod, "_orig_mod") or getattr(mod, "_compiled_call_impl", None) is not None
+                or getattr(mod, "_compiled_call", None) is not None
+                or hasattr(getattr(mod, "forward", None), "_torchdynamo_orig_callable")):
+            return name
+    return None
+
+
+def refuse_compiled(lm: LM) -> None:
+    """Raise :class:`UnsupportedModelError` when part of the model is compiled: dynamo does not guard on module
+    hooks, so hooks added after compilation never run and an intervention would silently do nothing."""
+    part = compiled_part(lm.model)
+    if part is not None:
+        where = f"module {part!r} of the model" if part else "the model"
+        raise UnsupportedModelError(f"{where} is compiled with torch.compile: hooks added after compilation never "
+                                    "run, so steering, ablation or recording would silently do nothing; "
+                                    "use the uncompiled model")
+
+
 @contextmanager
 def attached(lm: LM, hooks: Hooks) -> Iterator[Call]:
     """Attach ``{site: fn}`` hooks for the duration of the block; always removed on exit.
@@ -262,6 +291,7 @@ def attached(lm: LM, hooks: Hooks) -> Iterator[Call]:
         >>> with attached(lm, {"blocks.3.resid_pre": lambda x, c: x * 0}):
         ...     lm.model(**batch)
     """
+    refuse_compiled(lm)
     items: list[tuple[str | Site, _Fns]] = list(hooks.items())
     targets = [(_target(lm, key), fns if isinstance(fns, list) else [fns]) for key, fns in items]
     call, scope = Call(), Scope()
@@ -305,6 +335,7 @@ def block_inputs(lm: LM, layers: Sequence[int]) -> Iterator[dict[int, BlockCall]
         ...     lm.model(**batch)
         >>> calls[6].kwargs["position_embeddings"]
     """
+    refuse_compiled(lm)
     seen: dict[int, BlockCall] = {}
     scope = Scope()
 
@@ -363,6 +394,7 @@ def widened_batch(lm: LM, layer: int, head_on_copy: bool = False) -> Iterator[No
         ...     lm.model(**batch).logits.shape[0] == 2 * batch["input_ids"].shape[0]
         True
     """
+    refuse_compiled(lm)
     scope, rows = Scope(), [0]
 
     def hook(i: int) -> Callable[..., Any]:
