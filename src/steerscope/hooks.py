@@ -259,7 +259,7 @@ def compiled_part(model: torch.nn.Module) -> str | None:
         if (hasattr(mod, "_orig_mod") or getattr(mod, "_compiled_call_impl", None) is not None
                 or getattr(mod, "_compiled_call", None) is not None
                 or hasattr(getattr(mod, "forward", None), "_torchdynamo_orig_callable")):
-            return name
+            return str(name)
     return None
 
 
