@@ -61,8 +61,9 @@ def _extras(res: Findings, n: int) -> list[_Row]:
 def family(evals: dict[str, EvalRecord], res: Findings, alpha: float = 0.05) -> Family:
     """All paired comparisons of a run with raw and Holm-adjusted p-values and a verdict each.
 
-    Each row has ``name``, ``test``, ``p``, ``n`` (the problems the comparison pairs), ``p_holm``, ``effect`` (the difference in accuracy, second minus
-    first) and ``verdict`` ("difference" when p_holm < alpha, else "no significant difference").
+    Each row has ``name``, ``test``, ``p``, ``n`` (the problems the comparison pairs), ``p_holm``, ``effect``
+    (the difference in accuracy, second minus first) and ``verdict`` ("difference" when p_holm < alpha, else
+    "no significant difference").
 
     Example:
         >>> family(evals, Findings()).m  # one greedy (and one pass@1) comparison per condition but base
