@@ -255,10 +255,11 @@ def compiled_part(model: torch.nn.Module) -> str | None:
         >>> compiled_part(lm.model) is None
         True
     """
-    for name, mod in model.named_modules():
-        if (hasattr(mod, "_orig_mod") or getattr(mod, "_compiled_call_impl", None) is not None
-                or getattr(mod, "_compiled_call", None) is not None
-                or hasattr(getattr(mod, "forward", None), "_torchdynamo_orig_callable")):
+    for name, mod in model.named_modules():  # instance dicts only: nn.Module's __getattr__ raises on a miss (slow)
+        own = vars(mod)
+        if ("_orig_mod" in own.get("_modules", {}) or own.get("_compiled_call_impl") is not None
+                or own.get("_compiled_call") is not None
+                or hasattr(own.get("forward"), "_torchdynamo_orig_callable")):
             return str(name)
     return None
 
