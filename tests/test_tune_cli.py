@@ -74,6 +74,35 @@ def test_out_of_range_layers_are_one_line(files, tmp_path, capsys):
     assert rc == 2 and len(lines) == 1 and "out of range" in lines[0] and "0..3" in lines[0] and "Traceback" not in err
 
 
+def test_pairs_file_tunes_the_same_as_two_files(files, tmp_path, capsys, one_thread):
+    """``--pairs`` (the shipped pair-file format, as ``extract`` takes it) gives the run two files give."""
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"positive": p, "negative": n}) + "\n"
+                                                  for p, n in zip(POS, NEG)))
+    common = ["--model", str(files / "model"), "--layers", "1-2", "--positions", "all", "--n-alphas", "2", "--json"]
+    outs = []
+    for name, src in (("two", ["--positive", str(files / "pos.txt"), "--negative", str(files / "neg.jsonl")]),
+                      ("pairs", ["--pairs", str(tmp_path / "pairs.jsonl")])):
+        assert main(["tune", *src, "--out", str(tmp_path / name), *common]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["recommended"] == outs[1]["recommended"] and outs[0]["test"] == outs[1]["test"]
+    cfg = [json.loads((tmp_path / n / "config.json").read_text())["data"] for n in ("two", "pairs")]
+    assert cfg[0] == cfg[1]  # the same data hash: the same run identity
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--pairs", "P", "--positive", "P"], "--pairs replaces --positive/--negative"),
+    (["--positive", "P"], "tune needs --pairs FILE, or both --positive and --negative"),
+    (["--pairs", "BAD"], "lacks a \"positive\" or \"negative\" key"),
+])
+def test_pairs_misuse_is_one_line(tmp_path, capsys, args, msg):
+    (tmp_path / "P").write_text(json.dumps({"positive": "a", "negative": "b"}) + "\n")
+    (tmp_path / "BAD").write_text(json.dumps({"positive": "a"}) + "\n")
+    argv = [str(tmp_path / x) if x in ("P", "BAD") else x for x in args]
+    rc = main(["tune", *argv, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and msg in err[0], err
+
+
 def test_console_script_prints_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "steerscope.cli", "tune", "--positive", str(tmp_path / "a.txt"),
                         "--negative", str(tmp_path / "b.txt"), "--out", str(tmp_path / "o")],

@@ -280,3 +280,32 @@ def _fail(e: BaseException, code: int, debug: bool, prefix: str = "", suffix: st
     msg = " ".join(str(e).split()) or type(e).__name__
     print(f"error: {prefix}{safe(msg)[:500]}{suffix}", file=sys.stderr)
     return code
+
+
+EXAMPLES_HELP = ("examples file: .txt one a line, .jsonl/.json (strings, or records with a \"text\" or \"prompt\" "
+                 "key), .csv")
+PAIRS_HELP = ("instead of --positive/--negative: a JSONL file of records {\"positive\": ..., \"negative\": ...}, "
+              "such as the shipped src/steerscope/data/traits/formality.jsonl")
+
+
+def contrast(a: argparse.Namespace, command: str) -> tuple[list[Any], list[Any]]:
+    """The positive and negative examples of ``command``: ``--pairs`` (records with "positive" and "negative"),
+    or ``--positive`` and ``--negative``; an :class:`ArgError` names what is missing or mixed.
+
+    Example:
+        >>> pos, neg = contrast(argparse.Namespace(pairs="pairs.jsonl", positive=None, negative=None), "tune")
+    """
+    from steerscope.data import load_examples, read_jsonl
+
+    if a.pairs is None:
+        if a.positive is None or a.negative is None:
+            raise ArgError(f"{command} needs --pairs FILE, or both --positive and --negative")
+        return load_examples(a.positive), load_examples(a.negative)
+    if a.positive is not None or a.negative is not None:
+        raise ArgError("--pairs replaces --positive/--negative; give one or the other")
+    rows = read_jsonl(a.pairs)
+    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or not {"positive", "negative"} <= set(r)]
+    if bad or not rows:
+        raise ArgError(f"--pairs {a.pairs}: record {bad[0] if bad else 1} lacks a \"positive\" or \"negative\" key "
+                       "(expected JSONL records such as {\"positive\": \"...\", \"negative\": \"...\"})")
+    return [r["positive"] for r in rows], [r["negative"] for r in rows]

@@ -51,30 +51,11 @@ def _parse_alphas(s: str) -> list[float]:
     return vals
 
 
-def _contrast(a: argparse.Namespace) -> tuple[list[Any], list[Any]]:
-    """The positive and negative examples: ``--pairs`` (records with "positive" and "negative"), or
-    ``--positive`` and ``--negative``."""
-    from steerscope.data import load_examples, read_jsonl
-
-    if a.pairs is None:
-        if a.positive is None or a.negative is None:
-            raise T.ArgError("extract needs --pairs FILE, or both --positive and --negative")
-        return load_examples(a.positive), load_examples(a.negative)
-    if a.positive is not None or a.negative is not None:
-        raise T.ArgError("--pairs replaces --positive/--negative; give one or the other")
-    rows = read_jsonl(a.pairs)
-    bad = [i for i, r in enumerate(rows, 1) if not {"positive", "negative"} <= set(r)]
-    if bad or not rows:
-        raise T.ArgError(f"--pairs {a.pairs}: record {bad[0] if bad else 1} lacks a \"positive\" or \"negative\" key "
-                         "(expected JSONL records such as {\"positive\": \"...\", \"negative\": \"...\"})")
-    return [r["positive"] for r in rows], [r["negative"] for r in rows]
-
-
 def cmd_extract(a: argparse.Namespace) -> None:
     import steerscope as ss
 
     T.check_out_file(a.out)
-    pos, neg = _contrast(a)
+    pos, neg = T.contrast(a, "extract")
     lm = ss.load_model(a.model, device=a.device, dtype=a.dtype)
     bad = [k for k in a.layers or [] if k >= lm.n_layers]
     if bad:
@@ -356,8 +337,7 @@ def cmd_study(a: argparse.Namespace) -> None:
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICE_HELP = "cpu, auto, cuda, cuda:N or mps (default: %(default)s)"
-EXAMPLES_HELP = ("examples file: .txt one a line, .jsonl/.json (strings, or records with a \"text\" or \"prompt\" "
-                 "key), .csv")
+EXAMPLES_HELP = T.EXAMPLES_HELP
 
 
 def _common(sp: argparse.ArgumentParser, model: bool = True, model_default: str | None = DEFAULT_MODEL) -> None:
@@ -399,8 +379,7 @@ def _add_extract(sub: Any) -> None:
     e.add_argument("--positive", default=None, help="positive " + EXAMPLES_HELP)
     e.add_argument("--negative", default=None, help="negative examples, paired with the positives by line; same "
                    "formats")
-    e.add_argument("--pairs", default=None, help="instead of --positive/--negative: a JSONL file of records "
-                   "{\"positive\": ..., \"negative\": ...}, such as the shipped data/traits/formality.jsonl")
+    e.add_argument("--pairs", default=None, help=T.PAIRS_HELP)
     e.add_argument("--site", default="resid_pre", choices=RESIDUAL_POINTS,
                    help="where in each block to read and later steer, one of %(choices)s (default: %(default)s)")
     e.add_argument("--system", default=None, help="system prompt for the chat template (default: none)")

@@ -52,8 +52,9 @@ def add_parser(sub: Any, common: Callable[..., None]) -> None:
                        description="Split contrast pairs into train/validation/test, extract on train, search "
                                    "layer x alpha x positions on validation (Optuna TPE), measure once on test, and "
                                    "save the chosen vector with its recommendation (docs/tune.md).")
-    t.add_argument("--positive", required=True, help="positive examples (.txt one a line, .jsonl, .json, .csv)")
-    t.add_argument("--negative", required=True, help="negative examples, paired with the positives by line")
+    t.add_argument("--positive", default=None, help="positive " + T.EXAMPLES_HELP)
+    t.add_argument("--negative", default=None, help="negative examples, paired with the positives by line; same formats")
+    t.add_argument("--pairs", default=None, help=T.PAIRS_HELP)
     t.add_argument("--out", required=True, help="output folder (resumable): vector.safetensors, tune.json, report.html")
     t.add_argument("--method", default="dim", choices=METHOD_NAMES, help="extraction method, one of %(choices)s (default: %(default)s)")
     t.add_argument("--scorer", default="logodds", choices=SCORERS, help="behaviour score, one of %(choices)s (default: "
@@ -79,14 +80,13 @@ def cmd_tune(a: argparse.Namespace) -> None:
     """Run ``tune`` and print the summary (``--json``: one object)."""
     import steerscope as ss
     from steerscope._files import dumps
-    from steerscope.data import load_examples
     from steerscope.runs import check_free, check_run_config
     from steerscope.tune import Settings, tune
     from steerscope.tune.tuner import run_config
 
     T.check_out_folder(a.out)  # everything the model is not needed for is checked before it loads
     check_free(a.out)
-    pos, neg = load_examples(a.positive), load_examples(a.negative)
+    pos, neg = T.contrast(a, "tune")
     known = run_config(a.model, pos, neg, a.method, a.scorer, sorted(set(a.layers)) if a.layers else None,
                        a.positions, a.kl_budget, a.budget_evals, a.exhaustive, a.seed, Settings(n_alphas=a.n_alphas))
     check_run_config(a.out, {k: v for k, v in known.items() if v is not None}, force=a.force, partial=True)
