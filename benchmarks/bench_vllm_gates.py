@@ -15,6 +15,14 @@ request, so it is measured by comparing ``plain`` here against the base branch's
 
 Run (on an idle machine):
     STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm_gates.py --repeats 5 --json
+
+The "no request gated" cost cannot be resolved between engine processes (their own spread is several %), so
+``--no-gate-code`` times it inside one process instead, without vLLM: the worker's only code that runs for gates
+on a step where no request is gated (``SteerExtension._ss_rows`` over the step's plain specs, then one
+``if step.rows`` per layer hook), against the step time of the ``plain`` configuration of a recorded engine run
+(``--step-seconds``; default: the median of ``results/vllm_gates/gates_main.json`` divided by its steps)::
+
+    python benchmarks/bench_vllm_gates.py --no-gate-code --json
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,14 +62,63 @@ def configs(lm: ss.LM, eng: bv.Engine, names: tuple[str, ...] = CONFIGS) -> dict
     return {k: make[k]() for k in names}
 
 
+def no_gate_code(n_requests: int = 32, n_layers: int = 30, reps: int = 2000) -> dict[str, float]:
+    """Seconds per step of the worker's gate code when no request is gated (the median of 7 timings of ``reps``
+    steps): ``_ss_rows`` over ``n_requests`` plain specs (one decode token each) and ``n_layers`` row checks."""
+    import sys
+    import timeit
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(bv.ENGINE_DIR))
+    from steerscope_vllm_adapter import SteerExtension, _Step
+    from steerscope_vllm_spec import Spec, parse_spec
+
+    worker = SimpleNamespace(_ss_gates={})
+    req_ids = [f"r{i}" for i in range(n_requests)]
+    specs = [Spec(vectors=(("v", 1.0),))] * n_requests
+    qsl, pos = torch.arange(n_requests + 1), torch.full((n_requests,), 40)
+    prompt_len = torch.full((n_requests,), 20)
+
+    def step() -> None:
+        st = _Step({}, None)
+        st.rows = SteerExtension._ss_rows(worker, req_ids, specs, qsl, pos, prompt_len)  # type: ignore[arg-type]
+        for _ in range(n_layers):
+            if st.rows:
+                raise AssertionError("a plain spec made a gated row")
+
+    times = timeit.repeat(step, number=reps, repeat=7)
+    raw = json.dumps({"vectors": [["v", 1.0]], "positions": "all"})  # parsed once per request, gate fields included
+    parse = timeit.repeat(lambda: parse_spec(raw, {"v"}), number=reps, repeat=7)
+    return {"seconds_per_step": statistics.median(times) / reps, "parse_seconds_per_request": statistics.median(parse) / reps,
+            "n_requests": n_requests, "n_layers": n_layers, "reps": reps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-gate-code", action="store_true", help="time the gate code of a step where no request is "
+                    "gated, in this process, without vLLM (see the module docstring)")
+    ap.add_argument("--step-seconds", type=float, default=None, help="a plain steered step's seconds for "
+                    "--no-gate-code (default: from results/vllm_gates/gates_main.json)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)} "
                     "(default: all)")
     args = ap.parse_args()
+    if args.no_gate_code:
+        cost = no_gate_code()
+        step_s, source = args.step_seconds, "--step-seconds"
+        if step_s is None:
+            rec = json.loads((Path(__file__).parent / "results" / "vllm_gates" / "gates_main.json").read_text())
+            step_s = rec["median"]["plain"] / (rec["new_tokens"] + 1)  # one prefill step + one step per new token
+            source = "results/vllm_gates/gates_main.json: plain median / (new_tokens + 1)"
+        out = {**cost, "step_seconds": step_s, "step_source": source,
+               "fraction_of_step": cost["seconds_per_step"] / step_s}
+        print(json.dumps(out, indent=1) if args.json else
+              f"gate code with no gated request: {cost['seconds_per_step'] * 1e6:.1f} us per step = "
+              f"{100 * out['fraction_of_step']:.3f} % of a {step_s * 1e3:.1f} ms plain steered step; the whole spec "
+              f"parse (once per request, gate fields included) {cost['parse_seconds_per_request'] * 1e6:.1f} us")
+        return
     lm = ss.load_model("smollm2-135m")
     eng = bv.engine_for(lm)
     ids = bv.prompt_ids(lm, [lm.format_chat(p) for p in PROMPTS], True)

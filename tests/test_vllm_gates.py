@@ -129,3 +129,17 @@ def test_a_split_prompt_chunk_is_left_unsteered_even_under_a_negated_gate():
     assert torch.equal(first, hidden[:4]) and len(bad) == 1 and "split" in bad[0]
     rest, _ = vg.apply_rows([vg.Row(0, 2, torch.arange(4, 6), 6, spec, states, {})], 0, hidden[4:], None, vectors, bad)
     assert torch.equal(rest, hidden[4:] + 1) and len(bad) == 1
+
+
+def test_no_gate_code_benchmark_times_the_plain_step_path():
+    """``bench_vllm_gates.py --no-gate-code`` runs the worker's own ``_ss_rows`` on plain specs (no row may come
+    out of it: the function asserts that) and returns positive per-step and per-parse times."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vllm_gates.py"
+    spec = importlib.util.spec_from_file_location("bench_vllm_gates", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.no_gate_code(n_requests=4, n_layers=3, reps=5)
+    assert out["seconds_per_step"] > 0 and out["parse_seconds_per_request"] > 0 and out["n_requests"] == 4
