@@ -2,8 +2,8 @@
 
 Problems are short word problems or expressions whose answer is an integer. ``difficulty``
 picks the kind (measured unsteered greedy accuracy of SmolLM2-135M-Instruct is in docs/reasoning.md);
-``multi-2-add``, ``multi-2-small``, ``multi-2`` and ``multi-3`` are multi-step word problems (:func:`multi_step`), graded
-like every task by math-verify (``metrics/math.py``). The generator is deterministic given ``seed``; train and test sets use
+``multi-2-add-tiny``, ``multi-2-tiny``, ``multi-2-add``, ``multi-2-small``, ``multi-2`` and ``multi-3`` are
+multi-step word problems (:func:`multi_step`), graded like every task by math-verify (``metrics/math.py``). The generator is deterministic given ``seed``; train and test sets use
 disjoint problem strings.
 """
 
@@ -66,8 +66,8 @@ _GAIN = ["finds {n} more", "buys {n} more", "gets {n} more from a friend", "is g
 _LOSE = ["gives {n} away", "loses {n}", "sells {n}", "uses {n}"]
 
 MULTI_STEP: dict[str, tuple[int, int, bool]] = {
-    "multi-2-tiny": (2, 3, True), "multi-2-add": (2, 5, False), "multi-2-small": (2, 5, True), "multi-2": (2, 9, True),
-    "multi-3": (3, 9, True)}
+    "multi-2-add-tiny": (2, 3, False), "multi-2-tiny": (2, 3, True), "multi-2-add": (2, 5, False),
+    "multi-2-small": (2, 5, True), "multi-2": (2, 9, True), "multi-3": (3, 9, True)}
 """Multi-step word problems: name -> (operations after the start amount, largest operand, losses allowed)."""
 
 
