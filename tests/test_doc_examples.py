@@ -55,6 +55,7 @@ SHRINK_RE = re.compile(r"^shrink\s*\((?P<reason>.*\S.*)\)$")
 # options appended to a ``shrink`` block's commands, by subcommand (the longest match wins)
 SHRINK: dict[str, str] = {
     "explain": "--sections lens",
+    "tune": "--layers 12 --n-alphas 2",
     "study refusal": "--n-train 16 --n-val 4 --layers 16,18 --n-test 4 --max-new-tokens 8 --n-trained 8 "
                      "--trained-epochs 1 --gen-batch 16 --device cpu",
     "study refusal-mechanisms": "--model {tiny} --vector-dir {tiny_vectors} --quick --device cpu",
