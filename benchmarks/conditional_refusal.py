@@ -17,6 +17,8 @@ Usage (one model a run; several CPU-minutes on Qwen2.5-Coder-0.5B)::
     python benchmarks/conditional_refusal.py --model qwen2.5-coder-0.5b --alpha 0.5 --reduce last --max-fpr 0.05
     python benchmarks/conditional_refusal.py --model qwen2.5-coder-0.5b --alpha 0.5 --reduce last --max-fpr 0.05 \
         --gate-prompts all-but-test  # the gate fitted on every shipped prompt outside the test split
+    python benchmarks/conditional_refusal.py --model qwen2.5-coder-0.5b --alpha 0.5 --reduce last --max-fpr 0.05 \
+        --gate-prompts all-but-test --gate-positives complied  # positives: harmful prompts the model answers
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ def main() -> None:
     ap.add_argument("--gate-prompts", default="train", choices=("train", "all-but-test"),
                     help="prompts the gate is fitted on, one of %(choices)s: the shipped train split, or every "
                          "shipped prompt outside the test split (train + val + organism) (default: %(default)s)")
+    ap.add_argument("--gate-positives", default="harmful", choices=("harmful", "complied"),
+                    help="the gate's positive prompts, one of %(choices)s: every harmful fitting prompt, or only those "
+                         "the unsteered model answers without refusing (greedy, --max-new-tokens; a refused prompt "
+                         "gains nothing from the vector) (default: %(default)s)")
     ap.add_argument("--out", default="benchmarks/results/conditional_refusal", help="output folder")
     a = ap.parse_args()
     t0 = time.time()
@@ -86,7 +92,11 @@ def main() -> None:
     splits = ("train",) if a.gate_prompts == "train" else ("train", "val", "organism")
     fit_on = {side: [p for s in splits for p in load_split(side, s)[: a.n_train if s == "train" else None]]
               for side in ("harmful", "harmless")}
-    gate = ss.Condition.fit(lm, fit_on["harmful"], fit_on["harmless"], layers=range(layer + 1), reduce=a.reduce,
+    positives = fit_on["harmful"]
+    if a.gate_positives == "complied":  # the prompts the vector has to change: harmful ones the model answers
+        answers = ss.generate(lm, positives, max_new_tokens=a.max_new_tokens)
+        positives = [p for p, t in zip(positives, answers, strict=True) if not is_refusal(t)]
+    gate = ss.Condition.fit(lm, positives, fit_on["harmless"], layers=range(layer + 1), reduce=a.reduce,
                             seed=0, max_fpr=a.max_fpr)
     harmful, harmless = load_split("harmful", "test")[: a.n_test], load_split("harmless", "test")[: a.n_test]
     res = {"harmful": arms(lm, harmful, vec, a.alpha, gate, a.max_new_tokens),
@@ -103,7 +113,8 @@ def main() -> None:
     cos = float(torch.nn.functional.cosine_similarity(at_steer.direction.float(), vec[layer].float(), dim=0))
     out = {"model": a.model, "vector": a.vector or f"{a.model}/refusal-dim", "steer_layer": layer, "alpha": a.alpha,
            "reduce": a.reduce, "max_fpr": a.max_fpr,
-           "gate_prompts": {"splits": list(splits), "harmful": len(fit_on["harmful"]), "harmless": len(fit_on["harmless"])},
+           "gate_prompts": {"splits": list(splits), "harmful": len(fit_on["harmful"]), "harmless": len(fit_on["harmless"]),
+                            "positives": a.gate_positives, "n_positives": len(positives)},
            "positions": "all", "max_new_tokens": a.max_new_tokens, "gate": gate.to_dict(),
            "gate_report": gate.report.to_dict() if gate.report else None,
            "probe_at_steer_layer": {"cosine_with_steering_vector": cos,
@@ -116,7 +127,7 @@ def main() -> None:
     path = Path(a.out)
     path.mkdir(parents=True, exist_ok=True)
     name = a.model + ("" if a.reduce == "mean" else f"-{a.reduce}") + ("" if a.max_fpr is None else f"-fpr{a.max_fpr:g}") \
-        + ("" if a.gate_prompts == "train" else "-allgate")
+        + ("" if a.gate_prompts == "train" else "-allgate") + ("" if a.gate_positives == "harmful" else "-complied")
     (path / f"{name}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     r = out["rates"]
     for side in ("harmful", "harmless"):
