@@ -3,8 +3,8 @@
 Problems are short word problems or expressions whose answer is an integer. ``difficulty``
 picks the kind (measured unsteered greedy accuracy of SmolLM2-135M-Instruct is in docs/reasoning.md);
 ``multi-2-add-tiny``, ``multi-2-tiny``, ``multi-2-add``, ``multi-2-small``, ``multi-2`` and ``multi-3`` are
-multi-step word problems (:func:`multi_step`), graded like every task by math-verify (``metrics/math.py``). The generator is deterministic given ``seed``; train and test sets use
-disjoint problem strings.
+multi-step word problems (:func:`multi_step`), graded like every task by math-verify (``metrics/math.py``).
+The generator is deterministic given ``seed``; train and test sets use disjoint problem strings.
 """
 
 from __future__ import annotations
