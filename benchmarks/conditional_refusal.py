@@ -19,6 +19,8 @@ Usage (one model a run; several CPU-minutes on Qwen2.5-Coder-0.5B)::
         --gate-prompts all-but-test  # the gate fitted on every shipped prompt outside the test split
     python benchmarks/conditional_refusal.py --model qwen2.5-coder-0.5b --alpha 0.5 --reduce last --max-fpr 0.05 \
         --gate-prompts all-but-test --gate-positives complied  # positives: harmful prompts the model answers
+    python benchmarks/conditional_refusal.py --model qwen2.5-coder-0.5b --alpha 0.5 --reduce last --max-fpr 0.05 \
+        --gate-prompts all-but-test --or-reduce max  # c1 | c2: last-token or max-token gate, 2.5 % FPR each
 """
 
 from __future__ import annotations
@@ -82,8 +84,13 @@ def main() -> None:
                     help="the gate's positive prompts, one of %(choices)s: every harmful fitting prompt, or only those "
                          "the unsteered model answers without refusing (greedy, --max-new-tokens; a refused prompt "
                          "gains nothing from the vector) (default: %(default)s)")
+    ap.add_argument("--or-reduce", default=None, choices=("mean", "last", "max"),
+                    help="a composite gate: also fit a gate that pools with this reduce, and open where either opens "
+                         "(c1 | c2); each is fitted for half of --max-fpr, which it needs (default: one gate)")
     ap.add_argument("--out", default="benchmarks/results/conditional_refusal", help="output folder")
     a = ap.parse_args()
+    if a.or_reduce is not None and a.max_fpr is None:
+        ap.error("--or-reduce splits the --max-fpr budget between the two gates; give --max-fpr")
     t0 = time.time()
     lm = ss.load_model(a.model)
     vec = ss.SteeringVector.load(a.vector or f"{a.model}/refusal-dim")
@@ -96,8 +103,10 @@ def main() -> None:
     if a.gate_positives == "complied":  # the prompts the vector has to change: harmful ones the model answers
         answers = ss.generate(lm, positives, max_new_tokens=a.max_new_tokens)
         positives = [p for p, t in zip(positives, answers, strict=True) if not is_refusal(t)]
-    gate = ss.Condition.fit(lm, positives, fit_on["harmless"], layers=range(layer + 1), reduce=a.reduce,
-                            seed=0, max_fpr=a.max_fpr)
+    budget = a.max_fpr if a.or_reduce is None else a.max_fpr / 2  # a union of two gates: at most the sum of FPRs
+    parts = [ss.Condition.fit(lm, positives, fit_on["harmless"], layers=range(layer + 1), reduce=r, seed=0,
+                              max_fpr=budget) for r in (a.reduce, *([a.or_reduce] if a.or_reduce else []))]
+    gate: Any = parts[0] if len(parts) == 1 else parts[0] | parts[1]
     harmful, harmless = load_split("harmful", "test")[: a.n_test], load_split("harmless", "test")[: a.n_test]
     res = {"harmful": arms(lm, harmful, vec, a.alpha, gate, a.max_new_tokens),
            "harmless": arms(lm, harmless, vec, a.alpha, gate, a.max_new_tokens)}
@@ -112,11 +121,12 @@ def main() -> None:
                                 seed=0)
     cos = float(torch.nn.functional.cosine_similarity(at_steer.direction.float(), vec[layer].float(), dim=0))
     out = {"model": a.model, "vector": a.vector or f"{a.model}/refusal-dim", "steer_layer": layer, "alpha": a.alpha,
-           "reduce": a.reduce, "max_fpr": a.max_fpr,
+           "reduce": a.reduce, "or_reduce": a.or_reduce, "max_fpr": a.max_fpr,
            "gate_prompts": {"splits": list(splits), "harmful": len(fit_on["harmful"]), "harmless": len(fit_on["harmless"]),
                             "positives": a.gate_positives, "n_positives": len(positives)},
            "positions": "all", "max_new_tokens": a.max_new_tokens, "gate": gate.to_dict(),
-           "gate_report": gate.report.to_dict() if gate.report else None,
+           "gate_report": parts[0].report.to_dict() if parts[0].report else None,
+           "or_gate_report": parts[1].report.to_dict() if len(parts) > 1 and parts[1].report else None,
            "probe_at_steer_layer": {"cosine_with_steering_vector": cos,
                                     "report": at_steer.report.to_dict() if at_steer.report else None},
            "rates": {side: {arm: rate(res[side][arm]) for arm in ("unsteered", "conditional", "unconditional")}
@@ -127,12 +137,13 @@ def main() -> None:
     path = Path(a.out)
     path.mkdir(parents=True, exist_ok=True)
     name = a.model + ("" if a.reduce == "mean" else f"-{a.reduce}") + ("" if a.max_fpr is None else f"-fpr{a.max_fpr:g}") \
-        + ("" if a.gate_prompts == "train" else "-allgate") + ("" if a.gate_positives == "harmful" else "-complied")
+        + ("" if a.gate_prompts == "train" else "-allgate") + ("" if a.gate_positives == "harmful" else "-complied") \
+        + ("" if a.or_reduce is None else f"-or-{a.or_reduce}")
     (path / f"{name}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     r = out["rates"]
     for side in ("harmful", "harmless"):
         print(side, {arm: f"{v['rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" for arm, v in r[side].items()})
-    print("gate: layer", gate.layer, "test balanced accuracy", out["gate_report"] and
+    print("gate: layer", [g.layer for g in parts], "test balanced accuracy", out["gate_report"] and
           out["gate_report"].get("test_balanced_accuracy"), "| tests", json.dumps(tests))
 
 
