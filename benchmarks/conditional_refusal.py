@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--or-reduce", default=None, choices=("mean", "last", "max"),
                     help="a composite gate: also fit a gate that pools with this reduce, and open where either opens "
                          "(c1 | c2); each is fitted for half of --max-fpr, which it needs (default: one gate)")
+    ap.add_argument("--probe", default="dim", choices=("dim", "logistic"),
+                    help="how the gate's direction is fitted, one of %(choices)s: difference in means, or an L2 "
+                         "logistic regression with C chosen on validation (default: %(default)s)")
     ap.add_argument("--out", default="benchmarks/results/conditional_refusal", help="output folder")
     a = ap.parse_args()
     if a.or_reduce is not None and a.max_fpr is None:
@@ -105,7 +108,7 @@ def main() -> None:
         positives = [p for p, t in zip(positives, answers, strict=True) if not is_refusal(t)]
     budget = a.max_fpr if a.or_reduce is None else a.max_fpr / 2  # a union of two gates: at most the sum of FPRs
     parts = [ss.Condition.fit(lm, positives, fit_on["harmless"], layers=range(layer + 1), reduce=r, seed=0,
-                              max_fpr=budget) for r in (a.reduce, *([a.or_reduce] if a.or_reduce else []))]
+                              max_fpr=budget, probe=a.probe) for r in (a.reduce, *([a.or_reduce] if a.or_reduce else []))]
     gate: Any = parts[0] if len(parts) == 1 else parts[0] | parts[1]
     harmful, harmless = load_split("harmful", "test")[: a.n_test], load_split("harmless", "test")[: a.n_test]
     res = {"harmful": arms(lm, harmful, vec, a.alpha, gate, a.max_new_tokens),
@@ -118,10 +121,10 @@ def main() -> None:
         t["p_holm"] = p
     at_steer = ss.Condition.fit(lm, load_split("harmful", "train")[: a.n_train],
                                 load_split("harmless", "train")[: a.n_train], layers=[layer], reduce=a.reduce,
-                                seed=0)
+                                seed=0, probe=a.probe)
     cos = float(torch.nn.functional.cosine_similarity(at_steer.direction.float(), vec[layer].float(), dim=0))
     out = {"model": a.model, "vector": a.vector or f"{a.model}/refusal-dim", "steer_layer": layer, "alpha": a.alpha,
-           "reduce": a.reduce, "or_reduce": a.or_reduce, "max_fpr": a.max_fpr,
+           "reduce": a.reduce, "or_reduce": a.or_reduce, "max_fpr": a.max_fpr, "probe": a.probe,
            "gate_prompts": {"splits": list(splits), "harmful": len(fit_on["harmful"]), "harmless": len(fit_on["harmless"]),
                             "positives": a.gate_positives, "n_positives": len(positives)},
            "positions": "all", "max_new_tokens": a.max_new_tokens, "gate": gate.to_dict(),
@@ -138,7 +141,7 @@ def main() -> None:
     path.mkdir(parents=True, exist_ok=True)
     name = a.model + ("" if a.reduce == "mean" else f"-{a.reduce}") + ("" if a.max_fpr is None else f"-fpr{a.max_fpr:g}") \
         + ("" if a.gate_prompts == "train" else "-allgate") + ("" if a.gate_positives == "harmful" else "-complied") \
-        + ("" if a.or_reduce is None else f"-or-{a.or_reduce}")
+        + ("" if a.or_reduce is None else f"-or-{a.or_reduce}") + ("" if a.probe == "dim" else f"-{a.probe}")
     (path / f"{name}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     r = out["rates"]
     for side in ("harmful", "harmless"):

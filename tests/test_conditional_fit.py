@@ -11,7 +11,14 @@ import torch
 import steerscope as ss
 from conftest import make_tiny
 from steerscope.conditional import Condition
-from steerscope.conditional.fit import balanced_accuracy, best_threshold, split, threshold_at_fpr
+from steerscope.conditional.fit import (
+    _train_logistic,
+    balanced_accuracy,
+    best_threshold,
+    logistic_weights,
+    split,
+    threshold_at_fpr,
+)
 from steerscope.errors import DataError
 
 WORDS = ["apple", "river", "music", "stone", "cloud", "green", "paper", "light", "horse", "glass", "money", "bread"]
@@ -62,11 +69,40 @@ def test_a_fit_for_a_false_positive_budget_chooses_by_the_true_positive_rate_the
         Condition.fit(tiny, POS, NEG, layers=[0], max_fpr=1.5)
 
 
-@pytest.mark.parametrize("reduce", ["mean", "last", "max"])
-def test_fitted_condition_reports_figures_that_a_hand_computation_reproduces(tiny, reduce):
-    cond = Condition.fit(tiny, POS, NEG, layers=[0, 1, 2], reduce=reduce, seed=3)
+@pytest.mark.parametrize("C", [0.01, 1.0])
+def test_logistic_weights_are_scikit_learns_l2_logistic_regression(C):
+    sk = pytest.importorskip("sklearn.linear_model")
+    g = np.random.default_rng(2)
+    x = g.normal(size=(80, 6))
+    y = (x @ np.array([1.0, -2.0, 0.5, 0, 0, 0]) + g.normal(size=80) > 0.3).astype(int)
+    w, b = logistic_weights(x, y, C)
+    ref = sk.LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(x, y)
+    np.testing.assert_allclose(w, ref.coef_[0], rtol=1e-4, atol=1e-4)  # both solvers stop at a tolerance
+    assert b == pytest.approx(ref.intercept_[0], rel=1e-4, abs=1e-4)
+
+
+def test_the_logistic_probe_scores_as_scikit_learn_decides_on_standardised_features():
+    sk = pytest.importorskip("sklearn.linear_model")
+    g = np.random.default_rng(3)
+    f = torch.as_tensor(g.normal(size=(60, 5)) * [1, 10, 0.1, 3, 1] + [0, 5, 0, -2, 1], dtype=torch.float32)
+    y = (f[:, 0] + 0.3 * f[:, 1] + torch.as_tensor(g.normal(size=60), dtype=torch.float32) > 1.5).numpy().astype(int)
+    u, c, s = _train_logistic(f, y, C=0.1)
+    x = f.double().numpy()
+    dec = sk.LogisticRegression(C=0.1, tol=1e-10, max_iter=10000).fit((x - x.mean(0)) / x.std(0), y)
+    ref = dec.decision_function((x - x.mean(0)) / x.std(0))
+    ours = (((f - c) @ u) / s).double().numpy()
+    ratio = ours / ref
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-5) and s > 0
+    assert (ratio > 0).all() and ratio.std() / ratio.mean() < 1e-3  # the same boundary, a positive rescaling
+
+
+@pytest.mark.parametrize("reduce, probe", [("mean", "dim"), ("last", "dim"), ("max", "dim"),
+                                           ("last", "logistic"), ("max", "logistic")])
+def test_fitted_condition_reports_figures_that_a_hand_computation_reproduces(tiny, reduce, probe):
+    cond = Condition.fit(tiny, POS, NEG, layers=[0, 1, 2], reduce=reduce, seed=3, probe=probe)
     r = cond.report
     assert r is not None and r.layer == cond.layer and r.threshold == cond.threshold and r.reduce == reduce
+    assert r.probe == probe and (r.C is None) == (probe == "dim") and (r.C in (None, 0.001, 0.01, 0.1, 1.0))
     assert (r.n_train, r.n_val, r.n_test, r.n) == ((6, 6), (3, 3), (3, 3), 6)
     assert set(r.val_by_layer) <= {0, 1, 2} and r.val_balanced_accuracy == max(r.val_by_layer.values())
     assert r.test_ci95[0] <= r.test_balanced_accuracy <= r.test_ci95[1]
@@ -115,6 +151,8 @@ def test_fit_is_deterministic_for_a_seed(tiny):
     (dict(positive=POS, negative=NEG, layers=[9]), "layers"),
     (dict(positive=POS, negative=NEG, fractions=(0.5, 0.5, 0.0)), "fractions"),
     (dict(positive="one prompt", negative=NEG), "lists"),
+    (dict(positive=POS, negative=NEG, probe="svm"), "probe must be one of dim, logistic"),
+    (dict(positive=POS, negative=NEG, probe="logistic", Cs=(0.0,)), "Cs"),
 ])
 def test_bad_fit_inputs_raise_one_line_errors(tiny, kw, match):
     with pytest.raises(DataError, match=match):

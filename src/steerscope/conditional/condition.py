@@ -238,7 +238,7 @@ class Condition(Gate):
             reduce: str = "mean", on: str = "prompt", seed: int = 0, **options: Any) -> Condition:
         """Fit a condition that opens on prompts like ``positive`` and stays shut on ones like ``negative``.
 
-        The procedure (split, difference-in-means direction per layer, layer and threshold by balanced accuracy
+        The procedure (split, difference-in-means or logistic direction per layer, layer and threshold by balanced accuracy
         on validation, or by the true-positive rate at a false-positive budget ``max_fpr``, test figure with
         intervals) is :func:`steerscope.conditional.fit.fit_probe`; its record is the returned condition's ``report``.
 
@@ -248,7 +248,8 @@ class Condition(Gate):
             layers: candidate layers (None: every layer).
             reduce, on: as for the constructor.
             seed: seed of the split.
-            options: ``system``, ``chat``, ``batch_size``, ``fractions``, ``max_fpr`` (see ``fit_probe``).
+            options: ``system``, ``chat``, ``batch_size``, ``fractions``, ``max_fpr``, ``probe`` (``dim`` or
+                ``logistic``), ``Cs`` (see ``fit_probe``).
 
         Example:
             >>> harmful = ss.Condition.fit(lm, harmful_prompts, harmless_prompts, layers=range(4, 12))

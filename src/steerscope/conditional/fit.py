@@ -6,9 +6,15 @@
    it over the real tokens (``mean`` / ``max``: the token mean; ``last``: the last real token).
 3. On train: the difference-in-means direction d = μ₊ − μ₋, the center c = (μ₊ + μ₋) / 2 and the scale s = the
    pooled within-class standard deviation of the projections, so a score is ((h − c) · d̂) / s (0 = midway).
+   With ``probe="logistic"``: an L2-regularised logistic regression on the train features, standardised per
+   dimension, fitted by ``scipy.optimize.minimize`` (L-BFGS-B) on scikit-learn's objective
+   ``C · Σ log(1 + exp(−y z)) + ½‖w‖²`` (intercept not penalised) for each ``C`` in ``Cs``; mapped back to the
+   residual, d = w / σ and c the point of the decision boundary on d, so the score keeps the same form
+   (0 = the boundary) and the gate runs unchanged. ``C`` is chosen with the layer in step 4.
 4. On validation: each layer's best threshold by **balanced accuracy** (mean of the true-positive and the
    true-negative rate; thresholds midway between sorted validation scores, ties to the middle one); the layer
-   with the highest validation balanced accuracy wins (ties: the lowest layer, which can gate the most layers).
+   with the highest validation balanced accuracy wins (ties: the lowest layer, which can gate the most layers;
+   then the smallest ``C``, the strongest regularisation).
    With ``max_fpr`` (a safety gate that may fire on at most that share of negatives): each layer's threshold is
    the lowest one whose validation false-positive rate is at most ``max_fpr``, and the layer with the highest
    validation true-positive rate there wins (ties: the lowest layer); the Neyman-Pearson choice.
@@ -72,6 +78,8 @@ class FitReport:
     metric: str = "balanced_accuracy"  # or "tpr_at_fpr" (with max_fpr): what val_by_layer holds and the layer maximised
     max_fpr: float | None = None
     interval: str = "stratified percentile bootstrap, 2000 resamples"
+    probe: str = "dim"  # or "logistic": how the direction was fitted on train (module docstring, step 3)
+    C: float | None = None  # the logistic probe's chosen inverse regularisation strength
 
     @property
     def n(self) -> int:
@@ -177,36 +185,91 @@ def _read(lm: LM, texts: Sequence[str], layers: Sequence[int], feature: Callable
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 
-def _train(f: torch.Tensor, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+Probe = tuple[torch.Tensor, torch.Tensor, float]  # (unit direction, center, scale): score = ((h − c) · u) / s
+PROBES = ("dim", "logistic")
+CS = (0.001, 0.01, 0.1, 1.0)
+
+
+def _train(f: torch.Tensor, y: np.ndarray) -> Probe | None:
     """(unit direction, center, scale) from train features f [n d_model]; None when the class means coincide."""
     yt = torch.as_tensor(y, dtype=torch.bool)
     mu_p, mu_n = f[yt].mean(0), f[~yt].mean(0)
     d = mu_p - mu_n
     if not bool(torch.isfinite(d).all()) or float(d.norm()) == 0:
         return None
-    u, c = d / d.norm(), (mu_p + mu_n) / 2
+    return _scaled(f, yt, d / d.norm(), (mu_p + mu_n) / 2)
+
+
+def logistic_weights(x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float]:
+    """(w, b) minimising ``C · Σ log(1 + exp(−y' (x·w + b))) + ½‖w‖²`` with y' = ±1 (scikit-learn's L2 objective).
+
+    Example:
+        >>> w, b = logistic_weights(np.array([[0.0], [1.0], [2.0], [3.0]]), np.array([0, 0, 1, 1]), C=1.0)
+        >>> bool(w[0] > 0)
+        True
+    """
+    from scipy.optimize import minimize
+    from scipy.special import expit
+
+    x = np.asarray(x, dtype=np.float64)
+    ys = np.where(np.asarray(y) > 0, 1.0, -1.0)
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:-1], theta[-1]
+        m = ys * (x @ w + b)
+        g = -C * ys * expit(-m)  # d loss / d z
+        return float(C * np.logaddexp(0.0, -m).sum() + 0.5 * w @ w), np.concatenate([x.T @ g + w, [g.sum()]])
+
+    res = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B",
+                   options={"maxiter": 5000, "gtol": 1e-8})
+    return res.x[:-1], float(res.x[-1])
+
+
+def _train_logistic(f: torch.Tensor, y: np.ndarray, C: float) -> Probe | None:
+    """The logistic probe (module docstring, step 3) as (unit direction, center, scale); None when it is flat."""
+    x = f.double().numpy()
+    mu, sd = x.mean(0), x.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    w, b = logistic_weights((x - mu) / sd, y, C)
+    d = w / sd  # score d·h + b0 in the residual's own coordinates
+    norm = float(np.linalg.norm(d))
+    if not np.isfinite(norm) or norm == 0:
+        return None
+    b0 = b - float(d @ mu)
+    yt = torch.as_tensor(y, dtype=torch.bool)
+    u = torch.as_tensor(d / norm, dtype=f.dtype)
+    return _scaled(f, yt, u, torch.as_tensor(-b0 * d / norm**2, dtype=f.dtype))
+
+
+def _scaled(f: torch.Tensor, yt: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> Probe:
+    """(u, c, s) with s the pooled within-class standard deviation of the train projections (1 where it is 0)."""
     proj = (f - c) @ u
     var = [float(proj[k].var(unbiased=False)) if int(k.sum()) > 0 else 0.0 for k in (yt, ~yt)]
     s = float(np.sqrt((var[0] + var[1]) / 2))
     return u, c, (s if np.isfinite(s) and s > 0 else 1.0)
 
 
-def _scores(lm: LM, texts: Sequence[str], probes: dict[int, tuple[torch.Tensor, torch.Tensor, float]],
-            feats: dict[int, torch.Tensor], reduce: str, chat: bool, batch_size: int) -> dict[int, np.ndarray]:
-    """Each layer's score of every prompt, as the gate computes it (``max`` needs a second pass over the tokens)."""
+def _scores(lm: LM, texts: Sequence[str], probes: dict[tuple[int, int], Probe], feats: dict[int, torch.Tensor],
+            reduce: str, chat: bool, batch_size: int) -> dict[tuple[int, int], np.ndarray]:
+    """Each (layer, probe) key's score of every prompt, as the gate computes it (``max``: a second pass over the
+    tokens, every probe of a layer in one matrix product)."""
     if reduce != "max":
-        return {layer: (((feats[layer] - c) @ u) / s).numpy() for layer, (u, c, s) in probes.items()}
+        return {key: (((feats[key[0]] - c) @ u) / s).numpy() for key, (u, c, s) in probes.items()}
+    keys = {layer: [k for k in probes if k[0] == layer] for layer in dict.fromkeys(k[0] for k in probes)}
 
     def tokmax(layer: int, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        u, c, s = (t.to(h.device) if isinstance(t, torch.Tensor) else t for t in probes[layer])
-        p = ((h - c) @ u) / s
-        return torch.where(mask, p, torch.full_like(p, -torch.inf)).max(1).values
-    got = _read(lm, texts, list(probes), tokmax, chat, batch_size)
-    return {layer: v.numpy() for layer, v in got.items()}
+        us = torch.stack([probes[k][0] for k in keys[layer]], 1).to(h.device, h.dtype)  # [d k]
+        cu = torch.stack([probes[k][1] @ probes[k][0] for k in keys[layer]]).to(h.device, h.dtype)
+        sc = torch.tensor([probes[k][2] for k in keys[layer]], device=h.device, dtype=h.dtype)
+        p = (h @ us - cu) / sc  # [b pos k]
+        return torch.where(mask[..., None], p, torch.full_like(p, -torch.inf)).max(1).values
+    got = _read(lm, texts, list(keys), tokmax, chat, batch_size)
+    return {k: got[layer][:, j].numpy() for layer, ks in keys.items() for j, k in enumerate(ks)}
 
 
 def _check(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int] | None,
-           fractions: Sequence[float], max_fpr: float | None) -> list[int]:
+           fractions: Sequence[float], max_fpr: float | None, probe: str = "dim",
+           Cs: Sequence[float] = CS) -> list[int]:
     if isinstance(positive, str) or isinstance(negative, str):
         raise DataError("positive and negative are lists of prompts, not single strings")
     if min(len(positive), len(negative)) < 4:
@@ -214,6 +277,10 @@ def _check(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: Seq
                         f"got {len(positive)} positive and {len(negative)} negative")
     if max_fpr is not None and not 0 <= max_fpr < 1:
         raise DataError(f"max_fpr is a false-positive rate in [0, 1), got {max_fpr}")
+    if probe not in PROBES:
+        raise DataError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
+    if probe == "logistic" and (not len(Cs) or min(Cs) <= 0):
+        raise DataError(f"Cs are positive inverse regularisation strengths, got {tuple(Cs)}")
     if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
         raise DataError(f"fractions are (train, validation, test), each > 0, summing to 1; got {tuple(fractions)}")
     cand = list(range(lm.n_layers)) if layers is None else [int(x) for x in layers]
@@ -234,7 +301,7 @@ def _test_figures(pos: np.ndarray, neg: np.ndarray, threshold: float, seed: int)
 def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int] | None = None,
               reduce: str = "mean", seed: int = 0, system: str | None = None, chat: bool = True,
               batch_size: int = 16, fractions: Sequence[float] = (0.5, 0.25, 0.25),
-              max_fpr: float | None = None) -> ProbeFit:
+              max_fpr: float | None = None, probe: str = "dim", Cs: Sequence[float] = CS) -> ProbeFit:
     """Fit a gate's direction, normalisation, layer and threshold (the module docstring's five steps).
 
     Args:
@@ -248,6 +315,9 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
         fractions: (train, validation, test) shares of each class.
         max_fpr: choose the layer and threshold for the highest true-positive rate at a validation false-positive
             rate of at most this (None: by balanced accuracy); see the module docstring, step 4.
+        probe: ``dim`` (difference in means) or ``logistic`` (L2 logistic regression, ``C`` chosen from ``Cs`` on
+            validation with the layer); see the module docstring, step 3.
+        Cs: the logistic probe's candidate inverse regularisation strengths.
 
     Returns:
         A :class:`ProbeFit` (direction, center, scale, :class:`FitReport`).
@@ -255,7 +325,7 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
     Example:
         >>> fit = fit_probe(lm, harmful, harmless, layers=[4, 6, 8], seed=0)
     """
-    cand = _check(lm, positive, negative, layers, fractions, max_fpr)
+    cand = _check(lm, positive, negative, layers, fractions, max_fpr, probe, Cs)
     n_p = len(positive)
     texts = [lm.format_chat(p, system) if chat else p for p in [*positive, *negative]]
     y = np.array([1] * n_p + [0] * len(negative))
@@ -263,23 +333,30 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
     parts = [np.concatenate([a, n_p + b]) for a, b in zip(sp, sn)]
     base = _mean_or_last(reduce)
     feats = _read(lm, texts, cand, lambda _l, h, m: base(h, m), chat, batch_size)
-    made = {layer: _train(feats[layer][parts[0]], y[parts[0]]) for layer in cand}
-    probes = {layer: p for layer, p in made.items() if p is not None}
+    cs: list[float | None] = [None] if probe == "dim" else [float(c) for c in Cs]
+    made = {(layer, j): (_train(feats[layer][parts[0]], y[parts[0]]) if c is None
+                         else _train_logistic(feats[layer][parts[0]], y[parts[0]], c))
+            for layer in cand for j, c in enumerate(cs)}
+    probes = {key: p for key, p in made.items() if p is not None}
     if not probes:
         raise DataError("the positive and negative prompts have identical mean activations at every candidate layer")
     scores = _scores(lm, texts, probes, feats, reduce, chat, batch_size)
     rule = best_threshold if max_fpr is None else partial(threshold_at_fpr, max_fpr=max_fpr)
-    val = {layer: rule(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0]) for layer, s in scores.items()}
-    layer = max(val, key=lambda k: (val[k][1], -k))
-    threshold = val[layer][0]
-    v = scores[layer][parts[1]]
+    val = {key: rule(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0]) for key, s in scores.items()}
+    key = max(val, key=lambda k: (val[k][1], -k[0], -k[1]))
+    layer, threshold = key[0], val[key][0]
+    by_layer: dict[int, float] = {}
+    for (lay, _), (_, m) in val.items():
+        by_layer[lay] = max(m, by_layer.get(lay, -np.inf))
+    v = scores[key][parts[1]]
     val_ba = balanced_accuracy(v[y[parts[1]] == 1], v[y[parts[1]] == 0], threshold)
-    test = scores[layer][parts[2]]
+    test = scores[key][parts[2]]
     figures = _test_figures(test[y[parts[2]] == 1], test[y[parts[2]] == 0], threshold, seed)
     report = FitReport(layer=layer, threshold=threshold, reduce=reduce, seed=seed,
                        fractions=(float(fractions[0]), float(fractions[1]), float(fractions[2])),
                        n_train=(len(sp[0]), len(sn[0])), n_val=(len(sp[1]), len(sn[1])), n_test=(len(sp[2]), len(sn[2])),
-                       val_balanced_accuracy=val_ba, val_by_layer={k: v[1] for k, v in val.items()},
-                       metric="balanced_accuracy" if max_fpr is None else "tpr_at_fpr", max_fpr=max_fpr, **figures)
-    u, c, s = probes[layer]
+                       val_balanced_accuracy=val_ba, val_by_layer=by_layer,
+                       metric="balanced_accuracy" if max_fpr is None else "tpr_at_fpr", max_fpr=max_fpr, **figures,
+                       probe=probe, C=cs[key[1]])
+    u, c, s = probes[key]
     return ProbeFit(direction=u, center=c, scale=s, report=report)
