@@ -345,9 +345,7 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
     val = {key: rule(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0]) for key, s in scores.items()}
     key = max(val, key=lambda k: (val[k][1], -k[0], -k[1]))
     layer, threshold = key[0], val[key][0]
-    by_layer: dict[int, float] = {}
-    for (lay, _), (_, m) in val.items():
-        by_layer[lay] = max(m, by_layer.get(lay, -np.inf))
+    by_layer = {lay: max(m for (k, _), (_, m) in val.items() if k == lay) for lay in dict.fromkeys(k[0] for k in val)}
     v = scores[key][parts[1]]
     val_ba = balanced_accuracy(v[y[parts[1]] == 1], v[y[parts[1]] == 0], threshold)
     test = scores[key][parts[2]]
