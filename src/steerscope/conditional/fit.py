@@ -256,15 +256,24 @@ def _scores(lm: LM, texts: Sequence[str], probes: dict[tuple[int, int], Probe], 
     if reduce != "max":
         return {key: (((feats[key[0]] - c) @ u) / s).numpy() for key, (u, c, s) in probes.items()}
     keys = {layer: [k for k in probes if k[0] == layer] for layer in dict.fromkeys(k[0] for k in probes)}
+    stacked = {layer: (torch.stack([probes[k][0] for k in ks], 1),  # [d k] directions, c·u, scales
+                       torch.stack([probes[k][1] @ probes[k][0] for k in ks]),
+                       torch.tensor([probes[k][2] for k in ks])) for layer, ks in keys.items()}
 
     def tokmax(layer: int, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        us = torch.stack([probes[k][0] for k in keys[layer]], 1).to(h.device, h.dtype)  # [d k]
-        cu = torch.stack([probes[k][1] @ probes[k][0] for k in keys[layer]]).to(h.device, h.dtype)
-        sc = torch.tensor([probes[k][2] for k in keys[layer]], device=h.device, dtype=h.dtype)
+        us, cu, sc = (t.to(h.device, h.dtype) for t in stacked[layer])
         p = (h @ us - cu) / sc  # [b pos k]
         return torch.where(mask[..., None], p, torch.full_like(p, -torch.inf)).max(1).values
     got = _read(lm, texts, list(keys), tokmax, chat, batch_size)
     return {k: got[layer][:, j].numpy() for layer, ks in keys.items() for j, k in enumerate(ks)}
+
+
+def _best_per_layer(val: dict[tuple[int, int], tuple[float, float]]) -> dict[int, float]:
+    """Each layer's best validation metric over its probes (``val``: (layer, probe) -> (threshold, metric))."""
+    out: dict[int, float] = {}
+    for (layer, _), (_, metric) in val.items():
+        out[layer] = max(metric, out.get(layer, -np.inf))
+    return out
 
 
 def _check(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int] | None,
@@ -345,7 +354,7 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
     val = {key: rule(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0]) for key, s in scores.items()}
     key = max(val, key=lambda k: (val[k][1], -k[0], -k[1]))
     layer, threshold = key[0], val[key][0]
-    by_layer = {lay: max(m for (k, _), (_, m) in val.items() if k == lay) for lay in dict.fromkeys(k[0] for k in val)}
+    by_layer = _best_per_layer(val)
     v = scores[key][parts[1]]
     val_ba = balanced_accuracy(v[y[parts[1]] == 1], v[y[parts[1]] == 0], threshold)
     test = scores[key][parts[2]]
