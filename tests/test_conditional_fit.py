@@ -12,14 +12,16 @@ import steerscope as ss
 from conftest import make_tiny
 from steerscope.conditional import Condition
 from steerscope.conditional.fit import (
+    LOGISTIC_STEPS,
     _train_logistic,
     balanced_accuracy,
     best_threshold,
-    logistic_weights,
+    sklearn_l2,
     split,
     threshold_at_fpr,
 )
 from steerscope.errors import DataError
+from steerscope.stats import fit_logistic
 
 WORDS = ["apple", "river", "music", "stone", "cloud", "green", "paper", "light", "horse", "glass", "money", "bread"]
 POS = [f"zebra zebra zebra {w} zebra" for w in WORDS]
@@ -70,12 +72,12 @@ def test_a_fit_for_a_false_positive_budget_chooses_by_the_true_positive_rate_the
 
 
 @pytest.mark.parametrize("C", [0.01, 1.0])
-def test_logistic_weights_are_scikit_learns_l2_logistic_regression(C):
+def test_fit_logistic_at_sklearn_l2_is_scikit_learns_l2_logistic_regression(C):
     sk = pytest.importorskip("sklearn.linear_model")
     g = np.random.default_rng(2)
     x = g.normal(size=(80, 6))
     y = (x @ np.array([1.0, -2.0, 0.5, 0, 0, 0]) + g.normal(size=80) > 0.3).astype(int)
-    w, b = logistic_weights(x, y, C)
+    w, b = fit_logistic(x, y, sklearn_l2(C, len(x)), steps=LOGISTIC_STEPS)
     ref = sk.LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(x, y)
     np.testing.assert_allclose(w, ref.coef_[0], rtol=1e-4, atol=1e-4)  # both solvers stop at a tolerance
     assert b == pytest.approx(ref.intercept_[0], rel=1e-4, abs=1e-4)
@@ -153,6 +155,8 @@ def test_fit_is_deterministic_for_a_seed(tiny):
     (dict(positive="one prompt", negative=NEG), "lists"),
     (dict(positive=POS, negative=NEG, probe="svm"), "probe must be one of dim, logistic"),
     (dict(positive=POS, negative=NEG, probe="logistic", Cs=(0.0,)), "Cs"),
+    (dict(positive=[POS[0]] * 8, negative=[POS[0]] * 8), "identical mean activations"),
+    (dict(positive=[POS[0]] * 8, negative=[POS[0]] * 8, probe="logistic"), "logistic probe found no direction"),
 ])
 def test_bad_fit_inputs_raise_one_line_errors(tiny, kw, match):
     with pytest.raises(DataError, match=match):

@@ -40,7 +40,7 @@ import torch
 
 from steerscope.errors import DataError
 from steerscope.models.lm import LM
-from steerscope.stats import bootstrap_ci, wilson
+from steerscope.stats import bootstrap_ci, fit_logistic, wilson
 
 Feature = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (h [b pos d], mask [b pos]) -> [b ...]
 
@@ -188,6 +188,7 @@ def _read(lm: LM, texts: Sequence[str], layers: Sequence[int], feature: Callable
 Probe = tuple[torch.Tensor, torch.Tensor, float]  # (unit direction, center, scale): score = ((h − c) · u) / s
 PROBES = ("dim", "logistic")
 CS = (0.001, 0.01, 0.1, 1.0)
+LOGISTIC_STEPS = 5000  # L-BFGS iterations at most (a separable split at C = 1 needs hundreds)
 
 
 def _train(f: torch.Tensor, y: np.ndarray) -> Probe | None:
@@ -200,29 +201,17 @@ def _train(f: torch.Tensor, y: np.ndarray) -> Probe | None:
     return _scaled(f, yt, d / d.norm(), (mu_p + mu_n) / 2)
 
 
-def logistic_weights(x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float]:
-    """(w, b) minimising ``C · Σ log(1 + exp(−y' (x·w + b))) + ½‖w‖²`` with y' = ±1 (scikit-learn's L2 objective).
+def sklearn_l2(C: float, n: int) -> float:
+    """:func:`steerscope.stats.fit_logistic`'s ``l2`` that gives scikit-learn's ``LogisticRegression(C=C)`` optimum on n rows.
+
+    scikit-learn minimises ``C · Σ log(1 + exp(−y' (x·w + b))) + ½‖w‖²``; divided by ``C · n`` that is the mean
+    loss plus ``‖w‖² / (2 C n)``, the same minimiser.
 
     Example:
-        >>> w, b = logistic_weights(np.array([[0.0], [1.0], [2.0], [3.0]]), np.array([0, 0, 1, 1]), C=1.0)
-        >>> bool(w[0] > 0)
-        True
+        >>> sklearn_l2(0.5, 100)
+        0.01
     """
-    from scipy.optimize import minimize
-    from scipy.special import expit
-
-    x = np.asarray(x, dtype=np.float64)
-    ys = np.where(np.asarray(y) > 0, 1.0, -1.0)
-
-    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = theta[:-1], theta[-1]
-        m = ys * (x @ w + b)
-        g = -C * ys * expit(-m)  # d loss / d z
-        return float(C * np.logaddexp(0.0, -m).sum() + 0.5 * w @ w), np.concatenate([x.T @ g + w, [g.sum()]])
-
-    res = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B",
-                   options={"maxiter": 5000, "gtol": 1e-8})
-    return res.x[:-1], float(res.x[-1])
+    return 1.0 / (2.0 * C * n)
 
 
 def _train_logistic(f: torch.Tensor, y: np.ndarray, C: float) -> Probe | None:
@@ -230,8 +219,8 @@ def _train_logistic(f: torch.Tensor, y: np.ndarray, C: float) -> Probe | None:
     x = f.double().numpy()
     mu, sd = x.mean(0), x.std(0)
     sd = np.where(sd > 0, sd, 1.0)
-    w, b = logistic_weights((x - mu) / sd, y, C)
-    d = w / sd  # score d·h + b0 in the residual's own coordinates
+    w, b = fit_logistic((x - mu) / sd, np.asarray(y), sklearn_l2(C, len(x)), steps=LOGISTIC_STEPS)
+    d = w.numpy() / sd  # score d·h + b0 in the residual's own coordinates
     norm = float(np.linalg.norm(d))
     if not np.isfinite(norm) or norm == 0:
         return None
@@ -348,7 +337,9 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
             for layer in cand for j, c in enumerate(cs)}
     probes = {key: p for key, p in made.items() if p is not None}
     if not probes:
-        raise DataError("the positive and negative prompts have identical mean activations at every candidate layer")
+        raise DataError("the positive and negative prompts have identical mean activations at every candidate layer"
+                        if probe == "dim" else "the logistic probe found no direction (all weights zero) at any "
+                        "candidate layer: the classes are not separable there; try larger Cs or other layers")
     scores = _scores(lm, texts, probes, feats, reduce, chat, batch_size)
     rule = best_threshold if max_fpr is None else partial(threshold_at_fpr, max_fpr=max_fpr)
     val = {key: rule(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0]) for key, s in scores.items()}
