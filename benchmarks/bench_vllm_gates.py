@@ -23,6 +23,14 @@ on a step where no request is gated (``SteerExtension._ss_rows`` over the step's
 (``--step-seconds``; default: the median of ``results/vllm_gates/gates_main.json`` divided by its steps)::
 
     python benchmarks/bench_vllm_gates.py --no-gate-code --json
+
+``--compiled`` times the compiled engine instead (vLLM's torch.compile; prompt conditions evaluated in the graph,
+``steerscope_vllm_plugin.gate_open``): two compiled engines side by side, one built with gate sites and one
+without, interleaved per round: ``unsteered`` and ``plain`` on both (their ratio is what the gate sites cost
+when no request is gated: the graph evaluates the gates on every step) and ``gated`` on the one with gate sites
+(``gated-token`` is eager-only)::
+
+    STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm_gates.py --compiled --repeats 5 --json
 """
 
 from __future__ import annotations
@@ -93,6 +101,37 @@ def no_gate_code(n_requests: int = 32, n_layers: int = 30, reps: int = 2000) -> 
             "n_requests": n_requests, "n_layers": n_layers, "reps": reps}
 
 
+def compiled_rounds(repeats: int, tokens: int) -> dict[str, Any]:
+    """Interleaved rounds on two compiled engines (gate sites on / off); seconds per configuration and the ratios."""
+    lm = ss.load_model("smollm2-135m")
+    folder, dtype = str(bv.export_folder(lm)), str(lm.dtype).removeprefix("torch.")
+    engines = {"sites": bv.Engine(folder, dtype=dtype, compiled=True, gate_sites=True).start(),
+               "nosites": bv.Engine(folder, dtype=dtype, compiled=True, gate_sites=False).start()}
+    ids = bv.prompt_ids(lm, [lm.format_chat(p) for p in PROMPTS], True)
+    params = dict(bv.stop_params(lm, tokens, False, 1.0, None), stop_token_ids=[], ignore_eos=True)
+    cases = {f"{k}:{c}": (eng, specs) for k, eng in engines.items()
+             for c, specs in configs(lm, eng, ("unsteered", "plain", "gated") if k == "sites"
+                                     else ("unsteered", "plain")).items()}
+    for eng, specs in cases.values():  # warm-up: every configuration once (compiles each shape)
+        eng.generate_ids(ids, specs, params)
+    rounds = []
+    for _ in range(repeats):
+        row: dict[str, Any] = {"load": os.getloadavg()[0]}
+        for name, (eng, specs) in cases.items():
+            t0 = time.perf_counter()
+            eng.generate_ids(ids, specs, params)
+            row[name] = time.perf_counter() - t0
+        row["gated/plain"] = row["sites:gated"] / row["sites:plain"]
+        row["sites/nosites unsteered"] = row["sites:unsteered"] / row["nosites:unsteered"]
+        row["sites/nosites plain"] = row["sites:plain"] / row["nosites:plain"]
+        rounds.append(row)
+    for eng in engines.values():
+        eng.close()
+    return {"rounds": rounds, "median": {k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
+            "range": {k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]},
+            "n_rounds": len(rounds), "batch": len(PROMPTS), "new_tokens": tokens, "compiled": True}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-gate-code", action="store_true", help="time the gate code of a step where no request is "
@@ -104,7 +143,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)} "
                     "(default: all)")
+    ap.add_argument("--compiled", action="store_true", help="time compiled engines with and without gate sites "
+                    "(see the module docstring)")
     args = ap.parse_args()
+    if args.compiled:
+        out = compiled_rounds(args.repeats, args.tokens)
+        print(json.dumps(out, indent=1) if args.json else out["median"])
+        return
     if args.no_gate_code:
         cost = no_gate_code()
         step_s, source = args.step_seconds, "--step-seconds"

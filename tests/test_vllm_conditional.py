@@ -33,14 +33,25 @@ def prompt_means(lm, texts, layer) -> torch.Tensor:
     return torch.stack(out)
 
 
+def prompt_scores(lm, text, layer, unit, reduce) -> torch.Tensor:
+    """One prompt's projection on ``unit`` at ``layer``, reduced over its tokens (last / max)."""
+    with torch.no_grad():
+        h = lm.model(**lm.tokenize([text]), output_hidden_states=True).hidden_states[layer][0].float()
+    p = h @ unit
+    return p[-1] if reduce == "last" else p.max()
+
+
 def split_condition(lm, texts, layer, seed, on="prompt", reduce="mean") -> tuple[ss.Condition, list[bool]]:
     """A condition that opens on half the prompts (a seeded half): its direction is the difference of the two
-    halves' mean residuals, its threshold midway between the 4th and 5th prompt score (a clear gap)."""
+    halves' mean residuals, its threshold midway between the 4th and 5th prompt score (a clear gap); the score is
+    the mean projection, or for a prompt condition the projection reduced as the condition reduces it."""
     m = prompt_means(lm, texts, layer)
     perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
     half = len(texts) // 2
     d = m[perm[:half]].mean(0) - m[perm[half:]].mean(0)
     s = m @ (d / d.norm())  # the mean projection of each prompt
+    if on == "prompt" and reduce != "mean":
+        s = torch.stack([prompt_scores(lm, t, layer, d / d.norm(), reduce) for t in texts])
     lo, hi = s.sort().values[half - 1: half + 1].tolist()
     assert hi - lo > 1e-3 * float(s.abs().max()), f"scores too close to split: {s.tolist()}"
     c = ss.Condition(d, layer=layer, threshold=(lo + hi) / 2, reduce=reduce, on=on)

@@ -11,7 +11,7 @@ import torch
 import steerscope as ss
 from steerscope.backends import vllm as bv
 from steerscope.backends.base import Addition, Request
-from steerscope.backends.vllm_conditional import COMPILED, gated_spec
+from steerscope.backends.vllm_conditional import compiled_refusal, gated_spec
 from steerscope.conditional.clamp import Clamp
 from steerscope.conditional.gate import reduce_prompt, reduce_running
 from steerscope.errors import BackendError, ConditionError
@@ -108,14 +108,43 @@ def test_gated_spec_refuses_a_gate_above_the_steering_layer():
     assert vs.parse_spec(spec, {"v"}).gated  # type: ignore[union-attr]
 
 
-def test_compiled_engine_refuses_conditions_before_starting(tiny_llama):
-    vec = ss.SteeringVector({2: torch.ones(tiny_llama.d_model)})
-    cond = ss.Condition(torch.ones(tiny_llama.d_model), 1, 0.0)
-    with pytest.raises(BackendError, match="eager vLLM engine only") as e:
-        bv.spec(bv.Engine("unused", compiled=True), vec, 1.0, condition=cond)
-    assert str(e.value) == COMPILED and "\n" not in COMPILED
-    with pytest.raises(BackendError, match="eager vLLM engine only"):
-        bv.VLLMEngine(compiled=True).generate(tiny_llama, [Request("Hi", Addition(vec, 1.0, condition=cond))])
+def test_compiled_engine_refuses_what_its_graph_cannot_run_before_starting(tiny_llama):
+    """Client and engine give the same one-line reason for a clamp, an on="token" condition, two rules and five
+    conditions in one gate, and both accept one rule gated by prompt conditions (run in the compiled graph)."""
+    d = tiny_llama.d_model
+    vec = ss.SteeringVector({2: torch.ones(d)})
+
+    def cond(seed: int, on: str = "prompt") -> ss.Condition:
+        return ss.Condition(torch.randn(d, generator=torch.Generator().manual_seed(seed)), 1, 0.0, on=on)
+
+    five = cond(1) | cond(2) | ~cond(3) | (cond(4) & cond(5))
+    eng = bv.Engine("unused", compiled=True)
+    cases = [(dict(condition=cond(0, "token")), 'an on="token" condition'), (dict(clamp=Clamp(vec, hi=1.0)), "a clamp"),
+             (dict(rules=[(cond(0), vec, 1.0), (None, vec, -1.0)]), "2 rules"),
+             (dict(condition=five), "5 conditions in one gate")]
+    for kw, words in cases:
+        with pytest.raises(BackendError, match=words) as e:
+            bv.spec(eng, None if "clamp" in kw or "rules" in kw else vec, 1.0, **kw)
+        assert "compiled=False" in str(e.value) and "\n" not in str(e.value)
+        rules = kw.get("rules") or ([(kw["condition"], vec, 1.0)] if "condition" in kw else [])
+        raw = gated_spec(lambda v: "v", 4, rules, clamp=kw.get("clamp"))
+        assert vg.compiled_refusal(vs.parse_spec(raw, {"v"})) == str(e.value)  # the engine says the same
+    ok = (cond(1) | ~cond(2)) & cond(3)
+    assert compiled_refusal([ok], None) is None
+    assert vg.compiled_refusal(vs.parse_spec(gated_spec(lambda v: "v", 4, [(ok, vec, 1.0)]), {"v"})) is None
+    assert "without gate sites" in str(vg.compiled_refusal(vs.parse_spec(gated_spec(
+        lambda v: "v", 4, [(ok, vec, 1.0)]), {"v"}), gate_sites=False))
+    with pytest.raises(BackendError, match='on="token"'):  # refused before an engine starts
+        bv.VLLMEngine(compiled=True).generate(tiny_llama, [Request("Hi", Addition(vec, 1.0, condition=cond(0, "token")))])
+
+
+def test_the_truth_table_is_the_gate_over_its_leaves_decisions():
+    a, b, c = (vg.parse_gate({"direction": [1.0] * D, "layer": 0, "threshold": float(t)}) for t in range(3))
+    gate = ("or", ("and", a, ("not", b)), c)
+    table = vg.truth_table(gate, [a, b, c], k=4)
+    for bits in range(16):
+        x, y, z = (bool(bits >> i & 1) for i in range(3))
+        assert table[bits] == float((x and not y) or z), bits
 
 
 def test_a_split_prompt_chunk_is_left_unsteered_even_under_a_negated_gate():

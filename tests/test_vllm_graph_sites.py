@@ -103,3 +103,100 @@ def test_buffers_written_after_compilation_steer_the_compiled_model(ablate):
     torch.testing.assert_close(steered, expect, rtol=1e-5, atol=1e-5)
     assert (steered - first).abs().max() > 1e-2  # the write changed the compiled output
     torch.testing.assert_close(steered[4:], first[4:], rtol=0, atol=0)  # the unsteered request is untouched
+
+
+def _leaf(g: torch.Generator, layer: int, reduce: str, threshold: float) -> dict:
+    return {"kind": "condition", "direction": torch.randn(D, generator=g).tolist(), "layer": layer,
+            "threshold": threshold, "reduce": reduce, "on": "prompt",
+            "center": torch.randn(D, generator=g).tolist(), "scale": 0.7}
+
+
+def _resid_pre(toy: Toy, x: torch.Tensor) -> list[torch.Tensor]:
+    """Unsteered resid_pre of every layer (each token is independent in the toy: no attention)."""
+    out, resid, hidden = [], None, x
+    with torch.no_grad():
+        for layer in toy.model.layers:
+            pre = hidden if resid is None else hidden + resid
+            out.append(pre)
+            hidden, resid = layer.mlp(torch.tanh(layer.self_attn(pre))), pre
+    return out
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: what vLLM compiles with
+def test_gates_in_the_compiled_graph_equal_the_eager_gate_code_across_steps_and_split_prompts(backend):
+    """Prompt conditions evaluated inside a compiled graph (``gate_open``) decide as the eager worker's gate code
+    (``steerscope_vllm_gates.leaf_decision`` / ``gate_open`` on the same scores), hold the decision for later
+    steps, carry a split prompt's running mean to its last chunk (earlier chunk shut), and leave ungated rows
+    plainly steered. Steering at layer 2 only, conditions at layers 0 and 1 (they read unsteered residuals)."""
+    import steerscope_vllm_adapter as adapter
+    import steerscope_vllm_gates as gates
+    from steerscope_vllm_spec import parse_spec
+
+    torch.manual_seed(0)
+    toy = Toy().eval()
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=32, max_num_seqs=4),
+                          model_config=SimpleNamespace(get_hidden_size=lambda: D, dtype=torch.float32))
+    sites = plugin.add_sites(toy, cfg, False, gates=True)
+    compiled = torch.compile(toy.model, backend=backend, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    # request A: 3 prompt tokens, leaf mean@1; B: 2 tokens, (last@0 and not max@1); C: ungated, steered;
+    # D: a 4-token prompt split 2 + 2 over two steps, leaf mean@0. Thresholds from the reference scores below.
+    x1 = torch.randn(9, D, generator=g)  # step 1: A 0-2, B 3-4, C 5-6, D 7-8 (D's first chunk)
+    pre1 = _resid_pre(toy, x1)
+    la, lb0, lb1, ld = _leaf(g, 1, "mean", 0), _leaf(g, 0, "last", 0), _leaf(g, 1, "max", 0), _leaf(g, 0, "mean", 0)
+    x2 = torch.randn(5, D, generator=g)  # step 2: A, B, C one generated token each; D's second chunk (2 tokens)
+    pre2 = _resid_pre(toy, x2)
+
+    def scores(leaf_raw, pre, rows):
+        leaf = gates.parse_gate(leaf_raw)
+        return gates.score(leaf, pre[leaf.layer][rows])
+
+    a = scores(la, pre1, slice(0, 3)).mean()
+    b0, b1 = scores(lb0, pre1, slice(3, 5))[-1], scores(lb1, pre1, slice(3, 5)).max()
+    dm = torch.cat([scores(ld, pre1, slice(7, 9)), scores(ld, pre2, slice(3, 5))]).mean()
+    la["threshold"], lb0["threshold"] = float(a) - 0.1, float(b0) - 0.1  # A open; B's first leaf open
+    lb1["threshold"], ld["threshold"] = float(b1) - 0.1, float(dm) - 0.1  # B's second open, so ~it shuts B; D open
+    vec = torch.randn(D, generator=g)
+    table = torch.zeros(LAYERS, sites.rows, D)
+    table[2, 1:9] = vec  # requests 0-3 (rows 1+2i prompt, 2+2i generated) steered by the same vector at layer 2
+    sites.table.copy_(table)
+    specs = [parse_spec({"rules": [{"condition": la, "vectors": [["v", 1.0]]}]}),
+             parse_spec({"rules": [{"condition": {"kind": "and", "a": lb0, "b": {"kind": "not", "of": lb1}},
+                                    "vectors": [["v", 1.0]]}]}),
+             parse_spec({"rules": [{"condition": ld, "vectors": [["v", 1.0]]}]})]
+    for slot, spec in zip((1, 2, 3), specs):
+        adapter._init_slot(sites, slot, spec)
+
+    def step(x, rows, slots, flags):
+        sites.idx.zero_()
+        sites.idx[: len(rows)] = torch.tensor(rows)
+        sites.gslot.zero_()
+        sites.gslot[: len(slots)] = torch.tensor(slots)
+        sites.gtok.zero_()
+        sites.gtok[: len(flags)] = torch.tensor(flags, dtype=torch.float32)
+        with torch.no_grad():
+            return compiled(torch.arange(x.shape[0]), x)
+
+    # step 1: prompt tokens (flags: prompt token, last prompt token); D's chunk has no last token
+    out1 = step(x1, [1, 1, 1, 3, 3, 5, 5, 7, 7], [1, 1, 1, 2, 2, 0, 0, 3, 3],
+                [[1, 0], [1, 0], [1, 1], [1, 0], [1, 1], [0, 0], [0, 0], [1, 0], [1, 0]])
+    open1 = torch.tensor([1, 1, 1, 0, 0, 1, 1, 0, 0], dtype=torch.float32)  # A open, B shut, C plain, D undecided
+    want1 = reference(toy, x1, table[:, [1] * 3 + [3] * 2 + [5] * 2 + [7] * 2] * open1[None, :, None], None)
+    torch.testing.assert_close(out1, want1, rtol=1e-5, atol=1e-5)
+    # the gate code of the eager worker, on the same scores, agrees with the planted decisions
+    leaf_a, st = gates.parse_gate(la), gates.fresh()
+    assert bool(gates.leaf_decision(leaf_a, scores(la, pre1, slice(0, 3)), torch.arange(3), 3, st)[0])
+    # step 2: A, B, C generated tokens (decisions held), D's last chunk (decided on the mean of all four)
+    out2 = step(x2, [2, 4, 6, 7, 7], [1, 2, 0, 3, 3], [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]])
+    want2 = reference(toy, x2, table[:, [2, 4, 6, 7, 7]] * torch.tensor([1, 0, 1, 1, 1.0])[None, :, None], None)
+    torch.testing.assert_close(out2, want2, rtol=1e-5, atol=1e-5)
+    assert sites.gstate[1:4, :, 4].amin() == 1  # every leaf decided
+    # thresholds just above the figures shut them: the comparison is live, not always open
+    lb1["threshold"], ld["threshold"] = float(b1) + 0.1, float(dm) + 0.1
+    adapter._init_slot(sites, 2, parse_spec({"rules": [{"condition": {"kind": "and", "a": lb0, "b": {
+        "kind": "not", "of": lb1}}, "vectors": [["v", 1.0]]}]}))
+    adapter._init_slot(sites, 3, parse_spec({"rules": [{"condition": ld, "vectors": [["v", 1.0]]}]}))
+    step(torch.cat([x1[3:5], x1[7:9]]), [3, 3, 7, 7], [2, 2, 3, 3], [[1, 0], [1, 1], [1, 0], [1, 0]])
+    out3 = step(x2[3:], [7, 7], [3, 3], [[1, 0], [1, 1]])
+    torch.testing.assert_close(out3, reference(toy, x2[3:], torch.zeros(LAYERS, 2, D), None), rtol=1e-5, atol=1e-5)
+    assert sites.gstate[2, :2, 3].tolist() == [1.0, 0.0]  # B: last@0 open, max@1 now shut, so ~it opens B

@@ -153,18 +153,27 @@ def test_the_middleware_takes_a_condition_and_a_clamp_and_answers_400_for_bad_on
         assert "\n" not in reply["error"]["message"]
 
 
-def test_a_compiled_server_refuses_conditions_and_clamps_in_one_line_and_forwards_plain_steering(tmp_path,
+def test_a_compiled_server_runs_prompt_conditions_refuses_the_rest_in_one_line_and_forwards_plain_steering(tmp_path,
                                                                                                monkeypatch) -> None:
     a = ss.SteeringVector({2: torch.ones(8)}).save(tmp_path / "a.safetensors")
-    monkeypatch.setenv("STEERSCOPE_VLLM_GRAPH", "LlamaForCausalLM;ablate")  # what `serve --compiled` sets
+    monkeypatch.setenv("STEERSCOPE_VLLM_GRAPH", "LlamaForCausalLM;ablate")  # an engine built without gate sites
     mw = srv.SteerMiddleware(None, vectors={"a": str(a)}, check=False)
     cond = ss.Condition(torch.ones(8), layer=1, threshold=0.5).to_dict()
     for steering in ({"vector": "a", "condition": cond}, {"clamp": {"vector": "a", "hi": 1}}):
         status, reply, fwd = _call(mw, json.dumps({"prompt": "Hi", "steering": steering}).encode())
-        assert status == 400 and not fwd and "without --compiled" in reply["error"]["message"], reply
+        assert status == 400 and not fwd and "without gate sites" in reply["error"]["message"], reply
         assert "\n" not in reply["error"]["message"]
     status, _, fwd = _call(mw, json.dumps({"prompt": "Hi", "steering": {"vector": "a", "alpha": 2}}).encode())
     assert status == 200 and json.loads(fwd[0]["vllm_xargs"]["steerscope"])["vectors"] == [["a", 2]]
+    monkeypatch.setenv("STEERSCOPE_VLLM_GRAPH", "LlamaForCausalLM;ablate,gates")  # what `serve --compiled` sets
+    gated = srv.SteerMiddleware(None, vectors={"a": str(a)}, check=False)
+    status, _, fwd = _call(gated, json.dumps({"prompt": "Hi", "steering": {"vector": "a", "condition": cond}}).encode())
+    assert status == 200 and json.loads(fwd[0]["vllm_xargs"]["steerscope"])["condition"] == cond  # runs in the graph
+    for steering, words in (({"clamp": {"vector": "a", "hi": 1}}, "a clamp"),
+                            ({"vector": "a", "condition": {**cond, "on": "token"}}, 'on="token"')):
+        status, reply, fwd = _call(gated, json.dumps({"prompt": "Hi", "steering": steering}).encode())
+        assert status == 400 and not fwd and words in reply["error"]["message"], reply
+        assert "serve without --compiled" in reply["error"]["message"]
     monkeypatch.delenv("STEERSCOPE_VLLM_GRAPH")
     eager = srv.SteerMiddleware(None, vectors={"a": str(a)}, check=False)
     status, _, _ = _call(eager, json.dumps({"prompt": "Hi", "steering": {"vector": "a", "condition": cond}}).encode())
@@ -179,4 +188,4 @@ def test_serve_compiled_drops_enforce_eager_and_builds_the_graph_sites(tmp_path,
     eager, env_e = sv.serve_argv(str(tmp_path), {}, "127.0.0.1", 8000, "m")
     comp, env_c = sv.serve_argv(str(tmp_path), {}, "127.0.0.1", 8000, "m", compiled=True)
     assert "--enforce-eager" in eager and "--enforce-eager" not in comp
-    assert "STEERSCOPE_VLLM_GRAPH" not in env_e and env_c["STEERSCOPE_VLLM_GRAPH"] == "Qwen2ForCausalLM;ablate"
+    assert "STEERSCOPE_VLLM_GRAPH" not in env_e and env_c["STEERSCOPE_VLLM_GRAPH"] == "Qwen2ForCausalLM;ablate,gates"

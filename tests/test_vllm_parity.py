@@ -165,3 +165,54 @@ def test_hooks_ran_and_generate_api_matches(setup):
         ranks = stats["ranks"]
         assert len(ranks) == 2 and all(r["steered_layer_calls"] > 0 for r in ranks), ranks
         assert ranks[0]["last_steered_stream_sum"] == ranks[1]["last_steered_stream_sum"] is not None, ranks
+
+
+def split_somewhere(lm, texts, layers, reduce):
+    """The first (layer, seed) whose ``reduce`` scores split the prompts with a clear gap (test_vllm_conditional's
+    split_condition): with a chat template the prompts share a prefix and a suffix, so in early layers the last
+    token, or the max over tokens, is often the same for every prompt."""
+    from test_vllm_conditional import split_condition
+
+    for layer in layers:
+        for seed in (3, 11, 17):
+            try:
+                return split_condition(lm, texts, layer, seed=seed, reduce=reduce)[0]
+            except AssertionError:
+                continue
+    raise AssertionError(f"no layer of {list(layers)} splits the prompts on their {reduce} score")
+
+
+def test_compiled_prompt_conditions_in_a_mixed_batch_match_hf(setup):
+    """The compiled engine's in-graph gates (steerscope_vllm_plugin.gate_open): rows 0-5 gated by a prompt
+    condition (some open, some shut), row 6 plainly steered, row 7 unsteered, in one engine call; then a gate
+    composed of three conditions (last / max / mean reduce, ``|`` and ``~``) steering generated tokens only; what
+    the graph cannot run (a clamp, an ``on="token"`` condition) is refused in one line before it is sent."""
+    s = setup
+    if not s["name"].endswith("-compiled"):
+        pytest.skip("conditions on the eager engine: test_vllm_conditional")
+    from steerscope.conditional.clamp import Clamp
+    from steerscope.errors import BackendError
+    from test_vllm_conditional import split_condition
+
+    lm, eng, vec = s["lm"], s["engine"], s["one"]
+    gate_layer = 6 if s["name"].startswith("smollm2") else 1
+    cond, opened = split_condition(lm, s["texts"], gate_layer, seed=5)
+    assert any(opened[:6]) and not all(opened[:6]), opened
+    base, plain = hf_ids(lm, s["texts"]), hf_ids(lm, s["texts"], ss.steering(lm, vec, alpha=1.0))
+    gated = hf_ids(lm, s["texts"], ss.steering(lm, vec, alpha=1.0, condition=cond))
+    assert [g == (p if o else b) for g, p, b, o in zip(gated, plain, base, opened)] == [True] * len(PROMPTS)
+    specs = [bv.spec(eng, vec, 1.0, condition=cond)] * 6 + [bv.spec(eng, vec, 1.0), None]
+    check(s, f"compiled gated mixed batch (open rows {[i for i in range(6) if opened[i]]})",
+          gated[:6] + [plain[6], base[7]], run(s, specs))
+    last, top = (split_somewhere(lm, s["texts"], range(gate_layer, min(vec.layers) + 1), r) for r in ("last", "max"))
+    gate = (last | ~top) & ~cond
+    hf = hf_ids(lm, s["texts"], ss.steering(lm, vec, alpha=1.0, positions="generated", condition=gate))
+    assert hf != base and hf != hf_ids(lm, s["texts"], ss.steering(lm, vec, alpha=1.0, positions="generated"))
+    check(s, "compiled composed gate, generated positions", hf,
+          run(s, [bv.spec(eng, vec, 1.0, "generated", condition=gate)] * len(PROMPTS)))
+    assert not eng.stats()["bad"], eng.stats()["bad"]
+    token, _ = split_condition(lm, s["texts"], gate_layer, seed=5, on="token")
+    for kw, words in ((dict(condition=token), 'on="token"'), (dict(clamp=Clamp(vec, hi=1.0)), "a clamp")):
+        with pytest.raises(BackendError, match=words) as e:
+            bv.spec(eng, None if "clamp" in kw else vec, 1.0, **kw)
+        assert "compiled=False" in str(e.value) and "\n" not in str(e.value)

@@ -192,10 +192,11 @@ def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
         assert rows[True] != rows[False], "the vector must change the text, or the comparison proves nothing"
 
 
-def test_serve_compiled_equals_hf_and_refuses_a_condition(smol, tmp_path):
+def test_serve_compiled_equals_hf_with_a_prompt_condition_and_refuses_a_clamp(smol, tmp_path):
     """``steerscope serve FOLDER --compiled`` (vLLM's torch.compile, steered through the graph-safe buffers):
-    unsteered, steered and ablated completions token for token the HF path's on the tiny Qwen2 of the parity
-    tests; a condition gets a one-line HTTP 400 and the server keeps serving."""
+    unsteered, steered, ablated and prompt-gated completions token for token the HF path's on the tiny Qwen2 of
+    the parity tests (3 prompts, the gate open on some); a clamp gets a one-line HTTP 400 and the server keeps
+    serving."""
     from test_vllm_parity import N_NEW as PARITY_NEW
     from test_vllm_parity import hf_ids
 
@@ -217,10 +218,23 @@ def test_serve_compiled_equals_hf_and_refuses_a_condition(smol, tmp_path):
             rows[name] = hf_ids(tiny, texts, ctx)
             assert got == rows[name], f"compiled server, {name}"
         assert rows["steer"] != rows["none"] and rows["ablate"] != rows["none"], "the comparison must be able to fail"
-        cond = ss.Condition(torch.ones(tiny.d_model), layer=1, threshold=0.0).to_dict()
+        from test_vllm_conditional import split_condition
+
+        cond, opened = split_condition(tiny, texts, 1, seed=2)
+        want = hf_ids(tiny, texts, ss.steering(tiny, vec, 1.0, condition=cond))
+        assert any(opened) and not all(opened) and want == [rows["steer" if o else "none"][i]
+                                                            for i, o in enumerate(opened)], opened
+        got = []
+        for i in ids:  # the gate runs in the compiled graph
+            status, out = _post(port, {"model": str(folder), "prompt": i, "max_tokens": PARITY_NEW, "temperature": 0.0,
+                                       "return_token_ids": True,
+                                       "steering": {"vector": "a", "condition": cond.to_dict()}})
+            assert status == 200, out
+            got.append(out["choices"][0]["token_ids"])
+        assert got == want, f"compiled server, condition (open {opened})"
         status, out = _post(port, {"model": str(folder), "prompt": ids[0], "max_tokens": 4,
-                                   "steering": {"vector": "a", "condition": cond}})
-        assert status == 400 and "without --compiled" in out["error"]["message"], out
+                                   "steering": {"clamp": {"vector": "a", "hi": 1.0}}})
+        assert status == 400 and "serve without --compiled" in out["error"]["message"], out
         status, _ = _post(port, {"model": str(folder), "prompt": ids[0], "max_tokens": 4})
         assert status == 200
     log = (tmp_path / "server.log").read_text()

@@ -118,7 +118,7 @@ def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name:
     env["STEERSCOPE_VECTORS"] = json.dumps(vectors)
     env["STEERSCOPE_MAX_BODY_BYTES"] = str(int(max_body_mib) << 20)
     if compiled:
-        env["STEERSCOPE_VLLM_GRAPH"] = graph_env(folder, ablation_sites=True)
+        env["STEERSCOPE_VLLM_GRAPH"] = graph_env(folder, ablation_sites=True, gate_sites=True)
     if tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tensor_parallel_size)
     return argv, env

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from steerscope.backends.base import Addition, Request, groups
-from steerscope.backends.vllm_conditional import COMPILED, RuleLike, gated_spec
+from steerscope.backends.vllm_conditional import RuleLike, compiled_refusal, gated_spec
 from steerscope.errors import BackendError as BackendError  # defined in errors.py; re-exported
 from steerscope.models.lm import LM
 from steerscope.models.load import cache_dir
@@ -100,6 +100,9 @@ class Engine:
             graph-safe buffers built into the model (``steerscope_vllm_plugin``) instead of eager hooks.
         ablation_sites: with ``compiled``, also build the directional-ablation sites (four projections per
             layer on every step); without them a compiled engine refuses ablation requests.
+        gate_sites: with ``compiled``, also build the gate sites (prompt conditions evaluated in the graph:
+            a gather and a dot product per token and layer on every step); without them a compiled engine
+            refuses conditions.
     """
 
     model: str
@@ -108,6 +111,7 @@ class Engine:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     compiled: bool = False
     ablation_sites: bool = True
+    gate_sites: bool = True
     startup_timeout: float = 900.0
     _proc: subprocess.Popen[str] | None = field(default=None, repr=False)
     _vectors: dict[str, str] = field(default_factory=dict, repr=False)
@@ -125,7 +129,7 @@ class Engine:
                "engine_kwargs": self.engine_kwargs, "compiled": self.compiled}
         env = engine_env()
         if self.compiled:
-            env["STEERSCOPE_VLLM_GRAPH"] = graph_env(self.model, self.ablation_sites)
+            env["STEERSCOPE_VLLM_GRAPH"] = graph_env(self.model, self.ablation_sites, self.gate_sites)
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # this process is already the engine's own
         ranks = parallel_ranks(self.engine_kwargs)
         if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:  # else vLLM stops: "Not enough allowed NUMA nodes"
@@ -204,19 +208,21 @@ class Engine:
             self._tmp = None
 
 
-def graph_env(model: str | Path, ablation_sites: bool = True) -> str:
-    """``$STEERSCOPE_VLLM_GRAPH`` for a model folder: its config.json architectures (``;ablate`` with ablation sites).
+def graph_env(model: str | Path, ablation_sites: bool = True, gate_sites: bool = True) -> str:
+    """``$STEERSCOPE_VLLM_GRAPH`` for a model folder: its config.json architectures, then ``;`` and the optional
+    sites (``ablate``: directional ablation; ``gates``: prompt conditions).
 
     Example:
         >>> graph_env(export_folder(lm))
-        'LlamaForCausalLM;ablate'
+        'LlamaForCausalLM;ablate,gates'
     """
     try:
         archs = json.loads((Path(model) / "config.json").read_text())["architectures"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BackendError(f"{model}: cannot read the architectures of config.json ({e}); "
                            "compiled=True needs them") from None
-    return ",".join(archs) + (";ablate" if ablation_sites else "")
+    opts = [o for o, on in (("ablate", ablation_sites), ("gates", gate_sites)) if on]
+    return ",".join(archs) + (";" + ",".join(opts) if opts else "")
 
 
 _ENGINES: dict[tuple[str, str, str, bool], Engine] = {}
@@ -303,20 +309,21 @@ def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, posi
 
     ``condition``: add ``alpha * vector`` only where this gate is open on the request's own activations;
     ``rules``: ``[(gate or None, vector, alpha), ...]`` instead of ``vector`` (first match wins); ``clamp``: a
-    projection clamp (:class:`steerscope.conditional.clamp.Clamp`). These run on the eager engine only
-    (:mod:`steerscope.backends.vllm_conditional`).
+    projection clamp (:class:`steerscope.conditional.clamp.Clamp`). The compiled engine runs one rule gated by
+    ``on="prompt"`` conditions; the rest needs the eager one (:mod:`steerscope.backends.vllm_conditional`).
     """
     if positions not in POSITIONS:
         raise BackendError(f"positions {positions!r}: the vLLM backend supports {', '.join(POSITIONS)}; "
                            "use backend='hf' for last-K or explicit indices")
     if condition is not None or clamp is not None or rules is not None:
-        if engine.compiled:
-            raise BackendError(COMPILED)
         if ablate is not None or (rules is not None and vector is not None):
             raise BackendError("a gated request takes rules, or a vector with a condition; not ablation too")
         n_layers = int(engine.info.get("layers", 10**9))
         if rules is None:
             rules = [] if vector is None else [(condition, vector, alpha)]
+        why = compiled_refusal([g for g, _, _ in rules], clamp) if engine.compiled else None
+        if why is not None:
+            raise BackendError(why)
         up = [(g, as_resid_pre(v, n_layers) or v, a) for g, v, a in rules]
         return gated_spec(engine.register, n_layers, up, positions, clamp)
     if ablate is not None:
@@ -417,10 +424,11 @@ def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[Ste
     call). A vector at ``mlp_out`` / ``resid_post`` is steered at resid_pre one layer up
     (:func:`as_resid_pre`). Sampled with a ``seed``, text i gets its own seed (:func:`row_seeds`).
     ``condition``: every steered text is steered only where this gate is open on its own activations
-    (eager engine only).
+    (the compiled engine runs prompt conditions only: :func:`~steerscope.backends.vllm_conditional.compiled_refusal`).
     """
-    if condition is not None and compiled:
-        raise BackendError(COMPILED)
+    why = compiled_refusal([condition], None) if compiled and condition is not None else None
+    if why is not None:  # before an engine starts
+        raise BackendError(why)
     eng = engine_for(lm, **({"compiled": True} if compiled else {}), **(engine_kwargs or {}))
     if condition is not None:
         for leaf in condition.leaves():
@@ -465,9 +473,6 @@ class VLLMEngine:
     def generate(self, lm: LM, requests: Sequence[Request]) -> list[str]:
         """One completion (new text only) per request, in request order."""
         _check(requests)
-        if self.compiled and any(isinstance(r.intervention, Addition) and r.intervention.condition is not None
-                                 for r in requests):
-            raise BackendError(COMPILED)
         out: list[str] = [""] * len(requests)
         for idx in groups(requests):
             rs = [requests[i] for i in idx]

@@ -5,8 +5,9 @@ A gated request's spec is JSON the worker extension evaluates on that request's 
 "clamp": {"vector": name, "lo": x | null, "hi": x | null, "positions": ..., "condition": ...}}``
 (docs/conditional.md, "On vLLM"). What the engine would only find out mid-step is refused here, before anything
 is sent: a gate that reads a layer above the lowest layer it gates (it would read a steered residual), a
-condition of another width, per-row clamp ranges (on vLLM each request carries its own range), and the compiled
-engine (:data:`COMPILED`).
+condition of another width, per-row clamp ranges (on vLLM each request carries its own range), and on the compiled
+engine what its graph cannot run (:func:`compiled_refusal`: it runs one rule gated by up to
+:data:`COMPILED_LEAVES` ``on="prompt"`` conditions).
 
 Example:
     >>> gated_spec(engine.register, 30, [(harmful, refusal, 4.0), (None, helpful, 1.0)], "all")
@@ -24,10 +25,39 @@ if TYPE_CHECKING:
     from steerscope.conditional.condition import Gate
 
 POSITIONS = ("all", "prompt", "generated")
-COMPILED = ("conditions and clamps run on the eager vLLM engine only (compiled=False): a gate reads each "
-            "request's residual mid-forward and keeps per-request state across steps, which the compiled graph's "
-            "precomputed steering buffers cannot do")
+COMPILED_LEAVES = 4  # engine/steerscope_vllm_plugin.LEAVES
 RuleLike = tuple["Gate | None", SteeringVector, float]
+
+
+def _count_leaves(raw: dict[str, Any]) -> int:
+    kind = raw.get("kind", "condition")
+    return 1 if kind == "condition" else sum(_count_leaves(raw[k]) for k in ("of", "a", "b") if k in raw)
+
+
+def compiled_refusal(gates: Sequence[Gate | None], clamp: Clamp | None) -> str | None:
+    """Why the compiled engine cannot run a gated request (its rules' gates in order, None for an ``else``, and
+    its clamp), or None when it can: the client's copy of ``steerscope_vllm_gates.compiled_refusal``, so the
+    request is refused before it is sent.
+
+    Example:
+        >>> compiled_refusal([harmful], None) is None
+        True
+    """
+    why = []
+    if clamp is not None:
+        why.append("a clamp")
+    if len(gates) > 1:
+        why.append(f"{len(gates)} rules")
+    real = [g for g in gates if g is not None]
+    if any(leaf.on != "prompt" for g in real for leaf in g.leaves()):
+        why.append('an on="token" condition')
+    n = sum(_count_leaves(g.to_dict()) for g in real)
+    if n > COMPILED_LEAVES:
+        why.append(f"{n} conditions in one gate")
+    if not why:
+        return None
+    return (f'the compiled engine runs one rule gated by up to {COMPILED_LEAVES} on="prompt" conditions; this '
+            f"request has {' and '.join(why)}: use the eager engine (compiled=False; serve without --compiled)")
 
 
 def check_gate(gate: Gate | None, vector: SteeringVector, n_layers: int) -> None:

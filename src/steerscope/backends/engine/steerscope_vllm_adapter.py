@@ -22,7 +22,10 @@ Algorithm (one engine step, continuous batching):
 5. Gated requests (a spec with ``condition`` / ``rules`` / ``clamp``, parsed by ``steerscope_vllm_spec``): each
    layer hook also runs ``steerscope_vllm_gates.apply_rows``, which reads the request's own residual at its
    conditions' layers, keeps per-request running state across steps, and adds / clamps only where its gate is
-   open. Eager only: a compiled engine refuses such specs (:data:`COMPILED_GATES`).
+   open. A compiled engine built with gate sites (``STEERSCOPE_VLLM_GRAPH='<arch>;gates'``) runs one rule gated
+   by ``on="prompt"`` conditions in the graph instead (``steerscope_vllm_plugin.gate_open``; this extension
+   writes each gated request's slot once and the per-token slot map each step); it refuses the rest with
+   ``steerscope_vllm_gates.compiled_refusal``'s reason.
 
 Hooks do not run in a compiled (torch.compile / CUDA graph) model: :meth:`steerscope_install`
 refuses unless compilation is off (``enforce_eager=True``), and the engine counts hook calls so a
@@ -41,9 +44,6 @@ import torch
 from steerscope_vllm_spec import POSITIONS, ClampSpec, Spec, finite_alpha, parse_spec  # noqa: F401 (re-exported)
 
 SUPPORTED = ("0.32.",)
-COMPILED_GATES = ("conditions and clamps run on the eager engine only: a gate reads the residual mid-forward and "
-                  "keeps per-request state across steps, which the compiled graph's steering buffers cannot do; "
-                  "use compiled=False")
 log = logging.getLogger("steerscope.vllm")
 
 
@@ -91,6 +91,35 @@ def _project(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _zero_sites(sites: Any) -> None:
+    """Graph buffers for a step that steers nothing: every token reads the zero row and no gate slot."""
+    sites.idx.zero_()
+    if sites.gates:
+        sites.gslot.zero_()
+        sites.gtok.zero_()
+
+
+def _init_slot(sites: Any, slot: int, spec: Spec) -> None:
+    """Write a gated request's slot: its leaves (direction, center·d̂, scale, threshold, layer, reduce), a fresh
+    running state (sum 0, count 0, max −inf, undecided; unused leaves decided) and its gate's truth table."""
+    from steerscope_vllm_gates import REDUCE, spec_leaves, truth_table
+
+    k, d = sites.gdir.shape[1], sites.gdir.shape[2]
+    found = spec_leaves(spec)
+    dirs, par, state = torch.zeros(k, d), torch.zeros(k, 5), torch.zeros(k, 5)
+    par[:, 1], par[:, 3], state[:, 2], state[:, 4] = 1.0, -1.0, -float("inf"), 1.0
+    for j, leaf in enumerate(found):
+        dirs[j] = leaf.unit
+        cd = 0.0 if leaf.center is None else float(leaf.center.double() @ leaf.unit.double())
+        par[j] = torch.tensor([cd, leaf.scale, leaf.threshold, float(leaf.layer), float(REDUCE.index(leaf.reduce))])
+        state[j, 4] = 0.0
+    dev = sites.gdir.device
+    sites.gdir[slot] = dirs.to(dev)
+    sites.gparam[slot] = par.to(dev)
+    sites.gstate[slot] = state.to(dev)
+    sites.gtt[slot] = torch.tensor(truth_table(spec.rules[0][0], found, k)).to(dev)
+
+
 def _add(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     n = min(x.shape[0], d.shape[0])
     out = x.clone()
@@ -130,6 +159,8 @@ class SteerExtension:
         self._ss_calls = 0
         self._ss_bad: list[str] = []
         self._ss_gates: dict[str, dict[int, Any]] = {}  # req id -> leaf id -> running state (gated requests)
+        self._ss_gslots: dict[str, int] = {}  # compiled: req id -> its gate slot (1..rows-1)
+        self._ss_gdecided: dict[str, bool] = {}  # compiled: req id -> its prompt conditions decided
         for name, path in json.loads(os.environ.get("STEERSCOPE_VECTORS", "{}")).items():
             self.steerscope_register(name, path)
         layers = model.model.layers
@@ -194,7 +225,11 @@ class SteerExtension:
         from steerscope_vllm_gates import check_spec
 
         if self._ss_sites is not None:
-            raise ValueError(COMPILED_GATES)
+            from steerscope_vllm_gates import compiled_refusal
+
+            why = compiled_refusal(spec, self._ss_sites.gates)
+            if why:
+                raise ValueError(why)
         check_spec(spec, self._ss_vectors, self._ss_n_layers, self._ss_d_model)
 
     def _ss_rows(self, req_ids: list[str], specs: list[Spec | None], qsl: torch.Tensor, pos: torch.Tensor,
@@ -228,13 +263,13 @@ class SteerExtension:
         specs = [self._ss_spec(r) for r in req_ids]
         if all(s is None for s in specs):
             if sites is not None and self._ss_table_key != ():
-                sites.idx.zero_()  # every token reads the zero row
+                _zero_sites(sites)  # every token reads the zero row
                 self._ss_table_key = ()
             return
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         if positions is None:
             if sites is not None:
-                sites.idx.zero_()
+                _zero_sites(sites)
                 self._ss_table_key = ()
             return
         qsl = torch.from_numpy(runner.query_start_loc.np[: n + 1].astype("int64"))
@@ -248,6 +283,8 @@ class SteerExtension:
                          "positions": pos[:80].tolist(), "req_ids": req_ids}
         if sites is not None:
             self._ss_write_sites(sites, req_ids, specs, tok_req, is_gen)
+            if sites.gates:
+                self._ss_write_gates(sites, req_ids, specs, qsl, pos, prompt_len)
             return
         self._ss_step = self._ss_build(specs, tok_req, is_gen, positions.device)
         self._ss_step.rows = self._ss_rows(req_ids, specs, qsl, pos, prompt_len)
@@ -273,7 +310,7 @@ class SteerExtension:
         for i, s in enumerate(specs):
             if s is None:
                 continue
-            for name, alpha in s.vectors:
+            for name, alpha in s.vectors or (s.rules[0][1] if s.rules else ()):  # gated: its one rule's vectors
                 for layer, v in self._ss_vectors[name].items():
                     if s.positions in ("all", "prompt"):
                         table[layer, 1 + 2 * i] += alpha * v
@@ -290,6 +327,52 @@ class SteerExtension:
             sites.rtable[: 2 * n + 1].copy_(rt)
         self._ss_calls += 1
         self._ss_table_key = key
+
+    def _ss_write_gates(self, sites: Any, req_ids: list[str], specs: list[Spec | None], qsl: torch.Tensor,
+                        pos: torch.Tensor, prompt_len: torch.Tensor) -> None:
+        """Graph mode with gate sites: each gated request's slot (written when it starts at position 0), and per
+        token its slot, whether it is a prompt token and whether it is the last one (steerscope_vllm_plugin)."""
+        from steerscope_vllm_gates import _steers_prompt
+
+        alive = self.model_runner.requests  # type: ignore[attr-defined]
+        for gone in [r for r in self._ss_gslots if r not in alive]:
+            del self._ss_gslots[gone]
+            self._ss_gdecided.pop(gone, None)
+        slot_tok = torch.zeros(sites.max_tokens, dtype=torch.int64)
+        flags = torch.zeros(sites.max_tokens, 2)
+        for i, (req, s) in enumerate(zip(req_ids, specs)):
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            if s is None or not s.gated or end <= start:
+                continue
+            p, plen = pos[start:end], int(prompt_len[i])
+            if req not in self._ss_gslots or int(p[0]) == 0:  # new, or preempted and recomputed: restart
+                self._ss_gslots[req] = self._ss_gslots.get(req) or self._ss_free_slot(sites, set(req_ids))
+                self._ss_gdecided[req] = False
+                _init_slot(sites, self._ss_gslots[req], s)
+            slot_tok[start:end] = self._ss_gslots[req]
+            flags[start:end, 0] = (p < plen).float()
+            flags[start:end, 1] = (p == plen - 1).float()
+            if not self._ss_gdecided[req]:
+                if bool((p == plen - 1).any()):
+                    self._ss_gdecided[req] = True
+                elif _steers_prompt(s):
+                    self._ss_bad.append(f"a prompt condition's prompt was split over engine steps (chunked "
+                                        f"prefill); a chunk of {end - start} prompt tokens was left unsteered")
+        sites.gslot.copy_(slot_tok.to(sites.gslot.device))
+        sites.gtok.copy_(flags.to(sites.gtok.device))
+
+    def _ss_free_slot(self, sites: Any, batch: set[str]) -> int:
+        """A gate slot no living request holds (else one whose request is not in this step)."""
+        used = set(self._ss_gslots.values())
+        for k in range(1, sites.rows):
+            if k not in used:
+                return k
+        for req, k in list(self._ss_gslots.items()):
+            if req not in batch:
+                del self._ss_gslots[req]
+                self._ss_gdecided.pop(req, None)
+                return k
+        raise RuntimeError(f"steerscope: more than {sites.rows - 1} gated requests in one step")
 
     def _ss_build(self, specs: list[Spec | None], tok_req: torch.Tensor, is_gen: torch.Tensor,
                   device: torch.device) -> _Step:

@@ -38,7 +38,7 @@ def main() -> None:
     def reply(obj: dict[str, Any]) -> None:
         proto.write(json.dumps(obj) + "\n")
 
-    from steerscope_vllm_adapter import COMPILED_GATES, check_version, parse_spec
+    from steerscope_vllm_adapter import check_version, parse_spec
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -70,7 +70,7 @@ def main() -> None:
                 ranks = llm.collective_rpc("steerscope_stats")  # one per worker (tensor / pipeline parallel ranks)
                 reply({"ok": True, **ranks[0], "ranks": ranks})
             elif op == "generate":
-                check = parse_spec if not cfg.get("compiled") else _eager_only(parse_spec, COMPILED_GATES)
+                check = parse_spec if not cfg.get("compiled") else _graph_only(parse_spec)
                 reply(_generate(llm, req, known, check, SamplingParams, TokensPrompt))
             else:
                 reply({"ok": False, "error": f"unknown op {op!r}"})
@@ -78,12 +78,18 @@ def main() -> None:
             reply({"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
 
 
-def _eager_only(parse_spec: Any, reason: str) -> Any:
-    """``parse_spec`` that also refuses gated specs (conditions, clamps): a compiled engine cannot run them."""
+def _graph_only(parse_spec: Any) -> Any:
+    """``parse_spec`` that also refuses the gated specs a compiled graph cannot run (``compiled_refusal``)."""
+    from steerscope_vllm_gates import compiled_refusal
+    from steerscope_vllm_plugin import wanted
+
+    gate_sites = wanted()[2]
+
     def parse(raw: Any, known: set[str]) -> Any:
         spec = parse_spec(raw, known)
-        if spec is not None and spec.gated:
-            raise ValueError(reason)
+        why = compiled_refusal(spec, gate_sites)
+        if why:
+            raise ValueError(why)
         return spec
     return parse
 

@@ -220,6 +220,48 @@ def spec_leaves(spec: Any) -> list[Leaf]:
     return out
 
 
+COMPILED_LEAVES = 4  # steerscope_vllm_plugin.LEAVES (this module must not import the plugin's torch graph code)
+
+
+NO_GATE_SITES = ("this compiled engine was built without gate sites, so it cannot run conditions or clamps: "
+                 "start it with STEERSCOPE_VLLM_GRAPH='<arch>;gates' (steerscope's launchers do), or use the eager "
+                 "engine (compiled=False; serve without --compiled)")
+
+
+def compiled_refusal(spec: Any, gate_sites: bool = True) -> str | None:
+    """Why a compiled engine's graph cannot run this gated spec, or None when it can: one rule (a gate and its
+    vectors), its gate built from at most :data:`COMPILED_LEAVES` ``on="prompt"`` conditions, no clamp; nothing
+    gated without ``gate_sites``."""
+    if spec is None or not spec.gated:
+        return None
+    if not gate_sites:
+        return NO_GATE_SITES
+    why = []
+    if spec.clamp is not None:
+        why.append("a clamp")
+    if len(spec.rules) > 1:
+        why.append(f"{len(spec.rules)} rules")
+    found = spec_leaves(spec)
+    if any(leaf.on != "prompt" for leaf in found):
+        why.append('an on="token" condition')
+    if len(found) > COMPILED_LEAVES:
+        why.append(f"{len(found)} conditions in one gate")
+    if not why:
+        return None
+    return (f"the compiled engine runs one rule gated by up to {COMPILED_LEAVES} on=\"prompt\" conditions; this "
+            f"request has {' and '.join(why)}: use the eager engine (compiled=False; serve without --compiled)")
+
+
+def truth_table(gate: Any, found: list[Leaf], k: int = COMPILED_LEAVES) -> list[float]:
+    """The gate over its leaves' decisions: entry ``b`` is 1.0 when the gate is open with leaf i decided open
+    exactly where bit i of ``b`` is set (``found`` in bit order; bits past ``len(found)`` are ignored)."""
+    out = []
+    for b in range(2**k):
+        values = {id(leaf): torch.tensor([bool(b >> i & 1)]) for i, leaf in enumerate(found)}
+        out.append(float(gate_open(gate, values, 1)[0]))
+    return out
+
+
 def check_spec(spec: Any, vectors: dict[str, dict[int, torch.Tensor]], n_layers: int, d_model: int) -> None:
     """ValueError when a gated spec does not fit the model, or a gate would read a residual already steered:
     every rule's leaves at layers <= the lowest rule layer, the clamp's leaves <= the lowest clamp layer

@@ -17,38 +17,54 @@ while the model is built, before anything is traced:
   The hook computes ``residual + table[idx[:n]]`` (``hidden + ...`` at layer 0), branch-free, so the
   traced graph reads whatever the buffers hold at replay. With ``ablate`` in the variable's value, a
   per-row unit direction ``rtable [rows d_model]`` is projected out of resid_pre, attn_out and mlp_out.
+- With ``gates`` in the variable's value, conditions run in the graph too (``on="prompt"`` conditions, up to
+  :data:`LEAVES` per request, combined by any and/or/not; ``steerscope_vllm_gates.compiled_refusal`` says what
+  else needs the eager engine). Each gated request holds a slot ``1..S`` (0: ungated, always open) with its
+  leaves' unit directions ``gdir [S K d]``, parameters ``gparam [S K 5]`` (center·d̂, scale, threshold, layer,
+  reduce), running state ``gstate [S K 5]`` (sum, count, max, decision, decided) and the truth table of its
+  gate over the leaves' decisions ``gtt [S 2^K]``; per token ``gslot`` (its slot) and ``gtok`` (prompt token of a
+  gated request, last prompt token). Each layer's hook scores every token on its slot's leaves, reduces the
+  prompt tokens per slot (``index_add`` / ``scatter_reduce``), updates the state of the leaves read at that layer
+  with ``copy_`` (kept across steps: a decision made in the prefill step holds for the request's life) and
+  multiplies each token's delta by its slot's gate: ``table[idx] * open[gslot]``, branch-free; a slot whose
+  leaves are not all decided (a prompt split over steps) is shut.
 - Each step, the worker extension (``steerscope_vllm_adapter``), from an eager pre-hook on the
   outer model (which vLLM does not compile), writes ``idx`` and, when the batch's requests or
   their specs changed, the table rows, with ``copy_()`` (same storage, so the graph sees them).
 
-Costs: one gather-add per layer per token on every step, steered or not (and four projections per
-layer with ``ablate``); buffers of ``layers x (2 max_num_seqs + 1) x d_model`` floats.
+Costs: one gather-add per layer per token on every step, steered or not (four projections per layer with
+``ablate``; with ``gates`` a gather of K directions and a dot product per token and a few per-slot reductions);
+buffers of ``layers x (2 max_num_seqs + 1) x d_model`` floats (gates: ``(2 max_num_seqs + 1) x K x d_model``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
 import torch
 
 ENV = "STEERSCOPE_VLLM_GRAPH"
+LEAVES = 4  # conditions per gated request in a compiled graph (the truth table has 2**LEAVES entries)
 log = logging.getLogger("steerscope.vllm")
 
 
-def wanted() -> tuple[list[str], bool]:
-    """(architectures to wrap, with ablation sites) from ``$STEERSCOPE_VLLM_GRAPH`` ("Arch1,Arch2[;ablate]")."""
+def wanted() -> tuple[list[str], bool, bool]:
+    """(architectures to wrap, with ablation sites, with gate sites) from ``$STEERSCOPE_VLLM_GRAPH``
+    ("Arch1,Arch2[;ablate][,gates]")."""
     raw = os.environ.get(ENV, "").strip()
     if not raw:
-        return [], False
+        return [], False, False
     archs, _, opts = raw.partition(";")
-    return [a for a in archs.split(",") if a], "ablate" in opts.split(",")
+    flags = opts.split(",")
+    return [a for a in archs.split(",") if a], "ablate" in flags, "gates" in flags
 
 
 def register() -> None:
     """vLLM's plugin entry point: register the steered subclass of each architecture in $STEERSCOPE_VLLM_GRAPH."""
-    archs, ablate = wanted()
+    archs, ablate, gates = wanted()
     if not archs:
         return
     from steerscope_vllm_adapter import check_version
@@ -61,15 +77,15 @@ def register() -> None:
             raise RuntimeError(f"steerscope: vLLM has no model class for architecture {arch!r}")
         if getattr(base, "_steerscope_graph", False):
             continue
-        ModelRegistry.register_model(arch, steered_class(base, ablate))
+        ModelRegistry.register_model(arch, steered_class(base, ablate, gates))
 
 
-def steered_class(base: type, ablate: bool) -> type:
+def steered_class(base: type, ablate: bool, gates: bool = False) -> type:
     """``base`` with graph-safe steering sites added after ``__init__`` (same name, weights, interfaces)."""
 
     def __init__(self: Any, *, vllm_config: Any, prefix: str = "") -> None:  # vLLM inspects this signature
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)  # type: ignore[misc]
-        add_sites(self, vllm_config, ablate)
+        add_sites(self, vllm_config, ablate, gates)
 
     return type(base.__name__, (base,), {"__init__": __init__, "_steerscope_graph": True,
                                          "__module__": base.__module__, "__qualname__": base.__qualname__})
@@ -79,14 +95,29 @@ class GraphSites:
     """The buffers of one model (kept on the model as ``_steerscope_sites``; written by the extension)."""
 
     def __init__(self, n_layers: int, rows: int, max_tokens: int, d: int, dtype: torch.dtype,
-                 device: torch.device, ablate: bool) -> None:
+                 device: torch.device, ablate: bool, gates: bool = False) -> None:
         self.rows, self.max_tokens, self.ablate = rows, max_tokens, ablate
         self.table = torch.zeros(n_layers, rows, d, dtype=dtype, device=device)
         self.idx = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.rtable = torch.zeros(rows, d, dtype=dtype, device=device) if ablate else None
+        self.gates = gates
+        if gates:  # slots 0..rows-1; slot 0 is the ungated one: no leaves, decided, its table all open
+            f32 = torch.float32
+            self.gslot = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+            self.gtok = torch.zeros(max_tokens, 2, dtype=f32, device=device)
+            self.gdir = torch.zeros(rows, LEAVES, d, dtype=f32, device=device)
+            self.gparam = torch.zeros(rows, LEAVES, 5, dtype=f32, device=device)
+            self.gparam[..., 1], self.gparam[..., 3] = 1.0, -1.0  # scale 1, read at no layer
+            self.gstate = torch.zeros(rows, LEAVES, 5, dtype=f32, device=device)
+            self.gstate[..., 4] = 1.0  # decided (an empty slot gates nothing)
+            self.gtt = torch.zeros(rows, 2**LEAVES, dtype=f32, device=device)
+            self.gtt[0] = 1.0
 
 
-def add_sites(model: Any, vllm_config: Any, ablate: bool) -> GraphSites:
+GATE_BUFFERS = ("gslot", "gtok", "gdir", "gparam", "gstate", "gtt")
+
+
+def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -> GraphSites:
     """Buffers and pre-hooks on every decoder layer of ``model`` (before it is compiled)."""
     layers = model.model.layers
     sched = vllm_config.scheduler_config
@@ -95,12 +126,16 @@ def add_sites(model: Any, vllm_config: Any, ablate: bool) -> GraphSites:
     d = int(vllm_config.model_config.get_hidden_size())
     dtype = vllm_config.model_config.dtype
     device = next(model.parameters()).device
-    sites = GraphSites(len(layers), rows, max_tokens, d, dtype, device, ablate)
+    sites = GraphSites(len(layers), rows, max_tokens, d, dtype, device, ablate, gates)
     for i, layer in enumerate(layers):
         if type(layer).__name__ == "PPMissingLayer":
             continue
         layer.register_buffer("steerscope_idx", sites.idx, persistent=False)
         layer.register_buffer("steerscope_table", sites.table[i], persistent=False)
+        if gates:
+            layer.steerscope_layer = i  # a constant of the traced graph
+            for name in GATE_BUFFERS:
+                layer.register_buffer(f"steerscope_{name}", getattr(sites, name), persistent=False)
         layer.register_forward_pre_hook(_layer_hook, with_kwargs=True)
         if ablate:
             layer.register_buffer("steerscope_rtable", sites.rtable, persistent=False)
@@ -110,8 +145,8 @@ def add_sites(model: Any, vllm_config: Any, ablate: bool) -> GraphSites:
                 m.register_buffer("steerscope_rtable", sites.rtable, persistent=False)
                 m.register_forward_hook(_out_hook)
     model._steerscope_sites = sites
-    log.info("steerscope: graph-safe steering sites on %d layers (rows %d, tokens %d, ablate %s)",
-             len(layers), rows, max_tokens, ablate)
+    log.info("steerscope: graph-safe steering sites on %d layers (rows %d, tokens %d, ablate %s, gates %s)",
+             len(layers), rows, max_tokens, ablate, gates)
     return sites
 
 
@@ -124,6 +159,9 @@ def _layer_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     residual = args[2] if len(args) > 2 else kwargs.pop("residual", None)
     idx = module.steerscope_idx[: hidden.shape[0]]
     delta = module.steerscope_table[idx].to(hidden.dtype)
+    if getattr(module, "steerscope_gstate", None) is not None:
+        x = hidden if residual is None else hidden + residual  # resid_pre before this layer's additions
+        delta = delta * gate_open(module, x).to(hidden.dtype)[:, None]
     if residual is None:
         hidden = hidden + delta
     else:
@@ -143,3 +181,34 @@ def _out_hook(module: Any, args: Any, out: Any) -> Any:
         return None
     r = module.steerscope_rtable[module.steerscope_idx[: out.shape[0]]]
     return _project(out, r.to(out.dtype))
+
+
+def gate_open(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """float [tokens]: 1 where the token's request may be steered at this layer (its slot's gate open and decided).
+
+    Reads the leaves at ``module.steerscope_layer`` and updates their running state in place (module docstring).
+    """
+    n, layer = x.shape[0], float(module.steerscope_layer)
+    slot, tok = module.steerscope_gslot[:n], module.steerscope_gtok[:n]
+    par, st = module.steerscope_gparam, module.steerscope_gstate
+    mine = par[slot]  # [n K 5]
+    s = (torch.einsum("nkd,nd->nk", module.steerscope_gdir[slot], x.float()) - mine[..., 0]) / mine[..., 1]
+    pm, last = tok[:, 0:1], tok[:, 1:2]
+    zero = torch.zeros_like(st[..., 0])  # [S K]
+    total = st[..., 0] + zero.index_add(0, slot, s * pm)
+    count = st[..., 1] + zero.index_add(0, slot, pm.expand_as(s))
+    at_last = zero.index_add(0, slot, s * last)
+    ends = zero.index_add(0, slot, last.expand_as(s)) > 0  # the slot's last prompt token is in this step
+    top = torch.maximum(st[..., 2], torch.full_like(zero, -math.inf).scatter_reduce(
+        0, slot[:, None].expand_as(s), torch.where(pm > 0, s, -math.inf), "amax"))
+    reduce = par[..., 4]
+    value = torch.where(reduce == 0, total / count.clamp_min(1.0), torch.where(reduce == 1, at_last, top))
+    here = par[..., 3] == layer
+    decide = here & ends
+    dec = torch.where(decide, (value > par[..., 2]).float(), st[..., 3])
+    done = torch.where(decide, torch.ones_like(zero), st[..., 4])
+    st.copy_(torch.stack([torch.where(here, total, st[..., 0]), torch.where(here, count, st[..., 1]),
+                          torch.where(here, top, st[..., 2]), dec, done], -1))
+    bits = (dec * (2 ** torch.arange(dec.shape[1], device=dec.device)).float()).sum(-1).long()  # [S]
+    opened: torch.Tensor = module.steerscope_gtt.gather(1, bits[:, None])[:, 0] * done.amin(-1)
+    return opened[slot]

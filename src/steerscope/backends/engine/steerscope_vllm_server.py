@@ -143,7 +143,7 @@ def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | 
             direction and an ``alpha * vector`` that overflows float32 (None: not checked).
         shapes: per name, (layers, width): refuses a condition of another width, or one that reads a layer above
             the vectors it gates (None: not checked here; the worker still refuses it, leaving it unsteered).
-        compiled: the server runs the compiled model, which cannot run conditions or clamps (refused).
+        compiled: the server runs the compiled model, which runs prompt conditions only (the rest refused).
 
     Returns:
         ``data``, rewritten. ValueError (one line) for anything refused.
@@ -166,9 +166,12 @@ def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | 
         check_doses(list(spec.vectors) + [p for _, ps in spec.rules for p in ps], spec.ablate, norms or {})
         if spec.gated:
             if compiled:
-                from steerscope_vllm_adapter import COMPILED_GATES
+                from steerscope_vllm_gates import compiled_refusal
+                from steerscope_vllm_plugin import wanted
 
-                raise ValueError(COMPILED_GATES.replace("use compiled=False", "serve without --compiled"))
+                why = compiled_refusal(spec, gate_sites=wanted()[2])
+                if why:
+                    raise ValueError(why)
             check_gated(spec, shapes)
             text = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True)
         else:
