@@ -87,7 +87,8 @@ def setup(request, smol):
         layers1, layers3, norm = [2], [0, 1, 3], 4.0
     compiled = request.param.endswith("-compiled")
     kwargs = {"tensor_parallel_size": 2} if request.param.endswith("-tp2") else {}
-    engine = bv.engine_for(lm, compiled=compiled, **kwargs)  # the engine ss.generate(backend="vllm") uses
+    # the engine ss.generate(backend="vllm") uses; compiled with the gate sites (they must leave plain steering be)
+    engine = bv.engine_for(lm, compiled=compiled, **({"gate_sites": True} if compiled else {}), **kwargs)
     if compiled:
         # really compiled (else this would only repeat the eager cases through other hooks)
         assert engine.info.get("graph") is True and engine.info["enforce_eager"] is False, engine.info

@@ -100,9 +100,10 @@ class Engine:
             graph-safe buffers built into the model (``steerscope_vllm_plugin``) instead of eager hooks.
         ablation_sites: with ``compiled``, also build the directional-ablation sites (four projections per
             layer on every step); without them a compiled engine refuses ablation requests.
-        gate_sites: with ``compiled``, also build the gate sites (prompt conditions evaluated in the graph:
-            a gather and a dot product per token and layer on every step); without them a compiled engine
-            refuses conditions.
+        gate_sites: with ``compiled``, also build the gate sites (prompt conditions evaluated in the graph on
+            every step, gated or not: about +3 % per step measured on SmolLM2, docs/conditional.md); without
+            them (the default) a compiled engine refuses conditions. :func:`generate` with a condition picks
+            an engine that has them.
     """
 
     model: str
@@ -111,7 +112,7 @@ class Engine:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     compiled: bool = False
     ablation_sites: bool = True
-    gate_sites: bool = True
+    gate_sites: bool = False
     startup_timeout: float = 900.0
     _proc: subprocess.Popen[str] | None = field(default=None, repr=False)
     _vectors: dict[str, str] = field(default_factory=dict, repr=False)
@@ -225,7 +226,7 @@ def graph_env(model: str | Path, ablation_sites: bool = True, gate_sites: bool =
     return ",".join(archs) + (";" + ",".join(opts) if opts else "")
 
 
-_ENGINES: dict[tuple[str, str, str, bool], Engine] = {}
+_ENGINES: dict[tuple[str, str, str, bool, bool], Engine] = {}
 
 
 def parallel_ranks(engine_kwargs: dict[str, Any]) -> int:
@@ -277,20 +278,22 @@ def _cause(log: str) -> str:
     return f": {found[-1].strip()}" if found else ""
 
 
-def engine_for(lm: LM, compiled: bool = False, **engine_kwargs: Any) -> Engine:
+def engine_for(lm: LM, compiled: bool = False, gate_sites: bool = False, **engine_kwargs: Any) -> Engine:
     """The cached engine on ``lm``'s weights (started on first use, stopped at exit or by :func:`close_engines`).
 
-    ``compiled=True``: vLLM's compiled model with graph-safe steering buffers (see :class:`Engine`).
+    ``compiled=True``: vLLM's compiled model with graph-safe steering buffers (see :class:`Engine`);
+    ``gate_sites=True`` with it: prompt conditions run in the graph (a separate cached engine).
     ``engine_kwargs`` go to vLLM's ``LLM(...)`` (e.g. ``tensor_parallel_size=2``); a parallel size the model
     cannot be split into is refused here, before anything starts (:func:`check_parallel`).
     """
     check_parallel(lm, engine_kwargs)
     dtype = str(lm.dtype).removeprefix("torch.")
     folder = str(export_folder(lm))
-    key = (folder, dtype, json.dumps(engine_kwargs, sort_keys=True), compiled)
+    sites = compiled and gate_sites
+    key = (folder, dtype, json.dumps(engine_kwargs, sort_keys=True), compiled, sites)
     eng = _ENGINES.get(key)
     if eng is None or eng._proc is None or eng._proc.poll() is not None:
-        eng = Engine(folder, dtype=dtype, engine_kwargs=engine_kwargs, compiled=compiled).start()
+        eng = Engine(folder, dtype=dtype, engine_kwargs=engine_kwargs, compiled=compiled, gate_sites=sites).start()
         _ENGINES[key] = eng
     return eng
 
@@ -324,6 +327,10 @@ def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, posi
         why = compiled_refusal([g for g, _, _ in rules], clamp) if engine.compiled else None
         if why is not None:
             raise BackendError(why)
+        if engine.compiled and not engine.gate_sites:
+            raise BackendError("this compiled engine was built without gate sites, so it cannot run conditions: "
+                               "start it with bv.engine_for(lm, compiled=True, gate_sites=True) (ss.generate does "
+                               "when given a condition), or use the eager engine")
         up = [(g, as_resid_pre(v, n_layers) or v, a) for g, v, a in rules]
         return gated_spec(engine.register, n_layers, up, positions, clamp)
     if ablate is not None:
@@ -429,7 +436,8 @@ def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[Ste
     why = compiled_refusal([condition], None) if compiled and condition is not None else None
     if why is not None:  # before an engine starts
         raise BackendError(why)
-    eng = engine_for(lm, **({"compiled": True} if compiled else {}), **(engine_kwargs or {}))
+    sites = {"gate_sites": True} if compiled and condition is not None else {}
+    eng = engine_for(lm, **({"compiled": True} if compiled else {}), **sites, **(engine_kwargs or {}))
     if condition is not None:
         for leaf in condition.leaves():
             leaf.check(lm)
