@@ -212,6 +212,8 @@ def test_compiled_prompt_conditions_in_a_mixed_batch_match_hf(setup):
     check(s, "compiled composed gate, generated positions", hf,
           run(s, [bv.spec(eng, vec, 1.0, "generated", condition=gate)] * len(PROMPTS)))
     assert not eng.stats()["bad"], eng.stats()["bad"]
+    kw = dict(vector=vec, alpha=1.0, condition=cond, max_new_tokens=12)  # the public API, the same cached engine
+    assert ss.generate(lm, PROMPTS[:4], backend="vllm", compiled=True, **kw) == ss.generate(lm, PROMPTS[:4], **kw)
     token, _ = split_condition(lm, s["texts"], gate_layer, seed=5, on="token")
     for kw, words in ((dict(condition=token), 'on="token"'), (dict(clamp=Clamp(vec, hi=1.0)), "a clamp")):
         with pytest.raises(BackendError, match=words) as e:
