@@ -33,7 +33,7 @@ def _compare(lm, vec, cfg: Config, tmp_path, tol: float = 1e-6) -> None:
     sp = St.step_sparsity(run, lm, cfg, "dim", vec, "bypass")
     prompts = [St.attr_prompts(cfg, "bypass")[i] for i in att.rows_used]  # the study's attribution batch
     card = explain(lm, vec, prompts, alpha=cfg.alpha_bypass, settings=_settings(cfg), out=tmp_path / "card",
-                   show_progress=False)
+                   show_progress=False, sections=["attribution", "circuit"])  # the sections compared here
     assert card.circuit.sizes == circ.sizes and card.circuit.n_edges_total == circ.n_edges_total
     assert card.circuit.faithfulness == pytest.approx(circ.faithfulness, abs=tol)
     assert card.circuit.edge_fraction == circ.minimal_fraction
@@ -47,7 +47,7 @@ def _compare(lm, vec, cfg: Config, tmp_path, tol: float = 1e-6) -> None:
                             cfg.eval_tokens, cfg.batch_size, cfg.seed)
     assert curve == sp.asr
     card = explain(lm, vec, evals, alpha=cfg.alpha_bypass, scorer="refusal", settings=_settings(cfg),
-                   show_progress=False)
+                   show_progress=False, sections=["frozen"])
     for mode in ("qk", "ov", "svv", "mlp"):  # the card scores the refusal rate; the study reports ASR = 1 - it
         assert 1 - card.frozen.path(mode).scorer_mean == pytest.approx(abl.asr(mode))
     assert 1 - card.frozen.steered_scorer_mean == pytest.approx(abl.none)
