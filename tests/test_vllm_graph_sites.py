@@ -165,7 +165,7 @@ def test_gates_in_the_compiled_graph_equal_the_eager_gate_code_across_steps_and_
                                     "vectors": [["v", 1.0]]}]}),
              parse_spec({"rules": [{"condition": ld, "vectors": [["v", 1.0]]}]})]
     for slot, spec in zip((1, 2, 3), specs):
-        adapter._init_slot(sites, slot, spec)
+        adapter._init_slot(sites, slot, spec, {})
 
     def step(x, rows, slots, flags):
         sites.idx.zero_()
@@ -194,9 +194,50 @@ def test_gates_in_the_compiled_graph_equal_the_eager_gate_code_across_steps_and_
     # thresholds just above the figures shut them: the comparison is live, not always open
     lb1["threshold"], ld["threshold"] = float(b1) + 0.1, float(dm) + 0.1
     adapter._init_slot(sites, 2, parse_spec({"rules": [{"condition": {"kind": "and", "a": lb0, "b": {
-        "kind": "not", "of": lb1}}, "vectors": [["v", 1.0]]}]}))
-    adapter._init_slot(sites, 3, parse_spec({"rules": [{"condition": ld, "vectors": [["v", 1.0]]}]}))
+        "kind": "not", "of": lb1}}, "vectors": [["v", 1.0]]}]}), {})
+    adapter._init_slot(sites, 3, parse_spec({"rules": [{"condition": ld, "vectors": [["v", 1.0]]}]}), {})
     step(torch.cat([x1[3:5], x1[7:9]]), [3, 3, 7, 7], [2, 2, 3, 3], [[1, 0], [1, 1], [1, 0], [1, 0]])
     out3 = step(x2[3:], [7, 7], [3, 3], [[1, 0], [1, 1]])
     torch.testing.assert_close(out3, reference(toy, x2[3:], torch.zeros(LAYERS, 2, D), None), rtol=1e-5, atol=1e-5)
     assert sites.gstate[2, :2, 3].tolist() == [1.0, 0.0]  # B: last@0 open, max@1 now shut, so ~it opens B
+
+
+def test_a_clamp_in_the_compiled_graph_is_the_eager_clip_where_its_gate_and_positions_allow():
+    """Slot 1 clamps layer 1's projection on r̂ to hi (prompt tokens only), slot 2 the same under a gate that stays
+    shut, slot 0 tokens are left alone: the compiled output equals the toy run with ``clip_rows`` applied by hand."""
+    import steerscope_vllm_adapter as adapter
+    import steerscope_vllm_gates as gates
+    from steerscope_vllm_spec import parse_spec
+
+    torch.manual_seed(1)
+    toy = Toy().eval()
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=32, max_num_seqs=4),
+                          model_config=SimpleNamespace(get_hidden_size=lambda: D, dtype=torch.float32))
+    sites = plugin.add_sites(toy, cfg, False, gates=True)
+    compiled = torch.compile(toy.model, backend="aot_eager", dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, D, generator=g)
+    r = torch.randn(D, generator=g)
+    pre = _resid_pre(toy, x)
+    hi = float((pre[1] @ (r / r.norm())).median())  # binds on about half the tokens
+    vectors = {"cap": {1: r}}
+    shut = {"direction": [1.0] * D, "layer": 0, "threshold": 1e9}
+    adapter._init_slot(sites, 1, parse_spec({"clamp": {"vector": "cap", "hi": hi, "positions": "prompt"}}), vectors)
+    adapter._init_slot(sites, 2, parse_spec({"clamp": {"vector": "cap", "hi": hi, "condition": shut}}), vectors)
+    sites.idx.zero_()
+    sites.gslot.zero_()
+    sites.gslot[:6] = torch.tensor([1, 1, 1, 2, 2, 0])
+    sites.gtok.zero_()
+    sites.gtok[:5] = torch.tensor([[1, 0], [1, 1], [0, 0], [1, 0], [1, 1]], dtype=torch.float32)  # token 2: generated
+    with torch.no_grad():
+        out = compiled(torch.arange(6), x)
+        keep = torch.tensor([True, True, False, False, False, False])
+        resid, hidden = None, x
+        for i, layer in enumerate(toy.model.layers):
+            p = hidden if resid is None else hidden + resid
+            if i == 1:
+                p = gates.clip_rows(p, r / r.norm(), None, hi, keep)
+            hidden, resid = layer.mlp(torch.tanh(layer.self_attn(p))), p
+        want = hidden + resid
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert int(((pre[1][:2] @ (r / r.norm())) > hi).sum()) >= 1  # the clamp bound somewhere it was allowed to

@@ -186,8 +186,9 @@ def split_somewhere(lm, texts, layers, reduce):
 def test_compiled_prompt_conditions_in_a_mixed_batch_match_hf(setup):
     """The compiled engine's in-graph gates (steerscope_vllm_plugin.gate_open): rows 0-5 gated by a prompt
     condition (some open, some shut), row 6 plainly steered, row 7 unsteered, in one engine call; then a gate
-    composed of three conditions (last / max / mean reduce, ``|`` and ``~``) steering generated tokens only; what
-    the graph cannot run (a clamp, an ``on="token"`` condition) is refused in one line before it is sent."""
+    composed of three conditions (last / max / mean reduce, ``|`` and ``~``) steering generated tokens only;
+    clamps (plain on three rows, gated on four); what the graph cannot run (an ``on="token"`` condition) is refused
+    in one line before it is sent."""
     s = setup
     if not s["name"].endswith("-compiled"):
         pytest.skip("conditions on the eager engine: test_vllm_conditional")
@@ -212,10 +213,21 @@ def test_compiled_prompt_conditions_in_a_mixed_batch_match_hf(setup):
     check(s, "compiled composed gate, generated positions", hf,
           run(s, [bv.spec(eng, vec, 1.0, "generated", condition=gate)] * len(PROMPTS)))
     assert not eng.stats()["bad"], eng.stats()["bad"]
+    layer = min(vec.layers)  # clamps, as test_vllm_conditional's: plain on rows 0-2, gated on 3-6, none on 7
+    batch = lm.tokenize(s["texts"], padding_side="left")
+    with torch.no_grad():
+        h = lm.model(**batch, output_hidden_states=True).hidden_states[layer][batch["attention_mask"].bool()].float()
+    cap = ss.SteeringVector({layer: h.mean(0)})
+    hi = 0.5 * float((h @ (h.mean(0) / h.mean(0).norm())).median())
+    clamped = hf_ids(lm, s["texts"][:3], ss.clamping(lm, cap, hi=hi))
+    gated_clamp = hf_ids(lm, s["texts"][3:7], ss.clamping(lm, cap, hi=hi, condition=cond))
+    assert clamped != base[:3] and gated_clamp != base[3:7], "the clamps must bind, or the comparison proves nothing"
+    specs = [bv.spec(eng, None, clamp=Clamp(cap, hi=hi))] * 3 + \
+        [bv.spec(eng, None, clamp=Clamp(cap, hi=hi, condition=cond))] * 4 + [None]
+    check(s, "compiled clamps", clamped + gated_clamp + base[7:], run(s, specs))
     kw = dict(vector=vec, alpha=1.0, condition=cond, max_new_tokens=12)  # the public API, the same cached engine
     assert ss.generate(lm, PROMPTS[:4], backend="vllm", compiled=True, **kw) == ss.generate(lm, PROMPTS[:4], **kw)
     token, _ = split_condition(lm, s["texts"], gate_layer, seed=5, on="token")
-    for kw, words in ((dict(condition=token), 'on="token"'), (dict(clamp=Clamp(vec, hi=1.0)), "a clamp")):
-        with pytest.raises(BackendError, match=words) as e:
-            bv.spec(eng, None if "clamp" in kw else vec, 1.0, **kw)
-        assert "compiled=False" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(BackendError, match='on="token"') as e:
+        bv.spec(eng, vec, 1.0, condition=token)
+    assert "compiled=False" in str(e.value) and "\n" not in str(e.value)

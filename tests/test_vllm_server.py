@@ -192,11 +192,11 @@ def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
         assert rows[True] != rows[False], "the vector must change the text, or the comparison proves nothing"
 
 
-def test_serve_compiled_equals_hf_with_a_prompt_condition_and_refuses_a_clamp(smol, tmp_path):
+def test_serve_compiled_equals_hf_with_a_prompt_condition_and_a_clamp(smol, tmp_path):
     """``steerscope serve FOLDER --compiled`` (vLLM's torch.compile, steered through the graph-safe buffers):
-    unsteered, steered, ablated and prompt-gated completions token for token the HF path's on the tiny Qwen2 of
-    the parity tests (3 prompts, the gate open on some); a clamp gets a one-line HTTP 400 and the server keeps
-    serving."""
+    unsteered, steered, ablated, prompt-gated and clamped completions token for token the HF path's on the tiny
+    Qwen2 of the parity tests (3 prompts, the gate open on some); an on="token" condition gets a one-line HTTP 400
+    and the server keeps serving."""
     from test_vllm_parity import N_NEW as PARITY_NEW
     from test_vllm_parity import hf_ids
 
@@ -232,8 +232,22 @@ def test_serve_compiled_equals_hf_with_a_prompt_condition_and_refuses_a_clamp(sm
             assert status == 200, out
             got.append(out["choices"][0]["token_ids"])
         assert got == want, f"compiled server, condition (open {opened})"
+        batch = tiny.tokenize(texts, padding_side="left")
+        with torch.no_grad():
+            h = tiny.model(**batch, output_hidden_states=True).hidden_states[2][batch["attention_mask"].bool()]
+        hi = float((h.float() @ (vec[2] / vec[2].norm())).median())  # binds on about half the prompt tokens
+        want = hf_ids(tiny, texts, ss.clamping(tiny, vec, hi=hi))
+        assert want != rows["none"], "the clamp must bind, or the comparison proves nothing"
+        got = []
+        for i in ids:
+            status, out = _post(port, {"model": str(folder), "prompt": i, "max_tokens": PARITY_NEW, "temperature": 0.0,
+                                       "return_token_ids": True, "steering": {"clamp": {"vector": "a", "hi": hi}}})
+            assert status == 200, out
+            got.append(out["choices"][0]["token_ids"])
+        assert got == want, "compiled server, clamp"
+        token = {**cond.to_dict(), "on": "token"}
         status, out = _post(port, {"model": str(folder), "prompt": ids[0], "max_tokens": 4,
-                                   "steering": {"clamp": {"vector": "a", "hi": 1.0}}})
+                                   "steering": {"vector": "a", "condition": token}})
         assert status == 400 and "serve without --compiled" in out["error"]["message"], out
         status, _ = _post(port, {"model": str(folder), "prompt": ids[0], "max_tokens": 4})
         assert status == 200

@@ -102,7 +102,7 @@ class Engine:
             layer on every step); without them a compiled engine refuses ablation requests.
         gate_sites: with ``compiled``, also build the gate sites (prompt conditions evaluated in the graph on
             every step, gated or not: about +3 % per step measured on SmolLM2, docs/conditional.md); without
-            them (the default) a compiled engine refuses conditions. :func:`generate` with a condition picks
+            them (the default) a compiled engine refuses conditions and clamps. :func:`generate` with a condition picks
             an engine that has them.
     """
 
@@ -312,8 +312,8 @@ def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, posi
 
     ``condition``: add ``alpha * vector`` only where this gate is open on the request's own activations;
     ``rules``: ``[(gate or None, vector, alpha), ...]`` instead of ``vector`` (first match wins); ``clamp``: a
-    projection clamp (:class:`steerscope.conditional.clamp.Clamp`). The compiled engine runs one rule gated by
-    ``on="prompt"`` conditions; the rest needs the eager one (:mod:`steerscope.backends.vllm_conditional`).
+    projection clamp (:class:`steerscope.conditional.clamp.Clamp`). The compiled engine runs one rule and a clamp
+    gated by ``on="prompt"`` conditions; the rest needs the eager one (:mod:`steerscope.backends.vllm_conditional`).
     """
     if positions not in POSITIONS:
         raise BackendError(f"positions {positions!r}: the vLLM backend supports {', '.join(POSITIONS)}; "
@@ -328,7 +328,8 @@ def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, posi
         if why is not None:
             raise BackendError(why)
         if engine.compiled and not engine.gate_sites:
-            raise BackendError("this compiled engine was built without gate sites, so it cannot run conditions: "
+            raise BackendError("this compiled engine was built without gate sites, so it cannot run conditions or "
+                               "clamps: "
                                "start it with bv.engine_for(lm, compiled=True, gate_sites=True) (ss.generate does "
                                "when given a condition), or use the eager engine")
         up = [(g, as_resid_pre(v, n_layers) or v, a) for g, v, a in rules]

@@ -6,7 +6,7 @@ A gated request's spec is JSON the worker extension evaluates on that request's 
 (docs/conditional.md, "On vLLM"). What the engine would only find out mid-step is refused here, before anything
 is sent: a gate that reads a layer above the lowest layer it gates (it would read a steered residual), a
 condition of another width, per-row clamp ranges (on vLLM each request carries its own range), and on the compiled
-engine what its graph cannot run (:func:`compiled_refusal`: it runs one rule gated by up to
+engine what its graph cannot run (:func:`compiled_refusal`: it runs one rule and a clamp gated by up to
 :data:`COMPILED_LEAVES` ``on="prompt"`` conditions).
 
 Example:
@@ -44,11 +44,9 @@ def compiled_refusal(gates: Sequence[Gate | None], clamp: Clamp | None) -> str |
         True
     """
     why = []
-    if clamp is not None:
-        why.append("a clamp")
     if len(gates) > 1:
         why.append(f"{len(gates)} rules")
-    real = [g for g in gates if g is not None]
+    real = [g for g in gates if g is not None] + ([clamp.condition] if clamp is not None and clamp.condition is not None else [])
     if any(leaf.on != "prompt" for g in real for leaf in g.leaves()):
         why.append('an on="token" condition')
     n = sum(_count_leaves(g.to_dict()) for g in real)
@@ -56,8 +54,9 @@ def compiled_refusal(gates: Sequence[Gate | None], clamp: Clamp | None) -> str |
         why.append(f"{n} conditions in one gate")
     if not why:
         return None
-    return (f'the compiled engine runs one rule gated by up to {COMPILED_LEAVES} on="prompt" conditions; this '
-            f"request has {' and '.join(why)}: use the eager engine (compiled=False; serve without --compiled)")
+    return (f'the compiled engine runs one rule and a clamp gated by up to {COMPILED_LEAVES} on="prompt" '
+            f"conditions; this request has {' and '.join(why)}: use the eager engine (compiled=False; serve "
+            "without --compiled)")
 
 
 def check_gate(gate: Gate | None, vector: SteeringVector, n_layers: int) -> None:

@@ -22,8 +22,8 @@ Algorithm (one engine step, continuous batching):
 5. Gated requests (a spec with ``condition`` / ``rules`` / ``clamp``, parsed by ``steerscope_vllm_spec``): each
    layer hook also runs ``steerscope_vllm_gates.apply_rows``, which reads the request's own residual at its
    conditions' layers, keeps per-request running state across steps, and adds / clamps only where its gate is
-   open. A compiled engine built with gate sites (``STEERSCOPE_VLLM_GRAPH='<arch>;gates'``) runs one rule gated
-   by ``on="prompt"`` conditions in the graph instead (``steerscope_vllm_plugin.gate_open``; this extension
+   open. A compiled engine built with gate sites (``STEERSCOPE_VLLM_GRAPH='<arch>;gates'``) runs one rule and a
+   clamp gated by ``on="prompt"`` conditions in the graph instead (``steerscope_vllm_plugin.gate_open``; this extension
    writes each gated request's slot once and the per-token slot map each step); it refuses the rest with
    ``steerscope_vllm_gates.compiled_refusal``'s reason.
 
@@ -99,9 +99,10 @@ def _zero_sites(sites: Any) -> None:
         sites.gtok.zero_()
 
 
-def _init_slot(sites: Any, slot: int, spec: Spec) -> None:
+def _init_slot(sites: Any, slot: int, spec: Spec, vectors: dict[str, dict[int, torch.Tensor]]) -> None:
     """Write a gated request's slot: its leaves (direction, center·d̂, scale, threshold, layer, reduce), a fresh
-    running state (sum 0, count 0, max −inf, undecided; unused leaves decided) and its gate's truth table."""
+    running state (sum 0, count 0, max −inf, undecided; unused leaves decided), its rule's and its clamp's truth
+    tables, and its clamp (unit direction per layer, lo, hi, positions)."""
     from steerscope_vllm_gates import REDUCE, spec_leaves, truth_table
 
     k, d = sites.gdir.shape[1], sites.gdir.shape[2]
@@ -113,11 +114,24 @@ def _init_slot(sites: Any, slot: int, spec: Spec) -> None:
         cd = 0.0 if leaf.center is None else float(leaf.center.double() @ leaf.unit.double())
         par[j] = torch.tensor([cd, leaf.scale, leaf.threshold, float(leaf.layer), float(REDUCE.index(leaf.reduce))])
         state[j, 4] = 0.0
+    rule = truth_table(spec.rules[0][0], found, k) if spec.rules else [0.0] * 2**k
+    cl = spec.clamp
+    clamp_table = truth_table(cl.gate, found, k) if cl is not None else [0.0] * 2**k
+    rows = torch.zeros(sites.gclamp.shape[0], d)
+    bounds = torch.tensor([-float("inf"), float("inf"), 0.0, 0.0])
+    if cl is not None:
+        for layer, v in vectors[cl.name].items():
+            rows[layer] = v / v.norm().clamp_min(1e-30)
+        bounds = torch.tensor([-float("inf") if cl.lo is None else cl.lo, float("inf") if cl.hi is None else cl.hi,
+                               float(cl.positions in ("all", "prompt")), float(cl.positions in ("all", "generated"))])
     dev = sites.gdir.device
     sites.gdir[slot] = dirs.to(dev)
     sites.gparam[slot] = par.to(dev)
     sites.gstate[slot] = state.to(dev)
-    sites.gtt[slot] = torch.tensor(truth_table(spec.rules[0][0], found, k)).to(dev)
+    sites.gtt[slot] = torch.tensor(rule).to(dev)
+    sites.gctt[slot] = torch.tensor(clamp_table).to(dev)
+    sites.gclamp[:, slot] = rows.to(dev)
+    sites.gcb[slot] = bounds.to(dev)
 
 
 def _add(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -348,7 +362,7 @@ class SteerExtension:
             if req not in self._ss_gslots or int(p[0]) == 0:  # new, or preempted and recomputed: restart
                 self._ss_gslots[req] = self._ss_gslots.get(req) or self._ss_free_slot(sites, set(req_ids))
                 self._ss_gdecided[req] = False
-                _init_slot(sites, self._ss_gslots[req], s)
+                _init_slot(sites, self._ss_gslots[req], s, self._ss_vectors)
             slot_tok[start:end] = self._ss_gslots[req]
             flags[start:end, 0] = (p < plen).float()
             flags[start:end, 1] = (p == plen - 1).float()

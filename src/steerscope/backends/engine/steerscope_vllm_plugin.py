@@ -27,7 +27,9 @@ while the model is built, before anything is traced:
   prompt tokens per slot (``index_add`` / ``scatter_reduce``), updates the state of the leaves read at that layer
   with ``copy_`` (kept across steps: a decision made in the prefill step holds for the request's life) and
   multiplies each token's delta by its slot's gate: ``table[idx] * open[gslot]``, branch-free; a slot whose
-  leaves are not all decided (a prompt split over steps) is shut.
+  leaves are not all decided (a prompt split over steps) is shut. A slot's projection clamp (``gclamp [layers S d]``
+  unit directions, ``gcb [S 4]`` lo, hi and its positions, ``gctt`` its gate's truth table) is applied after the
+  additions with ``torch.where`` (:func:`clamp`).
 - Each step, the worker extension (``steerscope_vllm_adapter``), from an eager pre-hook on the
   outer model (which vLLM does not compile), writes ``idx`` and, when the batch's requests or
   their specs changed, the table rows, with ``copy_()`` (same storage, so the graph sees them).
@@ -112,9 +114,14 @@ class GraphSites:
             self.gstate[..., 4] = 1.0  # decided (an empty slot gates nothing)
             self.gtt = torch.zeros(rows, 2**LEAVES, dtype=f32, device=device)
             self.gtt[0] = 1.0
+            # projection clamps: per layer and slot the unit direction (0: none), per slot lo, hi, whether prompt /
+            # generated tokens are clamped, and the truth table of the clamp's own gate
+            self.gclamp = torch.zeros(n_layers, rows, d, dtype=f32, device=device)
+            self.gcb = torch.zeros(rows, 4, dtype=f32, device=device)
+            self.gctt = torch.zeros(rows, 2**LEAVES, dtype=f32, device=device)
 
 
-GATE_BUFFERS = ("gslot", "gtok", "gdir", "gparam", "gstate", "gtt")
+GATE_BUFFERS = ("gslot", "gtok", "gdir", "gparam", "gstate", "gtt", "gcb", "gctt")
 
 
 def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -> GraphSites:
@@ -136,6 +143,7 @@ def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -
             layer.steerscope_layer = i  # a constant of the traced graph
             for name in GATE_BUFFERS:
                 layer.register_buffer(f"steerscope_{name}", getattr(sites, name), persistent=False)
+            layer.register_buffer("steerscope_gclamp", sites.gclamp[i], persistent=False)
         layer.register_forward_pre_hook(_layer_hook, with_kwargs=True)
         if ablate:
             layer.register_buffer("steerscope_rtable", sites.rtable, persistent=False)
@@ -159,13 +167,17 @@ def _layer_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     residual = args[2] if len(args) > 2 else kwargs.pop("residual", None)
     idx = module.steerscope_idx[: hidden.shape[0]]
     delta = module.steerscope_table[idx].to(hidden.dtype)
-    if getattr(module, "steerscope_gstate", None) is not None:
+    gated = getattr(module, "steerscope_gstate", None) is not None
+    if gated:
         x = hidden if residual is None else hidden + residual  # resid_pre before this layer's additions
-        delta = delta * gate_open(module, x).to(hidden.dtype)[:, None]
+        rule_open, clamp_open = gate_open(module, x)
+        delta = delta * rule_open.to(hidden.dtype)[:, None]
     if residual is None:
         hidden = hidden + delta
     else:
         residual = residual + delta.to(residual.dtype)
+    if gated:
+        hidden, residual = clamp(module, hidden, residual, clamp_open)
     rtable = getattr(module, "steerscope_rtable", None)
     if rtable is not None:
         r = rtable[idx]
@@ -183,8 +195,31 @@ def _out_hook(module: Any, args: Any, out: Any) -> Any:
     return _project(out, r.to(out.dtype))
 
 
-def gate_open(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """float [tokens]: 1 where the token's request may be steered at this layer (its slot's gate open and decided).
+def clamp(module: Any, hidden: torch.Tensor, residual: torch.Tensor | None, opened: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each token's projection clamp at this layer, ``x + (clip(x·r̂, lo, hi) − x·r̂) r̂`` with x = resid_pre after
+    the additions, where its slot has a direction here, its positions select it and its gate (``opened``) is open:
+    the clamped stream is written whole into ``residual`` with ``hidden`` 0 there (into ``hidden`` at layer 0), as
+    the eager worker does; every other token's tensors are left as they were."""
+    n = hidden.shape[0]
+    slot = module.steerscope_gslot[:n]
+    r, cb = module.steerscope_gclamp[slot], module.steerscope_gcb[slot]  # [n d], [n 4]
+    prompt = module.steerscope_gtok[:n, 0]
+    keep = torch.where(prompt > 0, cb[:, 2], cb[:, 3]) * opened
+    mask = ((keep > 0) & (r != 0).any(-1))[:, None]
+    x = hidden if residual is None else hidden + residual
+    rr = r.to(x.dtype)
+    p = (x * rr).sum(-1)
+    c = torch.minimum(torch.maximum(p, cb[:, 0].to(x.dtype)), cb[:, 1].to(x.dtype))
+    new = x + (c - p)[:, None] * rr
+    if residual is None:
+        return torch.where(mask, new, hidden), None
+    return torch.where(mask, torch.zeros_like(hidden), hidden), torch.where(mask, new.to(residual.dtype), residual)
+
+
+def gate_open(module: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [tokens] twice: 1 where the token's request may be steered at this layer (its slot's rule gate open and
+    decided), and where it may be clamped (its clamp's gate open and decided).
 
     Reads the leaves at ``module.steerscope_layer`` and updates their running state in place (module docstring).
     """
@@ -210,5 +245,7 @@ def gate_open(module: Any, x: torch.Tensor) -> torch.Tensor:
     st.copy_(torch.stack([torch.where(here, total, st[..., 0]), torch.where(here, count, st[..., 1]),
                           torch.where(here, top, st[..., 2]), dec, done], -1))
     bits = (dec * (2 ** torch.arange(dec.shape[1], device=dec.device)).float()).sum(-1).long()  # [S]
-    opened: torch.Tensor = module.steerscope_gtt.gather(1, bits[:, None])[:, 0] * done.amin(-1)
-    return opened[slot]
+    decided = done.amin(-1)
+    opened: torch.Tensor = module.steerscope_gtt.gather(1, bits[:, None])[:, 0] * decided
+    clamped: torch.Tensor = module.steerscope_gctt.gather(1, bits[:, None])[:, 0] * decided
+    return opened[slot], clamped[slot]
