@@ -101,7 +101,7 @@ class Engine:
         ablation_sites: with ``compiled``, also build the directional-ablation sites (four projections per
             layer on every step); without them a compiled engine refuses ablation requests.
         gate_sites: with ``compiled``, also build the gate sites (prompt conditions evaluated in the graph on
-            every step, gated or not: about +3 % per step measured on SmolLM2, docs/conditional.md); without
+            every step, gated or not: +5 to +9 % per step measured on SmolLM2, docs/conditional.md); without
             them (the default) a compiled engine refuses conditions and clamps. :func:`generate` with a condition picks
             an engine that has them.
     """
