@@ -49,12 +49,13 @@ def test_generate_with_a_condition_steers_exactly_the_rows_whose_gate_opens(fami
         assert [g] == alone, (p, opened)
 
 
-def test_requests_with_a_condition_group_apart_and_compiled_vllm_refuses_them(tiny_llama):
+def test_requests_with_a_condition_group_apart_and_compiled_vllm_refuses_token_conditions(tiny_llama):
     vec = ss.SteeringVector({2: torch.ones(tiny_llama.d_model)})
     cond = Condition(torch.ones(tiny_llama.d_model), 1, 0.0)
     reqs = requests(["a", "b"], vec, 1.0, condition=cond) + requests(["c"], vec, 1.0) + [Request("d")]
     assert reqs[0].intervention.condition is cond  # type: ignore[union-attr]
     assert groups(reqs) == [[0, 1, 3], [2]]  # the unsteered row joins the first additions (alpha 0: a no-op)
-    with pytest.raises(BackendError, match="eager vLLM engine only"):  # before any engine starts
-        ss.generate(tiny_llama, ["a"], vector=vec, alpha=1.0, condition=cond, backend="vllm", compiled=True)
+    token = Condition(torch.ones(tiny_llama.d_model), 1, 0.0, on="token")  # the compiled graph runs prompt ones
+    with pytest.raises(BackendError, match='on="token" condition.*use the eager engine'):  # before any engine starts
+        ss.generate(tiny_llama, ["a"], vector=vec, alpha=1.0, condition=token, backend="vllm", compiled=True)
     assert Addition(vec).condition is None

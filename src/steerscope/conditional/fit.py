@@ -188,6 +188,9 @@ def _read(lm: LM, texts: Sequence[str], layers: Sequence[int], feature: Callable
 Probe = tuple[torch.Tensor, torch.Tensor, float]  # (unit direction, center, scale): score = ((h − c) · u) / s
 PROBES = ("dim", "logistic")
 CS = (0.001, 0.01, 0.1, 1.0)
+NO_PROBE = {"dim": "the positive and negative prompts have identical mean activations at every candidate layer",
+            "logistic": "the logistic probe found no direction (all weights zero) at any candidate layer: the "
+                        "classes are not separable there; try larger Cs or other layers"}
 LOGISTIC_STEPS = 5000  # L-BFGS iterations at most (a separable split at C = 1 needs hundreds)
 
 
@@ -337,9 +340,7 @@ def fit_probe(lm: LM, positive: Sequence[str], negative: Sequence[str], layers: 
             for layer in cand for j, c in enumerate(cs)}
     probes = {key: p for key, p in made.items() if p is not None}
     if not probes:
-        raise DataError("the positive and negative prompts have identical mean activations at every candidate layer"
-                        if probe == "dim" else "the logistic probe found no direction (all weights zero) at any "
-                        "candidate layer: the classes are not separable there; try larger Cs or other layers")
+        raise DataError(NO_PROBE[probe])
     scores = _scores(lm, texts, probes, feats, reduce, chat, batch_size)
     rule = best_threshold if max_fpr is None else partial(threshold_at_fpr, max_fpr=max_fpr)
     val = {key: rule(s[parts[1]][y[parts[1]] == 1], s[parts[1]][y[parts[1]] == 0]) for key, s in scores.items()}
