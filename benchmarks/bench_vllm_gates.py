@@ -101,6 +101,13 @@ def no_gate_code(n_requests: int = 32, n_layers: int = 30, reps: int = 2000) -> 
             "n_requests": n_requests, "n_layers": n_layers, "reps": reps}
 
 
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds with each figure's median and [min, max] over them."""
+    return {"rounds": rounds, "median": {k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
+            "range": {k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]},
+            "n_rounds": len(rounds), "batch": len(PROMPTS)}
+
+
 def compiled_rounds(repeats: int, tokens: int) -> dict[str, Any]:
     """Interleaved rounds on two compiled engines (gate sites on / off); seconds per configuration and the ratios."""
     lm = ss.load_model("smollm2-135m")
@@ -127,9 +134,7 @@ def compiled_rounds(repeats: int, tokens: int) -> dict[str, Any]:
         rounds.append(row)
     for eng in engines.values():
         eng.close()
-    return {"rounds": rounds, "median": {k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
-            "range": {k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]},
-            "n_rounds": len(rounds), "batch": len(PROMPTS), "new_tokens": tokens, "compiled": True}
+    return {**summarise(rounds), "new_tokens": tokens, "compiled": True}
 
 
 def main() -> None:
@@ -181,11 +186,8 @@ def main() -> None:
             if k in row and "plain" in row:
                 row[f"{k}/plain"] = row[k] / row["plain"]
         rounds.append(row)
-    summary = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    spread = {k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]}
-    out = {"rounds": rounds, "median": summary, "range": spread, "n_rounds": len(rounds), "batch": len(PROMPTS),
-           "new_tokens": args.tokens}
-    print(json.dumps(out, indent=1) if args.json else summary)
+    out = {**summarise(rounds), "new_tokens": args.tokens}
+    print(json.dumps(out, indent=1) if args.json else out["median"])
     bv.close_engines()
 
 

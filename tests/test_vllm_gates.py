@@ -10,6 +10,7 @@ import torch
 
 import steerscope as ss
 from steerscope.backends import vllm as bv
+from steerscope.backends import vllm_conditional as bv_conditional
 from steerscope.backends.base import Addition, Request
 from steerscope.backends.vllm_conditional import compiled_refusal, gated_spec
 from steerscope.conditional.clamp import Clamp
@@ -131,6 +132,7 @@ def test_compiled_engine_refuses_what_its_graph_cannot_run_before_starting(tiny_
         rules = kw.get("rules") or ([(kw["condition"], vec, 1.0)] if "condition" in kw else [])
         raw = gated_spec(lambda v: "v", 4, rules, clamp=kw.get("clamp"))
         assert vg.compiled_refusal(vs.parse_spec(raw, {"v"})) == str(e.value)  # the engine says the same
+    assert bv_conditional.COMPILED_LEAVES == vg.COMPILED_LEAVES  # the client's copy of the graph's slot size
     ok = (cond(1) | ~cond(2)) & cond(3)
     cap = Clamp(vec, hi=1.0, condition=~cond(4))
     assert compiled_refusal([ok], cap) is None and compiled_refusal([], Clamp(vec, lo=-1.0)) is None

@@ -437,8 +437,7 @@ def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[Ste
     why = compiled_refusal([condition], None) if compiled and condition is not None else None
     if why is not None:  # before an engine starts
         raise BackendError(why)
-    sites = {"gate_sites": True} if compiled and condition is not None else {}
-    eng = engine_for(lm, **({"compiled": True} if compiled else {}), **sites, **(engine_kwargs or {}))
+    eng = engine_for(lm, compiled=compiled, gate_sites=compiled and condition is not None, **(engine_kwargs or {}))
     if condition is not None:
         for leaf in condition.leaves():
             leaf.check(lm)

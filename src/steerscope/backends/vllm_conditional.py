@@ -29,9 +29,10 @@ COMPILED_LEAVES = 4  # engine/steerscope_vllm_plugin.LEAVES
 RuleLike = tuple["Gate | None", SteeringVector, float]
 
 
-def _count_leaves(raw: dict[str, Any]) -> int:
-    kind = raw.get("kind", "condition")
-    return 1 if kind == "condition" else sum(_count_leaves(raw[k]) for k in ("of", "a", "b") if k in raw)
+def _count_leaves(gate: Gate) -> int:
+    """The conditions in a gate's tree, repeats counted (as the engine, which parses each one on its own, does)."""
+    parts = [getattr(gate, k) for k in ("of", "a", "b") if hasattr(gate, k)]
+    return sum(_count_leaves(g) for g in parts) if parts else 1
 
 
 def compiled_refusal(gates: Sequence[Gate | None], clamp: Clamp | None) -> str | None:
@@ -46,10 +47,10 @@ def compiled_refusal(gates: Sequence[Gate | None], clamp: Clamp | None) -> str |
     why = []
     if len(gates) > 1:
         why.append(f"{len(gates)} rules")
-    real = [g for g in gates if g is not None] + ([clamp.condition] if clamp is not None and clamp.condition is not None else [])
+    real = [g for g in [*gates, None if clamp is None else clamp.condition] if g is not None]
     if any(leaf.on != "prompt" for g in real for leaf in g.leaves()):
         why.append('an on="token" condition')
-    n = sum(_count_leaves(g.to_dict()) for g in real)
+    n = sum(_count_leaves(g) for g in real)
     if n > COMPILED_LEAVES:
         why.append(f"{n} conditions in one gate")
     if not why:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from steerscope_vllm_plugin import LEAVES as COMPILED_LEAVES  # the gate slots' size in the compiled graph
 
 REDUCE = ("mean", "last", "max")
 ON = ("prompt", "token")
@@ -220,7 +221,6 @@ def spec_leaves(spec: Any) -> list[Leaf]:
     return out
 
 
-COMPILED_LEAVES = 4  # steerscope_vllm_plugin.LEAVES (this module must not import the plugin's torch graph code)
 
 
 NO_GATE_SITES = ("this compiled engine was built without gate sites, so it cannot run conditions or clamps: "
