@@ -110,8 +110,8 @@ def test_gated_spec_refuses_a_gate_above_the_steering_layer():
 
 
 def test_compiled_engine_refuses_what_its_graph_cannot_run_before_starting(tiny_llama):
-    """Client and engine give the same one-line reason for an on="token" condition, two rules and five conditions
-    in one request, and both accept one rule and a clamp gated by prompt conditions (run in the compiled graph)."""
+    """Client and engine give the same one-line reason for two rules and five conditions in one request, and both
+    accept one rule and a clamp gated by prompt and token conditions (run in the compiled graph)."""
     d = tiny_llama.d_model
     vec = ss.SteeringVector({2: torch.ones(d)})
 
@@ -120,8 +120,7 @@ def test_compiled_engine_refuses_what_its_graph_cannot_run_before_starting(tiny_
 
     five = cond(1) | cond(2) | ~cond(3) | (cond(4) & cond(5))
     eng = bv.Engine("unused", compiled=True)
-    cases = [(dict(condition=cond(0, "token")), 'an on="token" condition'),
-             (dict(rules=[(cond(0), vec, 1.0), (None, vec, -1.0)]), "2 rules"),
+    cases = [(dict(rules=[(cond(0), vec, 1.0), (None, vec, -1.0)]), "2 rules"),
              (dict(condition=five), "5 conditions in one gate"),
              (dict(condition=cond(1) | cond(2) | cond(3), clamp=Clamp(vec, hi=1.0, condition=cond(4) & cond(5))),
               "5 conditions in one gate")]  # the rule's and the clamp's gates share the 4 slots
@@ -133,14 +132,14 @@ def test_compiled_engine_refuses_what_its_graph_cannot_run_before_starting(tiny_
         raw = gated_spec(lambda v: "v", 4, rules, clamp=kw.get("clamp"))
         assert vg.compiled_refusal(vs.parse_spec(raw, {"v"})) == str(e.value)  # the engine says the same
     assert bv_conditional.COMPILED_LEAVES == vg.COMPILED_LEAVES  # the client's copy of the graph's slot size
-    ok = (cond(1) | ~cond(2)) & cond(3)
-    cap = Clamp(vec, hi=1.0, condition=~cond(4))
+    ok = (cond(1) | ~cond(2, "token")) & cond(3)
+    cap = Clamp(vec, hi=1.0, condition=~cond(4, "token"))
     assert compiled_refusal([ok], cap) is None and compiled_refusal([], Clamp(vec, lo=-1.0)) is None
     assert vg.compiled_refusal(vs.parse_spec(gated_spec(lambda v: "v", 4, [(ok, vec, 1.0)], clamp=cap), {"v"})) is None
     assert "without gate sites" in str(vg.compiled_refusal(vs.parse_spec(gated_spec(
         lambda v: "v", 4, [(ok, vec, 1.0)]), {"v"}), gate_sites=False))
-    with pytest.raises(BackendError, match='on="token"'):  # refused before an engine starts
-        bv.VLLMEngine(compiled=True).generate(tiny_llama, [Request("Hi", Addition(vec, 1.0, condition=cond(0, "token")))])
+    with pytest.raises(BackendError, match="5 conditions"):  # refused before an engine starts
+        bv.VLLMEngine(compiled=True).generate(tiny_llama, [Request("Hi", Addition(vec, 1.0, condition=five))])
 
 
 def test_the_truth_table_is_the_gate_over_its_leaves_decisions():

@@ -241,3 +241,106 @@ def test_a_clamp_in_the_compiled_graph_is_the_eager_clip_where_its_gate_and_posi
         want = hidden + resid
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert int(((pre[1][:2] @ (r / r.norm())) > hi).sum()) >= 1  # the clamp bound somewhere it was allowed to
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])  # inductor: the compiled vLLM engines (test_vllm_parity)
+def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_token_across_steps(backend):
+    """``on="token"`` conditions in the compiled graph decide each token as the eager worker's gate code
+    (``leaf_decision`` with its carry, ``gate_open``) does: a running mean over a request's prompt and generated
+    tokens (A), a token's own score under a prompt condition (B: ``last`` token leaf ``&`` a prompt leaf), and a
+    running max whose prompt is split over two steps (C: a token-only gate never waits for the prompt's end), over
+    three steps, with an ungated steered token beside them. Thresholds sit midway between the middle values of each running
+    figure, so both decisions occur (asserted)."""
+    import steerscope_vllm_adapter as adapter
+    import steerscope_vllm_gates as gates
+    from steerscope_vllm_spec import parse_spec
+
+    torch.manual_seed(3)
+    toy = Toy().eval()
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=32, max_num_seqs=4),
+                          model_config=SimpleNamespace(get_hidden_size=lambda: D, dtype=torch.float32))
+    sites = plugin.add_sites(toy, cfg, False, gates=True)
+    compiled = torch.compile(toy.model, backend=backend, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(4)
+    # per step: (request, number of tokens) in flattened order; request "-" is ungated and plainly steered
+    layout = [[("A", 3), ("B", 2), ("C", 2), ("-", 1)], [("A", 1), ("B", 1), ("C", 2), ("-", 1)],
+              [("A", 1), ("B", 1), ("C", 1)]]
+    plen = {"A": 3, "B": 2, "C": 4}
+    xs = [torch.randn(sum(k for _, k in step), D, generator=g) for step in layout]
+    pres = [_resid_pre(toy, x) for x in xs]
+
+    def tok(layer, reduce):
+        raw = _leaf(g, layer, reduce, 0.0)
+        raw["on"] = "token"
+        return raw
+
+    la, lb, lbp, lc = tok(1, "mean"), tok(0, "last"), _leaf(g, 1, "mean", -1e9), tok(0, "max")
+
+    def seq(req, raw):  # the leaf's scores of request req's tokens, in order over the steps
+        leaf, out = gates.parse_gate(raw), []
+        for step, pre in zip(layout, pres):
+            at = 0
+            for r, k in step:
+                if r == req:
+                    out.append(gates.score(leaf, pre[leaf.layer][at:at + k]))
+                at += k
+        return torch.cat(out)
+
+    def mid(v):  # midway between the two middle distinct values: no score sits on the threshold
+        u = torch.unique(v)
+        return float((u[(len(u) - 1) // 2] + u[len(u) // 2 if len(u) % 2 == 0 else (len(u) + 1) // 2]) / 2)
+
+    a, b, c = seq("A", la), seq("B", lb), seq("C", lc)
+    la["threshold"] = mid(torch.cumsum(a, 0) / torch.arange(1, 6))
+    lb["threshold"] = mid(b)
+    lc["threshold"] = mid(torch.cummax(c, 0).values)
+    rules = {"A": la, "B": {"kind": "and", "a": lb, "b": lbp}, "C": lc}
+    specs = {r: parse_spec({"rules": [{"condition": cond, "vectors": [["v", 1.0]]}]}) for r, cond in rules.items()}
+    slots = {"A": 1, "B": 2, "C": 3, "-": 0}
+    for r, s in specs.items():
+        adapter._init_slot(sites, slots[r], s, {})
+    vec = torch.randn(D, generator=g)
+    table = torch.zeros(LAYERS, sites.rows, D)
+    table[2, 1:9] = vec
+    sites.table.copy_(table)
+    states = {r: {id(leaf): gates.fresh() for leaf in gates.spec_leaves(s)} for r, s in specs.items()}
+    done = {r: 0 for r in plen}
+    opened_all = []
+    for step, x, pre in zip(layout, xs, pres):
+        rows, slot_tok, flags, want_open = [], [], [], []
+        for r, k in step:
+            if r == "-":
+                rows += [7] * k
+                slot_tok += [0] * k
+                flags += [[0, 0]] * k
+                want_open += [1.0] * k
+                continue
+            pos = torch.arange(done[r], done[r] + k)
+            rows += [1 + 2 * (slots[r] - 1) + int(p >= plen[r]) for p in pos]  # prompt / generated row of the request
+            slot_tok += [slots[r]] * k
+            flags += [[float(p < plen[r]), float(p == plen[r] - 1)] for p in pos]
+            at = sum(kk for rr, kk in step[: [q for q, _ in step].index(r)])
+            values, undecided = {}, False
+            for leaf in gates.spec_leaves(specs[r]):
+                got = gates.leaf_decision(leaf, gates.score(leaf, pre[leaf.layer][at:at + k]), pos, plen[r],
+                                          states[r][id(leaf)])
+                undecided |= got is None
+                if got is not None:
+                    values[id(leaf)] = got
+            o = torch.zeros(k) if undecided else gates.gate_open(specs[r].rules[0][0], values, k).float()
+            want_open += o.tolist()
+            opened_all += [(r, v) for v in o.tolist()]
+            done[r] += k
+        n = len(rows)
+        sites.idx.zero_()
+        sites.idx[:n] = torch.tensor(rows)
+        sites.gslot.zero_()
+        sites.gslot[:n] = torch.tensor(slot_tok)
+        sites.gtok.zero_()
+        sites.gtok[:n] = torch.tensor(flags, dtype=torch.float32)
+        with torch.no_grad():
+            out = compiled(torch.arange(n), x)
+        want = reference(toy, x, table[:, rows] * torch.tensor(want_open)[None, :, None], None)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for r in "ABC":  # each gated request had open and shut tokens: the per-token comparison is live
+        assert {v for q, v in opened_all if q == r} == {0.0, 1.0}, r

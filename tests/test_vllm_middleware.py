@@ -171,9 +171,14 @@ def test_a_compiled_server_runs_prompt_conditions_and_clamps_refuses_the_rest_in
     assert status == 200 and json.loads(fwd[0]["vllm_xargs"]["steerscope"])["condition"] == cond  # runs in the graph
     status, _, fwd = _call(gated, json.dumps({"prompt": "Hi", "steering": {"clamp": {"vector": "a", "hi": 1}}}).encode())
     assert status == 200 and json.loads(fwd[0]["vllm_xargs"]["steerscope"])["clamp"]["hi"] == 1
-    status, reply, fwd = _call(gated, json.dumps({"prompt": "Hi", "steering": {
-        "vector": "a", "condition": {**cond, "on": "token"}}}).encode())
-    assert status == 400 and not fwd and 'on="token"' in reply["error"]["message"], reply
+    token = {**cond, "on": "token"}
+    status, _, fwd = _call(gated, json.dumps({"prompt": "Hi", "steering": {"vector": "a", "condition": token}}).encode())
+    assert status == 200 and json.loads(fwd[0]["vllm_xargs"]["steerscope"])["condition"] == token  # in the graph too
+    five = token
+    for _ in range(4):
+        five = {"kind": "and", "a": cond, "b": five}
+    status, reply, fwd = _call(gated, json.dumps({"prompt": "Hi", "steering": {"vector": "a", "condition": five}}).encode())
+    assert status == 400 and not fwd and "5 conditions" in reply["error"]["message"], reply
     assert "serve without --compiled" in reply["error"]["message"]
     monkeypatch.delenv("STEERSCOPE_VLLM_GRAPH")
     eager = srv.SteerMiddleware(None, vectors={"a": str(a)}, check=False)

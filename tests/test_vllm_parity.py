@@ -183,13 +183,13 @@ def split_somewhere(lm, texts, layers, reduce):
     raise AssertionError(f"no layer of {list(layers)} splits the prompts on their {reduce} score")
 
 
-def test_compiled_prompt_conditions_in_a_mixed_batch_match_hf(setup):
+def test_compiled_conditions_in_a_mixed_batch_match_hf(setup):
     """The compiled engine's in-graph gates (steerscope_vllm_plugin.gate_open): rows 0-5 gated by a prompt
     condition (some open, some shut), row 6 plainly steered, row 7 unsteered, in one engine call, and
-    ``ss.generate(..., compiled=True, condition=)``; then (on the tiny Qwen2) a gate
-    composed of three conditions (last / max / mean reduce, ``|`` and ``~``) steering generated tokens only;
-    clamps (plain on three rows, gated on four); what the graph cannot run (an ``on="token"`` condition) is refused
-    in one line before it is sent."""
+    ``ss.generate(..., compiled=True, condition=)``; ``on="token"`` conditions (a running max composed with the
+    prompt condition, a running mean) in one batch; what the graph cannot run (several rules) is refused in one
+    line before it is sent; then (on the tiny Qwen2) a gate composed of three prompt conditions (last / max / mean
+    reduce, ``|`` and ``~``) steering generated tokens only and clamps (plain on three rows, gated on four)."""
     s = setup
     if not s["name"].endswith("-compiled"):
         pytest.skip("conditions on the eager engine: test_vllm_conditional")
@@ -209,6 +209,19 @@ def test_compiled_prompt_conditions_in_a_mixed_batch_match_hf(setup):
           gated[:6] + [plain[6], base[7]], run(s, specs))
     kw = dict(vector=vec, alpha=1.0, condition=cond, max_new_tokens=12)  # the public API, the same cached engine
     assert ss.generate(lm, PROMPTS[:4], backend="vllm", compiled=True, **kw) == ss.generate(lm, PROMPTS[:4], **kw)
+    # on="token" conditions, each token decided on the running max / mean of its request so far, in one batch with a
+    # prompt condition composed with a token one
+    t_max, _ = split_condition(lm, s["texts"], gate_layer, seed=11, on="token", reduce="max")
+    t_mean, _ = split_condition(lm, s["texts"], gate_layer, seed=3, on="token", reduce="mean")
+    both = cond & ~t_max
+    hf = hf_ids(lm, s["texts"][:4], ss.steering(lm, vec, alpha=1.0, condition=both)) + \
+        hf_ids(lm, s["texts"][4:7], ss.steering(lm, vec, alpha=1.0, condition=t_mean)) + base[7:]
+    assert hf[:7] != base[:7] and hf[:7] != plain[:7], "the token gates must open somewhere and shut somewhere"
+    specs = [bv.spec(eng, vec, 1.0, condition=both)] * 4 + [bv.spec(eng, vec, 1.0, condition=t_mean)] * 3 + [None]
+    check(s, "compiled on=token gates (c & ~t_max rows 0-3, t_mean rows 4-6)", hf, run(s, specs))
+    with pytest.raises(BackendError, match="2 rules") as e:  # what the graph cannot run is refused before it is sent
+        bv.spec(eng, None, rules=[(cond, vec, 1.0), (None, vec, -1.0)])
+    assert "compiled=False" in str(e.value) and "\n" not in str(e.value)
     if s["name"].startswith("smollm2"):
         return  # composed gates and clamps on the tiny Qwen2 only (the graph code is the same; CI time)
     last, top = (split_somewhere(lm, s["texts"], range(gate_layer, min(vec.layers) + 1), r) for r in ("last", "max"))
@@ -230,7 +243,3 @@ def test_compiled_prompt_conditions_in_a_mixed_batch_match_hf(setup):
     specs = [bv.spec(eng, None, clamp=Clamp(cap, hi=hi))] * 3 + \
         [bv.spec(eng, None, clamp=Clamp(cap, hi=hi, condition=cond))] * 4 + [None]
     check(s, "compiled clamps", clamped + gated_clamp + base[7:], run(s, specs))
-    token, _ = split_condition(lm, s["texts"], gate_layer, seed=5, on="token")
-    with pytest.raises(BackendError, match='on="token"') as e:
-        bv.spec(eng, vec, 1.0, condition=token)
-    assert "compiled=False" in str(e.value) and "\n" not in str(e.value)

@@ -192,11 +192,11 @@ def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
         assert rows[True] != rows[False], "the vector must change the text, or the comparison proves nothing"
 
 
-def test_serve_compiled_equals_hf_with_a_prompt_condition_and_a_clamp(smol, tmp_path):
+def test_serve_compiled_equals_hf_with_conditions_and_a_clamp(smol, tmp_path):
     """``steerscope serve FOLDER --compiled`` (vLLM's torch.compile, steered through the graph-safe buffers):
     unsteered, steered, ablated, prompt-gated and clamped completions token for token the HF path's on the tiny
-    Qwen2 of the parity tests (3 prompts, the gate open on some); an on="token" condition gets a one-line HTTP 400
-    and the server keeps serving."""
+    Qwen2 of the parity tests (3 prompts, the gate open on some), an on="token" condition too; a gate of five
+    conditions (the graph holds four) gets a one-line HTTP 400 and the server keeps serving."""
     from test_vllm_parity import N_NEW as PARITY_NEW
     from test_vllm_parity import hf_ids
 
@@ -245,9 +245,20 @@ def test_serve_compiled_equals_hf_with_a_prompt_condition_and_a_clamp(smol, tmp_
             assert status == 200, out
             got.append(out["choices"][0]["token_ids"])
         assert got == want, "compiled server, clamp"
-        token = {**cond.to_dict(), "on": "token"}
+        token, _ = split_condition(tiny, texts, 1, seed=11, on="token", reduce="max")
+        want = hf_ids(tiny, texts, ss.steering(tiny, vec, 1.0, condition=token))
+        assert want != rows["none"] and want != rows["steer"], "the token gate must open somewhere and shut somewhere"
+        got = []
+        for i in ids:  # each token decided in the graph on its request's running max
+            status, out = _post(port, {"model": str(folder), "prompt": i, "max_tokens": PARITY_NEW, "temperature": 0.0,
+                                       "return_token_ids": True,
+                                       "steering": {"vector": "a", "condition": token.to_dict()}})
+            assert status == 200, out
+            got.append(out["choices"][0]["token_ids"])
+        assert got == want, "compiled server, on=token condition"
+        five = cond & cond & cond & cond & cond  # more conditions than the graph's 4 leaves
         status, out = _post(port, {"model": str(folder), "prompt": ids[0], "max_tokens": 4,
-                                   "steering": {"vector": "a", "condition": token}})
+                                   "steering": {"vector": "a", "condition": five.to_dict()}})
         assert status == 400 and "serve without --compiled" in out["error"]["message"], out
         status, _ = _post(port, {"model": str(folder), "prompt": ids[0], "max_tokens": 4})
         assert status == 200

@@ -477,9 +477,9 @@ def _add_serve(sub: Any) -> None:
                     help="vLLM's executor: uni (one worker in the engine process), mp (one process per rank) or "
                     "ray (a Ray cluster); default: uni for one worker, mp for more")
     sv.add_argument("--compiled", action="store_true", help="serve vLLM's compiled model (torch.compile; CUDA "
-                    "graphs on GPU) with graph-safe steering sites; prompt conditions and clamps run in the graph (about "
-                    "5-9 %% slower per step), on=\"token\" conditions and several rules get HTTP 400 (default: "
-                    "eager, every steering option)")
+                    "graphs on GPU) with graph-safe steering sites; conditions and clamps run in the graph (about "
+                    "5-9 %% slower per step), several rules per request get HTTP 400 (default: eager, every "
+                    "steering option)")
     sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. "
                     "'--max-model-len 2048' (default: none)")
     sv.set_defaults(func=cmd_serve)

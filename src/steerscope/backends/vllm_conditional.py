@@ -7,7 +7,7 @@ A gated request's spec is JSON the worker extension evaluates on that request's 
 is sent: a gate that reads a layer above the lowest layer it gates (it would read a steered residual), a
 condition of another width, per-row clamp ranges (on vLLM each request carries its own range), and on the compiled
 engine what its graph cannot run (:func:`compiled_refusal`: it runs one rule and a clamp gated by up to
-:data:`COMPILED_LEAVES` ``on="prompt"`` conditions).
+:data:`COMPILED_LEAVES` conditions, ``on="prompt"`` or ``on="token"``).
 
 Example:
     >>> gated_spec(engine.register, 30, [(harmful, refusal, 4.0), (None, helpful, 1.0)], "all")
@@ -48,16 +48,13 @@ def compiled_refusal(gates: Sequence[Gate | None], clamp: Clamp | None) -> str |
     if len(gates) > 1:
         why.append(f"{len(gates)} rules")
     real = [g for g in [*gates, None if clamp is None else clamp.condition] if g is not None]
-    if any(leaf.on != "prompt" for g in real for leaf in g.leaves()):
-        why.append('an on="token" condition')
     n = sum(_count_leaves(g) for g in real)
     if n > COMPILED_LEAVES:
         why.append(f"{n} conditions in one gate")
     if not why:
         return None
-    return (f'the compiled engine runs one rule and a clamp gated by up to {COMPILED_LEAVES} on="prompt" '
-            f"conditions; this request has {' and '.join(why)}: use the eager engine (compiled=False; serve "
-            "without --compiled)")
+    return (f"the compiled engine runs one rule and a clamp gated by up to {COMPILED_LEAVES} conditions together; "
+            f"this request has {' and '.join(why)}: use the eager engine (compiled=False; serve without --compiled)")
 
 
 def check_gate(gate: Gate | None, vector: SteeringVector, n_layers: int) -> None:

@@ -100,20 +100,21 @@ def _zero_sites(sites: Any) -> None:
 
 
 def _init_slot(sites: Any, slot: int, spec: Spec, vectors: dict[str, dict[int, torch.Tensor]]) -> None:
-    """Write a gated request's slot: its leaves (direction, center·d̂, scale, threshold, layer, reduce), a fresh
-    running state (sum 0, count 0, max −inf, undecided; unused leaves decided), its rule's and its clamp's truth
-    tables, and its clamp (unit direction per layer, lo, hi, positions)."""
-    from steerscope_vllm_gates import REDUCE, spec_leaves, truth_table
+    """Write a gated request's slot: its leaves (direction, center·d̂, scale, threshold, layer, reduce, on), a fresh
+    running state (sum 0, count 0, max −inf, prompt leaves undecided; token and unused leaves decided), its rule's
+    and its clamp's truth tables, and its clamp (unit direction per layer, lo, hi, positions)."""
+    from steerscope_vllm_gates import ON, REDUCE, spec_leaves, truth_table
 
     k, d = sites.gdir.shape[1], sites.gdir.shape[2]
     found = spec_leaves(spec)
-    dirs, par, state = torch.zeros(k, d), torch.zeros(k, 5), torch.zeros(k, 5)
+    dirs, par, state = torch.zeros(k, d), torch.zeros(k, 6), torch.zeros(k, 5)
     par[:, 1], par[:, 3], state[:, 2], state[:, 4] = 1.0, -1.0, -float("inf"), 1.0
     for j, leaf in enumerate(found):
         dirs[j] = leaf.unit
         cd = 0.0 if leaf.center is None else float(leaf.center.double() @ leaf.unit.double())
-        par[j] = torch.tensor([cd, leaf.scale, leaf.threshold, float(leaf.layer), float(REDUCE.index(leaf.reduce))])
-        state[j, 4] = 0.0
+        par[j] = torch.tensor([cd, leaf.scale, leaf.threshold, float(leaf.layer), float(REDUCE.index(leaf.reduce)),
+                               float(ON.index(leaf.on))])
+        state[j, 4] = float(leaf.on == "token")  # a token leaf decides every token itself
     rule = truth_table(spec.rules[0][0], found, k) if spec.rules else [0.0] * 2**k
     cl = spec.clamp
     clamp_table = truth_table(cl.gate, found, k) if cl is not None else [0.0] * 2**k
@@ -346,7 +347,7 @@ class SteerExtension:
                         pos: torch.Tensor, prompt_len: torch.Tensor) -> None:
         """Graph mode with gate sites: each gated request's slot (written when it starts at position 0), and per
         token its slot, whether it is a prompt token and whether it is the last one (steerscope_vllm_plugin)."""
-        from steerscope_vllm_gates import _steers_prompt
+        from steerscope_vllm_gates import _steers_prompt, spec_leaves
 
         alive = self.model_runner.requests  # type: ignore[attr-defined]
         for gone in [r for r in self._ss_gslots if r not in alive]:
@@ -361,7 +362,7 @@ class SteerExtension:
             p, plen = pos[start:end], int(prompt_len[i])
             if req not in self._ss_gslots or int(p[0]) == 0:  # new, or preempted and recomputed: restart
                 self._ss_gslots[req] = self._ss_gslots.get(req) or self._ss_free_slot(sites, set(req_ids))
-                self._ss_gdecided[req] = False
+                self._ss_gdecided[req] = all(leaf.on == "token" for leaf in spec_leaves(s))  # nothing to wait for
                 _init_slot(sites, self._ss_gslots[req], s, self._ss_vectors)
             slot_tok[start:end] = self._ss_gslots[req]
             flags[start:end, 0] = (p < plen).float()

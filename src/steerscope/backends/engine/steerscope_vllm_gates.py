@@ -230,8 +230,8 @@ NO_GATE_SITES = ("this compiled engine was built without gate sites, so it canno
 
 def compiled_refusal(spec: Any, gate_sites: bool = True) -> str | None:
     """Why a compiled engine's graph cannot run this gated spec, or None when it can: at most one rule (a gate and
-    its vectors) and a clamp, their gates built from at most :data:`COMPILED_LEAVES` ``on="prompt"`` conditions
-    together; nothing gated without ``gate_sites``."""
+    its vectors) and a clamp, their gates built from at most :data:`COMPILED_LEAVES` conditions together
+    (``on="prompt"`` or ``on="token"``); nothing gated without ``gate_sites``."""
     if spec is None or not spec.gated:
         return None
     if not gate_sites:
@@ -240,15 +240,12 @@ def compiled_refusal(spec: Any, gate_sites: bool = True) -> str | None:
     if len(spec.rules) > 1:
         why.append(f"{len(spec.rules)} rules")
     found = spec_leaves(spec)
-    if any(leaf.on != "prompt" for leaf in found):
-        why.append('an on="token" condition')
     if len(found) > COMPILED_LEAVES:
         why.append(f"{len(found)} conditions in one gate")
     if not why:
         return None
-    return (f"the compiled engine runs one rule and a clamp gated by up to {COMPILED_LEAVES} on=\"prompt\" "
-            f"conditions; this request has {' and '.join(why)}: use the eager engine (compiled=False; serve "
-            "without --compiled)")
+    return (f"the compiled engine runs one rule and a clamp gated by up to {COMPILED_LEAVES} conditions together; "
+            f"this request has {' and '.join(why)}: use the eager engine (compiled=False; serve without --compiled)")
 
 
 def truth_table(gate: Any, found: list[Leaf], k: int = COMPILED_LEAVES) -> list[float]:

@@ -17,17 +17,19 @@ while the model is built, before anything is traced:
   The hook computes ``residual + table[idx[:n]]`` (``hidden + ...`` at layer 0), branch-free, so the
   traced graph reads whatever the buffers hold at replay. With ``ablate`` in the variable's value, a
   per-row unit direction ``rtable [rows d_model]`` is projected out of resid_pre, attn_out and mlp_out.
-- With ``gates`` in the variable's value, conditions run in the graph too (``on="prompt"`` conditions, up to
-  :data:`LEAVES` per request, combined by any and/or/not; ``steerscope_vllm_gates.compiled_refusal`` says what
-  else needs the eager engine). Each gated request holds a slot ``1..S`` (0: ungated, always open) with its
-  leaves' unit directions ``gdir [S K d]``, parameters ``gparam [S K 5]`` (center·d̂, scale, threshold, layer,
-  reduce), running state ``gstate [S K 5]`` (sum, count, max, decision, decided) and the truth table of its
-  gate over the leaves' decisions ``gtt [S 2^K]``; per token ``gslot`` (its slot) and ``gtok`` (prompt token of a
-  gated request, last prompt token). Each layer's hook scores every token on its slot's leaves, reduces the
-  prompt tokens per slot (``index_add`` / ``scatter_reduce``), updates the state of the leaves read at that layer
-  with ``copy_`` (kept across steps: a decision made in the prefill step holds for the request's life) and
-  multiplies each token's delta by its slot's gate: ``table[idx] * open[gslot]``, branch-free; a slot whose
-  leaves are not all decided (a prompt split over steps) is shut. A slot's projection clamp (``gclamp [layers S d]``
+- With ``gates`` in the variable's value, conditions run in the graph too (up to :data:`LEAVES` per request,
+  ``on="prompt"`` or ``on="token"``, combined by any and/or/not; ``steerscope_vllm_gates.compiled_refusal`` says
+  what else needs the eager engine). Each gated request holds a slot ``1..S`` (0: ungated, always open) with its
+  leaves' unit directions ``gdir [S K d]``, parameters ``gparam [S K 6]`` (center·d̂, scale, threshold, layer,
+  reduce, on), running state ``gstate [S K 5]`` (sum, count, max, decision, decided) and the truth table of its
+  gate over the leaves' decisions ``gtt [S 2^K]``; per token ``gslot`` (its slot), ``gtok`` (prompt token of a
+  gated request, last prompt token) and ``gtdec [tokens K]`` (its token leaves' decisions). Each layer's hook
+  scores every token on its slot's leaves, reduces the prompt tokens per slot (``index_add`` /
+  ``scatter_reduce``) and, for token leaves, every token's running mean / max over its request so far (segment
+  sums of the step's flattened tokens plus the carry), updates the state of the leaves read at that layer with
+  ``copy_`` (kept across steps: a prompt decision made in the prefill step holds for the request's life) and
+  multiplies each token's delta by its gate: ``table[idx] * open``, branch-free; a slot whose prompt leaves are
+  not all decided (a prompt split over steps) is shut. A slot's projection clamp (``gclamp [layers S d]``
   unit directions, ``gcb [S 4]`` lo, hi and its positions, ``gctt`` its gate's truth table) is applied after the
   additions with ``torch.where`` (:func:`clamp`).
 - Each step, the worker extension (``steerscope_vllm_adapter``), from an eager pre-hook on the
@@ -108,12 +110,13 @@ class GraphSites:
             self.gslot = torch.zeros(max_tokens, dtype=torch.int64, device=device)
             self.gtok = torch.zeros(max_tokens, 2, dtype=f32, device=device)
             self.gdir = torch.zeros(rows, LEAVES, d, dtype=f32, device=device)
-            self.gparam = torch.zeros(rows, LEAVES, 5, dtype=f32, device=device)
+            self.gparam = torch.zeros(rows, LEAVES, 6, dtype=f32, device=device)
             self.gparam[..., 1], self.gparam[..., 3] = 1.0, -1.0  # scale 1, read at no layer
             self.gstate = torch.zeros(rows, LEAVES, 5, dtype=f32, device=device)
             self.gstate[..., 4] = 1.0  # decided (an empty slot gates nothing)
             self.gtt = torch.zeros(rows, 2**LEAVES, dtype=f32, device=device)
             self.gtt[0] = 1.0
+            self.gtdec = torch.zeros(max_tokens, LEAVES, dtype=f32, device=device)  # token leaves' decisions
             # projection clamps: per layer and slot the unit direction (0: none), per slot lo, hi, whether prompt /
             # generated tokens are clamped, and the truth table of the clamp's own gate
             self.gclamp = torch.zeros(n_layers, rows, d, dtype=f32, device=device)
@@ -121,7 +124,7 @@ class GraphSites:
             self.gctt = torch.zeros(rows, 2**LEAVES, dtype=f32, device=device)
 
 
-GATE_BUFFERS = ("gslot", "gtok", "gdir", "gparam", "gstate", "gtt", "gcb", "gctt")
+GATE_BUFFERS = ("gslot", "gtok", "gdir", "gparam", "gstate", "gtt", "gcb", "gctt", "gtdec")
 
 
 def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -> GraphSites:
@@ -222,30 +225,53 @@ def gate_open(module: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     decided), and where it may be clamped (its clamp's gate open and decided).
 
     Reads the leaves at ``module.steerscope_layer`` and updates their running state in place (module docstring).
+    A prompt leaf (``on="prompt"``) is one decision per slot, made at the slot's last prompt token and kept; a token
+    leaf (``on="token"``) is one decision per token, from the running mean / max over every token of its request up
+    to and including it (the carry in ``gstate`` plus the request's tokens so far in this step; a request's tokens
+    are one contiguous slice of the step) or the token's own score (``last``), kept in ``gtdec`` for the layers above.
     """
     n, layer = x.shape[0], float(module.steerscope_layer)
     slot, tok = module.steerscope_gslot[:n], module.steerscope_gtok[:n]
     par, st = module.steerscope_gparam, module.steerscope_gstate
-    mine = par[slot]  # [n K 5]
+    mine = par[slot]  # [n K 6]
     s = (torch.einsum("nkd,nd->nk", module.steerscope_gdir[slot], x.float()) - mine[..., 0]) / mine[..., 1]
     pm, last = tok[:, 0:1], tok[:, 1:2]
+    on_tok = par[..., 5] > 0  # [S K]
+    w = torch.where(mine[..., 5] > 0, torch.ones_like(s), pm.expand_as(s))  # [n K]: the tokens each leaf reduces
     zero = torch.zeros_like(st[..., 0])  # [S K]
-    total = st[..., 0] + zero.index_add(0, slot, s * pm)
-    count = st[..., 1] + zero.index_add(0, slot, pm.expand_as(s))
+    total = st[..., 0] + zero.index_add(0, slot, s * w)
+    count = st[..., 1] + zero.index_add(0, slot, w)
     at_last = zero.index_add(0, slot, s * last)
     ends = zero.index_add(0, slot, last.expand_as(s)) > 0  # the slot's last prompt token is in this step
     top = torch.maximum(st[..., 2], torch.full_like(zero, -math.inf).scatter_reduce(
-        0, slot[:, None].expand_as(s), torch.where(pm > 0, s, -math.inf), "amax"))
+        0, slot[:, None].expand_as(s), torch.where(w > 0, s, -math.inf), "amax"))
     reduce = par[..., 4]
     value = torch.where(reduce == 0, total / count.clamp_min(1.0), torch.where(reduce == 1, at_last, top))
     here = par[..., 3] == layer
-    decide = here & ends
+    decide = here & ends & ~on_tok
     dec = torch.where(decide, (value > par[..., 2]).float(), st[..., 3])
     done = torch.where(decide, torch.ones_like(zero), st[..., 4])
+    # token leaves: per token, the running reduction over its request's tokens up to it (segment sums in float64)
+    ar = torch.arange(n, device=x.device)
+    first = torch.full((zero.shape[0],), n, dtype=ar.dtype, device=x.device).scatter_reduce(0, slot, ar, "amin")[slot]
+    thr = mine[..., 2]
+
+    def upto(v: torch.Tensor) -> torch.Tensor:  # [n K]: sum of v over the token's request's tokens up to it
+        c = torch.cumsum(v.double(), 0)
+        return (c - (c[first] - v.double()[first])).float()
+
+    prev = st[slot]  # [n K 5]: the carry from earlier steps
+    mean_t = (prev[..., 0] + upto(s)) / (prev[..., 1] + (ar - first + 1).float()[:, None])
+    max_t = (prev[..., 2] > thr) | (upto((s > thr).float()) > 0)
+    tdec = torch.where(mine[..., 4] == 0, mean_t > thr, torch.where(mine[..., 4] == 1, s > thr, max_t)).float()
+    tbuf = module.steerscope_gtdec
+    tnow = torch.where(mine[..., 3] == layer, tdec, tbuf[:n])
+    tbuf[:n].copy_(tnow)
     st.copy_(torch.stack([torch.where(here, total, st[..., 0]), torch.where(here, count, st[..., 1]),
                           torch.where(here, top, st[..., 2]), dec, done], -1))
-    bits = (dec * (2 ** torch.arange(dec.shape[1], device=dec.device)).float()).sum(-1).long()  # [S]
-    decided = done.amin(-1)
-    opened: torch.Tensor = module.steerscope_gtt.gather(1, bits[:, None])[:, 0] * decided
-    clamped: torch.Tensor = module.steerscope_gctt.gather(1, bits[:, None])[:, 0] * decided
-    return opened[slot], clamped[slot]
+    leaf = torch.where(mine[..., 5] > 0, tnow, dec[slot])  # [n K]: each token's leaf decisions
+    bits = (leaf * (2 ** torch.arange(leaf.shape[1], device=leaf.device)).float()).sum(-1).long()  # [n]
+    decided = done.amin(-1)[slot]
+    opened: torch.Tensor = module.steerscope_gtt[slot, bits] * decided
+    clamped: torch.Tensor = module.steerscope_gctt[slot, bits] * decided
+    return opened, clamped
