@@ -24,11 +24,11 @@ on a step where no request is gated (``SteerExtension._ss_rows`` over the step's
 
     python benchmarks/bench_vllm_gates.py --no-gate-code --json
 
-``--compiled`` times the compiled engine instead (vLLM's torch.compile; prompt conditions evaluated in the graph,
-``steerscope_vllm_plugin.gate_open``): two compiled engines side by side, one built with gate sites and one
+``--compiled`` times the compiled engine instead (vLLM's torch.compile; conditions evaluated in the graph,
+``steerscope_vllm_plugin.gated_add``): two compiled engines side by side, one built with gate sites and one
 without, interleaved per round: ``unsteered`` and ``plain`` on both (their ratio is what the gate sites cost
-when no request is gated: the graph evaluates the gates on every step) and ``gated`` on the one with gate sites
-(``gated-token`` is eager-only)::
+when no request is gated: on CPU the graph skips the gate arithmetic under ``torch.cond`` on such steps) and
+``gated`` and ``gated-token`` on the one with gate sites::
 
     STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm_gates.py --compiled --repeats 5 --json
 """
@@ -117,8 +117,7 @@ def compiled_rounds(repeats: int, tokens: int) -> dict[str, Any]:
     ids = bv.prompt_ids(lm, [lm.format_chat(p) for p in PROMPTS], True)
     params = dict(bv.stop_params(lm, tokens, False, 1.0, None), stop_token_ids=[], ignore_eos=True)
     cases = {f"{k}:{c}": (eng, specs) for k, eng in engines.items()
-             for c, specs in configs(lm, eng, ("unsteered", "plain", "gated") if k == "sites"
-                                     else ("unsteered", "plain")).items()}
+             for c, specs in configs(lm, eng, CONFIGS if k == "sites" else ("unsteered", "plain")).items()}
     for eng, specs in cases.values():  # warm-up: every configuration once (compiles each shape)
         eng.generate_ids(ids, specs, params)
     rounds = []
@@ -129,6 +128,7 @@ def compiled_rounds(repeats: int, tokens: int) -> dict[str, Any]:
             eng.generate_ids(ids, specs, params)
             row[name] = time.perf_counter() - t0
         row["gated/plain"] = row["sites:gated"] / row["sites:plain"]
+        row["gated-token/plain"] = row["sites:gated-token"] / row["sites:plain"]
         row["sites/nosites unsteered"] = row["sites:unsteered"] / row["nosites:unsteered"]
         row["sites/nosites plain"] = row["sites:plain"] / row["nosites:plain"]
         rounds.append(row)

@@ -124,7 +124,7 @@ def _resid_pre(toy: Toy, x: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: what vLLM compiles with
 def test_gates_in_the_compiled_graph_equal_the_eager_gate_code_across_steps_and_split_prompts(backend):
-    """Prompt conditions evaluated inside a compiled graph (``gate_open``) decide as the eager worker's gate code
+    """Prompt conditions evaluated inside a compiled graph (``gated_add``) decide as the eager worker's gate code
     (``steerscope_vllm_gates.leaf_decision`` / ``gate_open`` on the same scores), hold the decision for later
     steps, carry a split prompt's running mean to its last chunk (earlier chunk shut), and leave ungated rows
     plainly steered. Steering at layer 2 only, conditions at layers 0 and 1 (they read unsteered residuals)."""
@@ -172,6 +172,7 @@ def test_gates_in_the_compiled_graph_equal_the_eager_gate_code_across_steps_and_
         sites.idx[: len(rows)] = torch.tensor(rows)
         sites.gslot.zero_()
         sites.gslot[: len(slots)] = torch.tensor(slots)
+        sites.gany.fill_(bool(sites.gslot.any()))  # as the worker writes it: some token of the step is gated
         sites.gtok.zero_()
         sites.gtok[: len(flags)] = torch.tensor(flags, dtype=torch.float32)
         with torch.no_grad():
@@ -227,6 +228,7 @@ def test_a_clamp_in_the_compiled_graph_is_the_eager_clip_where_its_gate_and_posi
     sites.idx.zero_()
     sites.gslot.zero_()
     sites.gslot[:6] = torch.tensor([1, 1, 1, 2, 2, 0])
+    sites.gany.fill_(True)
     sites.gtok.zero_()
     sites.gtok[:5] = torch.tensor([[1, 0], [1, 1], [0, 0], [1, 0], [1, 1]], dtype=torch.float32)  # token 2: generated
     with torch.no_grad():
@@ -241,16 +243,30 @@ def test_a_clamp_in_the_compiled_graph_is_the_eager_clip_where_its_gate_and_posi
         want = hidden + resid
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert int(((pre[1][:2] @ (r / r.norm())) > hi).sum()) >= 1  # the clamp bound somewhere it was allowed to
+    # a step without a gated token: the branch that skips the gate arithmetic (gany False, as the worker writes it;
+    # torch.cond on CPU) gives what the arithmetic gives (gany True), the unsteered output, and keeps every state
+    assert all(layer.steerscope_skip for layer in toy.model.layers)
+    sites.gslot.zero_()
+    sites.gtok.zero_()
+    before, outs = sites.gstate.clone(), []
+    for flag in (True, False):
+        sites.gany.fill_(flag)
+        with torch.no_grad():
+            outs.append(compiled(torch.arange(6), x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(sites.gstate, before)
+    torch.testing.assert_close(outs[1], reference(toy, x, torch.zeros(LAYERS, 6, D), None), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("skip", [True, False])  # False: the branch-free graph a CUDA engine traces
 @pytest.mark.parametrize("backend", ["aot_eager"])  # inductor: the compiled vLLM engines (test_vllm_parity)
-def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_token_across_steps(backend):
+def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_token_across_steps(backend, skip):
     """``on="token"`` conditions in the compiled graph decide each token as the eager worker's gate code
     (``leaf_decision`` with its carry, ``gate_open``) does: a running mean over a request's prompt and generated
     tokens (A), a token's own score under a prompt condition (B: ``last`` token leaf ``&`` a prompt leaf), and a
     running max whose prompt is split over two steps (C: a token-only gate never waits for the prompt's end), over
-    three steps, with an ungated steered token beside them. Thresholds sit midway between the middle values of each running
-    figure, so both decisions occur (asserted)."""
+    three steps, with an ungated steered token beside them. Thresholds sit midway between the middle values of each
+    running figure, so both decisions occur (asserted). Both graphs: under ``torch.cond`` (CPU) and branch-free
+    (CUDA)."""
     import steerscope_vllm_adapter as adapter
     import steerscope_vllm_gates as gates
     from steerscope_vllm_spec import parse_spec
@@ -260,6 +276,8 @@ def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_to
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=32, max_num_seqs=4),
                           model_config=SimpleNamespace(get_hidden_size=lambda: D, dtype=torch.float32))
     sites = plugin.add_sites(toy, cfg, False, gates=True)
+    for layer in toy.model.layers:
+        layer.steerscope_skip = skip
     compiled = torch.compile(toy.model, backend=backend, dynamic=True, fullgraph=True)
     g = torch.Generator().manual_seed(4)
     # per step: (request, number of tokens) in flattened order; request "-" is ungated and plainly steered
@@ -336,6 +354,7 @@ def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_to
         sites.idx[:n] = torch.tensor(rows)
         sites.gslot.zero_()
         sites.gslot[:n] = torch.tensor(slot_tok)
+        sites.gany.fill_(bool(sites.gslot.any()))
         sites.gtok.zero_()
         sites.gtok[:n] = torch.tensor(flags, dtype=torch.float32)
         with torch.no_grad():

@@ -184,7 +184,7 @@ def split_somewhere(lm, texts, layers, reduce):
 
 
 def test_compiled_conditions_in_a_mixed_batch_match_hf(setup):
-    """The compiled engine's in-graph gates (steerscope_vllm_plugin.gate_open): rows 0-5 gated by a prompt
+    """The compiled engine's in-graph gates (steerscope_vllm_plugin.gated_add): rows 0-5 gated by a prompt
     condition (some open, some shut), row 6 plainly steered, row 7 unsteered, in one engine call, and
     ``ss.generate(..., compiled=True, condition=)``; ``on="token"`` conditions (a running max composed with the
     prompt condition, a running mean) in one batch; what the graph cannot run (several rules) is refused in one

@@ -23,7 +23,7 @@ Algorithm (one engine step, continuous batching):
    layer hook also runs ``steerscope_vllm_gates.apply_rows``, which reads the request's own residual at its
    conditions' layers, keeps per-request running state across steps, and adds / clamps only where its gate is
    open. A compiled engine built with gate sites (``STEERSCOPE_VLLM_GRAPH='<arch>;gates'``) runs one rule and a
-   clamp gated by ``on="prompt"`` conditions in the graph instead (``steerscope_vllm_plugin.gate_open``; this extension
+   clamp gated by up to 4 conditions in the graph instead (``steerscope_vllm_plugin.gated_add``; this extension
    writes each gated request's slot once and the per-token slot map each step); it refuses the rest with
    ``steerscope_vllm_gates.compiled_refusal``'s reason.
 
@@ -97,6 +97,7 @@ def _zero_sites(sites: Any) -> None:
     if sites.gates:
         sites.gslot.zero_()
         sites.gtok.zero_()
+        sites.gany.fill_(False)
 
 
 def _init_slot(sites: Any, slot: int, spec: Spec, vectors: dict[str, dict[int, torch.Tensor]]) -> None:
@@ -375,6 +376,7 @@ class SteerExtension:
                                         f"prefill); a chunk of {end - start} prompt tokens was left unsteered")
         sites.gslot.copy_(slot_tok.to(sites.gslot.device))
         sites.gtok.copy_(flags.to(sites.gtok.device))
+        sites.gany.fill_(bool(slot_tok.any()))  # CPU graphs skip the gate arithmetic on steps without a gated token
 
     def _ss_free_slot(self, sites: Any, batch: set[str]) -> int:
         """A gate slot no living request holds (else one whose request is not in this step)."""

@@ -31,13 +31,17 @@ while the model is built, before anything is traced:
   multiplies each token's delta by its gate: ``table[idx] * open``, branch-free; a slot whose prompt leaves are
   not all decided (a prompt split over steps) is shut. A slot's projection clamp (``gclamp [layers S d]``
   unit directions, ``gcb [S 4]`` lo, hi and its positions, ``gctt`` its gate's truth table) is applied after the
-  additions with ``torch.where`` (:func:`clamp`).
+  additions with ``torch.where`` (:func:`_clamp_math`). On CPU the whole gated part of a layer runs under
+  ``torch.cond`` on ``gany`` (some token of the step is gated; :func:`gated_add`): a step without a gated request
+  takes the plain add. On CUDA it stays branch-free (a predicate read on the host would sync inside a captured
+  CUDA graph).
 - Each step, the worker extension (``steerscope_vllm_adapter``), from an eager pre-hook on the
   outer model (which vLLM does not compile), writes ``idx`` and, when the batch's requests or
   their specs changed, the table rows, with ``copy_()`` (same storage, so the graph sees them).
 
 Costs: one gather-add per layer per token on every step, steered or not (four projections per layer with
-``ablate``; with ``gates`` a gather of K directions and a dot product per token and a few per-slot reductions);
+``ablate``; with ``gates``, on steps with a gated request (on CUDA: every step), a gather of K directions and a
+dot product per token, a few per-slot reductions and segment sums);
 buffers of ``layers x (2 max_num_seqs + 1) x d_model`` floats (gates: ``(2 max_num_seqs + 1) x K x d_model``).
 """
 
@@ -117,6 +121,7 @@ class GraphSites:
             self.gtt = torch.zeros(rows, 2**LEAVES, dtype=f32, device=device)
             self.gtt[0] = 1.0
             self.gtdec = torch.zeros(max_tokens, LEAVES, dtype=f32, device=device)  # token leaves' decisions
+            self.gany = torch.zeros((), dtype=torch.bool, device=device)  # some token of this step is gated
             # projection clamps: per layer and slot the unit direction (0: none), per slot lo, hi, whether prompt /
             # generated tokens are clamped, and the truth table of the clamp's own gate
             self.gclamp = torch.zeros(n_layers, rows, d, dtype=f32, device=device)
@@ -124,7 +129,7 @@ class GraphSites:
             self.gctt = torch.zeros(rows, 2**LEAVES, dtype=f32, device=device)
 
 
-GATE_BUFFERS = ("gslot", "gtok", "gdir", "gparam", "gstate", "gtt", "gcb", "gctt", "gtdec")
+GATE_BUFFERS = ("gslot", "gtok", "gdir", "gparam", "gstate", "gtt", "gcb", "gctt", "gtdec", "gany")
 
 
 def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -> GraphSites:
@@ -144,6 +149,9 @@ def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -
         layer.register_buffer("steerscope_table", sites.table[i], persistent=False)
         if gates:
             layer.steerscope_layer = i  # a constant of the traced graph
+            # CPU: the gate arithmetic under torch.cond, skipped on steps without a gated request; on CUDA it stays
+            # branch-free (a host-side predicate would sync inside a captured CUDA graph)
+            layer.steerscope_skip = device.type == "cpu"
             for name in GATE_BUFFERS:
                 layer.register_buffer(f"steerscope_{name}", getattr(sites, name), persistent=False)
             layer.register_buffer("steerscope_gclamp", sites.gclamp[i], persistent=False)
@@ -170,17 +178,12 @@ def _layer_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     residual = args[2] if len(args) > 2 else kwargs.pop("residual", None)
     idx = module.steerscope_idx[: hidden.shape[0]]
     delta = module.steerscope_table[idx].to(hidden.dtype)
-    gated = getattr(module, "steerscope_gstate", None) is not None
-    if gated:
-        x = hidden if residual is None else hidden + residual  # resid_pre before this layer's additions
-        rule_open, clamp_open = gate_open(module, x)
-        delta = delta * rule_open.to(hidden.dtype)[:, None]
-    if residual is None:
+    if getattr(module, "steerscope_gstate", None) is not None:
+        hidden, residual = gated_add(module, hidden, residual, delta)
+    elif residual is None:
         hidden = hidden + delta
     else:
         residual = residual + delta.to(residual.dtype)
-    if gated:
-        hidden, residual = clamp(module, hidden, residual, clamp_open)
     rtable = getattr(module, "steerscope_rtable", None)
     if rtable is not None:
         r = rtable[idx]
@@ -198,16 +201,64 @@ def _out_hook(module: Any, args: Any, out: Any) -> Any:
     return _project(out, r.to(out.dtype))
 
 
-def clamp(module: Any, hidden: torch.Tensor, residual: torch.Tensor | None, opened: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def gated_add(module: Any, hidden: torch.Tensor, residual: torch.Tensor | None, delta: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's gated steering: read the leaves at this layer (:func:`_gate_math`: each token's rule gate and
+    clamp gate, the leaves' new running state), add each token's delta times its rule gate, then its projection
+    clamp (:func:`_clamp_math`); the new state is written back into ``gstate`` / ``gtdec`` (kept across steps).
+
+    With ``steerscope_skip`` (CPU) all of it runs under ``torch.cond`` on ``gany`` (some token of the step is gated,
+    written by the worker): a step without a gated token takes the other branch, the plain add, and the gate
+    arithmetic (a few dozen small kernels per layer) is skipped. On CUDA it is branch-free: every step runs it.
+    """
+    n, layer = hidden.shape[0], float(module.steerscope_layer)
+    state = (module.steerscope_gslot[:n], module.steerscope_gtok[:n], module.steerscope_gparam,
+             module.steerscope_gstate, module.steerscope_gdir, module.steerscope_gtt, module.steerscope_gctt,
+             module.steerscope_gtdec[:n], module.steerscope_gclamp, module.steerscope_gcb)
+
+    def on(h: torch.Tensor, r: torch.Tensor | None, d: torch.Tensor, *a: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        x = h if r is None else h + r  # resid_pre before this layer's additions
+        opened, clamped, st, tnow = _gate_math(layer, x, *a[:8])
+        d = d * opened.to(h.dtype)[:, None]
+        if r is None:
+            h = h + d
+        else:
+            r = r + d.to(r.dtype)
+        h, r = _clamp_math(h, r, a[0], a[1], a[8], a[9], clamped)
+        return h, r, st, tnow
+
+    def off(h: torch.Tensor, r: torch.Tensor | None, d: torch.Tensor, *a: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        if r is None:
+            return h + d, None, a[3].clone(), a[7].clone()
+        return h.clone(), r + d.to(r.dtype), a[3].clone(), a[7].clone()
+
+    if not getattr(module, "steerscope_skip", False):
+        hidden, residual, st, tnow = on(hidden, residual, delta, *state)
+    elif residual is None:  # torch.cond takes tensors only: layer 0 (no residual yet) has its own pair of branches
+        hidden, st, tnow = torch.cond(module.steerscope_gany, lambda h, d, *a: _drop(on(h, None, d, *a)),
+                                      lambda h, d, *a: _drop(off(h, None, d, *a)), (hidden, delta, *state))
+    else:
+        hidden, residual, st, tnow = torch.cond(module.steerscope_gany, on, off, (hidden, residual, delta, *state))
+    module.steerscope_gstate.copy_(st)
+    module.steerscope_gtdec[:n].copy_(tnow)
+    return hidden, residual
+
+
+def _drop(out: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return out[0], out[2], out[3]  # without the residual (None at layer 0)
+
+
+def _clamp_math(hidden: torch.Tensor, residual: torch.Tensor | None, slot: torch.Tensor, tok: torch.Tensor,
+                gclamp: torch.Tensor, gcb: torch.Tensor, opened: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each token's projection clamp at this layer, ``x + (clip(x·r̂, lo, hi) − x·r̂) r̂`` with x = resid_pre after
     the additions, where its slot has a direction here, its positions select it and its gate (``opened``) is open:
     the clamped stream is written whole into ``residual`` with ``hidden`` 0 there (into ``hidden`` at layer 0), as
     the eager worker does; every other token's tensors are left as they were."""
-    n = hidden.shape[0]
-    slot = module.steerscope_gslot[:n]
-    r, cb = module.steerscope_gclamp[slot], module.steerscope_gcb[slot]  # [n d], [n 4]
-    prompt = module.steerscope_gtok[:n, 0]
+    r, cb = gclamp[slot], gcb[slot]  # [n d], [n 4]
+    prompt = tok[:, 0]
     keep = torch.where(prompt > 0, cb[:, 2], cb[:, 3]) * opened
     mask = ((keep > 0) & (r != 0).any(-1))[:, None]
     x = hidden if residual is None else hidden + residual
@@ -220,21 +271,21 @@ def clamp(module: Any, hidden: torch.Tensor, residual: torch.Tensor | None, open
     return torch.where(mask, torch.zeros_like(hidden), hidden), torch.where(mask, new.to(residual.dtype), residual)
 
 
-def gate_open(module: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float [tokens] twice: 1 where the token's request may be steered at this layer (its slot's rule gate open and
-    decided), and where it may be clamped (its clamp's gate open and decided).
+def _gate_math(layer: float, x: torch.Tensor, slot: torch.Tensor, tok: torch.Tensor, par: torch.Tensor,
+               st: torch.Tensor, gdir: torch.Tensor, gtt: torch.Tensor, gctt: torch.Tensor, tprev: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's gates at this layer, without side effects: (rule gate open [n], clamp gate open [n], the leaves'
+    new running state [S K 5], the token leaves' decisions [n K]).
 
-    Reads the leaves at ``module.steerscope_layer`` and updates their running state in place (module docstring).
-    A prompt leaf (``on="prompt"``) is one decision per slot, made at the slot's last prompt token and kept; a token
-    leaf (``on="token"``) is one decision per token, from the running mean / max over every token of its request up
-    to and including it (the carry in ``gstate`` plus the request's tokens so far in this step; a request's tokens
-    are one contiguous slice of the step) or the token's own score (``last``), kept in ``gtdec`` for the layers above.
+    A token's gate is 1 where its slot's rule (or clamp) gate is open and decided. A prompt leaf (``on="prompt"``)
+    is one decision per slot, made at the slot's last prompt token and kept; a token leaf (``on="token"``) is one
+    decision per token, from the running mean / max over every token of its request up to and including it (the
+    carry in ``st`` plus the request's tokens so far in this step; a request's tokens are one contiguous slice of
+    the step) or the token's own score (``last``), kept in ``gtdec`` for the layers above the leaf's.
     """
-    n, layer = x.shape[0], float(module.steerscope_layer)
-    slot, tok = module.steerscope_gslot[:n], module.steerscope_gtok[:n]
-    par, st = module.steerscope_gparam, module.steerscope_gstate
+    n = x.shape[0]
     mine = par[slot]  # [n K 6]
-    s = (torch.einsum("nkd,nd->nk", module.steerscope_gdir[slot], x.float()) - mine[..., 0]) / mine[..., 1]
+    s = (torch.einsum("nkd,nd->nk", gdir[slot], x.float()) - mine[..., 0]) / mine[..., 1]
     pm, last = tok[:, 0:1], tok[:, 1:2]
     on_tok = par[..., 5] > 0  # [S K]
     w = torch.where(mine[..., 5] > 0, torch.ones_like(s), pm.expand_as(s))  # [n K]: the tokens each leaf reduces
@@ -264,14 +315,10 @@ def gate_open(module: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     mean_t = (prev[..., 0] + upto(s)) / (prev[..., 1] + (ar - first + 1).float()[:, None])
     max_t = (prev[..., 2] > thr) | (upto((s > thr).float()) > 0)
     tdec = torch.where(mine[..., 4] == 0, mean_t > thr, torch.where(mine[..., 4] == 1, s > thr, max_t)).float()
-    tbuf = module.steerscope_gtdec
-    tnow = torch.where(mine[..., 3] == layer, tdec, tbuf[:n])
-    tbuf[:n].copy_(tnow)
-    st.copy_(torch.stack([torch.where(here, total, st[..., 0]), torch.where(here, count, st[..., 1]),
-                          torch.where(here, top, st[..., 2]), dec, done], -1))
+    tnow = torch.where(mine[..., 3] == layer, tdec, tprev)
+    new = torch.stack([torch.where(here, total, st[..., 0]), torch.where(here, count, st[..., 1]),
+                       torch.where(here, top, st[..., 2]), dec, done], -1)
     leaf = torch.where(mine[..., 5] > 0, tnow, dec[slot])  # [n K]: each token's leaf decisions
     bits = (leaf * (2 ** torch.arange(leaf.shape[1], device=leaf.device)).float()).sum(-1).long()  # [n]
     decided = done.amin(-1)[slot]
-    opened: torch.Tensor = module.steerscope_gtt[slot, bits] * decided
-    clamped: torch.Tensor = module.steerscope_gctt[slot, bits] * decided
-    return opened, clamped
+    return gtt[slot, bits] * decided, gctt[slot, bits] * decided, new, tnow
