@@ -313,7 +313,7 @@ def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, posi
     ``condition``: add ``alpha * vector`` only where this gate is open on the request's own activations;
     ``rules``: ``[(gate or None, vector, alpha), ...]`` instead of ``vector`` (first match wins); ``clamp``: a
     projection clamp (:class:`steerscope.conditional.clamp.Clamp`). The compiled engine runs one rule and a clamp
-    gated by ``on="prompt"`` conditions; the rest needs the eager one (:mod:`steerscope.backends.vllm_conditional`).
+    gated by up to 4 conditions; the rest needs the eager one (:mod:`steerscope.backends.vllm_conditional`).
     """
     if positions not in POSITIONS:
         raise BackendError(f"positions {positions!r}: the vLLM backend supports {', '.join(POSITIONS)}; "
@@ -432,7 +432,7 @@ def generate(lm: LM, texts: Sequence[str], vector: SteeringVector | Sequence[Ste
     call). A vector at ``mlp_out`` / ``resid_post`` is steered at resid_pre one layer up
     (:func:`as_resid_pre`). Sampled with a ``seed``, text i gets its own seed (:func:`row_seeds`).
     ``condition``: every steered text is steered only where this gate is open on its own activations
-    (the compiled engine runs prompt conditions only: :func:`~steerscope.backends.vllm_conditional.compiled_refusal`).
+    (the compiled engine runs one gate of up to 4 conditions: :func:`~steerscope.backends.vllm_conditional.compiled_refusal`).
     """
     why = compiled_refusal([condition], None) if compiled and condition is not None else None
     if why is not None:  # before an engine starts

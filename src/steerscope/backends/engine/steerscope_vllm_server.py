@@ -143,7 +143,7 @@ def rewrite(data: Any, known: set[str], norms: dict[str, tuple[float, float]] | 
             direction and an ``alpha * vector`` that overflows float32 (None: not checked).
         shapes: per name, (layers, width): refuses a condition of another width, or one that reads a layer above
             the vectors it gates (None: not checked here; the worker still refuses it, leaving it unsteered).
-        compiled: the server runs the compiled model, which runs prompt conditions only (the rest refused).
+        compiled: the server runs the compiled model, which runs one gate of up to 4 conditions (the rest refused).
 
     Returns:
         ``data``, rewritten. ValueError (one line) for anything refused.
