@@ -56,8 +56,11 @@ SHRINK_RE = re.compile(r"^shrink\s*\((?P<reason>.*\S.*)\)$")
 SHRINK: dict[str, str] = {
     "explain": "--sections lens",
     "tune": "--layers 12 --n-alphas 2",
+    # verify on the HF path alone: its vLLM and llama.cpp paths are tests/test_verify.py's (an engine start each)
+    "verify": "--backends hf --max-new-tokens 8",
+    # the shipped vectors (no NTP / PO training; tests/test_refusal_study.py runs the study that trains them)
     "study refusal": "--n-train 16 --n-val 4 --layers 16,18 --n-test 4 --max-new-tokens 8 --n-trained 8 "
-                     "--trained-epochs 1 --gen-batch 16 --device cpu",
+                     "--trained-epochs 1 --gen-batch 16 --device cpu --shipped-vectors",
     "study refusal-mechanisms": "--model {tiny} --vector-dir {tiny_vectors} --quick --device cpu",
     "study reasoning": "--model {tiny} --steps 1 --prompts-per-step 1 --k 2 --n-test 2 --eval-samples 1 --seeds 1 "
                        "--max-new-tokens 4 --no-sae --device cpu",

@@ -70,6 +70,7 @@ def test_card_equals_the_study_on_the_organism_with_the_shipped_dim_vector(tmp_p
     torch.set_num_threads(2)
     lm = ss.load_model("smollm2-135m-safe")
     vec = ss.SteeringVector.load("smollm2-135m-safe/refusal-dim")
-    cfg = replace(CFG, n_eval=4, eval_tokens=8)
+    cfg = replace(CFG, n_attr=2, n_eval=3, circuit_fracs=(0.3, 1.0), sparsities=(0.5,))  # CI time: the tiny-model
+    # case above checks the same composition on more settings
     # the card re-pads the flipped prompts as its own batch, so allow float round-off
     _compare(lm, vec, cfg, tmp_path, tol=1e-3)
