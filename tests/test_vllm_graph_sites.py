@@ -305,8 +305,9 @@ def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_to
         return torch.cat(out)
 
     def mid(v):  # midway between the two middle distinct values: no score sits on the threshold
-        u = torch.unique(v)
-        return float((u[(len(u) - 1) // 2] + u[len(u) // 2 if len(u) % 2 == 0 else (len(u) + 1) // 2]) / 2)
+        u = torch.unique(v)  # sorted
+        i = (len(u) - 1) // 2
+        return float((u[i] + u[i + 1]) / 2)
 
     a, b, c = seq("A", la), seq("B", lb), seq("C", lc)
     la["threshold"] = mid(torch.cumsum(a, 0) / torch.arange(1, 6))

@@ -221,8 +221,6 @@ def spec_leaves(spec: Any) -> list[Leaf]:
     return out
 
 
-
-
 NO_GATE_SITES = ("this compiled engine was built without gate sites, so it cannot run conditions or clamps: "
                  "start it with STEERSCOPE_VLLM_GRAPH='<arch>;gates' (steerscope's launchers do), or use the eager "
                  "engine (compiled=False; serve without --compiled)")

@@ -287,8 +287,8 @@ def _gate_math(layer: float, x: torch.Tensor, slot: torch.Tensor, tok: torch.Ten
     mine = par[slot]  # [n K 6]
     s = (torch.einsum("nkd,nd->nk", gdir[slot], x.float()) - mine[..., 0]) / mine[..., 1]
     pm, last = tok[:, 0:1], tok[:, 1:2]
-    on_tok = par[..., 5] > 0  # [S K]
-    w = torch.where(mine[..., 5] > 0, torch.ones_like(s), pm.expand_as(s))  # [n K]: the tokens each leaf reduces
+    on_tok, tok_leaf = par[..., 5] > 0, mine[..., 5] > 0  # token leaves: [S K] per slot, [n K] per token
+    w = torch.where(tok_leaf, torch.ones_like(s), pm.expand_as(s))  # [n K]: the tokens each leaf reduces
     zero = torch.zeros_like(st[..., 0])  # [S K]
     total = st[..., 0] + zero.index_add(0, slot, s * w)
     count = st[..., 1] + zero.index_add(0, slot, w)
@@ -308,8 +308,9 @@ def _gate_math(layer: float, x: torch.Tensor, slot: torch.Tensor, tok: torch.Ten
     thr = mine[..., 2]
 
     def upto(v: torch.Tensor) -> torch.Tensor:  # [n K]: sum of v over the token's request's tokens up to it
-        c = torch.cumsum(v.double(), 0)
-        return (c - (c[first] - v.double()[first])).float()
+        vd = v.double()
+        c = torch.cumsum(vd, 0)
+        return (c - (c[first] - vd[first])).float()
 
     prev = st[slot]  # [n K 5]: the carry from earlier steps
     mean_t = (prev[..., 0] + upto(s)) / (prev[..., 1] + (ar - first + 1).float()[:, None])
@@ -318,7 +319,7 @@ def _gate_math(layer: float, x: torch.Tensor, slot: torch.Tensor, tok: torch.Ten
     tnow = torch.where(mine[..., 3] == layer, tdec, tprev)
     new = torch.stack([torch.where(here, total, st[..., 0]), torch.where(here, count, st[..., 1]),
                        torch.where(here, top, st[..., 2]), dec, done], -1)
-    leaf = torch.where(mine[..., 5] > 0, tnow, dec[slot])  # [n K]: each token's leaf decisions
+    leaf = torch.where(tok_leaf, tnow, dec[slot])  # [n K]: each token's leaf decisions
     bits = (leaf * (2 ** torch.arange(leaf.shape[1], device=leaf.device)).float()).sum(-1).long()  # [n]
     decided = done.amin(-1)[slot]
     return gtt[slot, bits] * decided, gctt[slot, bits] * decided, new, tnow
