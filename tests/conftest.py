@@ -8,7 +8,63 @@ import pytest
 import torch
 
 os.environ.setdefault("STEERSCOPE_NO_PROGRESS", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (the README's test command) on 2 cores: one thread per
+    os.environ["OMP_NUM_THREADS"] = "1"  # worker, for its subprocesses too, so the workers never oversubscribe
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+THREADS = torch.get_num_threads()
+
+# Under `pytest -n N` tests run in units sent whole to one worker (xdist's loadgroup): a test file (its module
+# fixtures, e.g. a started engine, are built once), a documentation page (its blocks share one namespace), and
+# every test that starts a vLLM engine (one engine at a time: each binds its threads to every core). Units go out
+# longest first, so the long ones do not start last; the order is from measured durations (the ones named below
+# take minutes, the rest seconds).
+VLLM_FILES = {"test_vllm_parity.py", "test_vllm_server.py", "test_vllm_conditional.py",
+              "test_vllm_study_parity.py", "test_verify.py"}
+LONGEST_FIRST = ["vllm", "doc:README.md", "test_explain_planted.py", "doc:docs/explain.md", "test_explain_study.py",
+                 "test_refusal_study.py", "doc:docs/verify.md", "doc:docs/refusal.md", "test_parts.py",
+                 "test_reasoning.py", "test_crash.py", "doc:docs/reasoning.md", "test_vllm_graph_sites.py",
+                 "doc:docs/refusal-mechanisms.md", "test_freeze.py", "doc:docs/identifiability.md",
+                 "doc:docs/studies.md", "test_load.py", "test_reliability_items.py", "test_circuits_gemma.py"]
+
+
+def _unit(item: pytest.Item, vllm_pages: set[str]) -> str:
+    block = getattr(item, "callspec", None) and item.callspec.params.get("block")
+    if item.path.name == "test_doc_examples.py" and block is not None:
+        page = block.id.rsplit(":", 1)[0]
+        return "vllm" if page in vllm_pages else f"doc:{page}"
+    return "vllm" if item.path.name in VLLM_FILES else item.path.name
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "load":  # `-n N` alone
+        config.option.dist = "loadgroup"
+        config.option.loadscopereorder = False  # keep LONGEST_FIRST, not xdist's "most tests first"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not (os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "numprocesses", None)):
+        return
+    vllm_pages = set()
+    for item in items:
+        block = getattr(item, "callspec", None) and item.callspec.params.get("block")
+        if item.path.name == "test_doc_examples.py" and block is not None and "STEERSCOPE_VLLM_ENV" in (
+                block.marker or ""):
+            vllm_pages.add(block.id.rsplit(":", 1)[0])
+    units = {id(item): _unit(item, vllm_pages) for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(units[id(item)]))
+    rank = {u: i for i, u in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(units[id(it)], len(rank)))  # stable: file order within and after
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """A test (or a study it runs in-process) that sets torch's thread count does not leak it to the next."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 VOCAB = 49152  # SmolLM2's tokenizer, so tiny models can share it
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
 
 from steerscope.analyses import sparsity as S
 from steerscope.explain import Settings, explain
@@ -67,7 +66,6 @@ def test_card_equals_the_study_on_a_tiny_model(tmp_path) -> None:
 def test_card_equals_the_study_on_the_organism_with_the_shipped_dim_vector(tmp_path) -> None:
     import steerscope as ss
 
-    torch.set_num_threads(2)
     lm = ss.load_model("smollm2-135m-safe")
     vec = ss.SteeringVector.load("smollm2-135m-safe/refusal-dim")
     cfg = replace(CFG, n_attr=2, n_eval=3, circuit_fracs=(0.3, 1.0), sparsities=(0.5,))  # CI time: the tiny-model
