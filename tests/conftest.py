@@ -3,17 +3,47 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 os.environ.setdefault("STEERSCOPE_NO_PROGRESS", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (the README's test command) on 2 cores: one thread per
-    os.environ["OMP_NUM_THREADS"] = "1"  # worker, for its subprocesses too, so the workers never oversubscribe
+ALL_CPUS = sorted(os.sched_getaffinity(0))  # before a worker is pinned to its share (every_cpu)
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER:  # `pytest -n 2` (the README's test command) on 2 cores: each worker, with its subprocesses, on its own
+    # CPU share with one torch thread, so the two never contend (a vLLM engine's OpenMP threads spin-wait: beside a
+    # worker on the same cores, the other worker's jobs ran up to 10x slower); TP = 2 tests widen it (every_cpu)
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    _n, _i = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), int(_WORKER.removeprefix("gw") or 0)
+    if 1 < _n <= len(ALL_CPUS):
+        _share = ALL_CPUS[_i * len(ALL_CPUS) // _n:(_i + 1) * len(ALL_CPUS) // _n]
+        os.sched_setaffinity(0, _share)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, _share)))  # a TP = 1 engine's threads
 else:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 THREADS = torch.get_num_threads()
+
+
+@contextmanager
+def every_cpu():
+    """Every CPU of the machine for this process and what it starts here (a TP = 2 engine's ranks each bind a CPU),
+    without the worker's single-share vLLM binding; the worker's share and binding come back on exit. Outside
+    ``pytest -n`` nothing changes.
+
+    Example:
+        >>> with every_cpu():
+        ...     engine = bv.engine_for(lm, tensor_parallel_size=2)
+    """
+    mine, bind = os.sched_getaffinity(0), os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None) if _WORKER else None
+    os.sched_setaffinity(0, ALL_CPUS)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+        if bind is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
 
 # Under `pytest -n N` tests run in units sent whole to one worker (xdist's loadgroup): a test file (its module
 # fixtures, e.g. a started engine, are built once), a documentation page (its blocks share one namespace), and
@@ -41,8 +71,18 @@ def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "numprocesses", None) and config.option.dist == "load":  # `-n N` alone
         config.option.dist = "loadgroup"
         config.option.loadscopereorder = False  # keep LONGEST_FIRST, not xdist's "most tests first"
+    if getattr(config, "workerinput", {}).get("steerscope_groups"):  # the worker's side of the switch: xdist
+        config.option.loadgroup = True  # names a test's group in its id only where the worker's own options say so
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist (controller): tell each worker that tests run in groups (its options come from the command line)."""
+    if node.config.option.dist == "loadgroup":
+        node.workerinput["steerscope_groups"] = True
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker names each test's group from these markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not (os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "numprocesses", None)):
         return

@@ -22,3 +22,27 @@ def test_ci_runs_the_readme_install_and_test_commands_in_order():
     assert ci.index(install) < ci.index(test)
     assert "torch==2.13.0" in install and "steerscope demo" in install
     assert test.startswith("python -m pytest")
+
+
+def test_under_pytest_n_each_worker_has_its_own_cpus_and_every_cpu_widens_and_restores():
+    """The README's ``pytest -n 2``: each worker (and what it starts) runs on its own CPU share with one torch
+    thread and a vLLM binding to that share; ``every_cpu`` (TP = 2 tests) gives every CPU back for its block only.
+    Outside xdist nothing is pinned."""
+    import os
+
+    import torch
+
+    from conftest import ALL_CPUS, every_cpu
+
+    mine, bind = os.sched_getaffinity(0), os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if os.environ.get("PYTEST_XDIST_WORKER") and 1 < n <= len(ALL_CPUS):
+        assert len(mine) == len(ALL_CPUS) // n and torch.get_num_threads() == 1
+        assert bind == ",".join(map(str, sorted(mine)))
+    else:
+        assert sorted(mine) == ALL_CPUS
+    with every_cpu():
+        assert sorted(os.sched_getaffinity(0)) == ALL_CPUS
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # a TP = 2 engine computes its own per-rank binding
+    assert os.sched_getaffinity(0) == mine and os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == bind

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import steerscope as ss
+from conftest import ALL_CPUS, every_cpu
 from steerscope.backends import vllm as bv
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bv.engine_python(required=False) is None,
@@ -167,7 +168,7 @@ def _tiny_qwen2_served(smol, tmp_path):
     return tiny, folder, vec, vec.save(tmp_path / "a.safetensors"), [tiny.format_chat(p) for p in PROMPTS[:3]]
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallelism over 2 CPU workers needs 2 CPUs")
+@pytest.mark.skipif(len(ALL_CPUS) < 2, reason="tensor parallelism over 2 CPU workers needs 2 CPUs")
 def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
     """``steerscope serve FOLDER --tensor-parallel-size 2`` (2 CPU workers, the mp executor): unsteered and
     steered completions token for token the HF path's, on the tiny Qwen2 of the parity tests."""
@@ -175,8 +176,8 @@ def test_serve_at_tensor_parallel_size_2_equals_hf(smol, tmp_path):
     from test_vllm_parity import hf_ids
 
     tiny, folder, vec, path, texts = _tiny_qwen2_served(smol, tmp_path)
-    with _serving(str(folder), f"a={path}", tmp_path / "server.log", "--tensor-parallel-size", "2",
-                  "--vllm-args", "--max-model-len 512") as port:
+    with every_cpu(), _serving(str(folder), f"a={path}", tmp_path / "server.log", "--tensor-parallel-size", "2",
+                               "--vllm-args", "--max-model-len 512") as port:
         rows = {}
         for steer in (None, {"vector": "a", "alpha": 1.0}):
             got = []
