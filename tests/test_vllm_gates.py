@@ -110,8 +110,8 @@ def test_gated_spec_refuses_a_gate_above_the_steering_layer():
 
 
 def test_compiled_engine_refuses_what_its_graph_cannot_run_before_starting(tiny_llama):
-    """Client and engine give the same one-line reason for two rules and five conditions in one request, and both
-    accept one rule and a clamp gated by prompt and token conditions (run in the compiled graph)."""
+    """Client and engine give the same one-line reason for four rules and five conditions in one request, and both
+    accept three rules and a clamp gated by prompt and token conditions (run in the compiled graph)."""
     d = tiny_llama.d_model
     vec = ss.SteeringVector({2: torch.ones(d)})
 
@@ -120,7 +120,8 @@ def test_compiled_engine_refuses_what_its_graph_cannot_run_before_starting(tiny_
 
     five = cond(1) | cond(2) | ~cond(3) | (cond(4) & cond(5))
     eng = bv.Engine("unused", compiled=True)
-    cases = [(dict(rules=[(cond(0), vec, 1.0), (None, vec, -1.0)]), "2 rules"),
+    cases = [(dict(rules=[(cond(0), vec, 1.0), (cond(1), vec, 2.0), (cond(2), vec, 3.0), (None, vec, -1.0)]),
+              "4 rules"),
              (dict(condition=five), "5 conditions in one gate"),
              (dict(condition=cond(1) | cond(2) | cond(3), clamp=Clamp(vec, hi=1.0, condition=cond(4) & cond(5))),
               "5 conditions in one gate")]  # the rule's and the clamp's gates share the 4 slots
@@ -131,7 +132,11 @@ def test_compiled_engine_refuses_what_its_graph_cannot_run_before_starting(tiny_
         rules = kw.get("rules") or ([(kw["condition"], vec, 1.0)] if "condition" in kw else [])
         raw = gated_spec(lambda v: "v", 4, rules, clamp=kw.get("clamp"))
         assert vg.compiled_refusal(vs.parse_spec(raw, {"v"})) == str(e.value)  # the engine says the same
-    assert bv_conditional.COMPILED_LEAVES == vg.COMPILED_LEAVES  # the client's copy of the graph's slot size
+    assert bv_conditional.COMPILED_LEAVES == vg.COMPILED_LEAVES  # the client's copies of the graph's slot sizes
+    assert bv_conditional.COMPILED_RULES == vg.COMPILED_RULES
+    three = [(cond(1), vec, 1.0), (cond(2, "token"), vec, -1.0), (None, vec, 0.5)]
+    assert compiled_refusal([g for g, _, _ in three], Clamp(vec, hi=1.0, condition=cond(3))) is None
+    assert vg.compiled_refusal(vs.parse_spec(gated_spec(lambda v: "v", 4, three), {"v"})) is None
     ok = (cond(1) | ~cond(2, "token")) & cond(3)
     cap = Clamp(vec, hi=1.0, condition=~cond(4, "token"))
     assert compiled_refusal([ok], cap) is None and compiled_refusal([], Clamp(vec, lo=-1.0)) is None

@@ -364,3 +364,119 @@ def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_to
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     for r in "ABC":  # each gated request had open and shut tokens: the per-token comparison is live
         assert {v for q, v in opened_all if q == r} == {0.0, 1.0}, r
+
+
+@pytest.mark.parametrize("skip", [True, False])  # False: the branch-free graph a CUDA engine traces
+def test_rules_in_the_compiled_graph_take_the_first_open_rule_as_the_eager_gate_code(skip):
+    """Several rules per request in the compiled graph (first match wins): each token gets the delta of the first
+    rule whose gate is open, as the eager worker's ``rule_weights`` says from ``leaf_decision`` on the same scores.
+    A: its first rule opens; B: its second (a different vector, from the slot's ``gxtab``); C: a per-token
+    condition picks its second rule on some prompt tokens and its ``else`` on the others, and its generated token
+    is not steered (positions "prompt"); D: no rule opens (unsteered); E: ungated, plainly steered. Two steps (the
+    prompts, then one generated token each), vectors at two layers."""
+    import steerscope_vllm_adapter as adapter
+    import steerscope_vllm_gates as gates
+    from steerscope_vllm_spec import parse_spec
+
+    torch.manual_seed(5)
+    toy = Toy().eval()
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=32, max_num_seqs=6),
+                          model_config=SimpleNamespace(get_hidden_size=lambda: D, dtype=torch.float32))
+    sites = plugin.add_sites(toy, cfg, False, gates=True)
+    for layer in toy.model.layers:
+        layer.steerscope_skip = skip
+    compiled = torch.compile(toy.model, backend="aot_eager", dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(6)
+    vectors = {"v1": {1: torch.randn(D, generator=g), 2: torch.randn(D, generator=g)},
+               "v2": {2: torch.randn(D, generator=g)}, "v3": {1: torch.randn(D, generator=g)}}
+    layout = [[("A", 3), ("B", 2), ("C", 3), ("D", 2), ("E", 2)], [("A", 1), ("B", 1), ("C", 1), ("D", 1), ("E", 1)]]
+    plen = {"A": 3, "B": 2, "C": 3, "D": 2, "E": 2}
+    xs = [torch.randn(sum(k for _, k in step), D, generator=g) for step in layout]
+    pres = [_resid_pre(toy, x) for x in xs]
+
+    def prompt_mean(raw, req):  # the leaf's mean score over request req's prompt (step 1)
+        leaf, at = gates.parse_gate(raw), sum(k for r, k in layout[0][: [q for q, _ in layout[0]].index(req)])
+        return float(gates.score(leaf, pres[0][leaf.layer][at:at + plen[req]]).mean())
+
+    def opened(req, up):  # a mean-reduce prompt leaf at layer 0, open (up) or shut on request req
+        raw = _leaf(g, 0, "mean", 0.0)
+        raw["threshold"] = prompt_mean(raw, req) + (-0.1 if up else 0.1)
+        return raw
+
+    ctok = _leaf(g, 0, "last", 0.0)
+    ctok["on"] = "token"
+    c_scores = gates.score(gates.parse_gate(ctok), pres[0][0][5:8])
+    ctok["threshold"] = float(c_scores.sort().values[:2].mean())  # between C's two lowest prompt scores
+    raw = {"A": {"rules": [{"condition": opened("A", True), "vectors": [["v1", 1.0]]},
+                           {"condition": None, "vectors": [["v2", 2.0]]}]},
+           "B": {"rules": [{"condition": opened("B", False), "vectors": [["v1", 1.0]]},
+                           {"condition": opened("B", True), "vectors": [["v2", -1.5], ["v3", 0.5]]},
+                           {"condition": None, "vectors": [["v3", 1.0]]}]},
+           "C": {"rules": [{"condition": opened("C", False), "vectors": [["v1", 1.0]]},
+                           {"condition": ctok, "vectors": [["v2", 1.0]]},
+                           {"condition": None, "vectors": [["v3", 0.7]]}], "positions": "prompt"},
+           "D": {"rules": [{"condition": {"kind": "not", "of": opened("D", True)}, "vectors": [["v1", 1.0]]},
+                           {"condition": opened("D", False), "vectors": [["v2", 1.0]]}]}}
+    specs = {r: parse_spec(s) for r, s in raw.items()}
+    slots = {"A": 1, "B": 2, "C": 3, "D": 4, "E": 0}
+    for r, s in specs.items():
+        adapter._init_slot(sites, slots[r], s, vectors)
+
+    def delta(pairs):  # [layers d]: sum of alpha * v per layer, as the worker sums it
+        out = torch.zeros(LAYERS, D)
+        for name, alpha in pairs:
+            for layer, v in vectors[name].items():
+                out[layer] += alpha * v
+        return out
+
+    order = list(plen)  # request i's rows in table: 1 + 2i (prompt), 2 + 2i (generated), as the worker writes them
+    table = torch.zeros(LAYERS, sites.rows, D)
+    for i, r in enumerate(order):
+        first = delta([["v1", 1.0]]) if r == "E" else delta(specs[r].rules[0][1])
+        pos = "all" if r == "E" else specs[r].positions
+        table[:, 1 + 2 * i] = first if pos in ("all", "prompt") else 0
+        table[:, 2 + 2 * i] = first if pos in ("all", "generated") else 0
+    sites.table.copy_(table)
+    states = {r: {id(leaf): gates.fresh() for leaf in gates.spec_leaves(s)} for r, s in specs.items()}
+    done = {r: 0 for r in plen}
+    won = {r: set() for r in specs}
+    for step, x, pre in zip(layout, xs, pres):
+        rows, slot_tok, flags, want = [], [], [], []
+        at = 0
+        for r, k in step:
+            i, pos = order.index(r), torch.arange(done[r], done[r] + k)
+            rows += [1 + 2 * i + int(p >= plen[r]) for p in pos]
+            slot_tok += [slots[r]] * k
+            flags += [[float(p < plen[r]), float(p == plen[r] - 1)] for p in pos] if r != "E" else [[0, 0]] * k
+            if r == "E":
+                want += [delta([["v1", 1.0]])] * k
+            else:
+                values = {}
+                for leaf in gates.spec_leaves(specs[r]):
+                    got = gates.leaf_decision(leaf, gates.score(leaf, pre[leaf.layer][at:at + k]), pos, plen[r],
+                                              states[r][id(leaf)])
+                    assert got is not None  # every prompt is whole in step 1
+                    values[id(leaf)] = got
+                weights = gates.rule_weights([c for c, _ in specs[r].rules], values, k)
+                keep = gates.position_keep(specs[r].positions, pos, plen[r]).float()
+                for t in range(k):
+                    d = torch.zeros(LAYERS, D)
+                    for j, (w, (_, pairs)) in enumerate(zip(weights, specs[r].rules)):
+                        if w[t] * keep[t] > 0:
+                            d = delta(pairs)
+                            won[r].add(j)
+                    want.append(d)
+            done[r] += k
+            at += k
+        n = len(rows)
+        sites.idx.zero_()
+        sites.idx[:n] = torch.tensor(rows)
+        sites.gslot.zero_()
+        sites.gslot[:n] = torch.tensor(slot_tok)
+        sites.gany.fill_(bool(sites.gslot.any()))
+        sites.gtok.zero_()
+        sites.gtok[:n] = torch.tensor(flags, dtype=torch.float32)
+        with torch.no_grad():
+            out = compiled(torch.arange(n), x)
+        torch.testing.assert_close(out, reference(toy, x, torch.stack(want, 1), None), rtol=1e-5, atol=1e-5)
+    assert won == {"A": {0}, "B": {1}, "C": {1, 2}, "D": set()}  # each rule position acted somewhere it should

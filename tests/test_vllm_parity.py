@@ -13,13 +13,13 @@ environment (``steerscope vllm-setup``) is absent; .ci/run creates it.
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import pytest
 import torch
 
 import steerscope as ss
+from conftest import ALL_CPUS, every_cpu
 from steerscope.backends import vllm as bv
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bv.engine_python(required=False) is None,
@@ -78,7 +78,7 @@ def tiny_qwen2(tokenizer) -> ss.LM:
 def setup(request, smol):
     """Eager engines (hooks), compiled ones (vLLM's torch.compile with the graph-safe steering buffers), and
     tensor parallelism: the tiny Qwen2 split over 2 CPU workers (the mp executor; each rank bound to a CPU)."""
-    if request.param.endswith("-tp2") and len(os.sched_getaffinity(0)) < 2:
+    if request.param.endswith("-tp2") and len(ALL_CPUS) < 2:
         pytest.skip("tensor parallelism over 2 CPU workers needs 2 CPUs")
     if request.param.startswith("smollm2"):
         lm, layers1, layers3, norm = smol, [12], [0, 12, 20], 10.0
@@ -88,7 +88,8 @@ def setup(request, smol):
     compiled = request.param.endswith("-compiled")
     kwargs = {"tensor_parallel_size": 2} if request.param.endswith("-tp2") else {}
     # the engine ss.generate(backend="vllm") uses; compiled with the gate sites (they must leave plain steering be)
-    engine = bv.engine_for(lm, compiled=compiled, **({"gate_sites": True} if compiled else {}), **kwargs)
+    with every_cpu() if kwargs else nullcontext():  # under pytest -n the worker has one CPU; the ranks need two
+        engine = bv.engine_for(lm, compiled=compiled, **({"gate_sites": True} if compiled else {}), **kwargs)
     if compiled:
         # really compiled (else this would only repeat the eager cases through other hooks)
         assert engine.info.get("graph") is True and engine.info["enforce_eager"] is False, engine.info
@@ -219,8 +220,15 @@ def test_compiled_conditions_in_a_mixed_batch_match_hf(setup):
     assert hf[:7] != base[:7] and hf[:7] != plain[:7], "the token gates must open somewhere and shut somewhere"
     specs = [bv.spec(eng, vec, 1.0, condition=both)] * 4 + [bv.spec(eng, vec, 1.0, condition=t_mean)] * 3 + [None]
     check(s, "compiled on=token gates (c & ~t_max rows 0-3, t_mean rows 4-6)", hf, run(s, specs))
-    with pytest.raises(BackendError, match="2 rules") as e:  # what the graph cannot run is refused before it is sent
-        bv.spec(eng, None, rules=[(cond, vec, 1.0), (None, vec, -1.0)])
+    # three rules, first match wins, a different vector in the second: each token takes its first open rule's delta
+    other = rand_vec(lm, [min(vec.layers), min(vec.layers) + 1], float(vec[min(vec.layers)].norm()), 7)
+    rules = [(both, vec, 1.0), (t_mean, other, 1.0), (None, vec, -0.5)]
+    hf = hf_ids(lm, s["texts"][:7], ss.conditional_steering(lm, rules)) + base[7:]
+    assert hf[:7] != base[:7] and hf[:7] != plain[:7]
+    check(s, "compiled rules (c & ~t_max -> v, t_mean -> w, else -v/2; rows 0-6)", hf,
+          run(s, [bv.spec(eng, None, rules=rules)] * 7 + [None]))
+    with pytest.raises(BackendError, match="4 rules") as e:  # what the graph cannot run is refused before it is sent
+        bv.spec(eng, None, rules=rules + [(None, vec, -1.0)])
     assert "compiled=False" in str(e.value) and "\n" not in str(e.value)
     if s["name"].startswith("smollm2"):
         return  # composed gates and clamps on the tiny Qwen2 only (the graph code is the same; CI time)

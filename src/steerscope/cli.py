@@ -478,7 +478,7 @@ def _add_serve(sub: Any) -> None:
                     "ray (a Ray cluster); default: uni for one worker, mp for more")
     sv.add_argument("--compiled", action="store_true", help="serve vLLM's compiled model (torch.compile; CUDA "
                     "graphs on GPU) with graph-safe steering sites; conditions and clamps run in the graph (about "
-                    "5-9 %% slower per step), several rules per request get HTTP 400 (default: eager, every "
+                    "5-9 %% slower per step), more than 3 rules or 4 conditions in one request get HTTP 400 (default: eager, every "
                     "steering option)")
     sv.add_argument("--vllm-args", default="", type=T.shell_words, help="more 'vllm serve' arguments, e.g. "
                     "'--max-model-len 2048' (default: none)")

@@ -213,7 +213,7 @@ def generate(
     ``batch_size``: rows per HF ``generate`` call; None (default) packs rows into calls of at most 8192
     tokens (rows x (longest prompt + new tokens)), one call when they fit (:mod:`steerscope.backends.hf`).
     ``condition``: each row is steered only where its own gate is open (HF and the eager vLLM engine; the compiled
-    one runs them in its graph, one rule of up to four conditions: docs/conditional.md).
+    one runs them in its graph, up to three rules and four conditions: docs/conditional.md).
 
     Example:
         >>> generate(lm, ["How do I bake bread?"], vector=vec, alpha=4.0, max_new_tokens=32)

@@ -98,8 +98,8 @@ def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name:
     ``max_body_mib`` MiB by the middleware: HTTP 413 above). ``tensor_parallel_size`` > 1 runs that many
     workers (executor ``mp`` unless ``executor`` says otherwise), each bound to its share of the CPUs.
     ``compiled``: vLLM's compiled model with the graph-safe steering sites (ablation and gate sites included)
-    instead of ``--enforce-eager``; conditions and clamps run in the graph; several rules are refused per request
-    (HTTP 400)."""
+    instead of ``--enforce-eager``; conditions, up to 3 rules and clamps run in the graph; more rules or more than 4
+    conditions in one request are refused (HTTP 400)."""
     py = engine_python()
     assert py is not None
     argv = [str(py), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", folder,

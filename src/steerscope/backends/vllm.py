@@ -312,8 +312,8 @@ def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, posi
 
     ``condition``: add ``alpha * vector`` only where this gate is open on the request's own activations;
     ``rules``: ``[(gate or None, vector, alpha), ...]`` instead of ``vector`` (first match wins); ``clamp``: a
-    projection clamp (:class:`steerscope.conditional.clamp.Clamp`). The compiled engine runs one rule and a clamp
-    gated by up to 4 conditions; the rest needs the eager one (:mod:`steerscope.backends.vllm_conditional`).
+    projection clamp (:class:`steerscope.conditional.clamp.Clamp`). The compiled engine runs up to 3 rules and a
+    clamp gated by up to 4 conditions; the rest needs the eager one (:mod:`steerscope.backends.vllm_conditional`).
     """
     if positions not in POSITIONS:
         raise BackendError(f"positions {positions!r}: the vLLM backend supports {', '.join(POSITIONS)}; "

@@ -6,8 +6,8 @@ A gated request's spec is JSON the worker extension evaluates on that request's 
 (docs/conditional.md, "On vLLM"). What the engine would only find out mid-step is refused here, before anything
 is sent: a gate that reads a layer above the lowest layer it gates (it would read a steered residual), a
 condition of another width, per-row clamp ranges (on vLLM each request carries its own range), and on the compiled
-engine what its graph cannot run (:func:`compiled_refusal`: it runs one rule and a clamp gated by up to
-:data:`COMPILED_LEAVES` conditions, ``on="prompt"`` or ``on="token"``).
+engine what its graph cannot run (:func:`compiled_refusal`: it runs up to :data:`COMPILED_RULES` rules and a clamp
+gated by up to :data:`COMPILED_LEAVES` conditions, ``on="prompt"`` or ``on="token"``).
 
 Example:
     >>> gated_spec(engine.register, 30, [(harmful, refusal, 4.0), (None, helpful, 1.0)], "all")
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 POSITIONS = ("all", "prompt", "generated")
 COMPILED_LEAVES = 4  # engine/steerscope_vllm_plugin.LEAVES
+COMPILED_RULES = 3  # engine/steerscope_vllm_plugin.RULES
 RuleLike = tuple["Gate | None", SteeringVector, float]
 
 
@@ -45,7 +46,7 @@ def compiled_refusal(gates: Sequence[Gate | None], clamp: Clamp | None) -> str |
         True
     """
     why = []
-    if len(gates) > 1:
+    if len(gates) > COMPILED_RULES:
         why.append(f"{len(gates)} rules")
     real = [g for g in [*gates, None if clamp is None else clamp.condition] if g is not None]
     n = sum(_count_leaves(g) for g in real)
@@ -53,8 +54,9 @@ def compiled_refusal(gates: Sequence[Gate | None], clamp: Clamp | None) -> str |
         why.append(f"{n} conditions in one gate")
     if not why:
         return None
-    return (f"the compiled engine runs one rule and a clamp gated by up to {COMPILED_LEAVES} conditions together; "
-            f"this request has {' and '.join(why)}: use the eager engine (compiled=False; serve without --compiled)")
+    return (f"the compiled engine runs up to {COMPILED_RULES} rules and a clamp gated by up to {COMPILED_LEAVES} "
+            f"conditions together; this request has {' and '.join(why)}: use the eager engine (compiled=False; "
+            "serve without --compiled)")
 
 
 def check_gate(gate: Gate | None, vector: SteeringVector, n_layers: int) -> None:

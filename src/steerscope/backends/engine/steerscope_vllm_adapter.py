@@ -22,8 +22,8 @@ Algorithm (one engine step, continuous batching):
 5. Gated requests (a spec with ``condition`` / ``rules`` / ``clamp``, parsed by ``steerscope_vllm_spec``): each
    layer hook also runs ``steerscope_vllm_gates.apply_rows``, which reads the request's own residual at its
    conditions' layers, keeps per-request running state across steps, and adds / clamps only where its gate is
-   open. A compiled engine built with gate sites (``STEERSCOPE_VLLM_GRAPH='<arch>;gates'``) runs one rule and a
-   clamp gated by up to 4 conditions in the graph instead (``steerscope_vllm_plugin.gated_add``; this extension
+   open. A compiled engine built with gate sites (``STEERSCOPE_VLLM_GRAPH='<arch>;gates'``) runs up to 3 rules and
+   a clamp gated by up to 4 conditions in the graph instead (``steerscope_vllm_plugin.gated_add``; this extension
    writes each gated request's slot once and the per-token slot map each step); it refuses the rest with
    ``steerscope_vllm_gates.compiled_refusal``'s reason.
 
@@ -102,8 +102,9 @@ def _zero_sites(sites: Any) -> None:
 
 def _init_slot(sites: Any, slot: int, spec: Spec, vectors: dict[str, dict[int, torch.Tensor]]) -> None:
     """Write a gated request's slot: its leaves (direction, center·d̂, scale, threshold, layer, reduce, on), a fresh
-    running state (sum 0, count 0, max −inf, prompt leaves undecided; token and unused leaves decided), its rule's
-    and its clamp's truth tables, and its clamp (unit direction per layer, lo, hi, positions)."""
+    running state (sum 0, count 0, max −inf, prompt leaves undecided; token and unused leaves decided), its rules'
+    and its clamp's truth tables, its later rules' deltas (the first rule's is its row of ``table``) and their
+    positions, and its clamp (unit direction per layer, lo, hi, positions)."""
     from steerscope_vllm_gates import ON, REDUCE, spec_leaves, truth_table
 
     k, d = sites.gdir.shape[1], sites.gdir.shape[2]
@@ -116,10 +117,17 @@ def _init_slot(sites: Any, slot: int, spec: Spec, vectors: dict[str, dict[int, t
         par[j] = torch.tensor([cd, leaf.scale, leaf.threshold, float(leaf.layer), float(REDUCE.index(leaf.reduce)),
                                float(ON.index(leaf.on))])
         state[j, 4] = float(leaf.on == "token")  # a token leaf decides every token itself
-    rule = truth_table(spec.rules[0][0], found, k) if spec.rules else [0.0] * 2**k
+    n_rules, n_layers = sites.gtt.shape[1], sites.gclamp.shape[0]
+    rule = [truth_table(g, found, k) for g, _ in spec.rules] + [[0.0] * 2**k] * (n_rules - len(spec.rules))
+    later = torch.zeros(n_layers, n_rules - 1, d)
+    for r, (_, pairs) in enumerate(spec.rules[1:]):
+        for name, alpha in pairs:  # summed in order in float32, as the first rule's table row
+            for layer, v in vectors[name].items():
+                later[layer, r] += alpha * v
+    steers = [float(spec.positions in ("all", "prompt")), float(spec.positions in ("all", "generated"))]
     cl = spec.clamp
     clamp_table = truth_table(cl.gate, found, k) if cl is not None else [0.0] * 2**k
-    rows = torch.zeros(sites.gclamp.shape[0], d)
+    rows = torch.zeros(n_layers, d)
     bounds = torch.tensor([-float("inf"), float("inf"), 0.0, 0.0])
     if cl is not None:
         for layer, v in vectors[cl.name].items():
@@ -132,6 +140,8 @@ def _init_slot(sites: Any, slot: int, spec: Spec, vectors: dict[str, dict[int, t
     sites.gstate[slot] = state.to(dev)
     sites.gtt[slot] = torch.tensor(rule).to(dev)
     sites.gctt[slot] = torch.tensor(clamp_table).to(dev)
+    sites.gxtab[:, slot] = later.to(device=dev, dtype=sites.gxtab.dtype)
+    sites.gpos[slot] = torch.tensor(steers).to(dev)
     sites.gclamp[:, slot] = rows.to(dev)
     sites.gcb[slot] = bounds.to(dev)
 
@@ -326,7 +336,7 @@ class SteerExtension:
         for i, s in enumerate(specs):
             if s is None:
                 continue
-            for name, alpha in s.vectors or (s.rules[0][1] if s.rules else ()):  # gated: its one rule's vectors
+            for name, alpha in s.vectors or (s.rules[0][1] if s.rules else ()):  # gated: its first rule's vectors
                 for layer, v in self._ss_vectors[name].items():
                     if s.positions in ("all", "prompt"):
                         table[layer, 1 + 2 * i] += alpha * v

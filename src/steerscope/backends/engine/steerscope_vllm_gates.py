@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from steerscope_vllm_plugin import LEAVES as COMPILED_LEAVES  # the gate slots' size in the compiled graph
+from steerscope_vllm_plugin import RULES as COMPILED_RULES
 
 REDUCE = ("mean", "last", "max")
 ON = ("prompt", "token")
@@ -227,23 +228,25 @@ NO_GATE_SITES = ("this compiled engine was built without gate sites, so it canno
 
 
 def compiled_refusal(spec: Any, gate_sites: bool = True) -> str | None:
-    """Why a compiled engine's graph cannot run this gated spec, or None when it can: at most one rule (a gate and
-    its vectors) and a clamp, their gates built from at most :data:`COMPILED_LEAVES` conditions together
-    (``on="prompt"`` or ``on="token"``); nothing gated without ``gate_sites``."""
+    """Why a compiled engine's graph cannot run this gated spec, or None when it can: at most
+    :data:`COMPILED_RULES` rules (each a gate and its vectors; first match wins) and a clamp, their gates built
+    from at most :data:`COMPILED_LEAVES` conditions together (``on="prompt"`` or ``on="token"``); nothing gated
+    without ``gate_sites``."""
     if spec is None or not spec.gated:
         return None
     if not gate_sites:
         return NO_GATE_SITES
     why = []
-    if len(spec.rules) > 1:
+    if len(spec.rules) > COMPILED_RULES:
         why.append(f"{len(spec.rules)} rules")
     found = spec_leaves(spec)
     if len(found) > COMPILED_LEAVES:
         why.append(f"{len(found)} conditions in one gate")
     if not why:
         return None
-    return (f"the compiled engine runs one rule and a clamp gated by up to {COMPILED_LEAVES} conditions together; "
-            f"this request has {' and '.join(why)}: use the eager engine (compiled=False; serve without --compiled)")
+    return (f"the compiled engine runs up to {COMPILED_RULES} rules and a clamp gated by up to {COMPILED_LEAVES} "
+            f"conditions together; this request has {' and '.join(why)}: use the eager engine (compiled=False; "
+            "serve without --compiled)")
 
 
 def truth_table(gate: Any, found: list[Leaf], k: int = COMPILED_LEAVES) -> list[float]:

@@ -18,23 +18,24 @@ while the model is built, before anything is traced:
   traced graph reads whatever the buffers hold at replay. With ``ablate`` in the variable's value, a
   per-row unit direction ``rtable [rows d_model]`` is projected out of resid_pre, attn_out and mlp_out.
 - With ``gates`` in the variable's value, conditions run in the graph too (up to :data:`LEAVES` per request,
-  ``on="prompt"`` or ``on="token"``, combined by any and/or/not; ``steerscope_vllm_gates.compiled_refusal`` says
-  what else needs the eager engine). Each gated request holds a slot ``1..S`` (0: ungated, always open) with its
-  leaves' unit directions ``gdir [S K d]``, parameters ``gparam [S K 6]`` (center·d̂, scale, threshold, layer,
-  reduce, on), running state ``gstate [S K 5]`` (sum, count, max, decision, decided) and the truth table of its
-  gate over the leaves' decisions ``gtt [S 2^K]``; per token ``gslot`` (its slot), ``gtok`` (prompt token of a
-  gated request, last prompt token) and ``gtdec [tokens K]`` (its token leaves' decisions). Each layer's hook
-  scores every token on its slot's leaves, reduces the prompt tokens per slot (``index_add`` /
-  ``scatter_reduce``) and, for token leaves, every token's running mean / max over its request so far (segment
-  sums of the step's flattened tokens plus the carry), updates the state of the leaves read at that layer with
-  ``copy_`` (kept across steps: a prompt decision made in the prefill step holds for the request's life) and
-  multiplies each token's delta by its gate: ``table[idx] * open``, branch-free; a slot whose prompt leaves are
-  not all decided (a prompt split over steps) is shut. A slot's projection clamp (``gclamp [layers S d]``
-  unit directions, ``gcb [S 4]`` lo, hi and its positions, ``gctt`` its gate's truth table) is applied after the
-  additions with ``torch.where`` (:func:`_clamp_math`). On CPU the whole gated part of a layer runs under
-  ``torch.cond`` on ``gany`` (some token of the step is gated; :func:`gated_add`): a step without a gated request
-  takes the plain add. On CUDA it stays branch-free (a predicate read on the host would sync inside a captured
-  CUDA graph).
+  ``on="prompt"`` or ``on="token"``, combined by any and/or/not, in up to :data:`RULES` rules, first match wins;
+  ``steerscope_vllm_gates.compiled_refusal`` says what else needs the eager engine). Each gated request holds a slot
+  ``1..S`` (0: ungated, always open) with its leaves' unit directions ``gdir [S K d]``, parameters ``gparam [S K
+  6]`` (center·d̂, scale, threshold, layer, reduce, on), running state ``gstate [S K 5]`` (sum, count, max,
+  decision, decided) and the truth table of its gate over the leaves' decisions ``gtt [S RULES 2^K]`` (one table per
+  rule); per token ``gslot`` (its slot), ``gtok`` (prompt token of a gated request, last prompt token) and ``gtdec
+  [tokens K]`` (its token leaves' decisions). Each layer's hook scores every token on its slot's leaves, reduces the
+  prompt tokens per slot (``index_add`` / ``scatter_reduce``) and, for token leaves, every token's running mean /
+  max over its request so far (segment sums of the step's flattened tokens plus the carry), updates the state of the
+  leaves read at that layer with ``copy_`` (kept across steps: a prompt decision made in the prefill step holds for
+  the request's life) and gives each token its first open rule's delta (:func:`_rules_delta`: ``table[idx]`` for the
+  first rule, the slot's ``gxtab [layers S RULES-1 d]`` rows for the others, where ``gpos [S 2]`` lets them act),
+  branch-free; a slot whose prompt leaves are not all decided (a prompt split over steps) is shut. A slot's
+  projection clamp (``gclamp [layers S d]`` unit directions, ``gcb [S 4]`` lo, hi and its positions, ``gctt`` its
+  gate's truth table) is applied after the additions with ``torch.where`` (:func:`_clamp_math`). On CPU the whole
+  gated part of a layer runs under ``torch.cond`` on ``gany`` (some token of the step is gated; :func:`gated_add`):
+  a step without a gated request takes the plain add. On CUDA it stays branch-free (a predicate read on the host
+  would sync inside a captured CUDA graph).
 - Each step, the worker extension (``steerscope_vllm_adapter``), from an eager pre-hook on the
   outer model (which vLLM does not compile), writes ``idx`` and, when the batch's requests or
   their specs changed, the table rows, with ``copy_()`` (same storage, so the graph sees them).
@@ -42,7 +43,9 @@ while the model is built, before anything is traced:
 Costs: one gather-add per layer per token on every step, steered or not (four projections per layer with
 ``ablate``; with ``gates``, on steps with a gated request (on CUDA: every step), a gather of K directions and a
 dot product per token, a few per-slot reductions and segment sums);
-buffers of ``layers x (2 max_num_seqs + 1) x d_model`` floats (gates: ``(2 max_num_seqs + 1) x K x d_model``).
+buffers of ``layers x (2 max_num_seqs + 1) x d_model`` floats (gates: ``(2 max_num_seqs + 1) x K x d_model``
+float32, and per layer ``(2 max_num_seqs + 1) x d_model`` float32 for clamps and ``x (RULES - 1)`` in the model's
+dtype for the later rules).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import torch
 
 ENV = "STEERSCOPE_VLLM_GRAPH"
 LEAVES = 4  # conditions per gated request in a compiled graph (the truth table has 2**LEAVES entries)
+RULES = 3  # rules per gated request in a compiled graph (first match wins; rules 2.. keep their delta per slot)
 log = logging.getLogger("steerscope.vllm")
 
 
@@ -118,8 +122,12 @@ class GraphSites:
             self.gparam[..., 1], self.gparam[..., 3] = 1.0, -1.0  # scale 1, read at no layer
             self.gstate = torch.zeros(rows, LEAVES, 5, dtype=f32, device=device)
             self.gstate[..., 4] = 1.0  # decided (an empty slot gates nothing)
-            self.gtt = torch.zeros(rows, 2**LEAVES, dtype=f32, device=device)
-            self.gtt[0] = 1.0
+            self.gtt = torch.zeros(rows, RULES, 2**LEAVES, dtype=f32, device=device)  # per slot, each rule's table
+            self.gtt[0, 0] = 1.0
+            # rules after the first: per layer and slot each rule's delta (the first rule's is the request's row of
+            # ``table``), and per slot whether they steer its prompt / generated tokens
+            self.gxtab = torch.zeros(n_layers, rows, RULES - 1, d, dtype=dtype, device=device)
+            self.gpos = torch.zeros(rows, 2, dtype=f32, device=device)
             self.gtdec = torch.zeros(max_tokens, LEAVES, dtype=f32, device=device)  # token leaves' decisions
             self.gany = torch.zeros((), dtype=torch.bool, device=device)  # some token of this step is gated
             # projection clamps: per layer and slot the unit direction (0: none), per slot lo, hi, whether prompt /
@@ -129,7 +137,7 @@ class GraphSites:
             self.gctt = torch.zeros(rows, 2**LEAVES, dtype=f32, device=device)
 
 
-GATE_BUFFERS = ("gslot", "gtok", "gdir", "gparam", "gstate", "gtt", "gcb", "gctt", "gtdec", "gany")
+GATE_BUFFERS = ("gslot", "gtok", "gdir", "gparam", "gstate", "gtt", "gcb", "gctt", "gtdec", "gany", "gpos")
 
 
 def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -> GraphSites:
@@ -155,6 +163,7 @@ def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -
             for name in GATE_BUFFERS:
                 layer.register_buffer(f"steerscope_{name}", getattr(sites, name), persistent=False)
             layer.register_buffer("steerscope_gclamp", sites.gclamp[i], persistent=False)
+            layer.register_buffer("steerscope_gxtab", sites.gxtab[i], persistent=False)
         layer.register_forward_pre_hook(_layer_hook, with_kwargs=True)
         if ablate:
             layer.register_buffer("steerscope_rtable", sites.rtable, persistent=False)
@@ -214,13 +223,14 @@ def gated_add(module: Any, hidden: torch.Tensor, residual: torch.Tensor | None, 
     n, layer = hidden.shape[0], float(module.steerscope_layer)
     state = (module.steerscope_gslot[:n], module.steerscope_gtok[:n], module.steerscope_gparam,
              module.steerscope_gstate, module.steerscope_gdir, module.steerscope_gtt, module.steerscope_gctt,
-             module.steerscope_gtdec[:n], module.steerscope_gclamp, module.steerscope_gcb)
+             module.steerscope_gtdec[:n], module.steerscope_gclamp, module.steerscope_gcb, module.steerscope_gxtab,
+             module.steerscope_gpos)
 
     def on(h: torch.Tensor, r: torch.Tensor | None, d: torch.Tensor, *a: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         x = h if r is None else h + r  # resid_pre before this layer's additions
         opened, clamped, st, tnow = _gate_math(layer, x, *a[:8])
-        d = d * opened.to(h.dtype)[:, None]
+        d = _rules_delta(d, opened, a[0], a[1], a[10], a[11])
         if r is None:
             h = h + d
         else:
@@ -250,6 +260,19 @@ def _drop(out: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return out[0], out[2], out[3]  # without the residual (None at layer 0)
 
 
+def _rules_delta(d0: torch.Tensor, opened: torch.Tensor, slot: torch.Tensor, tok: torch.Tensor, gxtab: torch.Tensor,
+                 gpos: torch.Tensor) -> torch.Tensor:
+    """Each token's delta [n d] from its slot's rules, first match wins: rule r acts where its gate is open and
+    every earlier rule's is shut (``opened`` [n RULES], 0/1). The first rule's delta is ``d0`` (the token's row
+    of ``table``); later rules read ``gxtab`` [S RULES-1 d] where ``gpos`` lets them steer the token (prompt or
+    generated). At most one term of the sum is nonzero, so the result is that rule's delta exactly."""
+    shut = torch.cumprod(1.0 - opened, -1)  # [n R]: rules up to r all shut
+    first = opened * torch.cat([torch.ones_like(opened[:, :1]), shut[:, :-1]], -1)  # [n R]
+    keep = torch.where(tok[:, 0] > 0, gpos[slot, 0], gpos[slot, 1])  # [n]
+    w = (first[:, 1:] * keep[:, None]).to(d0.dtype)  # [n R-1]
+    return d0 * first[:, :1].to(d0.dtype) + (gxtab[slot] * w[..., None]).sum(1)
+
+
 def _clamp_math(hidden: torch.Tensor, residual: torch.Tensor | None, slot: torch.Tensor, tok: torch.Tensor,
                 gclamp: torch.Tensor, gcb: torch.Tensor, opened: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -274,8 +297,8 @@ def _clamp_math(hidden: torch.Tensor, residual: torch.Tensor | None, slot: torch
 def _gate_math(layer: float, x: torch.Tensor, slot: torch.Tensor, tok: torch.Tensor, par: torch.Tensor,
                st: torch.Tensor, gdir: torch.Tensor, gtt: torch.Tensor, gctt: torch.Tensor, tprev: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each token's gates at this layer, without side effects: (rule gate open [n], clamp gate open [n], the leaves'
-    new running state [S K 5], the token leaves' decisions [n K]).
+    """Each token's gates at this layer, without side effects: (each rule's gate open [n RULES], clamp gate open
+    [n], the leaves' new running state [S K 5], the token leaves' decisions [n K]).
 
     A token's gate is 1 where its slot's rule (or clamp) gate is open and decided. A prompt leaf (``on="prompt"``)
     is one decision per slot, made at the slot's last prompt token and kept; a token leaf (``on="token"``) is one
@@ -322,4 +345,4 @@ def _gate_math(layer: float, x: torch.Tensor, slot: torch.Tensor, tok: torch.Ten
     leaf = torch.where(tok_leaf, tnow, dec[slot])  # [n K]: each token's leaf decisions
     bits = (leaf * (2 ** torch.arange(leaf.shape[1], device=leaf.device)).float()).sum(-1).long()  # [n]
     decided = done.amin(-1)[slot]
-    return gtt[slot, bits] * decided, gctt[slot, bits] * decided, new, tnow
+    return gtt[slot, :, bits] * decided[:, None], gctt[slot, bits] * decided, new, tnow
