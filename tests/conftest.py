@@ -12,8 +12,8 @@ os.environ.setdefault("STEERSCOPE_NO_PROGRESS", "1")
 ALL_CPUS = sorted(os.sched_getaffinity(0))  # before a worker is pinned to its share (every_cpu)
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _WORKER:  # `pytest -n 2` (the README's test command) on 2 cores: each worker, with its subprocesses, on its own
-    # CPU share with one torch thread, so the two never contend (a vLLM engine's OpenMP threads spin-wait: beside a
-    # worker on the same cores, the other worker's jobs ran up to 10x slower); TP = 2 tests widen it (every_cpu)
+    # CPU share with one torch thread, so the two never contend (a vLLM engine binds its OpenMP threads to every CPU
+    # it may use, and they spin-wait); TP = 2 tests widen it for their engine (every_cpu)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     _n, _i = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), int(_WORKER.removeprefix("gw") or 0)
