@@ -6,7 +6,9 @@ SmolLM2-135M fp32, a norm-8 vector at layer 12 (alpha 1), interleaved ``--repeat
 1. ``unsteered``: no spec;
 2. ``plain``: every request steered, no gate;
 3. ``gated``: every request steered under a prompt condition at layer 6 (about half open);
-4. ``gated-token``: the same under an ``on="token"`` condition (re-decided per token).
+4. ``gated-token``: the same under an ``on="token"`` condition (re-decided per token);
+5. ``gated-rules``: three rules per request, first match wins (the prompt condition -> the vector; a token
+   condition on the opposite direction -> a second vector at layers 12 and 14; else -> the vector at alpha -0.5).
 
 Reported per round: seconds of each, and the ratios gated / plain and gated-token / plain (the issue's target:
 <= 1.10 at batch 32); the median over rounds with the load average before each timing. The "no request gated"
@@ -53,7 +55,7 @@ PROMPTS = ["Tell me about your weekend.", "What is the capital of France?", "Wri
            "What is 17 times 23?", "Describe the sea in one sentence."] * 4
 
 
-CONFIGS = ("unsteered", "plain", "gated", "gated-token")
+CONFIGS = ("unsteered", "plain", "gated", "gated-token", "gated-rules")
 
 
 def configs(lm: ss.LM, eng: bv.Engine, names: tuple[str, ...] = CONFIGS) -> dict[str, list[Any]]:
@@ -62,11 +64,18 @@ def configs(lm: ss.LM, eng: bv.Engine, names: tuple[str, ...] = CONFIGS) -> dict
     g = torch.Generator().manual_seed(0)
     vec = ss.SteeringVector({12: 8 * torch.nn.functional.normalize(torch.randn(lm.d_model, generator=g), dim=0)})
     d = torch.randn(lm.d_model, generator=g)
+    w = ss.SteeringVector({k: 8 * torch.nn.functional.normalize(torch.randn(lm.d_model, generator=g), dim=0)
+                           for k in (12, 14)})
     n = len(PROMPTS)
+
+    def rules() -> list[Any]:
+        c, t = ss.Condition(d, layer=6, threshold=0.0), ss.Condition(-d, layer=6, threshold=0.0, on="token")
+        return [bv.spec(eng, None, rules=[(c, vec, 1.0), (t, w, 1.0), (None, vec, -0.5)])] * n
     make = {"unsteered": lambda: [None] * n, "plain": lambda: [bv.spec(eng, vec, 1.0)] * n,
             "gated": lambda: [bv.spec(eng, vec, 1.0, condition=ss.Condition(d, layer=6, threshold=0.0))] * n,
             "gated-token": lambda: [bv.spec(eng, vec, 1.0,
-                                            condition=ss.Condition(d, layer=6, threshold=0.0, on="token"))] * n}
+                                            condition=ss.Condition(d, layer=6, threshold=0.0, on="token"))] * n,
+            "gated-rules": rules}
     return {k: make[k]() for k in names}
 
 
@@ -129,6 +138,7 @@ def compiled_rounds(repeats: int, tokens: int) -> dict[str, Any]:
             row[name] = time.perf_counter() - t0
         row["gated/plain"] = row["sites:gated"] / row["sites:plain"]
         row["gated-token/plain"] = row["sites:gated-token"] / row["sites:plain"]
+        row["gated-rules/plain"] = row["sites:gated-rules"] / row["sites:plain"]
         row["sites/nosites unsteered"] = row["sites:unsteered"] / row["nosites:unsteered"]
         row["sites/nosites plain"] = row["sites:plain"] / row["nosites:plain"]
         rounds.append(row)
@@ -182,7 +192,7 @@ def main() -> None:
             t0 = time.perf_counter()
             eng.generate_ids(ids, specs, params)
             row[name] = time.perf_counter() - t0
-        for k in ("gated", "gated-token"):
+        for k in ("gated", "gated-token", "gated-rules"):
             if k in row and "plain" in row:
                 row[f"{k}/plain"] = row[k] / row["plain"]
         rounds.append(row)

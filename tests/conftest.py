@@ -45,9 +45,10 @@ def every_cpu():
         if bind is not None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
 
+
 # Under `pytest -n N` tests run in units sent whole to one worker (xdist's loadgroup): a test file (its module
 # fixtures, e.g. a started engine, are built once), a documentation page (its blocks share one namespace), and
-# every test that starts a vLLM engine (one engine at a time: each binds its threads to every core). Units go out
+# every test that starts a vLLM engine (one engine at a time, on its worker's CPU). Units go out
 # longest first, so the long ones do not start last; the order is from measured durations (the ones named below
 # take minutes, the rest seconds).
 VLLM_FILES = {"test_vllm_parity.py", "test_vllm_server.py", "test_vllm_conditional.py",

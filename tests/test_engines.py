@@ -241,3 +241,24 @@ def test_an_engine_that_dies_at_start_is_reported_by_its_last_exception_line() -
     assert _cause(log) == ": ValueError: current platform cpu does not support ray."
     assert _cause("RuntimeError: first\nvllm.errors.EngineDeadError: second\n") == ": vllm.errors.EngineDeadError: second"
     assert _cause("all fine\n") == ""
+
+
+def test_compiled_artifacts_live_in_a_cache_folder_per_engine_code_version(monkeypatch, tmp_path) -> None:
+    """Engine processes get vLLM's compile cache under a folder named by the hash of steerscope's engine code (a
+    change to the steering sites can never load another version's compiled graph); a user's own root is kept."""
+    from steerscope.backends import vllm as bv
+
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    monkeypatch.setenv("STEERSCOPE_CACHE", str(tmp_path))
+    root = bv.engine_env()["VLLM_CACHE_ROOT"]
+    assert root == str(tmp_path / "vllm-compile" / bv.engine_code_hash()) and len(bv.engine_code_hash()) == 16
+    fake = tmp_path / "engine"
+    fake.mkdir()
+    for f in bv.ENGINE_DIR.glob("*.py"):
+        (fake / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(bv, "ENGINE_DIR", fake)
+    assert bv.engine_code_hash() == root.rsplit("/", 1)[1]  # the same code, the same folder
+    (fake / "steerscope_vllm_plugin.py").write_text((fake / "steerscope_vllm_plugin.py").read_text() + "\n# changed\n")
+    assert bv.engine_code_hash() != root.rsplit("/", 1)[1]  # any change: another folder
+    monkeypatch.setenv("VLLM_CACHE_ROOT", "/mine")
+    assert bv.engine_env()["VLLM_CACHE_ROOT"] == "/mine"

@@ -60,10 +60,27 @@ def engine_python(required: bool = True) -> Path | None:
     return None
 
 
+def engine_code_hash() -> str:
+    """sha256 (16 hex digits) of the engine-side steerscope code (``engine/*.py``): the graph-safe steering sites are
+    part of every compiled graph, so compiled artifacts of one version must never be loaded by another."""
+    h = hashlib.sha256()
+    for f in sorted(ENGINE_DIR.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def engine_env() -> dict[str, str]:
-    """Environment variables for engine processes (adapter on PYTHONPATH, modest CPU KV cache)."""
+    """Environment variables for engine processes (adapter on PYTHONPATH, modest CPU KV cache, and vLLM's compile
+    cache in a folder of its own per version of steerscope's engine code, unless ``VLLM_CACHE_ROOT`` is set).
+
+    vLLM keys its ahead-of-time compiled model by the vLLM version and the model's forward function only. After the
+    engine code changed, a compiled start found the earlier artifacts there, failed to load them and its recompile
+    stopped inside a stale cached kernel ("too many values to unpack (expected 289)"; seen 2026-12-07). One cache
+    root per engine-code hash rules that out (each version's folder stays until removed).
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ENGINE_DIR)
+    env.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm-compile" / engine_code_hash()))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.pop("PYTHONHOME", None)
