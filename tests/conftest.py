@@ -9,7 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("STEERSCOPE_NO_PROGRESS", "1")
-ALL_CPUS = sorted(os.sched_getaffinity(0))  # before a worker is pinned to its share (every_cpu)
+PIN = hasattr(os, "sched_setaffinity")  # Linux; elsewhere workers are not pinned
+ALL_CPUS = sorted(os.sched_getaffinity(0)) if PIN else list(range(os.cpu_count() or 1))  # before pinning
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _WORKER:  # `pytest -n 2` (the README's test command) on 2 cores: each worker, with its subprocesses, on its own
     # CPU share with one torch thread, so the two never contend (a vLLM engine binds its OpenMP threads to every CPU
@@ -17,7 +18,7 @@ if _WORKER:  # `pytest -n 2` (the README's test command) on 2 cores: each worker
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     _n, _i = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), int(_WORKER.removeprefix("gw") or 0)
-    if 1 < _n <= len(ALL_CPUS):
+    if PIN and 1 < _n <= len(ALL_CPUS):
         _share = ALL_CPUS[_i * len(ALL_CPUS) // _n:(_i + 1) * len(ALL_CPUS) // _n]
         os.sched_setaffinity(0, _share)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, _share)))  # a TP = 1 engine's threads
@@ -36,6 +37,9 @@ def every_cpu():
         >>> with every_cpu():
         ...     engine = bv.engine_for(lm, tensor_parallel_size=2)
     """
+    if not PIN:
+        yield
+        return
     mine, bind = os.sched_getaffinity(0), os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None) if _WORKER else None
     os.sched_setaffinity(0, ALL_CPUS)
     try:
