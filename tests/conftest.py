@@ -64,9 +64,16 @@ LONGEST_FIRST = ["vllm", "doc:README.md", "test_explain_planted.py", "doc:docs/e
                  "doc:docs/studies.md", "test_load.py", "test_reliability_items.py", "test_circuits_gemma.py"]
 
 
+def _doc_block(item: pytest.Item):
+    """The documentation block a test_doc_examples case runs, or None."""
+    if item.path.name != "test_doc_examples.py" or not hasattr(item, "callspec"):
+        return None
+    return item.callspec.params.get("block")
+
+
 def _unit(item: pytest.Item, vllm_pages: set[str]) -> str:
-    block = getattr(item, "callspec", None) and item.callspec.params.get("block")
-    if item.path.name == "test_doc_examples.py" and block is not None:
+    block = _doc_block(item)
+    if block is not None:
         page = block.id.rsplit(":", 1)[0]
         return "vllm" if page in vllm_pages else f"doc:{page}"
     return "vllm" if item.path.name in VLLM_FILES else item.path.name
@@ -91,12 +98,8 @@ def pytest_configure_node(node) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not (os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "numprocesses", None)):
         return
-    vllm_pages = set()
-    for item in items:
-        block = getattr(item, "callspec", None) and item.callspec.params.get("block")
-        if item.path.name == "test_doc_examples.py" and block is not None and "STEERSCOPE_VLLM_ENV" in (
-                block.marker or ""):
-            vllm_pages.add(block.id.rsplit(":", 1)[0])
+    blocks = [b for b in map(_doc_block, items) if b is not None]
+    vllm_pages = {b.id.rsplit(":", 1)[0] for b in blocks if "STEERSCOPE_VLLM_ENV" in (b.marker or "")}
     units = {id(item): _unit(item, vllm_pages) for item in items}
     for item in items:
         item.add_marker(pytest.mark.xdist_group(units[id(item)]))

@@ -105,6 +105,20 @@ def test_buffers_written_after_compilation_steer_the_compiled_model(ablate):
     torch.testing.assert_close(steered[4:], first[4:], rtol=0, atol=0)  # the unsteered request is untouched
 
 
+def _step(sites, compiled, x, rows, slots, flags):
+    """One engine step as the worker writes it: each token's steering row, gate slot and flags (prompt token, last
+    prompt token), ``gany`` (some token of the step is gated); then the compiled model's output."""
+    sites.idx.zero_()
+    sites.idx[: len(rows)] = torch.tensor(rows)
+    sites.gslot.zero_()
+    sites.gslot[: len(slots)] = torch.tensor(slots)
+    sites.gany.fill_(bool(sites.gslot.any()))
+    sites.gtok.zero_()
+    sites.gtok[: len(flags)] = torch.tensor(flags, dtype=torch.float32)
+    with torch.no_grad():
+        return compiled(torch.arange(x.shape[0]), x)
+
+
 def _leaf(g: torch.Generator, layer: int, reduce: str, threshold: float) -> dict:
     return {"kind": "condition", "direction": torch.randn(D, generator=g).tolist(), "layer": layer,
             "threshold": threshold, "reduce": reduce, "on": "prompt",
@@ -168,15 +182,7 @@ def test_gates_in_the_compiled_graph_equal_the_eager_gate_code_across_steps_and_
         adapter._init_slot(sites, slot, spec, {})
 
     def step(x, rows, slots, flags):
-        sites.idx.zero_()
-        sites.idx[: len(rows)] = torch.tensor(rows)
-        sites.gslot.zero_()
-        sites.gslot[: len(slots)] = torch.tensor(slots)
-        sites.gany.fill_(bool(sites.gslot.any()))  # as the worker writes it: some token of the step is gated
-        sites.gtok.zero_()
-        sites.gtok[: len(flags)] = torch.tensor(flags, dtype=torch.float32)
-        with torch.no_grad():
-            return compiled(torch.arange(x.shape[0]), x)
+        return _step(sites, compiled, x, rows, slots, flags)
 
     # step 1: prompt tokens (flags: prompt token, last prompt token); D's chunk has no last token
     out1 = step(x1, [1, 1, 1, 3, 3, 5, 5, 7, 7], [1, 1, 1, 2, 2, 0, 0, 3, 3],
@@ -350,16 +356,7 @@ def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_to
             want_open += o.tolist()
             opened_all += [(r, v) for v in o.tolist()]
             done[r] += k
-        n = len(rows)
-        sites.idx.zero_()
-        sites.idx[:n] = torch.tensor(rows)
-        sites.gslot.zero_()
-        sites.gslot[:n] = torch.tensor(slot_tok)
-        sites.gany.fill_(bool(sites.gslot.any()))
-        sites.gtok.zero_()
-        sites.gtok[:n] = torch.tensor(flags, dtype=torch.float32)
-        with torch.no_grad():
-            out = compiled(torch.arange(n), x)
+        out = _step(sites, compiled, x, rows, slot_tok, flags)
         want = reference(toy, x, table[:, rows] * torch.tensor(want_open)[None, :, None], None)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     for r in "ABC":  # each gated request had open and shut tokens: the per-token comparison is live
@@ -468,15 +465,6 @@ def test_rules_in_the_compiled_graph_take_the_first_open_rule_as_the_eager_gate_
                     want.append(d)
             done[r] += k
             at += k
-        n = len(rows)
-        sites.idx.zero_()
-        sites.idx[:n] = torch.tensor(rows)
-        sites.gslot.zero_()
-        sites.gslot[:n] = torch.tensor(slot_tok)
-        sites.gany.fill_(bool(sites.gslot.any()))
-        sites.gtok.zero_()
-        sites.gtok[:n] = torch.tensor(flags, dtype=torch.float32)
-        with torch.no_grad():
-            out = compiled(torch.arange(n), x)
+        out = _step(sites, compiled, x, rows, slot_tok, flags)
         torch.testing.assert_close(out, reference(toy, x, torch.stack(want, 1), None), rtol=1e-5, atol=1e-5)
     assert won == {"A": {0}, "B": {1}, "C": {1, 2}, "D": set()}  # each rule position acted somewhere it should

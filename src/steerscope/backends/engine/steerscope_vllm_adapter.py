@@ -100,6 +100,15 @@ def _zero_sites(sites: Any) -> None:
         sites.gany.fill_(False)
 
 
+def _summed(pairs: Any, vectors: dict[str, dict[int, torch.Tensor]], n_layers: int, d: int) -> torch.Tensor:
+    """[layers d] float32: ``sum alpha * v[layer]`` over a request's (or rule's) ``(name, alpha)`` pairs, in order."""
+    out = torch.zeros(n_layers, d)
+    for name, alpha in pairs:
+        for layer, v in vectors[name].items():
+            out[layer] += alpha * v
+    return out
+
+
 def _init_slot(sites: Any, slot: int, spec: Spec, vectors: dict[str, dict[int, torch.Tensor]]) -> None:
     """Write a gated request's slot: its leaves (direction, center·d̂, scale, threshold, layer, reduce, on), a fresh
     running state (sum 0, count 0, max −inf, prompt leaves undecided; token and unused leaves decided), its rules'
@@ -121,9 +130,7 @@ def _init_slot(sites: Any, slot: int, spec: Spec, vectors: dict[str, dict[int, t
     rule = [truth_table(g, found, k) for g, _ in spec.rules] + [[0.0] * 2**k] * (n_rules - len(spec.rules))
     later = torch.zeros(n_layers, n_rules - 1, d)
     for r, (_, pairs) in enumerate(spec.rules[1:]):
-        for name, alpha in pairs:  # summed in order in float32, as the first rule's table row
-            for layer, v in vectors[name].items():
-                later[layer, r] += alpha * v
+        later[:, r] = _summed(pairs, vectors, n_layers, d)  # as the first rule's table row
     steers = [float(spec.positions in ("all", "prompt")), float(spec.positions in ("all", "generated"))]
     cl = spec.clamp
     clamp_table = truth_table(cl.gate, found, k) if cl is not None else [0.0] * 2**k
@@ -336,12 +343,11 @@ class SteerExtension:
         for i, s in enumerate(specs):
             if s is None:
                 continue
-            for name, alpha in s.vectors or (s.rules[0][1] if s.rules else ()):  # gated: its first rule's vectors
-                for layer, v in self._ss_vectors[name].items():
-                    if s.positions in ("all", "prompt"):
-                        table[layer, 1 + 2 * i] += alpha * v
-                    if s.positions in ("all", "generated"):
-                        table[layer, 2 + 2 * i] += alpha * v
+            delta = _summed(s.vectors or (s.rules[0][1] if s.rules else ()), self._ss_vectors, n_layers, d)  # gated:
+            if s.positions in ("all", "prompt"):  # its first rule's vectors
+                table[:, 1 + 2 * i] = delta
+            if s.positions in ("all", "generated"):
+                table[:, 2 + 2 * i] = delta
             if s.ablate:
                 if rt is None:
                     raise RuntimeError("steerscope: this compiled engine was built without ablation sites; "
