@@ -29,7 +29,7 @@ on a step where no request is gated (``SteerExtension._ss_rows`` over the step's
 ``--compiled`` times the compiled engine instead (vLLM's torch.compile; conditions evaluated in the graph,
 ``steerscope_vllm_plugin.gated_add``): two compiled engines side by side, one built with gate sites and one
 without, interleaved per round: ``unsteered`` and ``plain`` on both (their ratio is what the gate sites cost
-when no request is gated: on CPU the graph skips the gate arithmetic under ``torch.cond`` on such steps) and
+when no request is gated: on CPU the graph's gate operator skips the gate arithmetic on such steps) and
 ``gated`` and ``gated-token`` on the one with gate sites::
 
     STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm_gates.py --compiled --repeats 5 --json

@@ -249,8 +249,9 @@ def test_a_clamp_in_the_compiled_graph_is_the_eager_clip_where_its_gate_and_posi
         want = hidden + resid
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert int(((pre[1][:2] @ (r / r.norm())) > hi).sum()) >= 1  # the clamp bound somewhere it was allowed to
-    # a step without a gated token: the branch that skips the gate arithmetic (gany False, as the worker writes it;
-    # torch.cond on CPU) gives what the arithmetic gives (gany True), the unsteered output, and keeps every state
+    # a step without a gated token: the path that skips the gate arithmetic (gany False, as the worker writes it;
+    # the operator's early return on CPU) gives what the arithmetic gives (gany True), the unsteered output, and
+    # keeps every state
     assert all(layer.steerscope_skip for layer in toy.model.layers)
     sites.gslot.zero_()
     sites.gtok.zero_()
@@ -271,8 +272,8 @@ def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_to
     tokens (A), a token's own score under a prompt condition (B: ``last`` token leaf ``&`` a prompt leaf), and a
     running max whose prompt is split over two steps (C: a token-only gate never waits for the prompt's end), over
     three steps, with an ungated steered token beside them. Thresholds sit midway between the middle values of each
-    running figure, so both decisions occur (asserted). Both graphs: under ``torch.cond`` (CPU) and branch-free
-    (CUDA)."""
+    running figure, so both decisions occur (asserted). Both ways: with the operator's early return on ungated steps
+    (CPU) and branch-free (CUDA)."""
     import steerscope_vllm_adapter as adapter
     import steerscope_vllm_gates as gates
     from steerscope_vllm_spec import parse_spec

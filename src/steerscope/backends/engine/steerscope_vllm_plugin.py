@@ -32,10 +32,12 @@ while the model is built, before anything is traced:
   first rule, the slot's ``gxtab [layers S RULES-1 d]`` rows for the others, where ``gpos [S 2]`` lets them act),
   branch-free; a slot whose prompt leaves are not all decided (a prompt split over steps) is shut. A slot's
   projection clamp (``gclamp [layers S d]`` unit directions, ``gcb [S 4]`` lo, hi and its positions, ``gctt`` its
-  gate's truth table) is applied after the additions with ``torch.where`` (:func:`_clamp_math`). On CPU the whole
-  gated part of a layer runs under ``torch.cond`` on ``gany`` (some token of the step is gated; :func:`gated_add`):
-  a step without a gated request takes the plain add. On CUDA it stays branch-free (a predicate read on the host
-  would sync inside a captured CUDA graph).
+  gate's truth table) is applied after the additions with ``torch.where`` (:func:`_clamp_math`). All of a layer's
+  gated part is one custom operator in the traced graph, ``steerscope::gated_add`` (:func:`gated_add`), whose body
+  runs as eager tensor code: Inductor does not compile the gate kernels of each layer (that took most of a compiled
+  engine's start), and the layer's index is a buffer, so every layer traces the same graph. On CPU the operator
+  reads ``gany`` (some token of the step is gated) and a step without a gated request takes the plain add. On CUDA
+  its body stays branch-free (a predicate read on the host would sync inside a captured CUDA graph).
 - Each step, the worker extension (``steerscope_vllm_adapter``), from an eager pre-hook on the
   outer model (which vLLM does not compile), writes ``idx`` and, when the batch's requests or
   their specs changed, the table rows, with ``copy_()`` (same storage, so the graph sees them).
@@ -156,9 +158,10 @@ def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -
         layer.register_buffer("steerscope_idx", sites.idx, persistent=False)
         layer.register_buffer("steerscope_table", sites.table[i], persistent=False)
         if gates:
-            layer.steerscope_layer = i  # a constant of the traced graph
-            # CPU: the gate arithmetic under torch.cond, skipped on steps without a gated request; on CUDA it stays
-            # branch-free (a host-side predicate would sync inside a captured CUDA graph)
+            # the layer's index as a buffer: every layer's traced graph is the same, so compiled pieces are shared
+            layer.register_buffer("steerscope_glayer", torch.tensor(float(i), device=device), persistent=False)
+            # CPU: the gate arithmetic skipped on steps without a gated request; on CUDA it stays branch-free (a
+            # host-side predicate would sync inside a captured CUDA graph)
             layer.steerscope_skip = device.type == "cpu"
             for name in GATE_BUFFERS:
                 layer.register_buffer(f"steerscope_{name}", getattr(sites, name), persistent=False)
@@ -212,56 +215,74 @@ def _out_hook(module: Any, args: Any, out: Any) -> Any:
 
 def gated_add(module: Any, hidden: torch.Tensor, residual: torch.Tensor | None, delta: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer's gated steering: read the leaves at this layer (:func:`_gate_math`: each token's rule gate and
-    clamp gate, the leaves' new running state), add each token's delta times its rule gate, then its projection
-    clamp (:func:`_clamp_math`); the new state is written back into ``gstate`` / ``gtdec`` (kept across steps).
+    """One layer's gated steering, as one opaque operator of the traced graph (``steerscope::gated_add``,
+    :func:`_gated_add_impl`): read the leaves at this layer, add each token's delta times its rule gate, then its
+    projection clamp; the leaves' new state is written back into ``gstate`` / ``gtdec`` (kept across steps).
 
-    With ``steerscope_skip`` (CPU) all of it runs under ``torch.cond`` on ``gany`` (some token of the step is gated,
-    written by the worker): a step without a gated token takes the other branch, the plain add, and the gate
-    arithmetic (a few dozen small kernels per layer) is skipped. On CUDA it is branch-free: every step runs it.
+    Why an operator and not traced tensor code: Inductor compiled the few dozen small gate kernels of every layer
+    separately, which made a compiled SmolLM2 engine start about 11.5 min instead of about 3. As an operator the
+    graph holds one call per layer and the gate arithmetic runs as eager tensor code inside it. With
+    ``steerscope_skip`` (CPU) a step without a gated token (``gany`` false, written by the worker) takes the plain
+    add and skips the gate arithmetic; on CUDA the body is branch-free (a host-side read would sync inside a
+    captured CUDA graph), so a captured graph replays the gate kernels on every step.
     """
-    n, layer = hidden.shape[0], float(module.steerscope_layer)
-    state = (module.steerscope_gslot[:n], module.steerscope_gtok[:n], module.steerscope_gparam,
-             module.steerscope_gstate, module.steerscope_gdir, module.steerscope_gtt, module.steerscope_gctt,
-             module.steerscope_gtdec[:n], module.steerscope_gclamp, module.steerscope_gcb, module.steerscope_gxtab,
-             module.steerscope_gpos)
+    n = hidden.shape[0]
+    h, r = torch.ops.steerscope.gated_add(
+        hidden, residual, delta, module.steerscope_glayer, module.steerscope_gslot[:n], module.steerscope_gtok[:n],
+        module.steerscope_gparam, module.steerscope_gstate, module.steerscope_gdir, module.steerscope_gtt,
+        module.steerscope_gctt, module.steerscope_gtdec, module.steerscope_gclamp, module.steerscope_gcb,
+        module.steerscope_gxtab, module.steerscope_gpos, module.steerscope_gany,
+        bool(getattr(module, "steerscope_skip", False)))
+    return h, (None if residual is None else r)
 
-    def on(h: torch.Tensor, r: torch.Tensor | None, d: torch.Tensor, *a: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        x = h if r is None else h + r  # resid_pre before this layer's additions
-        opened, clamped, st, tnow = _gate_math(layer, x, *a[:8])
-        d = _rules_delta(d, opened, a[0], a[1], a[10], a[11])
-        if r is None:
-            h = h + d
-        else:
-            r = r + d.to(r.dtype)
-        h, r = _clamp_math(h, r, a[0], a[1], a[8], a[9], clamped)
-        return h, r, st, tnow
 
-    def off(h: torch.Tensor, r: torch.Tensor | None, d: torch.Tensor, *a: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        if r is None:
-            return h + d, None, a[3].clone(), a[7].clone()
-        return h.clone(), r + d.to(r.dtype), a[3].clone(), a[7].clone()
-
-    if not getattr(module, "steerscope_skip", False):
-        hidden, residual, st, tnow = on(hidden, residual, delta, *state)
-    elif residual is None:  # torch.cond takes tensors only: layer 0 (no residual yet) has its own pair of branches
-        hidden, st, tnow = torch.cond(module.steerscope_gany, lambda h, d, *a: _drop(on(h, None, d, *a)),
-                                      lambda h, d, *a: _drop(off(h, None, d, *a)), (hidden, delta, *state))
+def _gated_add_impl(hidden: torch.Tensor, residual: torch.Tensor | None, delta: torch.Tensor, layer: torch.Tensor,
+                    slot: torch.Tensor, tok: torch.Tensor, par: torch.Tensor, st: torch.Tensor, gdir: torch.Tensor,
+                    gtt: torch.Tensor, gctt: torch.Tensor, gtdec: torch.Tensor, gclamp: torch.Tensor,
+                    gcb: torch.Tensor, gxtab: torch.Tensor, gpos: torch.Tensor, gany: torch.Tensor, skip: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of ``steerscope::gated_add``: (new hidden, new residual (empty at layer 0)); writes ``st`` and
+    ``gtdec[:n]`` in place. Its outputs never alias its inputs (an operator's contract)."""
+    n = hidden.shape[0]
+    if skip and not bool(gany):  # CPU: no token of this step is gated, the plain add
+        if residual is None:
+            return hidden + delta, hidden.new_empty(0)
+        return hidden.clone(), residual + delta.to(residual.dtype)
+    # CPU: a layer where no slot reads a leaf only looks its gates up from the held state (the same figures the full
+    # arithmetic gives there: it changes no state at such a layer); on CUDA every layer runs all of it
+    if not skip or bool((par[..., 3] == layer).any()):
+        x = hidden if residual is None else hidden + residual  # resid_pre before this layer's additions
+        opened, clamped, new, tnow = _gate_math(layer, x, slot, tok, par, st, gdir, gtt, gctt, gtdec[:n])
+        st.copy_(new)
+        gtdec[:n].copy_(tnow)
     else:
-        hidden, residual, st, tnow = torch.cond(module.steerscope_gany, on, off, (hidden, residual, delta, *state))
-    module.steerscope_gstate.copy_(st)
-    module.steerscope_gtdec[:n].copy_(tnow)
-    return hidden, residual
+        opened, clamped = _table_gates(slot, par[slot][..., 5] > 0, gtdec[:n], st[..., 3], st[..., 4], gtt, gctt)
+    d = _rules_delta(delta, opened, slot, tok, gxtab, gpos, host=skip)
+    h, r = (hidden + d, None) if residual is None else (hidden, residual + d.to(residual.dtype))
+    h, r = _clamp_math(h, r, slot, tok, gclamp, gcb, clamped, host=skip)
+    if h is hidden:
+        h = h.clone()
+    return h, (hidden.new_empty(0) if r is None else r)
 
 
-def _drop(out: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return out[0], out[2], out[3]  # without the residual (None at layer 0)
+def _gated_add_fake(hidden: torch.Tensor, residual: torch.Tensor | None, *args: Any) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    return torch.empty_like(hidden), (hidden.new_empty(0) if residual is None else torch.empty_like(residual))
+
+
+def _define_op() -> None:
+    """Register ``steerscope::gated_add`` once per process (another copy of this module may have done it)."""
+    if hasattr(torch.ops.steerscope, "gated_add"):
+        return
+    op = torch.library.custom_op("steerscope::gated_add", _gated_add_impl, mutates_args=("st", "gtdec"))
+    op.register_fake(_gated_add_fake)
+
+
+_define_op()
 
 
 def _rules_delta(d0: torch.Tensor, opened: torch.Tensor, slot: torch.Tensor, tok: torch.Tensor, gxtab: torch.Tensor,
-                 gpos: torch.Tensor) -> torch.Tensor:
+                 gpos: torch.Tensor, host: bool = False) -> torch.Tensor:
     """Each token's delta [n d] from its slot's rules, first match wins: rule r acts where its gate is open and
     every earlier rule's is shut (``opened`` [n RULES], 0/1). The first rule's delta is ``d0`` (the token's row
     of ``table``); later rules read ``gxtab`` [S RULES-1 d] where ``gpos`` lets them steer the token (prompt or
@@ -270,19 +291,24 @@ def _rules_delta(d0: torch.Tensor, opened: torch.Tensor, slot: torch.Tensor, tok
     first = opened * torch.cat([torch.ones_like(opened[:, :1]), shut[:, :-1]], -1)  # [n R]
     keep = torch.where(tok[:, 0] > 0, gpos[slot, 0], gpos[slot, 1])  # [n]
     w = (first[:, 1:] * keep[:, None]).to(d0.dtype)  # [n R-1]
+    if host and not bool(w.any()):  # CPU: no token takes a later rule (the sum below would add zeros)
+        return d0 * first[:, :1].to(d0.dtype)
     return d0 * first[:, :1].to(d0.dtype) + (gxtab[slot] * w[..., None]).sum(1)
 
 
 def _clamp_math(hidden: torch.Tensor, residual: torch.Tensor | None, slot: torch.Tensor, tok: torch.Tensor,
-                gclamp: torch.Tensor, gcb: torch.Tensor, opened: torch.Tensor
+                gclamp: torch.Tensor, gcb: torch.Tensor, opened: torch.Tensor, host: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each token's projection clamp at this layer, ``x + (clip(x·r̂, lo, hi) − x·r̂) r̂`` with x = resid_pre after
     the additions, where its slot has a direction here, its positions select it and its gate (``opened``) is open:
     the clamped stream is written whole into ``residual`` with ``hidden`` 0 there (into ``hidden`` at layer 0), as
-    the eager worker does; every other token's tensors are left as they were."""
-    r, cb = gclamp[slot], gcb[slot]  # [n d], [n 4]
-    prompt = tok[:, 0]
-    keep = torch.where(prompt > 0, cb[:, 2], cb[:, 3]) * opened
+    the eager worker does; every other token's tensors are left as they were (``host``, CPU: returned as they are
+    when no token is clamped here)."""
+    cb = gcb[slot]  # [n 4]
+    keep = torch.where(tok[:, 0] > 0, cb[:, 2], cb[:, 3]) * opened
+    if host and not bool(keep.any()):
+        return hidden, residual
+    r = gclamp[slot]  # [n d]
     mask = ((keep > 0) & (r != 0).any(-1))[:, None]
     x = hidden if residual is None else hidden + residual
     rr = r.to(x.dtype)
@@ -294,7 +320,7 @@ def _clamp_math(hidden: torch.Tensor, residual: torch.Tensor | None, slot: torch
     return torch.where(mask, torch.zeros_like(hidden), hidden), torch.where(mask, new.to(residual.dtype), residual)
 
 
-def _gate_math(layer: float, x: torch.Tensor, slot: torch.Tensor, tok: torch.Tensor, par: torch.Tensor,
+def _gate_math(layer: float | torch.Tensor, x: torch.Tensor, slot: torch.Tensor, tok: torch.Tensor, par: torch.Tensor,
                st: torch.Tensor, gdir: torch.Tensor, gtt: torch.Tensor, gctt: torch.Tensor, tprev: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each token's gates at this layer, without side effects: (each rule's gate open [n RULES], clamp gate open
@@ -342,7 +368,15 @@ def _gate_math(layer: float, x: torch.Tensor, slot: torch.Tensor, tok: torch.Ten
     tnow = torch.where(mine[..., 3] == layer, tdec, tprev)
     new = torch.stack([torch.where(here, total, st[..., 0]), torch.where(here, count, st[..., 1]),
                        torch.where(here, top, st[..., 2]), dec, done], -1)
+    return (*_table_gates(slot, tok_leaf, tnow, dec, done, gtt, gctt), new, tnow)
+
+
+def _table_gates(slot: torch.Tensor, tok_leaf: torch.Tensor, tnow: torch.Tensor, dec: torch.Tensor,
+                 done: torch.Tensor, gtt: torch.Tensor, gctt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's rule gates [n RULES] and clamp gate [n] from its leaves' decisions: ``tnow`` [n K] for token
+    leaves (``tok_leaf`` [n K]), the slot's ``dec`` [S K] for prompt leaves, looked up in the slot's truth tables;
+    shut (0) where the slot's prompt leaves are not all decided (``done`` [S K])."""
     leaf = torch.where(tok_leaf, tnow, dec[slot])  # [n K]: each token's leaf decisions
     bits = (leaf * (2 ** torch.arange(leaf.shape[1], device=leaf.device)).float()).sum(-1).long()  # [n]
     decided = done.amin(-1)[slot]
-    return gtt[slot, :, bits] * decided[:, None], gctt[slot, bits] * decided, new, tnow
+    return gtt[slot, :, bits] * decided[:, None], gctt[slot, bits] * decided
