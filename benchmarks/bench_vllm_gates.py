@@ -110,6 +110,59 @@ def no_gate_code(n_requests: int = 32, n_layers: int = 30, reps: int = 2000) -> 
             "n_requests": n_requests, "n_layers": n_layers, "reps": reps}
 
 
+def compiled_no_gate_code(n_tokens: int = 32, n_layers: int = 30, d: int = 576, reps: int = 200
+                          ) -> dict[str, float]:
+    """Seconds per step that gate sites add to a compiled step where no request is gated, in this process, without
+    vLLM: a toy decoder of ``n_layers`` trivial layers with vLLM's layer signature, SmolLM2-135M's width, given the
+    plugin's sites (plain steering sites vs the same with gate sites, ``gany`` false as the worker writes it on
+    such a step), each compiled with Inductor (``dynamic=True``, as vLLM compiles); the median of 7 timings of
+    ``reps`` forward passes of ``n_tokens`` tokens (one decode token per request)."""
+    import sys
+    import timeit
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(bv.ENGINE_DIR))
+    import steerscope_vllm_plugin as plugin
+
+    class Layer(torch.nn.Module):
+        def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+            residual = hidden if residual is None else hidden + residual
+            return residual * 0.5, residual
+
+    class Inner(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Layer() for _ in range(n_layers))
+
+        def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            residual = None
+            for layer in self.layers:
+                hidden, residual = layer(positions, hidden, residual)
+            return hidden + residual
+
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=2048, max_num_seqs=256),
+                          model_config=SimpleNamespace(get_hidden_size=lambda: d, dtype=torch.float32))
+    x, pos = torch.randn(n_tokens, d), torch.arange(n_tokens)
+    out: dict[str, float] = {}
+    for name, gates in (("plain_sites", False), ("gate_sites", True)):
+        toy = SimpleNamespace(model=Inner().eval(), parameters=lambda: iter([x]))  # add_sites reads the device
+        sites = plugin.add_sites(toy, cfg, False, gates=gates)
+        sites.idx[:n_tokens] = 1  # every token plainly steered (row 1), as in the "plain" configuration
+        sites.table[:, 1] = 0.01
+        compiled = torch.compile(toy.model, backend="inductor", dynamic=True, fullgraph=True)
+        with torch.no_grad():
+            for _ in range(3):
+                compiled(pos, x)  # compile and warm up
+
+            def step() -> None:
+                with torch.no_grad():
+                    compiled(pos, x)
+            out[name] = statistics.median(timeit.repeat(step, number=reps, repeat=7)) / reps
+    return {"seconds_per_step": out["gate_sites"] - out["plain_sites"], **{f"{k}_seconds": v for k, v in out.items()},
+            "n_tokens": n_tokens, "n_layers": n_layers, "d_model": d, "reps": reps}
+
+
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The rounds with each figure's median and [min, max] over them."""
     return {"rounds": rounds, "median": {k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
@@ -117,16 +170,19 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "n_rounds": len(rounds), "batch": len(PROMPTS)}
 
 
-def compiled_rounds(repeats: int, tokens: int) -> dict[str, Any]:
-    """Interleaved rounds on two compiled engines (gate sites on / off); seconds per configuration and the ratios."""
+def compiled_rounds(repeats: int, tokens: int, names: tuple[str, ...] = CONFIGS, sites_only: bool = False
+                    ) -> dict[str, Any]:
+    """Interleaved rounds on two compiled engines (gate sites on / off; ``sites_only``: only the one with gate
+    sites, so no second engine shares the CPU); seconds per configuration and the ratios."""
     lm = ss.load_model("smollm2-135m")
     folder, dtype = str(bv.export_folder(lm)), str(lm.dtype).removeprefix("torch.")
-    engines = {"sites": bv.Engine(folder, dtype=dtype, compiled=True, gate_sites=True).start(),
-               "nosites": bv.Engine(folder, dtype=dtype, compiled=True, gate_sites=False).start()}
+    engines = {"sites": bv.Engine(folder, dtype=dtype, compiled=True, gate_sites=True).start()}
+    if not sites_only:
+        engines["nosites"] = bv.Engine(folder, dtype=dtype, compiled=True, gate_sites=False).start()
     ids = bv.prompt_ids(lm, [lm.format_chat(p) for p in PROMPTS], True)
     params = dict(bv.stop_params(lm, tokens, False, 1.0, None), stop_token_ids=[], ignore_eos=True)
     cases = {f"{k}:{c}": (eng, specs) for k, eng in engines.items()
-             for c, specs in configs(lm, eng, CONFIGS if k == "sites" else ("unsteered", "plain")).items()}
+             for c, specs in configs(lm, eng, names if k == "sites" else ("unsteered", "plain")).items()}
     for eng, specs in cases.values():  # warm-up: every configuration once (compiles each shape)
         eng.generate_ids(ids, specs, params)
     rounds = []
@@ -136,11 +192,12 @@ def compiled_rounds(repeats: int, tokens: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             eng.generate_ids(ids, specs, params)
             row[name] = time.perf_counter() - t0
-        row["gated/plain"] = row["sites:gated"] / row["sites:plain"]
-        row["gated-token/plain"] = row["sites:gated-token"] / row["sites:plain"]
-        row["gated-rules/plain"] = row["sites:gated-rules"] / row["sites:plain"]
-        row["sites/nosites unsteered"] = row["sites:unsteered"] / row["nosites:unsteered"]
-        row["sites/nosites plain"] = row["sites:plain"] / row["nosites:plain"]
+        for k in ("gated", "gated-token", "gated-rules"):
+            if f"sites:{k}" in row and "sites:plain" in row:
+                row[f"{k}/plain"] = row[f"sites:{k}"] / row["sites:plain"]
+        for k in ("unsteered", "plain"):
+            if f"sites:{k}" in row and f"nosites:{k}" in row:
+                row[f"sites/nosites {k}"] = row[f"sites:{k}"] / row[f"nosites:{k}"]
         rounds.append(row)
     for eng in engines.values():
         eng.close()
@@ -159,10 +216,26 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)} "
                     "(default: all)")
     ap.add_argument("--compiled", action="store_true", help="time compiled engines with and without gate sites "
-                    "(see the module docstring)")
+                    "(see the module docstring); with --no-gate-code: the compiled gate sites' cost on an ungated "
+                    "step, in this process")
+    ap.add_argument("--sites-only", action="store_true", help="with --compiled: only the engine with gate sites "
+                    "(no second engine beside it)")
     args = ap.parse_args()
+    if args.compiled and args.no_gate_code:
+        cost = compiled_no_gate_code()
+        step_s, source = args.step_seconds, "--step-seconds"
+        if step_s is None:
+            rec = json.loads((Path(__file__).parent / "results" / "vllm_gates" / "gates_compiled_token.json").read_text())
+            step_s = rec["median"]["nosites:plain"] / (rec["new_tokens"] + 1)
+            source = "results/vllm_gates/gates_compiled_token.json: nosites:plain median / (new_tokens + 1)"
+        out = {**cost, "step_seconds": step_s, "step_source": source,
+               "fraction_of_step": cost["seconds_per_step"] / step_s}
+        print(json.dumps(out, indent=1) if args.json else
+              f"compiled gate sites with no gated request: {cost['seconds_per_step'] * 1e6:.1f} us per step = "
+              f"{100 * out['fraction_of_step']:.3f} % of a {step_s * 1e3:.1f} ms plain steered compiled step")
+        return
     if args.compiled:
-        out = compiled_rounds(args.repeats, args.tokens)
+        out = compiled_rounds(args.repeats, args.tokens, tuple(args.configs.split(",")), args.sites_only)
         print(json.dumps(out, indent=1) if args.json else out["median"])
         return
     if args.no_gate_code:
