@@ -469,3 +469,50 @@ def test_rules_in_the_compiled_graph_take_the_first_open_rule_as_the_eager_gate_
         out = _step(sites, compiled, x, rows, slot_tok, flags)
         torch.testing.assert_close(out, reference(toy, x, torch.stack(want, 1), None), rtol=1e-5, atol=1e-5)
     assert won == {"A": {0}, "B": {1}, "C": {1, 2}, "D": set()}  # each rule position acted somewhere it should
+
+
+def test_the_cpu_operator_recomputes_its_gates_every_step_even_when_the_token_count_repeats():
+    """On CPU the operator works out a step's gates at its first layer and reuses them above it (recomputing where a
+    leaf is read). Two decode steps of the same size with the requests in swapped order must each get their own
+    gates: the leaf is read at layer 1 only, so layer 0's gates come from the held decisions (A open, B shut), and a
+    gate carried over from the step before would steer B's token at layer 0. Compared with the eager toy run."""
+    import steerscope_vllm_adapter as adapter
+    import steerscope_vllm_gates as gates
+    from steerscope_vllm_spec import parse_spec
+
+    torch.manual_seed(7)
+    toy = Toy().eval()
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=32, max_num_seqs=4),
+                          model_config=SimpleNamespace(get_hidden_size=lambda: D, dtype=torch.float32))
+    sites = plugin.add_sites(toy, cfg, False, gates=True)
+    assert all(layer.steerscope_skip for layer in toy.model.layers) and sites.gfirst == 0
+    compiled = torch.compile(toy.model, backend="aot_eager", dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(8)
+    x1 = torch.randn(4, D, generator=g)  # step 1: A's prompt (tokens 0-1), B's prompt (2-3)
+    pre1 = _resid_pre(toy, x1)
+    leaf = _leaf(g, 1, "mean", 0.0)
+    s = gates.score(gates.parse_gate(leaf), pre1[1])
+    sa, sb = float(s[:2].mean()), float(s[2:].mean())
+    if sa < sb:  # A's prompt scores higher: its gate opens, B's stays shut
+        x1 = torch.cat([x1[2:], x1[:2]])
+        pre1, (sa, sb) = _resid_pre(toy, x1), (sb, sa)
+    leaf["threshold"] = (sa + sb) / 2
+    spec = parse_spec({"rules": [{"condition": leaf, "vectors": [["v", 1.0]]}]})
+    adapter._init_slot(sites, 1, spec, {})
+    adapter._init_slot(sites, 2, spec, {})
+    vec = torch.randn(D, generator=g) * 3
+    table = torch.zeros(LAYERS, sites.rows, D)
+    table[0, 1:5] = vec  # below the leaf: steered from the held decision only
+    table[2, 1:5] = -vec
+    sites.table.copy_(table)
+    out = _step(sites, compiled, x1, [1, 1, 3, 3], [1, 1, 2, 2], [[1, 0], [1, 1], [1, 0], [1, 1]])
+    want = table[:, [1, 1, 3, 3]].clone()
+    want[0] = 0  # the prefill: layer 0 runs before the leaf decides
+    want[:, 2:] = 0  # B shut
+    torch.testing.assert_close(out, reference(toy, x1, want, None), rtol=1e-5, atol=1e-5)
+    for order in ([(2, 1), (4, 2)], [(4, 2), (2, 1)]):  # (row, slot) per token: A then B, then B then A
+        x = torch.randn(2, D, generator=g)
+        rows, slots = [r for r, _ in order], [q for _, q in order]
+        out = _step(sites, compiled, x, rows, slots, [[0, 0], [0, 0]])
+        want = table[:, rows] * torch.tensor([float(q == 1) for q in slots])[None, :, None]
+        torch.testing.assert_close(out, reference(toy, x, want, None), rtol=1e-5, atol=1e-5)

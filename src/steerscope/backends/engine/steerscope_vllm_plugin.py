@@ -28,7 +28,7 @@ while the model is built, before anything is traced:
   prompt tokens per slot (``index_add`` / ``scatter_reduce``) and, for token leaves, every token's running mean /
   max over its request so far (segment sums of the step's flattened tokens plus the carry), updates the state of the
   leaves read at that layer with ``copy_`` (kept across steps: a prompt decision made in the prefill step holds for
-  the request's life) and gives each token its first open rule's delta (:func:`_rules_delta`: ``table[idx]`` for the
+  the request's life) and gives each token its first open rule's delta (:func:`_rule_weights`: ``table[idx]`` for the
   first rule, the slot's ``gxtab [layers S RULES-1 d]`` rows for the others, where ``gpos [S 2]`` lets them act),
   branch-free; a slot whose prompt leaves are not all decided (a prompt split over steps) is shut. A slot's
   projection clamp (``gclamp [layers S d]`` unit directions, ``gcb [S 4]`` lo, hi and its positions, ``gctt`` its
@@ -36,8 +36,11 @@ while the model is built, before anything is traced:
   gated part is one custom operator in the traced graph, ``steerscope::gated_add`` (:func:`gated_add`), whose body
   runs as eager tensor code: Inductor does not compile the gate kernels of each layer (that took most of a compiled
   engine's start), and the layer's index is a buffer, so every layer traces the same graph. On CPU the operator
-  reads ``gany`` (some token of the step is gated) and a step without a gated request takes the plain add. On CUDA
-  its body stays branch-free (a predicate read on the host would sync inside a captured CUDA graph).
+  reads ``gany`` (some token of the step is gated) and a step without a gated request takes the plain add; on a
+  gated step the first layer works out every token's rule weights and clamp gate and the layers above reuse them,
+  recomputing only where a leaf is read (a leaf's decision can change them there). On CUDA its body stays
+  branch-free and every layer runs all of it (a predicate read on the host would sync inside a captured CUDA
+  graph).
 - Each step, the worker extension (``steerscope_vllm_adapter``), from an eager pre-hook on the
   outer model (which vLLM does not compile), writes ``idx`` and, when the batch's requests or
   their specs changed, the table rows, with ``copy_()`` (same storage, so the graph sees them).
@@ -132,6 +135,10 @@ class GraphSites:
             self.gpos = torch.zeros(rows, 2, dtype=f32, device=device)
             self.gtdec = torch.zeros(max_tokens, LEAVES, dtype=f32, device=device)  # token leaves' decisions
             self.gany = torch.zeros((), dtype=torch.bool, device=device)  # some token of this step is gated
+            # CPU: this step's [tokens, layers where a leaf is read, (rule weights, clamp keep) or None], made by the
+            # step's first layer (``gfirst``) and reused by the layers above it (see _gated_add_impl)
+            self.gmemo: list[Any] | None = None
+            self.gfirst = -1
             # projection clamps: per layer and slot the unit direction (0: none), per slot lo, hi, whether prompt /
             # generated tokens are clamped, and the truth table of the clamp's own gate
             self.gclamp = torch.zeros(n_layers, rows, d, dtype=f32, device=device)
@@ -163,6 +170,8 @@ def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -
             glayer = torch.tensor(float(i), device=device)
             layer.register_buffer("steerscope_glayer", glayer, persistent=False)
             _GATES[glayer.data_ptr()] = (sites, i)
+            if sites.gfirst < 0:  # the first layer of this model (of this rank's stage under pipeline parallelism)
+                sites.gfirst = i
             # CPU: the gate arithmetic skipped on steps without a gated request; on CUDA it stays branch-free (a
             # host-side predicate would sync inside a captured CUDA graph)
             layer.steerscope_skip = device.type == "cpu"
@@ -250,18 +259,34 @@ def _gated_add_impl(hidden: torch.Tensor, residual: torch.Tensor | None, delta: 
     slot, tok, par, st, gdir, gtt = sites.gslot[:n], sites.gtok[:n], sites.gparam, sites.gstate, sites.gdir, sites.gtt
     gctt, gtdec, gclamp, gcb, gxtab, gpos = sites.gctt, sites.gtdec, sites.gclamp[i], sites.gcb, sites.gxtab[i], \
         sites.gpos
-    # CPU: a layer where no slot reads a leaf only looks its gates up from the held state (the same figures the full
-    # arithmetic gives there: it changes no state at such a layer); on CUDA every layer runs all of it
-    if not skip or bool((par[..., 3] == layer).any()):
+    if skip:  # CPU: the step's gates computed once and reused by every layer until a leaf changes them
+        memo = sites.gmemo
+        if i == sites.gfirst or memo is None or memo[0] != n:  # a new step (the first layer runs first)
+            memo = sites.gmemo = [n, {int(v) for v in par[..., 3].flatten().tolist()}, None]
+        if i in memo[1]:  # a leaf is read at this layer: the full arithmetic, and its gates for the layers above
+            x = hidden if residual is None else hidden + residual
+            opened, clamped, new, tnow = _gate_math(layer, x, slot, tok, par, st, gdir, gtt, gctt, gtdec[:n])
+            st.copy_(new)
+            gtdec[:n].copy_(tnow)
+            memo[2] = None
+        elif memo[2] is None:  # no leaf here: the gates held in the state (what the arithmetic gives here)
+            opened, clamped = _table_gates(slot, par[slot][..., 5] > 0, gtdec[:n], st[..., 3], st[..., 4], gtt, gctt)
+        if memo[2] is None:
+            w0, w = _rule_weights(opened, slot, tok, gpos, delta.dtype)
+            keep = _clamp_keep(slot, tok, gcb, clamped)
+            memo[2] = (w0, w if bool(w.any()) else None, keep if bool(keep.any()) else None)
+        w0, w, keep = memo[2]
+    else:  # CUDA: branch-free, every layer runs all of it (a host-side read would sync inside a captured graph)
         x = hidden if residual is None else hidden + residual  # resid_pre before this layer's additions
         opened, clamped, new, tnow = _gate_math(layer, x, slot, tok, par, st, gdir, gtt, gctt, gtdec[:n])
         st.copy_(new)
         gtdec[:n].copy_(tnow)
-    else:
-        opened, clamped = _table_gates(slot, par[slot][..., 5] > 0, gtdec[:n], st[..., 3], st[..., 4], gtt, gctt)
-    d = _rules_delta(delta, opened, slot, tok, gxtab, gpos, host=skip)
+        w0, w = _rule_weights(opened, slot, tok, gpos, delta.dtype)
+        keep = _clamp_keep(slot, tok, gcb, clamped)
+    d = delta * w0 if w is None else delta * w0 + (gxtab[slot] * w[..., None]).sum(1)
     h, r = (hidden + d, None) if residual is None else (hidden, residual + d.to(residual.dtype))
-    h, r = _clamp_math(h, r, slot, tok, gclamp, gcb, clamped, host=skip)
+    if keep is not None:
+        h, r = _clamp_math(h, r, slot, gclamp, gcb, keep)
     if h is hidden:
         h = h.clone()
     return h, (hidden.new_empty(0) if r is None else r)
@@ -296,33 +321,32 @@ def _define_op() -> None:
 _define_op()
 
 
-def _rules_delta(d0: torch.Tensor, opened: torch.Tensor, slot: torch.Tensor, tok: torch.Tensor, gxtab: torch.Tensor,
-                 gpos: torch.Tensor, host: bool = False) -> torch.Tensor:
-    """Each token's delta [n d] from its slot's rules, first match wins: rule r acts where its gate is open and
-    every earlier rule's is shut (``opened`` [n RULES], 0/1). The first rule's delta is ``d0`` (the token's row
-    of ``table``); later rules read ``gxtab`` [S RULES-1 d] where ``gpos`` lets them steer the token (prompt or
-    generated). At most one term of the sum is nonzero, so the result is that rule's delta exactly."""
+def _rule_weights(opened: torch.Tensor, slot: torch.Tensor, tok: torch.Tensor, gpos: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's weight on its slot's rules, first match wins: rule r acts where its gate is open and every
+    earlier rule's is shut (``opened`` [n RULES], 0/1). Returns the first rule's weight [n 1] (on the token's row of
+    ``table``) and the later rules' [n RULES-1] (on ``gxtab`` [S RULES-1 d], where ``gpos`` lets them steer the
+    token: prompt or generated). At most one weight of a token is nonzero, so its delta is that rule's exactly."""
     shut = torch.cumprod(1.0 - opened, -1)  # [n R]: rules up to r all shut
     first = opened * torch.cat([torch.ones_like(opened[:, :1]), shut[:, :-1]], -1)  # [n R]
     keep = torch.where(tok[:, 0] > 0, gpos[slot, 0], gpos[slot, 1])  # [n]
-    w = (first[:, 1:] * keep[:, None]).to(d0.dtype)  # [n R-1]
-    if host and not bool(w.any()):  # CPU: no token takes a later rule (the sum below would add zeros)
-        return d0 * first[:, :1].to(d0.dtype)
-    return d0 * first[:, :1].to(d0.dtype) + (gxtab[slot] * w[..., None]).sum(1)
+    return first[:, :1].to(dtype), (first[:, 1:] * keep[:, None]).to(dtype)
 
 
-def _clamp_math(hidden: torch.Tensor, residual: torch.Tensor | None, slot: torch.Tensor, tok: torch.Tensor,
-                gclamp: torch.Tensor, gcb: torch.Tensor, opened: torch.Tensor, host: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _clamp_keep(slot: torch.Tensor, tok: torch.Tensor, gcb: torch.Tensor, opened: torch.Tensor) -> torch.Tensor:
+    """[n]: 1 where the token's clamp may act, its positions select it (``gcb`` [S 4]: lo, hi, prompt, generated)
+    and its clamp gate (``opened`` [n]) is open."""
+    cb = gcb[slot]
+    return torch.where(tok[:, 0] > 0, cb[:, 2], cb[:, 3]) * opened
+
+
+def _clamp_math(hidden: torch.Tensor, residual: torch.Tensor | None, slot: torch.Tensor, gclamp: torch.Tensor,
+                gcb: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each token's projection clamp at this layer, ``x + (clip(x·r̂, lo, hi) − x·r̂) r̂`` with x = resid_pre after
-    the additions, where its slot has a direction here, its positions select it and its gate (``opened``) is open:
-    the clamped stream is written whole into ``residual`` with ``hidden`` 0 there (into ``hidden`` at layer 0), as
-    the eager worker does; every other token's tensors are left as they were (``host``, CPU: returned as they are
-    when no token is clamped here)."""
+    the additions, where its slot has a direction here and ``keep`` (:func:`_clamp_keep`) allows it: the clamped
+    stream is written whole into ``residual`` with ``hidden`` 0 there (into ``hidden`` at layer 0), as the eager
+    worker does; every other token's tensors are left as they were."""
     cb = gcb[slot]  # [n 4]
-    keep = torch.where(tok[:, 0] > 0, cb[:, 2], cb[:, 3]) * opened
-    if host and not bool(keep.any()):
-        return hidden, residual
     r = gclamp[slot]  # [n d]
     mask = ((keep > 0) & (r != 0).any(-1))[:, None]
     x = hidden if residual is None else hidden + residual
