@@ -33,6 +33,15 @@ when no request is gated: on CPU the graph's gate operator skips the gate arithm
 ``gated`` and ``gated-token`` on the one with gate sites::
 
     STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm_gates.py --compiled --repeats 5 --json
+
+``--compiled --sites-only`` starts only the engine with gate sites (half the memory and CPU of two engines side
+by side, which made rounds noisy on 2 cores) and interleaves the ``--configs`` on it; the README's figures::
+
+    STEERSCOPE_VLLM_ENV=... python benchmarks/bench_vllm_gates.py --compiled --sites-only --repeats 7 \
+        --configs plain,gated,gated-token,gated-rules --json
+
+``--compiled --no-gate-code`` times the gate sites on a step where no request is gated, in one process without
+vLLM (:func:`compiled_no_gate_code`).
 """
 
 from __future__ import annotations
