@@ -172,6 +172,17 @@ def compiled_no_gate_code(n_tokens: int = 32, n_layers: int = 30, d: int = 576, 
             "n_tokens": n_tokens, "n_layers": n_layers, "d_model": d, "reps": reps}
 
 
+def per_step(cost: dict[str, Any], step_s: float | None, record: str, config: str) -> dict[str, Any]:
+    """``cost`` with the step it is divided by: ``step_s`` if given, else the ``config`` median of the recorded
+    engine run ``results/vllm_gates/<record>`` over its steps (one prefill step + one step per new token)."""
+    source = "--step-seconds"
+    if step_s is None:
+        rec = json.loads((Path(__file__).parent / "results" / "vllm_gates" / record).read_text())
+        step_s = rec["median"][config] / (rec["new_tokens"] + 1)
+        source = f"results/vllm_gates/{record}: {config} median / (new_tokens + 1)"
+    return {**cost, "step_seconds": step_s, "step_source": source, "fraction_of_step": cost["seconds_per_step"] / step_s}
+
+
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The rounds with each figure's median and [min, max] over them."""
     return {"rounds": rounds, "median": {k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
@@ -232,13 +243,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.compiled and args.no_gate_code:
         cost = compiled_no_gate_code()
-        step_s, source = args.step_seconds, "--step-seconds"
-        if step_s is None:
-            rec = json.loads((Path(__file__).parent / "results" / "vllm_gates" / "gates_compiled_token.json").read_text())
-            step_s = rec["median"]["nosites:plain"] / (rec["new_tokens"] + 1)
-            source = "results/vllm_gates/gates_compiled_token.json: nosites:plain median / (new_tokens + 1)"
-        out = {**cost, "step_seconds": step_s, "step_source": source,
-               "fraction_of_step": cost["seconds_per_step"] / step_s}
+        out = per_step(cost, args.step_seconds, "gates_compiled_token.json", "nosites:plain")
+        step_s = out["step_seconds"]
         print(json.dumps(out, indent=1) if args.json else
               f"compiled gate sites with no gated request: {cost['seconds_per_step'] * 1e6:.1f} us per step = "
               f"{100 * out['fraction_of_step']:.3f} % of a {step_s * 1e3:.1f} ms plain steered compiled step")
@@ -249,13 +255,8 @@ def main() -> None:
         return
     if args.no_gate_code:
         cost = no_gate_code()
-        step_s, source = args.step_seconds, "--step-seconds"
-        if step_s is None:
-            rec = json.loads((Path(__file__).parent / "results" / "vllm_gates" / "gates_main.json").read_text())
-            step_s = rec["median"]["plain"] / (rec["new_tokens"] + 1)  # one prefill step + one step per new token
-            source = "results/vllm_gates/gates_main.json: plain median / (new_tokens + 1)"
-        out = {**cost, "step_seconds": step_s, "step_source": source,
-               "fraction_of_step": cost["seconds_per_step"] / step_s}
+        out = per_step(cost, args.step_seconds, "gates_main.json", "plain")
+        step_s = out["step_seconds"]
         print(json.dumps(out, indent=1) if args.json else
               f"gate code with no gated request: {cost['seconds_per_step'] * 1e6:.1f} us per step = "
               f"{100 * out['fraction_of_step']:.3f} % of a {step_s * 1e3:.1f} ms plain steered step; the whole spec "
