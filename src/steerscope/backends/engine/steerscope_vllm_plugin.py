@@ -259,30 +259,29 @@ def _gated_add_impl(hidden: torch.Tensor, residual: torch.Tensor | None, delta: 
     slot, tok, par, st, gdir, gtt = sites.gslot[:n], sites.gtok[:n], sites.gparam, sites.gstate, sites.gdir, sites.gtt
     gctt, gtdec, gclamp, gcb, gxtab, gpos = sites.gctt, sites.gtdec, sites.gclamp[i], sites.gcb, sites.gxtab[i], \
         sites.gpos
-    if skip:  # CPU: the step's gates computed once and reused by every layer until a leaf changes them
+    memo: list[Any] | None = None  # CUDA: none, every layer runs all of it, branch-free (a host-side read would
+    if skip:  # sync inside a captured graph); CPU: the step's gates, reused by the layers until a leaf changes them
         memo = sites.gmemo
         if i == sites.gfirst or memo is None or memo[0] != n:  # a new step (the first layer runs first)
             memo = sites.gmemo = [n, {int(v) for v in par[..., 3].flatten().tolist()}, None]
-        if i in memo[1]:  # a leaf is read at this layer: the full arithmetic, and its gates for the layers above
-            x = hidden if residual is None else hidden + residual
-            opened, clamped, new, tnow = _gate_math(layer, x, slot, tok, par, st, gdir, gtt, gctt, gtdec[:n])
-            st.copy_(new)
-            gtdec[:n].copy_(tnow)
-            memo[2] = None
-        elif memo[2] is None:  # no leaf here: the gates held in the state (what the arithmetic gives here)
-            opened, clamped = _table_gates(slot, par[slot][..., 5] > 0, gtdec[:n], st[..., 3], st[..., 4], gtt, gctt)
-        if memo[2] is None:
-            w0, w = _rule_weights(opened, slot, tok, gpos, delta.dtype)
-            keep = _clamp_keep(slot, tok, gcb, clamped)
-            memo[2] = (w0, w if bool(w.any()) else None, keep if bool(keep.any()) else None)
-        w0, w, keep = memo[2]
-    else:  # CUDA: branch-free, every layer runs all of it (a host-side read would sync inside a captured graph)
+    if memo is None or i in memo[1]:  # the leaves read at this layer: the full arithmetic, their state written
         x = hidden if residual is None else hidden + residual  # resid_pre before this layer's additions
         opened, clamped, new, tnow = _gate_math(layer, x, slot, tok, par, st, gdir, gtt, gctt, gtdec[:n])
         st.copy_(new)
         gtdec[:n].copy_(tnow)
+        if memo is not None:
+            memo[2] = None  # the gates above this layer are these
+    elif memo[2] is None:  # CPU, no leaf here: the gates held in the state (what the arithmetic gives here)
+        opened, clamped = _table_gates(slot, par[slot][..., 5] > 0, gtdec[:n], st[..., 3], st[..., 4], gtt, gctt)
+    w: torch.Tensor | None
+    keep: torch.Tensor | None
+    if memo is None or memo[2] is None:
         w0, w = _rule_weights(opened, slot, tok, gpos, delta.dtype)
         keep = _clamp_keep(slot, tok, gcb, clamped)
+        if memo is not None:  # CPU: kept for the layers above, None where no token takes it (skipped below)
+            memo[2] = (w0, w if bool(w.any()) else None, keep if bool(keep.any()) else None)
+    if memo is not None:
+        w0, w, keep = memo[2]
     d = delta * w0 if w is None else delta * w0 + (gxtab[slot] * w[..., None]).sum(1)
     h, r = (hidden + d, None) if residual is None else (hidden, residual + d.to(residual.dtype))
     if keep is not None:
