@@ -4,8 +4,8 @@ For each difficulty: the study's test split (``split(0, n, difficulty, seed)`` -
 greedy completions of the chat-formatted prompt with ``max_new_tokens``, graded by math-verify
 (``metrics/math.is_correct``); accuracy with its 95 % Wilson interval. Writes one JSON per call.
 ``--samples K`` adds paper B's metric on the first ``--n-sampled`` problems: K samples at T = 1 per problem
-(seeds as the study draws them, ``steps.sample_seed``), pass@1 = their mean, with a cluster-bootstrap interval
-over problems (``stats.mean_ci``).
+through the study's own evaluation (``steps.evaluate``: its seeds, pass@1 = their mean, a cluster-bootstrap
+interval over problems; it also reports greedy accuracy on those problems).
 
     python benchmarks/bench_reasoning_task.py --difficulties multi-2,multi-3 --n 200 --tokens 128
     python benchmarks/bench_reasoning_task.py --model qwen2.5-coder-0.5b --difficulties multi-2 --samples 8 --n-sampled 50
@@ -20,27 +20,21 @@ from typing import Any
 import steerscope as ss
 from steerscope._files import dumps
 from steerscope.metrics.math import is_correct
-from steerscope.stats import mean_ci, wilson
+from steerscope.stats import wilson
 from steerscope.studies.reasoning import steps as st
+from steerscope.studies.reasoning.config import Config
 from steerscope.studies.reasoning.task import split
 
 
 def sampled(lm: ss.LM, difficulty: str, n: int, tokens: int, k: int, seed: int = 0, system: str | None = None
             ) -> dict[str, Any]:
-    """pass@1 over ``k`` samples at T = 1 on each of the first ``n`` test problems, with its cluster-bootstrap 95 %
-    interval over problems; per-problem correct counts."""
+    """The study's own evaluation (``steps.evaluate``) of the first ``n`` test problems: pass@1 over ``k`` samples
+    at T = 1 per problem with its cluster-bootstrap 95 % interval over problems (and greedy accuracy on them)."""
     _, test = split(0, n, difficulty, seed)
     t0 = time.time()
-    texts = [lm.format_chat(p.prompt, system) for p in test]
-    rows = [(r, i) for r in range(k) for i in range(n)]
-    comps = st.sample_rows(lm, [texts[i] for _, i in rows], None, tokens, [st.sample_seed(seed, i, r) for r, i in rows])
-    ok = [[0] * k for _ in range(n)]
-    for c, (r, i) in zip(comps, rows):
-        ok[i][r] = int(is_correct(c, test[i].answer))
-    point, lo, hi = mean_ci(ok)
-    return {"difficulty": difficulty, "system": system, "n": n, "k": k, "max_new_tokens": tokens,
-            "pass_at_1": point, "cluster_bootstrap95": [lo, hi], "seconds": round(time.time() - t0, 1),
-            "per_problem_correct": [sum(r) for r in ok]}
+    rec = st.evaluate(lm, test, Config(max_new_tokens=tokens, system=system, seed=seed, eval_samples=k), difficulty)
+    return {"difficulty": difficulty, "system": system, "max_new_tokens": tokens, **rec.to_dict(),
+            "seconds": round(time.time() - t0, 1)}
 
 
 def measure(lm: ss.LM, difficulty: str, n: int, tokens: int, seed: int = 0, system: str | None = None) -> dict[str, Any]:
@@ -79,8 +73,8 @@ def main() -> None:
         if a.samples:
             r = sampled(lm, d, a.n_sampled, a.tokens, a.samples, system=a.system)
             rows.append(r)
-            lo, hi = r["cluster_bootstrap95"]
-            print(f"{d}: pass@1 over {r['k']} samples x {r['n']} problems = {r['pass_at_1']:.3f} [{lo:.3f}, {hi:.3f}] "
+            lo, hi = r["sampled_ci"]
+            print(f"{d}: pass@1 over {r['k']} samples x {r['n']} problems = {r['sampled_acc']:.3f} [{lo:.3f}, {hi:.3f}] "
                   f"({r['seconds']} s)", flush=True)
     if a.out:
         with open(a.out, "w") as f:
