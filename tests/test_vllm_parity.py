@@ -251,3 +251,24 @@ def test_compiled_conditions_in_a_mixed_batch_match_hf(setup):
     specs = [bv.spec(eng, None, clamp=Clamp(cap, hi=hi))] * 3 + \
         [bv.spec(eng, None, clamp=Clamp(cap, hi=hi, condition=cond))] * 4 + [None]
     check(s, "compiled clamps", clamped + gated_clamp + base[7:], run(s, specs))
+
+
+def test_seeded_samples_do_not_depend_on_chunked_prefill(setup):
+    """A batch of long prompts is prefilled in chunks, and vLLM rewinds a seeded row's generator after every
+    sample it discards: on CPU that needs steerscope's rewindable generators (vLLM alone fails with "CPU Generator
+    does not use offset"). Each row's sampled tokens must equal the same request sampled on its own."""
+    s = setup
+    if s["name"] != "qwen2-tiny":
+        pytest.skip("one eager engine shows it")
+    lm, engine = s["lm"], s["engine"]
+    filler = " ".join(f"word{j}" for j in range(120))
+    texts = [lm.format_chat(f"{i}. {PROMPTS[i % len(PROMPTS)]} {filler}") for i in range(24)]
+    ids = bv.prompt_ids(lm, texts, True)
+    assert sum(map(len, ids)) > 4096, "the batch must exceed the CPU engine's token budget (4096) to be chunked"
+    params = {**bv.stop_params(lm, 8, True, 1.0, None), "seeds": bv.row_seeds(7, len(ids))}
+    before = engine.stats()["rewindable_rows"]
+    batch, _ = engine.generate_ids(ids, [None] * len(ids), params)
+    assert engine.stats()["rewindable_rows"] > before, "no prompt was prefilled in chunks: the test shows nothing"
+    alone = [engine.generate_ids([x], [None], {**params, "seeds": [seed]})[0][0]
+             for x, seed in zip(ids, params["seeds"])]
+    assert batch == alone

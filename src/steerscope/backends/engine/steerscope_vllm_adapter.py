@@ -27,6 +27,13 @@ Algorithm (one engine step, continuous batching):
    writes each gated request's slot once and the per-token slot map each step); it refuses the rest with
    ``steerscope_vllm_gates.compiled_refusal``'s reason.
 
+6. Seeded sampling on CPU: vLLM rewinds a seeded request's generator after a sample it discards (a prompt
+   prefilled in chunks: every chunk but the last) with ``get_offset``/``set_offset``, which only CUDA generators
+   have (a CPU one raises "CPU Generator does not use offset" and the engine fails). The pre-hook replaces such a
+   row's CPU generator by a :class:`_RewindableGenerator` holding its state before the step, which
+   ``set_offset`` restores: the sample is undone exactly, so a row's draws do not depend on how its prompt was
+   chunked (that is, on the rest of the batch).
+
 Hooks do not run in a compiled (torch.compile / CUDA graph) model: :meth:`steerscope_install`
 refuses unless compilation is off (``enforce_eager=True``), and the engine counts hook calls so a
 silent bypass is detected.
@@ -160,6 +167,50 @@ def _add(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _RewindableGenerator(torch.Generator):
+    """A CPU generator that vLLM can rewind: ``set_offset`` restores the state recorded at the start of the step.
+
+    vLLM's model runner undoes a discarded sample with ``gen.set_offset(gen.get_offset() - 4)`` (Philox offsets, CUDA
+    only); here any ``set_offset`` restores ``start``, the state before this step's draws (see step 6 above).
+    """
+
+    start: torch.Tensor | None = None
+
+    def get_offset(self) -> int:  # type: ignore[override]
+        return 0
+
+    def set_offset(self, offset: int) -> _RewindableGenerator:  # type: ignore[override]
+        if self.start is not None:
+            self.set_state(self.start)
+        return self
+
+
+def _rewindable_generators(runner: Any, n: int) -> int:
+    """Record the state of every CPU generator whose sample this step discards (``discard_request_mask``),
+    swapping it for a :class:`_RewindableGenerator` (in the batch and in the request's own state). Returns
+    how many rows were prepared."""
+    mask = getattr(runner, "discard_request_mask", None)
+    gens = runner.input_batch.generators
+    if mask is None or not gens:
+        return 0
+    done = 0
+    for i in mask.np[:n].nonzero()[0].tolist():
+        g = gens.get(i)
+        if g is None or g.device.type != "cpu":
+            continue
+        if not isinstance(g, _RewindableGenerator):
+            new = _RewindableGenerator(device="cpu")
+            new.set_state(g.get_state())
+            gens[i] = new
+            state = runner.requests.get(runner.input_batch.req_ids[i])
+            if state is not None and state.generator is g:
+                state.generator = new
+            g = new
+        g.start = g.get_state()
+        done += 1
+    return done
+
+
 class SteerExtension:
     """Mixed into vLLM's worker; methods are called through ``collective_rpc("steerscope_...")``."""
 
@@ -235,6 +286,7 @@ class SteerExtension:
         stream = getattr(self, "_ss_stream", None)  # the stream just after the last steered addition (eager)
         return {"steered_layer_calls": self._ss_calls, "vectors": sorted(self._ss_vectors), "bad": self._ss_bad[-5:],
                 "last_steered_step": getattr(self, "_ss_last", None),
+                "rewindable_rows": getattr(self, "_ss_rewinds", 0),
                 "last_steered_stream_sum": None if stream is None else float(stream.double().sum())}
 
     # -- hooks -------------------------------------------------------------------------------
@@ -289,6 +341,7 @@ class SteerExtension:
         runner = self.model_runner  # type: ignore[attr-defined]
         ib = runner.input_batch
         n = int(ib.num_reqs)
+        self._ss_rewinds = getattr(self, "_ss_rewinds", 0) + _rewindable_generators(runner, n)
         req_ids = list(ib.req_ids[:n]) if n else []
         if len(self._ss_specs) > 4 * max(n, 64):
             self._ss_specs = {r: self._ss_specs[r] for r in req_ids if r in self._ss_specs}
