@@ -3,6 +3,7 @@ control against its own vector, one Holm-corrected family of tests, the transfer
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -17,7 +18,7 @@ from steerscope.studies.reasoning import transfer
 from steerscope.studies.reasoning.config import ReasoningConfig
 from steerscope.studies.reasoning.family import family
 from steerscope.studies.reasoning.records import EvalRecord
-from steerscope.studies.reasoning.task import MULTI_STEP, make_problems, split
+from steerscope.studies.reasoning.task import DIFFICULTIES, MULTI_STEP, Problem, examples, make_problems, split, worked
 
 
 def _ev(g, sampled=(), k=0):
@@ -143,3 +144,62 @@ def test_config_layer_sweep_and_joint_pairs_option():
     assert ReasoningConfig().eval_samples >= 8 and ReasoningConfig(joint_pairs=True).joint_pairs
     with pytest.raises(SteerscopeError):
         ReasoningConfig(layers=("every:x",)).resolve_layers(30)
+
+
+@pytest.mark.parametrize("difficulty", sorted(set(DIFFICULTIES) - {"add-1d"}) + ["add-1d"])
+def test_worked_solutions_reach_the_answer_step_by_step(difficulty):
+    """Few-shot turns (issue 25's band task): each worked solution is graded correct, and a multi-step one
+    recomputes every step on its own line; the examples are disjoint from the train and test problems."""
+    from steerscope.metrics.math import is_correct
+
+    for p in make_problems(60, difficulty, seed=3):
+        sol = worked(p)
+        assert is_correct(sol, p.answer) and sol.endswith(f"\\boxed{{{p.answer}}}.")
+        if difficulty in MULTI_STEP:
+            steps = re.findall(r"(\d+) ([-+]) (\d+) = (\d+)\.", sol)
+            assert len(steps) == MULTI_STEP[difficulty][0]
+            assert all(int(a) + (1 if op == "+" else -1) * int(b) == int(c) for a, op, b, c in steps)
+            assert steps[-1][3] == p.answer
+    train, test = split(50, 40, difficulty, seed=0)
+    shots = examples(3, difficulty, 0, {p.question for p in [*train, *test]})
+    assert len(shots) == 3 and not {q for q, _ in shots} & {p.prompt for p in [*train, *test]}
+    with pytest.raises(SteerscopeError, match="cannot work out"):
+        worked(Problem("Tom has 3 coins. Tom loses 1. How many coins does Tom have now?", "5"))
+
+
+def test_format_chat_puts_the_history_turns_before_the_prompt(smol_tokenizer, tiny_llama):
+    history = [("What is 1 + 1?", "1 + 1 = 2."), ("What is 2 + 2?", "2 + 2 = 4.")]
+    text = tiny_llama.format_chat("What is 3 + 3?", history=history)
+    order = [text.index(s) for s in ("What is 1 + 1?", "1 + 1 = 2.", "What is 2 + 2?", "2 + 2 = 4.", "What is 3 + 3?")]
+    assert order == sorted(order) and text.count("<|im_start|>assistant") == 3 and text.endswith("assistant\n")
+    assert tiny_llama.format_chat("Hi") == tiny_llama.format_chat("Hi", history=())
+    from dataclasses import replace as dc_replace
+
+    raw = dc_replace(tiny_llama, tokenizer=copy.copy(smol_tokenizer))
+    raw.tokenizer.chat_template = None
+    assert not raw.has_chat_template  # no template: plain text turns
+    assert raw.format_chat("Q3", history=[("Q1", "A1")]) == "Q1\nA1\n\nQ3"
+
+
+def test_shots_reach_training_and_evaluation_and_keep_old_run_folders(tiny_llama):
+    from steerscope.studies.reasoning import steps as st
+
+    cfg = ReasoningConfig(difficulty="multi-2-tiny", shots=2, n_train=20, n_test=10)
+    shots = st.shots(cfg)
+    assert len(shots) == 2 and st._rloo_cfg(cfg, 0.1).history == shots
+    texts = st.chat_texts(tiny_llama, cfg, st.problems(cfg)[1])
+    assert all(t.index(shots[1][1]) < t.index(p.question) for t, p in zip(texts, st.problems(cfg)[1]))
+    assert st.shots(ReasoningConfig()) == () and st._rloo_cfg(ReasoningConfig(), 0.1).history == ()
+    # identity: the defaults leave the keys out, so a run folder written before the options existed resumes
+    base = ReasoningConfig().identity()
+    assert "shots" not in base and "pair_layers" not in base
+    assert ReasoningConfig(shots=2).identity()["shots"] == 2
+    assert ReasoningConfig(pair_layers=("-2", "-1")).identity()["pair_layers"] == ["-2", "-1"]
+
+
+def test_pair_layers_pick_the_pairs_among_the_single_layers():
+    cfg = ReasoningConfig(layers=("every:6", "-2", "-1"), pair_layers=("-2", "-1"))
+    assert cfg.resolve_layers(30) == [0, 6, 12, 18, 24, 28, 29] and cfg.resolve_pair_layers(30) == [28, 29]
+    assert ReasoningConfig(layers=("0", "5")).resolve_pair_layers(30) == [0, 5]
+    with pytest.raises(SteerscopeError, match="not among the single layers"):
+        ReasoningConfig(layers=("every:6",), pair_layers=("-1",)).resolve_pair_layers(30)

@@ -63,6 +63,8 @@ class RLOOConfig:
     checkpoint_every: int = 10
     seed: int = 0
     system: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
+    """Earlier (user, assistant) chat turns before every prompt, e.g. few-shot worked examples (:meth:`LM.format_chat`)."""
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -240,7 +242,7 @@ def _rloo_loop(lm: LM, policy: Policy, prompts: Sequence[str], answers: Sequence
     need = config.steps * config.prompts_per_step
     while len(order) < need:
         order += torch.randperm(len(prompts), generator=gen).tolist()
-    texts = [lm.format_chat(p, config.system) for p in prompts]
+    texts = [lm.format_chat(p, config.system, history=config.history) for p in prompts]
     t_all = time.time()
     bar = progress(range(start, config.steps), desc="rloo", enabled=show_progress, total=config.steps - start)
     for step in bar:

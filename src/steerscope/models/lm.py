@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -246,15 +247,25 @@ class LM:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def format_chat(self, prompt: str, system: str | None = None, completion: str | None = None) -> str:
-        """The prompt as the model sees it: chat template with a generation prompt, then ``completion``."""
+    def format_chat(self, prompt: str, system: str | None = None, completion: str | None = None,
+                    history: Sequence[tuple[str, str]] = ()) -> str:
+        """The prompt as the model sees it: chat template with a generation prompt, then ``completion``.
+
+        ``history``: earlier (user, assistant) turns placed before ``prompt``, e.g. worked examples for few-shot
+        prompting. Without a chat template the turns are plain text, each followed by a blank line.
+
+        Example:
+            >>> lm.format_chat("What is 2 + 3?", history=[("What is 1 + 1?", "1 + 1 = 2. \\boxed{2}")])
+        """
         if self.has_chat_template:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
+            msgs = [{"role": "system", "content": system}] if system else []
+            for user, assistant in history:
+                msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+            msgs.append({"role": "user", "content": prompt})
             text = str(self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
         else:
-            text = (system + "\n\n" if system else "") + prompt
+            turns = "".join(f"{user}\n{assistant}\n\n" for user, assistant in history)
+            text = (system + "\n\n" if system else "") + turns + prompt
         return text + (completion or "")
 
     def tokenize(self, texts: list[str], padding_side: str = "left", templated: bool = True) -> Any:

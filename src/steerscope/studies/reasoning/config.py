@@ -35,6 +35,8 @@ class Config(StudyConfig):
                                      "for a layer sweep (every N-th layer, paper B's Fig. 1)", sep=",")
     joint_pairs: bool = option(False, "also train each pair of single layers jointly (one bias per layer, one "
                                "optimiser) for the layer-pair gain", flag="--joint-pairs")
+    pair_layers: tuple[str, ...] = option((), "the single layers whose pairs the layer-pair step combines, e.g. "
+                                          "-2,-1 (default: every single layer; a sweep has many pairs)", sep=",")
     train_all: bool = option(True, "skip the all-layers vector", flag="--no-all")
     lora: bool = option(True, "skip the LoRA baseline", flag="--no-lora")
     lora_rank: int = 2
@@ -59,15 +61,21 @@ class Config(StudyConfig):
     sae_k: int = 16
     sae_samples: int = 1  # sampled completions per train prompt, steered and unsteered
     system: str | None = None
+    shots: int = option(0, "worked examples shown before each problem as earlier chat turns (few-shot prompting; "
+                           "task.examples), in training and evaluation alike (default: the preset's)", minimum=0)
     seed: int = option(0, "random seed")
     backend: str = option("hf", "engine for the evaluation generations: hf or vllm (docs/vllm.md); gated biases, "
                                 "LoRA and last-layer vectors stay on hf", choices=("hf", "vllm"))
 
     def identity(self) -> dict[str, Any]:
         """What a run folder is checked against on resume: everything but ``backend``, which changes
-        speed, not greedy numbers (vLLM's greedy tokens are HF's; its sampler is its own)."""
+        speed, not greedy numbers (vLLM's greedy tokens are HF's; its sampler is its own), and ``shots`` and
+        ``pair_layers`` at their defaults."""
         d = self.to_dict()
         d.pop("backend")
+        for key in ("shots", "pair_layers"):  # at their defaults, a run folder from before they existed is the same
+            if not d[key]:
+                d.pop(key)
         return d
 
     @classmethod
@@ -84,29 +92,48 @@ class Config(StudyConfig):
 
     def resolve_layers(self, n_layers: int) -> list[int]:
         """The single layers as block indices."""
-        out = []
-        for s in self.layers:
-            try:
-                if s == "every" or s.startswith("every:"):
-                    out += list(range(0, n_layers, max(1, int(s.split(":")[1]) if ":" in s else 1)))
-                    continue
-                x = n_layers // 2 if s == "mid" else int(s)
-            except ValueError:
-                raise StudyError(f"layer {s!r} not understood; use ints (negative from the end), 'mid', "
-                                 "'every' or 'every:N'") from None
-            x = x + n_layers if x < 0 else x
-            if not 0 <= x < n_layers:
-                raise StudyError(f"layer {s} is out of range for a model with {n_layers} layers")
-            out.append(x)
-        return sorted(set(out))
+        return _resolve(self.layers, n_layers)
+
+    def resolve_pair_layers(self, n_layers: int) -> list[int]:
+        """The single layers the layer-pair step combines (``pair_layers``, default all of them) as block indices."""
+        singles = self.resolve_layers(n_layers)
+        if not self.pair_layers:
+            return singles
+        chosen = _resolve(self.pair_layers, n_layers)
+        if extra := [x for x in chosen if x not in singles]:
+            raise StudyError(f"--pair-layers names layer(s) {extra} that are not among the single layers {singles}; "
+                             "add them to --layers")
+        return chosen
+
+
+def _resolve(specs: tuple[str, ...], n_layers: int) -> list[int]:
+    """Layer specs (ints, negative from the end, ``mid``, ``every``, ``every:N``) as sorted block indices."""
+    out = []
+    for s in specs:
+        try:
+            if s == "every" or s.startswith("every:"):
+                out += list(range(0, n_layers, max(1, int(s.split(":")[1]) if ":" in s else 1)))
+                continue
+            x = n_layers // 2 if s == "mid" else int(s)
+        except ValueError:
+            raise StudyError(f"layer {s!r} not understood; use ints (negative from the end), 'mid', "
+                             "'every' or 'every:N'") from None
+        x = x + n_layers if x < 0 else x
+        if not 0 <= x < n_layers:
+            raise StudyError(f"layer {s} is out of range for a model with {n_layers} layers")
+        out.append(x)
+    return sorted(set(out))
 
 
 PRESETS: dict[str, Config] = {
     "cpu": Config(),
-    # The harder task family (issue 25): multi-step word problems, 200 test problems, room to reason; a
-    # layer sweep (every 3rd layer) and the jointly trained pair. NOT run here (hours on 2 CPU cores).
-    "cpu-multi": Config(difficulty="multi-2-tiny", n_test=200, max_new_tokens=96, layers=("every:3", "-2", "-1"),
-                        joint_pairs=True, train_all=False),
+    # The band task (issue 25): multi-step word problems after 6 worked examples (SmolLM2's base accuracy is
+    # inside 20-60 %, docs/reasoning.md), 200 test problems; a layer sweep (every 6th layer and the last two),
+    # the all-layers vector and the last two layers trained jointly (the layer-pair gain needs all three).
+    # The side studies (transfer, seeds, gating, SAE, LoRA) are left to the default preset. Hours on 2 CPU cores.
+    "cpu-multi": Config(difficulty="multi-2-tiny", shots=6, n_test=200, max_new_tokens=64,
+                        layers=("every:6", "-2", "-1"), pair_layers=("-2", "-1"), joint_pairs=True, train_all=True,
+                        lora=False, transfer=False, seeds=1, gate_compare=False, sae=False),
     "tiny": Config(n_train=40, n_test=40, layers=("-2", "-1"), train_all=True, lora=True, steps=4,
                    k=4, prompts_per_step=2, eval_samples=2, n_analysis=8, seeds=2, sae_width=256,
                    sae_k=8, sae_samples=1),

@@ -70,7 +70,7 @@ def gate_values(lm: LM, bias: SteeringBias, texts: list[str], problems: list[Pro
             h = call.store[f"steerscope.gate_h.{layer}"]
         hn = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6)
         g = (1.0 + torch.tanh(hn @ bias.w[str(layer)].float() + bias.b[str(layer)].float()))[0]
-        qs = text.find(p.question)
+        qs = text.rfind(p.question)  # the last: few-shot turns come before it
         ins = text.find(INSTRUCTION, qs)
         q, i = (qs, qs + len(p.question)), (ins, ins + len(INSTRUCTION))
         toks = [text[a:b] for a, b in offs]
@@ -107,7 +107,7 @@ def gate_runs(run: Run, lm: LM, cfg: ReasoningConfig, layer: int, test: list[Pro
     bias = load_gated(run, lm, name, layer)
     ev = run.record(rc.eval_step(name), EvalRecord, lambda: st.evaluate(lm, test, cfg, name, bias.active, samples=0))
     probs = test[: cfg.n_analysis]
-    texts = [lm.format_chat(p.prompt, cfg.system) for p in probs]
+    texts = st.chat_texts(lm, cfg, probs)
     vals = run.record(rc.GATE_VALUES, GateValuesRecord, lambda: GateValuesRecord(gate_values(lm, bias, texts, probs)))
     if ev is None or vals is None:
         return None

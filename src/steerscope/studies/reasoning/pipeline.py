@@ -51,6 +51,7 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     for p in lm.model.parameters():
         p.requires_grad_(False)
     singles = cfg.resolve_layers(lm.n_layers)
+    cfg.resolve_pair_layers(lm.n_layers)  # a bad --pair-layers fails here, not after hours of training
     train, test = st.problems(cfg)
     run.record(rc.DATA, rc.DataRecord, lambda: rc.DataRecord([p.to_dict() for p in train], [p.to_dict() for p in test]))
     evals = {"base": run.record(rc.EVAL_BASE, EvalRecord, lambda: st.evaluate(lm, test, cfg, "base"))}
@@ -105,7 +106,7 @@ def _mechanism_steps(run: Run, lm: LM, cfg: ReasoningConfig, singles: list[int],
     run.record(rc.LENS, rc.LensRecord, lambda: st.lens_step(lm, vecs))
     last, pen = rc.vector_name(lm.n_layers - 1), rc.vector_name(lm.n_layers - 2)
     if last in vecs:
-        texts = [lm.format_chat(p.prompt, cfg.system) for p in test[: cfg.n_analysis]]
+        texts = st.chat_texts(lm, cfg, test[: cfg.n_analysis])
         res = replace(res, first_token=run.record(rc.FIRST_TOKEN, rc.FirstTokenRecord,
                                                   lambda: an.first_token_delta(lm, vecs[last], texts)))
     res = replace(res, prefix=_prefix_steps(run, lm, cfg, singles, test, vecs, evals))
@@ -115,8 +116,9 @@ def _mechanism_steps(run: Run, lm: LM, cfg: ReasoningConfig, singles: list[int],
     res = replace(res, persistence=run.record(rc.PERSISTENCE, rc.PersistenceRecord,
                                               partial(_persistence, lm, cfg, vecs, singles)))
     acc = {n: e.greedy_acc for n, e in evals.items()}
-    if len(singles) >= 2 and all(rc.vector_name(x) in vecs for x in singles):
-        res = replace(res, pairs=run.record(rc.PAIRS, rc.PairsRecord, lambda: st.pairs_step(lm, run, cfg, singles, acc)))
+    paired = cfg.resolve_pair_layers(lm.n_layers)
+    if len(paired) >= 2 and all(rc.vector_name(x) in vecs for x in paired):
+        res = replace(res, pairs=run.record(rc.PAIRS, rc.PairsRecord, lambda: st.pairs_step(lm, run, cfg, paired, acc)))
     if pen in vecs:  # control: a random direction of the same norm at the same layer
         control = run.record(rc.CONTROL, rc.ControlRecord,
                              lambda: st.random_control(lm, cfg, vecs[pen], lm.n_layers - 2))
@@ -132,13 +134,15 @@ def _prefix_eval(lm: LM, cfg: ReasoningConfig, test: list[Problem], name: str, t
 
 def _prefix_steps(run: Run, lm: LM, cfg: ReasoningConfig, singles: list[int], test: list[Problem],
                   vecs: dict[str, SteeringVector], evals: dict[str, EvalRecord]) -> rc.PrefixRecord | None:
-    """Prefix control per single-layer vector (step ``prefix_L<l>``): the vector's OWN top logit-lens token
-    (no final norm) written at the start of the response instead of steering, compared with that vector's
-    gain over base (:func:`analyses.prefix_summary`). Each evaluation goes into ``evals`` as ``prefix L<l>``."""
+    """Prefix control per single-layer vector of the last two layers (step ``prefix_L<l>``; paper B's "To"
+    analysis is of the last layers' vectors, and a layer sweep would otherwise double its evaluations): the
+    vector's OWN top logit-lens token (no final norm) written at the start of the response instead of steering,
+    compared with that vector's gain over base (:func:`analyses.prefix_summary`). Each evaluation goes into
+    ``evals`` as ``prefix L<l>``."""
     from steerscope.analyses.lens import logit_lens
 
     rows = []
-    for x in singles:
+    for x in [s for s in singles if s >= lm.n_layers - 2]:
         name = rc.vector_name(x)
         if name not in vecs or evals.get(name) is None:
             continue

@@ -46,7 +46,7 @@ N_PERM = 200
 def generations(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> list[Generation]:
     """Sampled completions of the train prompts, unsteered and steered, with correctness labels."""
     train, _ = st.problems(cfg)
-    texts = [lm.format_chat(p.prompt, cfg.system) for p in train]
+    texts = st.chat_texts(lm, cfg, train)
     out: list[Generation] = []
     for cond in ("base", "steered"):
         steer = None if cond == "base" else vec

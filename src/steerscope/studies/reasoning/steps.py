@@ -35,7 +35,7 @@ from steerscope.studies.reasoning.records import (
     PairsRecord,
     TrainRecord,
 )
-from steerscope.studies.reasoning.task import Problem, split
+from steerscope.studies.reasoning.task import Problem, examples, split
 from steerscope.vector import SteeringVector
 
 
@@ -46,6 +46,25 @@ def problems(cfg: ReasoningConfig) -> tuple[list[Problem], list[Problem]]:
         >>> train, test = problems(ReasoningConfig(n_train=10, n_test=5))
     """
     return split(cfg.n_train, cfg.n_test, cfg.difficulty, cfg.seed)
+
+
+def shots(cfg: ReasoningConfig) -> tuple[tuple[str, str], ...]:
+    """The ``cfg.shots`` worked examples (prompt, solution) shown before every problem, disjoint from the
+    train and test problems (:func:`task.examples`); empty when ``shots`` is 0."""
+    if not cfg.shots:
+        return ()
+    train, test = problems(cfg)
+    return tuple(examples(cfg.shots, cfg.difficulty, cfg.seed, {p.question for p in [*train, *test]}))
+
+
+def chat_texts(lm: LM, cfg: ReasoningConfig, probs: Sequence[Problem]) -> list[str]:
+    """The problems as the model sees them: chat template, ``cfg.system``, the few-shot turns, the prompt.
+
+    Example:
+        >>> chat_texts(lm, ReasoningConfig(shots=2, difficulty="multi-2-tiny"), problems(cfg)[1][:3])
+    """
+    history = shots(cfg)
+    return [lm.format_chat(p.prompt, cfg.system, history=history) for p in probs]
 
 
 Steer = SteeringVector | Callable[[], ContextManager[Any]] | None
@@ -119,7 +138,7 @@ def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str, s
     ``steer``: a vector at alpha 1, a context factory, or None (:data:`Steer`); generated on ``cfg.backend``
     where the engine can apply it.
     """
-    texts = [lm.format_chat(p.prompt, cfg.system) + prefix for p in test]
+    texts = [t + prefix for t in chat_texts(lm, cfg, test)]
     greedy = [prefix + c for c in _generate(lm, texts, steer, cfg.max_new_tokens, False, cfg.seed, backend=cfg.backend)]
     g = [int(is_correct(c, p.answer)) for c, p in zip(greedy, test)]
     k = cfg.eval_samples if samples is None else samples
@@ -133,7 +152,7 @@ def evaluate(lm: LM, test: Sequence[Problem], cfg: ReasoningConfig, name: str, s
 def _rloo_cfg(cfg: ReasoningConfig, lr: float, seed: int | None = None) -> RLOOConfig:
     return RLOOConfig(steps=cfg.steps, prompts_per_step=cfg.prompts_per_step, k=cfg.k, lr=lr,
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, checkpoint_every=2,
-                      seed=cfg.seed if seed is None else seed, system=cfg.system)
+                      seed=cfg.seed if seed is None else seed, system=cfg.system, history=shots(cfg))
 
 
 def train_vector(run: Run, lm: LM, cfg: ReasoningConfig, name: str, layers: list[int] | str,
@@ -198,7 +217,7 @@ def analysis_texts(lm: LM, cfg: ReasoningConfig, vec: SteeringVector) -> tuple[l
     """Prompts of the first ``n_analysis`` test problems and the steered model's greedy completions."""
     _, test = problems(cfg)
     test = test[: cfg.n_analysis]
-    texts = [lm.format_chat(p.prompt, cfg.system) for p in test]
+    texts = chat_texts(lm, cfg, test)
     comps = _generate(lm, texts, vec, cfg.max_new_tokens, False, cfg.seed, backend=cfg.backend)
     return texts, [c if c else " " for c in comps], test
 

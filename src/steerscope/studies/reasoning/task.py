@@ -10,6 +10,7 @@ The generator is deterministic given ``seed``; train and test sets use disjoint 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass
 
 from steerscope.errors import StudyError
@@ -122,3 +123,43 @@ def split(n_train: int, n_test: int, difficulty: str = "two-step", seed: int = 0
     test = make_problems(n_test, difficulty, seed=seed + 1_000_003)
     train = make_problems(n_train, difficulty, seed=seed, exclude={p.question for p in test})
     return train, test
+
+
+_STEP = re.compile(r"^(?:Then )?(\w+) (.*?)(\d+)(.*)$")
+
+
+def worked(problem: Problem) -> str:
+    """A worked solution of a generated problem, ending in ``\\boxed{answer}``: the assistant turn of a few-shot example.
+
+    Multi-step word problems get one line per step (``Tom buys 2 more: 3 + 2 = 5.``); the others one line with the
+    arithmetic where the question states it. The solution is checked against the problem's answer.
+
+    Example:
+        >>> worked(Problem("Tom has 3 coins. Tom loses 1. Then Tom finds 2 more. How many coins does Tom have now?", "4"))
+        'Tom starts with 3 coins.\\nTom loses 1: 3 - 1 = 2.\\nThen Tom finds 2 more: 2 + 2 = 4.\\nThe answer is \\\\boxed{4}.'
+    """
+    sents = [s.strip() for s in problem.question.replace(" and then ", ". Then ").split(". ")]
+    start = re.match(r"^(\w+) has (\d+) (\w+)$", sents[0])
+    if start and sents[-1].startswith("How many") and all(_STEP.match(s.rstrip(".")) for s in sents[1:-1]):
+        amount = int(start.group(2))
+        lines = [f"{start.group(1)} starts with {amount} {start.group(3)}."]
+        for s in sents[1:-1]:
+            s = s.rstrip(".")
+            n = int(_STEP.match(s).group(3))  # type: ignore[union-attr]
+            lose = any(w in s for w in (" away", " loses ", " sells ", " uses "))
+            new = amount - n if lose else amount + n
+            lines.append(f"{s}: {amount} {'-' if lose else '+'} {n} = {new}.")
+            amount = new
+        body, result = "\n".join(lines), str(amount)
+    else:
+        expr = re.search(r"(\d+(?: [-+*] \d+)+)", problem.question)
+        body, result = (f"{expr.group(1)} = {problem.answer}." if expr else ""), problem.answer
+    if result != problem.answer:
+        raise StudyError(f"cannot work out {problem.question!r}: got {result}, expected {problem.answer}")
+    return (body + "\n" if body else "") + f"The answer is \\boxed{{{problem.answer}}}."
+
+
+def examples(n: int, difficulty: str, seed: int = 0, exclude: set[str] | None = None) -> list[tuple[str, str]]:
+    """``n`` few-shot turns (prompt, :func:`worked` solution) of ``difficulty``, drawn with their own seed and
+    disjoint from ``exclude`` (pass the train and test questions)."""
+    return [(p.prompt, worked(p)) for p in make_problems(n, difficulty, seed=seed + 2_000_003, exclude=exclude)]
