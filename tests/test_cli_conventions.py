@@ -74,6 +74,37 @@ def test_negative_layers_without_equals_sign_reach_the_layer_check() -> None:
         build_parser().parse_args(["generate", "--layers", "-2,-1"])
 
 
+VECTOR_COMMANDS = ("generate", "inspect", "explain", "verify")  # every subcommand that takes one vector
+
+
+def test_every_subcommand_names_its_vector_with_the_vector_option() -> None:
+    """A vector is the same kind of argument everywhere: ``--vector V`` (a positional ``vector`` only as the
+    older spelling beside it)."""
+    found = {}
+    for path, p in _parsers(build_parser()):
+        dests = {act.dest: act for act in p._actions}
+        if "vector" in dests or "vector_positional" in dests:
+            found[path.removeprefix("steerscope ")] = dests["vector"].option_strings
+    assert found == {c: ["--vector"] for c in VECTOR_COMMANDS}
+
+
+@pytest.mark.parametrize("command, rest", [("inspect", []), ("explain", ["--out", "o"]), ("verify", [])])
+def test_the_vector_is_taken_as_an_option_or_positionally_but_not_both(command, rest, capsys) -> None:
+    from steerscope.cli import main
+
+    p = build_parser()
+    for argv in ([command, "--vector", "v.safetensors", *rest], [command, "v.safetensors", *rest],
+                 [command, *rest, "v.safetensors"]):
+        a = p.parse_args(argv)
+        assert a.vector == "v.safetensors" and not hasattr(a, "vector_positional")
+    for argv, why in (([command, "a.safetensors", "--vector", "b.safetensors", *rest], "given twice"),
+                      ([command, *rest], "a vector is required")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: steerscope {command}: ") and why in err
+        assert "Traceback" not in err
+
+
 def test_generate_sampling_is_seeded_and_json_carries_the_settings(tiny_folder, capsys) -> None:
     import json
 

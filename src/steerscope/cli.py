@@ -401,8 +401,7 @@ def _add_extract(sub: Any) -> None:
 def _add_generate(sub: Any) -> None:
     """``generate``: unsteered and steered text side by side."""
     g = sub.add_parser("generate", help="unsteered and steered text side by side")
-    g.add_argument("--vector", default=None, help="a .safetensors file, a shipped name or a control-vector .gguf "
-                   "(default: none, unsteered text only)")
+    g.add_argument("--vector", default=None, help=f"{T.VECTOR_HELP} (default: none, unsteered text only)")
     g.add_argument("--prompt", action="append", help="a prompt; repeat the option for several (default: one "
                    "built-in prompt)")
     dose = g.add_mutually_exclusive_group()
@@ -433,7 +432,7 @@ def _add_generate(sub: Any) -> None:
 def _add_inspect(sub: Any) -> None:
     """``inspect``: layers, norms, provenance, cosine."""
     i = sub.add_parser("inspect", help="layers, norms, provenance, cosine to another vector")
-    i.add_argument("vector", help="a .safetensors file, a shipped name or a control-vector .gguf")
+    T.add_vector(i)
     i.add_argument("--compare", default=None, help="a second vector: print the per-layer cosine to it "
                    "(default: none)")
     _common(i, model=False)
@@ -497,8 +496,7 @@ def _add_explain(sub: Any) -> None:
     x = sub.add_parser("explain", help="mechanism card of a steering vector (card.html + card.json)",
                        description="Explain why a steering vector works: dose, logit lens, EAP-IG attribution, "
                                    "frozen-attention ablations, minimal circuit, sparsity, identifiability.")
-    x.add_argument("vector", help="a .safetensors file, a shipped name (see `steerscope vectors`) or a llama.cpp "
-                   "control-vector .gguf")
+    T.add_vector(x)
     x.add_argument("--prompts", default=None, help="prompts file (.txt one a line, .jsonl, .json, .csv); "
                    "default: the shipped neutral prompts")
     x.add_argument("--alpha", type=T.finite_float, default=None, help="steering scale (default: the upper end of the "
