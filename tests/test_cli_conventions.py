@@ -74,6 +74,28 @@ def test_negative_layers_without_equals_sign_reach_the_layer_check() -> None:
         build_parser().parse_args(["generate", "--layers", "-2,-1"])
 
 
+def test_lists_have_one_syntax_no_option_takes_several_words() -> None:
+    """Lists are comma-separated everywhere (``--alphas 0.5,1``); none is given as several words."""
+    several = [f"{path} {'/'.join(act.option_strings) or act.dest}" for path, p in _parsers(build_parser())
+               for act in p._actions if act.nargs not in (None, "?", 0, argparse.PARSER)
+               and not isinstance(act, argparse._SubParsersAction)]
+    assert several == []
+
+
+def test_refusal_study_alphas_are_comma_separated(capsys) -> None:
+    from steerscope.cli import main
+    from steerscope.studies.refusal.config import Config
+
+    sub = next(p for path, p in _parsers(build_parser()) if path == "steerscope study refusal")
+    cfg = Config.from_args(sub.parse_args(["--alphas", "0.5,1", "--select-alphas", "2, 4,8"]))
+    assert cfg.alphas == (0.5, 1.0) and cfg.select_alphas == (2.0, 4.0, 8.0)
+    assert Config.from_args(sub.parse_args([])).alphas == (1.0,)
+    for argv in (["--alphas", "0.5", "1"], ["--select-alphas", "2,x"]):
+        assert main(["study", "refusal", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err
+
+
 VECTOR_COMMANDS = ("generate", "inspect", "explain", "verify")  # every subcommand that takes one vector
 
 
