@@ -96,6 +96,46 @@ def test_refusal_study_alphas_are_comma_separated(capsys) -> None:
         assert err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err
 
 
+def test_every_command_that_loads_a_model_takes_dtype_with_the_same_choices() -> None:
+    from steerscope._cliargs import DTYPES
+
+    problems = []
+    for path, p in _parsers(build_parser()):
+        dests = {act.dest: act for act in p._actions}
+        if "model" not in dests and "model_name" not in dests:
+            continue
+        dtype = dests.get("dtype")
+        if dtype is None or tuple(dtype.choices or ()) != DTYPES:
+            problems.append(f"{path}: --dtype {'missing' if dtype is None else f'choices {dtype.choices}'}")
+        elif not all(c in _expanded(dtype) for c in DTYPES):
+            problems.append(f"{path}: --dtype help does not list its choices")
+    assert problems == []
+
+
+@pytest.mark.parametrize("study, loader", [("identifiability", "steerscope.load_model"),
+                                           ("reasoning", "steerscope.studies.reasoning.pipeline.load_model")])
+def test_studies_load_their_model_in_the_dtype_asked_for(study, loader, tmp_path, capsys, monkeypatch) -> None:
+    import importlib
+
+    from steerscope.cli import main
+    from steerscope.errors import SteerscopeError
+
+    seen = []
+
+    def no_model(*a, **k):
+        seen.append(k.get("dtype"))
+        raise SteerscopeError("stop here")
+
+    monkeypatch.setattr(loader, no_model)
+    assert main(["study", study, "--out", str(tmp_path / "run"), "--dtype", "bfloat16"]) == 2
+    assert "stop here" in capsys.readouterr().err and seen == ["bfloat16"]
+    assert main(["study", study, "--out", str(tmp_path / "run"), "--dtype", "float64"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    Config = importlib.import_module(f"steerscope.studies.{study}.config").Config
+    # float32 (the dtype every run folder had before the option) keeps the old identity: old folders resume
+    assert "dtype" not in Config().identity() and Config(dtype="bfloat16").identity()["dtype"] == "bfloat16"
+
+
 VECTOR_COMMANDS = ("generate", "inspect", "explain", "verify")  # every subcommand that takes one vector
 
 

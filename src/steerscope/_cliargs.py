@@ -63,6 +63,9 @@ class Parser(argparse.ArgumentParser):
         return ns, rest
 
 
+DTYPES = ("float32", "float16", "bfloat16")  # --dtype wherever a model loads (models.load.load_model)
+DTYPE_HELP = "weights dtype"  # the option adds its choices and default
+
 VECTOR_HELP = "a .safetensors file, a shipped name (see `steerscope vectors`) or a llama.cpp control-vector .gguf"
 
 

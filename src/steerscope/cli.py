@@ -257,7 +257,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from steerscope.backends.serve import serve
 
     serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=a.vllm_args, device=a.device,
-          max_body_mib=a.max_body_mib, tensor_parallel_size=a.tensor_parallel_size,
+          dtype=a.dtype, max_body_mib=a.max_body_mib, tensor_parallel_size=a.tensor_parallel_size,
           executor=a.distributed_executor_backend, compiled=a.compiled)
 
 
@@ -335,7 +335,7 @@ def cmd_study(a: argparse.Namespace) -> None:
         print(f"report: {safe(summary.get('report'))}")
 
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = T.DTYPES
 DEVICE_HELP = "cpu, auto, cuda, cuda:N or mps (default: %(default)s)"
 EXAMPLES_HELP = T.EXAMPLES_HELP
 
@@ -467,6 +467,8 @@ def _add_serve(sub: Any) -> None:
                     "(default: %(default)s)")
     sv.add_argument("--port", type=T.port, default=8000, help="TCP port, 1..65535 (default: %(default)s)")
     sv.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+    sv.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype of the served model (and "
+                    "vLLM's --dtype), one of %(choices)s (default: %(default)s)")
     sv.add_argument("--max-body-mib", type=T.positive_int, default=8, help="largest request body in MiB; a larger "
                     "one gets HTTP 413 (default: %(default)s)")
     sv.add_argument("--tensor-parallel-size", type=T.positive_int, default=1, help="split the model over this "

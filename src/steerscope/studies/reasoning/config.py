@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, replace
 from typing import Any
 
+from steerscope._cliargs import DTYPE_HELP, DTYPES
 from steerscope.errors import StudyError
 from steerscope.studies.protocol import StudyConfig, option
 
@@ -60,14 +61,19 @@ class Config(StudyConfig):
     sae_samples: int = 1  # sampled completions per train prompt, steered and unsteered
     system: str | None = None
     seed: int = option(0, "random seed")
+    dtype: str = option("float32", f"{DTYPE_HELP} of every model the study loads (default: the preset's, float32)",
+                        choices=DTYPES)
     backend: str = option("hf", "engine for the evaluation generations: hf or vllm (docs/vllm.md); gated biases, "
                                 "LoRA and last-layer vectors stay on hf", choices=("hf", "vllm"))
 
     def identity(self) -> dict[str, Any]:
         """What a run folder is checked against on resume: everything but ``backend``, which changes
-        speed, not greedy numbers (vLLM's greedy tokens are HF's; its sampler is its own)."""
+        speed, not greedy numbers (vLLM's greedy tokens are HF's; its sampler is its own). ``dtype`` appears only
+        when not float32, so run folders written before the option existed still resume."""
         d = self.to_dict()
         d.pop("backend")
+        if d["dtype"] == "float32":
+            d.pop("dtype")
         return d
 
     @classmethod

@@ -170,7 +170,7 @@ def load_vector(run: Run, name: str) -> SteeringVector:
 
 def train_and_eval_lora(run: Run, cfg: ReasoningConfig, device: str) -> LoraRecord:
     """The LoRA baseline: same trainer and budget, on its own copy of the model; evaluated at the end."""
-    lm = load_model(cfg.model, device=device)
+    lm = load_model(cfg.model, device=device, dtype=cfg.dtype)
     train, test = problems(cfg)
     pol = LoRAPolicy(lm, r=cfg.lora_rank, seed=cfg.seed)
     res = train_rloo(lm, pol, [p.prompt for p in train], [p.answer for p in train], math_reward,

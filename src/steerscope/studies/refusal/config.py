@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from steerscope._cliargs import DTYPE_HELP, DTYPES
 from steerscope.errors import StudyError
 from steerscope.studies.protocol import StudyConfig, option, split_list
 
@@ -73,7 +74,7 @@ class Config(StudyConfig):
                                                       "the selection, e.g. 2,4,8 (the pick scales the saved vector)",
                                                       sep=",")
     matched_norm: bool = option(False, "also evaluate NTP/PO rescaled to the DIM norm")
-    dtype: str = option("float32", "model dtype: float32 or bfloat16")
+    dtype: str = option("float32", f"{DTYPE_HELP} (bfloat16 in the GPU presets)", choices=DTYPES)
     threads: int = option(1, "torch CPU threads", minimum=1)
     backend: str = option("hf", "engine for the ASR table's generations (vllm: docs/vllm.md)", choices=("hf", "vllm"))
     extra: dict[str, Any] = field(default_factory=dict)
