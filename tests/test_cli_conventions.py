@@ -216,6 +216,40 @@ def test_generate_prints_the_relative_dose_and_takes_alpha_relative(tiny_folder,
     assert "not allowed with" in capsys.readouterr().err
 
 
+def test_the_degenerate_dose_warning_fires_from_about_1x_once_naming_the_largest() -> None:
+    import warnings
+
+    import torch
+
+    import steerscope as ss
+    from steerscope.cli import _doses
+
+    vec = ss.SteeringVector({1: torch.full((4,), 0.5), 2: torch.full((4,), 1.0)})  # |v| 1 and 2
+    resid = {1: 10.0, 2: 10.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        doses = _doses(vec, [-4.9, 4.9], resid)  # at most 0.98x: no warning
+    assert doses["4.9"] == pytest.approx({"1": 0.49, "2": 0.98})
+    with pytest.warns(UserWarning) as got:
+        _doses(vec, [1.0, 6.0, -7.0], resid)  # 1.2x at 6 and 1.4x at -7 (layer 2)
+    assert len(got) == 1
+    assert str(got[0].message).startswith("relative dose alpha*|v|/|resid| is 1.4x at alpha=-7, layer 2 "
+                                          "(residual norm 10); outputs often degenerate from about 1x")
+
+
+def test_generate_warns_once_about_a_dose_above_1x(tiny_folder, one_layer_vector, capsys) -> None:
+    from steerscope.cli import main
+
+    capsys.readouterr()
+    base = ["generate", "--model", str(tiny_folder), "--vector", str(one_layer_vector), "--prompt", "Hello",
+            "--max-new-tokens", "2", "--json"]
+    assert main(base + ["--alpha-relative", "0.9"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(base + ["--alpha-relative", "-1.4,1.2"]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "is 1.4x at alpha=" in warned[0] and "degenerate from about 1x" in warned[0]
+
+
 def test_inspect_compare_at_different_layers_prints_both_and_the_difference(tmp_path, capsys) -> None:
     import json
 

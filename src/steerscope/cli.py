@@ -150,14 +150,20 @@ def _resid_norms(lm: Any, vec: Any, prompts: list[str]) -> dict[int, float]:
     return {k: float(cache[site].float().norm(dim=-1).median()) for k, site in zip(vec.layers, sites)}
 
 
+DEGENERATE_DOSE = 1.0  # relative dose above which outputs often degenerate (issue 26: a vector looped at 1.4x)
+
+
 def _doses(vec: Any, alphas: list[float], resid: dict[int, float]) -> dict[str, dict[str, float]]:
-    """The relative dose alpha*|v_k|/|resid_k| per alpha and layer; warns when one is far (> 10x) above 1."""
+    """The relative dose alpha*|v_k|/|resid_k| per alpha and layer; one warning, naming the largest, when any
+    is above :data:`DEGENERATE_DOSE`."""
     out = {str(a): {str(k): abs(a) * float(vec[k].norm()) / max(r, 1e-12) for k, r in resid.items()} for a in alphas}
-    for per_layer in out.values():
-        for k, ratio in per_layer.items():
-            if ratio > 10:
-                warnings.warn(f"alpha*|v| at layer {k} is {ratio:.0f}x the residual norm there ({resid[int(k)]:.3g}); "
-                              "expect degenerate text (lower --alpha)", stacklevel=2)
+    ratio, alpha, k = max(((d, a, k) for a, per_layer in out.items() for k, d in per_layer.items()),
+                          key=lambda t: t[0], default=(0.0, "", ""))
+    if ratio > DEGENERATE_DOSE:
+        warnings.warn(f"relative dose alpha*|v|/|resid| is {ratio:.2g}x at alpha={float(alpha):.4g}, layer {k} "
+                      f"(residual norm {resid[int(k)]:.3g}); outputs often degenerate from about "
+                      f"{DEGENERATE_DOSE:g}x (lower --alpha, or --alpha-relative below {DEGENERATE_DOSE:g})",
+                      stacklevel=2)
     return out
 
 
