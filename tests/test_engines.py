@@ -226,6 +226,35 @@ def test_serve_loads_exports_and_serves_the_model_in_the_dtype_asked_for(lm, mon
         sv.check_extra(["--dtype=bfloat16"])
 
 
+def test_the_vllm_export_is_written_beside_its_cache_folder_and_renamed_into_place(lm, monkeypatch, tmp_path) -> None:
+    """The first export (no cache folder yet) must not stage in the temp dir: a rename from there to another
+    file system fails (EXDEV), which the old code swallowed and then returned a folder that did not exist."""
+    import errno
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from steerscope.backends import vllm as bvllm
+
+    cache, elsewhere = tmp_path / "cache", tmp_path / "other-device"
+    elsewhere.mkdir()
+    monkeypatch.setenv("STEERSCOPE_CACHE", str(cache))
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    rename = os.rename
+
+    def same_device_only(src, dst, *a, **k):
+        if Path(src).resolve().parent != Path(dst).resolve().parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "rename", same_device_only)
+    folder = bvllm.export_folder(lm)
+    assert folder.parent == cache / "vllm-models" and (folder / "config.json").is_file()
+    assert list(folder.parent.iterdir()) == [folder] and not list(elsewhere.iterdir())  # no temp folder left
+    assert any(folder.glob("*.safetensors")) and (folder / "tokenizer_config.json").is_file()
+    assert bvllm.export_folder(lm) == folder  # cached
+
+
 def test_pack_keeps_a_group_that_fits_in_order_and_cuts_a_larger_one_within_the_budget():
     from steerscope.backends.hf import pack
 
