@@ -194,6 +194,17 @@ def test_serve_passes_tensor_parallelism_through_with_one_cpu_share_per_rank(mon
     assert argv.count("--distributed-executor-backend") == 1 and argv[argv.index("--distributed-executor-backend") + 1] == "ray"
 
 
+@pytest.mark.parametrize("arg", ["--served_model_name=x", "--hos", "--served-model", "--worker_extension_cls",
+                                 "--dtyp"])
+def test_own_options_in_underscore_or_prefix_spellings_are_refused(arg) -> None:
+    """``serve --vllm-args`` guard (no engine needed: it runs wherever the suite runs)."""
+    from steerscope.backends.serve import check_extra
+
+    with pytest.raises(BackendError, match="must not contain"):
+        check_extra([arg])
+    check_extra(["--max-model-len", "2048", "--distributed-executor-backend", "uni"])  # vLLM's own: allowed
+
+
 def test_serve_loads_exports_and_serves_the_model_in_the_dtype_asked_for(lm, monkeypatch, tmp_path) -> None:
     """``steerscope serve --dtype``: the model loads in that dtype and vLLM gets it as its ``--dtype``; the
     option in --vllm-args is refused (it would silently replace ours)."""
