@@ -74,6 +74,99 @@ def test_negative_layers_without_equals_sign_reach_the_layer_check() -> None:
         build_parser().parse_args(["generate", "--layers", "-2,-1"])
 
 
+def test_lists_have_one_syntax_no_option_takes_several_words() -> None:
+    """Lists are comma-separated everywhere (``--alphas 0.5,1``); none is given as several words."""
+    several = [f"{path} {'/'.join(act.option_strings) or act.dest}" for path, p in _parsers(build_parser())
+               for act in p._actions if act.nargs not in (None, "?", 0, argparse.PARSER)
+               and not isinstance(act, argparse._SubParsersAction)]
+    assert several == []
+
+
+def test_refusal_study_alphas_are_comma_separated(capsys) -> None:
+    from steerscope.cli import main
+    from steerscope.studies.refusal.config import Config
+
+    sub = next(p for path, p in _parsers(build_parser()) if path == "steerscope study refusal")
+    cfg = Config.from_args(sub.parse_args(["--alphas", "0.5,1", "--select-alphas", "2, 4,8"]))
+    assert cfg.alphas == (0.5, 1.0) and cfg.select_alphas == (2.0, 4.0, 8.0)
+    assert Config.from_args(sub.parse_args([])).alphas == (1.0,)
+    for argv in (["--alphas", "0.5", "1"], ["--select-alphas", "2,x"]):
+        assert main(["study", "refusal", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err
+
+
+def test_every_command_that_loads_a_model_takes_dtype_with_the_same_choices() -> None:
+    from steerscope._cliargs import DTYPES
+
+    problems = []
+    for path, p in _parsers(build_parser()):
+        dests = {act.dest: act for act in p._actions}
+        if "model" not in dests and "model_name" not in dests:
+            continue
+        dtype = dests.get("dtype")
+        if dtype is None or tuple(dtype.choices or ()) != DTYPES:
+            problems.append(f"{path}: --dtype {'missing' if dtype is None else f'choices {dtype.choices}'}")
+        elif not all(c in _expanded(dtype) for c in DTYPES):
+            problems.append(f"{path}: --dtype help does not list its choices")
+    assert problems == []
+
+
+@pytest.mark.parametrize("study, loader", [("identifiability", "steerscope.load_model"),
+                                           ("reasoning", "steerscope.studies.reasoning.pipeline.load_model")])
+def test_studies_load_their_model_in_the_dtype_asked_for(study, loader, tmp_path, capsys, monkeypatch) -> None:
+    import importlib
+
+    from steerscope.cli import main
+    from steerscope.errors import SteerscopeError
+
+    seen = []
+
+    def no_model(*a, **k):
+        seen.append(k.get("dtype"))
+        raise SteerscopeError("stop here")
+
+    monkeypatch.setattr(loader, no_model)
+    assert main(["study", study, "--out", str(tmp_path / "run"), "--dtype", "bfloat16"]) == 2
+    assert "stop here" in capsys.readouterr().err and seen == ["bfloat16"]
+    assert main(["study", study, "--out", str(tmp_path / "run"), "--dtype", "float64"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    Config = importlib.import_module(f"steerscope.studies.{study}.config").Config
+    # float32 (the dtype every run folder had before the option) keeps the old identity: old folders resume
+    assert "dtype" not in Config().identity() and Config(dtype="bfloat16").identity()["dtype"] == "bfloat16"
+
+
+VECTOR_COMMANDS = ("generate", "inspect", "explain", "verify")  # every subcommand that takes one vector
+
+
+def test_every_subcommand_names_its_vector_with_the_vector_option() -> None:
+    """A vector is the same kind of argument everywhere: ``--vector V`` (a positional ``vector`` only as the
+    older spelling beside it)."""
+    found = {}
+    for path, p in _parsers(build_parser()):
+        dests = {act.dest: act for act in p._actions}
+        if "vector" in dests or "vector_positional" in dests:
+            found[path.removeprefix("steerscope ")] = dests["vector"].option_strings
+    assert found == {c: ["--vector"] for c in VECTOR_COMMANDS}
+
+
+@pytest.mark.parametrize("command, rest", [("inspect", []), ("explain", ["--out", "o"]), ("verify", [])])
+def test_the_vector_is_taken_as_an_option_or_positionally_but_not_both(command, rest, capsys) -> None:
+    from steerscope.cli import main
+
+    p = build_parser()
+    for argv in ([command, "--vector", "v.safetensors", *rest], [command, "v.safetensors", *rest],
+                 [command, *rest, "v.safetensors"]):
+        a = p.parse_args(argv)
+        assert a.vector == "v.safetensors" and not hasattr(a, "vector_positional")
+    for argv, why in (([command, "a.safetensors", "--vector", "b.safetensors", *rest], "given twice"),
+                      ([command, *rest], "a vector is required")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: steerscope {command}: ") and why in err
+        assert "Traceback" not in err
+
+
 def test_generate_sampling_is_seeded_and_json_carries_the_settings(tiny_folder, capsys) -> None:
     import json
 
@@ -121,6 +214,40 @@ def test_generate_prints_the_relative_dose_and_takes_alpha_relative(tiny_folder,
     assert res["alpha"][0] == pytest.approx(-res["alpha"][1]) and res["layers"] == [1]
     assert main(base + ["--alpha", "1", "--alpha-relative", "0.5"]) == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_the_degenerate_dose_warning_fires_from_about_1x_once_naming_the_largest() -> None:
+    import warnings
+
+    import torch
+
+    import steerscope as ss
+    from steerscope.cli import _doses
+
+    vec = ss.SteeringVector({1: torch.full((4,), 0.5), 2: torch.full((4,), 1.0)})  # |v| 1 and 2
+    resid = {1: 10.0, 2: 10.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        doses = _doses(vec, [-4.9, 4.9], resid)  # at most 0.98x: no warning
+    assert doses["4.9"] == pytest.approx({"1": 0.49, "2": 0.98})
+    with pytest.warns(UserWarning) as got:
+        _doses(vec, [1.0, 6.0, -7.0], resid)  # 1.2x at 6 and 1.4x at -7 (layer 2)
+    assert len(got) == 1
+    assert str(got[0].message).startswith("relative dose alpha*|v|/|resid| is 1.4x at alpha=-7, layer 2 "
+                                          "(residual norm 10); outputs often degenerate from about 1x")
+
+
+def test_generate_warns_once_about_a_dose_above_1x(tiny_folder, one_layer_vector, capsys) -> None:
+    from steerscope.cli import main
+
+    capsys.readouterr()
+    base = ["generate", "--model", str(tiny_folder), "--vector", str(one_layer_vector), "--prompt", "Hello",
+            "--max-new-tokens", "2", "--json"]
+    assert main(base + ["--alpha-relative", "0.9"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(base + ["--alpha-relative", "-1.4,1.2"]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "is 1.4x at alpha=" in warned[0] and "degenerate from about 1x" in warned[0]
 
 
 def test_inspect_compare_at_different_layers_prints_both_and_the_difference(tmp_path, capsys) -> None:

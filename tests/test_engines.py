@@ -194,6 +194,78 @@ def test_serve_passes_tensor_parallelism_through_with_one_cpu_share_per_rank(mon
     assert argv.count("--distributed-executor-backend") == 1 and argv[argv.index("--distributed-executor-backend") + 1] == "ray"
 
 
+@pytest.mark.parametrize("arg", ["--served_model_name=x", "--hos", "--served-model", "--worker_extension_cls",
+                                 "--dtyp"])
+def test_own_options_in_underscore_or_prefix_spellings_are_refused(arg) -> None:
+    """``serve --vllm-args`` guard (no engine needed: it runs wherever the suite runs)."""
+    from steerscope.backends.serve import check_extra
+
+    with pytest.raises(BackendError, match="must not contain"):
+        check_extra([arg])
+    check_extra(["--max-model-len", "2048", "--distributed-executor-backend", "uni"])  # vLLM's own: allowed
+
+
+def test_serve_loads_exports_and_serves_the_model_in_the_dtype_asked_for(lm, monkeypatch, tmp_path) -> None:
+    """``steerscope serve --dtype``: the model loads in that dtype and vLLM gets it as its ``--dtype``; the
+    option in --vllm-args is refused (it would silently replace ours)."""
+    from pathlib import Path
+
+    from steerscope.backends import serve as sv
+    from steerscope.backends import vllm as bvllm
+    from steerscope.cli import main
+
+    loaded, exported, started = [], [], []
+
+    def load(name, device="cpu", dtype="float32"):
+        loaded.append(dtype)
+        return lm
+
+    def execve(path, argv, env):
+        started.append(argv)
+
+    monkeypatch.setattr(sv, "engine_python", lambda required=True: Path("/venv/bin/python"))
+    monkeypatch.setattr(ss, "load_model", load)
+    monkeypatch.setattr(bvllm, "export_folder", lambda m: exported.append(m) or tmp_path)
+    monkeypatch.setattr(sv.os, "execve", execve)
+    assert main(["serve", "tiny", "--dtype", "bfloat16"]) == 0
+    assert loaded == ["bfloat16"] and exported == [lm]
+    argv = started[0]
+    assert argv.count("--dtype") == 1 and argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert main(["serve", "tiny"]) == 0 and loaded[-1] == "float32"
+    assert started[-1][started[-1].index("--dtype") + 1] == "float32"
+    with pytest.raises(BackendError, match="must not contain --dtype.*steerscope serve --dtype"):
+        sv.check_extra(["--dtype=bfloat16"])
+
+
+def test_the_vllm_export_is_written_beside_its_cache_folder_and_renamed_into_place(lm, monkeypatch, tmp_path) -> None:
+    """The first export (no cache folder yet) must not stage in the temp dir: a rename from there to another
+    file system fails (EXDEV), which the old code swallowed and then returned a folder that did not exist."""
+    import errno
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from steerscope.backends import vllm as bvllm
+
+    cache, elsewhere = tmp_path / "cache", tmp_path / "other-device"
+    elsewhere.mkdir()
+    monkeypatch.setenv("STEERSCOPE_CACHE", str(cache))
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    rename = os.rename
+
+    def same_device_only(src, dst, *a, **k):
+        if Path(src).resolve().parent != Path(dst).resolve().parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "rename", same_device_only)
+    folder = bvllm.export_folder(lm)
+    assert folder.parent == cache / "vllm-models" and (folder / "config.json").is_file()
+    assert list(folder.parent.iterdir()) == [folder] and not list(elsewhere.iterdir())  # no temp folder left
+    assert any(folder.glob("*.safetensors")) and (folder / "tokenizer_config.json").is_file()
+    assert bvllm.export_folder(lm) == folder  # cached
+
+
 def test_pack_keeps_a_group_that_fits_in_order_and_cuts_a_larger_one_within_the_budget():
     from steerscope.backends.hf import pack
 

@@ -221,3 +221,33 @@ def test_non_resid_pre_vector_is_a_clear_error(lm) -> None:
 def test_a_bare_string_is_one_prompt(lm, vec) -> None:
     card = explain(lm, vec, "Tell me about your weekend.", alpha=1.0, settings=Settings.quick(), show_progress=False)
     assert card.vector.n_prompts == 1
+
+
+def test_without_alpha_the_card_states_the_alpha_it_used_and_why_with_steered_and_unsteered_samples(lm, vec) -> None:
+    card = explain(lm, vec, PROMPTS, alpha=None, quick=True, show_progress=False, sections=[])
+    d = card.dose
+    assert d.alpha_given is False and d.chosen_alpha in d.alphas and card.vector.alpha == d.chosen_alpha
+    assert d.chosen_reason and d.chosen_reason != "given by the user"
+    assert f"The card uses alpha {d.chosen_alpha:.3g} ({d.chosen_reason})." in card.verdict
+    # the samples are the steered and unsteered greedy responses at that alpha, recomputed independently
+    steered = ss.generate(lm, PROMPTS, vector=vec, alpha=d.chosen_alpha, max_new_tokens=Settings.quick().n_tokens)
+    plain = ss.generate(lm, PROMPTS, max_new_tokens=Settings.quick().n_tokens)
+    assert [s.prompt for s in d.samples] == PROMPTS
+    assert [s.steered for s in d.samples] == steered and [s.unsteered for s in d.samples] == plain
+    assert steered != plain
+    given = explain(lm, vec, PROMPTS, alpha=d.chosen_alpha, quick=True, show_progress=False, sections=[]).dose
+    assert given.alpha_given is True and given.chosen_reason == "given by the user"
+
+
+def test_the_alpha_chosen_without_one_given_names_its_reason_in_every_case() -> None:
+    alphas = [0.5, 1.0, 2.0]
+    ranged = dose.recommend(alphas, [1.0, 3.0, 6.0], [0.1, 0.4, 0.9], budget=1.0)  # range [2, 2]
+    weak = dose.recommend(alphas, [1.0, 2.0, 8.0], [0.1, 0.4, 3.0], budget=1.0)  # half the max only above the budget
+    none = dose.recommend(alphas, [1.0, 2.0, 8.0], [2.0, 3.0, 4.0], budget=1.0)  # nothing within the budget
+    assert dose._choose(None, ranged, alphas) == (2.0, "the upper end of the recommended range (largest alpha "
+                                                        "within the KL budget)")
+    a, why = dose._choose(None, weak, alphas)
+    assert a == 1.0 and why.startswith("no recommended range") and "weak" in why
+    a, why = dose._choose(None, none, alphas)
+    assert a == 0.5 and why == "no alpha fits the KL budget: the smallest alpha tried"
+    assert dose._choose(3.0, none, alphas) == (3.0, "given by the user")

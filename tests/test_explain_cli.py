@@ -140,3 +140,28 @@ def test_html_card_renders_every_section_in_headless_chromium(which, request, tm
         assert ('class="unsupported"' in body) == (key in card["unsupported"]), key
     plotted = ("dose", "attribution", "frozen", "circuit", "sparsity")  # a figure each where the section is present
     assert dom.count("<img src=\"data:image/png;base64,") == sum(card[k] is not None for k in plotted)
+
+
+def test_explain_without_alpha_warns_once_when_the_effect_is_not_distinguishable(model_dir, tmp_path, capsys) -> None:
+    folder, lm = model_dir
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path / "v.safetensors"
+    ss.SteeringVector({1: 2.0 * torch.randn(lm.d_model, generator=g)}).save(path)  # a random, generic direction
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "card"
+    assert main(["explain", str(path), "--model", str(folder), "--prompts", str(prompts), "--quick",
+                 "--sections", "lens", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    card = json.loads((out / "card.json").read_text())
+    alpha = card["dose"]["chosen_alpha"]
+    assert card["dose"]["alpha_given"] is False and card["dose"]["chosen_reason"]
+    effect = next(c for c in card["claims"] if c["rule"] == "dose.effect")
+    assert effect["status"] != "supported"
+    warnings = [ln for ln in captured.err.splitlines() if ln.startswith("warning: at alpha")]
+    assert warnings == [f"warning: at alpha {alpha:.3g} the effect is not distinguishable from a random direction's "
+                        f"({effect['status']}: {effect['evidence']}); the mechanism claims below describe a weak or "
+                        "generic effect"]
+    assert f"The card uses alpha {alpha:.3g} ({card['dose']['chosen_reason']})" in captured.out
+    html = (out / "card.html").read_text()
+    assert f"steered (alpha {alpha:.3g})" in html and "unsteered" in html

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -662,6 +663,39 @@ def test_a_gguf_with_too_many_directions_is_refused(tmp_path) -> None:
     many = {f"direction.{i}": None for i in range(MAX_LAYERS + 1)}
     with pytest.raises(VectorError, match="more than 4096 layers"):
         layer_indices(many, "direction", tmp_path / "cv.gguf")
+
+
+@pytest.mark.parametrize("header, claimed", [
+    (b"GGUF" + struct.pack("<IQQ", 3, 10**6, 0), 10**6),  # v3, little-endian
+    (b"GGUF" + struct.pack(">IQQ", 3, 10**6, 0), 10**6),  # v3, big-endian
+    (b"GGUF" + struct.pack("<III", 1, 10**6, 0) + bytes(8), 10**6),  # v1: 32-bit counts
+    (None, 4097),  # a whole file, one float per direction
+], ids=["v3-le", "v3-be", "v1", "file-4097"])
+def test_a_gguf_header_claiming_too_many_tensors_is_refused_before_they_are_parsed(header, claimed, tmp_path, capsys,
+                                                                                  monkeypatch) -> None:
+    """End to end (``steerscope inspect``): the tensor count is read from the header, and the reader never parses
+    the tensor descriptions (10^6 of them took 112 s and 4 GiB)."""
+    import time
+
+    import gguf
+
+    p = tmp_path / "cv.gguf"
+    if header is None:
+        write_control_vector(p, {f"direction.{i}": np.ones(1, dtype=np.float32) for i in range(claimed)})
+    else:
+        p.write_bytes(header)
+
+    def parsed(*a, **k):
+        raise AssertionError("GGUFReader parsed the file")
+
+    monkeypatch.setattr(gguf, "GGUFReader", parsed)
+    t0 = time.perf_counter()
+    line = _one_error(capsys, main(["inspect", "--vector", str(p)]))
+    assert f"header claims {claimed} tensors" in line and "at most 4096" in line, line
+    assert time.perf_counter() - t0 < 30
+    monkeypatch.undo()  # a control vector within the cap still reads
+    write_control_vector(p, {"direction.1": np.ones(4, dtype=np.float32)})
+    assert ss.SteeringVector.load(p).layers == [2]
 
 
 @pytest.mark.parametrize("dtype", ["Q8_0", "I32"])

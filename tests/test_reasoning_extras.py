@@ -100,3 +100,36 @@ def test_alignment_sees_a_planted_direction():
     a = sae_step.alignment(sae, s, seed=0)
     assert a.feature == 5 and a.max_abs_cos == pytest.approx(1.0, abs=1e-5) and a.sign == -1.0
     assert a.random_q95 < 0.99
+
+
+def test_the_gated_policy_replaces_a_symlink_in_vectors_and_honours_the_umask(tiny_llama, tmp_path, monkeypatch):
+    """train_vector's ``vectors/<name>.policy.safetensors`` goes through the atomic writer (issue 26, H1 and S5):
+    a symlink there is replaced, not written through (safetensors' own save_file follows it before 0.8), and the
+    file gets the umask's mode (save_file 0.8 writes 0600)."""
+    import os
+    import stat
+
+    from safetensors.torch import load_file
+
+    from steerscope.extract.result import TrainResult
+    from steerscope.runs import Run
+    from steerscope.studies.reasoning import steps
+    from steerscope.studies.reasoning.config import preset
+
+    cfg = preset("tiny", gate=True)
+    monkeypatch.setattr(steps, "train_rloo", lambda *a, **k: TrainResult(n_trainable=1))  # no training here
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    with Run(tmp_path / "run", config=cfg.identity()) as run:
+        (run.folder / "vectors").mkdir()
+        policy = run.folder / "vectors" / "L1.policy.safetensors"
+        policy.symlink_to(victim)
+        old = os.umask(0o022)
+        try:
+            steps.train_vector(run, tiny_llama, cfg, "L1", [1])
+        finally:
+            os.umask(old)
+    assert victim.read_text() == "precious\n"
+    assert policy.is_file() and not policy.is_symlink() and stat.S_IMODE(policy.stat().st_mode) == 0o644
+    assert set(load_file(str(policy))) == {n for n, _ in SteeringBias(tiny_llama, [1], gate=True).named_parameters()}
+

@@ -181,6 +181,46 @@ def test_training_resumes_after_a_crash_to_the_same_result(tiny_llama, tmp_path)
     assert full.s["3"].abs().sum() > 0
 
 
+def test_a_checkpoint_replaces_symlinks_in_its_folder_and_never_writes_through_them(tiny_llama, tmp_path):
+    """Every checkpoint file (and any temp name a writer might use) that is a symlink to a file elsewhere is
+    replaced, never followed; the files get the umask's mode; the checkpoint still loads."""
+    import os
+    import stat
+
+    from steerscope.extract.result import StepLog
+    from steerscope.extract.rl import load_checkpoint, save_checkpoint
+
+    lm, folder = tiny_llama, tmp_path / "ckpt"
+    folder.mkdir()
+    names = ["policy.safetensors", "optim.safetensors", "state.json",
+             "policy.safetensors.tmp", "optim.safetensors.tmp", "state.json.tmp"]
+    victims = {}
+    for name in names:
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("precious\n")
+        (folder / name).symlink_to(victims[name])
+    bias = _bias(lm, layers=(1,), gate=True)
+    opt = torch.optim.Adam(bias.parameters(), lr=0.1)
+    sum(p.sum() for p in bias.parameters()).backward()
+    opt.step()
+    history = [StepLog(0, 1.0, 0.5, 0.1, 0.2, 4.0, 3, 0.01)]
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(folder, bias, opt, 1, history, RLOOConfig(steps=2))
+    finally:
+        os.umask(old)
+    assert all(v.read_text() == "precious\n" for v in victims.values())
+    for name in names[:3]:
+        assert (folder / name).is_file() and not (folder / name).is_symlink()
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644
+    assert not list(folder.glob(".*.tmp"))
+    again = _bias(lm, layers=(1,), gate=True, seed=1)
+    opt2 = torch.optim.Adam(again.parameters(), lr=0.1)
+    step, hist = load_checkpoint(folder, again, opt2)
+    assert step == 1 and len(hist) == 1
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), bias.parameters()))
+
+
 def test_lora_policy_is_off_outside_its_context(smol_tokenizer):
     from conftest import make_tiny
 

@@ -67,7 +67,7 @@ def test_options_are_derived_from_fields_with_their_defaults_and_help() -> None:
     class Toy(StudyConfig):
         n: int = option(3, "how many")
         alphas: tuple[float, ...] = option((1.0, 2.5), "scales", sep=",")
-        words: tuple[str, ...] = option(("a",), "words", nargs="+")
+        words: tuple[str, ...] = option(("a",), "words", sep=",")
         layer: int | None = option(None, "a layer")
         on: bool = option(True, "turn it off", flag="--off")
         hidden: int = 7
@@ -76,7 +76,7 @@ def test_options_are_derived_from_fields_with_their_defaults_and_help() -> None:
     help_text = p.format_help()
     assert "how many (default: 3)" in help_text and "scales (default: 1,2.5)" in help_text
     assert "--off" in help_text and "--hidden" not in help_text
-    cfg = Toy.from_args(p.parse_args(["--n", "5", "--alphas", "0.5, 4", "--words", "x", "y", "--layer", "2", "--off"]))
+    cfg = Toy.from_args(p.parse_args(["--n", "5", "--alphas", "0.5, 4", "--words", "x,y", "--layer", "2", "--off"]))
     assert cfg == Toy(n=5, alphas=(0.5, 4.0), words=("x", "y"), layer=2, on=False)
     with pytest.raises(StudyError, match="--alphas takes numbers"):
         Toy.from_args(p.parse_args(["--alphas", "1,x"]))
@@ -89,7 +89,7 @@ def test_study_options_keep_their_names_and_defaults() -> None:
            if isinstance(a, argparse._SubParsersAction)}["study"].choices
     expected = {
         "refusal": {"model": "smollm2-135m-safe", "seed": 0, "n_train": 128, "n_val": 16, "n_test": 100,
-                    "layer_stride": 2, "layers": None, "alphas": [1.0], "max_new_tokens": 64, "n_trained": 64,
+                    "layer_stride": 2, "layers": None, "alphas": "1", "max_new_tokens": 64, "n_trained": 64,
                     "trained_epochs": 3, "trained_lr": 0.3, "trained_batch": 8, "gen_batch": 32, "threads": 1,
                     "retrain_organism": False, "shipped_vectors": False},
         "refusal-mechanisms": {"model": "smollm2-135m-safe", "alpha_bypass": -1.0, "alpha_induce": 1.0, "n_eval": 32,

@@ -147,15 +147,6 @@ def test_bad_steering_gets_400_and_server_survives(server, steering, reason):
     assert status == 200
 
 
-@pytest.mark.parametrize("arg", ["--served_model_name=x", "--hos", "--served-model", "--worker_extension_cls"])
-def test_own_options_in_underscore_or_prefix_spellings_are_refused(arg) -> None:
-    from steerscope.backends.serve import check_extra
-    from steerscope.errors import BackendError
-
-    with pytest.raises(BackendError, match="must not contain"):
-        check_extra([arg])
-
-
 def _tiny_qwen2_served(smol, tmp_path):
     """The tiny Qwen2 of the parity tests saved as a folder, a vector file for it ("a") and 3 templated prompts."""
     from test_vllm_parity import rand_vec, tiny_qwen2

@@ -45,8 +45,39 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBERS
 
+    takes_vector = False  # set by add_vector: the subcommand names one vector, as --vector V or positionally
+
     def error(self, message: str) -> NoReturn:
         raise ArgError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, rest = super().parse_known_args(args, namespace)
+        if self.takes_vector:  # one vector, from --vector or (the older spelling) the positional VECTOR
+            option, positional = getattr(ns, "vector", None), vars(ns).pop("vector_positional", None)
+            if option is not None and positional is not None:
+                self.error("the vector is given twice, as VECTOR and as --vector; give it once, as --vector V")
+            if option is None and positional is None:
+                self.error("a vector is required: give --vector V (a file, a shipped name or a .gguf)")
+            ns.vector = option if option is not None else positional
+        return ns, rest
+
+
+DTYPES = ("float32", "float16", "bfloat16")  # --dtype wherever a model loads (models.load.load_model)
+DTYPE_HELP = "weights dtype"  # the option adds its choices and default
+
+VECTOR_HELP = "a .safetensors file, a shipped name (see `steerscope vectors`) or a llama.cpp control-vector .gguf"
+
+
+def add_vector(p: argparse.ArgumentParser, help: str = VECTOR_HELP) -> None:
+    """``--vector V``, the one way every subcommand names its vector (as ``generate`` does); the positional
+    ``VECTOR`` of older command lines still works, and giving both, or neither, is one ``error:`` line."""
+    if not isinstance(p, Parser):
+        raise TypeError("add_vector needs a steerscope _cliargs.Parser")
+    p.takes_vector = True
+    p.add_argument("--vector", default=None, help=f"{help} (required)")
+    p.add_argument("vector_positional", nargs="?", default=None, metavar="VECTOR",
+                   help="the same as --vector (the older spelling; give one or the other)")
 
 
 def int_range(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:

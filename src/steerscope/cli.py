@@ -150,14 +150,20 @@ def _resid_norms(lm: Any, vec: Any, prompts: list[str]) -> dict[int, float]:
     return {k: float(cache[site].float().norm(dim=-1).median()) for k, site in zip(vec.layers, sites)}
 
 
+DEGENERATE_DOSE = 1.0  # relative dose above which outputs often degenerate (issue 26: a vector looped at 1.4x)
+
+
 def _doses(vec: Any, alphas: list[float], resid: dict[int, float]) -> dict[str, dict[str, float]]:
-    """The relative dose alpha*|v_k|/|resid_k| per alpha and layer; warns when one is far (> 10x) above 1."""
+    """The relative dose alpha*|v_k|/|resid_k| per alpha and layer; one warning, naming the largest, when any
+    is above :data:`DEGENERATE_DOSE`."""
     out = {str(a): {str(k): abs(a) * float(vec[k].norm()) / max(r, 1e-12) for k, r in resid.items()} for a in alphas}
-    for per_layer in out.values():
-        for k, ratio in per_layer.items():
-            if ratio > 10:
-                warnings.warn(f"alpha*|v| at layer {k} is {ratio:.0f}x the residual norm there ({resid[int(k)]:.3g}); "
-                              "expect degenerate text (lower --alpha)", stacklevel=2)
+    ratio, alpha, k = max(((d, a, k) for a, per_layer in out.items() for k, d in per_layer.items()),
+                          key=lambda t: t[0], default=(0.0, "", ""))
+    if ratio > DEGENERATE_DOSE:
+        warnings.warn(f"relative dose alpha*|v|/|resid| is {ratio:.2g}x at alpha={float(alpha):.4g}, layer {k} "
+                      f"(residual norm {resid[int(k)]:.3g}); outputs often degenerate from about "
+                      f"{DEGENERATE_DOSE:g}x (lower --alpha, or --alpha-relative below {DEGENERATE_DOSE:g})",
+                      stacklevel=2)
     return out
 
 
@@ -257,7 +263,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from steerscope.backends.serve import serve
 
     serve(a.model_name, a.vectors, host=a.host, port=a.port, extra=a.vllm_args, device=a.device,
-          max_body_mib=a.max_body_mib, tensor_parallel_size=a.tensor_parallel_size,
+          dtype=a.dtype, max_body_mib=a.max_body_mib, tensor_parallel_size=a.tensor_parallel_size,
           executor=a.distributed_executor_backend, compiled=a.compiled)
 
 
@@ -335,7 +341,7 @@ def cmd_study(a: argparse.Namespace) -> None:
         print(f"report: {safe(summary.get('report'))}")
 
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = T.DTYPES
 DEVICE_HELP = "cpu, auto, cuda, cuda:N or mps (default: %(default)s)"
 EXAMPLES_HELP = T.EXAMPLES_HELP
 
@@ -401,8 +407,7 @@ def _add_extract(sub: Any) -> None:
 def _add_generate(sub: Any) -> None:
     """``generate``: unsteered and steered text side by side."""
     g = sub.add_parser("generate", help="unsteered and steered text side by side")
-    g.add_argument("--vector", default=None, help="a .safetensors file, a shipped name or a control-vector .gguf "
-                   "(default: none, unsteered text only)")
+    g.add_argument("--vector", default=None, help=f"{T.VECTOR_HELP} (default: none, unsteered text only)")
     g.add_argument("--prompt", action="append", help="a prompt; repeat the option for several (default: one "
                    "built-in prompt)")
     dose = g.add_mutually_exclusive_group()
@@ -433,7 +438,7 @@ def _add_generate(sub: Any) -> None:
 def _add_inspect(sub: Any) -> None:
     """``inspect``: layers, norms, provenance, cosine."""
     i = sub.add_parser("inspect", help="layers, norms, provenance, cosine to another vector")
-    i.add_argument("vector", help="a .safetensors file, a shipped name or a control-vector .gguf")
+    T.add_vector(i)
     i.add_argument("--compare", default=None, help="a second vector: print the per-layer cosine to it "
                    "(default: none)")
     _common(i, model=False)
@@ -468,6 +473,8 @@ def _add_serve(sub: Any) -> None:
                     "(default: %(default)s)")
     sv.add_argument("--port", type=T.port, default=8000, help="TCP port, 1..65535 (default: %(default)s)")
     sv.add_argument("--device", default="cpu", type=T.device, help=DEVICE_HELP)
+    sv.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype of the served model (and "
+                    "vLLM's --dtype), one of %(choices)s (default: %(default)s)")
     sv.add_argument("--max-body-mib", type=T.positive_int, default=8, help="largest request body in MiB; a larger "
                     "one gets HTTP 413 (default: %(default)s)")
     sv.add_argument("--tensor-parallel-size", type=T.positive_int, default=1, help="split the model over this "
@@ -497,8 +504,7 @@ def _add_explain(sub: Any) -> None:
     x = sub.add_parser("explain", help="mechanism card of a steering vector (card.html + card.json)",
                        description="Explain why a steering vector works: dose, logit lens, EAP-IG attribution, "
                                    "frozen-attention ablations, minimal circuit, sparsity, identifiability.")
-    x.add_argument("vector", help="a .safetensors file, a shipped name (see `steerscope vectors`) or a llama.cpp "
-                   "control-vector .gguf")
+    T.add_vector(x)
     x.add_argument("--prompts", default=None, help="prompts file (.txt one a line, .jsonl, .json, .csv); "
                    "default: the shipped neutral prompts")
     x.add_argument("--alpha", type=T.finite_float, default=None, help="steering scale (default: the upper end of the "

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
+from steerscope.data.vector_file import check_gguf_header
 from steerscope.errors import VectorError
 from steerscope.vector import (
     FILE_FORMATS,
@@ -128,6 +129,7 @@ def import_gguf(path: str | Path, n_layers: int | None = None) -> SteeringVector
     import gguf
     import numpy as np
 
+    check_gguf_header(path)  # the tensor count, before the reader parses every tensor's description
     try:
         r = gguf.GGUFReader(str(path))
     except Exception as e:

@@ -39,7 +39,7 @@ BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # options serve_argv sets itself: repeated in --vllm-args they would silently replace ours (or drop steering)
-OWN_OPTIONS = ("--model", "--host", "--port", "--served-model-name", "--worker-extension-cls", "--middleware")
+OWN_OPTIONS = ("--model", "--host", "--port", "--served-model-name", "--worker-extension-cls", "--middleware", "--dtype")
 
 
 def parse_vectors(spec: str | None) -> dict[str, str]:
@@ -85,7 +85,7 @@ def check_extra(extra: Sequence[str]) -> None:
         matches = [o for o in OWN_OPTIONS if o == norm or o.startswith(norm)] if norm.startswith("--") else []
         opt = norm if norm in OWN_OPTIONS else (matches[0] if len(matches) == 1 else None)
         if opt is not None:
-            own = {"--model": "MODEL", "--host": "--host", "--port": "--port"}.get(opt)
+            own = {"--model": "MODEL", "--host": "--host", "--port": "--port", "--dtype": "--dtype"}.get(opt)
             fix = f"give it as steerscope serve {own}" if own else "steerscope serve sets it for steering"
             spelled = f" (given as {given})" if given != opt else ""
             raise BackendError(f"--vllm-args must not contain {opt}{spelled}; {fix}")
@@ -93,18 +93,19 @@ def check_extra(extra: Sequence[str]) -> None:
 
 def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name: str,
                extra: Sequence[str] = (), max_body_mib: int = 8, tensor_parallel_size: int = 1,
-               executor: str | None = None, compiled: bool = False) -> tuple[list[str], dict[str, str]]:
+               executor: str | None = None, compiled: bool = False, dtype: str = "float32"
+               ) -> tuple[list[str], dict[str, str]]:
     """The ``vllm serve`` command line and environment for a steered server (request bodies capped at
     ``max_body_mib`` MiB by the middleware: HTTP 413 above). ``tensor_parallel_size`` > 1 runs that many
     workers (executor ``mp`` unless ``executor`` says otherwise), each bound to its share of the CPUs.
     ``compiled``: vLLM's compiled model with the graph-safe steering sites (ablation and gate sites included)
     instead of ``--enforce-eager``; conditions, up to 3 rules and clamps run in the graph; more rules or more than 4
-    conditions in one request are refused (HTTP 400)."""
+    conditions in one request are refused (HTTP 400). ``dtype``: vLLM's ``--dtype`` (the exported weights' dtype)."""
     py = engine_python()
     assert py is not None
     argv = [str(py), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", folder,
             "--host", host, "--port", str(port),
-            "--served-model-name", name, "--dtype", "float32", *([] if compiled else ["--enforce-eager"]),
+            "--served-model-name", name, "--dtype", dtype, *([] if compiled else ["--enforce-eager"]),
             "--worker-extension-cls", "steerscope_vllm_adapter.SteerExtension",
             "--middleware", "steerscope_vllm_server.SteerMiddleware", *extra]
     if tensor_parallel_size > 1 or executor is not None:
@@ -127,7 +128,7 @@ def serve_argv(folder: str, vectors: dict[str, str], host: str, port: int, name:
 
 def serve(model: str, vectors: str | None, host: str = "127.0.0.1", port: int = 8000,
           extra: Sequence[str] = (), device: str = "cpu", max_body_mib: int = 8, tensor_parallel_size: int = 1,
-          executor: str | None = None, compiled: bool = False) -> None:
+          executor: str | None = None, compiled: bool = False, dtype: str = "float32") -> None:
     """Check the vectors against ``model``, export its weights for vLLM and replace this process with the server
     (``tensor_parallel_size`` workers, refused first when the model's heads cannot be split that way)."""
     import steerscope as ss
@@ -137,14 +138,14 @@ def serve(model: str, vectors: str | None, host: str = "127.0.0.1", port: int = 
     vecs = load_vectors(named)
     check_extra(extra)
     engine_python()
-    lm = ss.load_model(model, device=device)
+    lm = ss.load_model(model, device=device, dtype=dtype)
     for vec in vecs.values():
         vec.check_compatible(lm)
     check_parallel(lm, {"tensor_parallel_size": tensor_parallel_size})
     folder = str(export_folder(lm))
     del lm
     argv, env = serve_argv(folder, named, host, port, model, extra, max_body_mib, tensor_parallel_size, executor,
-                           compiled)
+                           compiled, dtype)
     mode = "compiled" if compiled else "eager"
     print(f"steerscope serve: {model} ({mode}) on http://{host}:{port} with vectors {sorted(named) or 'none'}",
           file=sys.stderr)

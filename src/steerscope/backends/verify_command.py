@@ -22,7 +22,7 @@ def add_parser(sub: Any, common: Callable[..., None]) -> None:
                        description="Apply the vector file's declared operation, site, positions and alpha on each "
                                    "backend and compare greedy tokens (and the next-token logit delta) with the "
                                    "Hugging Face path; exit 0 when all agree, 2 otherwise (docs/verify.md).")
-    v.add_argument("vector", help="a .safetensors file, a shipped name or a control-vector .gguf")
+    T.add_vector(v)
     v.add_argument("--backends", default=list(BACKEND_NAMES), type=T.name_list(BACKEND_NAMES),
                    help=f"comma-separated backends from {','.join(BACKEND_NAMES)}; hf is the reference and always "
                    f"runs (default: {','.join(BACKEND_NAMES)})")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from steerscope._files import atomic_folder
 from steerscope.backends.base import Addition, Request, groups
 from steerscope.backends.vllm_conditional import RuleLike, compiled_refusal, gated_spec
 from steerscope.errors import BackendError as BackendError  # defined in errors.py; re-exported
@@ -88,20 +89,27 @@ def engine_env() -> dict[str, str]:
 
 
 def export_folder(lm: LM) -> Path:
-    """The LM's weights and tokenizer as a safetensors folder vLLM can load (cached by fingerprint)."""
+    """The LM's weights and tokenizer as a safetensors folder vLLM can load (cached by fingerprint).
+
+    Written into a unique temp folder beside the cache folder and renamed into place
+    (:func:`steerscope._files.atomic_folder`, as the de-quantized GGUF cache): never a cross-device rename
+    from ``/tmp``, and concurrent first exports never mix.
+    """
     key = hashlib.sha256(f"{lm.name}:{lm.fingerprint}:{lm.dtype}".encode()).hexdigest()[:16]
     folder = cache_dir() / "vllm-models" / key
-    if (folder / "config.json").is_file():
+    if _exported(folder):
         return folder
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix="export-"))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lm.model.save_pretrained(str(tmp), safe_serialization=True)
-    lm.tokenizer.save_pretrained(str(tmp))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process exported it first
-        pass
-    return folder
+
+    def write(tmp: Path) -> None:
+        lm.model.save_pretrained(str(tmp), safe_serialization=True)
+        lm.tokenizer.save_pretrained(str(tmp))
+
+    return atomic_folder(folder, write, _exported)
+
+
+def _exported(folder: Path) -> bool:
+    """Whether an export folder is complete (it appears only by a rename once fully written)."""
+    return (folder / "config.json").is_file()
 
 
 @dataclass

@@ -24,7 +24,7 @@ import operator
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from steerscope.analyses.records import Record
 from steerscope.data import shipped_vectors
@@ -42,6 +42,30 @@ MAX_META_DEPTH = 32  # nesting of objects / lists in the metadata (provenance ar
 
 
 MAX_LAYERS = 4096  # no model has more blocks; a file claiming more directions is refused before reading them
+
+
+def check_gguf_header(path: str | Path) -> None:
+    """Refuse a GGUF file whose header claims more than :data:`MAX_LAYERS` tensors, from its first 24 bytes,
+    before a reader parses every tensor's description (a header claiming 10^6 directions took 112 s and
+    4 GiB). A control vector holds one ``direction.N`` tensor per layer, nothing else. A file that is not
+    GGUF at all (or cannot be opened) is left to the reader to report.
+
+    Layout (GGUF v1-v3): magic ``GGUF``, version (uint32), tensor count (uint64; uint32 in v1), KV count;
+    little-endian, or big-endian when the version reads byte-swapped (gguf-py's test).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return
+    if len(head) < 16 or head[:4] != b"GGUF":
+        return
+    order: Literal["little", "big"] = "little" if int.from_bytes(head[4:8], "little") & 0xFFFF else "big"
+    version = int.from_bytes(head[4:8], order)
+    count = int.from_bytes(head[8:12] if version == 1 else head[8:16], order)
+    if count > MAX_LAYERS:
+        raise VectorError(f"{path}: its GGUF header claims {count} tensors (a control vector has one direction.N "
+                          f"per layer, at most {MAX_LAYERS}); it is not a steering vector")
 
 
 def layer_indices(tensors: Mapping[str, Any], prefix: str, path: str | Path) -> dict[int, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,8 +155,12 @@ def sample(lm: LM, policy: Policy, texts: list[str], k: int, max_new_tokens: int
 # -- checkpoints ---------------------------------------------------------------------------------
 def save_checkpoint(folder: Path, policy: Policy, opt: torch.optim.Optimizer, step: int,
                     history: list[StepLog], config: RLOOConfig) -> None:
-    """Write policy.safetensors, optim.safetensors and state.json (atomically, state last)."""
-    from safetensors.torch import save_file
+    """Write policy.safetensors, optim.safetensors and state.json (atomically, state last): each through
+    :func:`steerscope._files.atomic_write` (a unique temp file, renamed; a symlink in the way is replaced,
+    never written through)."""
+    from safetensors.torch import save
+
+    from steerscope._files import atomic_write
 
     folder.mkdir(parents=True, exist_ok=True)
     pol = {n: p.detach().cpu().contiguous() for n, p in policy.named_parameters()}
@@ -169,11 +172,9 @@ def save_checkpoint(folder: Path, policy: Policy, opt: torch.optim.Optimizer, st
             optt[f"{n}::{key}"] = st[key].detach().cpu().contiguous()
         steps[n] = float(st["step"])
     for name, tensors in (("policy", pol), ("optim", optt)):
-        save_file(tensors, str(folder / f"{name}.safetensors.tmp"))
-        os.replace(folder / f"{name}.safetensors.tmp", folder / f"{name}.safetensors")
+        atomic_write(folder / f"{name}.safetensors", save(tensors))
     state = {"step": step, "config": asdict(config), "adam_steps": steps, "history": [asdict(h) for h in history]}
-    (folder / "state.json.tmp").write_text(json.dumps(state))
-    os.replace(folder / "state.json.tmp", folder / "state.json")
+    atomic_write(folder / "state.json", json.dumps(state).encode())
 
 
 def load_checkpoint(folder: Path, policy: Policy, opt: torch.optim.Optimizer) -> tuple[int, list[StepLog]]:

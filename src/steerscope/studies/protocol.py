@@ -36,7 +36,7 @@ C = TypeVar("C", bound="StudyConfig")
 _KIND = {int: "integers", float: "numbers", str: "names"}
 
 
-def option(default: Any, help: str, *, flag: str | None = None, sep: str | None = None, nargs: str | None = None,
+def option(default: Any, help: str, *, flag: str | None = None, sep: str | None = None,
            choices: tuple[Any, ...] | None = None, minimum: int | None = None, maximum: int | None = None) -> Any:
     """A dataclass field that is also a command-line option ``--<field-name>``.
 
@@ -44,8 +44,8 @@ def option(default: Any, help: str, *, flag: str | None = None, sep: str | None 
         default: the field's default (also the option's).
         help: the ``--help`` text; the default is appended to it.
         flag: another option name; for a bool field defaulting to True, e.g. ``"--no-shift"`` (stores False).
-        sep: a tuple field given as one string split on ``sep`` (``--alphas 2,4,6``).
-        nargs: a tuple field given as several words (``--alphas 2 4 6``).
+        sep: a tuple field given as one string split on ``sep`` (``--alphas 2,4,6``); the command line has
+            one list syntax, comma-separated, so a tuple option is always given this way.
         choices: the allowed values.
         minimum, maximum: bounds of an int field (e.g. ``minimum=1`` for a count): the parser refuses a
             value outside them before anything runs, and :meth:`StudyConfig.check_ranges` refuses it in
@@ -54,7 +54,7 @@ def option(default: Any, help: str, *, flag: str | None = None, sep: str | None 
     Returns:
         A ``dataclasses.field`` carrying the option in its metadata.
     """
-    meta = {"cli": True, "help": help, "flag": flag, "sep": sep, "nargs": nargs, "choices": choices,
+    meta = {"cli": True, "help": help, "flag": flag, "sep": sep, "choices": choices,
             "minimum": minimum, "maximum": maximum}
     return dataclasses.field(default=default, metadata=meta)
 
@@ -171,17 +171,17 @@ class StudyConfig:
                 stored = not getattr(defaults, f.name)
                 kw.update(action="store_const", const=stored, default=None if cls.cli_defaults_none else not stored)
             else:
-                if is_tuple and m["sep"] and default is not None:
+                if is_tuple and not m["sep"]:  # one list syntax on the command line: comma-separated
+                    raise TypeError(f"{cls.__name__}.{f.name}: a tuple option needs sep=','")
+                if is_tuple and default is not None:
                     default = m["sep"].join(f"{x:g}" if isinstance(x, float) else str(x) for x in default)
-                elif is_tuple and default is not None:
-                    default = list(default)
                 bounded = kind is int and not is_tuple and (m.get("minimum") is not None or m.get("maximum") is not None)
                 typ = int_range(m.get("minimum"), m.get("maximum")) if bounded else kind
-                kw.update(default=default, type=str if m["sep"] else typ, nargs=m["nargs"], choices=m["choices"])
+                kw.update(default=default, type=str if m["sep"] else typ, choices=m["choices"])
                 if m["choices"]:
                     kw["help"] += f"; one of {', '.join(map(str, m['choices']))}"
                 if default is not None:
-                    kw["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+                    kw["help"] += f" (default: {default})"
             parser.add_argument(name, **kw)
 
     @classmethod
@@ -195,7 +195,7 @@ class StudyConfig:
             if v is not None and is_tuple:
                 sep = f.metadata["sep"]
                 what = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-                v = split_list(v, kind, what, sep) if sep else tuple(v)
+                v = split_list(v, kind, what, sep)
             out[f.name] = v
         return out
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from steerscope._cliargs import DTYPE_HELP, DTYPES
 from steerscope.data.names import TRAIT_NAMES as TRAITS
 from steerscope.errors import StudyError
 from steerscope.studies.protocol import StudyConfig, option
@@ -46,6 +47,7 @@ class Config(StudyConfig):
         shift_alpha: alpha of the shift test and the k-subspace test; None = middle alpha.
         n_cov_prompts: prompts whose token activations form the covariance.
         n_jac_prompts: prompts whose logit Jacobians are computed (per layer).
+        dtype: weights dtype of the model (float32, float16 or bfloat16).
         backend: ``"hf"`` or ``"vllm"`` for the ``gen_*`` steps' sampled generations; not part of the
             run's identity (a resumed run may switch), but vLLM samples with its own sampler.
 
@@ -76,6 +78,7 @@ class Config(StudyConfig):
     n_cov_prompts: int = option(64, "prompts whose token activations form the covariance", minimum=1)
     n_jac_prompts: int = option(1, "prompts whose logit Jacobians are computed", minimum=1)
     seed: int = option(0, "random seed")
+    dtype: str = option("float32", DTYPE_HELP, choices=DTYPES)
     backend: str = option("hf", "engine for the sampled generations: hf or vllm (docs/vllm.md; vLLM's sampler, so "
                                 "not HF's samples)", choices=("hf", "vllm"))
     extra: dict[str, Any] = field(default_factory=dict)
@@ -107,11 +110,11 @@ class Config(StudyConfig):
 
     def identity(self) -> dict[str, Any]:
         """What a run folder is checked against on resume: everything but ``backend`` (the engine; the
-        same distribution, sampled by vLLM's sampler instead of HF's). ``positions`` and ``margin`` appear only
+        same distribution, sampled by vLLM's sampler instead of HF's). ``positions``, ``margin`` and ``dtype`` appear only
         when not at their defaults, so run folders written before these options existed still resume."""
         d = self.to_dict()
         d.pop("backend")
-        for k, default in (("positions", "all"), ("margin", 0.2)):
+        for k, default in (("positions", "all"), ("margin", 0.2), ("dtype", "float32")):
             if d[k] == default:
                 d.pop(k)
         return d

@@ -39,7 +39,7 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
 
     t0 = time.time()
     run_ = Run(out, config=cfg.identity(), force=force)
-    lm = ss.load_model(cfg.model, device=device)
+    lm = ss.load_model(cfg.model, device=device, dtype=cfg.dtype)
     vrec = run_.record(rc.VECTORS, rc.VectorsRecord, lambda: steps.vectors(run_, lm, cfg))
     vecs = steps.load_vectors(vrec)
     inject = vrec.inject_layer

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, replace
 from typing import Any
 
+from steerscope._cliargs import DTYPE_HELP, DTYPES
 from steerscope.errors import StudyError
 from steerscope.studies.protocol import StudyConfig, option
 
@@ -64,16 +65,21 @@ class Config(StudyConfig):
     shots: int = option(0, "worked examples shown before each problem as earlier chat turns (few-shot prompting; "
                            "task.examples), in training and evaluation alike (default: the preset's)", minimum=0)
     seed: int = option(0, "random seed")
+    dtype: str = option("float32", f"{DTYPE_HELP} of every model the study loads (default: the preset's, float32)",
+                        choices=DTYPES)
     backend: str = option("hf", "engine for the evaluation generations: hf or vllm (docs/vllm.md); gated biases, "
                                 "LoRA and last-layer vectors stay on hf", choices=("hf", "vllm"))
 
     def identity(self) -> dict[str, Any]:
         """What a run folder is checked against on resume: everything but ``backend``, which changes
-        speed, not greedy numbers (vLLM's greedy tokens are HF's; its sampler is its own), and ``shots`` and
-        ``pair_layers`` at their defaults."""
+        speed, not greedy numbers (vLLM's greedy tokens are HF's; its sampler is its own). ``dtype`` (float32),
+        ``shots`` and ``pair_layers`` appear only away from their defaults, so run folders written before those
+        options existed still resume."""
         d = self.to_dict()
         d.pop("backend")
-        for key in ("shots", "pair_layers"):  # at their defaults, a run folder from before they existed is the same
+        if d["dtype"] == "float32":
+            d.pop("dtype")
+        for key in ("shots", "pair_layers"):
             if not d[key]:
                 d.pop(key)
         return d

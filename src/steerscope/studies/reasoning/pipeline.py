@@ -47,7 +47,7 @@ def run_study(cfg: ReasoningConfig, out: str | Path, device: str = "cpu", force:
     run = Run(out, config=cfg.identity(), force=force)
     if report_only:
         _only_finished_steps(run)
-    lm = load_model(cfg.model, device=device)
+    lm = load_model(cfg.model, device=device, dtype=cfg.dtype)
     for p in lm.model.parameters():
         p.requires_grad_(False)
     singles = cfg.resolve_layers(lm.n_layers)

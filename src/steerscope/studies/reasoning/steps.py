@@ -19,7 +19,7 @@ from steerscope.extract.rl import RLOOConfig, train_rloo
 from steerscope.generation import RowSeededSampler, generate_batch
 from steerscope.metrics.math import is_correct, math_reward
 from steerscope.models.load import LM, load_model
-from steerscope.runs import Run
+from steerscope.runs import Run, save_tensors
 from steerscope.steer import steering
 from steerscope.studies.reasoning import analyses as an
 from steerscope.studies.reasoning import records as rc
@@ -168,11 +168,8 @@ def train_vector(run: Run, lm: LM, cfg: ReasoningConfig, name: str, layers: list
                      _rloo_cfg(cfg, cfg.lr, train_seed), checkpoint_dir=run.path("ckpt", name, "x").parent)
     vec = bias.vector(train_steps=cfg.steps, difficulty=cfg.difficulty, k=cfg.k, lr=cfg.lr)
     vec.save(run.path("vectors", f"{name}.safetensors"))
-    if bias.gated:  # the gate is not part of a SteeringVector: keep the whole policy beside it
-        from safetensors.torch import save_file
-
-        save_file({n: p.detach().cpu().contiguous() for n, p in bias.named_parameters()},
-                  str(run.path("vectors", f"{name}.policy.safetensors")))
+    if bias.gated:  # the gate is not part of a SteeringVector: keep the whole policy beside it (atomically)
+        save_tensors(run.path("vectors", f"{name}.policy.safetensors"), dict(bias.named_parameters()))
     return TrainRecord(name, list(bias.layers), res.n_trainable, res.seconds, _history(res.history),
                        {str(k): v for k, v in vec.norms().items()}, res.resumed_from)
 
@@ -189,7 +186,7 @@ def load_vector(run: Run, name: str) -> SteeringVector:
 
 def train_and_eval_lora(run: Run, cfg: ReasoningConfig, device: str) -> LoraRecord:
     """The LoRA baseline: same trainer and budget, on its own copy of the model; evaluated at the end."""
-    lm = load_model(cfg.model, device=device)
+    lm = load_model(cfg.model, device=device, dtype=cfg.dtype)
     train, test = problems(cfg)
     pol = LoRAPolicy(lm, r=cfg.lora_rank, seed=cfg.seed)
     res = train_rloo(lm, pol, [p.prompt for p in train], [p.answer for p in train], math_reward,

@@ -34,8 +34,8 @@ def relation(a: str, b: str) -> str:
     return f"{b} is a separately loaded model of {a}'s shape; how it was trained relative to {a} is not recorded"
 
 
-def _frozen(name: str, device: str) -> LM:
-    lm = load_model(name, device=device)
+def _frozen(name: str, device: str, dtype: str = "float32") -> LM:
+    lm = load_model(name, device=device, dtype=dtype)
     for p in lm.model.parameters():
         p.requires_grad_(False)
     return lm
@@ -45,7 +45,7 @@ def load_target(cfg: ReasoningConfig, lm: LM, device: str) -> tuple[LM | None, s
     """The transfer model B (frozen), or None and the reason (not set, or another depth or width)."""
     if not cfg.transfer or not cfg.transfer_model:
         return None, "transfer switched off (--no-transfer) or no --transfer-model"
-    tgt = _frozen(cfg.transfer_model, device)
+    tgt = _frozen(cfg.transfer_model, device, cfg.dtype)
     if (tgt.n_layers, tgt.d_model) != (lm.n_layers, lm.d_model):
         return None, (f"{cfg.transfer_model} has {tgt.n_layers} layers and d_model {tgt.d_model}, {cfg.model} "
                       f"{lm.n_layers} and {lm.d_model}: transfer needs the same depth and width")

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from steerscope._cliargs import DTYPE_HELP, DTYPES
 from steerscope.errors import StudyError
 from steerscope.studies.protocol import StudyConfig, option, split_list
 
@@ -56,7 +57,7 @@ class Config(StudyConfig):
     layer_stride: int = option(2, "score every k-th layer (1 = all)", minimum=1)
     layers: tuple[int, ...] | None = option(None, "explicit candidate layers, e.g. 6,8,10 (overrides --layer-stride)",
                                             sep=",")
-    alphas: tuple[float, ...] = option((1.0,), "steering magnitudes", nargs="+")
+    alphas: tuple[float, ...] = option((1.0,), "comma-separated steering magnitudes, e.g. 0.5,1", sep=",")
     max_new_tokens: int = option(64, "greedy completion length", minimum=1)
     n_trained: int = option(64, "prompts per side for NTP/PO data", minimum=1)
     trained_epochs: int = option(3, "NTP / PO epochs", minimum=1)
@@ -69,10 +70,11 @@ class Config(StudyConfig):
     retrain_organism: bool = option(False, "rebuild the LoRA organism (slow)")
     shipped_vectors: bool = option(False, "evaluate the shipped organism vectors instead of this run's "
                                           "(skips NTP/PO training)")
-    select_alphas: tuple[float, ...] = option((1.0,), "multiples of the DIM vector scored by the selection "
-                                                      "(the pick scales the saved vector)", nargs="+")
+    select_alphas: tuple[float, ...] = option((1.0,), "comma-separated multiples of the DIM vector scored by "
+                                                      "the selection, e.g. 2,4,8 (the pick scales the saved vector)",
+                                                      sep=",")
     matched_norm: bool = option(False, "also evaluate NTP/PO rescaled to the DIM norm")
-    dtype: str = option("float32", "model dtype: float32 or bfloat16")
+    dtype: str = option("float32", f"{DTYPE_HELP} (bfloat16 in the GPU presets)", choices=DTYPES)
     threads: int = option(1, "torch CPU threads", minimum=1)
     backend: str = option("hf", "engine for the ASR table's generations (vllm: docs/vllm.md)", choices=("hf", "vllm"))
     extra: dict[str, Any] = field(default_factory=dict)

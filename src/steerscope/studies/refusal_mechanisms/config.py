@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steerscope._cliargs import DTYPE_HELP, DTYPES
 from steerscope.errors import StudyError
 from steerscope.studies.protocol import StudyConfig, option
 
@@ -50,7 +51,7 @@ class Config(StudyConfig):
     batch_size: int = 16
     seed: int = option(0, "random seed")
     eval_offset: int = 0  # offset into the test split: eval prompts, then the attribution prompts
-    dtype: str = option("float32", "model dtype: float32 or bfloat16 (the GPU presets)")
+    dtype: str = option("float32", f"{DTYPE_HELP} (bfloat16 in the GPU presets)", choices=DTYPES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
