@@ -176,10 +176,10 @@ class _RewindableGenerator(torch.Generator):
 
     start: torch.Tensor | None = None
 
-    def get_offset(self) -> int:  # type: ignore[override]
+    def get_offset(self) -> int:
         return 0
 
-    def set_offset(self, offset: int) -> _RewindableGenerator:  # type: ignore[override]
+    def set_offset(self, offset: int) -> _RewindableGenerator:
         if self.start is not None:
             self.set_state(self.start)
         return self
