@@ -314,3 +314,47 @@ def test_an_interrupt_inside_the_write_window_leaves_no_tmp_file(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         files.atomic_write(tmp_path / "x.json", b"{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_inside_the_write_window_exits_143_and_leaves_no_tmp_file(tmp_path) -> None:
+    """A terminated command (SIGTERM, as a scheduler or `kill` sends) runs its finally blocks: the atomic write in
+    progress removes its temp file, and the command exits 143 with one line."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "import steerscope._files as files\n"
+        "from steerscope._cliargs import run_guarded\n"
+        "files.os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGTERM)  # the signal arrives mid-write\n"
+        "sys.exit(run_guarded(lambda: files.atomic_write(Path(sys.argv[1]) / 'x.json', b'{}')))\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 143, (r.returncode, r.stderr)
+    assert r.stderr.strip() == "terminated; finished steps are saved"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_sweeps_the_temp_files_a_killed_run_left(tmp_path) -> None:
+    """SIGKILL leaves temp files no handler can remove: the next run that takes the folder's lock removes them
+    (files, folders, symlinks unlinked, never followed) and nothing else."""
+    from steerscope.runs import Run
+
+    folder = tmp_path / "run"
+    (folder / "steps").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    stale = [folder / ".config.json.ab12cd_9.tmp", folder / "steps" / ".eval_base.json.zz00xx11.tmp"]
+    for p in stale:
+        p.write_text("{")
+    (folder / ".vectors.q1w2e3r4.tmp").mkdir()
+    (folder / "steps" / ".x.json.k9k9k9k9.tmp").symlink_to(victim)
+    kept = [folder / "notes.tmp", folder / ".hidden.tmp", folder / "steps" / "a.json"]
+    for p in kept:
+        p.write_text("mine")
+    with pytest.warns(UserWarning, match="removed 4 temporary file"):
+        run = Run(folder)
+    run.close()
+    assert not any(p.exists() or p.is_symlink() for p in [*stale, folder / ".vectors.q1w2e3r4.tmp",
+                                                         folder / "steps" / ".x.json.k9k9k9k9.tmp"])
+    assert all(p.read_text() == "mine" for p in kept) and victim.read_text() == "keep"

@@ -13,8 +13,10 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -279,10 +281,22 @@ def _one_line_warnings() -> Callable[..., None]:
     return show
 
 
+class Terminated(BaseException):
+    """SIGTERM during a command (raised by :func:`run_guarded`'s handler, so ``finally`` blocks run: an
+    atomic write in progress removes its temp file, a run folder releases its lock)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run_guarded(fn: Callable[[], None], debug: bool = False) -> int:
     """Run a command: one ``error:`` line for anything that escapes (exit 2 for user and file errors,
-    1 for anything else), the traceback only with ``debug``; warnings as one ``warning:`` line each, once."""
+    1 for anything else), the traceback only with ``debug``; warnings as one ``warning:`` line each, once.
+    Ctrl-C exits 130 and SIGTERM 143, each after the ``finally`` blocks of the command have run."""
     old = warnings.showwarning
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -293,6 +307,9 @@ def run_guarded(fn: Callable[[], None], debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished steps are saved", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated; finished steps are saved", file=sys.stderr)
+        return 143
     except (OSError, UnicodeError) as e:  # files the user named: missing, unreadable, not writable, not text
         return _fail(e, 2, debug, f"{type(e).__name__}: ")
     except MemoryError:
@@ -302,6 +319,8 @@ def run_guarded(fn: Callable[[], None], debug: bool = False) -> int:
         return _fail(e, 1, debug, f"internal error ({type(e).__name__}): ", " (rerun with --debug for the traceback)")
     finally:
         warnings.showwarning = old
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
     return 0
 
 

@@ -26,8 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -224,6 +227,23 @@ def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return res
 
 
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp / mkdtemp(prefix=".<name>.", suffix=".tmp")
+
+
+def _sweep_temp_files(folder: Path) -> None:
+    """Remove the temp files and folders (``.<name>.<random>.tmp``, :func:`atomic_write` / :func:`atomic_folder`)
+    that a killed run left in ``folder``; called with the folder's lock held, so no writer of this run owns them.
+    Symlinks are unlinked, never followed."""
+    stale = [p for p in folder.rglob(".*.tmp") if _TEMP_NAME.fullmatch(p.name)]
+    for p in stale:
+        if p.is_symlink() or p.is_file():
+            p.unlink(missing_ok=True)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        warnings.warn(f"removed {len(stale)} temporary file(s) an interrupted run left in {folder}", stacklevel=3)
+
+
 class Run(_Store):
     """A locked run folder with resumable, validated steps.
 
@@ -250,6 +270,7 @@ class Run(_Store):
         except OSError as e:
             raise StudyError(f"cannot use run folder {self.folder} ({e.strerror or e}); choose a writable --out "
                              "folder") from None
+        _sweep_temp_files(self.folder)
         self.steps_dir = self.folder / "steps"  # made by the first record written (no empty steps/ on an error)
         if self.steps_dir.is_symlink():
             self.close()
