@@ -63,7 +63,7 @@ SHRINK: dict[str, str] = {
                      "--trained-epochs 1 --gen-batch 16 --device cpu --shipped-vectors",
     "study refusal-mechanisms": "--model {tiny} --vector-dir {tiny_vectors} --quick --device cpu",
     "study reasoning": "--model {tiny} --steps 1 --prompts-per-step 1 --k 2 --n-test 2 --eval-samples 1 --seeds 1 "
-                       "--max-new-tokens 4 --no-sae --device cpu",
+                       "--max-new-tokens 4 --no-sae --shots 1 --device cpu",  # 1 worked example fits 256 positions
     "study identifiability": "--model {tiny} --traits formality --alphas 2 --seeds 0 --n-prompts 2 --max-new-tokens 4 "
                              "--ks 1 --n-k-prompts 1 --n-shift-prompts 3 --n-cov-prompts 4 --n-jac-prompts 1 "
                              "--device cpu",
