@@ -166,7 +166,8 @@ def train_vector(run: Run, lm: LM, cfg: ReasoningConfig, name: str, layers: list
     bias = SteeringBias(lm, layers, gate=cfg.gate if gate is None else gate)
     res = train_rloo(lm, bias, [p.prompt for p in train], [p.answer for p in train], math_reward,
                      _rloo_cfg(cfg, cfg.lr, train_seed), checkpoint_dir=run.path("ckpt", name, "x").parent)
-    vec = bias.vector(train_steps=cfg.steps, difficulty=cfg.difficulty, k=cfg.k, lr=cfg.lr)
+    vec = bias.vector(train_steps=cfg.steps, difficulty=cfg.difficulty, k=cfg.k, lr=cfg.lr,
+                      **({"shots": cfg.shots} if cfg.shots else {}))  # trained on prompts after that many examples
     vec.save(run.path("vectors", f"{name}.safetensors"))
     if bias.gated:  # the gate is not part of a SteeringVector: keep the whole policy beside it (atomically)
         save_tensors(run.path("vectors", f"{name}.policy.safetensors"), dict(bias.named_parameters()))
