@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -92,6 +93,11 @@ def inside(folder: Path, path: Path, what: str = "path") -> Path:
         raise StudyError(f"{what} {path} leads outside the run folder {folder} (a symlink or '..'); "
                          "remove the link or use a new --out folder")
     return target
+
+
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+"""The name of a temp file or folder of :func:`atomic_write` / :func:`atomic_folder` (mkstemp / mkdtemp with
+prefix ``.<name>.`` and suffix ``.tmp``): what a killed writer can leave behind."""
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 import sys
 import time
@@ -34,7 +33,15 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from steerscope._files import acquire_folder_lock, atomic_write, check_free, dumps, inside, release_folder_lock
+from steerscope._files import (
+    TEMP_NAME,
+    acquire_folder_lock,
+    atomic_write,
+    check_free,
+    dumps,
+    inside,
+    release_folder_lock,
+)
 from steerscope.errors import StudyError
 
 if TYPE_CHECKING:
@@ -227,14 +234,11 @@ def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return res
 
 
-_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp / mkdtemp(prefix=".<name>.", suffix=".tmp")
-
-
 def _sweep_temp_files(folder: Path) -> None:
     """Remove the temp files and folders (``.<name>.<random>.tmp``, :func:`atomic_write` / :func:`atomic_folder`)
     that a killed run left in ``folder``; called with the folder's lock held, so no writer of this run owns them.
     Symlinks are unlinked, never followed."""
-    stale = [p for p in folder.rglob(".*.tmp") if _TEMP_NAME.fullmatch(p.name)]
+    stale = [p for p in folder.rglob(".*.tmp") if TEMP_NAME.fullmatch(p.name)]
     for p in stale:
         if p.is_symlink() or p.is_file():
             p.unlink(missing_ok=True)

@@ -125,6 +125,7 @@ def split(n_train: int, n_test: int, difficulty: str = "two-step", seed: int = 0
     return train, test
 
 
+_LOSS_VERBS = tuple(v.split()[0] for v in _LOSE)  # gives, loses, sells, uses (also "gives away" in "word")
 _STEP = re.compile(r"^(?:Then )?(\w+) (.*?)(\d+)(.*)$")
 
 
@@ -146,7 +147,7 @@ def worked(problem: Problem) -> str:
         for s in sents[1:-1]:
             s = s.rstrip(".")
             n = int(_STEP.match(s).group(3))  # type: ignore[union-attr]
-            lose = any(w in s for w in (" away", " loses ", " sells ", " uses "))
+            lose = any(f" {w} " in f" {s} " for w in _LOSS_VERBS)
             new = amount - n if lose else amount + n
             lines.append(f"{s}: {amount} {'-' if lose else '+'} {n} = {new}.")
             amount = new
