@@ -5,6 +5,7 @@ import argparse
 
 import numpy as np
 import pytest
+import torch
 
 from steerscope.analyses import identifiability as idf
 from steerscope.errors import StudyError
@@ -166,6 +167,47 @@ def test_equivalence_step_decides_each_comparison_on_scores_with_known_d():
     assert equivalence(cfg, _eq_scores(0.0, 0.0, 10), {"formality": None}).rows == []
 
 
+def test_vperp_ratios_match_a_direct_computation_and_recover_a_planted_share():
+    """Paper C's |mean(v_perp)| / |mean(v)| and the shift ratio, against numpy on the same tables; with v_perp
+    planted at a quarter of v's shift the shift ratio's interval covers 0.25 and excludes 0."""
+    rng = np.random.default_rng(3)
+    n, seeds = 60, (0, 1, 2)
+    cells = {}
+    for s in seeds:
+        cells[f"formality|none|{s}|neutral"] = {"probe": {"none@0": list(rng.normal(1.0, 1, n))}}
+        cells[f"formality|dim|{s}|neutral"] = {"probe": {
+            "v@4": list(rng.normal(3.0, 1, n)), "v+v_perp@4": list(rng.normal(3.0, 1, n)),
+            "v_perp@4": list(rng.normal(1.5, 1, n))}}
+    cfg = Config(traits=("formality",), alphas=(4.0,), seeds=seeds, shift=False)
+    (r,) = equivalence(cfg, cells, {"formality": "probe"}).vperp_ratios
+    col = lambda cond, m="dim": np.array([cells[f"formality|{m}|{s}|neutral"]["probe"][cond] for s in seeds]).T
+    v, vp, none = col("v@4"), col("v_perp@4"), col("none@0", "none")
+    assert (r.n_prompts, r.n_seeds) == (n, 3)
+    assert r.ratio_paper == pytest.approx(abs(vp.mean()) / abs(v.mean()), rel=1e-9)
+    assert r.ratio_shift == pytest.approx((vp.mean() - none.mean()) / (v.mean() - none.mean()), rel=1e-9)
+    lo, hi = r.ratio_shift_ci95
+    assert lo < 0.25 < hi and lo > 0 and hi - lo < 0.3
+    assert r.ratio_paper_ci95[0] < r.ratio_paper < r.ratio_paper_ci95[1]
+    # without a v_perp condition (e.g. pca_paper first is refused; a run with only v) there is no ratio
+    for s in seeds:
+        del cells[f"formality|dim|{s}|neutral"]["probe"]["v_perp@4"]
+    assert equivalence(cfg, cells, {"formality": "probe"}).vperp_ratios == []
+
+
+def test_flipped_pca_is_compared_with_dim_like_pca_paper():
+    cfg = Config(traits=("formality",), alphas=(4.0,), seeds=(0, 1), methods=("dim", "pca_paper", "pca_paper_flipped"),
+                 shift=False)
+    cells = _eq_scores(0.0, -3.0, 40)
+    rng = np.random.default_rng(1)
+    for s in (0, 1):  # the flipped vector steers like DIM here; the SVD-sign one moves the score the other way
+        cells[f"formality|pca_paper_flipped|{s}|neutral"] = {"probe": {"v@4": list(rng.normal(2.0, 1, 40))}}
+    rec = equivalence(cfg, cells, {"formality": "probe"})
+    assert [r.comparison for r in rec.rows] == ["v+v_perp vs v", "v[pca_paper] vs v[dim]",
+                                               "v[pca_paper_flipped] vs v[dim]"] and rec.family_size == 6
+    assert rec.rows[1].verdict == "different" and abs(rec.rows[2].test.d) < 0.5
+    assert steps.effects(cfg, cells, {"formality": "probe"}, {"formality": {"probe": True}})[0].method == "dim"
+
+
 def test_paper_c_setting_is_a_config_and_its_positions_reach_generate(monkeypatch):
     import torch
 
@@ -178,5 +220,16 @@ def test_paper_c_setting_is_a_config_and_its_positions_reach_generate(monkeypatc
     assert seen["positions"] == "last+generated" and list(gen.texts) == ["v@1"]
     with pytest.raises(StudyError, match="--methods"):
         Config(methods=("pca_paper",))
+    with pytest.raises(StudyError, match="--methods"):
+        Config(methods=("pca_paper_flipped", "dim"))
     with pytest.raises(StudyError, match="--margin"):
         Config(margin=0.0)
+
+
+def test_vectors_step_saves_the_flipped_pca_as_the_negation_at_dims_norm(tiny_llama, tmp_path):
+    cfg = Config(traits=("formality",), methods=("dim", "pca_paper", "pca_paper_flipped"), shift=False)
+    rec = steps.vectors(Run(tmp_path / "run"), tiny_llama, cfg)
+    vecs = steps.load_vectors(rec)
+    p, f, d = vecs["formality_pca_paper"], vecs["formality_pca_paper_flipped"], vecs["formality_dim"]
+    assert torch.equal(f, -p) and float(f.norm()) == pytest.approx(float(d.norm()), rel=1e-5)
+    assert float(torch.cosine_similarity(f, d, 0)) == pytest.approx(-rec.cos_methods["formality|pca_paper"], abs=1e-5)

@@ -11,7 +11,8 @@ from steerscope.data.names import TRAIT_NAMES as TRAITS
 from steerscope.errors import StudyError
 from steerscope.studies.protocol import StudyConfig, option
 
-METHODS = ("dim", "pca", "pca_paper")
+PCA_PAPER = ("pca_paper", "pca_paper_flipped")  # paper C's PCA vector with the SVD's sign, and with it flipped
+METHODS = ("dim", "pca") + PCA_PAPER
 PAPER_C: dict[str, Any] = dict(alphas=(1.0,), positions="last+generated", offset=1)
 """Paper C's steering setting (its code): alpha = 1, the vector added at the last position of every forward
 call, at the output of ``layers[L//2]`` (offset 1). ``Config(**PAPER_C)``; on the command line
@@ -31,7 +32,8 @@ class Config(StudyConfig):
         methods: extraction methods used in the behavioural experiment: dim, pca (``pca_diff``, oriented and
             scaled like DIM) and pca_paper (paper C's PCA variant: first PC of the *centred* per-pair
             differences, rescaled here to |DIM| so the two vectors differ in direction only; only its ``v``
-            condition is generated, and it is compared with DIM's ``v``).
+            condition is generated, and it is compared with DIM's ``v``); pca_paper_flipped is the same vector
+            with its sign flipped (an SVD's sign is arbitrary; the paper's cosine range spans both signs).
         positions: where the vector is added: ``all`` (every position, generated tokens included) or
             ``last+generated`` (the last position of every forward call: paper C's hook).
         margin: the equivalence margin in Cohen's d units (paper C's |d| < 0.2).
@@ -60,7 +62,8 @@ class Config(StudyConfig):
     traits: tuple[str, ...] = option(TRAITS, "comma-separated: formality,sentiment,politeness", sep=",")
     layer: int | None = option(None, "extraction layer (default n_layers // 2)", minimum=0)
     offset: int = option(0, "inject at layer + offset (1 = paper C's code: output of layers[L//2])", choices=(0, 1))
-    methods: tuple[str, ...] = option(("dim",), "vectors in the behavioural test: dim,pca,pca_paper", sep=",")
+    methods: tuple[str, ...] = option(("dim",), "vectors in the behavioural test: dim,pca,pca_paper,pca_paper_flipped",
+                                     sep=",")
     positions: str = option("all", "where to add the vector (last+generated = paper C's hook)",
                             choices=("all", "last+generated"))
     margin: float = option(0.2, "equivalence margin in Cohen's d units (paper C: 0.2)")
@@ -90,8 +93,8 @@ class Config(StudyConfig):
             raise StudyError(f"unknown traits {bad}; use --traits with some of {','.join(TRAITS)}")
         if self.offset not in (0, 1):
             raise StudyError(f"--offset must be 0 or 1, got {self.offset}")
-        if [m for m in self.methods if m not in METHODS] or not self.methods or self.methods[0] == "pca_paper":
-            raise StudyError(f"--methods takes some of {','.join(METHODS)} (pca_paper not first: it is compared "
+        if [m for m in self.methods if m not in METHODS] or not self.methods or self.methods[0] in PCA_PAPER:
+            raise StudyError(f"--methods takes some of {','.join(METHODS)} (pca_paper* not first: compared "
                              f"with the first), got {','.join(self.methods)}")
         if not (math.isfinite(self.margin) and self.margin > 0):
             raise StudyError(f"--margin must be a positive number (Cohen's d units), got {self.margin}")

@@ -8,7 +8,7 @@ from typing import Any
 
 from steerscope.runs import Run
 from steerscope.studies.identifiability import records as rc
-from steerscope.studies.identifiability.config import Config
+from steerscope.studies.identifiability.config import PCA_PAPER, Config
 from steerscope.studies.identifiability.records import Cell
 
 
@@ -53,7 +53,7 @@ def run(cfg: Config, out: Path, device: str = "cpu", force: bool = False) -> dic
         prompts = neutral if pset == "neutral" else shift
         alphas = cfg.alphas if pset == "neutral" else (cfg.probe_alpha,)
         v = None if method == "none" else vecs[f"{trait}_{method}"]
-        conds = ("v",) if method == "pca_paper" else steps.CONDITIONS  # paper C's PCA is compared with DIM's v only
+        conds = ("v",) if method in PCA_PAPER else steps.CONDITIONS  # paper C's PCA is compared with DIM's v only
         gens[rc.cell_key(cell)] = run_.record(rc.generation_step(cell), rc.Generations, lambda: steps.generate_cell(
             lm, cfg, prompts, v, trait, seed, inject, alphas, conds))
     scores = run_.record(rc.SCORES, rc.Scores, lambda: steps.score_texts(built, gens))

@@ -171,12 +171,38 @@ class EquivalenceRow(Record):
 
 
 @dataclass(frozen=True)
+class VperpRatio(Record):
+    """v_perp alone against v (primary scorer, neutral prompts), as paper C's ratio and as a shift ratio.
+
+    ``ratio_paper`` is paper C's |mean(v_perp)| / |mean(v)| of the raw scores (its code's ``effect_ratio``); it
+    depends on where the scorer puts 0, so ``ratio_shift`` = (mean(v_perp) - mean(none)) / (mean(v) - mean(none))
+    (the part of v's shift that v_perp alone gives) is reported beside it. Intervals: 95 % percentile, prompts
+    resampled with their seeds."""
+
+    trait: str
+    alpha: float
+    scorer: str
+    n_prompts: int
+    n_seeds: int
+    mean_none: float
+    mean_v: float
+    mean_vperp: float
+    ratio_paper: float
+    ratio_paper_ci95: tuple[float, float]
+    ratio_shift: float
+    ratio_shift_ci95: tuple[float, float]
+
+
+@dataclass(frozen=True)
 class EquivalenceRecord(Record):
-    """Step ``equivalence``: the decided rows; the family is every row's two tests (2 x len(rows) p-values)."""
+    """Step ``equivalence``: the decided rows; the family is every row's two tests (2 x len(rows) p-values).
+
+    ``vperp_ratios`` (descriptive, not in the family) is empty in runs made before it existed."""
 
     margin: float
     rows: list[EquivalenceRow]
     family_size: int
+    vperp_ratios: list[VperpRatio] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -266,6 +292,6 @@ class NullspaceRecord(Record):
 
 
 __all__ = ["Agreement", "Conclusion", "EffectRow", "EffectsRecord", "EquivalenceRecord", "EquivalenceRow", "FdCheck", "Generations", "JRatio",
-           "LogitsRecord", "NullspaceRecord", "ScorerCheck", "Scores", "ScorersRecord", "SubspaceRow", "Verdict",
+           "LogitsRecord", "NullspaceRecord", "ScorerCheck", "Scores", "VperpRatio", "ScorersRecord", "SubspaceRow", "Verdict",
            "VectorsRecord", "VECTORS", "SCORERS", "SCORES", "EFFECTS", "LOGITS", "NULLSPACE", "EQUIVALENCE",
            "cell_key", "generation_step"]

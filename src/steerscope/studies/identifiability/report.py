@@ -122,7 +122,7 @@ def write(run: Run, cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, gens:
     if vrec.cos_methods:
         r.table(["trait | method", "cos(DIM, method)"], [[k, v] for k, v in vrec.cos_methods.items()],
                 caption="extraction choices on the same activations; pca_paper = paper C's PCA (centred, unit norm, "
-                        "sign as the SVD gives it)")
+                        "sign as the SVD gives it; pca_paper_flipped, when run, is its negation)")
     r.h2("Classifier validation")
     r.p(f"Each scorer is validated on the shipped labelled texts (80 per trait). Lexicon and zero-shot scorers are not "
         f"fitted to them; the probe's accuracy is 5-fold cross-validated. Scorers under {MIN_ACCURACY:.0%} are NOT used "
@@ -179,6 +179,16 @@ def _equivalence_section(r: Report, eq: EquivalenceRecord) -> None:
             [[x.trait, x.alpha, x.comparison, x.scorer, f"{x.test.n_prompts} x {x.test.n_seeds}", round(x.test.d, 3),
               f"[{x.test.ci90[0]:+.2f}, {x.test.ci90[1]:+.2f}]", x.p_equiv_holm, x.p_diff_holm, x.verdict,
               f"{x.guard.d:+.2f} [{x.guard.ci95[0]:+.2f}, {x.guard.ci95[1]:+.2f}]"] for x in eq.rows])
+    if eq.vperp_ratios:
+        r.table(["trait", "alpha", "scorer", "prompts x seeds", "mean none / v / v_perp", "|mean(v_perp)| / |mean(v)| "
+                 "[95% CI]", "(v_perp - none) / (v - none) [95% CI]"],
+                [[x.trait, x.alpha, x.scorer, f"{x.n_prompts} x {x.n_seeds}",
+                  f"{x.mean_none:.3f} / {x.mean_v:.3f} / {x.mean_vperp:.3f}",
+                  f"{x.ratio_paper:.3f} [{x.ratio_paper_ci95[0]:.3f}, {x.ratio_paper_ci95[1]:.3f}]",
+                  f"{x.ratio_shift:+.3f} [{x.ratio_shift_ci95[0]:+.3f}, {x.ratio_shift_ci95[1]:+.3f}]"]
+                 for x in eq.vperp_ratios],
+                caption="v_perp alone (descriptive, not in the Holm family): paper C's ratio of raw mean scores (it "
+                        "depends on where the scorer puts 0) and the share of v's shift that v_perp alone gives")
 
 
 def _nullspace_section(r: Report, cfg: Config, nrec: NullspaceRecord) -> None:

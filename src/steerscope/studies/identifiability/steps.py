@@ -22,7 +22,7 @@ from steerscope.metrics.classifiers import Embedder, Scorer, best_scorer, build_
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.runs import Run
-from steerscope.studies.identifiability.config import Config
+from steerscope.studies.identifiability.config import PCA_PAPER, Config
 from steerscope.studies.identifiability.records import (
     Agreement,
     EffectRow,
@@ -76,13 +76,14 @@ def vectors(run: Run, lm: LM, cfg: Config) -> VectorsRecord:
         # one activation pass serves both methods (what ss.extract does, without running it twice)
         acts = ss.collect(lm, [lm.format_chat(p) for p in pos + neg], [layer], positions=[-1])[layer]
         cos_methods.update(method_cosines(trait, acts[:len(pos)], acts[len(pos):]))
-        for method in ("dim", "pca") + (("pca_paper",) if "pca_paper" in cfg.methods else ()):
+        methods: tuple[str, ...] = ("dim", "pca", *(m for m in PCA_PAPER if m in cfg.methods))
+        for method in methods:
             prov = ss.Provenance.for_model(lm, method=method, positions=[-1], n_examples=len(pos) + len(neg),
                                            dataset_hash=dataset_hash(pos + ["|"] + neg),
                                            args={"site": "resid_pre", "trait": trait, "study": "identifiability"})
-            d = METHODS[method](acts[:len(pos)], acts[len(pos):])
-            if method == "pca_paper":  # the paper's unit vector, rescaled to |DIM|: the pair differs in direction only
-                d = d * vecs[(trait, "dim")].norm()
+            d = METHODS[method.removesuffix("_flipped")](acts[:len(pos)], acts[len(pos):])
+            if method in PCA_PAPER:  # the paper's unit vector, rescaled to |DIM|: the pair differs in direction only
+                d = d * vecs[(trait, "dim")].norm() * (-1 if method == "pca_paper_flipped" else 1)
             v = ss.SteeringVector({layer: d}, "resid_pre", prov)
             path = run.path("vectors", f"{trait}_{method}.safetensors")
             v.save(path)
