@@ -698,6 +698,27 @@ def test_a_gguf_header_claiming_too_many_tensors_is_refused_before_they_are_pars
     assert ss.SteeringVector.load(p).layers == [2]
 
 
+@pytest.mark.parametrize("header", [
+    b"GGUF" + struct.pack("<IQQ", 3, 1, 10**9),  # v3, little-endian
+    b"GGUF" + struct.pack(">IQQ", 3, 1, 10**9),  # v3, big-endian
+    b"GGUF" + struct.pack("<III", 1, 1, 10**9) + bytes(8),  # v1: 32-bit counts
+], ids=["v3-le", "v3-be", "v1"])
+def test_a_gguf_header_claiming_too_many_keys_is_refused_before_they_are_parsed(header, tmp_path, capsys,
+                                                                               monkeypatch) -> None:
+    """The metadata key count is capped the same way (the reader would parse every key first)."""
+    import gguf
+
+    p = tmp_path / "cv.gguf"
+    p.write_bytes(header)
+
+    def parsed(*a, **k):
+        raise AssertionError("GGUFReader parsed the file")
+
+    monkeypatch.setattr(gguf, "GGUFReader", parsed)
+    line = _one_error(capsys, main(["inspect", "--vector", str(p)]))
+    assert "header claims 1000000000 metadata keys" in line and "at most 4096" in line, line
+
+
 @pytest.mark.parametrize("dtype", ["Q8_0", "I32"])
 def test_quantized_or_integer_gguf_directions_are_refused(tmp_path, dtype) -> None:
     import gguf

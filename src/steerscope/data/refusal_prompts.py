@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from steerscope._files import atomic_write
 from steerscope.data import data_path, read_jsonl, read_records
 from steerscope.errors import DataError
 
@@ -112,4 +113,4 @@ def _read_hub(key: str) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":  # regenerate the shipped split file (never needed; kept for provenance)
-    Path(str(data_path("refusal"))).joinpath("splits.json").write_text(json.dumps(make_splits(0), indent=1))
+    atomic_write(Path(str(data_path("refusal"))) / "splits.json", json.dumps(make_splits(0), indent=1).encode())

@@ -42,15 +42,17 @@ MAX_META_DEPTH = 32  # nesting of objects / lists in the metadata (provenance ar
 
 
 MAX_LAYERS = 4096  # no model has more blocks; a file claiming more directions is refused before reading them
+MAX_GGUF_KEYS = 4096  # metadata keys of a control-vector GGUF (ours writes a few dozen, llama.cpp's two)
 
 
 def check_gguf_header(path: str | Path) -> None:
-    """Refuse a GGUF file whose header claims more than :data:`MAX_LAYERS` tensors, from its first 24 bytes,
-    before a reader parses every tensor's description (a header claiming 10^6 directions took 112 s and
-    4 GiB). A control vector holds one ``direction.N`` tensor per layer, nothing else. A file that is not
-    GGUF at all (or cannot be opened) is left to the reader to report.
+    """Refuse a GGUF file whose header claims more than :data:`MAX_LAYERS` tensors or more than
+    :data:`MAX_GGUF_KEYS` metadata keys, from its first 24 bytes, before a reader parses every tensor's
+    description or key (a header claiming 10^6 directions took 112 s and 4 GiB). A control vector holds one
+    ``direction.N`` tensor per layer and a few dozen keys at most. A file that is not GGUF at all (or cannot
+    be opened) is left to the reader to report.
 
-    Layout (GGUF v1-v3): magic ``GGUF``, version (uint32), tensor count (uint64; uint32 in v1), KV count;
+    Layout (GGUF v1-v3): magic ``GGUF``, version (uint32), tensor count, KV count (uint64 each; uint32 in v1);
     little-endian, or big-endian when the version reads byte-swapped (gguf-py's test).
     """
     try:
@@ -66,6 +68,11 @@ def check_gguf_header(path: str | Path) -> None:
     if count > MAX_LAYERS:
         raise VectorError(f"{path}: its GGUF header claims {count} tensors (a control vector has one direction.N "
                           f"per layer, at most {MAX_LAYERS}); it is not a steering vector")
+    kv = head[12:16] if version == 1 else head[16:24]
+    n_keys = int.from_bytes(kv, order) if len(kv) in (4, 8) else 0
+    if n_keys > MAX_GGUF_KEYS:
+        raise VectorError(f"{path}: its GGUF header claims {n_keys} metadata keys (a control vector has a few "
+                          f"dozen, at most {MAX_GGUF_KEYS} are read); it is not a steering vector")
 
 
 def layer_indices(tensors: Mapping[str, Any], prefix: str, path: str | Path) -> dict[int, Any]:

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
+from steerscope._files import atomic_write
 from steerscope.analyses.trainable import seeded_lora
 from steerscope.data.refusal_prompts import load_split, refusal_strings
 from steerscope.generation import completion_batch, generate
@@ -141,7 +142,7 @@ def train_organism(cfg: OrganismConfig, out: Path, show_progress: bool = True) -
     cfg_path = out / "adapter_config.json"  # no machine-local base path in the shipped file
     acfg = json.loads(cfg_path.read_text())
     acfg["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    cfg_path.write_text(json.dumps(acfg, indent=2))
+    atomic_write(cfg_path, json.dumps(acfg, indent=2).encode())
     return {"config": asdict(cfg), "losses": losses, "n_harmful": len(harmful), "n_harmless": len(harmless),
             "seconds_generate": round(gen_s, 1), "seconds_total": round(time.time() - t0, 1)}
 
@@ -209,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         k = max(1, len(log["losses"]) // 10)
         stats["train"]["loss_first_tenth"] = sum(log["losses"][:k]) / k
         stats["train"]["loss_last_tenth"] = sum(log["losses"][-k:]) / k
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    atomic_write(out / "stats.json", json.dumps(stats, indent=1).encode())
     print(json.dumps({k: v for k, v in stats.items() if k != "samples"}, indent=1))
 
 
