@@ -117,6 +117,25 @@ def test_logit_jacobian_matches_central_finite_differences(tiny):
     assert max(errs) < 1e-3
 
 
+def test_the_kv_cache_is_passed_under_the_forwards_own_keyword(tiny):
+    """transformers 5.24+ names it ``cache`` and warns (and will drop) ``past_key_values``: the Jacobian's prefix
+    cache goes in under the current name, and prefix + last token on the cache equals one full forward."""
+    import inspect
+
+    assert tiny.cache_kw == ("cache" if "cache" in inspect.signature(tiny.model.forward).parameters
+                             else "past_key_values")
+    ids = tiny.tokenize(["hello world again"])["input_ids"]
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        past = tiny.cache_of(tiny.model(input_ids=ids[:, :-1], use_cache=True))
+        last = tiny.model(input_ids=ids[:, -1:], use_cache=True, **{tiny.cache_kw: past}).logits[0, -1]
+        idf.final_jacobian(tiny, "hello world", layer=1)
+    assert torch.allclose(last, tiny.model(input_ids=ids).logits[0, -1], atol=1e-8)
+    assert not [w for w in seen if "past_key_values" in str(w.message)]
+
+
 def test_jacobian_spectrum_via_qr_equals_full_svd(tiny):
     jf = idf.final_jacobian(tiny, "abc", layer=2)
     full = torch.linalg.svdvals(tiny.W_U().double() @ jf.double())

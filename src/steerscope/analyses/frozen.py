@@ -177,11 +177,6 @@ def _forward_params(lm: LM) -> set[str]:
     return set(inspect.signature(lm.model.forward).parameters)
 
 
-def _cache_kw(lm: LM) -> str:
-    """The causal-LM forward's name for the KV cache (``cache`` from transformers 5.24 on)."""
-    return "cache" if "cache" in _forward_params(lm) else "past_key_values"
-
-
 def _fast_missing(lm: LM) -> str:
     """What the fast path needs and this model lacks ("" when it applies)."""
     params = _forward_params(lm)
@@ -222,7 +217,7 @@ def _fast_frozen_ids(lm: LM, enc: Any, vector: SteeringVector, alpha: float, mod
         for _ in range(max_new_tokens):
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # [batch pos]
             out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                           **{_cache_kw(lm): cache})
+                           **{lm.cache_kw: cache})
             logits = out.logits[:, -1].float()  # the steered rows only (head_on_copy) [batch vocab]
             tok = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
             new.append(tok)

@@ -316,15 +316,15 @@ def final_jacobian(lm: LM, text: str, layer: int, chunk: int = 64) -> torch.Tens
     past = None
     if ids.shape[1] > 1:
         with torch.no_grad():  # the prefix without grad: the Jacobian graph then holds one token only
-            past = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+            past = lm.cache_of(lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True))
     h = torch.zeros(lm.d_model, dtype=lm.dtype, device=lm.device, requires_grad=True)
 
     def add(x: torch.Tensor, call: Call) -> torch.Tensor:
         return x + h  # x: [1 1 d_model], the last token
 
     with attached(lm, {Site(layer, "resid_pre"): add}), torch.enable_grad():
-        out = lm.model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=past, use_cache=True,
-                       output_hidden_states=True)
+        out = lm.model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, output_hidden_states=True,
+                       **{lm.cache_kw: past})
         y = out.hidden_states[-1][0, -1]  # [d_model], after the final norm
         if not _is_normed(lm, out):
             y = lm.final_norm(out.hidden_states[-1])[0, -1]

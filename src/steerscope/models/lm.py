@@ -166,6 +166,24 @@ class LM:
         return self.norm_weight(None, self.family.final_norm)
 
     @property
+    def cache_kw(self) -> str:
+        """The causal-LM forward's keyword for a KV cache: ``cache`` from transformers 5.24 on (which warns on
+        ``past_key_values`` and will drop it), ``past_key_values`` before.
+
+        Example:
+            >>> out = lm.model(input_ids=ids[:, :-1], use_cache=True)
+            >>> lm.model(input_ids=ids[:, -1:], **{lm.cache_kw: lm.cache_of(out)})
+        """
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    @staticmethod
+    def cache_of(out: Any) -> Any:
+        """The KV cache a forward with ``use_cache=True`` returned, under either name."""
+        return out["cache"] if "cache" in out else out.past_key_values
+
+    @property
     def parallel_residual(self) -> bool:
         """Whether attention and MLP both read the block input (GPT-NeoX) rather than in sequence."""
         return bool(self.family.parallel_residual)

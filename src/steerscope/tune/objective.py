@@ -110,8 +110,8 @@ def forward(lm: LM, batch: Sequence[tuple[list[int], list[int]]]) -> dict[str, t
         return res
     y, ym = _pad([r[1] for r in batch], pad, False, lm.device)
     pos = cm.sum(1, keepdim=True) + torch.arange(y.shape[1], device=y.device)[None]
-    kw = {"cache": out["cache"]} if "cache" in out else {"past_key_values": out.past_key_values}  # transformers >= 5.20
-    out2 = lm.model(input_ids=y, attention_mask=torch.cat([cm, ym], 1), position_ids=pos, use_cache=True, **kw)
+    out2 = lm.model(input_ids=y, attention_mask=torch.cat([cm, ym], 1), position_ids=pos, use_cache=True,
+                    **{lm.cache_kw: lm.cache_of(out)})
     return res | {"y_ids": y, "y_logits": out2.logits.float(), "y_mask": ym}
 
 
