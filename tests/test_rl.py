@@ -147,6 +147,35 @@ def test_policy_gradient_matches_finite_differences(smol_tokenizer):
     assert grad.abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("policy", ["bias", "gated", "lora"])
+def test_shared_prompt_pass_gives_the_per_row_gradient(smol_tokenizer, policy):
+    """A prompt run once with its KV cache repeated for its k rows: the same loss and gradient as laying
+    every row out in full (float64 tiny model), with rows skipped (A = 0) and a micro-batch smaller than k."""
+    from conftest import make_tiny
+
+    lm = make_tiny("llama", seed=5, tokenizer=smol_tokenizer)
+    lm.model.double()
+    pol = LoRAPolicy(lm, r=2, seed=1) if policy == "lora" else _bias(lm, layers=(1, 2), gate=policy == "gated")
+    for p in pol.parameters():
+        p.data = p.data.double()
+        if policy == "lora":
+            p.data += 0.05 * torch.randn_like(p)
+    texts = [lm.format_chat(PROMPTS[0]), PROMPTS[2] + " and a much longer prompt than the other"]
+    pid, pmask, gen, gmask, _ = sample(lm, pol, texts, k=3, max_new_tokens=5, temperature=1.0, seed=2)
+    adv = torch.tensor([1.0, 0.0, -0.5, 0.25, -1.0, 0.75], dtype=torch.float64)
+    grads, losses = [], []
+    for group, mb in ((1, 16), (3, 2)):
+        for p in pol.parameters():
+            p.grad = None
+        losses.append(surrogate_backward(lm, pol, pid, pmask, gen, gmask, adv, micro_batch=mb, group=group))
+        grads.append(torch.cat([p.grad.flatten() for p in pol.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-9, abs=1e-12)
+    err = float((grads[1] - grads[0]).norm() / grads[0].norm())
+    assert err < 1e-6 and grads[0].abs().max() > 1e-6, err
+    with pytest.raises(ValueError, match="groups of 4"):
+        surrogate_backward(lm, pol, pid, pmask, gen, gmask, adv, group=4)
+
+
 def _reward(prompt, completion, answer):
     return float(len(completion) % 3 == 0) * 2 - 1
 

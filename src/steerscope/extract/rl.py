@@ -8,7 +8,7 @@ Algorithm (REINFORCE leave-one-out, Ahmadian et al., 2024; the setting of Sinii 
     3. Rewards r_i = reward(prompt, completion, answer); leave-one-out advantages
        A_i = r_i - mean_{j≠i} r_j within each group of k.
     4. Log-probs log π(y_it) are recomputed in a teacher-forced pass with the trainable
-       parameters in the graph; loss = -Σ_i A_i Σ_t log π(y_it) / N, where N is the number of
+       parameters in the graph (a prompt runs once, its KV cache shared by its k rows); loss = -Σ_i A_i Σ_t log π(y_it) / N, where N is the number of
        generated tokens in the batch (EOS included, padding excluded). Rows with A_i = 0
        contribute nothing and are skipped (exactly).
     5. AdamW with linear warm-up then a constant learning rate; gradient-norm clipping.
@@ -109,19 +109,62 @@ def policy_logprobs(lm: LM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     return sequence_logprobs(lm, batch)
 
 
+def shared_prompt_logprobs(lm: LM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: torch.Tensor,
+                           gen_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`policy_logprobs` for rows that all continue one prompt: the prompt runs once, its KV cache is
+    repeated for the rows, and only the generated tokens run per row (gradients flow through the cache).
+
+    With k samples of a long prompt (few-shot examples) this is about k times less work than laying every
+    row out in full; the result is the same sum (equal up to float rounding).
+
+    Args:
+        prompt_ids, prompt_mask: the prompt, left-padded [P] (or [1 P]).
+        gen, gen_mask: generated tokens of each row and which of them count [n T].
+
+    Returns:
+        [n] summed log-probs of the counted tokens.
+    """
+    keep = prompt_mask.reshape(-1).bool()
+    p = prompt_ids.reshape(-1)[keep][None]  # [1 P]
+    n, T, P = gen.shape[0], gen.shape[1], int(keep.sum())
+    out = lm.model(input_ids=p, use_cache=True, logits_to_keep=1)
+    cache = lm.cache_of(out)
+    cache.batch_repeat_interleave(n)
+    pos = (P + torch.arange(T, device=gen.device))[None].expand(n, T)
+    mask = torch.ones(n, P + T, dtype=prompt_mask.dtype, device=gen.device)
+    out2 = lm.model(input_ids=gen, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=T,
+                    **{lm.cache_kw: cache})
+    logits = torch.cat([out.logits[:, -1:].expand(n, 1, -1), out2.logits[:, :-1]], 1)  # [n T vocab]
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    lp = torch.log_softmax(logits, -1).gather(-1, gen[..., None])[..., 0]
+    return (lp * gen_mask.to(lp.dtype)).sum(-1)
+
+
 def surrogate_backward(lm: LM, policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                       gen: torch.Tensor, gen_mask: torch.Tensor, adv: torch.Tensor, micro_batch: int = 16) -> float:
+                       gen: torch.Tensor, gen_mask: torch.Tensor, adv: torch.Tensor, micro_batch: int = 16,
+                       group: int = 1) -> float:
     """Accumulate ∇ of -Σ_i A_i Σ_t log π(y_it) / N into the policy's ``.grad``; return the loss value.
 
-    Rows with A_i = 0 are skipped (their term is exactly zero); N counts every row's tokens.
+    Rows with A_i = 0 are skipped (their term is exactly zero); N counts every row's tokens. ``group`` = k
+    when rows come in groups of k samples of one prompt (rows g*k .. g*k+k-1): each group's prompt then
+    runs once (:func:`shared_prompt_logprobs`); ``micro_batch`` bounds the rows of one pass either way.
     """
     n_tok = float(gen_mask.sum().clamp(min=1))
     rows = torch.nonzero(adv != 0).flatten().tolist()
+    if group > 1:
+        if prompt_ids.shape[0] % group:
+            raise ValueError(f"{prompt_ids.shape[0]} rows do not split into groups of {group}")
+        chunks = [c[i:i + micro_batch] for g in range(0, prompt_ids.shape[0], group)
+                  for c in [[r for r in rows if g <= r < g + group]] for i in range(0, len(c), micro_batch)]
+    else:
+        chunks = [rows[i : i + micro_batch] for i in range(0, len(rows), micro_batch)]
     total = 0.0
     with policy.active():
-        for i in range(0, len(rows), micro_batch):
-            r = rows[i : i + micro_batch]
-            lp = policy_logprobs(lm, prompt_ids[r], prompt_mask[r], gen[r], gen_mask[r])
+        for r in chunks:
+            if group > 1:
+                lp = shared_prompt_logprobs(lm, prompt_ids[r[0]], prompt_mask[r[0]], gen[r], gen_mask[r])
+            else:
+                lp = policy_logprobs(lm, prompt_ids[r], prompt_mask[r], gen[r], gen_mask[r])
             loss = -(adv[r].to(lp.dtype) * lp).sum() / n_tok
             loss.backward()  # type: ignore[no-untyped-call]
             total += float(loss.detach())
@@ -257,7 +300,8 @@ def _rloo_loop(lm: LM, policy: Policy, prompts: Sequence[str], answers: Sequence
         for pg in opt.param_groups:
             pg["lr"] = config.lr * _lr_factor(step, config.steps, config.warmup_frac)
         opt.zero_grad(set_to_none=True)
-        loss = surrogate_backward(lm, policy, pid, pmask, g, gmask, adv.to(lm.device), config.micro_batch)
+        loss = surrogate_backward(lm, policy, pid, pmask, g, gmask, adv.to(lm.device), config.micro_batch,
+                                  group=config.k)
         gn = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)) if any(p.grad is not None for p in params) else 0.0
         if any(p.grad is not None for p in params):
             opt.step()
