@@ -233,3 +233,18 @@ def test_vectors_step_saves_the_flipped_pca_as_the_negation_at_dims_norm(tiny_ll
     p, f, d = vecs["formality_pca_paper"], vecs["formality_pca_paper_flipped"], vecs["formality_dim"]
     assert torch.equal(f, -p) and float(f.norm()) == pytest.approx(float(d.norm()), rel=1e-5)
     assert float(torch.cosine_similarity(f, d, 0)) == pytest.approx(-rec.cos_methods["formality|pca_paper"], abs=1e-5)
+
+
+def test_logits_step_gives_top1_agreement_with_its_interval_over_prompts(tiny_llama, tmp_path):
+    cfg = Config(traits=("formality",), alphas=(3.0,), seeds=(0, 1, 2), n_prompts=6, n_shift_prompts=3, ks=(1,),
+                 n_k_prompts=1, shift=False)
+    vecs = steps.load_vectors(steps.vectors(Run(tmp_path / "run"), tiny_llama, cfg))
+    rec = steps.logits(tiny_llama, cfg, vecs, 2)
+    row = next(r for r in rec.agreement if r.vs == "v+v_perp" and r.prompts == "neutral")
+    assert (row.n_prompts, row.n_draws) == (6, 3) and row.top1_ci95[0] <= row.top1 <= row.top1_ci95[1]
+    none = next(r for r in rec.agreement if r.vs == "none" and r.prompts == "neutral")
+    ps = steps.neutral_prompts(6)  # against a direct computation: steered vs unsteered top-1 per prompt
+    lv = idf.next_token_logits(tiny_llama, ps, {2: 3.0 * vecs["formality_dim"]})
+    hits = (lv.argmax(-1) == idf.next_token_logits(tiny_llama, ps).argmax(-1)).double()
+    assert none.top1 == pytest.approx(float(hits.mean())) and none.n_draws == 1
+    assert type(rec).from_dict(rec.to_dict()) == rec

@@ -140,6 +140,16 @@ class LogitAgreement(Record):
     k: int
 
 
+def top1_matches(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whether each row's top-1 token agrees between two sets of logits [batch vocab]: [batch] bool.
+
+    Example:
+        >>> top1_matches(torch.tensor([[0., 1.]]), torch.tensor([[2., 1.]])).tolist()
+        [False]
+    """
+    return a.argmax(-1) == b.argmax(-1)
+
+
 def logit_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> LogitAgreement:
     """Mean L2 distance, top-1 agreement and top-k overlap (|top_k(a) ∩ top_k(b)| / k).
 
@@ -150,7 +160,7 @@ def logit_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> LogitAgree
     if a.shape != b.shape or a.dim() != 2:
         raise SteerscopeError(f"logits must both be [batch vocab], got {tuple(a.shape)} and {tuple(b.shape)}")
     l2 = (a - b).norm(dim=-1).mean()
-    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean()
+    top1 = top1_matches(a, b).float().mean()
     ta, tb = a.topk(k, dim=-1).indices, b.topk(k, dim=-1).indices
     overlap = (ta[:, :, None] == tb[:, None, :]).any(-1).float().sum(-1).mean() / k
     return LogitAgreement(float(l2), float(top1), float(overlap), k)

@@ -225,7 +225,10 @@ class Conclusion(Record):
 
 @dataclass(frozen=True)
 class Agreement(Record):
-    """Next-token agreement of ``alpha * v`` with ``alpha *`` another direction (``vs``)."""
+    """Next-token agreement of ``alpha * v`` with ``alpha *`` another direction (``vs``).
+
+    ``top1_ci95``: 95 % cluster-bootstrap interval of ``top1`` over ``n_prompts`` prompts (each with its
+    ``n_draws`` draws of the other direction); None in runs made before it existed."""
 
     trait: str
     prompts: str
@@ -234,6 +237,9 @@ class Agreement(Record):
     l2: float
     top1: float
     top10: float
+    top1_ci95: tuple[float, float] | None = None
+    n_prompts: int | None = None
+    n_draws: int | None = None
 
 
 @dataclass(frozen=True)

@@ -150,9 +150,12 @@ def write(run: Run, cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, gens:
             r.figure(_hist_figure(cfg, scores, kind, t, cfg.probe_alpha), f"score histograms, {t}")
     r.h2("Next-token agreement")
     r.p("Last-token logits of chat-formatted prompts with a*v added, compared with a*(other vector): L2 distance, "
-        "top-1 agreement, top-10 overlap (means over prompts; v+v_perp and random over seeds).")
-    r.table(["trait", "prompts", "alpha", "v vs", "L2", "top-1", "top-10"],
-            [[x.trait, x.prompts, x.alpha, x.vs, x.l2, x.top1, x.top10] for x in lrec.agreement])
+        "top-1 agreement with its 95 % interval (prompts resampled with their draws), top-10 overlap (means over "
+        "prompts; v+v_perp and random over seeds).")
+    r.table(["trait", "prompts", "alpha", "v vs", "prompts x draws", "L2", "top-1 [95% CI]", "top-10"],
+            [[x.trait, x.prompts, x.alpha, x.vs, f"{x.n_prompts} x {x.n_draws}" if x.n_prompts else "",
+              x.l2, f"{x.top1:.3f}" + (f" [{x.top1_ci95[0]:.3f}, {x.top1_ci95[1]:.3f}]" if x.top1_ci95 else ""),
+              x.top10] for x in lrec.agreement])
     r.h3("Random k-dim orthogonal subspaces")
     r.p(f"For each k, a random k-dim subspace orthogonal to v; each basis direction u_i gives v + |v| u_i. Mean and "
         f"worst case over the k directions ({cfg.n_k_prompts} prompts).")

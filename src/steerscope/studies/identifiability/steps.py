@@ -22,6 +22,7 @@ from steerscope.metrics.classifiers import Embedder, Scorer, best_scorer, build_
 from steerscope.models.load import LM
 from steerscope.progress import progress
 from steerscope.runs import Run
+from steerscope.stats import mean_ci
 from steerscope.studies.identifiability.config import PCA_PAPER, Config
 from steerscope.studies.identifiability.records import (
     Agreement,
@@ -255,6 +256,17 @@ def verdict(usable: bool, eff: idf.Comparison, diff: idf.Comparison, vsum: idf.C
 
 
 # -- next-token agreement -----------------------------------------------------------------------
+def _agreement(cfg: Config, where: tuple[str, str, float, str], lv: torch.Tensor, others: list[torch.Tensor]
+               ) -> Agreement:
+    """One agreement row: means over prompts and draws (``others``: one [prompts vocab] per draw), top-1 with
+    its cluster-bootstrap interval over prompts."""
+    agg = [idf.logit_agreement(lv, o) for o in others]
+    hits = np.stack([idf.top1_matches(lv, o).cpu().numpy() for o in others], 1).astype(float)  # [prompts draws]
+    _, lo, hi = mean_ci(hits, seed=cfg.seed)
+    return Agreement(*where, float(np.mean([x.l2 for x in agg])), float(np.mean([x.top1 for x in agg])),
+                     float(np.mean([x.topk_overlap for x in agg])), (lo, hi), hits.shape[0], hits.shape[1])
+
+
 def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int) -> LogitsRecord:
     """Next-token agreement of v with v+v_perp, a random direction, another trait's vector, PCA, none;
     and the worst case over random k-dim orthogonal subspaces."""
@@ -274,14 +286,11 @@ def logits(lm: LM, cfg: Config, vecs: dict[str, torch.Tensor], inject_layer: int
         for name, ps in sets.items():
             for a in (cfg.alphas if name == "neutral" else (cfg.probe_alpha,)):
                 lv = idf.next_token_logits(lm, ps, {inject_layer: a * v})
-                cmp = {"none": [idf.logit_agreement(lv, base[name])]}
+                cmp = {"none": [base[name]]}
                 for ref, make in refs.items():
-                    cmp[ref] = [idf.logit_agreement(lv, idf.next_token_logits(lm, ps, {inject_layer: a * make(s)}))
+                    cmp[ref] = [idf.next_token_logits(lm, ps, {inject_layer: a * make(s)})
                                 for s in (cfg.seeds if ref in ("v+v_perp", "random") else cfg.seeds[:1])]
-                for ref, agg in cmp.items():
-                    rows.append(Agreement(trait, name, a, ref, float(np.mean([x.l2 for x in agg])),
-                                          float(np.mean([x.top1 for x in agg])),
-                                          float(np.mean([x.topk_overlap for x in agg]))))
+                rows += [_agreement(cfg, (trait, name, a, ref), lv, other) for ref, other in cmp.items()]
         if ti >= cfg.k_traits:
             continue
         ps = sets["neutral"][:cfg.n_k_prompts]
