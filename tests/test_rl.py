@@ -176,6 +176,32 @@ def test_shared_prompt_pass_gives_the_per_row_gradient(smol_tokenizer, policy):
         surrogate_backward(lm, pol, pid, pmask, gen, gmask, adv, group=4)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_sampling_from_a_shared_prefill_draws_the_same_tokens(smol_tokenizer, monkeypatch, family):
+    """Each prompt prefilled once, its cache repeated for its k rows: the same tokens, seed for seed, as
+    prefilling every row (prompts of different lengths, so rows are left-padded; a gated bias)."""
+    import importlib
+
+    from conftest import make_tiny
+
+    rl = importlib.import_module("steerscope.extract.rl")
+
+    lm = make_tiny(family, seed=2, tokenizer=smol_tokenizer)
+    lm.model.double()
+    pol = _bias(lm, layers=(0, 2), gate=True)
+    for p in pol.parameters():
+        p.data = p.data.double()
+    texts = [lm.format_chat(PROMPTS[0]), "Hi", lm.format_chat(PROMPTS[1] + " in one word, please")]
+    calls = []
+    real = rl._prefilled
+    monkeypatch.setattr(rl, "_prefilled", lambda *a: calls.append(1) or real(*a))
+    shared = sample(lm, pol, texts, k=3, max_new_tokens=6, temperature=1.0, seed=4)
+    monkeypatch.setattr(rl, "_prefilled", lambda *a: {})
+    full = sample(lm, pol, texts, k=3, max_new_tokens=6, temperature=1.0, seed=4)
+    assert calls and all(torch.equal(a, b) for a, b in zip(shared[:4], full[:4])) and shared[4] == full[4]
+    assert len(set(shared[4])) > 2  # the samples differ from each other: the draws were not all one token
+
+
 def _reward(prompt, completion, answer):
     return float(len(completion) % 3 == 0) * 2 - 1
 

@@ -177,7 +177,8 @@ def sample(lm: LM, policy: Policy, texts: list[str], k: int, max_new_tokens: int
 
     Sampling at ``temperature`` (top-k / top-p off) draws from a generator seeded with ``seed``
     (:class:`~steerscope.generation.SeededSampler`: the tokens of ``torch.manual_seed(seed)`` then HF
-    sampling), so the global RNG is not touched.
+    sampling), so the global RNG is not touched. Each prompt is prefilled once and its KV cache repeated
+    for its k rows; the batch is the same as without that, so are the draws.
     """
     from transformers import LogitsProcessorList
 
@@ -185,7 +186,7 @@ def sample(lm: LM, policy: Policy, texts: list[str], k: int, max_new_tokens: int
     with policy.active(), torch.no_grad():
         ids = lm.model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                 logits_processor=LogitsProcessorList([SeededSampler(temperature, seed)]),
-                                pad_token_id=lm.tokenizer.pad_token_id)
+                                pad_token_id=lm.tokenizer.pad_token_id, **_prefilled(lm, texts, k))
     P = enc["input_ids"].shape[1]
     gen = ids[:, P:]
     eos = lm.model.generation_config.eos_token_id
@@ -193,6 +194,22 @@ def sample(lm: LM, policy: Policy, texts: list[str], k: int, max_new_tokens: int
     gmask = completion_mask(gen, eos_ids)
     texts_out = [lm.tokenizer.decode(g[m], skip_special_tokens=True) for g, m in zip(gen, gmask)]
     return enc["input_ids"], enc["attention_mask"], gen, gmask, texts_out
+
+
+def _prefilled(lm: LM, texts: list[str], k: int) -> dict[str, Any]:
+    """``generate``'s cache argument holding every prompt but its last token, each prompt run once and its
+    cache repeated for its k rows (the rows of ``texts`` x k, left-padded alike); {} when there is nothing
+    to share. Call it with the policy active: the cached positions are steered as a full prefill's are."""
+    enc = lm.tokenize(texts, padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if k < 2 or ids.shape[1] < 2:
+        return {}
+    pos = (mask[:, :-1].long().cumsum(-1) - 1).clamp(min=0)
+    out = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos, use_cache=True,
+                   logits_to_keep=1)
+    cache = lm.cache_of(out)
+    cache.batch_repeat_interleave(k)
+    return {lm.cache_kw: cache}
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
