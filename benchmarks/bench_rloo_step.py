@@ -1,9 +1,10 @@
 """One RLOO step of the reasoning study, split into its parts: sampling and the gradient pass.
 
-The gradient pass is timed both ways on the same samples, same policy, same advantages: every row laid out
-in full (``group=1``, the trainer before 0ee0344) and each prompt run once with its KV cache shared by its
-k rows (``group=k``, today's trainer). Rounds alternate the order; the relative gradient difference of the
-two is printed beside the times. Defaults are the ``cpu-multi`` preset's step (SmolLM2, multi-2-tiny with
+Each part is timed both ways. Sampling: every row prefilled (the trainer before 3b293df) and each prompt
+prefilled once, its KV cache repeated for its k rows (today's); the tokens must agree. Gradient pass, on the
+same samples, policy and advantages: every row laid out in full (``group=1``, before 0ee0344) and each prompt
+run once with its cache shared by its k rows (``group=k``, today's). Rounds alternate the order; the relative
+gradient difference of the two is printed beside the times. Defaults are the ``cpu-multi`` preset's step (SmolLM2, multi-2-tiny with
 6 worked examples, 4 prompts x 8 samples, 64 tokens, a bias at layer 0).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_rloo_step.py --rounds 3 --out benchmarks/results/rloo_step.json
@@ -12,6 +13,7 @@ two is printed beside the times. Defaults are the ``cpu-multi`` preset's step (S
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 from typing import Any
@@ -53,12 +55,20 @@ def main() -> None:
     with torch.no_grad():
         for p in bias.parameters():
             p.copy_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-    rows: dict[str, list[float]] = {"sample": [], "grad_rows": [], "grad_shared": []}
-    err = []
+    rows: dict[str, list[float]] = {"sample_rows": [], "sample_shared": [], "grad_rows": [], "grad_shared": []}
+    err, same_tokens = [], []
+    rl = importlib.import_module("steerscope.extract.rl")  # (steerscope.extract's name `rl` is not the module)
+    shared_prefill = rl._prefilled
     for r in range(a.rounds):
-        t0 = time.perf_counter()
-        *batch, comps = sample(lm, bias, texts, cfg.k, cfg.max_new_tokens, cfg.temperature, seed=r)
-        rows["sample"].append(time.perf_counter() - t0)
+        drawn = {}
+        for way in (("rows", "shared") if r % 2 == 0 else ("shared", "rows")):
+            rl._prefilled = shared_prefill if way == "shared" else (lambda *x: {})  # type: ignore[assignment]
+            t0 = time.perf_counter()
+            drawn[way] = sample(lm, bias, texts, cfg.k, cfg.max_new_tokens, cfg.temperature, seed=r)
+            rows[f"sample_{way}"].append(time.perf_counter() - t0)
+        rl._prefilled = shared_prefill
+        same_tokens.append(bool(torch.equal(drawn["rows"][2], drawn["shared"][2])))
+        *batch, comps = drawn["shared"]
         rew = torch.tensor([math_reward(probs[i // cfg.k].prompt, c, probs[i // cfg.k].answer)
                             for i, c in enumerate(comps)], dtype=torch.float32)
         adv = rloo_advantages(rew.view(-1, cfg.k)).flatten()
@@ -75,8 +85,9 @@ def main() -> None:
         "prompt_tokens": [len(lm.tokenizer(t)["input_ids"]) for t in texts], "threads": torch.get_num_threads(),
         "rounds": a.rounds, "seconds": rows, "median": med,
         "grad_rows_over_shared": med["grad_rows"] / med["grad_shared"],
-        "step_before_over_after": (med["sample"] + med["grad_rows"]) / (med["sample"] + med["grad_shared"]),
-        "grad_relative_difference": err}
+        "sample_rows_over_shared": med["sample_rows"] / med["sample_shared"],
+        "step_before_over_after": (med["sample_rows"] + med["grad_rows"]) / (med["sample_shared"] + med["grad_shared"]),
+        "grad_relative_difference": err, "same_tokens": same_tokens}
     print(dumps(out))
     if a.out:
         from pathlib import Path
