@@ -176,6 +176,28 @@ def test_shared_prompt_pass_gives_the_per_row_gradient(smol_tokenizer, policy):
         surrogate_backward(lm, pol, pid, pmask, gen, gmask, adv, group=4)
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt2", "gpt_neox"])
+def test_shared_prompt_pass_on_other_cache_and_position_kinds(smol_tokenizer, family):
+    """Sliding-window layers (Gemma 3), learned absolute positions (GPT-2), rotary on part of the head
+    (GPT-NeoX): the shared pass's gradient equals the per-row one there too."""
+    from conftest import make_tiny
+
+    lm = make_tiny(family, seed=1, tokenizer=smol_tokenizer)
+    lm.model.double()
+    pol = _bias(lm, layers=(1,), scale=0.3)
+    for p in pol.parameters():
+        p.data = p.data.double()
+    batch = sample(lm, pol, ["Hello there, how are", "Hi"], k=3, max_new_tokens=5, temperature=1.0, seed=1)[:4]
+    adv = torch.linspace(-1, 1, 6, dtype=torch.float64) + 0.05
+    grads = []
+    for group in (1, 3):
+        for p in pol.parameters():
+            p.grad = None
+        surrogate_backward(lm, pol, *batch, adv, group=group)
+        grads.append(torch.cat([p.grad.flatten() for p in pol.parameters()]))
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-6
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_sampling_from_a_shared_prefill_draws_the_same_tokens(smol_tokenizer, monkeypatch, family):
     """Each prompt prefilled once, its cache repeated for its k rows: the same tokens, seed for seed, as
