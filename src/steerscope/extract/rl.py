@@ -4,13 +4,15 @@ Algorithm (REINFORCE leave-one-out, Ahmadian et al., 2024; the setting of Sinii 
 "Small Vectors, Big Effects", arXiv 2509.06608 -- no KL term, no ratio clipping):
     1. Each step draws ``prompts_per_step`` training prompts (order fixed by the seed).
     2. For each prompt, ``k`` completions are sampled with ``model.generate`` (temperature 1,
-       top-k / top-p off) while the policy is applied (steering hook / enabled adapter).
+       top-k / top-p off) while the policy is applied (steering hook / enabled adapter); each
+       prompt is prefilled once and its KV cache repeated for its k rows.
     3. Rewards r_i = reward(prompt, completion, answer); leave-one-out advantages
        A_i = r_i - mean_{j≠i} r_j within each group of k.
     4. Log-probs log π(y_it) are recomputed in a teacher-forced pass with the trainable
-       parameters in the graph (a prompt runs once, its KV cache shared by its k rows); loss = -Σ_i A_i Σ_t log π(y_it) / N, where N is the number of
-       generated tokens in the batch (EOS included, padding excluded). Rows with A_i = 0
-       contribute nothing and are skipped (exactly).
+       parameters in the graph (a prompt runs once, its KV cache shared by its k rows);
+       loss = -Σ_i A_i Σ_t log π(y_it) / N, where N is the number of generated tokens in the
+       batch (EOS included, padding excluded). Rows with A_i = 0 contribute nothing and are
+       skipped (exactly).
     5. AdamW with linear warm-up then a constant learning rate; gradient-norm clipping.
     6. Every ``checkpoint_every`` steps the policy and optimizer tensors are saved as
        safetensors and the counters / history as JSON; :func:`train_rloo` resumes from there.
