@@ -148,14 +148,7 @@ def write(run: Run, cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, gens:
     for t in cfg.traits:
         if kind := srec.primary[t]:
             r.figure(_hist_figure(cfg, scores, kind, t, cfg.probe_alpha), f"score histograms, {t}")
-    r.h2("Next-token agreement")
-    r.p("Last-token logits of chat-formatted prompts with a*v added, compared with a*(other vector): L2 distance, "
-        "top-1 agreement with its 95 % interval (prompts resampled with their draws), top-10 overlap (means over "
-        "prompts; v+v_perp and random over seeds).")
-    r.table(["trait", "prompts", "alpha", "v vs", "prompts x draws", "L2", "top-1 [95% CI]", "top-10"],
-            [[x.trait, x.prompts, x.alpha, x.vs, f"{x.n_prompts} x {x.n_draws}" if x.n_prompts else "",
-              x.l2, f"{x.top1:.3f}" + (f" [{x.top1_ci95[0]:.3f}, {x.top1_ci95[1]:.3f}]" if x.top1_ci95 else ""),
-              x.top10] for x in lrec.agreement])
+    _agreement_section(r, lrec)
     r.h3("Random k-dim orthogonal subspaces")
     r.p(f"For each k, a random k-dim subspace orthogonal to v; each basis direction u_i gives v + |v| u_i. Mean and "
         f"worst case over the k directions ({cfg.n_k_prompts} prompts).")
@@ -168,6 +161,17 @@ def write(run: Run, cfg: Config, vrec: VectorsRecord, srec: ScorersRecord, gens:
         r.h3(key)
         r.pre("\n\n".join(f"[{c}] {texts[0].strip()[:300]}" for c, texts in gen.texts.items()))
     return r.write(run.path("report.html"))
+
+
+def _agreement_section(r: Report, lrec: LogitsRecord) -> None:
+    r.h2("Next-token agreement")
+    r.p("Last-token logits of chat-formatted prompts with a*v added, compared with a*(other vector): L2 distance, "
+        "top-1 agreement with its 95 % interval (prompts resampled with their draws), top-10 overlap (means over "
+        "prompts; v+v_perp and random over seeds).")
+    r.table(["trait", "prompts", "alpha", "v vs", "prompts x draws", "L2", "top-1 [95% CI]", "top-10"],
+            [[x.trait, x.prompts, x.alpha, x.vs, f"{x.n_prompts} x {x.n_draws}" if x.n_prompts else "",
+              x.l2, f"{x.top1:.3f}" + (f" [{x.top1_ci95[0]:.3f}, {x.top1_ci95[1]:.3f}]" if x.top1_ci95 else ""),
+              x.top10] for x in lrec.agreement])
 
 
 def _equivalence_section(r: Report, eq: EquivalenceRecord) -> None:
