@@ -16,12 +16,13 @@ import argparse
 import importlib
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import steerscope as ss
-from steerscope._files import dumps
+from steerscope._files import atomic_write, dumps
 from steerscope.analyses.trainable import SteeringBias
 from steerscope.extract.rl import rloo_advantages, sample, surrogate_backward
 from steerscope.metrics.math import math_reward
@@ -93,9 +94,6 @@ def main() -> None:
         "grad_relative_difference": err, "same_tokens": same_tokens}
     print(dumps(out))
     if a.out:
-        from pathlib import Path
-
-        from steerscope._files import atomic_write
         atomic_write(Path(a.out), dumps(out).encode())
 
 

@@ -129,9 +129,7 @@ def shared_prompt_logprobs(lm: LM, prompt_ids: torch.Tensor, prompt_mask: torch.
     keep = prompt_mask.reshape(-1).bool()
     p = prompt_ids.reshape(-1)[keep][None]  # [1 P]
     n, T, P = gen.shape[0], gen.shape[1], int(keep.sum())
-    out = lm.model(input_ids=p, use_cache=True, logits_to_keep=1)
-    cache = lm.cache_of(out)
-    cache.batch_repeat_interleave(n)
+    out, cache = _repeated_cache(lm, p, torch.ones_like(p), n)
     pos = (P + torch.arange(T, device=gen.device))[None].expand(n, T)
     mask = torch.ones(n, P + T, dtype=prompt_mask.dtype, device=gen.device)
     out2 = lm.model(input_ids=gen, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=T,
@@ -206,12 +204,17 @@ def _prefilled(lm: LM, texts: list[str], k: int) -> dict[str, Any]:
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if k < 2 or ids.shape[1] < 2:
         return {}
-    pos = (mask[:, :-1].long().cumsum(-1) - 1).clamp(min=0)
-    out = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos, use_cache=True,
-                   logits_to_keep=1)
+    return {lm.cache_kw: _repeated_cache(lm, ids[:, :-1], mask[:, :-1], k)[1]}
+
+
+def _repeated_cache(lm: LM, ids: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[Any, Any]:
+    """One forward of the (left-padded) prompts [batch P] with positions from the mask; returns its output
+    (last-position logits only) and its KV cache with each row repeated k times ([batch*k ...])."""
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = lm.cache_of(out)
     cache.batch_repeat_interleave(k)
-    return {lm.cache_kw: cache}
+    return out, cache
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
