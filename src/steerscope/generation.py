@@ -111,11 +111,25 @@ def sequence_logprobs(lm: LM, batch: Mapping[str, torch.Tensor]) -> torch.Tensor
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     keep = ids.shape[1] - first
     out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, :-1]  # [batch keep-1 vocab]: predictions of tokens first+1 ...
+    # out.logits[:, :-1] predicts tokens first+1 ...
+    return summed_logprobs(out.logits[:, :-1], labels[:, first + 1:], counted[:, first:])
+
+
+def summed_logprobs(logits: torch.Tensor, target: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Σ_t log softmax(logits_t)[target_t] over the counted positions, per row (float32, or float64 logits kept).
+
+    Args:
+        logits: [batch T vocab] predictions of ``target``.
+        target: [batch T] token ids (any value where not counted).
+        counted: [batch T] which positions count.
+
+    Example:
+        >>> summed_logprobs(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]), torch.tensor([[True, True]]))
+        tensor([-2.7726])
+    """
     logits = logits if logits.dtype == torch.float64 else logits.float()
-    target, m = labels[:, first + 1:], counted[:, first:]
     lp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
-    return (lp * m.to(lp.dtype)).sum(-1)
+    return (lp * counted.to(lp.dtype)).sum(-1)
 
 
 class SeededSampler:

@@ -32,7 +32,7 @@ import torch
 from steerscope.analyses.trainable import frozen_except
 from steerscope.errors import StudyError
 from steerscope.extract.result import StepLog, TrainResult
-from steerscope.generation import IGNORE, SeededSampler, sequence_logprobs
+from steerscope.generation import IGNORE, SeededSampler, sequence_logprobs, summed_logprobs
 from steerscope.models.load import LM
 from steerscope.progress import progress
 
@@ -135,9 +135,7 @@ def shared_prompt_logprobs(lm: LM, prompt_ids: torch.Tensor, prompt_mask: torch.
     out2 = lm.model(input_ids=gen, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=T,
                     **{lm.cache_kw: cache})
     logits = torch.cat([out.logits[:, -1:].expand(n, 1, -1), out2.logits[:, :-1]], 1)  # [n T vocab]
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    lp = torch.log_softmax(logits, -1).gather(-1, gen[..., None])[..., 0]
-    return (lp * gen_mask.to(lp.dtype)).sum(-1)
+    return summed_logprobs(logits, gen, gen_mask)
 
 
 def surrogate_backward(lm: LM, policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

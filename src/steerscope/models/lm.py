@@ -12,10 +12,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -174,9 +176,8 @@ class LM:
             >>> out = lm.model(input_ids=ids[:, :-1], use_cache=True)
             >>> lm.model(input_ids=ids[:, -1:], **{lm.cache_kw: lm.cache_of(out)})
         """
-        import inspect
-
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        forward = self.model.forward
+        return _cache_keyword(getattr(forward, "__func__", forward))
 
     @staticmethod
     def cache_of(out: Any) -> Any:
@@ -326,3 +327,9 @@ class LM:
                 idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096))
                 h.update(flat[idx].cpu().numpy().round(4).tobytes())
         return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_keyword(forward: Callable[..., Any]) -> str:
+    """:attr:`LM.cache_kw` for one forward function (its signature read once, not once per generated token)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
