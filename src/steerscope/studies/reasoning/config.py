@@ -107,8 +107,9 @@ class Config(StudyConfig):
             return singles
         chosen = _resolve(self.pair_layers, n_layers)
         if extra := [x for x in chosen if x not in singles]:
-            raise StudyError(f"--pair-layers names layer(s) {extra} that are not among the single layers {singles}; "
-                             "add them to --layers")
+            raise StudyError(f"--pair-layers {','.join(self.pair_layers)} (given, or the preset's) names layer(s) {extra} "
+                             f"that are not among the single layers {singles}; add them to --layers, or give "
+                             "--pair-layers with two of the single layers (one layer: no pair step)")
         return chosen
 
 
