@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAMILY_NAMES, batch_ids, make_tiny
 from steerscope.circuits._suffix import logit_diff, prefix, run_blocks
-from steerscope.circuits.batch import position_ids
+from steerscope.generation import position_ids
 
 
 def _inputs(n: int = 3, length: int = 12) -> dict[str, torch.Tensor]:

@@ -108,11 +108,22 @@ def sequence_logprobs(lm: LM, batch: Mapping[str, torch.Tensor]) -> torch.Tensor
     if not bool(counted.any()):
         return torch.zeros(ids.shape[0], device=ids.device)
     first = int(counted.any(0).nonzero()[0])  # first predicting column that matters
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     keep = ids.shape[1] - first
     out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
     # out.logits[:, :-1] predicts tokens first+1 ...
     return summed_logprobs(out.logits[:, :-1], labels[:, first + 1:], counted[:, first:])
+
+
+def position_ids(attn: torch.Tensor) -> torch.Tensor:
+    """Position ids for a left-padded batch, as ``generate`` computes them (pads at 0). [batch pos]
+
+    Example:
+        >>> position_ids(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+        tensor([[0, 0, 1],
+                [0, 1, 2]])
+    """
+    return (attn.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def summed_logprobs(logits: torch.Tensor, target: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,6 @@ Cited: Cheng, Wiegreffe, Manocha 2026 (arXiv 2604.08524), "Frozen generation", T
 
 from __future__ import annotations
 
-import inspect
 from contextlib import ExitStack
 from typing import Any, Sequence
 
@@ -41,7 +40,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from steerscope.errors import SteerscopeError
-from steerscope.generation import chat_batch
+from steerscope.generation import chat_batch, position_ids
 from steerscope.hooks import Call, HookFn, attached, widened_batch
 from steerscope.models.lm import LM
 from steerscope.steer import steering
@@ -173,13 +172,9 @@ def _copy_hook(n: int) -> HookFn:
     return lambda x, _c: copy_base_rows(x, n)
 
 
-def _forward_params(lm: LM) -> set[str]:
-    return set(inspect.signature(lm.model.forward).parameters)
-
-
 def _fast_missing(lm: LM) -> str:
     """What the fast path needs and this model lacks ("" when it applies)."""
-    params = _forward_params(lm)
+    params = lm.forward_params
     if "logits_to_keep" not in params:
         return f"a causal-LM forward with logits_to_keep ({type(lm.model).__name__} has none)"
     if not ({"cache", "past_key_values"} & params) or "position_ids" not in params:
@@ -215,7 +210,7 @@ def _fast_frozen_ids(lm: LM, enc: Any, vector: SteeringVector, alpha: float, mod
     cache = DynamicCache(config=lm.model.config)
     with widened_batch(lm, layer0, head_on_copy=True), steering(lm, vector, [0.0] * B + [alpha] * B), attached(lm, copy):
         for _ in range(max_new_tokens):
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # [batch pos]
+            pos = position_ids(mask)[:, -ids.shape[1]:]  # [batch pos]
             out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                            **{lm.cache_kw: cache})
             logits = out.logits[:, -1].float()  # the steered rows only (head_on_copy) [batch vocab]
@@ -252,7 +247,7 @@ def reference_frozen_generate(lm: LM, prompts: Sequence[str], vector: SteeringVe
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     new = []
     for _ in range(max_new_tokens):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids(mask)
         base: dict[int, torch.Tensor] = {}
         sites = {f"blocks.{layer}.{site}": (lambda x, _c, layer=layer: base.__setitem__(layer, x.clone()))
                  for layer in range(layer0, lm.n_layers)}

@@ -21,7 +21,6 @@ from steerscope.circuits.batch import (
     forward,
     inputs,
     metric,
-    position_ids,
     prepare,
     scored_batches,
     trim,
@@ -46,6 +45,7 @@ from steerscope.circuits.faithfulness import (
 )
 from steerscope.circuits.graph import Graph, Node, Receiver, greedy_circuit, overlap, prune, random_circuit
 from steerscope.circuits.nodes import head_outputs, model_graph, node_values
+from steerscope.generation import position_ids  # the circuits API has always offered it
 
 __all__ = [
     "POINTS", "Attribution", "Faithfulness", "Graph", "Node", "PatchBatch", "Receiver", "check_supported",

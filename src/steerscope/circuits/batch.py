@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerscope.generation import chat_batch
+from steerscope.generation import chat_batch, position_ids
 from steerscope.models.lm import LM
 from steerscope.steer import steering
 from steerscope.vector import SteeringVector
@@ -64,11 +64,6 @@ class PatchBatch:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The batch's tensors by field name (to store beside results; ``PatchBatch(**d)`` restores)."""
         return {k: getattr(self, k) for k in ("ids", "attn", "pos_ids", "y_steer", "y_base", "mask")}
-
-
-def position_ids(attn: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded batch, as ``generate`` computes them. [batch pos]"""
-    return (attn.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def inputs(pb: PatchBatch) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ import torch
 from steerscope.analyses.trainable import frozen_except
 from steerscope.errors import StudyError
 from steerscope.extract.result import StepLog, TrainResult
-from steerscope.generation import IGNORE, SeededSampler, sequence_logprobs, summed_logprobs
+from steerscope.generation import IGNORE, SeededSampler, position_ids, sequence_logprobs, summed_logprobs
 from steerscope.models.load import LM
 from steerscope.progress import progress
 
@@ -208,8 +208,7 @@ def _prefilled(lm: LM, texts: list[str], k: int) -> dict[str, Any]:
 def _repeated_cache(lm: LM, ids: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[Any, Any]:
     """One forward of the (left-padded) prompts [batch P] with positions from the mask; returns its output
     (last-position logits only) and its KV cache with each row repeated k times ([batch*k ...])."""
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
     cache = lm.cache_of(out)
     cache.batch_repeat_interleave(k)
     return out, cache

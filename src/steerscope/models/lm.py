@@ -176,8 +176,13 @@ class LM:
             >>> out = lm.model(input_ids=ids[:, :-1], use_cache=True)
             >>> lm.model(input_ids=ids[:, -1:], **{lm.cache_kw: lm.cache_of(out)})
         """
+        return "cache" if "cache" in self.forward_params else "past_key_values"
+
+    @property
+    def forward_params(self) -> frozenset[str]:
+        """The names of the causal-LM forward's parameters (read once per forward function, not per call)."""
         forward = self.model.forward
-        return _cache_keyword(getattr(forward, "__func__", forward))
+        return _forward_params(getattr(forward, "__func__", forward))
 
     @staticmethod
     def cache_of(out: Any) -> Any:
@@ -330,6 +335,6 @@ class LM:
 
 
 @functools.lru_cache(maxsize=64)
-def _cache_keyword(forward: Callable[..., Any]) -> str:
-    """:attr:`LM.cache_kw` for one forward function (its signature read once, not once per generated token)."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+def _forward_params(forward: Callable[..., Any]) -> frozenset[str]:
+    """:attr:`LM.forward_params` for one forward function (its signature read once, not once per generated token)."""
+    return frozenset(inspect.signature(forward).parameters)
