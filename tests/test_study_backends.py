@@ -98,17 +98,19 @@ def test_reasoning_evaluation_runs_on_vllm_where_the_engine_can_steer(tiny_llama
     assert greedy["max_new_tokens"] == cfg.max_new_tokens
     assert (sampled["do_sample"], sampled["temperature"], sampled["seed"]) == (True, 1.0, rst.sample_seed(cfg.seed, 0, 0))
 
-    vllm_calls.clear()
+    vllm_calls.clear()  # mlp_out below the last layer (resid_pre one up) and of the last (the final norm's input)
     below_last = ss.SteeringVector({lm.n_layers - 2: torch.ones(lm.d_model)}, "mlp_out")
+    last = ss.SteeringVector({lm.n_layers - 1: torch.ones(lm.d_model)}, "mlp_out")
     rst.evaluate(lm, test, cfg, "v", below_last, samples=0)
     rst.analysis_texts(lm, cfg, below_last)
-    assert [c["vector"] for c in vllm_calls] == [below_last, below_last] and not hf_calls
+    rst.evaluate(lm, test, cfg, "last layer", last, samples=0)
+    assert [c["vector"] for c in vllm_calls] == [below_last, below_last, last] and not hf_calls
 
     vllm_calls.clear()  # what the engine cannot apply stays on HF, and so does everything with backend hf
-    last = ss.SteeringVector({lm.n_layers - 1: torch.ones(lm.d_model)}, "mlp_out")
     gated = SteeringBias(lm, [lm.n_layers - 2], gate=True)
-    rst.evaluate(lm, test, cfg, "last layer", last, samples=0)
+    attn = ss.SteeringVector({1: torch.ones(lm.d_model)}, "attn_out")
     rst.evaluate(lm, test, cfg, "gated", gated.active, samples=0)
+    rst.evaluate(lm, test, cfg, "attn_out", attn, samples=0)
     rst.evaluate(lm, test, replace(cfg, backend="hf"), "hf", below_last, samples=0)
     assert not vllm_calls and len(hf_calls) == 3
 
@@ -150,7 +152,8 @@ def test_mlp_out_steering_equals_resid_pre_one_layer_up(family, smol_tokenizer):
             b = lm.model(**enc).logits
     assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, base, atol=1e-2)
     assert bv.as_resid_pre(ss.SteeringVector({1: s}, "resid_post"), lm.n_layers).layers == [2]
-    assert bv.as_resid_pre(ss.SteeringVector({lm.n_layers - 1: s}, "mlp_out"), lm.n_layers) is None
+    # the last block's output: the engine's site past the blocks, the final norm's input (vLLM parity: test_vllm_parity)
+    assert bv.as_resid_pre(ss.SteeringVector({lm.n_layers - 1: s}, "mlp_out"), lm.n_layers).layers == [lm.n_layers]
     assert bv.as_resid_pre(ss.SteeringVector({1: s}, "attn_out"), lm.n_layers) is None
 
 

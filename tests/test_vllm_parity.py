@@ -21,6 +21,7 @@ import torch
 import steerscope as ss
 from conftest import ALL_CPUS, every_cpu
 from steerscope.backends import vllm as bv
+from steerscope.errors import BackendError
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bv.engine_python(required=False) is None,
                                                    reason="no vLLM engine environment (steerscope vllm-setup)")]
@@ -125,6 +126,38 @@ def test_steered_matches_hf(setup, which):
     base = hf_ids(lm, s["texts"])
     assert hf != base, "the vector must change the text, or the comparison proves nothing"
     check(s, f"{which} layer(s)", hf, run(s, [bv.spec(s["engine"], vec, 1.0)] * len(PROMPTS)))
+
+
+def test_the_last_blocks_output_steers_at_the_final_norm_as_hf(setup):
+    """mlp_out / resid_post of the last block has no decoder layer above it: the engine adds it at the final norm's
+    input (its "layer n_layers"). HF steers the vectors where they are (the MLP's output; the block's output), in a
+    mixed batch with unsteered rows, a vector also at layer 0 and steering of the generated tokens only."""
+    s = setup
+    lm, eng = s["lm"], s["engine"]
+    last = lm.n_layers - 1
+    norm = 200.0 if s["name"].startswith("smollm2") else 8.0
+    mlp = ss.SteeringVector({last: rand_vec(lm, [0], norm, 5)[0]}, "mlp_out")
+    post = ss.SteeringVector({0: rand_vec(lm, [0], norm / 4, 6)[0], last: rand_vec(lm, [0], norm, 7)[0]}, "resid_post")
+    configs = [(mlp, 1.0, "all"), None, (post, 1.0, "all"), (mlp, -1.0, "generated"), None, (post, 1.0, "all"),
+               (mlp, 1.0, "all"), None]
+    vl = run(s, [None if c is None else bv.spec(eng, bv.as_resid_pre(c[0], lm.n_layers), c[1], c[2])
+                 for c in configs])
+    hf: list[list[int]] = [[] for _ in PROMPTS]
+    base = hf_ids(lm, s["texts"])
+    for key in {None if c is None else (id(c[0]), c[1], c[2]) for c in configs}:
+        rows = [i for i, c in enumerate(configs) if (None if c is None else (id(c[0]), c[1], c[2])) == key]
+        c = configs[rows[0]]
+        ctx = None if c is None else ss.steering(lm, c[0], c[1], c[2])
+        for i, ids in zip(rows, hf_ids(lm, [s["texts"][i] for i in rows], ctx)):
+            hf[i] = ids
+    changed = [i for i, c in enumerate(configs) if c is not None and hf[i] != base[i]]
+    assert len(changed) >= 4, f"the vectors must change the text, or parity proves nothing (rows {changed} changed)"
+    check(s, "last block's output (final norm input), mixed batch", hf, vl)
+    if s["name"].endswith("-compiled"):  # the graph's final-norm site is ungated: a gated request there is refused
+        gate = ss.Condition(rand_vec(lm, [0], 1.0, 8)[0], layer=0, threshold=0.0)
+        with pytest.raises(BackendError) as e:
+            bv.spec(eng, bv.as_resid_pre(mlp, lm.n_layers), 1.0, condition=gate)
+        assert "compiled=False" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_mixed_batch_matches_single_configurations(setup):

@@ -1,8 +1,8 @@
 """The reasoning study's evaluation generations on vLLM: greedy equal to HF's, on SmolLM2-135M.
 
 4 test problems x 16 new tokens (the study's ``max_new_tokens``), unsteered and with an ``mlp_out``
-vector below the last layer (the kind the study trains; the backend steers it at resid_pre one
-layer up). The HF reference is the study's own HF path (``lm.model.generate`` under
+vector (the kind the study trains; the backend steers it at resid_pre one layer up, or at the final
+norm's input for the last layer). The HF reference is the study's own HF path (``lm.model.generate`` under
 ``ss.steering`` at ``mlp_out``). Also, sampled with a seed: reproducible, one random stream per
 row. Skipped when the engine environment (``steerscope vllm-setup``) is absent, like
 test_vllm_parity.py; the engine start takes 1-4 min.
@@ -34,10 +34,13 @@ def setup(smol):
     bv.close_engines()
 
 
-def test_reasoning_greedy_evaluation_on_vllm_equals_hf(setup):
+@pytest.mark.parametrize("below", [2, 1])
+def test_reasoning_greedy_evaluation_on_vllm_equals_hf(setup, below):
+    """At the penultimate layer (steered at resid_pre of the last) and the last one (at the final norm's input)."""
     lm, cfg, test = setup
     r = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
-    vec = ss.SteeringVector({lm.n_layers - 2: NORM * r / r.norm()}, "mlp_out")
+    vec = ss.SteeringVector({lm.n_layers - below: NORM * r / r.norm()}, "mlp_out")
+    assert st.on_vllm(lm, vec, "vllm")
     hf = {n: st.evaluate(lm, test, replace(cfg, backend="hf"), n, s, samples=0) for n, s in (("base", None), ("v", vec))}
     assert hf["v"].examples != hf["base"].examples, "the vector must change the text, or parity proves nothing"
     for name, steer in (("base", None), ("v", vec)):

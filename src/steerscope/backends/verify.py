@@ -254,7 +254,7 @@ def vllm_refusal(lm: LM, vector: SteeringVector, plan: Plan) -> str | None:
         if not isinstance(plan.positions, str) or plan.positions not in POSITIONS:
             return f"the vLLM backend steers positions {', '.join(POSITIONS)}; this file's positions are {plan.positions}"
         if as_resid_pre(_selected(vector, plan), lm.n_layers) is None:
-            return (f"the vLLM backend steers resid_pre (mlp_out / resid_post below the last block, moved up one "
+            return (f"the vLLM backend steers resid_pre (and mlp_out / resid_post, moved up one "
                     f"layer); this file is at {plan.site} of layers {plan.layers}")
     return None
 

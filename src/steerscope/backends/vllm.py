@@ -192,9 +192,8 @@ class Engine:
     def register(self, vector: SteeringVector) -> str:
         """Send a vector to the workers (once per content); returns its engine-side name."""
         if vector.site != "resid_pre":
-            raise BackendError(f"the vLLM backend steers resid_pre (and mlp_out / resid_post below the last layer, "
-                               f"moved up one layer); this vector is at {vector.site!r} of layers {vector.layers}: "
-                               "use backend='hf'")
+            raise BackendError(f"the vLLM backend steers resid_pre (and mlp_out / resid_post, moved up one layer); "
+                               f"this vector is at {vector.site!r} of layers {vector.layers}: use backend='hf'")
         h = hashlib.sha256()
         for k in vector.layers:
             h.update(str(k).encode())
@@ -358,6 +357,10 @@ def spec(engine: Engine, vector: SteeringVector | None, alpha: float = 1.0, posi
                                "start it with bv.engine_for(lm, compiled=True, gate_sites=True) (ss.generate does "
                                "when given a condition), or use the eager engine")
         up = [(g, as_resid_pre(v, n_layers) or v, a) for g, v, a in rules]
+        if engine.compiled and any(v is not None and n_layers in v.layers for _, v, _ in up):
+            raise BackendError("a gated request steers mlp_out / resid_post of the last block (the final norm's "
+                               "input), which the compiled engine's graph steers ungated only; use the eager engine "
+                               "(compiled=False; serve without --compiled)")
         return gated_spec(engine.register, n_layers, up, positions, clamp)
     if ablate is not None:
         if len(ablate) != 1:
@@ -395,8 +398,9 @@ def as_resid_pre(vector: SteeringVector, n_layers: int) -> SteeringVector | None
 
     What block l's MLP writes (``mlp_out``) is added to the residual stream leaving block l
     (``resid_post`` l), which is the stream entering block l + 1 (``resid_pre`` l + 1); so adding s at
-    either of the first two adds s at the third. A vector at another site, or with a layer whose
-    successor is past the last block, has no resid_pre form.
+    either of the first two adds s at the third. For the last block, l + 1 = ``n_layers`` is the engine's
+    one site past the blocks: the input of the final norm. A vector at another site (``attn_out``,
+    ``resid_mid``) has no resid_pre form.
 
     Args:
         vector: a steering vector at any site.
@@ -408,10 +412,12 @@ def as_resid_pre(vector: SteeringVector, n_layers: int) -> SteeringVector | None
     Example:
         >>> as_resid_pre(SteeringVector({28: s}, "mlp_out"), n_layers=30).layers
         [29]
+        >>> as_resid_pre(SteeringVector({29: s}, "mlp_out"), n_layers=30).layers  # the final norm's input
+        [30]
     """
     if vector.site == "resid_pre":
         return vector
-    if vector.site not in ("mlp_out", "resid_post") or max(vector.layers) + 1 >= n_layers:
+    if vector.site not in ("mlp_out", "resid_post") or max(vector.layers) + 1 > n_layers:
         return None
     prov, use = vector.provenance, vector.provenance.use
     if use is not None and use.site == vector.site:  # the same recommendation, named at its new site

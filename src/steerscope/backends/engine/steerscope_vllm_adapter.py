@@ -16,6 +16,8 @@ Algorithm (one engine step, continuous batching):
 3. A forward pre-hook on decoder layer L adds the delta to steerscope's ``resid_pre`` of L. vLLM's
    layers take ``(positions, hidden_states, residual)`` and fuse add + RMSNorm, so resid_pre is
    ``hidden + residual``: the delta goes into ``residual`` (into ``hidden`` at L = 0, where residual is None).
+   Layer L = n_layers is the input of the final norm (``model.model.norm(hidden, residual)``, the same fused
+   add): the stream leaving the last block, where ``mlp_out`` / ``resid_post`` of the last block land.
 4. Directional ablation (Arditi et al.) projects the request's unit direction out of resid_pre
    (hidden and residual both), attn_out and mlp_out of every layer, all positions, like
    ``steerscope.ablation``.
@@ -51,6 +53,9 @@ import torch
 from steerscope_vllm_spec import POSITIONS, ClampSpec, Spec, finite_alpha, parse_spec  # noqa: F401 (re-exported)
 
 SUPPORTED = ("0.32.",)
+FINAL_GATED = ("a gated request steers the final norm's input (mlp_out / resid_post of the last block), which the "
+               "compiled engine's graph steers ungated only; use the eager engine (compiled=False; serve without "
+               "--compiled)")
 log = logging.getLogger("steerscope.vllm")
 
 
@@ -160,6 +165,21 @@ def _init_slot(sites: Any, slot: int, spec: Spec, vectors: dict[str, dict[int, t
     sites.gcb[slot] = bounds.to(dev)
 
 
+def gated_names(spec: Spec) -> list[str]:
+    """The vector names a gated spec steers with: its rules' and its clamp's."""
+    names = [name for _, pairs in spec.rules for name, _ in pairs]
+    return names + ([spec.clamp.name] if spec.clamp is not None else [])
+
+
+def final_norm(model: Any) -> Any:
+    """The model's final norm module (``model.model.norm``), or None where there is none on this rank (another
+    pipeline stage holds it) or it is not called as ``norm(hidden, residual)`` by a model checked here."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if norm is None or type(norm).__name__ == "PPMissingLayer":
+        return None
+    return norm
+
+
 def _add(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     n = min(x.shape[0], d.shape[0])
     out = x.clone()
@@ -263,6 +283,9 @@ class SteerExtension:
             handles.append(layer.register_forward_pre_hook(self._ss_layer_hook(i), with_kwargs=True))
             for sub in ("self_attn", "mlp"):
                 handles.append(getattr(layer, sub).register_forward_hook(self._ss_out_hook))
+        norm = final_norm(model)
+        if norm is not None:  # the stream leaving the last block: steering "layer n_layers"
+            handles.append(norm.register_forward_pre_hook(self._ss_norm_hook(self._ss_n_layers)))
         self._ss_handles = handles
         return {"version": version, "layers": self._ss_n_layers, "graph": False}
 
@@ -274,8 +297,9 @@ class SteerExtension:
         for layer, t in vec.items():
             if t.shape != (d,):
                 raise ValueError(f"vector {name!r} layer {layer} has shape {tuple(t.shape)}, the model needs [{d}]")
-            if n_layers is not None and not 0 <= layer < n_layers:
-                raise ValueError(f"vector {name!r} has layer {layer}; the model has {n_layers}")
+            if n_layers is not None and not 0 <= layer <= n_layers:  # n_layers: the final norm's input
+                raise ValueError(f"vector {name!r} has layer {layer}; the model has {n_layers} (steerable: resid_pre "
+                                 f"0..{n_layers}, where {n_layers} is the input of the final norm)")
         self._ss_vectors[name] = vec
         self._ss_specs.clear()
         self._ss_table_key = None
@@ -315,6 +339,8 @@ class SteerExtension:
             why = compiled_refusal(spec, self._ss_sites.gates)
             if why:
                 raise ValueError(why)
+            if any(self._ss_n_layers in self._ss_vectors[name] for name in gated_names(spec)):
+                raise ValueError(FINAL_GATED)
         check_spec(spec, self._ss_vectors, self._ss_n_layers, self._ss_d_model)
 
     def _ss_rows(self, req_ids: list[str], specs: list[Spec | None], qsl: torch.Tensor, pos: torch.Tensor,
@@ -513,6 +539,30 @@ class SteerExtension:
                 hidden, residual = apply_rows(step.rows, layer, hidden, residual, self._ss_vectors, self._ss_bad)
             kwargs.pop("residual", None)
             return (positions, hidden, residual, *args[3:]), kwargs
+        return hook
+
+    def _ss_norm_hook(self, layer: int) -> Any:
+        """The final norm's pre-hook: ``norm(hidden, residual)`` adds the two like a layer's input norm, so the
+        delta of "layer n_layers" goes into ``residual`` (into ``hidden`` when the norm is called without one).
+        No ablation here: resid_pre, attn_out and mlp_out of the last block are projected already."""
+        def hook(module: Any, args: tuple[Any, ...]) -> Any:
+            step = self._ss_step
+            if step is None or not args:
+                return None
+            hidden, residual = args[0], args[1] if len(args) > 1 else None
+            d = step.delta.get(layer)
+            if d is not None:
+                self._ss_calls += 1
+                if residual is None:
+                    hidden = _add(hidden, d.to(hidden.dtype))
+                else:
+                    residual = _add(residual, d.to(residual.dtype))
+                self._ss_stream = hidden if residual is None else residual
+            if step.rows:
+                from steerscope_vllm_gates import apply_rows
+
+                hidden, residual = apply_rows(step.rows, layer, hidden, residual, self._ss_vectors, self._ss_bad)
+            return (hidden,) if len(args) < 2 else (hidden, residual, *args[2:])
         return hook
 
     def _ss_out_hook(self, module: Any, args: Any, out: Any) -> Any:

@@ -17,6 +17,9 @@ while the model is built, before anything is traced:
   The hook computes ``residual + table[idx[:n]]`` (``hidden + ...`` at layer 0), branch-free, so the
   traced graph reads whatever the buffers hold at replay. With ``ablate`` in the variable's value, a
   per-row unit direction ``rtable [rows d_model]`` is projected out of resid_pre, attn_out and mlp_out.
+- The final norm (``model.model.norm(hidden, residual)``) gets the same pre-hook on ``table[n_layers]`` (the table
+  has one row block more than the model has layers): steering the stream leaving the last block, where ``mlp_out`` /
+  ``resid_post`` of the last block land. Plain additions only: a gated request steering there needs the eager engine.
 - With ``gates`` in the variable's value, conditions run in the graph too (up to :data:`LEAVES` per request,
   ``on="prompt"`` or ``on="token"``, combined by any and/or/not, in up to :data:`RULES` rules, first match wins;
   ``steerscope_vllm_gates.compiled_refusal`` says what else needs the eager engine). Each gated request holds a slot
@@ -114,7 +117,8 @@ class GraphSites:
     def __init__(self, n_layers: int, rows: int, max_tokens: int, d: int, dtype: torch.dtype,
                  device: torch.device, ablate: bool, gates: bool = False) -> None:
         self.rows, self.max_tokens, self.ablate = rows, max_tokens, ablate
-        self.table = torch.zeros(n_layers, rows, d, dtype=dtype, device=device)
+        # one more than the blocks: table[n_layers] steers the final norm's input (the stream leaving the last block)
+        self.table = torch.zeros(n_layers + 1, rows, d, dtype=dtype, device=device)
         self.idx = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.rtable = torch.zeros(rows, d, dtype=dtype, device=device) if ablate else None
         self.gates = gates
@@ -183,6 +187,13 @@ def add_sites(model: Any, vllm_config: Any, ablate: bool, gates: bool = False) -
                 m.register_buffer("steerscope_idx", sites.idx, persistent=False)
                 m.register_buffer("steerscope_rtable", sites.rtable, persistent=False)
                 m.register_forward_hook(_out_hook)
+    from steerscope_vllm_adapter import final_norm
+
+    norm = final_norm(model)
+    if norm is not None:  # steering "layer n_layers": the final norm's input, ungated (gated requests there: eager)
+        norm.register_buffer("steerscope_idx", sites.idx, persistent=False)
+        norm.register_buffer("steerscope_table", sites.table[len(layers)], persistent=False)
+        norm.register_forward_pre_hook(_norm_hook)
     model._steerscope_sites = sites
     log.info("steerscope: graph-safe steering sites on %d layers (rows %d, tokens %d, ablate %s, gates %s)",
              len(layers), rows, max_tokens, ablate, gates)
@@ -212,6 +223,16 @@ def _layer_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
             residual = _project(residual, r.to(residual.dtype))
     kwargs.pop("residual", None)
     return (positions, hidden, residual, *args[3:]), kwargs
+
+
+def _norm_hook(module: Any, args: tuple[Any, ...]) -> Any:
+    """``norm(hidden, residual)`` adds the two before normalising: the delta goes into ``residual`` (``hidden``
+    when called without one), branch-free on the buffers like :func:`_layer_hook`."""
+    hidden = args[0]
+    delta = module.steerscope_table[module.steerscope_idx[: hidden.shape[0]]]
+    if len(args) < 2 or args[1] is None:
+        return (hidden + delta.to(hidden.dtype), *args[1:])
+    return (hidden, args[1] + delta.to(args[1].dtype), *args[2:])
 
 
 def _out_hook(module: Any, args: Any, out: Any) -> Any:

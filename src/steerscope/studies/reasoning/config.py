@@ -18,8 +18,9 @@ class Config(StudyConfig):
     ``layers`` accepts ints (negative counts from the end) and ``"mid"``; each is trained as a
     single-layer vector. ``train_all`` adds one vector per layer trained jointly. On the command
     line every option defaults to the ``--preset``'s value. ``backend="vllm"`` runs the evaluation
-    generations that are unsteered or plainly steered (a vector at alpha 1) on a vLLM engine; gated
-    biases, the LoRA policy and vectors at ``mlp_out`` of the last layer are generated with HF.
+    generations that are unsteered or plainly steered (a vector at alpha 1, ``mlp_out`` of the last layer
+    included: the engine steers the final norm's input) on a vLLM engine; gated biases and the LoRA policy
+    are generated with HF.
 
     Example:
         >>> Config(layers=("mid", "-1")).resolve_layers(30)
