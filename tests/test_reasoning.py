@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -62,6 +63,16 @@ def test_qkv_patching_and_persistence_against_known_answers(tiny_llama):
     rows = an.qkv_patching(lm, pen, texts, comps)
     assert len(rows) == (lm.n_heads + 1) + 2 * (lm.n_kv_heads + 1)
     assert max(r.kl for r in rows) > 1e-6
+    # the completion log-probs (computed from the completion positions' logits only) equal a full-logits reference
+    enc = lm.tokenize([t + c for t, c in zip(texts, comps)], padding_side="left")
+    ref = []
+    for ctx in (None, ss.steering(lm, pen, 1.0)):
+        with torch.no_grad(), ctx or contextlib.nullcontext():
+            lp = torch.log_softmax(lm.model(**enc).logits[:, :-1].float(), -1)
+        tok = lp.gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+        n = [len(lm.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in comps]
+        ref.append(float(torch.stack([tok[i, -k:].sum() for i, k in enumerate(n)]).mean()))
+    assert (rows[0].logprob_base, rows[0].logprob_steered) == (pytest.approx(ref[0], abs=1e-4), pytest.approx(ref[1], abs=1e-4))
     per = an.persistence(lm, pen, 2, texts, comps)
     assert per[0].layer == 2 and per[0].cos_s == pytest.approx(1.0, abs=1e-4)  # Δh = s right after the MLP
     assert per[0].cos_mean == pytest.approx(1.0, abs=1e-4) and len(per) == 2

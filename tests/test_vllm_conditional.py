@@ -104,6 +104,23 @@ def test_gated_rows_in_a_mixed_batch_match_hf(setup):
     check(s, f"gated mixed batch (open rows {[i for i in range(6) if opened[i]]})", want, run(s, specs))
 
 
+def test_gated_rows_steering_the_last_blocks_output_match_hf(setup):
+    """A gate on mlp_out of the last block, which the engine steers at the final norm's input (its "layer n_layers"):
+    shut rows are the unsteered output, open rows HF's gated steering of the MLP's output; with a plain row beside."""
+    s = setup
+    lm, eng, c = s["lm"], s["engine"], s["cond"]
+    opened = s["opened"]
+    last = ss.SteeringVector({lm.n_layers - 1: rand_vec(lm, [0], 20 * s["vec"][s["layer"]].norm(), 3)[0]}, "mlp_out")
+    base, _ = reference(s)
+    gated_hf = hf_ids(lm, s["texts"], ss.steering(lm, last, alpha=1.0, condition=c))
+    plain_hf = hf_ids(lm, s["texts"], ss.steering(lm, last, alpha=1.0))
+    assert sum(o and g != b for o, g, b in zip(opened[:6], gated_hf, base)) >= 1, "an open row must change"
+    for i, o in enumerate(opened[:6]):
+        assert gated_hf[i] == (plain_hf[i] if o else base[i]), i
+    specs = [bv.spec(eng, last, 1.0, condition=c)] * 6 + [bv.spec(eng, bv.as_resid_pre(last, lm.n_layers), 1.0), None]
+    check(s, "gated last block's output (final norm input)", gated_hf[:6] + [plain_hf[6], base[7]], run(s, specs))
+
+
 def test_composed_rules_with_token_conditions_match_hf(setup):
     """Rules with different vectors: (c & ~t) -> vec, else t -> other (t re-decided per token), else none."""
     s = setup

@@ -87,16 +87,26 @@ def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions:
     on it that the patch removes, (lp_steered - lp_patched) / (lp_steered - lp_base).
     """
     L = lm.n_layers - 1
-    enc, mask = _batch(lm, texts, completions)
-    ids = enc["input_ids"]
+    enc, full_mask = _batch(lm, texts, completions)
+    # only the positions that predict completion tokens: [batch keep vocab] logits instead of [batch pos vocab]
+    # (24 six-shot prompts of ~760 tokens: 3.6 GB per float32 logits tensor, and five alive at once ran out of memory)
+    keep = full_mask.shape[1] - int(full_mask.any(0).nonzero()[0]) + 1
+    ids, mask = enc["input_ids"][:, -keep:], full_mask[:, -keep:]
+
+    def tail_logits() -> torch.Tensor:
+        if "logits_to_keep" in lm.forward_params:
+            return lm.model(**enc, logits_to_keep=keep).logits
+        return lm.model(**enc).logits[:, -keep:]
+
     sites = [f"blocks.{L}.attn.{w}" for w in "qkv"]
     with torch.no_grad():
         with recording(lm, sites) as base_cache:
-            base = lm.model(**enc).logits
+            base = tail_logits()
         with steering(lm, vec, 1.0):
-            steer = lm.model(**enc).logits
+            steer = tail_logits()
     _, tok_b, m = _completion_stats(base, ids, mask)
     lp_s, tok_s, _ = _completion_stats(steer, ids, mask)
+    del base, steer
     mf = m.float()
     lpb, lps = float((tok_b * mf).sum(1).mean()), float((tok_s * mf).sum(1).mean())
     out: list[PatchRow] = []
@@ -112,7 +122,7 @@ def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions:
                 return y
 
             with torch.no_grad(), steering(lm, vec, 1.0), attached(lm, {f"blocks.{L}.attn.{w}": fn}):
-                pl = lm.model(**enc).logits
+                pl = tail_logits()
             lp_p, tok_p, _ = _completion_stats(pl, ids, mask)
             kl = (lp_s.exp() * (lp_s - lp_p)).sum(-1)
             lpp = float((tok_p * mf).sum(1).mean())
