@@ -94,9 +94,9 @@ def qkv_patching(lm: LM, vec: SteeringVector, texts: Sequence[str], completions:
     ids, mask = enc["input_ids"][:, -keep:], full_mask[:, -keep:]
 
     def tail_logits() -> torch.Tensor:
-        if "logits_to_keep" in lm.forward_params:
-            return lm.model(**enc, logits_to_keep=keep).logits
-        return lm.model(**enc).logits[:, -keep:]
+        out: torch.Tensor = (lm.model(**enc, logits_to_keep=keep).logits if "logits_to_keep" in lm.forward_params
+                             else lm.model(**enc).logits[:, -keep:])
+        return out
 
     sites = [f"blocks.{L}.attn.{w}" for w in "qkv"]
     with torch.no_grad():
