@@ -87,7 +87,7 @@ def test_buffers_written_after_compilation_steer_the_compiled_model(ablate):
     rows = torch.tensor([1, 1, 2, 2, 0, 0, 0])
     table = torch.randn(LAYERS, sites.rows, D)
     table[:, 0] = 0
-    sites.table.copy_(table)
+    sites.table[:LAYERS].copy_(table)  # the toy has no final norm: block LAYERS (its site) stays 0
     sites.idx.zero_()
     sites.idx[:7] = rows
     r = None
@@ -173,7 +173,7 @@ def test_gates_in_the_compiled_graph_equal_the_eager_gate_code_across_steps_and_
     vec = torch.randn(D, generator=g)
     table = torch.zeros(LAYERS, sites.rows, D)
     table[2, 1:9] = vec  # requests 0-3 (rows 1+2i prompt, 2+2i generated) steered by the same vector at layer 2
-    sites.table.copy_(table)
+    sites.table[:LAYERS].copy_(table)  # the toy has no final norm: block LAYERS (its site) stays 0
     specs = [parse_spec({"rules": [{"condition": la, "vectors": [["v", 1.0]]}]}),
              parse_spec({"rules": [{"condition": {"kind": "and", "a": lb0, "b": {"kind": "not", "of": lb1}},
                                     "vectors": [["v", 1.0]]}]}),
@@ -328,7 +328,7 @@ def test_token_conditions_in_the_compiled_graph_equal_the_eager_gate_code_per_to
     vec = torch.randn(D, generator=g)
     table = torch.zeros(LAYERS, sites.rows, D)
     table[2, 1:9] = vec
-    sites.table.copy_(table)
+    sites.table[:LAYERS].copy_(table)  # the toy has no final norm: block LAYERS (its site) stays 0
     states = {r: {id(leaf): gates.fresh() for leaf in gates.spec_leaves(s)} for r, s in specs.items()}
     done = {r: 0 for r in plen}
     opened_all = []
@@ -434,7 +434,7 @@ def test_rules_in_the_compiled_graph_take_the_first_open_rule_as_the_eager_gate_
         pos = "all" if r == "E" else specs[r].positions
         table[:, 1 + 2 * i] = first if pos in ("all", "prompt") else 0
         table[:, 2 + 2 * i] = first if pos in ("all", "generated") else 0
-    sites.table.copy_(table)
+    sites.table[:LAYERS].copy_(table)  # the toy has no final norm: block LAYERS (its site) stays 0
     states = {r: {id(leaf): gates.fresh() for leaf in gates.spec_leaves(s)} for r, s in specs.items()}
     done = {r: 0 for r in plen}
     won = {r: set() for r in specs}
@@ -504,7 +504,7 @@ def test_the_cpu_operator_recomputes_its_gates_every_step_even_when_the_token_co
     table = torch.zeros(LAYERS, sites.rows, D)
     table[0, 1:5] = vec  # below the leaf: steered from the held decision only
     table[2, 1:5] = -vec
-    sites.table.copy_(table)
+    sites.table[:LAYERS].copy_(table)  # the toy has no final norm: block LAYERS (its site) stays 0
     out = _step(sites, compiled, x1, [1, 1, 3, 3], [1, 1, 2, 2], [[1, 0], [1, 1], [1, 0], [1, 1]])
     want = table[:, [1, 1, 3, 3]].clone()
     want[0] = 0  # the prefill: layer 0 runs before the leaf decides
@@ -516,3 +516,52 @@ def test_the_cpu_operator_recomputes_its_gates_every_step_even_when_the_token_co
         out = _step(sites, compiled, x, rows, slots, [[0, 0], [0, 0]])
         want = table[:, rows] * torch.tensor([float(q == 1) for q in slots])[None, :, None]
         torch.testing.assert_close(out, reference(toy, x, want, None), rtol=1e-5, atol=1e-5)
+
+
+class Norm(torch.nn.Module):
+    """vLLM's fused add + norm, called as ``norm(hidden, residual)`` (here the norm is a scaling by 2)."""
+
+    def forward(self, hidden, residual=None):
+        s = hidden if residual is None else hidden + residual
+        return 2.0 * s, s
+
+
+class NormedInner(Inner):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = Norm()
+
+    def forward(self, positions, hidden):
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        out, _ = self.norm(hidden, residual)
+        return out
+
+
+def test_the_final_norms_site_adds_its_table_block_to_the_stream_leaving_the_last_block_in_the_compiled_graph():
+    """table[LAYERS] (the engine's "layer n_layers", where mlp_out of the last block lands) is added by a pre-hook
+    on the final norm, traced into the graph; rows 0 (unsteered tokens) add nothing."""
+    torch.manual_seed(0)
+    toy = Toy().eval()
+    toy.model = NormedInner().eval()
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=32, max_num_seqs=4),
+                          model_config=SimpleNamespace(get_hidden_size=lambda: D, dtype=torch.float32))
+    sites = plugin.add_sites(toy, cfg, False)
+    assert sites.table.shape[0] == LAYERS + 1
+    compiled = torch.compile(toy.model, backend="aot_eager", dynamic=True, fullgraph=True)
+    x, pos = torch.randn(6, D), torch.arange(6)
+    with torch.no_grad():
+        first = compiled(pos, x)  # traced with every buffer zero
+    torch.testing.assert_close(first, 2.0 * reference(toy, x, torch.zeros(LAYERS, 6, D), None), rtol=0, atol=0)
+    rows = torch.tensor([1, 1, 2, 0, 0, 3])
+    final = torch.randn(sites.rows, D)
+    final[0] = 0
+    sites.table[LAYERS].copy_(final)
+    sites.idx.zero_()
+    sites.idx[:6] = rows
+    with torch.no_grad():
+        out = compiled(pos, x)
+    want = 2.0 * (reference(toy, x, torch.zeros(LAYERS, 6, D), None) + final[rows])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, first)
