@@ -522,21 +522,7 @@ class SteerExtension:
                 return None
             positions, hidden, residual = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("residual")
             self._ss_calls += 1
-            d = step.delta.get(layer)
-            if d is not None:
-                if residual is None:
-                    hidden = _add(hidden, d.to(hidden.dtype))
-                else:
-                    residual = _add(residual, d.to(residual.dtype))
-                self._ss_stream = hidden if residual is None else residual  # for stats: no copy, no sync
-            if step.ablate is not None:
-                hidden = _project(hidden, step.ablate.to(hidden.dtype))
-                if residual is not None:
-                    residual = _project(residual, step.ablate.to(residual.dtype))
-            if step.rows:
-                from steerscope_vllm_gates import apply_rows
-
-                hidden, residual = apply_rows(step.rows, layer, hidden, residual, self._ss_vectors, self._ss_bad)
+            hidden, residual = self._ss_steer(step, layer, hidden, residual, ablate=True)
             kwargs.pop("residual", None)
             return (positions, hidden, residual, *args[3:]), kwargs
         return hook
@@ -550,20 +536,33 @@ class SteerExtension:
             if step is None or not args:
                 return None
             hidden, residual = args[0], args[1] if len(args) > 1 else None
-            d = step.delta.get(layer)
-            if d is not None:
+            if layer in step.delta:
                 self._ss_calls += 1
-                if residual is None:
-                    hidden = _add(hidden, d.to(hidden.dtype))
-                else:
-                    residual = _add(residual, d.to(residual.dtype))
-                self._ss_stream = hidden if residual is None else residual
-            if step.rows:
-                from steerscope_vllm_gates import apply_rows
-
-                hidden, residual = apply_rows(step.rows, layer, hidden, residual, self._ss_vectors, self._ss_bad)
+            hidden, residual = self._ss_steer(step, layer, hidden, residual, ablate=False)
             return (hidden,) if len(args) < 2 else (hidden, residual, *args[2:])
         return hook
+
+    def _ss_steer(self, step: _Step, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None, ablate: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a steering pre-hook does to resid_pre (``hidden + residual``) of ``layer``: the step's delta into
+        ``residual`` (``hidden`` where there is none), the ablation direction projected out (``ablate``), then the
+        gated rows' rules and clamps."""
+        d = step.delta.get(layer)
+        if d is not None:
+            if residual is None:
+                hidden = _add(hidden, d.to(hidden.dtype))
+            else:
+                residual = _add(residual, d.to(residual.dtype))
+            self._ss_stream = hidden if residual is None else residual  # for stats: no copy, no sync
+        if ablate and step.ablate is not None:
+            hidden = _project(hidden, step.ablate.to(hidden.dtype))
+            if residual is not None:
+                residual = _project(residual, step.ablate.to(residual.dtype))
+        if step.rows:
+            from steerscope_vllm_gates import apply_rows
+
+            hidden, residual = apply_rows(step.rows, layer, hidden, residual, self._ss_vectors, self._ss_bad)
+        return hidden, residual
 
     def _ss_out_hook(self, module: Any, args: Any, out: Any) -> Any:
         step = self._ss_step
